@@ -1,0 +1,20 @@
+//! The replicated log: one OmniPaxos instance per shard, durable in our own
+//! segment-file WAL, with a TCP transport and an API for the rest of
+//! ClaudeFS (`propose`, `subscribe`, linearizable read barriers).
+//!
+//! Layering, bottom up (each module knows only those above it in this list):
+//! `frame` → `entry` → `disk` → `wal` → `storage` → `shard` (sans-IO core)
+//! → `transport`, `runtime` (threads, sockets, clocks).
+//!
+//! Invariant: the log knows no inodes, files or segments; entries are
+//! opaque payloads tagged with a kind.
+
+pub mod disk;
+pub mod entry;
+pub mod frame;
+pub mod shard;
+pub mod storage;
+pub mod wal;
+
+pub use entry::{Entry, EntryKind, RequestId};
+pub use shard::{Epoch, Position, ShardCore, ShardId};

@@ -1,0 +1,292 @@
+//! One shard replica with no I/O of its own: the OmniPaxos instance, its
+//! WAL, and the mapping from OmniPaxos indices to virtual log positions.
+//!
+//! The caller (the threaded runtime in `runtime`, or the simulation) feeds
+//! inputs — [`ShardCore::handle`], [`ShardCore::propose`],
+//! [`ShardCore::tick`] — and then calls [`ShardCore::ready`], which makes
+//! every storage write durable with one fdatasync *before* it returns the
+//! messages to send and the newly decided entries to deliver.
+//!
+//! Contract (as raft-rs' `Ready`): everything returned by `ready` may leave
+//! the node; nothing else may. Between two `ready` calls, any number of
+//! inputs may be applied: that is the group commit.
+//!
+//! Positions: OmniPaxos numbers entries from 0 in every configuration
+//! (epoch). A [`Position`] is `epoch.base + index`, where `base` is the
+//! number of entries decided in all earlier epochs, so positions keep
+//! counting across reconfiguration. Invariant: `delivered <= decided`.
+
+use omnipaxos::messages::Message;
+use omnipaxos::storage::StopSign;
+use omnipaxos::util::{LogEntry, NodeId};
+use omnipaxos::{ClusterConfig, OmniPaxos, OmniPaxosConfig, ServerConfig};
+
+use crate::disk::Disk;
+use crate::entry::Entry;
+use crate::storage::SharedWal;
+use crate::wal::{Wal, WalError};
+
+/// Which shard (one replicated log).
+pub type ShardId = u32;
+
+/// A virtual log position: counts decided entries of a shard across all
+/// epochs. Position `p` is the `p`-th entry (0-based).
+pub type Position = u64;
+
+/// One configuration of a shard's replica set.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Epoch {
+    /// OmniPaxos configuration id (>= 1), increasing across reconfigurations.
+    pub config_id: u32,
+    pub nodes: Vec<NodeId>,
+    /// Position of this epoch's index 0.
+    pub base: Position,
+}
+
+/// Timing of a replica, in ticks of the caller's clock.
+#[derive(Clone, Debug)]
+pub struct Timing {
+    pub election_ticks: u64,
+    pub resend_ticks: u64,
+}
+
+impl Default for Timing {
+    fn default() -> Self {
+        // With a 10 ms tick: a leader is suspected after 100 ms without
+        // heartbeats and replaced after at most ~200 ms.
+        Timing {
+            election_ticks: 10,
+            resend_ticks: 20,
+        }
+    }
+}
+
+/// What `propose` did with an entry.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Proposed {
+    /// Appended by this leader; it will appear in a later `ready().decided`.
+    Appended,
+    /// The same request is already in this replica's log: decided at the
+    /// given position, or still in flight (`None`) and will be decided or
+    /// lost like the first attempt.
+    Duplicate(Option<Position>),
+    /// This replica is not the leader: send the entry to this node.
+    Forward(NodeId),
+    /// No leader is known (election in progress): retry shortly.
+    NoLeader,
+    /// The epoch is ending (a reconfiguration is pending): retry in the next.
+    Stopping,
+}
+
+/// Output of one `ready` call.
+#[derive(Debug, Default)]
+pub struct Ready {
+    /// OmniPaxos messages to send, in order.
+    pub messages: Vec<Message<Entry>>,
+    /// Entries decided since the last `ready`, in position order.
+    pub decided: Vec<(Position, Entry)>,
+    /// The epoch ended: the stop sign and the base position of the next.
+    pub stopped: Option<(StopSign, Position)>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ShardError {
+    #[error(transparent)]
+    Wal(#[from] WalError),
+    #[error("invalid replica configuration: {0}")]
+    Config(String),
+}
+
+/// A shard replica in one epoch.
+pub struct ShardCore<D: Disk + Clone> {
+    pub shard: ShardId,
+    pub node: NodeId,
+    epoch: Epoch,
+    paxos: OmniPaxos<Entry, SharedWal<D>>,
+    wal: SharedWal<D>,
+    /// OmniPaxos index up to which decided entries were returned by `ready`.
+    delivered_idx: u64,
+    stopped: bool,
+}
+
+impl<D: Disk + Clone> ShardCore<D> {
+    /// Opens (recovering) the replica whose WAL lives in `disk`.
+    ///
+    /// `deliver_from` is the position of the first decided entry the caller
+    /// wants from `ready` (e.g. 0 on a fresh start, or where subscribers
+    /// resume); older decided entries are not redelivered.
+    pub fn open(
+        shard: ShardId,
+        node: NodeId,
+        epoch: Epoch,
+        disk: D,
+        wal_config: crate::wal::WalConfig,
+        timing: &Timing,
+        deliver_from: Position,
+    ) -> Result<Self, ShardError> {
+        let wal = Wal::open(disk, wal_config)?;
+        let start = wal.state().compacted;
+        let shared = SharedWal::new(wal);
+        let config = OmniPaxosConfig {
+            cluster_config: ClusterConfig {
+                configuration_id: epoch.config_id,
+                nodes: epoch.nodes.clone(),
+                flexible_quorum: None,
+            },
+            server_config: ServerConfig {
+                pid: node,
+                election_tick_timeout: timing.election_ticks,
+                resend_message_tick_timeout: timing.resend_ticks,
+                // Outgoing buffer; ready() drains it every batch.
+                buffer_size: 1 << 16,
+                batch_size: 1,
+                ..Default::default()
+            },
+        };
+        let paxos = config
+            .build(shared.clone())
+            .map_err(|e| ShardError::Config(e.to_string()))?;
+        let delivered_idx = deliver_from.saturating_sub(epoch.base).max(start);
+        Ok(ShardCore {
+            shard,
+            node,
+            epoch,
+            paxos,
+            wal: shared,
+            delivered_idx,
+            stopped: false,
+        })
+    }
+
+    pub fn epoch(&self) -> &Epoch {
+        &self.epoch
+    }
+
+    pub fn wal(&self) -> &SharedWal<D> {
+        &self.wal
+    }
+
+    /// The leader this replica believes in, if any.
+    pub fn leader(&self) -> Option<NodeId> {
+        self.paxos.get_current_leader().map(|(l, _)| l)
+    }
+
+    /// True if this replica is the leader and in the accept phase.
+    pub fn is_leader(&self) -> bool {
+        matches!(self.paxos.get_current_leader(), Some((l, true)) if l == self.node)
+    }
+
+    /// Position one past the last decided entry.
+    pub fn decided(&self) -> Position {
+        self.epoch.base + self.paxos.get_decided_idx() as u64
+    }
+
+    /// Position one past the last entry `ready` has returned.
+    pub fn delivered(&self) -> Position {
+        self.epoch.base + self.delivered_idx
+    }
+
+    pub fn handle(&mut self, msg: Message<Entry>) {
+        self.paxos.handle_incoming(msg);
+    }
+
+    pub fn tick(&mut self) {
+        self.paxos.tick();
+    }
+
+    /// The link to `peer` came back after a disconnect.
+    pub fn reconnected(&mut self, peer: NodeId) {
+        self.paxos.reconnected(peer);
+    }
+
+    /// Proposes `entry`. Entries carrying a request already in this
+    /// replica's log are not appended twice (see [`Proposed::Duplicate`]).
+    pub fn propose(&mut self, entry: Entry) -> Proposed {
+        if self.stopped {
+            return Proposed::Stopping;
+        }
+        if !entry.request.is_none() {
+            let w = self.wal.lock();
+            if let Some(idx) = w.state().by_request.get(&entry.request) {
+                let decided = (*idx as usize) < self.paxos.get_decided_idx();
+                return Proposed::Duplicate(decided.then_some(self.epoch.base + idx));
+            }
+        }
+        match self.paxos.get_current_leader() {
+            Some((l, true)) if l == self.node => match self.paxos.append(entry) {
+                Ok(()) => Proposed::Appended,
+                Err(_) => Proposed::Stopping,
+            },
+            Some((l, _)) if l != self.node => Proposed::Forward(l),
+            _ => Proposed::NoLeader,
+        }
+    }
+
+    /// Asks the replica set to move to `nodes` (a new epoch).
+    pub fn reconfigure(&mut self, nodes: Vec<NodeId>) -> Result<(), ShardError> {
+        let cfg = ClusterConfig {
+            configuration_id: self.epoch.config_id + 1,
+            nodes,
+            flexible_quorum: None,
+        };
+        self.paxos
+            .reconfigure(cfg, None)
+            .map_err(|e| ShardError::Config(format!("{e:?}")))
+    }
+
+    /// Trims the log below `upto` on all replicas. Only the leader can trim,
+    /// and only below what every replica has accepted; otherwise a no-op
+    /// that the caller retries later.
+    pub fn trim(&mut self, upto: Position) -> bool {
+        let idx = upto.saturating_sub(self.epoch.base) as usize;
+        if idx == 0 || !self.is_leader() {
+            return false;
+        }
+        self.paxos.trim(Some(idx)).is_ok()
+    }
+
+    /// Makes every queued write durable, then returns what may leave the node.
+    ///
+    /// # Errors
+    /// A WAL error is fatal for this replica: the caller must stop it and
+    /// restart from disk.
+    pub fn ready(&mut self) -> Result<Ready, ShardError> {
+        self.wal.lock().sync()?;
+        let mut r = Ready::default();
+        self.paxos.take_outgoing_messages(&mut r.messages);
+        if let Some(entries) = self.paxos.read_decided_suffix(self.delivered_idx as usize) {
+            for e in entries {
+                match e {
+                    LogEntry::Decided(e) => {
+                        r.decided.push((self.epoch.base + self.delivered_idx, e));
+                        self.delivered_idx += 1;
+                    }
+                    LogEntry::StopSign(ss, true) => {
+                        if !self.stopped {
+                            self.stopped = true;
+                            r.stopped = Some((ss, self.epoch.base + self.delivered_idx));
+                        }
+                    }
+                    LogEntry::Trimmed(idx) => {
+                        self.delivered_idx = self.delivered_idx.max(idx as u64);
+                    }
+                    LogEntry::Snapshotted(s) => {
+                        self.delivered_idx = self.delivered_idx.max(s.trimmed_idx as u64);
+                    }
+                    LogEntry::StopSign(_, false) | LogEntry::Undecided(_) => break,
+                }
+            }
+        }
+        Ok(r)
+    }
+
+    /// Decided entries `[from, to)` held by this replica, or `None` if some
+    /// were trimmed or are not decided yet.
+    pub fn read_decided(&self, from: Position, to: Position) -> Option<Vec<Entry>> {
+        if from < self.epoch.base || to > self.decided() {
+            return None;
+        }
+        let w = self.wal.lock();
+        w.state().get(from - self.epoch.base, to - self.epoch.base)
+    }
+}

@@ -1,0 +1,1049 @@
+//! The write-ahead log under one OmniPaxos replica: segment files of
+//! checksummed records, group commit, torn-tail recovery.
+//!
+//! ```text
+//! Storage call ─► WalOp ─► encoded record in `pending` ─► applied to LogState
+//!                                   │ sync(): one write + one fdatasync
+//!                                   ▼
+//!             seg-<id>.wal: [Checkpoint][Append][Decided][Atomic{..}]...000
+//! ```
+//!
+//! * Every record is one frame (`frame`): length, crc32c, payload. A record is
+//!   applied on recovery only if its checksum holds, so a multi-op record
+//!   (`Atomic`) is all-or-nothing, as OmniPaxos' `write_atomically` needs.
+//! * Segments are pre-zeroed (`Disk::create_zeroed`), so a zero length marks
+//!   the end of written data, and writes never grow the file (fdatasync then
+//!   flushes data only).
+//! * Each segment starts with a `Checkpoint` of all metadata, so whole old
+//!   segments can be deleted once every entry in them is trimmed.
+//! * Recovery: a bad record in the last segment followed only by zeros is a
+//!   torn tail (the last, unacknowledged write) and is cut off; any other bad
+//!   record is corruption, reported with file and offset, and start-up fails.
+//!
+//! Durability contract: nothing appended is durable until [`Wal::sync`]
+//! returns. The shard loop calls `sync` once per batch of inputs, before it
+//! sends any message or acknowledges any client (group commit).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::mpsc;
+
+use omnipaxos::ballot_leader_election::Ballot;
+use omnipaxos::storage::StopSign;
+
+use crate::disk::{Disk, DiskFile};
+use crate::entry::{Entry, RequestId};
+use crate::frame;
+
+/// Default size of one segment file. Large enough that rotation (one extra
+/// fdatasync and a directory sync) is rare; small enough that trimming frees
+/// space promptly.
+pub const SEGMENT_BYTES_DEFAULT: u64 = 64 << 20;
+/// Largest record accepted on recovery. A live record may exceed the
+/// segment size only when it is alone in a fresh segment.
+pub const RECORD_BYTES_MAX: usize = 1 << 30;
+/// Appends are split into records of at most this many payload bytes, so one
+/// proposal burst cannot make a record larger than a segment.
+pub const APPEND_RECORD_BYTES_MAX: usize = 8 << 20;
+const _: () = assert!((APPEND_RECORD_BYTES_MAX as u64) < SEGMENT_BYTES_DEFAULT / 2);
+const _: () = assert!(crate::entry::ENTRY_PAYLOAD_BYTES_MAX < APPEND_RECORD_BYTES_MAX);
+
+#[derive(Debug, thiserror::Error)]
+pub enum WalError {
+    #[error("i/o on {file}: {source}")]
+    Io {
+        file: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("corrupt log file {file} at offset {offset}: {reason}")]
+    Corrupt {
+        file: String,
+        offset: u64,
+        reason: String,
+    },
+    #[error("log segments missing: {0}")]
+    Missing(String),
+    #[error("the log failed earlier and refuses further writes: {0}")]
+    Poisoned(String),
+}
+
+fn io_err(disk: &impl Disk, name: &str) -> impl FnOnce(std::io::Error) -> WalError {
+    let file = disk.describe(name);
+    move |source| WalError::Io { file, source }
+}
+
+/// Everything a replica's storage holds, as replay of the WAL rebuilds it.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct LogState {
+    /// Index of `entries[0]`. Invariant: `entries_start <= end()`.
+    pub entries_start: u64,
+    pub entries: VecDeque<Entry>,
+    /// Entries below this were removed by `Trim`. Invariant after recovery:
+    /// `entries_start <= max(trimmed, first segment start)`.
+    pub trimmed: u64,
+    pub compacted: u64,
+    pub decided: u64,
+    pub promise: Option<Ballot>,
+    pub accepted_round: Option<Ballot>,
+    pub stopsign: Option<StopSign>,
+    /// Index of every held entry that carries a request, for deduplicating
+    /// retried proposals. Derived from `entries`.
+    pub by_request: HashMap<RequestId, u64>,
+}
+
+impl LogState {
+    /// Index one past the last entry.
+    pub fn end(&self) -> u64 {
+        self.entries_start + self.entries.len() as u64
+    }
+
+    /// Entries `[from, to)`, or `None` if not all are held.
+    pub fn get(&self, from: u64, to: u64) -> Option<Vec<Entry>> {
+        if from < self.entries_start || to > self.end() || from > to {
+            return None;
+        }
+        let a = (from - self.entries_start) as usize;
+        let b = (to - self.entries_start) as usize;
+        Some(self.entries.range(a..b).cloned().collect())
+    }
+
+    fn unindex(&mut self, from: u64, to: u64) {
+        let from = from.max(self.entries_start);
+        let to = to.min(self.end());
+        for i in from..to {
+            let r = self.entries[(i - self.entries_start) as usize].request;
+            if self.by_request.get(&r) == Some(&i) {
+                self.by_request.remove(&r);
+            }
+        }
+    }
+
+    fn apply(&mut self, op: &WalOp) -> Result<(), String> {
+        match op {
+            WalOp::Append { first_idx, entries } => {
+                if *first_idx != self.end() {
+                    return Err(format!(
+                        "append at index {first_idx} but the log ends at {}",
+                        self.end()
+                    ));
+                }
+                for (i, e) in entries.iter().enumerate() {
+                    if !e.request.is_none() {
+                        self.by_request.insert(e.request, first_idx + i as u64);
+                    }
+                }
+                self.entries.extend(entries.iter().cloned());
+            }
+            WalOp::Truncate(from) => {
+                self.unindex(*from, self.end());
+                if *from <= self.entries_start {
+                    self.entries.clear();
+                    self.entries_start = *from;
+                } else if *from < self.end() {
+                    self.entries.truncate((*from - self.entries_start) as usize);
+                }
+            }
+            WalOp::Promise(b) => self.promise = Some(*b),
+            WalOp::AcceptedRound(b) => self.accepted_round = Some(*b),
+            WalOp::Decided(d) => self.decided = *d,
+            WalOp::Compacted(c) => self.compacted = *c,
+            WalOp::Trim(idx) => {
+                self.trimmed = self.trimmed.max(*idx);
+                self.unindex(self.entries_start, *idx);
+                if *idx >= self.end() {
+                    self.entries.clear();
+                    self.entries_start = *idx;
+                } else if *idx > self.entries_start {
+                    let n = (*idx - self.entries_start) as usize;
+                    self.entries.drain(..n);
+                    self.entries_start = *idx;
+                }
+            }
+            WalOp::StopSign(s) => self.stopsign = s.clone(),
+            WalOp::Checkpoint(c) => {
+                // Replay of an older segment reached the next one: its
+                // checkpoint must agree with what replay built.
+                if c.log_end != self.end() {
+                    return Err(format!(
+                        "checkpoint says the log ends at {} but replay reached {}",
+                        c.log_end,
+                        self.end()
+                    ));
+                }
+                self.trimmed = c.trimmed;
+                self.compacted = c.compacted;
+                self.decided = c.decided;
+                self.promise = c.promise;
+                self.accepted_round = c.accepted_round;
+                self.stopsign = c.stopsign.clone();
+            }
+            WalOp::Atomic(ops) => {
+                for o in ops {
+                    self.apply(o)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Metadata at the start of each segment.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Checkpoint {
+    pub log_end: u64,
+    pub trimmed: u64,
+    pub compacted: u64,
+    pub decided: u64,
+    pub promise: Option<Ballot>,
+    pub accepted_round: Option<Ballot>,
+    pub stopsign: Option<StopSign>,
+}
+
+/// One logical change to [`LogState`]; one record on disk.
+#[derive(Clone, Debug, PartialEq)]
+pub enum WalOp {
+    Append { first_idx: u64, entries: Vec<Entry> },
+    Truncate(u64),
+    Promise(Ballot),
+    AcceptedRound(Ballot),
+    Decided(u64),
+    Compacted(u64),
+    Trim(u64),
+    StopSign(Option<StopSign>),
+    Checkpoint(Checkpoint),
+    Atomic(Vec<WalOp>),
+}
+
+mod tag {
+    pub const CHECKPOINT: u8 = 1;
+    pub const APPEND: u8 = 2;
+    pub const TRUNCATE: u8 = 3;
+    pub const PROMISE: u8 = 4;
+    pub const ACCEPTED: u8 = 5;
+    pub const DECIDED: u8 = 6;
+    pub const COMPACTED: u8 = 7;
+    pub const TRIM: u8 = 8;
+    pub const STOPSIGN: u8 = 9;
+    pub const ATOMIC: u8 = 10;
+}
+
+fn put_ballot(out: &mut Vec<u8>, b: &Ballot) {
+    out.extend_from_slice(&b.config_id.to_le_bytes());
+    out.extend_from_slice(&b.n.to_le_bytes());
+    out.extend_from_slice(&b.priority.to_le_bytes());
+    out.extend_from_slice(&b.pid.to_le_bytes());
+}
+
+fn put_opt_ballot(out: &mut Vec<u8>, b: &Option<Ballot>) {
+    match b {
+        None => out.push(0),
+        Some(b) => {
+            out.push(1);
+            put_ballot(out, b);
+        }
+    }
+}
+
+fn put_stopsign(out: &mut Vec<u8>, s: &Option<StopSign>) {
+    match s {
+        None => out.push(0),
+        Some(s) => {
+            out.push(1);
+            let b = bincode::serialize(s).expect("stopsign serializes");
+            out.extend_from_slice(&(b.len() as u32).to_le_bytes());
+            out.extend_from_slice(&b);
+        }
+    }
+}
+
+impl WalOp {
+    /// Stable encoding of one op (the payload of one record).
+    pub fn encode_into(&self, out: &mut Vec<u8>) {
+        match self {
+            WalOp::Checkpoint(c) => {
+                out.push(tag::CHECKPOINT);
+                for v in [c.log_end, c.trimmed, c.compacted, c.decided] {
+                    out.extend_from_slice(&v.to_le_bytes());
+                }
+                put_opt_ballot(out, &c.promise);
+                put_opt_ballot(out, &c.accepted_round);
+                put_stopsign(out, &c.stopsign);
+            }
+            WalOp::Append { first_idx, entries } => {
+                out.push(tag::APPEND);
+                out.extend_from_slice(&first_idx.to_le_bytes());
+                out.extend_from_slice(&(entries.len() as u32).to_le_bytes());
+                for e in entries {
+                    e.encode_into(out);
+                }
+            }
+            WalOp::Truncate(i) => {
+                out.push(tag::TRUNCATE);
+                out.extend_from_slice(&i.to_le_bytes());
+            }
+            WalOp::Promise(b) => {
+                out.push(tag::PROMISE);
+                put_ballot(out, b);
+            }
+            WalOp::AcceptedRound(b) => {
+                out.push(tag::ACCEPTED);
+                put_ballot(out, b);
+            }
+            WalOp::Decided(i) => {
+                out.push(tag::DECIDED);
+                out.extend_from_slice(&i.to_le_bytes());
+            }
+            WalOp::Compacted(i) => {
+                out.push(tag::COMPACTED);
+                out.extend_from_slice(&i.to_le_bytes());
+            }
+            WalOp::Trim(i) => {
+                out.push(tag::TRIM);
+                out.extend_from_slice(&i.to_le_bytes());
+            }
+            WalOp::StopSign(s) => {
+                out.push(tag::STOPSIGN);
+                put_stopsign(out, s);
+            }
+            WalOp::Atomic(ops) => {
+                out.push(tag::ATOMIC);
+                out.extend_from_slice(&(ops.len() as u32).to_le_bytes());
+                for o in ops {
+                    let at = out.len();
+                    out.extend_from_slice(&[0u8; 4]);
+                    o.encode_into(out);
+                    let n = (out.len() - at - 4) as u32;
+                    out[at..at + 4].copy_from_slice(&n.to_le_bytes());
+                }
+            }
+        }
+    }
+
+    /// Decodes one op; every length is checked against the buffer.
+    pub fn decode(buf: &[u8]) -> Result<WalOp, String> {
+        let mut r = Reader { buf, pos: 0 };
+        let op = r.op()?;
+        if r.pos != buf.len() {
+            return Err(format!("{} trailing bytes in record", buf.len() - r.pos));
+        }
+        Ok(op)
+    }
+}
+
+struct Reader<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
+        if self.buf.len() - self.pos < n {
+            return Err(format!(
+                "record truncated: need {n} bytes at {}, have {}",
+                self.pos,
+                self.buf.len() - self.pos
+            ));
+        }
+        let s = &self.buf[self.pos..self.pos + n];
+        self.pos += n;
+        Ok(s)
+    }
+    fn u8(&mut self) -> Result<u8, String> {
+        Ok(self.take(1)?[0])
+    }
+    fn u32(&mut self) -> Result<u32, String> {
+        Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4")))
+    }
+    fn u64(&mut self) -> Result<u64, String> {
+        Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8")))
+    }
+    fn ballot(&mut self) -> Result<Ballot, String> {
+        Ok(Ballot {
+            config_id: self.u32()?,
+            n: self.u32()?,
+            priority: self.u32()?,
+            pid: self.u64()?,
+        })
+    }
+    fn opt_ballot(&mut self) -> Result<Option<Ballot>, String> {
+        match self.u8()? {
+            0 => Ok(None),
+            1 => Ok(Some(self.ballot()?)),
+            t => Err(format!("bad option tag {t}")),
+        }
+    }
+    fn stopsign(&mut self) -> Result<Option<StopSign>, String> {
+        match self.u8()? {
+            0 => Ok(None),
+            1 => {
+                let n = self.u32()? as usize;
+                let b = self.take(n)?;
+                bincode::deserialize(b)
+                    .map(Some)
+                    .map_err(|e| format!("bad stopsign: {e}"))
+            }
+            t => Err(format!("bad option tag {t}")),
+        }
+    }
+    fn op(&mut self) -> Result<WalOp, String> {
+        Ok(match self.u8()? {
+            tag::CHECKPOINT => WalOp::Checkpoint(Checkpoint {
+                log_end: self.u64()?,
+                trimmed: self.u64()?,
+                compacted: self.u64()?,
+                decided: self.u64()?,
+                promise: self.opt_ballot()?,
+                accepted_round: self.opt_ballot()?,
+                stopsign: self.stopsign()?,
+            }),
+            tag::APPEND => {
+                let first_idx = self.u64()?;
+                let n = self.u32()? as usize;
+                let mut entries = Vec::with_capacity(n.min(1 << 16));
+                for _ in 0..n {
+                    let (e, used) = Entry::decode_prefix(&self.buf[self.pos..])
+                        .map_err(|e| format!("bad entry: {e}"))?;
+                    self.pos += used;
+                    entries.push(e);
+                }
+                WalOp::Append { first_idx, entries }
+            }
+            tag::TRUNCATE => WalOp::Truncate(self.u64()?),
+            tag::PROMISE => WalOp::Promise(self.ballot()?),
+            tag::ACCEPTED => WalOp::AcceptedRound(self.ballot()?),
+            tag::DECIDED => WalOp::Decided(self.u64()?),
+            tag::COMPACTED => WalOp::Compacted(self.u64()?),
+            tag::TRIM => WalOp::Trim(self.u64()?),
+            tag::STOPSIGN => WalOp::StopSign(self.stopsign()?),
+            tag::ATOMIC => {
+                let n = self.u32()? as usize;
+                let mut ops = Vec::with_capacity(n.min(64));
+                for _ in 0..n {
+                    let len = self.u32()? as usize;
+                    let body = self.take(len)?;
+                    ops.push(WalOp::decode(body)?);
+                }
+                WalOp::Atomic(ops)
+            }
+            t => return Err(format!("unknown record tag {t}")),
+        })
+    }
+}
+
+/// Tunables of one WAL.
+#[derive(Clone, Debug)]
+pub struct WalConfig {
+    pub segment_bytes: u64,
+    /// Zero-fill the next segment on a helper thread (production) rather
+    /// than inline at rotation (simulation, where determinism matters).
+    pub background_prealloc: bool,
+}
+
+impl Default for WalConfig {
+    fn default() -> Self {
+        WalConfig {
+            segment_bytes: SEGMENT_BYTES_DEFAULT,
+            background_prealloc: true,
+        }
+    }
+}
+
+fn segment_name(id: u64) -> String {
+    format!("seg-{id:016x}.wal")
+}
+
+fn parse_segment_name(name: &str) -> Option<u64> {
+    let hex = name.strip_prefix("seg-")?.strip_suffix(".wal")?;
+    u64::from_str_radix(hex, 16).ok()
+}
+
+const PREALLOC_NAME: &str = "prealloc.tmp";
+
+struct SegmentMeta {
+    id: u64,
+    /// Largest log end while this segment was active: every entry it holds
+    /// has an index below this.
+    max_end: u64,
+}
+
+/// Statistics for metrics and tests.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct WalStats {
+    pub syncs: u64,
+    pub bytes_written: u64,
+    pub records: u64,
+    /// A torn tail was cut off at start-up.
+    pub torn_tail_truncated: bool,
+}
+
+/// A write-ahead log over one [`Disk`] directory.
+pub struct Wal<D: Disk + Clone> {
+    disk: D,
+    config: WalConfig,
+    segments: Vec<SegmentMeta>,
+    active: D::File,
+    /// Bytes of the active segment already written to the file.
+    active_written: u64,
+    /// Encoded records not yet written.
+    pending: Vec<u8>,
+    /// Records written but not yet synced.
+    unsynced: bool,
+    state: LogState,
+    prealloc: Option<mpsc::Receiver<Result<(), std::io::Error>>>,
+    poisoned: Option<String>,
+    stats: WalStats,
+}
+
+struct ScanResult {
+    ops: Vec<WalOp>,
+    /// Offset just past the last good record.
+    end: u64,
+    torn: bool,
+}
+
+fn scan_segment(
+    bytes: &[u8],
+    file: &str,
+    is_last: bool,
+) -> Result<ScanResult, WalError> {
+    let mut ops = Vec::new();
+    let mut pos = 0usize;
+    loop {
+        let rest = &bytes[pos..];
+        if rest.len() < frame::FRAME_HEADER_BYTES || rest[..4] == [0, 0, 0, 0] {
+            // End of written data: everything after must be zeros.
+            if let Some(nz) = rest.iter().position(|b| *b != 0) {
+                if !is_last {
+                    return Err(WalError::Corrupt {
+                        file: file.to_string(),
+                        offset: (pos + nz) as u64,
+                        reason: "non-zero bytes after the end of records".into(),
+                    });
+                }
+                let r = torn_or_corrupt(bytes, pos, file, "non-zero bytes after a zero header")?;
+                return Ok(ScanResult { ops, ..r });
+            }
+            return Ok(ScanResult {
+                ops,
+                end: pos as u64,
+                torn: false,
+            });
+        }
+        match frame::decode(rest, RECORD_BYTES_MAX) {
+            Ok(Some((payload, used))) => match WalOp::decode(payload) {
+                Ok(op) => {
+                    ops.push(op);
+                    pos += used;
+                }
+                Err(reason) => {
+                    // Checksum held but the content is not a record: never torn.
+                    return Err(WalError::Corrupt {
+                        file: file.to_string(),
+                        offset: pos as u64,
+                        reason,
+                    });
+                }
+            },
+            Ok(None) | Err(_) if is_last => {
+                let r = torn_or_corrupt(bytes, pos, file, "bad or incomplete record")?;
+                return Ok(ScanResult { ops, ..r });
+            }
+            Ok(None) => {
+                return Err(WalError::Corrupt {
+                    file: file.to_string(),
+                    offset: pos as u64,
+                    reason: "record runs past the end of the segment".into(),
+                })
+            }
+            Err(e) => {
+                return Err(WalError::Corrupt {
+                    file: file.to_string(),
+                    offset: pos as u64,
+                    reason: e.to_string(),
+                })
+            }
+        }
+    }
+}
+
+/// A bad record at `pos` of the last segment: a torn tail if nothing but
+/// zeros follows the span its header claims, corruption otherwise.
+fn torn_or_corrupt(
+    bytes: &[u8],
+    pos: usize,
+    file: &str,
+    what: &str,
+) -> Result<ScanResult, WalError> {
+    let rest = &bytes[pos..];
+    let claimed = if rest.len() >= 4 {
+        u32::from_le_bytes(rest[..4].try_into().expect("4")) as usize
+    } else {
+        0
+    };
+    let span_end = pos
+        .saturating_add(frame::FRAME_HEADER_BYTES)
+        .saturating_add(claimed)
+        .min(bytes.len());
+    if bytes[span_end..].iter().all(|b| *b == 0) {
+        Ok(ScanResult {
+            ops: Vec::new(),
+            end: pos as u64,
+            torn: true,
+        })
+    } else {
+        Err(WalError::Corrupt {
+            file: file.to_string(),
+            offset: pos as u64,
+            reason: format!("{what}, followed by more data (not a torn tail)"),
+        })
+    }
+}
+
+impl<D: Disk + Clone> Wal<D> {
+    /// Opens the WAL in `disk`, replaying and verifying every segment, or
+    /// creates an empty one.
+    ///
+    /// # Errors
+    /// [`WalError::Corrupt`] names the file and offset of a bad record that
+    /// is not a torn tail; [`WalError::Missing`] reports a gap in segments.
+    pub fn open(disk: D, config: WalConfig) -> Result<Self, WalError> {
+        let names = disk.list().map_err(io_err(&disk, "."))?;
+        if names.iter().any(|n| n == PREALLOC_NAME) {
+            disk.remove(PREALLOC_NAME)
+                .map_err(io_err(&disk, PREALLOC_NAME))?;
+        }
+        let mut ids: Vec<u64> = names.iter().filter_map(|n| parse_segment_name(n)).collect();
+        ids.sort_unstable();
+        for w in ids.windows(2) {
+            if w[1] != w[0] + 1 {
+                return Err(WalError::Missing(format!(
+                    "segment {} is followed by {} in {}",
+                    segment_name(w[0]),
+                    segment_name(w[1]),
+                    disk.describe(".")
+                )));
+            }
+        }
+        let mut state = LogState::default();
+        let mut segments = Vec::new();
+        let mut stats = WalStats::default();
+        let mut last_end = 0u64;
+        for (i, id) in ids.iter().enumerate() {
+            let name = segment_name(*id);
+            let bytes = disk.read_all(&name).map_err(io_err(&disk, &name))?;
+            let is_last = i + 1 == ids.len();
+            let scan = scan_segment(&bytes, &disk.describe(&name), is_last)?;
+            if scan.torn {
+                tracing::warn!(file = %disk.describe(&name), offset = scan.end,
+                    "torn tail record cut off (an unacknowledged write interrupted by a crash)");
+                stats.torn_tail_truncated = true;
+            }
+            let corrupt = |offset: u64, reason: String| WalError::Corrupt {
+                file: disk.describe(&name),
+                offset,
+                reason,
+            };
+            let mut ops = scan.ops.into_iter();
+            match ops.next() {
+                Some(WalOp::Checkpoint(c)) => {
+                    if i == 0 {
+                        // Older segments were deleted after trimming: the
+                        // log resumes where this one began.
+                        state.entries_start = c.log_end;
+                    }
+                    state
+                        .apply(&WalOp::Checkpoint(c))
+                        .map_err(|r| corrupt(0, r))?;
+                }
+                Some(_) => return Err(corrupt(0, "segment does not start with a checkpoint".into())),
+                None if is_last => {
+                    // Rotation crashed before the checkpoint hit the disk:
+                    // recreate the segment below.
+                    disk.remove(&name).map_err(io_err(&disk, &name))?;
+                    break;
+                }
+                None => return Err(corrupt(0, "empty segment in the middle of the log".into())),
+            }
+            let mut max_end = state.end();
+            for op in ops {
+                state.apply(&op).map_err(|r| corrupt(scan.end, r))?;
+                max_end = max_end.max(state.end());
+            }
+            segments.push(SegmentMeta { id: *id, max_end });
+            last_end = scan.end;
+        }
+        if state.entries_start > state.trimmed && state.entries_start > 0 {
+            return Err(WalError::Missing(format!(
+                "entries from {} to {} are neither present nor trimmed in {}",
+                state.trimmed,
+                state.entries_start,
+                disk.describe(".")
+            )));
+        }
+        let (active, active_written) = match segments.last() {
+            Some(s) => {
+                let name = segment_name(s.id);
+                (disk.open(&name).map_err(io_err(&disk, &name))?, last_end)
+            }
+            None => {
+                let id = ids.last().copied().unwrap_or(0);
+                let name = segment_name(id);
+                disk.create_zeroed(&name, config.segment_bytes)
+                    .map_err(io_err(&disk, &name))?;
+                disk.sync_dir().map_err(io_err(&disk, "."))?;
+                segments.push(SegmentMeta {
+                    id,
+                    max_end: state.end(),
+                });
+                (disk.open(&name).map_err(io_err(&disk, &name))?, 0)
+            }
+        };
+        let mut wal = Wal {
+            disk,
+            config,
+            segments,
+            active,
+            active_written,
+            pending: Vec::new(),
+            unsynced: false,
+            state,
+            prealloc: None,
+            poisoned: None,
+            stats,
+        };
+        if wal.active_written == 0 {
+            let ck = WalOp::Checkpoint(wal.checkpoint());
+            wal.encode_record(&ck);
+            wal.sync()?;
+        } else if wal.stats.torn_tail_truncated {
+            // Zero the torn bytes so a later scan cannot mistake them for data.
+            let zeros = vec![0u8; frame::FRAME_HEADER_BYTES];
+            let name = segment_name(wal.segments.last().expect("segment").id);
+            wal.active
+                .write_at(wal.active_written, &zeros)
+                .and_then(|_| wal.active.sync_data())
+                .map_err(io_err(&wal.disk, &name))?;
+        }
+        wal.start_prealloc();
+        Ok(wal)
+    }
+
+    pub fn state(&self) -> &LogState {
+        &self.state
+    }
+
+    pub fn stats(&self) -> WalStats {
+        self.stats
+    }
+
+    fn checkpoint(&self) -> Checkpoint {
+        Checkpoint {
+            log_end: self.state.end(),
+            trimmed: self.state.trimmed,
+            compacted: self.state.compacted,
+            decided: self.state.decided,
+            promise: self.state.promise,
+            accepted_round: self.state.accepted_round,
+            stopsign: self.state.stopsign.clone(),
+        }
+    }
+
+    fn encode_record(&mut self, op: &WalOp) {
+        let mut payload = Vec::with_capacity(64);
+        op.encode_into(&mut payload);
+        frame::encode_into(&mut self.pending, &payload);
+        self.stats.records += 1;
+    }
+
+    fn start_prealloc(&mut self) {
+        if !self.config.background_prealloc || self.prealloc.is_some() {
+            return;
+        }
+        let (tx, rx) = mpsc::channel();
+        let disk = self.disk.clone();
+        let len = self.config.segment_bytes;
+        std::thread::Builder::new()
+            .name("wal-prealloc".into())
+            .spawn(move || {
+                let _ = tx.send(disk.create_zeroed(PREALLOC_NAME, len));
+            })
+            .map(|_| ())
+            .unwrap_or_else(|e| tracing::warn!("cannot start preallocation thread: {e}"));
+        self.prealloc = Some(rx);
+    }
+
+    /// Applies `op` to the in-memory state and queues its record. Durable
+    /// only after [`Wal::sync`].
+    pub fn append(&mut self, op: WalOp) -> Result<(), WalError> {
+        if let Some(p) = &self.poisoned {
+            return Err(WalError::Poisoned(p.clone()));
+        }
+        match op {
+            WalOp::Append { first_idx, entries } if entries.len() > 1 => {
+                // Split large appends into bounded records.
+                let mut chunk = Vec::new();
+                let mut bytes = 0usize;
+                let mut idx = first_idx;
+                for e in entries {
+                    let n = e.encoded_len();
+                    if !chunk.is_empty() && bytes + n > APPEND_RECORD_BYTES_MAX {
+                        let c = std::mem::take(&mut chunk);
+                        let len = c.len() as u64;
+                        self.append_one(WalOp::Append { first_idx: idx, entries: c })?;
+                        idx += len;
+                        bytes = 0;
+                    }
+                    bytes += n;
+                    chunk.push(e);
+                }
+                self.append_one(WalOp::Append { first_idx: idx, entries: chunk })
+            }
+            op => self.append_one(op),
+        }
+    }
+
+    fn append_one(&mut self, op: WalOp) -> Result<(), WalError> {
+        let mut payload = Vec::new();
+        op.encode_into(&mut payload);
+        let record_len = (frame::FRAME_HEADER_BYTES + payload.len()) as u64;
+        let used = self.active_written + self.pending.len() as u64;
+        if used + record_len > self.config.segment_bytes && used > 0 {
+            self.rotate()?;
+        }
+        // Programming error if OmniPaxos asks for an impossible change.
+        if let Err(e) = self.state.apply(&op) {
+            panic!("invalid storage operation {op:?}: {e}");
+        }
+        frame::encode_into(&mut self.pending, &payload);
+        self.stats.records += 1;
+        let end = self.state.end();
+        let seg = self.segments.last_mut().expect("active segment");
+        seg.max_end = seg.max_end.max(end);
+        Ok(())
+    }
+
+    /// Writes queued records to the active segment (no sync).
+    fn write_pending(&mut self) -> Result<(), WalError> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let name = segment_name(self.segments.last().expect("segment").id);
+        if let Err(e) = self.active.write_at(self.active_written, &self.pending) {
+            self.poisoned = Some(format!("write to {name} failed: {e}"));
+            return Err(io_err(&self.disk, &name)(e));
+        }
+        self.active_written += self.pending.len() as u64;
+        self.stats.bytes_written += self.pending.len() as u64;
+        self.pending.clear();
+        self.unsynced = true;
+        Ok(())
+    }
+
+    /// Makes every appended op durable with one write and one fdatasync.
+    ///
+    /// # Errors
+    /// An I/O error poisons the WAL: after a failed fsync the kernel may have
+    /// dropped the dirty pages, so the only safe continuation is a restart
+    /// that replays what is really on disk.
+    pub fn sync(&mut self) -> Result<(), WalError> {
+        if let Some(p) = &self.poisoned {
+            return Err(WalError::Poisoned(p.clone()));
+        }
+        self.write_pending()?;
+        if !self.unsynced {
+            return Ok(());
+        }
+        let name = segment_name(self.segments.last().expect("segment").id);
+        if let Err(e) = self.active.sync_data() {
+            self.poisoned = Some(format!("fdatasync of {name} failed: {e}"));
+            return Err(io_err(&self.disk, &name)(e));
+        }
+        self.unsynced = false;
+        self.stats.syncs += 1;
+        self.delete_trimmed_segments()?;
+        Ok(())
+    }
+
+    /// True if appended ops are not yet durable.
+    pub fn needs_sync(&self) -> bool {
+        self.unsynced || !self.pending.is_empty()
+    }
+
+    fn rotate(&mut self) -> Result<(), WalError> {
+        // The old segment must be durable before the new one can be: replay
+        // reads segments in order and a hole would lose acknowledged data.
+        self.sync()?;
+        let id = self.segments.last().expect("segment").id + 1;
+        let name = segment_name(id);
+        let ready = match self.prealloc.take() {
+            Some(rx) => matches!(rx.recv(), Ok(Ok(()))),
+            None => false,
+        };
+        let r = if ready {
+            self.disk.rename(PREALLOC_NAME, &name)
+        } else {
+            self.disk.create_zeroed(&name, self.config.segment_bytes)
+        };
+        r.and_then(|_| self.disk.sync_dir())
+            .map_err(io_err(&self.disk, &name))?;
+        self.active = self.disk.open(&name).map_err(io_err(&self.disk, &name))?;
+        self.active_written = 0;
+        self.segments.push(SegmentMeta {
+            id,
+            max_end: self.state.end(),
+        });
+        let ck = WalOp::Checkpoint(self.checkpoint());
+        self.encode_record(&ck);
+        self.start_prealloc();
+        Ok(())
+    }
+
+    /// Deletes the oldest segments whose entries are all trimmed. Called
+    /// after a sync, so the trim that allows it is durable.
+    fn delete_trimmed_segments(&mut self) -> Result<(), WalError> {
+        let mut removed = false;
+        while self.segments.len() > 1 && self.segments[0].max_end <= self.state.entries_start {
+            let name = segment_name(self.segments[0].id);
+            self.disk.remove(&name).map_err(io_err(&self.disk, &name))?;
+            self.segments.remove(0);
+            removed = true;
+        }
+        if removed {
+            self.disk.sync_dir().map_err(io_err(&self.disk, "."))?;
+        }
+        Ok(())
+    }
+
+    /// Number of segment files in use.
+    pub fn segment_count(&self) -> usize {
+        self.segments.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::disk::SimDisk;
+    use crate::entry::{EntryKind, RequestId};
+    use rand::SeedableRng;
+
+    fn cfg(seg: u64) -> WalConfig {
+        WalConfig {
+            segment_bytes: seg,
+            background_prealloc: false,
+        }
+    }
+
+    fn e(i: u64) -> Entry {
+        Entry::new(EntryKind::DATA, RequestId { client: 1, seq: i }, i.to_le_bytes().to_vec())
+    }
+
+    fn append(w: &mut Wal<SimDisk>, n: u64) {
+        let first = w.state().end();
+        let entries = (first..first + n).map(e).collect();
+        w.append(WalOp::Append { first_idx: first, entries }).unwrap();
+    }
+
+    #[test]
+    fn reopen_equals_live_state() {
+        let d = SimDisk::new();
+        let mut w = Wal::open(d.clone(), cfg(1024)).unwrap();
+        for _ in 0..50 {
+            append(&mut w, 3);
+            w.append(WalOp::Decided(w.state().end() - 1)).unwrap();
+            w.sync().unwrap();
+        }
+        w.append(WalOp::Atomic(vec![WalOp::Truncate(100), WalOp::Promise(Ballot::with(1, 2, 0, 3))]))
+            .unwrap();
+        w.sync().unwrap();
+        assert!(w.segment_count() > 3, "rotation happened");
+        let live = w.state().clone();
+        drop(w);
+        let w2 = Wal::open(d, cfg(1024)).unwrap();
+        assert_eq!(w2.state(), &live);
+    }
+
+    #[test]
+    fn trimmed_segments_are_deleted_and_recovery_resumes() {
+        let d = SimDisk::new();
+        let mut w = Wal::open(d.clone(), cfg(2048)).unwrap();
+        for _ in 0..100 {
+            append(&mut w, 4);
+            w.sync().unwrap();
+        }
+        let before = w.segment_count();
+        w.append(WalOp::Atomic(vec![WalOp::Trim(300), WalOp::Compacted(300)]))
+            .unwrap();
+        w.sync().unwrap();
+        assert!(w.segment_count() < before);
+        let live = w.state().clone();
+        drop(w);
+        let w2 = Wal::open(d.clone(), cfg(2048)).unwrap();
+        assert_eq!(w2.state().entries_start, 300);
+        assert_eq!(w2.state(), &live);
+    }
+
+    #[test]
+    fn crash_loses_only_unsynced_and_torn_tail_is_cut() {
+        for seed in 0..200 {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+            let d = SimDisk::new();
+            let mut w = Wal::open(d.clone(), cfg(1024)).unwrap();
+            let mut synced_end = 0;
+            for round in 0..20 {
+                append(&mut w, 2);
+                if round % 3 != 2 {
+                    w.sync().unwrap();
+                    synced_end = w.state().end();
+                }
+            }
+            let unsynced_end = w.state().end();
+            drop(w);
+            d.crash(&mut rng);
+            let w2 = Wal::open(d.clone(), cfg(1024)).unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+            let end = w2.state().end();
+            assert!(end >= synced_end && end <= unsynced_end, "seed {seed}");
+            for i in 0..end {
+                assert_eq!(w2.state().get(i, i + 1).unwrap()[0], e(i));
+            }
+        }
+    }
+
+    #[test]
+    fn corruption_in_the_middle_is_reported_with_file_and_offset() {
+        let d = SimDisk::new();
+        let mut w = Wal::open(d.clone(), cfg(1 << 20)).unwrap();
+        for _ in 0..10 {
+            append(&mut w, 2);
+            w.sync().unwrap();
+        }
+        drop(w);
+        d.flip_bit("seg-0000000000000000.wal", 100, 3);
+        let err = Wal::open(d, cfg(1 << 20)).err().expect("corruption detected");
+        let msg = err.to_string();
+        assert!(msg.contains("seg-0000000000000000.wal") && msg.contains("offset"), "{msg}");
+    }
+
+    #[test]
+    fn group_commit_one_sync_per_batch() {
+        let d = SimDisk::new();
+        let mut w = Wal::open(d.clone(), cfg(1 << 20)).unwrap();
+        let before = d.sync_count();
+        for _ in 0..100 {
+            append(&mut w, 1);
+        }
+        w.sync().unwrap();
+        assert_eq!(d.sync_count() - before, 1);
+    }
+
+    #[test]
+    fn failed_device_poisons() {
+        let d = SimDisk::new();
+        let mut w = Wal::open(d.clone(), cfg(1 << 20)).unwrap();
+        append(&mut w, 1);
+        d.set_failed(true);
+        assert!(w.sync().is_err());
+        d.set_failed(false);
+        assert!(matches!(w.sync(), Err(WalError::Poisoned(_))));
+    }
+}
