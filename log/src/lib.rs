@@ -18,3 +18,10 @@ pub mod wal;
 
 pub use entry::{Entry, EntryKind, RequestId};
 pub use shard::{Epoch, Position, ShardCore, ShardId};
+pub mod client;
+pub mod runtime;
+pub mod transport;
+pub mod wire;
+
+pub use runtime::{LogNode, LogNodeConfig, Subscription};
+pub use wire::LogError;

@@ -1,0 +1,1071 @@
+//! The threaded runtime that hosts a node's shards: one OS thread per shard
+//! driving its [`ShardCore`], tokio tasks for sockets, and the API the rest
+//! of ClaudeFS uses: [`LogNode::propose`], [`LogNode::read_barrier`],
+//! [`LogNode::subscribe`].
+//!
+//! ```text
+//! sockets ──► Input ──► shard thread: apply inputs … ready() = fsync ──► send
+//!                                                         └─► decided ──► waiters,
+//!                                                                          subscribers
+//! ```
+//!
+//! What a return means:
+//! * `propose` returns a position once the entry is decided: it is on a
+//!   majority of replicas' disks (fdatasync'd) and will be delivered at that
+//!   position by every subscriber on every replica.
+//! * `read_barrier` returns a position `p` such that every entry decided
+//!   before the call started is below `p`: state applied up to `p` is a
+//!   linearizable read. A partitioned old leader cannot produce `p`, because
+//!   the barrier itself must be decided by a majority.
+//! * `Err(Timeout)` means unknown: the entry may still be decided. Retrying
+//!   with the same request id is safe (deduplicated while the first attempt
+//!   is still in the log, i.e. not yet trimmed).
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc as std_mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use omnipaxos::messages::Message;
+use omnipaxos::util::NodeId;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::{error, info, info_span, warn, Instrument};
+
+use crate::disk::FsDisk;
+use crate::entry::{Entry, EntryKind, RequestId, KIND_USER_MIN};
+use crate::shard::{Epoch, Position, Proposed, ShardCore, ShardId, Timing};
+use crate::storage::SharedWal;
+use crate::transport::{write_msg, FrameReader, Identity, PeerLinks, HANDSHAKE_TIMEOUT};
+use crate::wal::WalConfig;
+use crate::wire::{LogError, Role, ShardStatus, Wire, FRAME_BYTES_MAX, HELLO_FRAME_BYTES_MAX, PROTOCOL_VERSION};
+
+/// Inputs queued per shard thread before new ones are refused.
+pub const SHARD_INBOX_MAX: usize = 64 * 1024;
+/// Inputs applied between two `ready` calls at most, so one burst cannot
+/// delay the fsync (and every acknowledgement) without bound.
+pub const SHARD_BATCH_INPUTS_MAX: usize = 8 * 1024;
+/// Entries returned by one subscription read.
+pub const SUBSCRIBE_BATCH_MAX: usize = 4096;
+/// Ticks between trim-floor exchanges and waiter sweeps.
+const HOUSEKEEPING_TICKS: u64 = 50;
+
+#[derive(Clone, Debug)]
+pub struct LogNodeConfig {
+    pub node_id: NodeId,
+    pub cluster_id: String,
+    pub listen: SocketAddr,
+    /// Every replica of every shard, including this node.
+    pub nodes: BTreeMap<NodeId, SocketAddr>,
+    pub data_dir: PathBuf,
+    pub shards: Vec<ShardId>,
+    pub tick: Duration,
+    pub timing: Timing,
+    pub propose_timeout: Duration,
+    pub wal: WalConfig,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{0}")]
+    Config(String),
+    #[error("data directory {dir}: {reason}")]
+    DataDir { dir: String, reason: String },
+    #[error("shard {shard}: {source}")]
+    Shard {
+        shard: ShardId,
+        #[source]
+        source: crate::shard::ShardError,
+    },
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+type Reply = oneshot::Sender<Result<Position, LogError>>;
+
+enum Input {
+    Paxos(Message<Entry>),
+    /// `redirect`: answer `NotLeader` instead of forwarding (remote clients).
+    Propose {
+        entry: Entry,
+        reply: Option<Reply>,
+        redirect: bool,
+    },
+    Reconnected(NodeId),
+    PeerFloor(NodeId, Position),
+    Stop,
+}
+
+/// Per-shard counters exported as metrics.
+#[derive(Default, Debug)]
+pub struct ShardCounters {
+    pub proposals: AtomicU64,
+    pub decided_entries: AtomicU64,
+    pub wal_syncs: AtomicU64,
+    pub wal_bytes: AtomicU64,
+    pub batches: AtomicU64,
+    pub inbox_full: AtomicU64,
+}
+
+/// Durable positions of a shard's named subscribers (materializers).
+struct SubscriberTable {
+    path: PathBuf,
+    persisted: BTreeMap<String, Position>,
+    dirty: bool,
+}
+
+impl SubscriberTable {
+    fn load(path: PathBuf) -> Result<Self, String> {
+        let mut persisted = BTreeMap::new();
+        match std::fs::read_to_string(&path) {
+            Ok(s) => {
+                for (n, line) in s.lines().enumerate() {
+                    let mut it = line.split_whitespace();
+                    let (Some(name), Some(pos), None) = (it.next(), it.next(), it.next()) else {
+                        return Err(format!("{}: line {}: expected `name position`", path.display(), n + 1));
+                    };
+                    let pos: Position = pos
+                        .parse()
+                        .map_err(|e| format!("{}: line {}: {e}", path.display(), n + 1))?;
+                    persisted.insert(name.to_string(), pos);
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(format!("{}: {e}", path.display())),
+        }
+        Ok(SubscriberTable {
+            path,
+            persisted,
+            dirty: false,
+        })
+    }
+
+    /// Lowest position some subscriber still needs; with no subscribers,
+    /// nothing may be trimmed.
+    fn floor(&self) -> Position {
+        self.persisted.values().copied().min().unwrap_or(0)
+    }
+
+    fn save(&mut self) -> std::io::Result<()> {
+        if !self.dirty {
+            return Ok(());
+        }
+        let mut s = String::new();
+        for (n, p) in &self.persisted {
+            s.push_str(&format!("{n} {p}\n"));
+        }
+        let tmp = self.path.with_extension("tmp");
+        {
+            use std::io::Write;
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(s.as_bytes())?;
+            f.sync_all()?;
+        }
+        std::fs::rename(&tmp, &self.path)?;
+        if let Some(dir) = self.path.parent() {
+            std::fs::File::open(dir)?.sync_all()?;
+        }
+        self.dirty = false;
+        Ok(())
+    }
+}
+
+struct ShardHandle {
+    inbox: std_mpsc::SyncSender<Input>,
+    wal: SharedWal<FsDisk>,
+    base: Position,
+    config_id: u32,
+    decided: watch::Receiver<Position>,
+    status: Arc<Mutex<ShardStatus>>,
+    subscribers: Arc<Mutex<SubscriberTable>>,
+    counters: Arc<ShardCounters>,
+    fatal: Arc<Mutex<Option<String>>>,
+}
+
+struct Inner {
+    cfg: LogNodeConfig,
+    shards: HashMap<ShardId, ShardHandle>,
+    links: PeerLinks,
+    /// Request ids for proposals made through this node's API.
+    client_id: u64,
+    seq: AtomicU64,
+    /// Live inbound peer links: node id -> (incarnation, still open).
+    inbound: Mutex<HashMap<NodeId, (u64, Arc<AtomicBool>)>>,
+    threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
+    stopping: AtomicBool,
+    /// Connections closed for bad input (malformed frames, bad handshakes).
+    pub rejected_connections: AtomicU64,
+}
+
+/// A running log node. Cheap to clone.
+#[derive(Clone)]
+pub struct LogNode {
+    inner: Arc<Inner>,
+}
+
+fn random_nonzero() -> u64 {
+    loop {
+        let v: u64 = rand::random();
+        if v != 0 {
+            return v;
+        }
+    }
+}
+
+/// Checks (or creates) the identity file that binds a data directory to one
+/// node of one cluster, so a misconfigured node cannot reuse another's log.
+fn check_identity(dir: &Path, cluster_id: &str, node_id: NodeId) -> Result<(), StartError> {
+    let err = |reason: String| StartError::DataDir {
+        dir: dir.display().to_string(),
+        reason,
+    };
+    std::fs::create_dir_all(dir).map_err(|e| err(e.to_string()))?;
+    let path = dir.join("IDENTITY");
+    let want = format!("cluster_id={cluster_id}\nnode_id={node_id}\n");
+    match std::fs::read_to_string(&path) {
+        Ok(have) if have == want => Ok(()),
+        Ok(have) => Err(err(format!(
+            "belongs to another node: {} says {:?}, this node is cluster {cluster_id:?} node {node_id}",
+            path.display(),
+            have.trim().replace('\n', " ")
+        ))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::write(&path, want).map_err(|e| err(e.to_string()))?;
+            std::fs::File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(|e| err(e.to_string()))
+        }
+        Err(e) => Err(err(e.to_string())),
+    }
+}
+
+impl LogNode {
+    /// Recovers every shard from `data_dir`, starts the shard threads, the
+    /// peer links and the listener.
+    ///
+    /// # Errors
+    /// A corrupt WAL (with file and offset), a data directory that belongs
+    /// to another node, an invalid configuration or a busy listen address.
+    pub async fn start(cfg: LogNodeConfig) -> Result<LogNode, StartError> {
+        if !cfg.nodes.contains_key(&cfg.node_id) {
+            return Err(StartError::Config(format!(
+                "node id {} is not among the cluster's nodes {:?}",
+                cfg.node_id,
+                cfg.nodes.keys().collect::<Vec<_>>()
+            )));
+        }
+        if cfg.nodes.len() < 2 {
+            return Err(StartError::Config(
+                "a replicated log needs at least 2 nodes (3 for fault tolerance)".into(),
+            ));
+        }
+        check_identity(&cfg.data_dir, &cfg.cluster_id, cfg.node_id)?;
+        let me = Identity {
+            cluster_id: cfg.cluster_id.clone(),
+            node_id: cfg.node_id,
+            incarnation: random_nonzero(),
+        };
+        let listener = TcpListener::bind(cfg.listen)
+            .await
+            .map_err(|source| StartError::Listen {
+                addr: cfg.listen,
+                source,
+            })?;
+        let node_ids: Vec<NodeId> = cfg.nodes.keys().copied().collect();
+        let mut shards = HashMap::new();
+        let mut starters = Vec::new();
+        for &shard in &cfg.shards {
+            let dir = cfg.data_dir.join(format!("shard-{shard}"));
+            let epoch = Epoch {
+                config_id: 1,
+                nodes: node_ids.clone(),
+                base: 0,
+            };
+            let disk = FsDisk::new(dir.join(format!("epoch-{}", epoch.config_id))).map_err(|e| {
+                StartError::DataDir {
+                    dir: dir.display().to_string(),
+                    reason: e.to_string(),
+                }
+            })?;
+            let subscribers = SubscriberTable::load(dir.join("subscribers")).map_err(|reason| StartError::DataDir {
+                dir: dir.display().to_string(),
+                reason,
+            })?;
+            let core = ShardCore::open(shard, cfg.node_id, epoch.clone(), disk, cfg.wal.clone(), &cfg.timing, 0)
+                .map_err(|source| StartError::Shard { shard, source })?;
+            // Already-decided entries are not redelivered: subscribers read
+            // them from the WAL.
+            let decided = core.decided();
+            let (inbox_tx, inbox_rx) = std_mpsc::sync_channel(SHARD_INBOX_MAX);
+            let (decided_tx, decided_rx) = watch::channel(decided);
+            let status = Arc::new(Mutex::new(ShardStatus {
+                shard,
+                leader: None,
+                is_leader: false,
+                decided,
+                config_id: epoch.config_id,
+            }));
+            let handle = ShardHandle {
+                inbox: inbox_tx,
+                wal: core.wal().clone(),
+                base: epoch.base,
+                config_id: epoch.config_id,
+                decided: decided_rx,
+                status: status.clone(),
+                subscribers: Arc::new(Mutex::new(subscribers)),
+                counters: Arc::new(ShardCounters::default()),
+                fatal: Arc::new(Mutex::new(None)),
+            };
+            starters.push((core, inbox_rx, decided_tx, handle.status.clone(), handle.subscribers.clone(), handle.counters.clone(), handle.fatal.clone()));
+            shards.insert(shard, handle);
+        }
+        // Peer links report reconnects to every shard.
+        let inboxes: Vec<std_mpsc::SyncSender<Input>> = shards.values().map(|h| h.inbox.clone()).collect();
+        let on_connect = Arc::new(move |peer: NodeId| {
+            for i in &inboxes {
+                let _ = i.try_send(Input::Reconnected(peer));
+            }
+        });
+        let peers: Vec<(NodeId, SocketAddr)> = cfg
+            .nodes
+            .iter()
+            .filter(|(id, _)| **id != cfg.node_id)
+            .map(|(id, a)| (*id, *a))
+            .collect();
+        let links = PeerLinks::start(me.clone(), peers, on_connect);
+        let inner = Arc::new(Inner {
+            cfg: cfg.clone(),
+            shards,
+            links,
+            client_id: random_nonzero(),
+            seq: AtomicU64::new(1),
+            inbound: Mutex::new(HashMap::new()),
+            threads: Mutex::new(Vec::new()),
+            stopping: AtomicBool::new(false),
+            rejected_connections: AtomicU64::new(0),
+        });
+        for (core, rx, decided_tx, status, subs, counters, fatal) in starters {
+            let shard = core.shard;
+            let weak = Arc::downgrade(&inner);
+            let tick = cfg.tick;
+            let t = std::thread::Builder::new()
+                .name(format!("shard-{shard}"))
+                .spawn(move || {
+                    let span = info_span!("shard", shard);
+                    let _g = span.enter();
+                    let mut l = ShardLoop {
+                        core,
+                        rx,
+                        decided_tx,
+                        status,
+                        subs,
+                        counters,
+                        links: weak,
+                        waiters: HashMap::new(),
+                        peer_floors: HashMap::new(),
+                        trimmed_to: 0,
+                        ticks: 0,
+                    };
+                    if let Err(e) = l.run(tick) {
+                        error!("shard stopped: {e}");
+                        *fatal.lock().expect("fatal lock") = Some(e);
+                    }
+                })
+                .map_err(|e| StartError::Config(format!("cannot start shard thread: {e}")))?;
+            inner.threads.lock().expect("threads lock").push(t);
+        }
+        let node = LogNode { inner };
+        let acceptor = node.clone();
+        tokio::spawn(async move { acceptor.accept_loop(listener).await });
+        info!(node = cfg.node_id, listen = %cfg.listen, shards = ?cfg.shards, "log node started");
+        Ok(node)
+    }
+
+    pub fn node_id(&self) -> NodeId {
+        self.inner.cfg.node_id
+    }
+
+    fn shard(&self, shard: ShardId) -> Result<&ShardHandle, LogError> {
+        self.inner.shards.get(&shard).ok_or(LogError::UnknownShard(shard))
+    }
+
+    /// A fresh request id for a proposal made through this node.
+    pub fn next_request(&self) -> RequestId {
+        RequestId {
+            client: self.inner.client_id,
+            seq: self.inner.seq.fetch_add(1, Ordering::Relaxed),
+        }
+    }
+
+    async fn submit(&self, shard: ShardId, entry: Entry, redirect: bool) -> Result<Position, LogError> {
+        let h = self.shard(shard)?;
+        if let Some(f) = h.fatal.lock().expect("fatal lock").clone() {
+            return Err(LogError::Connection(format!("shard failed: {f}")));
+        }
+        let (tx, rx) = oneshot::channel();
+        h.counters.proposals.fetch_add(1, Ordering::Relaxed);
+        h.inbox
+            .try_send(Input::Propose {
+                entry,
+                reply: Some(tx),
+                redirect,
+            })
+            .map_err(|_| {
+                h.counters.inbox_full.fetch_add(1, Ordering::Relaxed);
+                LogError::NoLeader(shard)
+            })?;
+        match tokio::time::timeout(self.inner.cfg.propose_timeout, rx).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err(LogError::ShuttingDown),
+            Err(_) => Err(LogError::Timeout),
+        }
+    }
+
+    /// Proposes `entry` to `shard`; returns its position once decided.
+    /// Retries while a leader is being elected, until the propose timeout.
+    /// An entry without a request id gets one from this node.
+    #[tracing::instrument(skip(self, entry), fields(kind = entry.kind.0))]
+    pub async fn propose(&self, shard: ShardId, mut entry: Entry) -> Result<Position, LogError> {
+        if entry.request.is_none() {
+            entry.request = self.next_request();
+        }
+        let deadline = Instant::now() + self.inner.cfg.propose_timeout;
+        loop {
+            match self.submit(shard, entry.clone(), false).await {
+                Err(LogError::NoLeader(_)) if Instant::now() < deadline => {
+                    tokio::time::sleep(self.inner.cfg.tick * 5).await;
+                }
+                r => return r,
+            }
+        }
+    }
+
+    /// A linearizable read point: see the module docs.
+    #[tracing::instrument(skip(self))]
+    pub async fn read_barrier(&self, shard: ShardId) -> Result<Position, LogError> {
+        let mut e = Entry::barrier();
+        e.request = self.next_request();
+        self.propose(shard, e).await
+    }
+
+    /// Reads decided entries from `from` on; `name`, if given, registers a
+    /// durable subscriber whose `persisted` position holds back trimming.
+    pub fn subscribe(&self, shard: ShardId, from: Position, name: Option<&str>) -> Result<Subscription, LogError> {
+        let h = self.shard(shard)?;
+        if let Some(n) = name {
+            if n.is_empty() || n.contains(char::is_whitespace) {
+                return Err(LogError::Invalid(format!("bad subscriber name {n:?}")));
+            }
+            let mut t = h.subscribers.lock().expect("subscribers lock");
+            if !t.persisted.contains_key(n) {
+                t.persisted.insert(n.to_string(), from);
+                t.dirty = true;
+            }
+        }
+        Ok(Subscription {
+            next: from,
+            wal: h.wal.clone(),
+            base: h.base,
+            decided: h.decided.clone(),
+            name: name.map(str::to_string),
+            table: h.subscribers.clone(),
+        })
+    }
+
+    pub fn status(&self) -> Vec<ShardStatus> {
+        let mut v: Vec<ShardStatus> = self
+            .inner
+            .shards
+            .values()
+            .map(|h| h.status.lock().expect("status lock").clone())
+            .collect();
+        v.sort_by_key(|s| s.shard);
+        v
+    }
+
+    /// Problems that make this node unhealthy (empty when healthy).
+    pub fn problems(&self) -> Vec<String> {
+        let mut p = Vec::new();
+        for (id, h) in &self.inner.shards {
+            if let Some(f) = h.fatal.lock().expect("fatal lock").as_ref() {
+                p.push(format!("shard {id} failed: {f}"));
+            } else if h.status.lock().expect("status lock").leader.is_none() {
+                p.push(format!("shard {id} has no leader"));
+            }
+        }
+        p.sort();
+        p
+    }
+
+    /// Prometheus text exposition of this node's log metrics.
+    pub fn metrics_text(&self) -> String {
+        let mut s = String::new();
+        let mut shard_ids: Vec<&ShardId> = self.inner.shards.keys().collect();
+        shard_ids.sort();
+        let gauge = |s: &mut String, name: &str, help: &str, kind: &str| {
+            s.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
+        };
+        type Getter = fn(&ShardHandle) -> u64;
+        let series: [(&str, &str, &str, Getter); 8] = [
+            ("cfs_log_decided_position", "One past the last decided position.", "gauge", |h| h.status.lock().expect("status").decided),
+            ("cfs_log_is_leader", "1 if this node leads the shard.", "gauge", |h| h.status.lock().expect("status").is_leader as u64),
+            ("cfs_log_proposals_total", "Proposals submitted through this node.", "counter", |h| h.counters.proposals.load(Ordering::Relaxed)),
+            ("cfs_log_decided_entries_total", "Entries decided since start.", "counter", |h| h.counters.decided_entries.load(Ordering::Relaxed)),
+            ("cfs_log_wal_syncs_total", "fdatasync calls of the shard WAL.", "counter", |h| h.counters.wal_syncs.load(Ordering::Relaxed)),
+            ("cfs_log_wal_bytes_total", "Bytes written to the shard WAL.", "counter", |h| h.counters.wal_bytes.load(Ordering::Relaxed)),
+            ("cfs_log_batches_total", "Input batches (one fsync at most each).", "counter", |h| h.counters.batches.load(Ordering::Relaxed)),
+            ("cfs_log_inbox_full_total", "Inputs refused because the shard inbox was full.", "counter", |h| h.counters.inbox_full.load(Ordering::Relaxed)),
+        ];
+        for (name, help, kind, get) in series {
+            gauge(&mut s, name, help, kind);
+            for id in &shard_ids {
+                let h = &self.inner.shards[id];
+                s.push_str(&format!("{name}{{shard=\"{id}\"}} {}\n", get(h)));
+            }
+        }
+        let st = &self.inner.links.stats;
+        for (name, help, v) in [
+            ("cfs_log_messages_sent_total", "Messages queued to peers.", st.sent.load(Ordering::Relaxed)),
+            ("cfs_log_messages_dropped_total", "Messages dropped (queue full or too large).", st.dropped.load(Ordering::Relaxed)),
+            ("cfs_log_peer_reconnects_total", "Peer links re-established.", st.reconnects.load(Ordering::Relaxed)),
+            ("cfs_log_rejected_connections_total", "Connections closed for bad input.", self.inner.rejected_connections.load(Ordering::Relaxed)),
+        ] {
+            gauge(&mut s, name, help, "counter");
+            s.push_str(&format!("{name} {v}\n"));
+        }
+        s
+    }
+
+    /// Stops the shard threads (after their current batch) and the listener.
+    pub async fn shutdown(&self) {
+        self.inner.stopping.store(true, Ordering::SeqCst);
+        for h in self.inner.shards.values() {
+            let _ = h.inbox.send(Input::Stop);
+        }
+        let threads: Vec<_> = self.inner.threads.lock().expect("threads lock").drain(..).collect();
+        let _ = tokio::task::spawn_blocking(move || {
+            for t in threads {
+                let _ = t.join();
+            }
+        })
+        .await;
+        info!("log node stopped");
+    }
+
+    async fn accept_loop(self, listener: TcpListener) {
+        loop {
+            if self.inner.stopping.load(Ordering::SeqCst) {
+                return;
+            }
+            match listener.accept().await {
+                Ok((s, addr)) => {
+                    let _ = s.set_nodelay(true);
+                    let me = self.clone();
+                    tokio::spawn(
+                        async move {
+                            if let Err(reason) = me.serve_connection(s).await {
+                                me.inner.rejected_connections.fetch_add(1, Ordering::Relaxed);
+                                warn!("closing connection: {reason}");
+                            }
+                        }
+                        .instrument(info_span!("conn", peer = %addr)),
+                    );
+                }
+                Err(e) => {
+                    warn!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+
+    /// Handshake, then either peer traffic or client requests. Returns an
+    /// error string when the connection is closed for bad input.
+    async fn serve_connection(&self, s: tokio::net::TcpStream) -> Result<(), String> {
+        let (r, mut w) = s.into_split();
+        let mut reader = FrameReader::new(r, HELLO_FRAME_BYTES_MAX);
+        let hello = match tokio::time::timeout(HANDSHAKE_TIMEOUT, reader.next()).await {
+            Err(_) => return Err("no hello within the handshake timeout".into()),
+            Ok(Err(e)) => return Err(format!("bad hello: {e}")),
+            Ok(Ok(h)) => h,
+        };
+        let Wire::Hello {
+            protocol,
+            cluster_id,
+            role,
+            node_id,
+            incarnation,
+        } = hello
+        else {
+            return Err("first message is not a hello".into());
+        };
+        let alive = Arc::new(AtomicBool::new(true));
+        if let Err(reason) = self.check_hello(protocol, &cluster_id, role, node_id, incarnation, &alive) {
+            let _ = write_msg(&mut w, &Wire::Refused { reason: reason.clone() }).await;
+            return Err(reason);
+        }
+        match role {
+            Role::Peer => {
+                let _ = write_msg(&mut w, &Wire::Welcome { node_id: self.inner.cfg.node_id }).await;
+                reader.max = FRAME_BYTES_MAX;
+                let r = self.serve_peer(node_id, reader).await;
+                alive.store(false, Ordering::SeqCst);
+                r
+            }
+            Role::Client => {
+                let _ = write_msg(&mut w, &Wire::Welcome { node_id: self.inner.cfg.node_id }).await;
+                reader.max = FRAME_BYTES_MAX;
+                self.serve_client(reader, w).await
+            }
+        }
+    }
+
+    /// Validates a hello; for peers, registers the link as `alive`.
+    fn check_hello(
+        &self,
+        protocol: u32,
+        cluster_id: &str,
+        role: Role,
+        node_id: NodeId,
+        incarnation: u64,
+        alive: &Arc<AtomicBool>,
+    ) -> Result<(), String> {
+        if protocol != PROTOCOL_VERSION {
+            return Err(format!("protocol {protocol} not supported (this node speaks {PROTOCOL_VERSION})"));
+        }
+        if cluster_id != self.inner.cfg.cluster_id {
+            return Err(format!(
+                "wrong cluster id {cluster_id:?} (this is {:?})",
+                self.inner.cfg.cluster_id
+            ));
+        }
+        if role == Role::Client {
+            return Ok(());
+        }
+        if node_id == self.inner.cfg.node_id {
+            return Err(format!("duplicate node id {node_id}: that is this node's own id"));
+        }
+        if !self.inner.cfg.nodes.contains_key(&node_id) {
+            return Err(format!("node id {node_id} is not a member of this cluster"));
+        }
+        let mut inbound = self.inner.inbound.lock().expect("inbound lock");
+        if let Some((inc, live)) = inbound.get(&node_id) {
+            if *inc != incarnation && live.load(Ordering::SeqCst) {
+                return Err(format!(
+                    "duplicate node id {node_id}: another process with that id is connected"
+                ));
+            }
+        }
+        inbound.insert(node_id, (incarnation, alive.clone()));
+        Ok(())
+    }
+
+    async fn serve_peer(
+        &self,
+        peer: NodeId,
+        mut reader: FrameReader<tokio::net::tcp::OwnedReadHalf>,
+    ) -> Result<(), String> {
+        loop {
+            let msg = match reader.next().await {
+                Ok(m) => m,
+                Err(crate::transport::TransportError::Closed) => return Ok(()),
+                Err(e) => return Err(format!("from node {peer}: {e}")),
+            };
+            match msg {
+                Wire::Paxos { shard, config_id, msg } => {
+                    let h = self.shard(shard).map_err(|e| format!("from node {peer}: {e}"))?;
+                    if msg.get_sender() != peer || msg.get_receiver() != self.inner.cfg.node_id {
+                        return Err(format!(
+                            "node {peer} sent a message from {} to {}",
+                            msg.get_sender(),
+                            msg.get_receiver()
+                        ));
+                    }
+                    if config_id != h.config_id {
+                        continue;
+                    }
+                    if h.inbox.try_send(Input::Paxos(msg)).is_err() {
+                        h.counters.inbox_full.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                Wire::Forward { shard, entries } => {
+                    let h = self.shard(shard).map_err(|e| format!("from node {peer}: {e}"))?;
+                    for entry in entries {
+                        let _ = h.inbox.try_send(Input::Propose {
+                            entry,
+                            reply: None,
+                            redirect: true,
+                        });
+                    }
+                }
+                Wire::Persisted { shard, floor } => {
+                    let h = self.shard(shard).map_err(|e| format!("from node {peer}: {e}"))?;
+                    let _ = h.inbox.try_send(Input::PeerFloor(peer, floor));
+                }
+                other => return Err(format!("node {peer} sent a client message on a peer link: {other:?}")),
+            }
+        }
+    }
+
+    async fn serve_client(
+        &self,
+        mut reader: FrameReader<tokio::net::tcp::OwnedReadHalf>,
+        mut w: tokio::net::tcp::OwnedWriteHalf,
+    ) -> Result<(), String> {
+        let (tx, mut rx) = mpsc::channel::<Wire>(1024);
+        let writer = tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            let mut buf = Vec::new();
+            while let Some(m) = rx.recv().await {
+                buf.clear();
+                m.encode_frame(&mut buf);
+                while let Ok(m) = rx.try_recv() {
+                    m.encode_frame(&mut buf);
+                    if buf.len() > 1 << 20 {
+                        break;
+                    }
+                }
+                if w.write_all(&buf).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let result = loop {
+            let msg = match reader.next().await {
+                Ok(m) => m,
+                Err(crate::transport::TransportError::Closed) => break Ok(()),
+                Err(e) => break Err(format!("client: {e}")),
+            };
+            let me = self.clone();
+            let tx = tx.clone();
+            match msg {
+                Wire::Propose { id, shard, entry } => {
+                    if let Err(e) = validate_client_entry(&entry) {
+                        let _ = tx.send(Wire::Decided { id, result: Err(e) }).await;
+                        continue;
+                    }
+                    tokio::spawn(async move {
+                        let result = me.submit(shard, entry, true).await;
+                        let _ = tx.send(Wire::Decided { id, result }).await;
+                    });
+                }
+                Wire::ReadBarrier { id, shard } => {
+                    tokio::spawn(async move {
+                        let mut e = Entry::barrier();
+                        e.request = me.next_request();
+                        let result = me.submit(shard, e, true).await;
+                        let _ = tx.send(Wire::Decided { id, result }).await;
+                    });
+                }
+                Wire::Status { id } => {
+                    let _ = tx
+                        .send(Wire::StatusReply {
+                            id,
+                            node_id: self.inner.cfg.node_id,
+                            shards: self.status(),
+                        })
+                        .await;
+                }
+                Wire::Subscribe { id, shard, from } => {
+                    let sub = self.subscribe(shard, from, None);
+                    tokio::spawn(async move {
+                        let mut sub = match sub {
+                            Ok(s) => s,
+                            Err(e) => {
+                                let _ = tx.send(Wire::Entries { id, result: Err(e) }).await;
+                                return;
+                            }
+                        };
+                        loop {
+                            let r = sub.next_batch(SUBSCRIBE_BATCH_MAX).await;
+                            let stop = r.is_err();
+                            if tx.send(Wire::Entries { id, result: r }).await.is_err() || stop {
+                                return;
+                            }
+                        }
+                    });
+                }
+                other => break Err(format!("client sent a non-request message: {other:?}")),
+            }
+        };
+        drop(tx);
+        writer.abort();
+        result
+    }
+}
+
+fn validate_client_entry(e: &Entry) -> Result<(), LogError> {
+    if e.request.is_none() {
+        return Err(LogError::Invalid("a request id (client != 0) is required".into()));
+    }
+    if e.kind != EntryKind::DATA && e.kind.0 < KIND_USER_MIN {
+        return Err(LogError::Invalid(format!("entry kind {} is reserved for the log", e.kind.0)));
+    }
+    Ok(())
+}
+
+/// A reader of one shard's decided entries, in order.
+pub struct Subscription {
+    next: Position,
+    wal: SharedWal<FsDisk>,
+    base: Position,
+    decided: watch::Receiver<Position>,
+    name: Option<String>,
+    table: Arc<Mutex<SubscriberTable>>,
+}
+
+impl Subscription {
+    /// Position of the next entry this subscription returns.
+    pub fn position(&self) -> Position {
+        self.next
+    }
+
+    /// Waits for and returns up to `max` decided entries from the current
+    /// position.
+    ///
+    /// # Errors
+    /// `Trimmed` if the position was trimmed (the subscriber must restore a
+    /// snapshot first); `ShuttingDown` if the shard stopped.
+    pub async fn next_batch(&mut self, max: usize) -> Result<Vec<(Position, Entry)>, LogError> {
+        loop {
+            let decided = *self.decided.borrow_and_update();
+            if decided > self.next {
+                let to = decided.min(self.next + max.max(1) as u64);
+                let w = self.wal.lock();
+                let s = w.state();
+                let (from_idx, to_idx) = (self.next - self.base, to - self.base);
+                let Some(entries) = s.get(from_idx, to_idx) else {
+                    return Err(LogError::Trimmed(self.base + s.entries_start));
+                };
+                drop(w);
+                let out: Vec<(Position, Entry)> = entries
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, e)| (self.next + i as u64, e))
+                    .collect();
+                self.next = to;
+                return Ok(out);
+            }
+            if self.decided.changed().await.is_err() {
+                return Err(LogError::ShuttingDown);
+            }
+        }
+    }
+
+    /// Declares that everything below `pos` is durably applied by this
+    /// (named) subscriber, so the log may be trimmed below it.
+    pub fn persisted(&self, pos: Position) {
+        if let Some(n) = &self.name {
+            let mut t = self.table.lock().expect("subscribers lock");
+            let e = t.persisted.entry(n.clone()).or_insert(0);
+            if pos > *e {
+                *e = pos;
+                t.dirty = true;
+            }
+        }
+    }
+}
+
+/// State of one shard thread.
+struct ShardLoop {
+    core: ShardCore<FsDisk>,
+    rx: std_mpsc::Receiver<Input>,
+    decided_tx: watch::Sender<Position>,
+    status: Arc<Mutex<ShardStatus>>,
+    subs: Arc<Mutex<SubscriberTable>>,
+    counters: Arc<ShardCounters>,
+    links: std::sync::Weak<Inner>,
+    waiters: HashMap<RequestId, Vec<Reply>>,
+    peer_floors: HashMap<NodeId, Position>,
+    trimmed_to: Position,
+    ticks: u64,
+}
+
+impl ShardLoop {
+    fn run(&mut self, tick: Duration) -> Result<(), String> {
+        let mut next_tick = Instant::now() + tick;
+        loop {
+            let wait = next_tick.saturating_duration_since(Instant::now());
+            let first = match self.rx.recv_timeout(wait) {
+                Ok(i) => Some(i),
+                Err(std_mpsc::RecvTimeoutError::Timeout) => None,
+                Err(std_mpsc::RecvTimeoutError::Disconnected) => return Ok(()),
+            };
+            let mut n = 0;
+            let mut next = first;
+            while let Some(input) = next {
+                if !self.apply(input) {
+                    return Ok(());
+                }
+                n += 1;
+                if n >= SHARD_BATCH_INPUTS_MAX {
+                    break;
+                }
+                next = self.rx.try_recv().ok();
+            }
+            if Instant::now() >= next_tick {
+                self.core.tick();
+                self.ticks += 1;
+                next_tick += tick;
+                if next_tick < Instant::now() {
+                    next_tick = Instant::now() + tick;
+                }
+                if self.ticks % HOUSEKEEPING_TICKS == 0 {
+                    self.housekeeping();
+                }
+            }
+            self.flush()?;
+        }
+    }
+
+    /// Applies one input; false means stop.
+    fn apply(&mut self, input: Input) -> bool {
+        match input {
+            Input::Paxos(m) => self.core.handle(m),
+            Input::Propose { entry, reply, redirect } => {
+                let req = entry.request;
+                match self.core.propose(entry.clone()) {
+                    Proposed::Appended | Proposed::Duplicate(None) => {
+                        if let Some(r) = reply {
+                            self.waiters.entry(req).or_default().push(r);
+                        }
+                    }
+                    Proposed::Duplicate(Some(p)) => {
+                        if let Some(r) = reply {
+                            let _ = r.send(Ok(p));
+                        }
+                    }
+                    Proposed::Forward(leader) if redirect => {
+                        if let Some(r) = reply {
+                            let addr = self
+                                .links
+                                .upgrade()
+                                .and_then(|i| i.cfg.nodes.get(&leader).map(|a| a.to_string()));
+                            let _ = r.send(Err(LogError::NotLeader {
+                                shard: self.core.shard,
+                                leader: Some(leader),
+                                addr,
+                            }));
+                        }
+                    }
+                    Proposed::Forward(leader) => {
+                        if let Some(inner) = self.links.upgrade() {
+                            inner.links.send(
+                                leader,
+                                &Wire::Forward {
+                                    shard: self.core.shard,
+                                    entries: vec![entry],
+                                },
+                            );
+                        }
+                        if let Some(r) = reply {
+                            self.waiters.entry(req).or_default().push(r);
+                        }
+                    }
+                    Proposed::NoLeader | Proposed::Stopping => {
+                        if let Some(r) = reply {
+                            let _ = r.send(Err(LogError::NoLeader(self.core.shard)));
+                        }
+                    }
+                }
+            }
+            Input::Reconnected(p) => self.core.reconnected(p),
+            Input::PeerFloor(p, f) => {
+                self.peer_floors.insert(p, f);
+            }
+            Input::Stop => return false,
+        }
+        true
+    }
+
+    /// One group commit: fsync, then send and acknowledge.
+    fn flush(&mut self) -> Result<(), String> {
+        let ready = self.core.ready().map_err(|e| e.to_string())?;
+        self.counters.batches.fetch_add(1, Ordering::Relaxed);
+        {
+            let w = self.core.wal().lock();
+            let st = w.stats();
+            self.counters.wal_syncs.store(st.syncs, Ordering::Relaxed);
+            self.counters.wal_bytes.store(st.bytes_written, Ordering::Relaxed);
+        }
+        if let Some(inner) = self.links.upgrade() {
+            for m in ready.messages {
+                let to = m.get_receiver();
+                inner.links.send(
+                    to,
+                    &Wire::Paxos {
+                        shard: self.core.shard,
+                        config_id: self.core.epoch().config_id,
+                        msg: m,
+                    },
+                );
+            }
+        }
+        if !ready.decided.is_empty() {
+            self.counters
+                .decided_entries
+                .fetch_add(ready.decided.len() as u64, Ordering::Relaxed);
+            for (pos, e) in &ready.decided {
+                if let Some(ws) = self.waiters.remove(&e.request) {
+                    for w in ws {
+                        let _ = w.send(Ok(*pos));
+                    }
+                }
+            }
+            let _ = self.decided_tx.send(self.core.delivered());
+        }
+        if ready.stopped.is_some() {
+            warn!("epoch stopped; runtime reconfiguration is not supported yet, shard is read-only");
+        }
+        let mut st = self.status.lock().expect("status lock");
+        st.leader = self.core.leader();
+        st.is_leader = self.core.is_leader();
+        st.decided = self.core.delivered();
+        Ok(())
+    }
+
+    fn housekeeping(&mut self) {
+        self.waiters.retain(|_, ws| {
+            ws.retain(|w| !w.is_closed());
+            !ws.is_empty()
+        });
+        let floor = {
+            let mut t = self.subs.lock().expect("subscribers lock");
+            if let Err(e) = t.save() {
+                warn!("cannot persist subscriber positions: {e}");
+            }
+            t.floor()
+        };
+        let Some(inner) = self.links.upgrade() else {
+            return;
+        };
+        for id in inner.cfg.nodes.keys() {
+            if *id != self.core.node {
+                inner.links.send(
+                    *id,
+                    &Wire::Persisted {
+                        shard: self.core.shard,
+                        floor,
+                    },
+                );
+            }
+        }
+        if self.core.is_leader() {
+            let others = inner.cfg.nodes.len() - 1;
+            if self.peer_floors.len() >= others {
+                let min = self.peer_floors.values().copied().min().unwrap_or(0).min(floor);
+                if min > self.trimmed_to && self.core.trim(min) {
+                    info!(below = min, "trimmed log");
+                    self.trimmed_to = min;
+                }
+            }
+        }
+    }
+}

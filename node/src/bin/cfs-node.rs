@@ -1,0 +1,71 @@
+//! The ClaudeFS node daemon: `cfs-node --config FILE`.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use cfs_node::config::{LogFormat, NodeConfig};
+use clap::Parser;
+use tracing::{error, info};
+
+#[derive(Parser)]
+#[command(version, about = "ClaudeFS node daemon")]
+struct Args {
+    /// Path of the TOML configuration.
+    #[arg(long)]
+    config: PathBuf,
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CFS_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => b.json().init(),
+        LogFormat::Console => b.with_ansi(false).init(),
+    }
+}
+
+async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
+    let node = cfs_log::LogNode::start(cfg.log_config())
+        .await
+        .context("starting the log")?;
+    let http = tokio::spawn(cfs_node::http::serve(cfg.http, node.clone()));
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM: stopping"),
+        _ = tokio::signal::ctrl_c() => info!("SIGINT: stopping"),
+        r = http => {
+            let e = match r { Ok(Ok(())) => anyhow::anyhow!("http server ended"), Ok(Err(e)) => e, Err(e) => e.into() };
+            return Err(e.context(format!("http endpoint {}", cfg.http)));
+        }
+    }
+    node.shutdown().await;
+    Ok(())
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    let cfg = match NodeConfig::load(&args.config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("cfs-node: {e:#}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    init_logging(cfg.log_format);
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cfs-node: cannot start runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cfg)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e:#}");
+            eprintln!("cfs-node: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

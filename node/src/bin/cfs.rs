@@ -1,0 +1,238 @@
+//! `cfs`: the ClaudeFS command-line tool.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use cfs_log::client::LogClient;
+use cfs_node::cluster;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(version, about = "ClaudeFS command-line tool")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Start (or keep running) a local N-node cluster on loopback.
+    Up {
+        #[arg(long, default_value_t = 3)]
+        nodes: u64,
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, default_value_t = 4)]
+        shards: u32,
+        /// Seconds to wait for every node to report healthy.
+        #[arg(long, default_value_t = 60)]
+        wait: u64,
+    },
+    /// Stop the local cluster in DIR (idempotent).
+    Down {
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Start one stopped node of the cluster in DIR.
+    StartNode {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        node: u64,
+    },
+    /// Stop one node: SIGTERM (default) or `--kill` for SIGKILL.
+    StopNode {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        node: u64,
+        #[arg(long)]
+        kill: bool,
+    },
+    /// Print each node's view of each shard.
+    Status {
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Append an entry to a shard's log and print its position.
+    Append {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, default_value_t = 0)]
+        shard: u32,
+        value: String,
+    },
+    /// Drive proposals from concurrent clients and report throughput and latency.
+    BenchLog {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, default_value_t = 0)]
+        shard: u32,
+        #[arg(long, default_value_t = 64)]
+        clients: usize,
+        #[arg(long, default_value_t = 4096)]
+        size: usize,
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+    },
+    /// Measure 4 KiB write + fdatasync latency into a pre-zeroed file in DIR.
+    FsyncBench {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, default_value_t = 2000)]
+        count: usize,
+    },
+}
+
+fn client_for(dir: &Path) -> anyhow::Result<LogClient> {
+    let cfgs = cluster::load_configs(dir)?;
+    if cfgs.is_empty() {
+        bail!("no cluster in {} (run `cfs up --dir {}`)", dir.display(), dir.display());
+    }
+    Ok(LogClient::new(
+        &cfgs[0].cluster_id,
+        cfgs.iter().map(|c| c.listen).collect(),
+    ))
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i]
+}
+
+async fn bench_log(dir: &Path, shard: u32, clients: usize, size: usize, seconds: u64) -> anyhow::Result<()> {
+    let client = Arc::new(client_for(dir)?);
+    // Warm up: find the leader.
+    client.propose(shard, vec![0u8; size]).await?;
+    let until = Instant::now() + Duration::from_secs(seconds);
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..clients {
+        let c = client.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            let mut errors = 0u64;
+            while Instant::now() < until {
+                let t = Instant::now();
+                match c.propose(shard, vec![7u8; size]).await {
+                    Ok(_) => lat.push(t.elapsed().as_secs_f64() * 1e3),
+                    Err(_) => errors += 1,
+                }
+            }
+            (lat, errors)
+        }));
+    }
+    let mut all = Vec::new();
+    let mut errors = 0;
+    for t in tasks {
+        let (l, e) = t.await?;
+        all.extend(l);
+        errors += e;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    all.sort_by(|a, b| a.total_cmp(b));
+    println!(
+        "log: {:.0} entries/s, p50 {:.2} ms, p99 {:.2} ms ({} B entries, {} clients, {} errors)",
+        all.len() as f64 / secs,
+        percentile(&all, 0.5),
+        percentile(&all, 0.99),
+        size,
+        clients,
+        errors
+    );
+    Ok(())
+}
+
+fn fsync_bench(dir: &Path, count: usize) -> anyhow::Result<()> {
+    use std::os::unix::fs::FileExt;
+    std::fs::create_dir_all(dir)?;
+    let path = dir.join("fsync-bench.tmp");
+    let len = (count * 4096) as u64;
+    {
+        let f = std::fs::File::create(&path)?;
+        f.write_all_at(&vec![0u8; len as usize], 0)?;
+        f.sync_all()?;
+    }
+    let f = std::fs::OpenOptions::new().write(true).open(&path)?;
+    let buf = vec![0xabu8; 4096];
+    let mut lat = Vec::with_capacity(count);
+    for i in 0..count {
+        let t = Instant::now();
+        f.write_all_at(&buf, (i * 4096) as u64)?;
+        f.sync_data()?;
+        lat.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    std::fs::remove_file(&path)?;
+    lat.sort_by(|a, b| a.total_cmp(b));
+    println!(
+        "fdatasync: 4 KiB write+fdatasync into a pre-zeroed file: p50 {:.3} ms, p99 {:.3} ms ({} samples)",
+        percentile(&lat, 0.5),
+        percentile(&lat, 0.99),
+        count
+    );
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Up { nodes, dir, shards, wait } => {
+            std::fs::create_dir_all(&dir)?;
+            let dir = dir.canonicalize()?;
+            let cfgs = cluster::ensure_configs(&dir, nodes, shards)?;
+            let bin = cluster::node_binary()?;
+            for c in &cfgs {
+                cluster::start_node(&dir, c.node_id, &bin)?;
+            }
+            cluster::wait_healthy(&cfgs, Duration::from_secs(wait)).with_context(|| {
+                format!("cluster in {} did not become healthy; see node-*/node.log", dir.display())
+            })?;
+            println!("cluster up: {} nodes in {}", cfgs.len(), dir.display());
+            for c in &cfgs {
+                println!("  node {}: log {} http http://{}", c.node_id, c.listen, c.http);
+            }
+        }
+        Cmd::Down { dir } => {
+            let cfgs = cluster::load_configs(&dir)?;
+            let mut stopped = 0;
+            for c in &cfgs {
+                if cluster::stop_node(&dir, c.node_id, libc::SIGTERM, Duration::from_secs(10))? {
+                    stopped += 1;
+                }
+            }
+            println!("cluster down: stopped {stopped} of {} nodes", cfgs.len());
+        }
+        Cmd::StartNode { dir, node } => {
+            cluster::start_node(&dir, node, &cluster::node_binary()?)?;
+        }
+        Cmd::StopNode { dir, node, kill } => {
+            let sig = if kill { libc::SIGKILL } else { libc::SIGTERM };
+            cluster::stop_node(&dir, node, sig, Duration::from_secs(10))?;
+        }
+        Cmd::Status { dir } => {
+            for c in cluster::load_configs(&dir)? {
+                match cluster::http_get(c.http, "/health") {
+                    Ok((code, body)) => println!("node {} (HTTP {code}): {body}", c.node_id),
+                    Err(e) => println!("node {}: down ({e})", c.node_id),
+                }
+            }
+        }
+        Cmd::Append { dir, shard, value } => {
+            let rt = tokio::runtime::Runtime::new()?;
+            let client = client_for(&dir)?;
+            let p = rt.block_on(client.propose(shard, value.into_bytes()))?;
+            println!("{p}");
+        }
+        Cmd::BenchLog { dir, shard, clients, size, seconds } => {
+            let rt = tokio::runtime::Runtime::new()?;
+            rt.block_on(bench_log(&dir, shard, clients, size, seconds))?;
+        }
+        Cmd::FsyncBench { dir, count } => fsync_bench(&dir, count)?,
+    }
+    Ok(())
+}

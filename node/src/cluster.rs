@@ -1,0 +1,221 @@
+//! A local development cluster: N `cfs-node` processes on loopback, each
+//! with its own directory under one cluster directory.
+//!
+//! ```text
+//! DIR/node-<id>/config.toml   generated once, reused (same ports) later
+//! DIR/node-<id>/data/         the node's data directory
+//! DIR/node-<id>/node.log      its stderr
+//! DIR/node-<id>/pid           while running
+//! ```
+//! `up` and `down` are idempotent: `up` starts only nodes that are not
+//! running, `down` stops only those that are.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+
+use crate::config::{LogFormat, NodeAddr, NodeConfig};
+
+pub fn node_dir(dir: &Path, id: u64) -> PathBuf {
+    dir.join(format!("node-{id}"))
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Writes the configs of a new cluster, or loads the existing ones.
+pub fn ensure_configs(dir: &Path, nodes: u64, shards: u32) -> anyhow::Result<Vec<NodeConfig>> {
+    let existing = load_configs(dir)?;
+    if !existing.is_empty() {
+        if existing.len() as u64 != nodes {
+            bail!(
+                "{} already holds a {}-node cluster; run `cfs down` and remove it to change the size",
+                dir.display(),
+                existing.len()
+            );
+        }
+        return Ok(existing);
+    }
+    if nodes < 2 {
+        bail!("a cluster needs at least 2 nodes (3 for fault tolerance)");
+    }
+    let mut addrs = Vec::new();
+    for id in 1..=nodes {
+        addrs.push(NodeAddr {
+            id,
+            addr: SocketAddr::from(([127, 0, 0, 1], free_port()?)),
+        });
+    }
+    let cluster_id = format!("cfs-{:08x}", rand::random::<u32>());
+    let mut out = Vec::new();
+    for a in &addrs {
+        let nd = node_dir(dir, a.id);
+        std::fs::create_dir_all(&nd)?;
+        let cfg = NodeConfig {
+            cluster_id: cluster_id.clone(),
+            node_id: a.id,
+            listen: a.addr,
+            http: SocketAddr::from(([127, 0, 0, 1], free_port()?)),
+            data_dir: nd.join("data"),
+            shards: (0..shards).collect(),
+            tick_ms: 10,
+            election_ticks: 10,
+            propose_timeout_ms: 5000,
+            wal_segment_mib: 64,
+            log_format: LogFormat::Json,
+            nodes: addrs.clone(),
+        };
+        std::fs::write(nd.join("config.toml"), toml::to_string(&cfg)?)?;
+        out.push(cfg);
+    }
+    Ok(out)
+}
+
+/// The configs of the cluster in `dir`, sorted by node id (empty if none).
+pub fn load_configs(dir: &Path) -> anyhow::Result<Vec<NodeConfig>> {
+    let mut v = Vec::new();
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return Ok(v);
+    };
+    for e in rd {
+        let p = e?.path().join("config.toml");
+        if p.exists() {
+            v.push(NodeConfig::load(&p)?);
+        }
+    }
+    v.sort_by_key(|c| c.node_id);
+    Ok(v)
+}
+
+fn read_pid(dir: &Path, id: u64) -> Option<i32> {
+    std::fs::read_to_string(node_dir(dir, id).join("pid"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+fn alive(pid: i32) -> bool {
+    // SAFETY: kill with signal 0 only checks that the process exists.
+    unsafe { libc::kill(pid, 0) == 0 }
+}
+
+/// The running pid of node `id`, if any.
+pub fn running_pid(dir: &Path, id: u64) -> Option<i32> {
+    read_pid(dir, id).filter(|p| alive(*p))
+}
+
+/// Starts node `id` in the background unless it is running.
+pub fn start_node(dir: &Path, id: u64, node_bin: &Path) -> anyhow::Result<()> {
+    if running_pid(dir, id).is_some() {
+        return Ok(());
+    }
+    let nd = node_dir(dir, id);
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(nd.join("node.log"))?;
+    let mut cmd = std::process::Command::new(node_bin);
+    cmd.arg("--config")
+        .arg(nd.join("config.toml"))
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    {
+        use std::os::unix::process::CommandExt;
+        // Own process group: the node outlives the `cfs up` that started it
+        // and ignores the terminal's Ctrl-C.
+        cmd.process_group(0);
+    }
+    let child = cmd
+        .spawn()
+        .with_context(|| format!("starting {}", node_bin.display()))?;
+    std::fs::write(nd.join("pid"), format!("{}\n", child.id()))?;
+    Ok(())
+}
+
+/// Sends `signal` to node `id` if it runs; with SIGTERM waits up to
+/// `grace` and then kills it.
+pub fn stop_node(dir: &Path, id: u64, signal: i32, grace: Duration) -> anyhow::Result<bool> {
+    let Some(pid) = running_pid(dir, id) else {
+        let _ = std::fs::remove_file(node_dir(dir, id).join("pid"));
+        return Ok(false);
+    };
+    // SAFETY: plain kill(2) on a pid we started.
+    unsafe { libc::kill(pid, signal) };
+    let until = Instant::now() + grace;
+    while alive(pid) && Instant::now() < until {
+        reap(pid);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    if alive(pid) {
+        // SAFETY: as above.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        while alive(pid) {
+            reap(pid);
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    let _ = std::fs::remove_file(node_dir(dir, id).join("pid"));
+    Ok(true)
+}
+
+fn reap(pid: i32) {
+    // Children of this process become zombies until waited for.
+    // SAFETY: non-blocking waitpid on a pid; harmless if not our child.
+    unsafe {
+        let mut st = 0;
+        libc::waitpid(pid, &mut st, libc::WNOHANG);
+    }
+}
+
+/// GET `path` from `addr`; returns (status code, body).
+pub fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1))?;
+    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf)?;
+    let code = buf
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .context("malformed HTTP response")?;
+    let body = buf.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+    Ok((code, body))
+}
+
+/// Waits until every node's /health answers 200.
+pub fn wait_healthy(cfgs: &[NodeConfig], timeout: Duration) -> anyhow::Result<()> {
+    let until = Instant::now() + timeout;
+    for c in cfgs {
+        loop {
+            match http_get(c.http, "/health") {
+                Ok((200, _)) => break,
+                r if Instant::now() > until => {
+                    let detail = match r {
+                        Ok((code, body)) => format!("HTTP {code}: {body}"),
+                        Err(e) => e.to_string(),
+                    };
+                    bail!("node {} not healthy after {timeout:?}: {detail}", c.node_id);
+                }
+                _ => std::thread::sleep(Duration::from_millis(50)),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The `cfs-node` binary next to the running executable.
+pub fn node_binary() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let p = exe.with_file_name("cfs-node");
+    if !p.exists() {
+        bail!("{} not found (build with `cargo build --release`)", p.display());
+    }
+    Ok(p)
+}

@@ -1,0 +1,177 @@
+//! The `cfs-node` TOML configuration.
+//!
+//! ```toml
+//! cluster_id = "dev"
+//! node_id = 1
+//! listen = "127.0.0.1:7401"      # log traffic: peers and clients
+//! http = "127.0.0.1:7501"        # /health and /metrics
+//! data_dir = "/var/lib/cfs/node-1"
+//! shards = [0, 1, 2, 3]
+//! tick_ms = 10                   # OmniPaxos clock
+//! log_format = "console"         # or "json"
+//!
+//! [[nodes]]
+//! id = 1
+//! addr = "127.0.0.1:7401"
+//! ```
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use cfs_log::shard::Timing;
+use cfs_log::wal::WalConfig;
+use cfs_log::LogNodeConfig;
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    pub cluster_id: String,
+    pub node_id: u64,
+    pub listen: SocketAddr,
+    pub http: SocketAddr,
+    pub data_dir: PathBuf,
+    pub shards: Vec<u32>,
+    #[serde(default = "default_tick_ms")]
+    pub tick_ms: u64,
+    #[serde(default = "default_election_ticks")]
+    pub election_ticks: u64,
+    #[serde(default = "default_propose_timeout_ms")]
+    pub propose_timeout_ms: u64,
+    #[serde(default = "default_segment_mib")]
+    pub wal_segment_mib: u64,
+    #[serde(default)]
+    pub log_format: LogFormat,
+    pub nodes: Vec<NodeAddr>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeAddr {
+    pub id: u64,
+    pub addr: SocketAddr,
+}
+
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Console,
+    Json,
+}
+
+fn default_tick_ms() -> u64 {
+    10
+}
+fn default_election_ticks() -> u64 {
+    10
+}
+fn default_propose_timeout_ms() -> u64 {
+    5000
+}
+fn default_segment_mib() -> u64 {
+    64
+}
+
+impl NodeConfig {
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let s = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let c: NodeConfig = toml::from_str(&s).with_context(|| format!("parsing {}", path.display()))?;
+        c.validate().with_context(|| format!("checking {}", path.display()))?;
+        Ok(c)
+    }
+
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if self.cluster_id.is_empty() {
+            bail!("cluster_id is empty");
+        }
+        if self.node_id == 0 {
+            bail!("node_id must not be 0");
+        }
+        let mut seen = BTreeMap::new();
+        for n in &self.nodes {
+            if n.id == 0 {
+                bail!("node id 0 in [[nodes]]");
+            }
+            if seen.insert(n.id, n.addr).is_some() {
+                bail!("duplicate node id {} in [[nodes]]", n.id);
+            }
+        }
+        if !seen.contains_key(&self.node_id) {
+            bail!("node_id {} is not listed in [[nodes]]", self.node_id);
+        }
+        if self.shards.is_empty() {
+            bail!("no shards configured");
+        }
+        if self.tick_ms == 0 || self.election_ticks < 2 {
+            bail!("tick_ms must be > 0 and election_ticks >= 2");
+        }
+        Ok(())
+    }
+
+    pub fn log_config(&self) -> LogNodeConfig {
+        LogNodeConfig {
+            node_id: self.node_id,
+            cluster_id: self.cluster_id.clone(),
+            listen: self.listen,
+            nodes: self.nodes.iter().map(|n| (n.id, n.addr)).collect(),
+            data_dir: self.data_dir.join("log"),
+            shards: self.shards.clone(),
+            tick: Duration::from_millis(self.tick_ms),
+            timing: Timing {
+                election_ticks: self.election_ticks,
+                resend_ticks: self.election_ticks * 2,
+            },
+            propose_timeout: Duration::from_millis(self.propose_timeout_ms),
+            wal: WalConfig {
+                segment_bytes: self.wal_segment_mib << 20,
+                background_prealloc: true,
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> String {
+        r#"
+cluster_id = "t"
+node_id = 1
+listen = "127.0.0.1:1"
+http = "127.0.0.1:2"
+data_dir = "/tmp/x"
+shards = [0]
+[[nodes]]
+id = 1
+addr = "127.0.0.1:1"
+[[nodes]]
+id = 2
+addr = "127.0.0.1:3"
+"#
+        .into()
+    }
+
+    #[test]
+    fn parses_and_validates() {
+        let c: NodeConfig = toml::from_str(&sample()).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.tick_ms, 10);
+    }
+
+    #[test]
+    fn rejects_bad_configs() {
+        let dup = sample().replace("id = 2", "id = 1");
+        let c: NodeConfig = toml::from_str(&dup).unwrap();
+        assert!(c.validate().unwrap_err().to_string().contains("duplicate node id"));
+        let unknown = sample() + "bogus = 1\n";
+        assert!(toml::from_str::<NodeConfig>(&unknown).is_err());
+        let missing = sample().replace("node_id = 1", "node_id = 9");
+        let c: NodeConfig = toml::from_str(&missing).unwrap();
+        assert!(c.validate().is_err());
+    }
+}
