@@ -987,26 +987,28 @@ impl ShardLoop {
 
     /// One group commit: fsync, then send and acknowledge.
     fn flush(&mut self) -> Result<(), String> {
-        let ready = self.core.ready().map_err(|e| e.to_string())?;
+        let shard = self.core.shard;
+        let config_id = self.core.epoch().config_id;
+        let links = self.links.upgrade();
+        let send = |msgs: Vec<Message<Entry>>| {
+            if let Some(inner) = &links {
+                for m in msgs {
+                    let to = m.get_receiver();
+                    inner.links.send(to, &Wire::Paxos { shard, config_id, msg: m });
+                }
+            }
+        };
+        let mut ready = self
+            .core
+            .ready_pipelined(|early| send(early))
+            .map_err(|e| e.to_string())?;
+        send(std::mem::take(&mut ready.messages));
         self.counters.batches.fetch_add(1, Ordering::Relaxed);
         {
             let w = self.core.wal().lock();
             let st = w.stats();
             self.counters.wal_syncs.store(st.syncs, Ordering::Relaxed);
             self.counters.wal_bytes.store(st.bytes_written, Ordering::Relaxed);
-        }
-        if let Some(inner) = self.links.upgrade() {
-            for m in ready.messages {
-                let to = m.get_receiver();
-                inner.links.send(
-                    to,
-                    &Wire::Paxos {
-                        shard: self.core.shard,
-                        config_id: self.core.epoch().config_id,
-                        msg: m,
-                    },
-                );
-            }
         }
         if !ready.decided.is_empty() {
             self.counters

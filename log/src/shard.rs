@@ -16,6 +16,7 @@
 //! number of entries decided in all earlier epochs, so positions keep
 //! counting across reconfiguration. Invariant: `delivered <= decided`.
 
+use omnipaxos::messages::sequence_paxos::{PaxosMessage, PaxosMsg};
 use omnipaxos::messages::Message;
 use omnipaxos::storage::StopSign;
 use omnipaxos::util::{LogEntry, NodeId};
@@ -251,8 +252,49 @@ impl<D: Disk + Clone> ShardCore<D> {
     /// A WAL error is fatal for this replica: the caller must stop it and
     /// restart from disk.
     pub fn ready(&mut self) -> Result<Ready, ShardError> {
+        let mut early = Vec::new();
+        let mut r = self.ready_pipelined(|m| early.extend(m))?;
+        early.append(&mut r.messages);
+        r.messages = early;
+        Ok(r)
+    }
+
+    /// As [`ShardCore::ready`], but hands the leader's leading run of
+    /// `AcceptDecide` messages to `send_early` *before* the fsync, so the
+    /// followers' fsyncs overlap the leader's (as Raft leaders do).
+    ///
+    /// Safe because nothing is revealed as decided before a majority has
+    /// it durable: a follower acknowledges (`Accepted`) only after its own
+    /// fsync, and every replica fsyncs before it acknowledges a client or
+    /// delivers a decided entry to subscribers. Only the prefix of
+    /// `AcceptDecide`s goes early, so per-link message order is kept.
+    pub fn ready_pipelined(
+        &mut self,
+        send_early: impl FnOnce(Vec<Message<Entry>>),
+    ) -> Result<Ready, ShardError> {
+        let mut msgs = Vec::new();
+        self.paxos.take_outgoing_messages(&mut msgs);
+        let split = msgs
+            .iter()
+            .position(|m| {
+                !matches!(
+                    m,
+                    Message::SequencePaxos(PaxosMessage {
+                        msg: PaxosMsg::AcceptDecide(_),
+                        ..
+                    })
+                )
+            })
+            .unwrap_or(msgs.len());
+        let late = msgs.split_off(split);
+        if !msgs.is_empty() {
+            send_early(msgs);
+        }
         self.wal.lock().sync()?;
-        let mut r = Ready::default();
+        let mut r = Ready {
+            messages: late,
+            ..Ready::default()
+        };
         self.paxos.take_outgoing_messages(&mut r.messages);
         if let Some(entries) = self.paxos.read_decided_suffix(self.delivered_idx as usize) {
             for e in entries {

@@ -1,0 +1,332 @@
+//! End-to-end tests against real `cfs-node` processes on loopback.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use cfs_log::client::LogClient;
+use cfs_log::wire::{Role, Wire};
+use cfs_node::cluster;
+use cfs_node::config::NodeConfig;
+
+struct Cluster {
+    dir: PathBuf,
+    cfgs: Vec<NodeConfig>,
+}
+
+impl Cluster {
+    fn start(name: &str) -> Cluster {
+        let dir = std::env::temp_dir().join(format!("cfs-test-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let cfgs = cluster::ensure_configs(&dir, 3, 2).expect("configs");
+        for c in &cfgs {
+            cluster::start_node(&dir, c.node_id, &bin()).expect("start");
+        }
+        cluster::wait_healthy(&cfgs, Duration::from_secs(30)).expect("healthy");
+        Cluster { dir, cfgs }
+    }
+
+    fn client(&self) -> LogClient {
+        LogClient::new(&self.cfgs[0].cluster_id, self.cfgs.iter().map(|c| c.listen).collect())
+    }
+
+    fn cfg(&self, id: u64) -> &NodeConfig {
+        &self.cfgs[(id - 1) as usize]
+    }
+
+    async fn leader(&self, shard: u32) -> u64 {
+        let c = self.client();
+        let until = Instant::now() + Duration::from_secs(20);
+        loop {
+            for cfg in &self.cfgs {
+                if let Ok((_, st)) = c.status(cfg.listen).await {
+                    if let Some(s) = st.iter().find(|s| s.shard == shard && s.is_leader) {
+                        return s.leader.expect("leader id");
+                    }
+                }
+            }
+            assert!(Instant::now() < until, "no leader");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn log_of(&self, id: u64) -> String {
+        std::fs::read_to_string(cluster::node_dir(&self.dir, id).join("node.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for c in &self.cfgs {
+            let _ = cluster::stop_node(&self.dir, c.node_id, libc::SIGKILL, Duration::from_secs(5));
+        }
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_cfs-node"))
+}
+
+/// kill -9 the leader mid-load, restart it: every acknowledged entry is
+/// present exactly once, at its acknowledged position, in one order on all
+/// replicas.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_leader_mid_load_loses_nothing_acknowledged() {
+    let cl = Cluster::start("kill");
+    let shard = 0;
+    let client = Arc::new(cl.client());
+    let acked: Arc<Mutex<HashMap<String, u64>>> = Arc::default();
+    let stop_at = Instant::now() + Duration::from_secs(8);
+    let mut tasks = Vec::new();
+    for t in 0..16 {
+        let (client, acked) = (client.clone(), acked.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut i = 0;
+            while Instant::now() < stop_at {
+                let v = format!("t{t}-{i}");
+                i += 1;
+                if let Ok(p) = client.propose(shard, v.clone().into_bytes()).await {
+                    acked.lock().unwrap().insert(v, p);
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let leader = cl.leader(shard).await;
+    let before = acked.lock().unwrap().len();
+    cluster::stop_node(&cl.dir, leader, libc::SIGKILL, Duration::from_secs(5)).unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    cluster::start_node(&cl.dir, leader, &bin()).unwrap();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let acked = acked.lock().unwrap().clone();
+    assert!(before > 100, "load was running before the kill ({before} acked)");
+    assert!(acked.len() > before + 100, "load continued after the kill ({} acked)", acked.len());
+    let max = *acked.values().max().unwrap();
+
+    // Every replica, including the restarted one, catches up.
+    let mut logs = BTreeMap::new();
+    for c in &cl.cfgs {
+        let until = Instant::now() + Duration::from_secs(30);
+        let reader = cl.client();
+        loop {
+            if let Ok((_, st)) = reader.status(c.listen).await {
+                if st.iter().any(|s| s.shard == shard && s.decided > max) {
+                    break;
+                }
+            }
+            assert!(Instant::now() < until, "node {} did not catch up", c.node_id);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let entries = reader.read_range(c.listen, shard, 0, max + 1).await.unwrap();
+        logs.insert(c.node_id, entries);
+    }
+    let first = logs.values().next().unwrap().clone();
+    for (id, l) in &logs {
+        assert_eq!(l.len(), first.len(), "node {id} length");
+        for (a, b) in l.iter().zip(&first) {
+            assert_eq!(a, b, "node {id} differs at position {}", a.0);
+        }
+    }
+    let mut seen: HashMap<Vec<u8>, u64> = HashMap::new();
+    for (p, e) in &first {
+        if e.kind == cfs_log::EntryKind::DATA {
+            if let Some(q) = seen.insert(e.payload.to_vec(), *p) {
+                panic!("value {:?} at positions {q} and {p}", String::from_utf8_lossy(&e.payload));
+            }
+        }
+    }
+    for (v, p) in &acked {
+        assert_eq!(seen.get(v.as_bytes()), Some(p), "acknowledged {v} not at {p}");
+    }
+    assert!(cl.log_of(leader).contains("log node started"));
+}
+
+fn raw_connect(addr: std::net::SocketAddr) -> TcpStream {
+    let s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s
+}
+
+fn send_frame(s: &mut TcpStream, w: &Wire) {
+    let mut b = Vec::new();
+    w.encode_frame(&mut b);
+    s.write_all(&b).unwrap();
+}
+
+/// Reads until EOF; returns the decoded messages.
+fn read_all(s: &mut TcpStream) -> Vec<Wire> {
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf);
+    let mut out = Vec::new();
+    let mut pos = 0;
+    while let Ok(Some((body, used))) = cfs_log::frame::decode(&buf[pos..], 1 << 20) {
+        if let Ok(w) = Wire::decode(body) {
+            out.push(w);
+        }
+        pos += used;
+    }
+    out
+}
+
+fn hello(cluster_id: &str, role: Role, node_id: u64) -> Wire {
+    Wire::Hello {
+        protocol: cfs_log::wire::PROTOCOL_VERSION,
+        cluster_id: cluster_id.into(),
+        role,
+        node_id,
+        incarnation: 42,
+    }
+}
+
+fn refusal(msgs: &[Wire]) -> String {
+    match msgs.first() {
+        Some(Wire::Refused { reason }) => reason.clone(),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+fn rejected(cfg: &NodeConfig) -> u64 {
+    let (_, body) = cluster::http_get(cfg.http, "/metrics").unwrap();
+    body.lines()
+        .find_map(|l| l.strip_prefix("cfs_log_rejected_connections_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap()
+}
+
+/// Malformed, oversized and checksum-failing frames, a wrong cluster id and
+/// duplicate node ids are refused, logged, counted, and change nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_is_refused_and_changes_nothing() {
+    let cl = Cluster::start("bad");
+    let target = cl.cfg(1);
+    let id = cl.cfgs[0].cluster_id.clone();
+    let client = cl.client();
+    let p0 = client.propose(0, b"before".to_vec()).await.unwrap();
+    let rejected_before = rejected(target);
+
+    // Garbage bytes.
+    let mut s = raw_connect(target.listen);
+    s.write_all(b"GET / HTTP/1.1\r\n\r\nnot a frame at all").unwrap();
+    assert!(read_all(&mut s).is_empty());
+    // A frame whose checksum fails.
+    let mut s = raw_connect(target.listen);
+    let mut b = Vec::new();
+    hello(&id, Role::Client, 0).encode_frame(&mut b);
+    b[6] ^= 0xff;
+    s.write_all(&b).unwrap();
+    assert!(read_all(&mut s).is_empty());
+    // An oversized frame before the handshake.
+    let mut s = raw_connect(target.listen);
+    s.write_all(&(100u32 << 20).to_le_bytes()).unwrap();
+    s.write_all(&[0u8; 4]).unwrap();
+    assert!(read_all(&mut s).is_empty());
+    // Wrong cluster id.
+    let mut s = raw_connect(target.listen);
+    send_frame(&mut s, &hello("someone-else", Role::Peer, 2));
+    assert!(refusal(&read_all(&mut s)).contains("wrong cluster id"));
+    // A peer claiming the target's own id.
+    let mut s = raw_connect(target.listen);
+    send_frame(&mut s, &hello(&id, Role::Peer, 1));
+    assert!(refusal(&read_all(&mut s)).contains("duplicate node id"));
+    // A second process claiming node 2 while node 2 is connected.
+    let mut s = raw_connect(target.listen);
+    send_frame(&mut s, &hello(&id, Role::Peer, 2));
+    assert!(refusal(&read_all(&mut s)).contains("duplicate node id"));
+    // A stranger.
+    let mut s = raw_connect(target.listen);
+    send_frame(&mut s, &hello(&id, Role::Peer, 99));
+    assert!(refusal(&read_all(&mut s)).contains("not a member"));
+    // A client proposing a reserved kind gets an error, not a decision.
+    let bad = cfs_log::Entry::new(cfs_log::EntryKind(1), client.next_request(), Vec::new());
+    assert!(matches!(
+        client.propose_entry(0, bad).await,
+        Err(cfs_log::LogError::Invalid(_))
+    ));
+
+    assert!(rejected(target) >= rejected_before + 7);
+    let log = cl.log_of(1);
+    assert!(log.contains("closing connection"), "reason logged");
+    // Nothing changed: the next entry follows directly.
+    let p1 = client.propose(0, b"after".to_vec()).await.unwrap();
+    assert_eq!(p1, p0 + 1);
+    cluster::wait_healthy(&cl.cfgs, Duration::from_secs(5)).unwrap();
+}
+
+fn flip_byte(path: &Path, offset: u64) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().read(true).write(true).open(path).unwrap();
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, offset).unwrap();
+    b[0] ^= 0x40;
+    f.write_all_at(&b, offset).unwrap();
+}
+
+/// A corrupt log file is detected at start, naming the file and offset.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupt_log_file_is_reported_at_start() {
+    let cl = Cluster::start("corrupt");
+    let client = cl.client();
+    for i in 0..50 {
+        client.propose(1, format!("v{i}").into_bytes()).await.unwrap();
+    }
+    cluster::stop_node(&cl.dir, 3, libc::SIGTERM, Duration::from_secs(10)).unwrap();
+    let seg = cl.cfg(3).data_dir.join("log/shard-1/epoch-1/seg-0000000000000000.wal");
+    flip_byte(&seg, 200);
+    let out = std::process::Command::new(bin())
+        .arg("--config")
+        .arg(cluster::node_dir(&cl.dir, 3).join("config.toml"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("corrupt log file") && err.contains("seg-0000000000000000.wal") && err.contains("offset"),
+        "{err}"
+    );
+}
+
+/// A leader cut off from its followers cannot serve a linearizable read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn isolated_leader_cannot_serve_a_read_barrier() {
+    let cl = Cluster::start("lease");
+    let shard = 0;
+    let leader = cl.leader(shard).await;
+    let mut client = LogClient::new(&cl.cfgs[0].cluster_id, vec![cl.cfg(leader).listen]);
+    client.timeout = Duration::from_secs(3);
+    let p0 = client.read_barrier(shard).await.unwrap();
+    eprintln!("leader {leader} barrier at {p0}");
+    let others: Vec<u64> = (1..=3).filter(|i| *i != leader).collect();
+    let pids: Vec<i32> = others.iter().map(|i| cluster::running_pid(&cl.dir, *i).unwrap()).collect();
+    for p in &pids {
+        // SAFETY: signalling processes this test started.
+        unsafe { libc::kill(*p, libc::SIGSTOP) };
+    }
+    // SIGSTOP takes effect asynchronously: wait until both are stopped.
+    for p in &pids {
+        while !std::fs::read_to_string(format!("/proc/{p}/stat"))
+            .map(|s| s.rsplit(')').next().unwrap_or("").trim_start().starts_with('T'))
+            .unwrap_or(true)
+        {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+    let t = Instant::now();
+    let r = client.read_barrier(shard).await;
+    eprintln!("second barrier {r:?} after {:?}", t.elapsed());
+    for p in &pids {
+        // SAFETY: as above.
+        unsafe { libc::kill(*p, libc::SIGCONT) };
+    }
+    assert!(r.is_err(), "isolated leader answered a read barrier: {r:?}");
+    client.timeout = Duration::from_secs(20);
+    let c2 = cl.client();
+    c2.read_barrier(shard).await.unwrap();
+}
