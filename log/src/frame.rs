@@ -94,9 +94,8 @@ mod tests {
         for bit in 0..b.len() * 8 {
             let mut c = b.clone();
             c[bit / 8] ^= 1 << (bit % 8);
-            match decode(&c, 1 << 20) {
-                Ok(Some((p, _))) => panic!("flip of bit {bit} undetected: {p:?}"),
-                Ok(None) | Err(_) => {}
+            if let Ok(Some((p, _))) = decode(&c, 1 << 20) {
+                panic!("flip of bit {bit} undetected: {p:?}");
             }
         }
     }

@@ -41,7 +41,9 @@ use crate::shard::{Epoch, Position, Proposed, ShardCore, ShardId, Timing};
 use crate::storage::SharedWal;
 use crate::transport::{write_msg, FrameReader, Identity, PeerLinks, HANDSHAKE_TIMEOUT};
 use crate::wal::WalConfig;
-use crate::wire::{LogError, Role, ShardStatus, Wire, FRAME_BYTES_MAX, HELLO_FRAME_BYTES_MAX, PROTOCOL_VERSION};
+use crate::wire::{
+    LogError, Role, ShardStatus, Wire, FRAME_BYTES_MAX, HELLO_FRAME_BYTES_MAX, PROTOCOL_VERSION,
+};
 
 /// Inputs queued per shard thread before new ones are refused.
 pub const SHARD_INBOX_MAX: usize = 64 * 1024;
@@ -129,7 +131,11 @@ impl SubscriberTable {
                 for (n, line) in s.lines().enumerate() {
                     let mut it = line.split_whitespace();
                     let (Some(name), Some(pos), None) = (it.next(), it.next(), it.next()) else {
-                        return Err(format!("{}: line {}: expected `name position`", path.display(), n + 1));
+                        return Err(format!(
+                            "{}: line {}: expected `name position`",
+                            path.display(),
+                            n + 1
+                        ));
                     };
                     let pos: Position = pos
                         .parse()
@@ -272,12 +278,13 @@ impl LogNode {
             node_id: cfg.node_id,
             incarnation: random_nonzero(),
         };
-        let listener = TcpListener::bind(cfg.listen)
-            .await
-            .map_err(|source| StartError::Listen {
-                addr: cfg.listen,
-                source,
-            })?;
+        let listener =
+            TcpListener::bind(cfg.listen)
+                .await
+                .map_err(|source| StartError::Listen {
+                    addr: cfg.listen,
+                    source,
+                })?;
         let node_ids: Vec<NodeId> = cfg.nodes.keys().copied().collect();
         let mut shards = HashMap::new();
         let mut starters = Vec::new();
@@ -288,18 +295,29 @@ impl LogNode {
                 nodes: node_ids.clone(),
                 base: 0,
             };
-            let disk = FsDisk::new(dir.join(format!("epoch-{}", epoch.config_id))).map_err(|e| {
+            let disk =
+                FsDisk::new(dir.join(format!("epoch-{}", epoch.config_id))).map_err(|e| {
+                    StartError::DataDir {
+                        dir: dir.display().to_string(),
+                        reason: e.to_string(),
+                    }
+                })?;
+            let subscribers = SubscriberTable::load(dir.join("subscribers")).map_err(|reason| {
                 StartError::DataDir {
                     dir: dir.display().to_string(),
-                    reason: e.to_string(),
+                    reason,
                 }
             })?;
-            let subscribers = SubscriberTable::load(dir.join("subscribers")).map_err(|reason| StartError::DataDir {
-                dir: dir.display().to_string(),
-                reason,
-            })?;
-            let core = ShardCore::open(shard, cfg.node_id, epoch.clone(), disk, cfg.wal.clone(), &cfg.timing, 0)
-                .map_err(|source| StartError::Shard { shard, source })?;
+            let core = ShardCore::open(
+                shard,
+                cfg.node_id,
+                epoch.clone(),
+                disk,
+                cfg.wal.clone(),
+                &cfg.timing,
+                0,
+            )
+            .map_err(|source| StartError::Shard { shard, source })?;
             // Already-decided entries are not redelivered: subscribers read
             // them from the WAL.
             let decided = core.decided();
@@ -323,11 +341,20 @@ impl LogNode {
                 counters: Arc::new(ShardCounters::default()),
                 fatal: Arc::new(Mutex::new(None)),
             };
-            starters.push((core, inbox_rx, decided_tx, handle.status.clone(), handle.subscribers.clone(), handle.counters.clone(), handle.fatal.clone()));
+            starters.push((
+                core,
+                inbox_rx,
+                decided_tx,
+                handle.status.clone(),
+                handle.subscribers.clone(),
+                handle.counters.clone(),
+                handle.fatal.clone(),
+            ));
             shards.insert(shard, handle);
         }
         // Peer links report reconnects to every shard.
-        let inboxes: Vec<std_mpsc::SyncSender<Input>> = shards.values().map(|h| h.inbox.clone()).collect();
+        let inboxes: Vec<std_mpsc::SyncSender<Input>> =
+            shards.values().map(|h| h.inbox.clone()).collect();
         let on_connect = Arc::new(move |peer: NodeId| {
             for i in &inboxes {
                 let _ = i.try_send(Input::Reconnected(peer));
@@ -393,7 +420,10 @@ impl LogNode {
     }
 
     fn shard(&self, shard: ShardId) -> Result<&ShardHandle, LogError> {
-        self.inner.shards.get(&shard).ok_or(LogError::UnknownShard(shard))
+        self.inner
+            .shards
+            .get(&shard)
+            .ok_or(LogError::UnknownShard(shard))
     }
 
     /// A fresh request id for a proposal made through this node.
@@ -404,7 +434,12 @@ impl LogNode {
         }
     }
 
-    async fn submit(&self, shard: ShardId, entry: Entry, redirect: bool) -> Result<Position, LogError> {
+    async fn submit(
+        &self,
+        shard: ShardId,
+        entry: Entry,
+        redirect: bool,
+    ) -> Result<Position, LogError> {
         let h = self.shard(shard)?;
         if let Some(f) = h.fatal.lock().expect("fatal lock").clone() {
             return Err(LogError::Connection(format!("shard failed: {f}")));
@@ -457,7 +492,12 @@ impl LogNode {
 
     /// Reads decided entries from `from` on; `name`, if given, registers a
     /// durable subscriber whose `persisted` position holds back trimming.
-    pub fn subscribe(&self, shard: ShardId, from: Position, name: Option<&str>) -> Result<Subscription, LogError> {
+    pub fn subscribe(
+        &self,
+        shard: ShardId,
+        from: Position,
+        name: Option<&str>,
+    ) -> Result<Subscription, LogError> {
         let h = self.shard(shard)?;
         if let Some(n) = name {
             if n.is_empty() || n.contains(char::is_whitespace) {
@@ -514,14 +554,54 @@ impl LogNode {
         };
         type Getter = fn(&ShardHandle) -> u64;
         let series: [(&str, &str, &str, Getter); 8] = [
-            ("cfs_log_decided_position", "One past the last decided position.", "gauge", |h| h.status.lock().expect("status").decided),
-            ("cfs_log_is_leader", "1 if this node leads the shard.", "gauge", |h| h.status.lock().expect("status").is_leader as u64),
-            ("cfs_log_proposals_total", "Proposals submitted through this node.", "counter", |h| h.counters.proposals.load(Ordering::Relaxed)),
-            ("cfs_log_decided_entries_total", "Entries decided since start.", "counter", |h| h.counters.decided_entries.load(Ordering::Relaxed)),
-            ("cfs_log_wal_syncs_total", "fdatasync calls of the shard WAL.", "counter", |h| h.counters.wal_syncs.load(Ordering::Relaxed)),
-            ("cfs_log_wal_bytes_total", "Bytes written to the shard WAL.", "counter", |h| h.counters.wal_bytes.load(Ordering::Relaxed)),
-            ("cfs_log_batches_total", "Input batches (one fsync at most each).", "counter", |h| h.counters.batches.load(Ordering::Relaxed)),
-            ("cfs_log_inbox_full_total", "Inputs refused because the shard inbox was full.", "counter", |h| h.counters.inbox_full.load(Ordering::Relaxed)),
+            (
+                "cfs_log_decided_position",
+                "One past the last decided position.",
+                "gauge",
+                |h| h.status.lock().expect("status").decided,
+            ),
+            (
+                "cfs_log_is_leader",
+                "1 if this node leads the shard.",
+                "gauge",
+                |h| h.status.lock().expect("status").is_leader as u64,
+            ),
+            (
+                "cfs_log_proposals_total",
+                "Proposals submitted through this node.",
+                "counter",
+                |h| h.counters.proposals.load(Ordering::Relaxed),
+            ),
+            (
+                "cfs_log_decided_entries_total",
+                "Entries decided since start.",
+                "counter",
+                |h| h.counters.decided_entries.load(Ordering::Relaxed),
+            ),
+            (
+                "cfs_log_wal_syncs_total",
+                "fdatasync calls of the shard WAL.",
+                "counter",
+                |h| h.counters.wal_syncs.load(Ordering::Relaxed),
+            ),
+            (
+                "cfs_log_wal_bytes_total",
+                "Bytes written to the shard WAL.",
+                "counter",
+                |h| h.counters.wal_bytes.load(Ordering::Relaxed),
+            ),
+            (
+                "cfs_log_batches_total",
+                "Input batches (one fsync at most each).",
+                "counter",
+                |h| h.counters.batches.load(Ordering::Relaxed),
+            ),
+            (
+                "cfs_log_inbox_full_total",
+                "Inputs refused because the shard inbox was full.",
+                "counter",
+                |h| h.counters.inbox_full.load(Ordering::Relaxed),
+            ),
         ];
         for (name, help, kind, get) in series {
             gauge(&mut s, name, help, kind);
@@ -532,10 +612,26 @@ impl LogNode {
         }
         let st = &self.inner.links.stats;
         for (name, help, v) in [
-            ("cfs_log_messages_sent_total", "Messages queued to peers.", st.sent.load(Ordering::Relaxed)),
-            ("cfs_log_messages_dropped_total", "Messages dropped (queue full or too large).", st.dropped.load(Ordering::Relaxed)),
-            ("cfs_log_peer_reconnects_total", "Peer links re-established.", st.reconnects.load(Ordering::Relaxed)),
-            ("cfs_log_rejected_connections_total", "Connections closed for bad input.", self.inner.rejected_connections.load(Ordering::Relaxed)),
+            (
+                "cfs_log_messages_sent_total",
+                "Messages queued to peers.",
+                st.sent.load(Ordering::Relaxed),
+            ),
+            (
+                "cfs_log_messages_dropped_total",
+                "Messages dropped (queue full or too large).",
+                st.dropped.load(Ordering::Relaxed),
+            ),
+            (
+                "cfs_log_peer_reconnects_total",
+                "Peer links re-established.",
+                st.reconnects.load(Ordering::Relaxed),
+            ),
+            (
+                "cfs_log_rejected_connections_total",
+                "Connections closed for bad input.",
+                self.inner.rejected_connections.load(Ordering::Relaxed),
+            ),
         ] {
             gauge(&mut s, name, help, "counter");
             s.push_str(&format!("{name} {v}\n"));
@@ -549,7 +645,13 @@ impl LogNode {
         for h in self.inner.shards.values() {
             let _ = h.inbox.send(Input::Stop);
         }
-        let threads: Vec<_> = self.inner.threads.lock().expect("threads lock").drain(..).collect();
+        let threads: Vec<_> = self
+            .inner
+            .threads
+            .lock()
+            .expect("threads lock")
+            .drain(..)
+            .collect();
         let _ = tokio::task::spawn_blocking(move || {
             for t in threads {
                 let _ = t.join();
@@ -571,7 +673,9 @@ impl LogNode {
                     tokio::spawn(
                         async move {
                             if let Err(reason) = me.serve_connection(s).await {
-                                me.inner.rejected_connections.fetch_add(1, Ordering::Relaxed);
+                                me.inner
+                                    .rejected_connections
+                                    .fetch_add(1, Ordering::Relaxed);
                                 warn!("closing connection: {reason}");
                             }
                         }
@@ -607,20 +711,40 @@ impl LogNode {
             return Err("first message is not a hello".into());
         };
         let alive = Arc::new(AtomicBool::new(true));
-        if let Err(reason) = self.check_hello(protocol, &cluster_id, role, node_id, incarnation, &alive) {
-            let _ = write_msg(&mut w, &Wire::Refused { reason: reason.clone() }).await;
+        if let Err(reason) =
+            self.check_hello(protocol, &cluster_id, role, node_id, incarnation, &alive)
+        {
+            let _ = write_msg(
+                &mut w,
+                &Wire::Refused {
+                    reason: reason.clone(),
+                },
+            )
+            .await;
             return Err(reason);
         }
         match role {
             Role::Peer => {
-                let _ = write_msg(&mut w, &Wire::Welcome { node_id: self.inner.cfg.node_id }).await;
+                let _ = write_msg(
+                    &mut w,
+                    &Wire::Welcome {
+                        node_id: self.inner.cfg.node_id,
+                    },
+                )
+                .await;
                 reader.max = FRAME_BYTES_MAX;
                 let r = self.serve_peer(node_id, reader).await;
                 alive.store(false, Ordering::SeqCst);
                 r
             }
             Role::Client => {
-                let _ = write_msg(&mut w, &Wire::Welcome { node_id: self.inner.cfg.node_id }).await;
+                let _ = write_msg(
+                    &mut w,
+                    &Wire::Welcome {
+                        node_id: self.inner.cfg.node_id,
+                    },
+                )
+                .await;
                 reader.max = FRAME_BYTES_MAX;
                 self.serve_client(reader, w).await
             }
@@ -638,7 +762,9 @@ impl LogNode {
         alive: &Arc<AtomicBool>,
     ) -> Result<(), String> {
         if protocol != PROTOCOL_VERSION {
-            return Err(format!("protocol {protocol} not supported (this node speaks {PROTOCOL_VERSION})"));
+            return Err(format!(
+                "protocol {protocol} not supported (this node speaks {PROTOCOL_VERSION})"
+            ));
         }
         if cluster_id != self.inner.cfg.cluster_id {
             return Err(format!(
@@ -650,7 +776,9 @@ impl LogNode {
             return Ok(());
         }
         if node_id == self.inner.cfg.node_id {
-            return Err(format!("duplicate node id {node_id}: that is this node's own id"));
+            return Err(format!(
+                "duplicate node id {node_id}: that is this node's own id"
+            ));
         }
         if !self.inner.cfg.nodes.contains_key(&node_id) {
             return Err(format!("node id {node_id} is not a member of this cluster"));
@@ -679,8 +807,14 @@ impl LogNode {
                 Err(e) => return Err(format!("from node {peer}: {e}")),
             };
             match msg {
-                Wire::Paxos { shard, config_id, msg } => {
-                    let h = self.shard(shard).map_err(|e| format!("from node {peer}: {e}"))?;
+                Wire::Paxos {
+                    shard,
+                    config_id,
+                    msg,
+                } => {
+                    let h = self
+                        .shard(shard)
+                        .map_err(|e| format!("from node {peer}: {e}"))?;
                     if msg.get_sender() != peer || msg.get_receiver() != self.inner.cfg.node_id {
                         return Err(format!(
                             "node {peer} sent a message from {} to {}",
@@ -696,7 +830,9 @@ impl LogNode {
                     }
                 }
                 Wire::Forward { shard, entries } => {
-                    let h = self.shard(shard).map_err(|e| format!("from node {peer}: {e}"))?;
+                    let h = self
+                        .shard(shard)
+                        .map_err(|e| format!("from node {peer}: {e}"))?;
                     for entry in entries {
                         let _ = h.inbox.try_send(Input::Propose {
                             entry,
@@ -706,10 +842,16 @@ impl LogNode {
                     }
                 }
                 Wire::Persisted { shard, floor } => {
-                    let h = self.shard(shard).map_err(|e| format!("from node {peer}: {e}"))?;
+                    let h = self
+                        .shard(shard)
+                        .map_err(|e| format!("from node {peer}: {e}"))?;
                     let _ = h.inbox.try_send(Input::PeerFloor(peer, floor));
                 }
-                other => return Err(format!("node {peer} sent a client message on a peer link: {other:?}")),
+                other => {
+                    return Err(format!(
+                        "node {peer} sent a client message on a peer link: {other:?}"
+                    ))
+                }
             }
         }
     }
@@ -803,10 +945,15 @@ impl LogNode {
 
 fn validate_client_entry(e: &Entry) -> Result<(), LogError> {
     if e.request.is_none() {
-        return Err(LogError::Invalid("a request id (client != 0) is required".into()));
+        return Err(LogError::Invalid(
+            "a request id (client != 0) is required".into(),
+        ));
     }
     if e.kind != EntryKind::DATA && e.kind.0 < KIND_USER_MIN {
-        return Err(LogError::Invalid(format!("entry kind {} is reserved for the log", e.kind.0)));
+        return Err(LogError::Invalid(format!(
+            "entry kind {} is reserved for the log",
+            e.kind.0
+        )));
     }
     Ok(())
 }
@@ -917,7 +1064,7 @@ impl ShardLoop {
                 if next_tick < Instant::now() {
                     next_tick = Instant::now() + tick;
                 }
-                if self.ticks % HOUSEKEEPING_TICKS == 0 {
+                if self.ticks.is_multiple_of(HOUSEKEEPING_TICKS) {
                     self.housekeeping();
                 }
             }
@@ -929,7 +1076,11 @@ impl ShardLoop {
     fn apply(&mut self, input: Input) -> bool {
         match input {
             Input::Paxos(m) => self.core.handle(m),
-            Input::Propose { entry, reply, redirect } => {
+            Input::Propose {
+                entry,
+                reply,
+                redirect,
+            } => {
                 let req = entry.request;
                 match self.core.propose(entry.clone()) {
                     Proposed::Appended | Proposed::Duplicate(None) => {
@@ -994,13 +1145,20 @@ impl ShardLoop {
             if let Some(inner) = &links {
                 for m in msgs {
                     let to = m.get_receiver();
-                    inner.links.send(to, &Wire::Paxos { shard, config_id, msg: m });
+                    inner.links.send(
+                        to,
+                        &Wire::Paxos {
+                            shard,
+                            config_id,
+                            msg: m,
+                        },
+                    );
                 }
             }
         };
         let mut ready = self
             .core
-            .ready_pipelined(|early| send(early))
+            .ready_pipelined(send)
             .map_err(|e| e.to_string())?;
         send(std::mem::take(&mut ready.messages));
         self.counters.batches.fetch_add(1, Ordering::Relaxed);
@@ -1008,7 +1166,9 @@ impl ShardLoop {
             let w = self.core.wal().lock();
             let st = w.stats();
             self.counters.wal_syncs.store(st.syncs, Ordering::Relaxed);
-            self.counters.wal_bytes.store(st.bytes_written, Ordering::Relaxed);
+            self.counters
+                .wal_bytes
+                .store(st.bytes_written, Ordering::Relaxed);
         }
         if !ready.decided.is_empty() {
             self.counters
@@ -1024,7 +1184,9 @@ impl ShardLoop {
             let _ = self.decided_tx.send(self.core.delivered());
         }
         if ready.stopped.is_some() {
-            warn!("epoch stopped; runtime reconfiguration is not supported yet, shard is read-only");
+            warn!(
+                "epoch stopped; runtime reconfiguration is not supported yet, shard is read-only"
+            );
         }
         let mut st = self.status.lock().expect("status lock");
         st.leader = self.core.leader();
@@ -1062,7 +1224,13 @@ impl ShardLoop {
         if self.core.is_leader() {
             let others = inner.cfg.nodes.len() - 1;
             if self.peer_floors.len() >= others {
-                let min = self.peer_floors.values().copied().min().unwrap_or(0).min(floor);
+                let min = self
+                    .peer_floors
+                    .values()
+                    .copied()
+                    .min()
+                    .unwrap_or(0)
+                    .min(floor);
                 if min > self.trimmed_to && self.core.trim(min) {
                     info!(below = min, "trimmed log");
                     self.trimmed_to = min;

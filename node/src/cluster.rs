@@ -215,7 +215,10 @@ pub fn node_binary() -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe()?;
     let p = exe.with_file_name("cfs-node");
     if !p.exists() {
-        bail!("{} not found (build with `cargo build --release`)", p.display());
+        bail!(
+            "{} not found (build with `cargo build --release`)",
+            p.display()
+        );
     }
     Ok(p)
 }

@@ -78,9 +78,12 @@ fn default_segment_mib() -> u64 {
 
 impl NodeConfig {
     pub fn load(path: &Path) -> anyhow::Result<Self> {
-        let s = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        let c: NodeConfig = toml::from_str(&s).with_context(|| format!("parsing {}", path.display()))?;
-        c.validate().with_context(|| format!("checking {}", path.display()))?;
+        let s =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let c: NodeConfig =
+            toml::from_str(&s).with_context(|| format!("parsing {}", path.display()))?;
+        c.validate()
+            .with_context(|| format!("checking {}", path.display()))?;
         Ok(c)
     }
 
@@ -167,7 +170,11 @@ addr = "127.0.0.1:3"
     fn rejects_bad_configs() {
         let dup = sample().replace("id = 2", "id = 1");
         let c: NodeConfig = toml::from_str(&dup).unwrap();
-        assert!(c.validate().unwrap_err().to_string().contains("duplicate node id"));
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("duplicate node id"));
         let unknown = sample() + "bogus = 1\n";
         assert!(toml::from_str::<NodeConfig>(&unknown).is_err());
         let missing = sample().replace("node_id = 1", "node_id = 9");

@@ -30,7 +30,10 @@ impl Cluster {
     }
 
     fn client(&self) -> LogClient {
-        LogClient::new(&self.cfgs[0].cluster_id, self.cfgs.iter().map(|c| c.listen).collect())
+        LogClient::new(
+            &self.cfgs[0].cluster_id,
+            self.cfgs.iter().map(|c| c.listen).collect(),
+        )
     }
 
     fn cfg(&self, id: u64) -> &NodeConfig {
@@ -54,7 +57,8 @@ impl Cluster {
     }
 
     fn log_of(&self, id: u64) -> String {
-        std::fs::read_to_string(cluster::node_dir(&self.dir, id).join("node.log")).unwrap_or_default()
+        std::fs::read_to_string(cluster::node_dir(&self.dir, id).join("node.log"))
+            .unwrap_or_default()
     }
 }
 
@@ -107,8 +111,15 @@ async fn kill_leader_mid_load_loses_nothing_acknowledged() {
         t.await.unwrap();
     }
     let acked = acked.lock().unwrap().clone();
-    assert!(before > 100, "load was running before the kill ({before} acked)");
-    assert!(acked.len() > before + 100, "load continued after the kill ({} acked)", acked.len());
+    assert!(
+        before > 100,
+        "load was running before the kill ({before} acked)"
+    );
+    assert!(
+        acked.len() > before + 100,
+        "load continued after the kill ({} acked)",
+        acked.len()
+    );
     let max = *acked.values().max().unwrap();
 
     // Every replica, including the restarted one, catches up.
@@ -122,10 +133,17 @@ async fn kill_leader_mid_load_loses_nothing_acknowledged() {
                     break;
                 }
             }
-            assert!(Instant::now() < until, "node {} did not catch up", c.node_id);
+            assert!(
+                Instant::now() < until,
+                "node {} did not catch up",
+                c.node_id
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        let entries = reader.read_range(c.listen, shard, 0, max + 1).await.unwrap();
+        let entries = reader
+            .read_range(c.listen, shard, 0, max + 1)
+            .await
+            .unwrap();
         logs.insert(c.node_id, entries);
     }
     let first = logs.values().next().unwrap().clone();
@@ -139,12 +157,19 @@ async fn kill_leader_mid_load_loses_nothing_acknowledged() {
     for (p, e) in &first {
         if e.kind == cfs_log::EntryKind::DATA {
             if let Some(q) = seen.insert(e.payload.to_vec(), *p) {
-                panic!("value {:?} at positions {q} and {p}", String::from_utf8_lossy(&e.payload));
+                panic!(
+                    "value {:?} at positions {q} and {p}",
+                    String::from_utf8_lossy(&e.payload)
+                );
             }
         }
     }
     for (v, p) in &acked {
-        assert_eq!(seen.get(v.as_bytes()), Some(p), "acknowledged {v} not at {p}");
+        assert_eq!(
+            seen.get(v.as_bytes()),
+            Some(p),
+            "acknowledged {v} not at {p}"
+        );
     }
     assert!(cl.log_of(leader).contains("log node started"));
 }
@@ -214,7 +239,8 @@ async fn bad_input_is_refused_and_changes_nothing() {
 
     // Garbage bytes.
     let mut s = raw_connect(target.listen);
-    s.write_all(b"GET / HTTP/1.1\r\n\r\nnot a frame at all").unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\n\r\nnot a frame at all")
+        .unwrap();
     assert!(read_all(&mut s).is_empty());
     // A frame whose checksum fails.
     let mut s = raw_connect(target.listen);
@@ -262,7 +288,11 @@ async fn bad_input_is_refused_and_changes_nothing() {
 
 fn flip_byte(path: &Path, offset: u64) {
     use std::os::unix::fs::FileExt;
-    let f = std::fs::OpenOptions::new().read(true).write(true).open(path).unwrap();
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
     let mut b = [0u8; 1];
     f.read_exact_at(&mut b, offset).unwrap();
     b[0] ^= 0x40;
@@ -275,10 +305,16 @@ async fn corrupt_log_file_is_reported_at_start() {
     let cl = Cluster::start("corrupt");
     let client = cl.client();
     for i in 0..50 {
-        client.propose(1, format!("v{i}").into_bytes()).await.unwrap();
+        client
+            .propose(1, format!("v{i}").into_bytes())
+            .await
+            .unwrap();
     }
     cluster::stop_node(&cl.dir, 3, libc::SIGTERM, Duration::from_secs(10)).unwrap();
-    let seg = cl.cfg(3).data_dir.join("log/shard-1/epoch-1/seg-0000000000000000.wal");
+    let seg = cl
+        .cfg(3)
+        .data_dir
+        .join("log/shard-1/epoch-1/seg-0000000000000000.wal");
     flip_byte(&seg, 200);
     let out = std::process::Command::new(bin())
         .arg("--config")
@@ -288,7 +324,9 @@ async fn corrupt_log_file_is_reported_at_start() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("corrupt log file") && err.contains("seg-0000000000000000.wal") && err.contains("offset"),
+        err.contains("corrupt log file")
+            && err.contains("seg-0000000000000000.wal")
+            && err.contains("offset"),
         "{err}"
     );
 }
@@ -304,7 +342,10 @@ async fn isolated_leader_cannot_serve_a_read_barrier() {
     let p0 = client.read_barrier(shard).await.unwrap();
     eprintln!("leader {leader} barrier at {p0}");
     let others: Vec<u64> = (1..=3).filter(|i| *i != leader).collect();
-    let pids: Vec<i32> = others.iter().map(|i| cluster::running_pid(&cl.dir, *i).unwrap()).collect();
+    let pids: Vec<i32> = others
+        .iter()
+        .map(|i| cluster::running_pid(&cl.dir, *i).unwrap())
+        .collect();
     for p in &pids {
         // SAFETY: signalling processes this test started.
         unsafe { libc::kill(*p, libc::SIGSTOP) };
@@ -312,7 +353,13 @@ async fn isolated_leader_cannot_serve_a_read_barrier() {
     // SIGSTOP takes effect asynchronously: wait until both are stopped.
     for p in &pids {
         while !std::fs::read_to_string(format!("/proc/{p}/stat"))
-            .map(|s| s.rsplit(')').next().unwrap_or("").trim_start().starts_with('T'))
+            .map(|s| {
+                s.rsplit(')')
+                    .next()
+                    .unwrap_or("")
+                    .trim_start()
+                    .starts_with('T')
+            })
             .unwrap_or(true)
         {
             std::thread::sleep(Duration::from_millis(5));

@@ -89,7 +89,11 @@ enum Cmd {
 fn client_for(dir: &Path) -> anyhow::Result<LogClient> {
     let cfgs = cluster::load_configs(dir)?;
     if cfgs.is_empty() {
-        bail!("no cluster in {} (run `cfs up --dir {}`)", dir.display(), dir.display());
+        bail!(
+            "no cluster in {} (run `cfs up --dir {}`)",
+            dir.display(),
+            dir.display()
+        );
     }
     Ok(LogClient::new(
         &cfgs[0].cluster_id,
@@ -105,7 +109,13 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[i]
 }
 
-async fn bench_log(dir: &Path, shard: u32, clients: usize, size: usize, seconds: u64) -> anyhow::Result<()> {
+async fn bench_log(
+    dir: &Path,
+    shard: u32,
+    clients: usize,
+    size: usize,
+    seconds: u64,
+) -> anyhow::Result<()> {
     let client = Arc::new(client_for(dir)?);
     // Warm up: find the leader.
     client.propose(shard, vec![0u8; size]).await?;
@@ -181,7 +191,12 @@ fn fsync_bench(dir: &Path, count: usize) -> anyhow::Result<()> {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::Up { nodes, dir, shards, wait } => {
+        Cmd::Up {
+            nodes,
+            dir,
+            shards,
+            wait,
+        } => {
             std::fs::create_dir_all(&dir)?;
             let dir = dir.canonicalize()?;
             let cfgs = cluster::ensure_configs(&dir, nodes, shards)?;
@@ -190,11 +205,17 @@ fn main() -> anyhow::Result<()> {
                 cluster::start_node(&dir, c.node_id, &bin)?;
             }
             cluster::wait_healthy(&cfgs, Duration::from_secs(wait)).with_context(|| {
-                format!("cluster in {} did not become healthy; see node-*/node.log", dir.display())
+                format!(
+                    "cluster in {} did not become healthy; see node-*/node.log",
+                    dir.display()
+                )
             })?;
             println!("cluster up: {} nodes in {}", cfgs.len(), dir.display());
             for c in &cfgs {
-                println!("  node {}: log {} http http://{}", c.node_id, c.listen, c.http);
+                println!(
+                    "  node {}: log {} http http://{}",
+                    c.node_id, c.listen, c.http
+                );
             }
         }
         Cmd::Down { dir } => {
@@ -228,7 +249,13 @@ fn main() -> anyhow::Result<()> {
             let p = rt.block_on(client.propose(shard, value.into_bytes()))?;
             println!("{p}");
         }
-        Cmd::BenchLog { dir, shard, clients, size, seconds } => {
+        Cmd::BenchLog {
+            dir,
+            shard,
+            clients,
+            size,
+            seconds,
+        } => {
             let rt = tokio::runtime::Runtime::new()?;
             rt.block_on(bench_log(&dir, shard, clients, size, seconds))?;
         }
