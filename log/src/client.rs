@@ -62,7 +62,9 @@ impl Conn {
         tokio::spawn(async move {
             while let Ok(m) = reader.next().await {
                 let id = match &m {
-                    Wire::Decided { id, .. } | Wire::StatusReply { id, .. } | Wire::Entries { id, .. } => *id,
+                    Wire::Decided { id, .. }
+                    | Wire::StatusReply { id, .. }
+                    | Wire::Entries { id, .. } => *id,
                     _ => continue,
                 };
                 let tx = p2.lock().expect("pending lock").get(&id).cloned();
@@ -80,7 +82,10 @@ impl Conn {
         }))
     }
 
-    fn request(&self, make: impl FnOnce(u64) -> Wire) -> Result<(u64, mpsc::UnboundedReceiver<Wire>), LogError> {
+    fn request(
+        &self,
+        make: impl FnOnce(u64) -> Wire,
+    ) -> Result<(u64, mpsc::UnboundedReceiver<Wire>), LogError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::unbounded_channel();
         self.pending.lock().expect("pending lock").insert(id, tx);
@@ -247,7 +252,9 @@ impl LogClient {
         let r = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await;
         conn.done(id);
         match r {
-            Ok(Some(Wire::StatusReply { node_id, shards, .. })) => Ok((node_id, shards)),
+            Ok(Some(Wire::StatusReply {
+                node_id, shards, ..
+            })) => Ok((node_id, shards)),
             Ok(_) => Err(LogError::Connection(format!("connection to {addr} lost"))),
             Err(_) => Err(LogError::Timeout),
         }

@@ -189,7 +189,10 @@ impl<'de> Deserialize<'de> for Entry {
             fn visit_byte_buf<E: serde::de::Error>(self, v: Vec<u8>) -> Result<Entry, E> {
                 Entry::decode(&v).map_err(E::custom)
             }
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Entry, A::Error> {
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Entry, A::Error> {
                 let mut v = Vec::new();
                 while let Some(b) = seq.next_element::<u8>()? {
                     v.push(b);
@@ -236,7 +239,10 @@ mod tests {
         }
         let mut bad = e.clone();
         bad[0] = 99;
-        assert_eq!(Entry::decode(&bad), Err(EntryDecodeError::UnknownVersion(99)));
+        assert_eq!(
+            Entry::decode(&bad),
+            Err(EntryDecodeError::UnknownVersion(99))
+        );
         let mut huge = e.clone();
         huge[19..23].copy_from_slice(&u32::MAX.to_le_bytes());
         assert!(matches!(
@@ -250,7 +256,11 @@ mod tests {
 
     #[test]
     fn serde_roundtrip_through_bincode() {
-        let e = Entry::new(EntryKind::DATA, RequestId { client: 1, seq: 2 }, vec![5u8; 100]);
+        let e = Entry::new(
+            EntryKind::DATA,
+            RequestId { client: 1, seq: 2 },
+            vec![5u8; 100],
+        );
         let b = bincode::serialize(&e).unwrap();
         let d: Entry = bincode::deserialize(&b).unwrap();
         assert_eq!(d, e);

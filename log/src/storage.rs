@@ -49,7 +49,10 @@ fn to_op(op: StorageOp<Entry>, end: &mut u64) -> WalOp {
         StorageOp::AppendEntries(v) => {
             let first_idx = *end;
             *end += v.len() as u64;
-            WalOp::Append { first_idx, entries: v }
+            WalOp::Append {
+                first_idx,
+                entries: v,
+            }
         }
         StorageOp::AppendOnPrefix(from, v) => {
             let from = from as u64;

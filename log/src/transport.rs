@@ -125,8 +125,14 @@ pub async fn dial(
     addr: SocketAddr,
     me: &Identity,
     role: Role,
-) -> Result<(FrameReader<tokio::net::tcp::OwnedReadHalf>, tokio::net::tcp::OwnedWriteHalf, NodeId), TransportError>
-{
+) -> Result<
+    (
+        FrameReader<tokio::net::tcp::OwnedReadHalf>,
+        tokio::net::tcp::OwnedWriteHalf,
+        NodeId,
+    ),
+    TransportError,
+> {
     let s = tokio::time::timeout(HANDSHAKE_TIMEOUT, TcpStream::connect(addr))
         .await
         .map_err(|_| TransportError::Protocol(format!("connect to {addr} timed out")))??;
@@ -142,7 +148,9 @@ pub async fn dial(
             reader.max = FRAME_BYTES_MAX;
             Ok((reader, w, node_id))
         }
-        Wire::Refused { reason } => Err(TransportError::Protocol(format!("{addr} refused us: {reason}"))),
+        Wire::Refused { reason } => Err(TransportError::Protocol(format!(
+            "{addr} refused us: {reason}"
+        ))),
         other => Err(TransportError::Protocol(format!(
             "{addr} answered the handshake with {other:?}"
         ))),
@@ -195,7 +203,11 @@ impl PeerLinks {
         let mut buf = Vec::new();
         msg.encode_frame(&mut buf);
         if buf.len() > FRAME_BYTES_MAX {
-            warn!(to, bytes = buf.len(), "message larger than the frame limit dropped");
+            warn!(
+                to,
+                bytes = buf.len(),
+                "message larger than the frame limit dropped"
+            );
             self.stats.dropped.fetch_add(1, Ordering::Relaxed);
             return;
         }

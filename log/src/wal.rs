@@ -501,11 +501,7 @@ struct ScanResult {
     torn: bool,
 }
 
-fn scan_segment(
-    bytes: &[u8],
-    file: &str,
-    is_last: bool,
-) -> Result<ScanResult, WalError> {
+fn scan_segment(bytes: &[u8], file: &str, is_last: bool) -> Result<ScanResult, WalError> {
     let mut ops = Vec::new();
     let mut pos = 0usize;
     loop {
@@ -655,7 +651,12 @@ impl<D: Disk + Clone> Wal<D> {
                         .apply(&WalOp::Checkpoint(c))
                         .map_err(|r| corrupt(0, r))?;
                 }
-                Some(_) => return Err(corrupt(0, "segment does not start with a checkpoint".into())),
+                Some(_) => {
+                    return Err(corrupt(
+                        0,
+                        "segment does not start with a checkpoint".into(),
+                    ))
+                }
                 None if is_last => {
                     // Rotation crashed before the checkpoint hit the disk:
                     // recreate the segment below.
@@ -789,14 +790,20 @@ impl<D: Disk + Clone> Wal<D> {
                     if !chunk.is_empty() && bytes + n > APPEND_RECORD_BYTES_MAX {
                         let c = std::mem::take(&mut chunk);
                         let len = c.len() as u64;
-                        self.append_one(WalOp::Append { first_idx: idx, entries: c })?;
+                        self.append_one(WalOp::Append {
+                            first_idx: idx,
+                            entries: c,
+                        })?;
                         idx += len;
                         bytes = 0;
                     }
                     bytes += n;
                     chunk.push(e);
                 }
-                self.append_one(WalOp::Append { first_idx: idx, entries: chunk })
+                self.append_one(WalOp::Append {
+                    first_idx: idx,
+                    entries: chunk,
+                })
             }
             op => self.append_one(op),
         }
@@ -935,13 +942,21 @@ mod tests {
     }
 
     fn e(i: u64) -> Entry {
-        Entry::new(EntryKind::DATA, RequestId { client: 1, seq: i }, i.to_le_bytes().to_vec())
+        Entry::new(
+            EntryKind::DATA,
+            RequestId { client: 1, seq: i },
+            i.to_le_bytes().to_vec(),
+        )
     }
 
     fn append(w: &mut Wal<SimDisk>, n: u64) {
         let first = w.state().end();
         let entries = (first..first + n).map(e).collect();
-        w.append(WalOp::Append { first_idx: first, entries }).unwrap();
+        w.append(WalOp::Append {
+            first_idx: first,
+            entries,
+        })
+        .unwrap();
     }
 
     #[test]
@@ -953,8 +968,11 @@ mod tests {
             w.append(WalOp::Decided(w.state().end() - 1)).unwrap();
             w.sync().unwrap();
         }
-        w.append(WalOp::Atomic(vec![WalOp::Truncate(100), WalOp::Promise(Ballot::with(1, 2, 0, 3))]))
-            .unwrap();
+        w.append(WalOp::Atomic(vec![
+            WalOp::Truncate(100),
+            WalOp::Promise(Ballot::with(1, 2, 0, 3)),
+        ]))
+        .unwrap();
         w.sync().unwrap();
         assert!(w.segment_count() > 3, "rotation happened");
         let live = w.state().clone();
@@ -1019,9 +1037,14 @@ mod tests {
         }
         drop(w);
         d.flip_bit("seg-0000000000000000.wal", 100, 3);
-        let err = Wal::open(d, cfg(1 << 20)).err().expect("corruption detected");
+        let err = Wal::open(d, cfg(1 << 20))
+            .err()
+            .expect("corruption detected");
         let msg = err.to_string();
-        assert!(msg.contains("seg-0000000000000000.wal") && msg.contains("offset"), "{msg}");
+        assert!(
+            msg.contains("seg-0000000000000000.wal") && msg.contains("offset"),
+            "{msg}"
+        );
     }
 
     #[test]

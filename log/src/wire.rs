@@ -182,6 +182,13 @@ mod tests {
         let mut f = Vec::new();
         w.encode_frame(&mut f);
         let (body, _) = crate::frame::decode(&f, FRAME_BYTES_MAX).unwrap().unwrap();
-        assert!(matches!(Wire::decode(body).unwrap(), Wire::Propose { id: 3, shard: 1, .. }));
+        assert!(matches!(
+            Wire::decode(body).unwrap(),
+            Wire::Propose {
+                id: 3,
+                shard: 1,
+                ..
+            }
+        ));
     }
 }
