@@ -77,6 +77,15 @@ enum Cmd {
         #[arg(long, default_value_t = 10)]
         seconds: u64,
     },
+    /// Measure the WAL alone: append N entries per batch, one fsync per batch.
+    WalBench {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, default_value_t = 4096)]
+        size: usize,
+        #[arg(long, default_value_t = 20000)]
+        entries: usize,
+    },
     /// Measure 4 KiB write + fdatasync latency into a pre-zeroed file in DIR.
     FsyncBench {
         #[arg(long)]
@@ -188,6 +197,37 @@ fn fsync_bench(dir: &Path, count: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn wal_bench(dir: &Path, size: usize, entries: usize) -> anyhow::Result<()> {
+    use cfs_log::wal::{Wal, WalConfig, WalOp};
+    for batch in [1usize, 8, 64, 512] {
+        let d = dir.join(format!("wal-bench-{batch}"));
+        let _ = std::fs::remove_dir_all(&d);
+        let mut wal = Wal::open(cfs_log::disk::FsDisk::new(&d)?, WalConfig::default())?;
+        let payload = vec![5u8; size];
+        let t = Instant::now();
+        let mut done = 0;
+        while done < entries {
+            for _ in 0..batch {
+                let first_idx = wal.state().end();
+                let e = cfs_log::Entry::new(cfs_log::EntryKind::DATA, cfs_log::RequestId::NONE, payload.clone());
+                wal.append(WalOp::Append { first_idx, entries: vec![e] })?;
+            }
+            wal.sync()?;
+            done += batch;
+        }
+        let secs = t.elapsed().as_secs_f64();
+        println!(
+            "wal: {size} B entries, {batch} per fsync: {:.0} entries/s, {:.1} MB/s, {:.3} ms per batch",
+            done as f64 / secs,
+            done as f64 * size as f64 / secs / 1e6,
+            secs * 1e3 / (done / batch) as f64
+        );
+        drop(wal);
+        std::fs::remove_dir_all(&d)?;
+    }
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
@@ -260,6 +300,7 @@ fn main() -> anyhow::Result<()> {
             rt.block_on(bench_log(&dir, shard, clients, size, seconds))?;
         }
         Cmd::FsyncBench { dir, count } => fsync_bench(&dir, count)?,
+        Cmd::WalBench { dir, size, entries } => wal_bench(&dir, size, entries)?,
     }
     Ok(())
 }
