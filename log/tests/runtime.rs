@@ -1,0 +1,159 @@
+//! The in-process API of `LogNode` on a 3-node loopback cluster: proposals
+//! from followers are forwarded, subscriptions deliver in order, durable
+//! subscribers let the leader trim, and trimmed positions are refused.
+
+use std::collections::BTreeMap;
+use std::net::{SocketAddr, TcpListener};
+use std::time::{Duration, Instant};
+
+use cfs_log::shard::Timing;
+use cfs_log::wal::WalConfig;
+use cfs_log::{Entry, EntryKind, LogError, LogNode, LogNodeConfig};
+
+fn free_addr() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+async fn start_cluster(dir: &std::path::Path, segment_bytes: u64) -> Vec<LogNode> {
+    let nodes: BTreeMap<u64, SocketAddr> = (1..=3).map(|i| (i, free_addr())).collect();
+    let mut out = Vec::new();
+    for (&id, &addr) in &nodes {
+        let cfg = LogNodeConfig {
+            node_id: id,
+            cluster_id: "rt".into(),
+            listen: addr,
+            nodes: nodes.clone(),
+            data_dir: dir.join(format!("n{id}")),
+            shards: vec![0],
+            tick: Duration::from_millis(10),
+            timing: Timing::default(),
+            propose_timeout: Duration::from_secs(5),
+            wal: WalConfig {
+                segment_bytes,
+                background_prealloc: true,
+            },
+        };
+        out.push(LogNode::start(cfg).await.unwrap());
+    }
+    out
+}
+
+async fn wait_leader(nodes: &[LogNode]) -> usize {
+    let until = Instant::now() + Duration::from_secs(20);
+    loop {
+        for (i, n) in nodes.iter().enumerate() {
+            if n.status()[0].is_leader {
+                return i;
+            }
+        }
+        assert!(Instant::now() < until, "no leader elected");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn data(v: &str) -> Entry {
+    Entry::new(EntryKind::DATA, Default::default(), v.as_bytes().to_vec())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forward_subscribe_trim() {
+    let dir = std::env::temp_dir().join(format!("cfs-rt-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let nodes = start_cluster(&dir, 64 << 10).await;
+    let leader = wait_leader(&nodes).await;
+    let follower = (leader + 1) % 3;
+
+    // Durable subscribers on every node, registered before any entry.
+    let mut subs: Vec<_> = nodes
+        .iter()
+        .map(|n| n.subscribe(0, 0, Some("test-materializer")).unwrap())
+        .collect();
+
+    // Proposals through a follower are forwarded to the leader.
+    let mut positions = Vec::new();
+    for i in 0..400 {
+        let n = if i % 2 == 0 {
+            &nodes[follower]
+        } else {
+            &nodes[leader]
+        };
+        positions.push(n.propose(0, data(&format!("{i:0>200}"))).await.unwrap());
+    }
+    let mut sorted = positions.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(sorted.len(), positions.len(), "distinct positions");
+
+    // Every subscriber sees the same entries in the same order.
+    let last = *positions.iter().max().unwrap();
+    let mut seen: Vec<Vec<(u64, Entry)>> = Vec::new();
+    for s in subs.iter_mut() {
+        let mut got = Vec::new();
+        while got.len() as u64 <= last {
+            got.extend(s.next_batch(1000).await.unwrap());
+        }
+        seen.push(got);
+    }
+    assert_eq!(seen[0], seen[1]);
+    assert_eq!(seen[0], seen[2]);
+
+    // A read barrier orders after everything acknowledged.
+    let b = nodes[follower].read_barrier(0).await.unwrap();
+    assert!(b > last);
+
+    // Subscribers persist; the leader trims below the minimum.
+    for s in &subs {
+        s.persisted(300);
+    }
+    let until = Instant::now() + Duration::from_secs(20);
+    loop {
+        if nodes.iter().all(start_is_trimmed) {
+            break;
+        }
+        assert!(
+            Instant::now() < until,
+            "log was not trimmed on every replica"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Reading below the trim point is refused; above it works.
+    let mut s = nodes[leader].subscribe(0, 10, None).unwrap();
+    assert!(matches!(s.next_batch(10).await, Err(LogError::Trimmed(_))));
+    let mut s = nodes[leader].subscribe(0, 300, None).unwrap();
+    assert_eq!(s.next_batch(1).await.unwrap()[0].0, 300);
+    // Whole WAL segments below the trim point are gone.
+    for id in 1..=3 {
+        let wal_dir = dir.join(format!("n{id}/shard-0/epoch-1"));
+        let first = std::fs::read_dir(&wal_dir)
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|n| n.starts_with("seg-"))
+            .min()
+            .unwrap();
+        assert_ne!(
+            first, "seg-0000000000000000.wal",
+            "node {id} kept its first segment"
+        );
+    }
+    for n in &nodes {
+        n.shutdown().await;
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// True if position 0 of shard 0 is trimmed on `n`.
+fn start_is_trimmed(n: &LogNode) -> bool {
+    let mut s = n.subscribe(0, 0, None).unwrap();
+    let rt = tokio::runtime::Handle::current();
+    tokio::task::block_in_place(|| {
+        rt.block_on(async {
+            matches!(
+                tokio::time::timeout(Duration::from_millis(200), s.next_batch(1)).await,
+                Ok(Err(LogError::Trimmed(_)))
+            )
+        })
+    })
+}
