@@ -1156,10 +1156,7 @@ impl ShardLoop {
                 }
             }
         };
-        let mut ready = self
-            .core
-            .ready_pipelined(send)
-            .map_err(|e| e.to_string())?;
+        let mut ready = self.core.ready_pipelined(send).map_err(|e| e.to_string())?;
         send(std::mem::take(&mut ready.messages));
         self.counters.batches.fetch_add(1, Ordering::Relaxed);
         {

@@ -209,8 +209,15 @@ fn wal_bench(dir: &Path, size: usize, entries: usize) -> anyhow::Result<()> {
         while done < entries {
             for _ in 0..batch {
                 let first_idx = wal.state().end();
-                let e = cfs_log::Entry::new(cfs_log::EntryKind::DATA, cfs_log::RequestId::NONE, payload.clone());
-                wal.append(WalOp::Append { first_idx, entries: vec![e] })?;
+                let e = cfs_log::Entry::new(
+                    cfs_log::EntryKind::DATA,
+                    cfs_log::RequestId::NONE,
+                    payload.clone(),
+                );
+                wal.append(WalOp::Append {
+                    first_idx,
+                    entries: vec![e],
+                })?;
             }
             wal.sync()?;
             done += batch;
