@@ -90,7 +90,39 @@ pub enum StartError {
     },
 }
 
-type Reply = oneshot::Sender<Result<Position, LogError>>;
+/// Where the outcome of a proposal goes.
+enum Reply {
+    /// An in-process caller waiting on a oneshot.
+    Local(oneshot::Sender<Result<Position, LogError>>),
+    /// A remote client's request: the answer goes straight to the writer of
+    /// its connection, with no task per request.
+    Remote { id: u64, conn: mpsc::Sender<Wire> },
+}
+
+impl Reply {
+    fn send(self, result: Result<Position, LogError>) {
+        match self {
+            Reply::Local(tx) => {
+                let _ = tx.send(result);
+            }
+            Reply::Remote { id, conn } => {
+                // A full connection queue drops the reply; the client times
+                // out and retries with the same request id (deduplicated).
+                let _ = conn.try_send(Wire::Decided { id, result });
+            }
+        }
+    }
+
+    fn is_closed(&self) -> bool {
+        match self {
+            Reply::Local(tx) => tx.is_closed(),
+            Reply::Remote { conn, .. } => conn.is_closed(),
+        }
+    }
+}
+
+/// Replies queued per client connection before new ones are dropped.
+const CLIENT_REPLY_QUEUE_MAX: usize = 16 * 1024;
 
 enum Input {
     Paxos(Message<Entry>),
@@ -449,7 +481,7 @@ impl LogNode {
         h.inbox
             .try_send(Input::Propose {
                 entry,
-                reply: Some(tx),
+                reply: Some(Reply::Local(tx)),
                 redirect,
             })
             .map_err(|_| {
@@ -861,7 +893,7 @@ impl LogNode {
         mut reader: FrameReader<tokio::net::tcp::OwnedReadHalf>,
         mut w: tokio::net::tcp::OwnedWriteHalf,
     ) -> Result<(), String> {
-        let (tx, mut rx) = mpsc::channel::<Wire>(1024);
+        let (tx, mut rx) = mpsc::channel::<Wire>(CLIENT_REPLY_QUEUE_MAX);
         let writer = tokio::spawn(async move {
             use tokio::io::AsyncWriteExt;
             let mut buf = Vec::new();
@@ -885,7 +917,6 @@ impl LogNode {
                 Err(crate::transport::TransportError::Closed) => break Ok(()),
                 Err(e) => break Err(format!("client: {e}")),
             };
-            let me = self.clone();
             let tx = tx.clone();
             match msg {
                 Wire::Propose { id, shard, entry } => {
@@ -893,18 +924,12 @@ impl LogNode {
                         let _ = tx.send(Wire::Decided { id, result: Err(e) }).await;
                         continue;
                     }
-                    tokio::spawn(async move {
-                        let result = me.submit(shard, entry, true).await;
-                        let _ = tx.send(Wire::Decided { id, result }).await;
-                    });
+                    self.submit_remote(shard, entry, id, &tx).await;
                 }
                 Wire::ReadBarrier { id, shard } => {
-                    tokio::spawn(async move {
-                        let mut e = Entry::barrier();
-                        e.request = me.next_request();
-                        let result = me.submit(shard, e, true).await;
-                        let _ = tx.send(Wire::Decided { id, result }).await;
-                    });
+                    let mut e = Entry::barrier();
+                    e.request = self.next_request();
+                    self.submit_remote(shard, e, id, &tx).await;
                 }
                 Wire::Status { id } => {
                     let _ = tx
@@ -940,6 +965,43 @@ impl LogNode {
         drop(tx);
         writer.abort();
         result
+    }
+}
+
+impl LogNode {
+    /// Queues a remote client's proposal; the shard thread answers on `conn`.
+    async fn submit_remote(
+        &self,
+        shard: ShardId,
+        entry: Entry,
+        id: u64,
+        conn: &mpsc::Sender<Wire>,
+    ) {
+        let h = match self.shard(shard) {
+            Ok(h) => h,
+            Err(e) => {
+                let _ = conn.send(Wire::Decided { id, result: Err(e) }).await;
+                return;
+            }
+        };
+        h.counters.proposals.fetch_add(1, Ordering::Relaxed);
+        let input = Input::Propose {
+            entry,
+            reply: Some(Reply::Remote {
+                id,
+                conn: conn.clone(),
+            }),
+            redirect: true,
+        };
+        if h.inbox.try_send(input).is_err() {
+            h.counters.inbox_full.fetch_add(1, Ordering::Relaxed);
+            let _ = conn
+                .send(Wire::Decided {
+                    id,
+                    result: Err(LogError::NoLeader(shard)),
+                })
+                .await;
+        }
     }
 }
 
@@ -1090,7 +1152,7 @@ impl ShardLoop {
                     }
                     Proposed::Duplicate(Some(p)) => {
                         if let Some(r) = reply {
-                            let _ = r.send(Ok(p));
+                            r.send(Ok(p));
                         }
                     }
                     Proposed::Forward(leader) if redirect => {
@@ -1099,7 +1161,7 @@ impl ShardLoop {
                                 .links
                                 .upgrade()
                                 .and_then(|i| i.cfg.nodes.get(&leader).map(|a| a.to_string()));
-                            let _ = r.send(Err(LogError::NotLeader {
+                            r.send(Err(LogError::NotLeader {
                                 shard: self.core.shard,
                                 leader: Some(leader),
                                 addr,
@@ -1122,7 +1184,7 @@ impl ShardLoop {
                     }
                     Proposed::NoLeader | Proposed::Stopping => {
                         if let Some(r) = reply {
-                            let _ = r.send(Err(LogError::NoLeader(self.core.shard)));
+                            r.send(Err(LogError::NoLeader(self.core.shard)));
                         }
                     }
                 }
@@ -1174,7 +1236,7 @@ impl ShardLoop {
             for (pos, e) in &ready.decided {
                 if let Some(ws) = self.waiters.remove(&e.request) {
                     for w in ws {
-                        let _ = w.send(Ok(*pos));
+                        w.send(Ok(*pos));
                     }
                 }
             }
