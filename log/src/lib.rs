@@ -11,7 +11,7 @@
 
 pub mod disk;
 pub mod entry;
-pub mod frame;
+pub use cfs_frame as frame;
 pub mod shard;
 pub mod storage;
 pub mod wal;
