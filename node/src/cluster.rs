@@ -67,6 +67,9 @@ pub fn ensure_configs(dir: &Path, nodes: u64, shards: u32) -> anyhow::Result<Vec
             propose_timeout_ms: 5000,
             wal_segment_mib: 64,
             log_format: LogFormat::Json,
+            segments_listen: Some(SocketAddr::from(([127, 0, 0, 1], free_port()?))),
+            segments_dir: None,
+            segments_io_uring: true,
             nodes: addrs.clone(),
         };
         std::fs::write(nd.join("config.toml"), toml::to_string(&cfg)?)?;
@@ -208,6 +211,13 @@ pub fn wait_healthy(cfgs: &[NodeConfig], timeout: Duration) -> anyhow::Result<()
         }
     }
     Ok(())
+}
+
+/// Segment server addresses of the cluster's nodes.
+pub fn segment_servers(cfgs: &[NodeConfig]) -> cfs_segments::proto::ServerMap {
+    cfgs.iter()
+        .filter_map(|c| Some((c.node_id, c.segments_listen?)))
+        .collect()
 }
 
 /// The `cfs-node` binary next to the running executable.

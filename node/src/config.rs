@@ -45,6 +45,15 @@ pub struct NodeConfig {
     pub wal_segment_mib: u64,
     #[serde(default)]
     pub log_format: LogFormat,
+    /// Segment server address; no segment server when absent.
+    #[serde(default)]
+    pub segments_listen: Option<SocketAddr>,
+    /// Segment files (default: `<data_dir>/segments`).
+    #[serde(default)]
+    pub segments_dir: Option<PathBuf>,
+    /// Use io_uring for segment I/O when the kernel allows (default true).
+    #[serde(default = "default_true")]
+    pub segments_io_uring: bool,
     pub nodes: Vec<NodeAddr>,
 }
 
@@ -63,6 +72,9 @@ pub enum LogFormat {
     Json,
 }
 
+fn default_true() -> bool {
+    true
+}
 fn default_tick_ms() -> u64 {
     10
 }
@@ -113,6 +125,20 @@ impl NodeConfig {
             bail!("tick_ms must be > 0 and election_ticks >= 2");
         }
         Ok(())
+    }
+
+    /// The segment server's configuration, if this node runs one.
+    pub fn segments_config(&self) -> Option<cfs_segments::server::SegmentServerConfig> {
+        Some(cfs_segments::server::SegmentServerConfig {
+            node_id: self.node_id,
+            cluster_id: self.cluster_id.clone(),
+            listen: self.segments_listen?,
+            dir: self
+                .segments_dir
+                .clone()
+                .unwrap_or_else(|| self.data_dir.join("segments")),
+            io_uring: self.segments_io_uring,
+        })
     }
 
     pub fn log_config(&self) -> LogNodeConfig {

@@ -8,9 +8,28 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
 use cfs_log::LogNode;
+use cfs_segments::server::SegmentServer;
 
-async fn health(State(node): State<LogNode>) -> impl IntoResponse {
-    let problems = node.problems();
+/// What the HTTP endpoints report on.
+#[derive(Clone)]
+pub struct Services {
+    pub log: LogNode,
+    pub segments: Option<SegmentServer>,
+}
+
+async fn health(State(s): State<Services>) -> impl IntoResponse {
+    let node = &s.log;
+    let mut problems = node.problems();
+    if let Some(seg) = &s.segments {
+        problems.extend(seg.problems());
+    }
+    let segments = s.segments.as_ref().map(|seg| {
+        let st = seg.stat();
+        serde_json::json!({
+            "io_mode": st.io_mode, "free_bytes": st.free_bytes, "fragment_files": st.fragments,
+            "last_write_error": st.stats.last_write_error,
+        })
+    });
     let body = serde_json::json!({
         "node_id": node.node_id(),
         "status": if problems.is_empty() { "ok" } else { "degraded" },
@@ -19,6 +38,7 @@ async fn health(State(node): State<LogNode>) -> impl IntoResponse {
             "shard": s.shard, "leader": s.leader, "is_leader": s.is_leader,
             "decided": s.decided, "config_id": s.config_id,
         })).collect::<Vec<_>>(),
+        "segments": segments,
     });
     let code = if problems.is_empty() {
         StatusCode::OK
@@ -28,19 +48,20 @@ async fn health(State(node): State<LogNode>) -> impl IntoResponse {
     (code, axum::Json(body))
 }
 
-async fn metrics(State(node): State<LogNode>) -> impl IntoResponse {
-    (
-        [("content-type", "text/plain; version=0.0.4")],
-        node.metrics_text(),
-    )
+async fn metrics(State(s): State<Services>) -> impl IntoResponse {
+    let mut text = s.log.metrics_text();
+    if let Some(seg) = &s.segments {
+        text.push_str(&seg.metrics_text());
+    }
+    ([("content-type", "text/plain; version=0.0.4")], text)
 }
 
 /// Serves until the process ends.
-pub async fn serve(addr: SocketAddr, node: LogNode) -> anyhow::Result<()> {
+pub async fn serve(addr: SocketAddr, services: Services) -> anyhow::Result<()> {
     let app = Router::new()
         .route("/health", get(health))
         .route("/metrics", get(metrics))
-        .with_state(node);
+        .with_state(services);
     let listener = tokio::net::TcpListener::bind(addr).await?;
     axum::serve(listener, app).await?;
     Ok(())

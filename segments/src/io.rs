@@ -255,6 +255,70 @@ impl IoEngine {
         out
     }
 
+    /// Reads every `(file, offset, len)` at once; one result per read.
+    pub fn read_batch(&mut self, reads: &[(&File, u64, usize)]) -> Vec<io::Result<AlignedBuf>> {
+        if self.ring.is_none() || reads.len() <= 1 {
+            return reads
+                .iter()
+                .map(|(f, off, len)| self.read(f, *off, *len))
+                .collect();
+        }
+        let ring = self.ring.as_mut().expect("checked");
+        let mut out: Vec<io::Result<AlignedBuf>> = Vec::with_capacity(reads.len());
+        for chunk in reads.chunks(RING_ENTRIES as usize) {
+            let mut bufs: Vec<AlignedBuf> = chunk
+                .iter()
+                .map(|(_, _, len)| AlignedBuf::zeroed(*len))
+                .collect();
+            for (i, ((f, off, len), b)) in chunk.iter().zip(bufs.iter_mut()).enumerate() {
+                let e = opcode::Read::new(
+                    types::Fd(f.as_raw_fd()),
+                    b.as_mut_slice().as_mut_ptr(),
+                    *len as u32,
+                )
+                .offset(*off)
+                .build()
+                .user_data(i as u64);
+                // SAFETY: `bufs` outlives the submissions; we wait for all.
+                unsafe {
+                    ring.submission()
+                        .push(&e)
+                        .expect("queue has room for a chunk")
+                };
+            }
+            let mut res: Vec<Option<i32>> = vec![None; chunk.len()];
+            let mut done = 0;
+            let mut failed: Option<io::Error> = None;
+            while done < chunk.len() {
+                if let Err(e) = ring.submit_and_wait(chunk.len() - done) {
+                    failed = Some(e);
+                    break;
+                }
+                for cqe in ring.completion() {
+                    res[cqe.user_data() as usize] = Some(cqe.result());
+                    done += 1;
+                }
+            }
+            if let Some(e) = failed {
+                out.extend(
+                    chunk
+                        .iter()
+                        .map(|_| Err(io::Error::new(e.kind(), e.to_string()))),
+                );
+                continue;
+            }
+            for ((r, b), (f, off, len)) in res.into_iter().zip(bufs).zip(chunk) {
+                out.push(match r {
+                    Some(r) if r as usize == *len => Ok(b),
+                    Some(r) if r < 0 => Err(io::Error::from_raw_os_error(-r)),
+                    // A short read: finish it the simple way.
+                    _ => self_read_fallback(f, *off, *len),
+                });
+            }
+        }
+        out
+    }
+
     /// Reads `len` bytes (aligned) at `off`.
     pub fn read(&mut self, file: &File, off: u64, len: usize) -> io::Result<AlignedBuf> {
         let mut buf = AlignedBuf::zeroed(len);
@@ -289,6 +353,12 @@ impl IoEngine {
         }
         Ok(buf)
     }
+}
+
+fn self_read_fallback(f: &File, off: u64, len: usize) -> io::Result<AlignedBuf> {
+    let mut b = AlignedBuf::zeroed(len);
+    f.read_exact_at(b.as_mut_slice(), off)?;
+    Ok(b)
 }
 
 fn pwrite_all(fd: RawFd, off: u64, buf: &[u8]) -> io::Result<()> {

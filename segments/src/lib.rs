@@ -10,8 +10,12 @@
 //!
 //! Invariant: this crate knows nothing of the log, inodes or files.
 
+pub mod client;
 pub mod ec;
 pub mod format;
 pub mod io;
 pub mod layout;
+pub mod proto;
+pub mod repair;
+pub mod server;
 pub mod store;

@@ -104,6 +104,9 @@ impl FragFile {
     }
 }
 
+/// A fragment's data and blake3, or why it could not be read.
+pub type FragmentRead = Result<(Vec<u8>, [u8; 32]), StoreError>;
+
 /// One append of a batch.
 pub struct AppendReq {
     pub key: FragmentKey,
@@ -466,22 +469,56 @@ impl Store {
         key: FragmentKey,
         stripe: u32,
     ) -> Result<(Vec<u8>, [u8; 32]), StoreError> {
-        let f = self
-            .files
-            .get(&key)
-            .ok_or(StoreError::NoSuchFragment(key))?;
-        let r = f
-            .stripes
-            .get(&stripe)
-            .ok_or(StoreError::NoSuchStripe { key, stripe })?
-            .clone();
-        let data = self
-            .io
-            .read(&f.file, r.offset, r.len as usize)
-            .map_err(|e| io_error(format!("reading {key} stripe {stripe}"), e))?;
+        self.read_batch(&[(key, stripe)]).remove(0)
+    }
+
+    /// Reads several fragments with one submission; each is verified.
+    pub fn read_batch(
+        &mut self,
+        wanted: &[(FragmentKey, u32)],
+    ) -> Vec<FragmentRead> {
+        let mut results: Vec<Option<FragmentRead>> =
+            (0..wanted.len()).map(|_| None).collect();
+        let mut plan = Vec::new();
+        for (i, (key, stripe)) in wanted.iter().enumerate() {
+            match self.files.get(key).map(|f| f.stripes.get(stripe)) {
+                None => results[i] = Some(Err(StoreError::NoSuchFragment(*key))),
+                Some(None) => {
+                    results[i] = Some(Err(StoreError::NoSuchStripe {
+                        key: *key,
+                        stripe: *stripe,
+                    }))
+                }
+                Some(Some(r)) => plan.push((i, *key, *stripe, r.clone())),
+            }
+        }
+        let reads: Vec<(&File, u64, usize)> = plan
+            .iter()
+            .map(|(_, key, _, r)| (&self.files[key].file, r.offset, r.len as usize))
+            .collect();
+        let datas = self.io.read_batch(&reads);
+        for ((i, key, stripe, r), d) in plan.into_iter().zip(datas) {
+            results[i] = Some(match d {
+                Err(e) => Err(io_error(format!("reading {key} stripe {stripe}"), e)),
+                Ok(data) => self.verify(key, stripe, &r, data.as_slice()),
+            });
+        }
+        results
+            .into_iter()
+            .map(|r| r.expect("every read answered"))
+            .collect()
+    }
+
+    fn verify(
+        &mut self,
+        key: FragmentKey,
+        stripe: u32,
+        r: &Record,
+        data: &[u8],
+    ) -> Result<(Vec<u8>, [u8; 32]), StoreError> {
         self.stats.reads += 1;
         self.stats.bytes_read += r.len as u64;
-        let got = format::checksum(data.as_slice());
+        let got = format::checksum(data);
         if got != r.checksum {
             self.stats.checksum_failures += 1;
             warn!(%key, stripe, "fragment checksum mismatch on read");
@@ -495,7 +532,7 @@ impl Store {
                 ),
             });
         }
-        Ok((data.as_slice().to_vec(), r.checksum))
+        Ok((data.to_vec(), r.checksum))
     }
 
     /// Makes a fragment immutable (a seal record, synced).
@@ -562,6 +599,11 @@ impl Store {
             .ok_or(StoreError::NoSuchFragment(key))?;
         f.dead_bytes = (f.dead_bytes + bytes).min(f.data_bytes());
         Ok(())
+    }
+
+    /// Number of fragment files held.
+    pub fn fragment_count(&self) -> usize {
+        self.files.len()
     }
 
     pub fn list(&self) -> Vec<FragmentInfo> {

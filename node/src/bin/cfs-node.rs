@@ -31,7 +31,19 @@ async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
     let node = cfs_log::LogNode::start(cfg.log_config())
         .await
         .context("starting the log")?;
-    let http = tokio::spawn(cfs_node::http::serve(cfg.http, node.clone()));
+    let segments = match cfg.segments_config() {
+        Some(sc) => Some(
+            cfs_segments::server::SegmentServer::start(sc)
+                .await
+                .context("starting the segment server")?,
+        ),
+        None => None,
+    };
+    let services = cfs_node::http::Services {
+        log: node.clone(),
+        segments,
+    };
+    let http = tokio::spawn(cfs_node::http::serve(cfg.http, services));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = term.recv() => info!("SIGTERM: stopping"),

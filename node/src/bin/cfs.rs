@@ -77,6 +77,30 @@ enum Cmd {
         #[arg(long, default_value_t = 10)]
         seconds: u64,
     },
+    /// Segment store benchmark: write, read and degraded read through the
+    /// stripe writer/reader, and the raw local-file baseline.
+    SegBench {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, default_value_t = 1024)]
+        size_mib: u64,
+        #[arg(long, default_value_t = 1024)]
+        request_kib: usize,
+    },
+    /// Erasure code encode/decode throughput on one core.
+    EcBench {
+        #[arg(long, default_value_t = 4)]
+        k: u8,
+        #[arg(long, default_value_t = 2)]
+        m: u8,
+    },
+    /// Rebuild the segment fragments a failed node held, on the others.
+    Repair {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        node: u64,
+    },
     /// Measure the WAL alone: append N entries per batch, one fsync per batch.
     WalBench {
         #[arg(long)]
@@ -307,6 +331,27 @@ fn main() -> anyhow::Result<()> {
             rt.block_on(bench_log(&dir, shard, clients, size, seconds))?;
         }
         Cmd::FsyncBench { dir, count } => fsync_bench(&dir, count)?,
+        Cmd::SegBench {
+            dir,
+            size_mib,
+            request_kib,
+        } => {
+            let rt = tokio::runtime::Runtime::new()?;
+            let raw = dir.join("raw");
+            rt.block_on(cfs_node::segtools::seg_bench(
+                &dir,
+                size_mib,
+                request_kib,
+                &raw,
+            ))?;
+        }
+        Cmd::EcBench { k, m } => {
+            cfs_node::segtools::ec_bench(cfs_segments::layout::Layout::new(k, m)?)?
+        }
+        Cmd::Repair { dir, node } => {
+            let rt = tokio::runtime::Runtime::new()?;
+            rt.block_on(cfs_node::segtools::repair(&dir, node))?;
+        }
         Cmd::WalBench { dir, size, entries } => wal_bench(&dir, size, entries)?,
     }
     Ok(())

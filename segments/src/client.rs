@@ -1,0 +1,734 @@
+//! The client side of the segment store: connections to segment servers,
+//! the stripe writer (buffer → encode → k+m fragments to k+m nodes in
+//! parallel → extent descriptors) and the stripe reader (verify end to end,
+//! reconstruct from any k, report bad fragments).
+//!
+//! Write policy: a stripe is acknowledged once at least `min_durable`
+//! fragments are durable (fdatasync'd on their nodes). The default is
+//! `k + m - 1` when `m > 0` (one server may fail mid-write; the extent lists
+//! the missing fragment for repair) and `k` when `m = 0`. With fewer, the
+//! write fails and no extent is returned for that stripe.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_bytes::ByteBuf;
+use tokio::sync::{mpsc, oneshot};
+use tracing::warn;
+
+use crate::ec::{Codec, EcError};
+use crate::format::{self, SegmentId};
+use crate::layout::Layout;
+use crate::proto::{
+    self, Envelope, FrameReader, Request, Response, StatInfo, FRAME_BYTES_MAX,
+    HELLO_FRAME_BYTES_MAX,
+};
+use crate::store::{FragmentInfo, StoreError};
+
+/// How long one request may take before the server is treated as down.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Stripes a writer keeps in flight.
+pub const WRITE_WINDOW_STRIPES: usize = 8;
+/// Stripes per segment before the writer seals it and opens another
+/// (64 MiB per fragment file with the default fragment size).
+pub const SEGMENT_STRIPES_MAX: u32 = 256;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ClientError {
+    #[error("node {node}: {reason}")]
+    Unreachable { node: u64, reason: String },
+    #[error("node {node}: {error}")]
+    Store { node: u64, error: StoreError },
+    #[error("node {node}: unexpected reply {reply}")]
+    Protocol { node: u64, reply: String },
+    #[error("stripe {stripe} of segment {segment}: only {durable} of the required {required} fragments durable: {errors}")]
+    NotDurable {
+        segment: SegmentId,
+        stripe: u32,
+        durable: usize,
+        required: usize,
+        errors: String,
+    },
+    #[error("cannot read extent (segment {segment} stripe {stripe}): {reason}")]
+    Unreadable {
+        segment: SegmentId,
+        stripe: u32,
+        reason: String,
+    },
+    #[error("bad layout or placement: {0}")]
+    Placement(String),
+}
+
+type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Response>>>>;
+
+struct Conn {
+    tx: mpsc::UnboundedSender<Envelope<Request>>,
+    pending: Pending,
+    next: AtomicU64,
+    /// Set when the reader saw the connection end: no reply will come.
+    dead: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Conn {
+    async fn open(addr: SocketAddr, cluster_id: &str, node: u64) -> Result<Arc<Conn>, ClientError> {
+        let err = |reason: String| ClientError::Unreachable { node, reason };
+        let s = tokio::time::timeout(Duration::from_secs(3), tokio::net::TcpStream::connect(addr))
+            .await
+            .map_err(|_| err(format!("connect to {addr} timed out")))?
+            .map_err(|e| err(format!("connect to {addr}: {e}")))?;
+        let _ = s.set_nodelay(true);
+        let (r, mut w) = s.into_split();
+        let mut buf = Vec::new();
+        proto::encode(
+            &Envelope {
+                id: 0,
+                body: Request::Hello {
+                    protocol: proto::PROTOCOL_VERSION,
+                    cluster_id: cluster_id.to_string(),
+                },
+            },
+            &mut buf,
+        );
+        use tokio::io::AsyncWriteExt;
+        w.write_all(&buf).await.map_err(|e| err(e.to_string()))?;
+        let mut reader = FrameReader::new(r, HELLO_FRAME_BYTES_MAX);
+        let hello: Envelope<Response> = tokio::time::timeout(Duration::from_secs(5), reader.next())
+            .await
+            .map_err(|_| err("handshake timed out".into()))?
+            .map_err(|e| err(e.to_string()))?;
+        match hello.body {
+            Response::Welcome { .. } => {}
+            Response::Refused { reason } => return Err(err(format!("refused: {reason}"))),
+            other => return Err(err(format!("bad handshake reply {other:?}"))),
+        }
+        reader.max = FRAME_BYTES_MAX;
+        let (tx, mut rx) = mpsc::unbounded_channel::<Envelope<Request>>();
+        tokio::spawn(async move {
+            let mut buf = Vec::new();
+            while let Some(m) = rx.recv().await {
+                buf.clear();
+                proto::encode(&m, &mut buf);
+                while let Ok(m) = rx.try_recv() {
+                    proto::encode(&m, &mut buf);
+                    if buf.len() > 4 << 20 {
+                        break;
+                    }
+                }
+                if w.write_all(&buf).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let pending: Pending = Arc::default();
+        let dead = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (p2, d2) = (pending.clone(), dead.clone());
+        tokio::spawn(async move {
+            while let Ok(m) = reader.next::<Response>().await {
+                if let Some(tx) = p2.lock().expect("pending lock").remove(&m.id) {
+                    let _ = tx.send(m.body);
+                }
+            }
+            d2.store(true, Ordering::SeqCst);
+            p2.lock().expect("pending lock").clear();
+        });
+        Ok(Arc::new(Conn {
+            tx,
+            pending,
+            next: AtomicU64::new(1),
+            dead,
+        }))
+    }
+}
+
+/// Connections to every segment server of a cluster.
+pub struct SegmentClient {
+    cluster_id: String,
+    servers: proto::ServerMap,
+    conns: tokio::sync::Mutex<HashMap<u64, Arc<Conn>>>,
+    /// Nodes that just failed, and until when calls to them fail at once
+    /// (so a dead node costs one connect attempt per interval, not one per
+    /// request).
+    down_until: Mutex<HashMap<u64, std::time::Instant>>,
+}
+
+/// How long a node that failed is skipped.
+pub const DOWN_RETRY_INTERVAL: Duration = Duration::from_millis(500);
+
+impl SegmentClient {
+    pub fn new(cluster_id: &str, servers: proto::ServerMap) -> Arc<Self> {
+        Arc::new(SegmentClient {
+            cluster_id: cluster_id.to_string(),
+            servers,
+            conns: tokio::sync::Mutex::new(HashMap::new()),
+            down_until: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn mark_down(&self, node: u64) {
+        self.down_until
+            .lock()
+            .expect("down lock")
+            .insert(node, std::time::Instant::now() + DOWN_RETRY_INTERVAL);
+    }
+
+    pub fn nodes(&self) -> Vec<u64> {
+        self.servers.keys().copied().collect()
+    }
+
+    async fn conn(&self, node: u64) -> Result<Arc<Conn>, ClientError> {
+        if let Some(t) = self.down_until.lock().expect("down lock").get(&node) {
+            if std::time::Instant::now() < *t {
+                return Err(ClientError::Unreachable {
+                    node,
+                    reason: "recently unreachable".into(),
+                });
+            }
+        }
+        let mut conns = self.conns.lock().await;
+        if let Some(c) = conns.get(&node) {
+            if !c.tx.is_closed() && !c.dead.load(Ordering::SeqCst) {
+                return Ok(c.clone());
+            }
+        }
+        let addr = *self
+            .servers
+            .get(&node)
+            .ok_or_else(|| ClientError::Unreachable {
+                node,
+                reason: "unknown node".into(),
+            })?;
+        match Conn::open(addr, &self.cluster_id, node).await {
+            Ok(c) => {
+                conns.insert(node, c.clone());
+                self.down_until.lock().expect("down lock").remove(&node);
+                Ok(c)
+            }
+            Err(e) => {
+                conns.remove(&node);
+                self.mark_down(node);
+                Err(e)
+            }
+        }
+    }
+
+    /// Sends one request to `node` and waits for its reply.
+    pub async fn call(&self, node: u64, req: Request) -> Result<Response, ClientError> {
+        let conn = self.conn(node).await?;
+        let id = conn.next.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        conn.pending.lock().expect("pending lock").insert(id, tx);
+        let lost = || ClientError::Unreachable {
+            node,
+            reason: "connection lost".into(),
+        };
+        if conn.dead.load(Ordering::SeqCst) {
+            conn.pending.lock().expect("pending lock").remove(&id);
+            self.conns.lock().await.remove(&node);
+            return Err(lost());
+        }
+        conn.tx
+            .send(Envelope { id, body: req })
+            .map_err(|_| lost())?;
+        match tokio::time::timeout(REQUEST_TIMEOUT, rx).await {
+            Ok(Ok(Response::Error(error))) => Err(ClientError::Store { node, error }),
+            Ok(Ok(r)) => Ok(r),
+            Ok(Err(_)) => {
+                self.conns.lock().await.remove(&node);
+                self.mark_down(node);
+                Err(lost())
+            }
+            Err(_) => {
+                conn.pending.lock().expect("pending lock").remove(&id);
+                self.conns.lock().await.remove(&node);
+                self.mark_down(node);
+                Err(ClientError::Unreachable {
+                    node,
+                    reason: "request timed out".into(),
+                })
+            }
+        }
+    }
+
+    pub async fn read_fragment(
+        &self,
+        node: u64,
+        segment: SegmentId,
+        fragment: u8,
+        stripe: u32,
+    ) -> Result<(Vec<u8>, [u8; 32]), ClientError> {
+        match self
+            .call(
+                node,
+                Request::Read {
+                    segment,
+                    fragment,
+                    stripe,
+                },
+            )
+            .await?
+        {
+            Response::Data { data, checksum } => Ok((data.into_vec(), checksum)),
+            other => Err(ClientError::Protocol {
+                node,
+                reply: format!("{other:?}"),
+            }),
+        }
+    }
+
+    pub async fn list(&self, node: u64) -> Result<Vec<FragmentInfo>, ClientError> {
+        match self.call(node, Request::List).await? {
+            Response::Fragments(v) => Ok(v),
+            other => Err(ClientError::Protocol {
+                node,
+                reply: format!("{other:?}"),
+            }),
+        }
+    }
+
+    pub async fn stat(&self, node: u64) -> Result<StatInfo, ClientError> {
+        match self.call(node, Request::Stat).await? {
+            Response::Stat(s) => Ok(s),
+            other => Err(ClientError::Protocol {
+                node,
+                reply: format!("{other:?}"),
+            }),
+        }
+    }
+}
+
+/// Where one stripe of file data lives: what the file system commits to
+/// the log.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Extent {
+    pub segment: SegmentId,
+    pub layout: Layout,
+    /// Node of each fragment index, `k + m` distinct nodes.
+    pub nodes: Vec<u64>,
+    pub stripe: u32,
+    /// File bytes in this stripe.
+    pub data_len: u32,
+    pub fragment_len: u32,
+    /// blake3 of each fragment.
+    pub checksums: Vec<[u8; 32]>,
+    /// Fragment indices that were not durable when acknowledged.
+    pub missing: Vec<u8>,
+}
+
+/// Policy default: see the module docs.
+pub fn default_min_durable(layout: Layout) -> usize {
+    if layout.m == 0 {
+        layout.k as usize
+    } else {
+        layout.width() - 1
+    }
+}
+
+async fn write_stripe(
+    client: Arc<SegmentClient>,
+    codec: Arc<Codec>,
+    segment: SegmentId,
+    nodes: Vec<u64>,
+    stripe: u32,
+    data: Vec<u8>,
+    min_durable: usize,
+) -> Result<Extent, ClientError> {
+    let layout = codec.layout();
+    let frags = codec
+        .encode(&data)
+        .map_err(|e| ClientError::Placement(e.to_string()))?;
+    let fragment_len = frags[0].len() as u32;
+    let checksums: Vec<[u8; 32]> = frags.iter().map(|f| format::checksum(f)).collect();
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, f) in frags.into_iter().enumerate() {
+        let client = client.clone();
+        let node = nodes[i];
+        let nodes = nodes.clone();
+        tasks.spawn(async move {
+            let r = client
+                .call(
+                    node,
+                    Request::Append {
+                        segment,
+                        fragment: i as u8,
+                        layout,
+                        nodes,
+                        stripe,
+                        data: ByteBuf::from(f),
+                    },
+                )
+                .await;
+            (i, r)
+        });
+    }
+    let mut missing = Vec::new();
+    let mut errors = Vec::new();
+    while let Some(r) = tasks.join_next().await {
+        let (i, r) = r.map_err(|e| ClientError::Placement(format!("append task: {e}")))?;
+        match r {
+            Ok(Response::Appended { checksum }) if checksum == checksums[i] => {}
+            Ok(other) => {
+                missing.push(i as u8);
+                errors.push(format!("fragment {i}: unexpected reply {other:?}"));
+            }
+            Err(e) => {
+                missing.push(i as u8);
+                errors.push(format!("fragment {i}: {e}"));
+            }
+        }
+    }
+    missing.sort_unstable();
+    let durable = layout.width() - missing.len();
+    if durable < min_durable {
+        return Err(ClientError::NotDurable {
+            segment,
+            stripe,
+            durable,
+            required: min_durable,
+            errors: errors.join("; "),
+        });
+    }
+    if !missing.is_empty() {
+        warn!(%segment, stripe, ?missing, "stripe acknowledged with missing fragments: {}", errors.join("; "));
+    }
+    Ok(Extent {
+        segment,
+        layout,
+        nodes,
+        stripe,
+        data_len: data.len() as u32,
+        fragment_len,
+        checksums,
+        missing,
+    })
+}
+
+/// Buffers a stream of writes into stripes and writes them to `k + m`
+/// nodes, keeping up to [`WRITE_WINDOW_STRIPES`] stripes in flight.
+pub struct StripeWriter {
+    client: Arc<SegmentClient>,
+    codec: Arc<Codec>,
+    nodes: Vec<u64>,
+    stripe_bytes: usize,
+    min_durable: usize,
+    segment: SegmentId,
+    next_stripe: u32,
+    buf: Vec<u8>,
+    in_flight: VecDeque<tokio::task::JoinHandle<Result<Extent, ClientError>>>,
+    /// Segments this writer filled, to seal when done.
+    finished_segments: Vec<SegmentId>,
+}
+
+impl StripeWriter {
+    /// A writer placing fragment `i` on `nodes[i]`; `fragment_bytes` of
+    /// data per fragment per full stripe.
+    pub fn new(
+        client: Arc<SegmentClient>,
+        layout: Layout,
+        nodes: Vec<u64>,
+        fragment_bytes: usize,
+    ) -> Result<Self, ClientError> {
+        if nodes.len() != layout.width() {
+            return Err(ClientError::Placement(format!(
+                "layout {layout} needs {} nodes, got {}",
+                layout.width(),
+                nodes.len()
+            )));
+        }
+        let mut distinct = nodes.clone();
+        distinct.sort_unstable();
+        distinct.dedup();
+        if distinct.len() != nodes.len() {
+            return Err(ClientError::Placement(format!(
+                "nodes {nodes:?} are not distinct"
+            )));
+        }
+        let codec = Arc::new(
+            Codec::new(layout).map_err(|e: EcError| ClientError::Placement(e.to_string()))?,
+        );
+        Ok(StripeWriter {
+            client,
+            codec,
+            nodes,
+            stripe_bytes: fragment_bytes * layout.k as usize,
+            min_durable: default_min_durable(layout),
+            segment: SegmentId::random(),
+            next_stripe: 0,
+            buf: Vec::new(),
+            in_flight: VecDeque::new(),
+            finished_segments: Vec::new(),
+        })
+    }
+
+    pub fn set_min_durable(&mut self, n: usize) {
+        self.min_durable = n.clamp(self.codec.layout().k as usize, self.codec.layout().width());
+    }
+
+    fn launch(&mut self, data: Vec<u8>) {
+        if self.next_stripe >= SEGMENT_STRIPES_MAX {
+            self.finished_segments.push(self.segment);
+            self.segment = SegmentId::random();
+            self.next_stripe = 0;
+        }
+        let h = tokio::spawn(write_stripe(
+            self.client.clone(),
+            self.codec.clone(),
+            self.segment,
+            self.nodes.clone(),
+            self.next_stripe,
+            data,
+            self.min_durable,
+        ));
+        self.next_stripe += 1;
+        self.in_flight.push_back(h);
+    }
+
+    async fn reap_one(&mut self) -> Result<Extent, ClientError> {
+        let h = self.in_flight.pop_front().expect("something in flight");
+        h.await
+            .map_err(|e| ClientError::Placement(format!("stripe task: {e}")))?
+    }
+
+    /// Buffers `data`; launches every full stripe. Returns the extents that
+    /// completed (in order). An error means a stripe could not be made
+    /// durable: nothing after the last returned extent is durable.
+    pub async fn write(&mut self, data: &[u8]) -> Result<Vec<Extent>, ClientError> {
+        self.buf.extend_from_slice(data);
+        let mut done = Vec::new();
+        while self.buf.len() >= self.stripe_bytes {
+            let rest = self.buf.split_off(self.stripe_bytes);
+            let stripe = std::mem::replace(&mut self.buf, rest);
+            while self.in_flight.len() >= WRITE_WINDOW_STRIPES {
+                done.push(self.reap_one().await?);
+            }
+            self.launch(stripe);
+        }
+        Ok(done)
+    }
+
+    /// Writes the partial stripe and waits for every stripe in flight.
+    pub async fn flush(&mut self) -> Result<Vec<Extent>, ClientError> {
+        if !self.buf.is_empty() {
+            let stripe = std::mem::take(&mut self.buf);
+            self.launch(stripe);
+        }
+        let mut done = Vec::new();
+        while !self.in_flight.is_empty() {
+            done.push(self.reap_one().await?);
+        }
+        Ok(done)
+    }
+
+    /// Flushes, then seals every segment this writer wrote on every node
+    /// (best effort: a down node's fragment stays open until repaired).
+    pub async fn finish(mut self) -> Result<Vec<Extent>, ClientError> {
+        let done = self.flush().await?;
+        let mut segs = std::mem::take(&mut self.finished_segments);
+        if self.next_stripe > 0 {
+            segs.push(self.segment);
+        }
+        for s in segs {
+            for (i, n) in self.nodes.iter().enumerate() {
+                let _ = self
+                    .client
+                    .call(
+                        *n,
+                        Request::Seal {
+                            segment: s,
+                            fragment: i as u8,
+                        },
+                    )
+                    .await;
+            }
+        }
+        Ok(done)
+    }
+}
+
+/// A fragment that could not be used, and why.
+#[derive(Clone, Debug)]
+pub struct BadFragment {
+    pub fragment: u8,
+    pub node: u64,
+    pub reason: String,
+    /// True when the data was there but failed its checksum.
+    pub corrupt: bool,
+}
+
+/// The result of reading one extent.
+#[derive(Debug)]
+pub struct ReadOutcome {
+    pub data: Vec<u8>,
+    /// Fragments that were missing, unreachable or corrupt: the data was
+    /// reconstructed around them; repair should recreate them.
+    pub bad: Vec<BadFragment>,
+}
+
+/// Reads extents: data fragments only when healthy, reconstruction from
+/// any `k` otherwise. Every fragment is verified against the extent's
+/// blake3 (end to end), besides the server's own check.
+pub struct StripeReader {
+    client: Arc<SegmentClient>,
+    codecs: Mutex<BTreeMap<(u8, u8), Arc<Codec>>>,
+}
+
+impl StripeReader {
+    pub fn new(client: Arc<SegmentClient>) -> Self {
+        StripeReader {
+            client,
+            codecs: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    fn codec(&self, layout: Layout) -> Result<Arc<Codec>, ClientError> {
+        let mut c = self.codecs.lock().expect("codecs lock");
+        if let Some(c) = c.get(&(layout.k, layout.m)) {
+            return Ok(c.clone());
+        }
+        let codec =
+            Arc::new(Codec::new(layout).map_err(|e| ClientError::Placement(e.to_string()))?);
+        c.insert((layout.k, layout.m), codec.clone());
+        Ok(codec)
+    }
+
+    /// Fetches fragment `i` from its home node, or with `search` from the
+    /// other nodes (repair may have moved it there).
+    async fn fetch(&self, e: &Extent, i: usize, search: bool) -> Result<Vec<u8>, BadFragment> {
+        let node = e.nodes[i];
+        let candidates: Vec<u64> = if search {
+            self.client
+                .nodes()
+                .into_iter()
+                .filter(|n| *n != node)
+                .collect()
+        } else {
+            vec![node]
+        };
+        if candidates.is_empty() {
+            return Err(BadFragment {
+                fragment: i as u8,
+                node,
+                reason: "no other node to search".into(),
+                corrupt: false,
+            });
+        }
+        let mut first_err: Option<BadFragment> = None;
+        for (attempt, n) in candidates.into_iter().enumerate() {
+            let r = self
+                .client
+                .read_fragment(n, e.segment, i as u8, e.stripe)
+                .await;
+            let bad = match r {
+                Ok((data, _)) if format::checksum(&data) == e.checksums[i] => return Ok(data),
+                Ok(_) => BadFragment {
+                    fragment: i as u8,
+                    node: n,
+                    reason: "data does not match the extent's checksum".into(),
+                    corrupt: true,
+                },
+                Err(ClientError::Store {
+                    error: StoreError::Checksum { detail, .. },
+                    ..
+                }) => BadFragment {
+                    fragment: i as u8,
+                    node: n,
+                    reason: format!("checksum mismatch on the server: {detail}"),
+                    corrupt: true,
+                },
+                Err(err) => BadFragment {
+                    fragment: i as u8,
+                    node: n,
+                    reason: err.to_string(),
+                    corrupt: false,
+                },
+            };
+            if attempt == 0 {
+                first_err = Some(bad);
+            }
+        }
+        Err(first_err.expect("at least one candidate"))
+    }
+
+    /// Reads one extent's data.
+    pub async fn read(&self, e: &Extent) -> Result<ReadOutcome, ClientError> {
+        let layout = e.layout;
+        let k = layout.k as usize;
+        let codec = self.codec(layout)?;
+        let mut frags: Vec<Option<Vec<u8>>> = vec![None; layout.width()];
+        let mut bad = Vec::new();
+        // First the data fragments from their nodes, in parallel; then, if
+        // some failed, the parity fragments; then moved fragments elsewhere.
+        let mut have = 0;
+        let stages: [(Vec<usize>, bool); 3] = [
+            ((0..k).collect(), false),
+            ((k..layout.width()).collect(), false),
+            ((0..layout.width()).collect(), true),
+        ];
+        for (wanted, search) in stages {
+            if have >= k {
+                break;
+            }
+            let wanted: Vec<usize> = wanted.into_iter().filter(|i| frags[*i].is_none()).collect();
+            for (i, r) in futures_join(self, e, wanted, search).await {
+                match r {
+                    Ok(d) => frags[i] = Some(d),
+                    Err(b) if !search => bad.push(b),
+                    Err(_) => {}
+                }
+            }
+            have = frags.iter().filter(|f| f.is_some()).count();
+        }
+        for b in &bad {
+            warn!(segment = %e.segment, stripe = e.stripe, fragment = b.fragment, node = b.node,
+                corrupt = b.corrupt, "bad fragment: {}", b.reason);
+        }
+        if have < k {
+            return Err(ClientError::Unreadable {
+                segment: e.segment,
+                stripe: e.stripe,
+                reason: format!(
+                    "{have} of {k} needed fragments readable: {}",
+                    bad.iter()
+                        .map(|b| format!(
+                            "fragment {} on node {}: {}",
+                            b.fragment, b.node, b.reason
+                        ))
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                ),
+            });
+        }
+        let data =
+            codec
+                .decode(frags, e.data_len as usize)
+                .map_err(|err| ClientError::Unreadable {
+                    segment: e.segment,
+                    stripe: e.stripe,
+                    reason: err.to_string(),
+                })?;
+        Ok(ReadOutcome { data, bad })
+    }
+}
+
+async fn futures_join(
+    reader: &StripeReader,
+    e: &Extent,
+    wanted: Vec<usize>,
+    search: bool,
+) -> Vec<(usize, Result<Vec<u8>, BadFragment>)> {
+    // All at once: each awaits its own network round trip.
+    join_all(
+        wanted
+            .into_iter()
+            .map(|i| async move { (i, reader.fetch(e, i, search).await) }),
+    )
+    .await
+}
+
+/// Runs futures concurrently on the current task.
+pub async fn join_all<F: std::future::Future>(futs: impl IntoIterator<Item = F>) -> Vec<F::Output> {
+    futures::future::join_all(futs).await
+}

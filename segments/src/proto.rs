@@ -1,0 +1,153 @@
+//! Messages between segment clients and segment servers: bincode bodies in
+//! crc32c frames (`cfs-frame`). Every request carries an id; replies may
+//! come back in any order. The first request must be `Hello`.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_bytes::ByteBuf;
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+use crate::format::SegmentId;
+use crate::layout::Layout;
+use crate::store::{FragmentInfo, StoreError, StoreStats};
+
+pub const PROTOCOL_VERSION: u32 = 1;
+/// Largest frame before the handshake.
+pub const HELLO_FRAME_BYTES_MAX: usize = 64 << 10;
+/// Largest frame after it: one fragment plus headers.
+pub const FRAME_BYTES_MAX: usize = crate::store::FRAGMENT_BYTES_MAX + (64 << 10);
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum Request {
+    Hello {
+        protocol: u32,
+        cluster_id: String,
+    },
+    /// Append fragment `fragment` of `stripe` of `segment` (creating the
+    /// fragment file on first use). Idempotent for identical data.
+    Append {
+        segment: SegmentId,
+        fragment: u8,
+        layout: Layout,
+        nodes: Vec<u64>,
+        stripe: u32,
+        data: ByteBuf,
+    },
+    Read {
+        segment: SegmentId,
+        fragment: u8,
+        stripe: u32,
+    },
+    Seal {
+        segment: SegmentId,
+        fragment: u8,
+    },
+    Free {
+        segment: SegmentId,
+    },
+    MarkDead {
+        segment: SegmentId,
+        fragment: u8,
+        bytes: u64,
+    },
+    List,
+    Stat,
+}
+
+/// A node's segment store, as `/health` and `cfs` report it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StatInfo {
+    pub node_id: u64,
+    pub io_mode: String,
+    pub free_bytes: u64,
+    pub fragments: u64,
+    pub stats: StoreStats,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum Response {
+    Welcome { node_id: u64 },
+    Refused { reason: String },
+    Appended { checksum: [u8; 32] },
+    Data { data: ByteBuf, checksum: [u8; 32] },
+    Done,
+    Freed { fragments: u32 },
+    Fragments(Vec<FragmentInfo>),
+    Stat(StatInfo),
+    Error(StoreError),
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Envelope<T> {
+    pub id: u64,
+    pub body: T,
+}
+
+pub fn encode<T: Serialize>(msg: &Envelope<T>, out: &mut Vec<u8>) {
+    let body = bincode::serialize(msg).expect("messages serialize");
+    cfs_frame::encode_into(out, &body);
+}
+
+pub fn decode<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<Envelope<T>, String> {
+    use bincode::Options;
+    bincode::DefaultOptions::new()
+        .with_fixint_encoding()
+        .allow_trailing_bytes()
+        .with_limit(FRAME_BYTES_MAX as u64)
+        .deserialize(body)
+        .map_err(|e| format!("malformed message: {e}"))
+}
+
+/// Reads frames from a stream with a size limit.
+pub struct FrameReader<R> {
+    inner: R,
+    buf: Vec<u8>,
+    pub max: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error("connection closed")]
+    Closed,
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("bad frame: {0}")]
+    Frame(#[from] cfs_frame::FrameError),
+    #[error("{0}")]
+    Malformed(String),
+}
+
+impl<R: AsyncRead + Unpin> FrameReader<R> {
+    pub fn new(inner: R, max: usize) -> Self {
+        FrameReader {
+            inner,
+            buf: Vec::new(),
+            max,
+        }
+    }
+
+    pub async fn next<T: for<'de> Deserialize<'de>>(&mut self) -> Result<Envelope<T>, ReadError> {
+        loop {
+            if let Some((body, used)) = cfs_frame::decode(&self.buf, self.max)? {
+                let m = decode(body).map_err(ReadError::Malformed);
+                self.buf.drain(..used);
+                return m;
+            }
+            let need = cfs_frame::peek_len(&self.buf, self.max)?
+                .map(|l| l + cfs_frame::FRAME_HEADER_BYTES)
+                .unwrap_or(cfs_frame::FRAME_HEADER_BYTES);
+            let old = self.buf.len();
+            self.buf
+                .resize(old + (need - old.min(need)).max(64 << 10), 0);
+            let n = self.inner.read(&mut self.buf[old..]).await?;
+            self.buf.truncate(old + n);
+            if n == 0 {
+                return Err(ReadError::Closed);
+            }
+        }
+    }
+}
+
+/// Which node serves segments where.
+pub type ServerMap = BTreeMap<u64, std::net::SocketAddr>;

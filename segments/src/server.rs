@@ -1,0 +1,460 @@
+//! The segment server inside `cfs-node`: a TCP listener whose connections
+//! feed one store thread. The store thread takes every queued request,
+//! appends all fragments with one `fdatasync` per file (group commit), and
+//! answers each request on its connection.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc as std_mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_bytes::ByteBuf;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot};
+use tracing::{info, info_span, warn, Instrument};
+
+use crate::proto::{
+    self, Envelope, FrameReader, ReadError, Request, Response, StatInfo, FRAME_BYTES_MAX,
+    HELLO_FRAME_BYTES_MAX, PROTOCOL_VERSION,
+};
+use crate::store::{AppendReq, FragmentKey, Store, StoreError};
+
+/// Requests queued for the store thread before new ones are refused.
+pub const STORE_QUEUE_MAX: usize = 4096;
+/// Requests one store-thread batch takes at most.
+pub const STORE_BATCH_MAX: usize = 256;
+/// Replies queued per connection.
+const CONN_REPLY_QUEUE_MAX: usize = 1024;
+/// Below this many free bytes, /health reports the store as nearly full.
+pub const LOW_SPACE_BYTES: u64 = 64 << 20;
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Clone, Debug)]
+pub struct SegmentServerConfig {
+    pub node_id: u64,
+    pub cluster_id: String,
+    pub listen: SocketAddr,
+    pub dir: PathBuf,
+    /// False forces plain pread/pwrite (io_uring is still probed if true).
+    pub io_uring: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("segment store {dir}: {source}")]
+    Store {
+        dir: String,
+        #[source]
+        source: StoreError,
+    },
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+struct Job {
+    req: Request,
+    reply: oneshot::Sender<Response>,
+}
+
+/// A running segment server. Cheap to clone.
+#[derive(Clone)]
+pub struct SegmentServer {
+    jobs: std_mpsc::SyncSender<Job>,
+    stat: Arc<Mutex<StatInfo>>,
+    rejected: Arc<AtomicU64>,
+}
+
+impl SegmentServer {
+    pub async fn start(cfg: SegmentServerConfig) -> Result<SegmentServer, ServerError> {
+        let dir = cfg.dir.display().to_string();
+        let store = Store::open(&cfg.dir, cfg.io_uring)
+            .map_err(|source| ServerError::Store { dir, source })?;
+        let listener =
+            TcpListener::bind(cfg.listen)
+                .await
+                .map_err(|source| ServerError::Listen {
+                    addr: cfg.listen,
+                    source,
+                })?;
+        let stat = Arc::new(Mutex::new(stat_of(cfg.node_id, &store)));
+        let (tx, rx) = std_mpsc::sync_channel(STORE_QUEUE_MAX);
+        let s2 = stat.clone();
+        let node_id = cfg.node_id;
+        std::thread::Builder::new()
+            .name("segment-store".into())
+            .spawn(move || {
+                let _g = info_span!("segment_store").entered();
+                store_loop(store, rx, s2, node_id)
+            })
+            .map_err(|source| ServerError::Listen {
+                addr: cfg.listen,
+                source,
+            })?;
+        let server = SegmentServer {
+            jobs: tx,
+            stat,
+            rejected: Arc::new(AtomicU64::new(0)),
+        };
+        info!(listen = %cfg.listen, io_mode = %server.stat().io_mode, "segment server started");
+        let s = server.clone();
+        let cluster_id = cfg.cluster_id.clone();
+        tokio::spawn(async move {
+            loop {
+                match listener.accept().await {
+                    Ok((sock, addr)) => {
+                        let _ = sock.set_nodelay(true);
+                        let s = s.clone();
+                        let cid = cluster_id.clone();
+                        tokio::spawn(
+                            async move {
+                                if let Err(reason) = s.serve(sock, &cid, node_id).await {
+                                    s.rejected.fetch_add(1, Ordering::Relaxed);
+                                    warn!("closing segment connection: {reason}");
+                                }
+                            }
+                            .instrument(info_span!("segment_conn", peer = %addr)),
+                        );
+                    }
+                    Err(e) => {
+                        warn!("accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+            }
+        });
+        Ok(server)
+    }
+
+    /// The store's state as of its last batch.
+    pub fn stat(&self) -> StatInfo {
+        self.stat.lock().expect("stat lock").clone()
+    }
+
+    /// Why this node's segment store is unhealthy (empty when healthy).
+    pub fn problems(&self) -> Vec<String> {
+        let s = self.stat();
+        let mut p = Vec::new();
+        if let Some(e) = &s.stats.last_write_error {
+            p.push(format!("segment store: last write failed: {e}"));
+        }
+        if s.free_bytes < LOW_SPACE_BYTES {
+            p.push(format!("segment store: only {} bytes free", s.free_bytes));
+        }
+        p
+    }
+
+    pub fn metrics_text(&self) -> String {
+        let s = self.stat();
+        let st = &s.stats;
+        let mut out = String::new();
+        let mut put = |name: &str, kind: &str, help: &str, v: u64| {
+            out.push_str(&format!(
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}\n"
+            ));
+        };
+        put(
+            "cfs_segments_appends_total",
+            "counter",
+            "Fragments appended.",
+            st.appends,
+        );
+        put(
+            "cfs_segments_bytes_written_total",
+            "counter",
+            "Fragment bytes written.",
+            st.bytes_written,
+        );
+        put(
+            "cfs_segments_reads_total",
+            "counter",
+            "Fragments read.",
+            st.reads,
+        );
+        put(
+            "cfs_segments_bytes_read_total",
+            "counter",
+            "Fragment bytes read.",
+            st.bytes_read,
+        );
+        put(
+            "cfs_segments_syncs_total",
+            "counter",
+            "fdatasync calls.",
+            st.syncs,
+        );
+        put(
+            "cfs_segments_checksum_failures_total",
+            "counter",
+            "Fragments whose blake3 did not match on read.",
+            st.checksum_failures,
+        );
+        put(
+            "cfs_segments_write_errors_total",
+            "counter",
+            "Failed fragment writes.",
+            st.write_errors,
+        );
+        put(
+            "cfs_segments_no_space_errors_total",
+            "counter",
+            "Writes failed with ENOSPC.",
+            st.no_space_errors,
+        );
+        put(
+            "cfs_segments_free_bytes",
+            "gauge",
+            "Free bytes under the segment directory.",
+            s.free_bytes,
+        );
+        put(
+            "cfs_segments_fragment_files",
+            "gauge",
+            "Fragment files held.",
+            s.fragments,
+        );
+        put(
+            "cfs_segments_rejected_connections_total",
+            "counter",
+            "Connections closed for bad input.",
+            self.rejected.load(Ordering::Relaxed),
+        );
+        out.push_str("# HELP cfs_segments_io_mode I/O engine in use (1 for the active mode).\n# TYPE cfs_segments_io_mode gauge\n");
+        out.push_str(&format!(
+            "cfs_segments_io_mode{{mode=\"{}\"}} 1\n",
+            s.io_mode
+        ));
+        out
+    }
+
+    async fn serve(
+        &self,
+        sock: tokio::net::TcpStream,
+        cluster_id: &str,
+        node_id: u64,
+    ) -> Result<(), String> {
+        let (r, mut w) = sock.into_split();
+        let mut reader = FrameReader::new(r, HELLO_FRAME_BYTES_MAX);
+        let hello: Envelope<Request> =
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, reader.next()).await {
+                Err(_) => return Err("no hello within the handshake timeout".into()),
+                Ok(Err(e)) => return Err(format!("bad hello: {e}")),
+                Ok(Ok(h)) => h,
+            };
+        let verdict = match &hello.body {
+            Request::Hello { protocol, .. } if *protocol != PROTOCOL_VERSION => Err(format!(
+                "protocol {protocol} not supported (this node speaks {PROTOCOL_VERSION})"
+            )),
+            Request::Hello { cluster_id: c, .. } if c != cluster_id => {
+                Err(format!("wrong cluster id {c:?} (this is {cluster_id:?})"))
+            }
+            Request::Hello { .. } => Ok(()),
+            _ => Err("first message is not a hello".into()),
+        };
+        let mut out = Vec::new();
+        let reply = match &verdict {
+            Ok(()) => Response::Welcome { node_id },
+            Err(reason) => Response::Refused {
+                reason: reason.clone(),
+            },
+        };
+        proto::encode(
+            &Envelope {
+                id: hello.id,
+                body: reply,
+            },
+            &mut out,
+        );
+        use tokio::io::AsyncWriteExt;
+        let _ = w.write_all(&out).await;
+        verdict?;
+        reader.max = FRAME_BYTES_MAX;
+        let (tx, mut rx) = mpsc::channel::<Envelope<Response>>(CONN_REPLY_QUEUE_MAX);
+        let writer = tokio::spawn(async move {
+            let mut buf = Vec::new();
+            while let Some(m) = rx.recv().await {
+                buf.clear();
+                proto::encode(&m, &mut buf);
+                while let Ok(m) = rx.try_recv() {
+                    proto::encode(&m, &mut buf);
+                    if buf.len() > 4 << 20 {
+                        break;
+                    }
+                }
+                if w.write_all(&buf).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let result = loop {
+            let msg: Envelope<Request> = match reader.next().await {
+                Ok(m) => m,
+                Err(ReadError::Closed) => break Ok(()),
+                Err(e) => break Err(format!("{e}")),
+            };
+            if matches!(msg.body, Request::Hello { .. }) {
+                break Err("second hello".into());
+            }
+            let (otx, orx) = oneshot::channel();
+            let id = msg.id;
+            if self
+                .jobs
+                .try_send(Job {
+                    req: msg.body,
+                    reply: otx,
+                })
+                .is_err()
+            {
+                let busy =
+                    Response::Error(StoreError::Io("segment store overloaded; retry".into()));
+                let _ = tx.send(Envelope { id, body: busy }).await;
+                continue;
+            }
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                if let Ok(body) = orx.await {
+                    let _ = tx.send(Envelope { id, body }).await;
+                }
+            });
+        };
+        drop(tx);
+        let _ = writer.await;
+        result
+    }
+}
+
+fn stat_of(node_id: u64, store: &Store) -> StatInfo {
+    StatInfo {
+        node_id,
+        io_mode: store.io_mode().to_string(),
+        free_bytes: store.free_bytes(),
+        fragments: store.fragment_count() as u64,
+        stats: store.stats().clone(),
+    }
+}
+
+/// Interval between refreshes of the shared stat (statvfs, file counts).
+const STAT_REFRESH: Duration = Duration::from_millis(200);
+
+fn store_loop(
+    mut store: Store,
+    rx: std_mpsc::Receiver<Job>,
+    stat: Arc<Mutex<StatInfo>>,
+    node_id: u64,
+) {
+    let mut last_stat = Instant::now();
+    loop {
+        let first = match rx.recv_timeout(STAT_REFRESH) {
+            Ok(j) => Some(j),
+            Err(std_mpsc::RecvTimeoutError::Timeout) => None,
+            Err(std_mpsc::RecvTimeoutError::Disconnected) => return,
+        };
+        let mut jobs: Vec<Job> = first.into_iter().collect();
+        while jobs.len() < STORE_BATCH_MAX {
+            match rx.try_recv() {
+                Ok(j) => jobs.push(j),
+                Err(_) => break,
+            }
+        }
+        let (appends, others): (Vec<Job>, Vec<Job>) = jobs
+            .into_iter()
+            .partition(|j| matches!(j.req, Request::Append { .. }));
+        if !appends.is_empty() {
+            let mut replies = Vec::with_capacity(appends.len());
+            let mut reqs = Vec::with_capacity(appends.len());
+            for j in appends {
+                if let Request::Append {
+                    segment,
+                    fragment,
+                    layout,
+                    nodes,
+                    stripe,
+                    data,
+                } = j.req
+                {
+                    reqs.push(AppendReq {
+                        key: FragmentKey { segment, fragment },
+                        layout,
+                        nodes,
+                        stripe,
+                        data: data.into_vec(),
+                    });
+                    replies.push(j.reply);
+                }
+            }
+            for (r, reply) in store.append_batch(reqs).into_iter().zip(replies) {
+                let _ = reply.send(match r {
+                    Ok(checksum) => Response::Appended { checksum },
+                    Err(e) => Response::Error(e),
+                });
+            }
+        }
+        let (reads, others): (Vec<Job>, Vec<Job>) = others
+            .into_iter()
+            .partition(|j| matches!(j.req, Request::Read { .. }));
+        if !reads.is_empty() {
+            let wanted: Vec<(FragmentKey, u32)> = reads
+                .iter()
+                .map(|j| match j.req {
+                    Request::Read {
+                        segment,
+                        fragment,
+                        stripe,
+                    } => (FragmentKey { segment, fragment }, stripe),
+                    _ => unreachable!("partitioned on Read"),
+                })
+                .collect();
+            for (r, j) in store.read_batch(&wanted).into_iter().zip(reads) {
+                let _ = j.reply.send(match r {
+                    Ok((data, checksum)) => Response::Data {
+                        data: ByteBuf::from(data),
+                        checksum,
+                    },
+                    Err(e) => Response::Error(e),
+                });
+            }
+        }
+        for j in others {
+            let resp = match j.req {
+                Request::Seal { segment, fragment } => {
+                    match store.seal(FragmentKey { segment, fragment }) {
+                        Ok(()) => Response::Done,
+                        Err(e) => Response::Error(e),
+                    }
+                }
+                Request::Free { segment } => match store.free(segment) {
+                    Ok(n) => Response::Freed {
+                        fragments: n as u32,
+                    },
+                    Err(e) => Response::Error(e),
+                },
+                Request::MarkDead {
+                    segment,
+                    fragment,
+                    bytes,
+                } => match store.mark_dead(FragmentKey { segment, fragment }, bytes) {
+                    Ok(()) => Response::Done,
+                    Err(e) => Response::Error(e),
+                },
+                Request::List => Response::Fragments(store.list()),
+                Request::Stat => Response::Stat(stat_of(node_id, &store)),
+                Request::Append { .. } | Request::Read { .. } | Request::Hello { .. } => {
+                    Response::Error(StoreError::BadRequest("unexpected request".into()))
+                }
+            };
+            let _ = j.reply.send(resp);
+        }
+        if last_stat.elapsed() >= STAT_REFRESH {
+            *stat.lock().expect("stat lock") = stat_of(node_id, &store);
+            last_stat = Instant::now();
+        } else {
+            let mut s = stat.lock().expect("stat lock");
+            s.stats = store.stats().clone();
+        }
+    }
+}
