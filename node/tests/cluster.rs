@@ -3,79 +3,16 @@
 use std::collections::{BTreeMap, HashMap};
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+mod common;
 
 use cfs_log::client::LogClient;
 use cfs_log::wire::{Role, Wire};
 use cfs_node::cluster;
-use cfs_node::config::NodeConfig;
-
-struct Cluster {
-    dir: PathBuf,
-    cfgs: Vec<NodeConfig>,
-}
-
-impl Cluster {
-    fn start(name: &str) -> Cluster {
-        let dir = std::env::temp_dir().join(format!("cfs-test-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let cfgs = cluster::ensure_configs(&dir, 3, 2).expect("configs");
-        for c in &cfgs {
-            cluster::start_node(&dir, c.node_id, &bin()).expect("start");
-        }
-        cluster::wait_healthy(&cfgs, Duration::from_secs(30)).expect("healthy");
-        Cluster { dir, cfgs }
-    }
-
-    fn client(&self) -> LogClient {
-        LogClient::new(
-            &self.cfgs[0].cluster_id,
-            self.cfgs.iter().map(|c| c.listen).collect(),
-        )
-    }
-
-    fn cfg(&self, id: u64) -> &NodeConfig {
-        &self.cfgs[(id - 1) as usize]
-    }
-
-    async fn leader(&self, shard: u32) -> u64 {
-        let c = self.client();
-        let until = Instant::now() + Duration::from_secs(20);
-        loop {
-            for cfg in &self.cfgs {
-                if let Ok((_, st)) = c.status(cfg.listen).await {
-                    if let Some(s) = st.iter().find(|s| s.shard == shard && s.is_leader) {
-                        return s.leader.expect("leader id");
-                    }
-                }
-            }
-            assert!(Instant::now() < until, "no leader");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    fn log_of(&self, id: u64) -> String {
-        std::fs::read_to_string(cluster::node_dir(&self.dir, id).join("node.log"))
-            .unwrap_or_default()
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        for c in &self.cfgs {
-            let _ = cluster::stop_node(&self.dir, c.node_id, libc::SIGKILL, Duration::from_secs(5));
-        }
-        if !std::thread::panicking() {
-            let _ = std::fs::remove_dir_all(&self.dir);
-        }
-    }
-}
-
-fn bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_cfs-node"))
-}
+use common::{bin, Cluster};
 
 /// kill -9 the leader mid-load, restart it: every acknowledged entry is
 /// present exactly once, at its acknowledged position, in one order on all
@@ -218,14 +155,6 @@ fn refusal(msgs: &[Wire]) -> String {
     }
 }
 
-fn rejected(cfg: &NodeConfig) -> u64 {
-    let (_, body) = cluster::http_get(cfg.http, "/metrics").unwrap();
-    body.lines()
-        .find_map(|l| l.strip_prefix("cfs_log_rejected_connections_total "))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap()
-}
-
 /// Malformed, oversized and checksum-failing frames, a wrong cluster id and
 /// duplicate node ids are refused, logged, counted, and change nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -235,7 +164,7 @@ async fn bad_input_is_refused_and_changes_nothing() {
     let id = cl.cfgs[0].cluster_id.clone();
     let client = cl.client();
     let p0 = client.propose(0, b"before".to_vec()).await.unwrap();
-    let rejected_before = rejected(target);
+    let rejected_before = cl.metric(1, "cfs_log_rejected_connections_total");
 
     // Garbage bytes.
     let mut s = raw_connect(target.listen);
@@ -277,7 +206,7 @@ async fn bad_input_is_refused_and_changes_nothing() {
         Err(cfs_log::LogError::Invalid(_))
     ));
 
-    assert!(rejected(target) >= rejected_before + 7);
+    assert!(cl.metric(1, "cfs_log_rejected_connections_total") >= rejected_before + 7);
     let log = cl.log_of(1);
     assert!(log.contains("closing connection"), "reason logged");
     // Nothing changed: the next entry follows directly.

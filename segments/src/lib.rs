@@ -16,6 +16,7 @@ pub mod format;
 pub mod io;
 pub mod layout;
 pub mod proto;
+pub use serde_bytes::ByteBuf;
 pub mod repair;
 pub mod server;
 pub mod store;

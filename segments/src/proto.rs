@@ -61,6 +61,7 @@ pub struct StatInfo {
     pub node_id: u64,
     pub io_mode: String,
     pub free_bytes: u64,
+    pub total_bytes: u64,
     pub fragments: u64,
     pub stats: StoreStats,
 }

@@ -27,7 +27,8 @@ pub const STORE_QUEUE_MAX: usize = 4096;
 pub const STORE_BATCH_MAX: usize = 256;
 /// Replies queued per connection.
 const CONN_REPLY_QUEUE_MAX: usize = 1024;
-/// Below this many free bytes, /health reports the store as nearly full.
+/// Below this many free bytes (or 10 % of the device, if smaller), /health
+/// reports the store as nearly full.
 pub const LOW_SPACE_BYTES: u64 = 64 << 20;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -143,7 +144,7 @@ impl SegmentServer {
         if let Some(e) = &s.stats.last_write_error {
             p.push(format!("segment store: last write failed: {e}"));
         }
-        if s.free_bytes < LOW_SPACE_BYTES {
+        if s.free_bytes < LOW_SPACE_BYTES.min(s.total_bytes / 10) {
             p.push(format!("segment store: only {} bytes free", s.free_bytes));
         }
         p
@@ -329,10 +330,12 @@ impl SegmentServer {
 }
 
 fn stat_of(node_id: u64, store: &Store) -> StatInfo {
+    let (free_bytes, total_bytes) = store.space();
     StatInfo {
         node_id,
         io_mode: store.io_mode().to_string(),
-        free_bytes: store.free_bytes(),
+        free_bytes,
+        total_bytes,
         fragments: store.fragment_count() as u64,
         stats: store.stats().clone(),
     }

@@ -473,12 +473,8 @@ impl Store {
     }
 
     /// Reads several fragments with one submission; each is verified.
-    pub fn read_batch(
-        &mut self,
-        wanted: &[(FragmentKey, u32)],
-    ) -> Vec<FragmentRead> {
-        let mut results: Vec<Option<FragmentRead>> =
-            (0..wanted.len()).map(|_| None).collect();
+    pub fn read_batch(&mut self, wanted: &[(FragmentKey, u32)]) -> Vec<FragmentRead> {
+        let mut results: Vec<Option<FragmentRead>> = (0..wanted.len()).map(|_| None).collect();
         let mut plan = Vec::new();
         for (i, (key, stripe)) in wanted.iter().enumerate() {
             match self.files.get(key).map(|f| f.stripes.get(stripe)) {
@@ -624,18 +620,21 @@ impl Store {
         v
     }
 
-    /// Free bytes of the file system under the store.
-    pub fn free_bytes(&self) -> u64 {
+    /// (free, total) bytes of the file system under the store.
+    pub fn space(&self) -> (u64, u64) {
         let Ok(c) = std::ffi::CString::new(self.dir.as_os_str().as_encoded_bytes()) else {
-            return 0;
+            return (0, 0);
         };
         // SAFETY: statvfs fills the zeroed struct; the path is NUL-terminated.
         unsafe {
             let mut st: libc::statvfs = std::mem::zeroed();
             if libc::statvfs(c.as_ptr(), &mut st) != 0 {
-                return 0;
+                return (0, 0);
             }
-            st.f_bavail as u64 * st.f_frsize as u64
+            (
+                st.f_bavail as u64 * st.f_frsize as u64,
+                st.f_blocks as u64 * st.f_frsize as u64,
+            )
         }
     }
 }

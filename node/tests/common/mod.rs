@@ -1,0 +1,99 @@
+//! A real multi-process cluster for end-to-end tests.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use cfs_log::client::LogClient;
+use cfs_node::cluster;
+use cfs_node::config::NodeConfig;
+
+pub struct Cluster {
+    pub dir: PathBuf,
+    pub cfgs: Vec<NodeConfig>,
+}
+
+impl Cluster {
+    pub fn start(name: &str) -> Cluster {
+        Self::start_with(name, |_| {})
+    }
+
+    /// Starts a 3-node cluster after `tweak` edits each node's config.
+    pub fn start_with(name: &str, tweak: impl Fn(&mut NodeConfig)) -> Cluster {
+        let dir = std::env::temp_dir().join(format!("cfs-test-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut cfgs = cluster::ensure_configs(&dir, 3, 2).expect("configs");
+        for c in cfgs.iter_mut() {
+            tweak(c);
+            let path = cluster::node_dir(&dir, c.node_id).join("config.toml");
+            std::fs::write(path, toml::to_string(c).expect("toml")).expect("write config");
+        }
+        for c in &cfgs {
+            cluster::start_node(&dir, c.node_id, &bin()).expect("start");
+        }
+        cluster::wait_healthy(&cfgs, Duration::from_secs(30)).expect("healthy");
+        Cluster { dir, cfgs }
+    }
+
+    pub fn client(&self) -> LogClient {
+        LogClient::new(
+            &self.cfgs[0].cluster_id,
+            self.cfgs.iter().map(|c| c.listen).collect(),
+        )
+    }
+
+    pub fn segment_client(&self) -> std::sync::Arc<cfs_segments::client::SegmentClient> {
+        cfs_segments::client::SegmentClient::new(
+            &self.cfgs[0].cluster_id,
+            cluster::segment_servers(&self.cfgs),
+        )
+    }
+
+    pub fn cfg(&self, id: u64) -> &NodeConfig {
+        &self.cfgs[(id - 1) as usize]
+    }
+
+    pub async fn leader(&self, shard: u32) -> u64 {
+        let c = self.client();
+        let until = Instant::now() + Duration::from_secs(20);
+        loop {
+            for cfg in &self.cfgs {
+                if let Ok((_, st)) = c.status(cfg.listen).await {
+                    if let Some(s) = st.iter().find(|s| s.shard == shard && s.is_leader) {
+                        return s.leader.expect("leader id");
+                    }
+                }
+            }
+            assert!(Instant::now() < until, "no leader");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn log_of(&self, id: u64) -> String {
+        std::fs::read_to_string(cluster::node_dir(&self.dir, id).join("node.log"))
+            .unwrap_or_default()
+    }
+
+    pub fn metric(&self, id: u64, name: &str) -> u64 {
+        let (_, body) = cluster::http_get(self.cfg(id).http, "/metrics").expect("metrics");
+        body.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("metric {name} missing"))
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for c in &self.cfgs {
+            let _ = cluster::stop_node(&self.dir, c.node_id, libc::SIGKILL, Duration::from_secs(5));
+        }
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+pub fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_cfs-node"))
+}
