@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/tmp/cfs-target}
-export CFS_SIM_SEEDS=${CFS_SIM_SEEDS:-300}
+export CFS_SIM_SEEDS=${CFS_SIM_SEEDS:-500}
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -q -- -D warnings
 cargo test --workspace --all-targets

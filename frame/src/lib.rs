@@ -69,6 +69,59 @@ pub fn decode(buf: &[u8], max: usize) -> Result<Option<(&[u8], usize)>, FrameErr
     Ok(Some((payload, end)))
 }
 
+/// A queue [`write_batched`] drains: tokio's bounded and unbounded
+/// receivers.
+pub trait Queue<T>: Send {
+    fn recv(&mut self) -> impl std::future::Future<Output = Option<T>> + Send;
+    fn try_recv(&mut self) -> Option<T>;
+}
+
+impl<T: Send> Queue<T> for tokio::sync::mpsc::Receiver<T> {
+    fn recv(&mut self) -> impl std::future::Future<Output = Option<T>> + Send {
+        tokio::sync::mpsc::Receiver::recv(self)
+    }
+    fn try_recv(&mut self) -> Option<T> {
+        tokio::sync::mpsc::Receiver::try_recv(self).ok()
+    }
+}
+
+impl<T: Send> Queue<T> for tokio::sync::mpsc::UnboundedReceiver<T> {
+    fn recv(&mut self) -> impl std::future::Future<Output = Option<T>> + Send {
+        tokio::sync::mpsc::UnboundedReceiver::recv(self)
+    }
+    fn try_recv(&mut self) -> Option<T> {
+        tokio::sync::mpsc::UnboundedReceiver::try_recv(self).ok()
+    }
+}
+
+/// Bytes gathered from a queue before one write syscall.
+pub const WRITE_BATCH_BYTES: usize = 1 << 20;
+
+/// Writes every message of `queue` to `w`, encoding each as frames with
+/// `encode`, and coalescing what is already queued into one write of up to
+/// [`WRITE_BATCH_BYTES`]. Returns when the queue closes or a write fails.
+pub async fn write_batched<W, T, Q>(mut w: W, mut queue: Q, encode: impl Fn(&T, &mut Vec<u8>))
+where
+    W: tokio::io::AsyncWrite + Unpin,
+    Q: Queue<T>,
+{
+    use tokio::io::AsyncWriteExt;
+    let mut buf = Vec::new();
+    while let Some(m) = queue.recv().await {
+        buf.clear();
+        encode(&m, &mut buf);
+        while buf.len() < WRITE_BATCH_BYTES {
+            match queue.try_recv() {
+                Some(m) => encode(&m, &mut buf),
+                None => break,
+            }
+        }
+        if w.write_all(&buf).await.is_err() {
+            return;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

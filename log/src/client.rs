@@ -36,28 +36,12 @@ impl Conn {
             node_id: 0,
             incarnation: rand::random(),
         };
-        let (mut reader, mut w, _) = dial(addr, &me, Role::Client)
+        let (mut reader, w, _) = dial(addr, &me, Role::Client)
             .await
             .map_err(|e| LogError::Connection(e.to_string()))?;
-        let (tx, mut rx) = mpsc::unbounded_channel::<Wire>();
+        let (tx, rx) = mpsc::unbounded_channel::<Wire>();
         let pending: Pending = Arc::new(Mutex::new(HashMap::new()));
-        tokio::spawn(async move {
-            use tokio::io::AsyncWriteExt;
-            let mut buf = Vec::new();
-            while let Some(m) = rx.recv().await {
-                buf.clear();
-                m.encode_frame(&mut buf);
-                while let Ok(m) = rx.try_recv() {
-                    m.encode_frame(&mut buf);
-                    if buf.len() > 1 << 20 {
-                        break;
-                    }
-                }
-                if w.write_all(&buf).await.is_err() {
-                    return;
-                }
-            }
-        });
+        tokio::spawn(crate::frame::write_batched(w, rx, Wire::encode_frame));
         let p2 = pending.clone();
         tokio::spawn(async move {
             while let Ok(m) = reader.next().await {

@@ -13,6 +13,7 @@ pub mod disk;
 pub mod entry;
 pub use cfs_frame as frame;
 pub mod shard;
+pub mod sim;
 pub mod storage;
 pub mod wal;
 

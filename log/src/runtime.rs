@@ -52,6 +52,9 @@ pub const SHARD_INBOX_MAX: usize = 64 * 1024;
 pub const SHARD_BATCH_INPUTS_MAX: usize = 8 * 1024;
 /// Entries returned by one subscription read.
 pub const SUBSCRIBE_BATCH_MAX: usize = 4096;
+/// Ticks after which an undecided proposal with a local waiter is
+/// proposed again (see `ShardLoop::inflight`).
+const REPROPOSE_TICKS: u64 = 10;
 /// Ticks between trim-floor exchanges and waiter sweeps.
 const HOUSEKEEPING_TICKS: u64 = 50;
 
@@ -428,6 +431,7 @@ impl LogNode {
                         counters,
                         links: weak,
                         waiters: HashMap::new(),
+                        inflight: HashMap::new(),
                         peer_floors: HashMap::new(),
                         trimmed_to: 0,
                         ticks: 0,
@@ -857,6 +861,7 @@ impl LogNode {
                     if config_id != h.config_id {
                         continue;
                     }
+                    tracing::trace!(?msg, "recv");
                     if h.inbox.try_send(Input::Paxos(msg)).is_err() {
                         h.counters.inbox_full.fetch_add(1, Ordering::Relaxed);
                     }
@@ -891,26 +896,10 @@ impl LogNode {
     async fn serve_client(
         &self,
         mut reader: FrameReader<tokio::net::tcp::OwnedReadHalf>,
-        mut w: tokio::net::tcp::OwnedWriteHalf,
+        w: tokio::net::tcp::OwnedWriteHalf,
     ) -> Result<(), String> {
-        let (tx, mut rx) = mpsc::channel::<Wire>(CLIENT_REPLY_QUEUE_MAX);
-        let writer = tokio::spawn(async move {
-            use tokio::io::AsyncWriteExt;
-            let mut buf = Vec::new();
-            while let Some(m) = rx.recv().await {
-                buf.clear();
-                m.encode_frame(&mut buf);
-                while let Ok(m) = rx.try_recv() {
-                    m.encode_frame(&mut buf);
-                    if buf.len() > 1 << 20 {
-                        break;
-                    }
-                }
-                if w.write_all(&buf).await.is_err() {
-                    return;
-                }
-            }
-        });
+        let (tx, rx) = mpsc::channel::<Wire>(CLIENT_REPLY_QUEUE_MAX);
+        let writer = tokio::spawn(crate::frame::write_batched(w, rx, Wire::encode_frame));
         let result = loop {
             let msg = match reader.next().await {
                 Ok(m) => m,
@@ -1092,6 +1081,12 @@ struct ShardLoop {
     counters: Arc<ShardCounters>,
     links: std::sync::Weak<Inner>,
     waiters: HashMap<RequestId, Vec<Reply>>,
+    /// Undecided entries proposed through this node for local waiters, with
+    /// the tick they were last proposed: an entry can be lost before it is
+    /// decided (a leader replaced before replicating it, a forward sent to
+    /// a leader still preparing), so it is proposed again until decided;
+    /// the log deduplicates by request id.
+    inflight: HashMap<RequestId, (Entry, u64)>,
     peer_floors: HashMap<NodeId, Position>,
     trimmed_to: Position,
     ticks: u64,
@@ -1129,6 +1124,9 @@ impl ShardLoop {
                 if self.ticks.is_multiple_of(HOUSEKEEPING_TICKS) {
                     self.housekeeping();
                 }
+                if self.ticks.is_multiple_of(REPROPOSE_TICKS) {
+                    self.repropose_inflight();
+                }
             }
             self.flush()?;
         }
@@ -1144,9 +1142,12 @@ impl ShardLoop {
                 redirect,
             } => {
                 let req = entry.request;
-                match self.core.propose(entry.clone()) {
+                let outcome = self.core.propose(entry.clone());
+                tracing::debug!(?req, ?outcome, local = reply.is_some(), "propose");
+                match outcome {
                     Proposed::Appended | Proposed::Duplicate(None) => {
                         if let Some(r) = reply {
+                            self.inflight.insert(req, (entry, self.ticks));
                             self.waiters.entry(req).or_default().push(r);
                         }
                     }
@@ -1169,6 +1170,9 @@ impl ShardLoop {
                         }
                     }
                     Proposed::Forward(leader) => {
+                        if reply.is_some() {
+                            self.inflight.insert(req, (entry.clone(), self.ticks));
+                        }
                         if let Some(inner) = self.links.upgrade() {
                             inner.links.send(
                                 leader,
@@ -1207,6 +1211,7 @@ impl ShardLoop {
             if let Some(inner) = &links {
                 for m in msgs {
                     let to = m.get_receiver();
+                    tracing::trace!(?m, "send");
                     inner.links.send(
                         to,
                         &Wire::Paxos {
@@ -1234,6 +1239,7 @@ impl ShardLoop {
                 .decided_entries
                 .fetch_add(ready.decided.len() as u64, Ordering::Relaxed);
             for (pos, e) in &ready.decided {
+                self.inflight.remove(&e.request);
                 if let Some(ws) = self.waiters.remove(&e.request) {
                     for w in ws {
                         w.send(Ok(*pos));
@@ -1254,11 +1260,58 @@ impl ShardLoop {
         Ok(())
     }
 
+    /// Proposes again every entry still undecided after
+    /// [`REPROPOSE_TICKS`] (to whoever leads now; duplicates are recognised
+    /// by request id).
+    fn repropose_inflight(&mut self) {
+        let stale: Vec<RequestId> = self
+            .inflight
+            .iter()
+            .filter(|(_, (_, sent))| self.ticks - sent >= REPROPOSE_TICKS)
+            .map(|(r, _)| *r)
+            .collect();
+        for req in stale {
+            let Some((entry, _)) = self.inflight.remove(&req) else {
+                continue;
+            };
+            if !self.waiters.contains_key(&req) {
+                continue;
+            }
+            match self.core.propose(entry.clone()) {
+                Proposed::Forward(leader) => {
+                    if let Some(inner) = self.links.upgrade() {
+                        inner.links.send(
+                            leader,
+                            &Wire::Forward {
+                                shard: self.core.shard,
+                                entries: vec![entry.clone()],
+                            },
+                        );
+                    }
+                    self.inflight.insert(req, (entry, self.ticks));
+                }
+                Proposed::Duplicate(Some(p)) => {
+                    for w in self.waiters.remove(&req).unwrap_or_default() {
+                        w.send(Ok(p));
+                    }
+                }
+                Proposed::Appended
+                | Proposed::Duplicate(None)
+                | Proposed::NoLeader
+                | Proposed::Stopping => {
+                    self.inflight.insert(req, (entry, self.ticks));
+                }
+            }
+        }
+    }
+
     fn housekeeping(&mut self) {
         self.waiters.retain(|_, ws| {
             ws.retain(|w| !w.is_closed());
             !ws.is_empty()
         });
+        let waiters = &self.waiters;
+        self.inflight.retain(|r, _| waiters.contains_key(r));
         let floor = {
             let mut t = self.subs.lock().expect("subscribers lock");
             if let Err(e) = t.save() {

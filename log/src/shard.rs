@@ -16,10 +16,11 @@
 //! number of entries decided in all earlier epochs, so positions keep
 //! counting across reconfiguration. Invariant: `delivered <= decided`.
 
-use omnipaxos::messages::sequence_paxos::{PaxosMessage, PaxosMsg};
+use omnipaxos::ballot_leader_election::Ballot;
+use omnipaxos::messages::sequence_paxos::{Accepted, PaxosMessage, PaxosMsg};
 use omnipaxos::messages::Message;
 use omnipaxos::storage::StopSign;
-use omnipaxos::util::{LogEntry, NodeId};
+use omnipaxos::util::{LogEntry, LogSync, NodeId};
 use omnipaxos::{ClusterConfig, OmniPaxos, OmniPaxosConfig, ServerConfig};
 
 use crate::disk::Disk;
@@ -108,6 +109,9 @@ pub struct ShardCore<D: Disk + Clone> {
     /// OmniPaxos index up to which decided entries were returned by `ready`.
     delivered_idx: u64,
     stopped: bool,
+    /// Messages taken out of OmniPaxos before `ready` (see `handle`); they
+    /// leave first, in order, with the next `ready`.
+    early_out: Vec<Message<Entry>>,
 }
 
 impl<D: Disk + Clone> ShardCore<D> {
@@ -156,6 +160,7 @@ impl<D: Disk + Clone> ShardCore<D> {
             wal: shared,
             delivered_idx,
             stopped: false,
+            early_out: Vec::new(),
         })
     }
 
@@ -187,8 +192,113 @@ impl<D: Disk + Clone> ShardCore<D> {
         self.epoch.base + self.delivered_idx
     }
 
-    pub fn handle(&mut self, msg: Message<Entry>) {
+    pub fn handle(&mut self, mut msg: Message<Entry>) {
+        let mut outbid = false;
+        if let Message::SequencePaxos(pm) = &mut msg {
+            match &mut pm.msg {
+                PaxosMsg::PrepareReq(r) => {
+                    // A replica can recover a promise above the leader's
+                    // ballot (it tried to lead; its Prepare never left, but
+                    // the unsynced promise survived the crash). It rejects
+                    // the leader's Prepare, and OmniPaxos' leader ignores
+                    // its PrepareReq as coming from a higher round, so it
+                    // stays out until the next election, which a healthy
+                    // majority never holds (found by the simulation). The
+                    // leader takes a ballot above it instead.
+                    outbid = self.leader() == Some(self.node) && r.n > self.paxos.get_promise();
+                }
+                PaxosMsg::Promise(p) => {
+                    // OmniPaxos 0.2.4 keeps adding new entries to the last
+                    // AcceptDecide it queued for a follower until its
+                    // outgoing buffer is taken. If a Promise makes the
+                    // leader resync that follower in between (the
+                    // AcceptSync opens a new sequence session), later
+                    // entries go only into the stale-session message, which
+                    // the follower discards, and its next entries land one
+                    // index off: divergent decided logs (found by the
+                    // simulation). Taking the buffer first closes the
+                    // cached message; the order of messages is unchanged.
+                    self.paxos.take_outgoing_messages(&mut self.early_out);
+                    if let Some(sync) = p.log_sync.as_mut() {
+                        if self.normalize_sync(sync) {
+                            p.log_sync = None;
+                        }
+                    }
+                }
+                PaxosMsg::AcceptSync(a) => {
+                    let no_op = self.normalize_sync(&mut a.log_sync);
+                    if no_op {
+                        self.accept_stop_sign_resync(a.n);
+                        return;
+                    }
+                }
+                _ => {}
+            }
+        }
         self.paxos.handle_incoming(msg);
+        if outbid {
+            self.paxos.try_become_leader();
+        }
+    }
+
+    /// Rewrites an incoming log sync (in a Promise or an AcceptSync) into
+    /// the equivalent one OmniPaxos 0.2.4 handles correctly; returns true if
+    /// nothing is left to apply to this replica, whose stop sign is decided.
+    /// Each case was found by the simulation:
+    ///
+    /// * OmniPaxos counts a stop sign as the index after the last entry, so
+    ///   a replica holding one is resynced from `end + 1` with nothing to
+    ///   append; OmniPaxos then counts the stop sign again: its log becomes
+    ///   one index longer than the storage (a phantom index that gets
+    ///   decided) and storage is asked to append past its end. Such a sync
+    ///   starts at `end`.
+    /// * A sync computed from an older Promise (answered late) can start
+    ///   below this replica's decided index. The overlap must hold the same
+    ///   decided entries (checked; otherwise the sync is left alone), so it
+    ///   is skipped: OmniPaxos asserts in debug builds that no sync starts
+    ///   below the decided index, and in release builds would truncate and
+    ///   rewrite decided entries in the WAL.
+    fn normalize_sync(&self, sync: &mut LogSync<Entry>) -> bool {
+        let w = self.wal.lock();
+        let state = w.state();
+        let end = state.end() as usize;
+        if sync.stopsign.is_some() && sync.suffix.is_empty() && sync.sync_idx == end + 1 {
+            sync.sync_idx = end;
+        }
+        let decided = self.paxos.get_decided_idx().min(end);
+        if sync.sync_idx < decided && decided - sync.sync_idx <= sync.suffix.len() {
+            // Entries below `entries_start` are trimmed, so decided: only
+            // the held ones can be compared.
+            let from = sync.sync_idx.max(state.entries_start as usize);
+            let skip = decided - sync.sync_idx;
+            let held = state.get(from as u64, decided as u64);
+            if held.as_deref() == Some(&sync.suffix[from - sync.sync_idx..skip]) {
+                sync.suffix.drain(..skip);
+                sync.sync_idx = decided;
+            }
+        }
+        self.paxos.is_reconfigured().is_some()
+            && sync.stopsign.is_some()
+            && sync.suffix.is_empty()
+            && sync.sync_idx == end
+    }
+
+    /// Answers an AcceptSync that brings nothing new to this replica, whose
+    /// stop sign is decided (OmniPaxos would reject the sync as starting
+    /// below the decided index), as OmniPaxos would: everything up to and
+    /// including the stop sign is accepted in round `n`.
+    fn accept_stop_sign_resync(&mut self, n: Ballot) {
+        if self.paxos.get_promise() != n {
+            return;
+        }
+        let accepted_idx = self.wal.lock().state().end() as usize + 1;
+        // After what OmniPaxos queued so far, to keep per-link order.
+        self.paxos.take_outgoing_messages(&mut self.early_out);
+        self.early_out.push(Message::SequencePaxos(PaxosMessage {
+            from: self.node,
+            to: n.pid,
+            msg: PaxosMsg::Accepted(Accepted { n, accepted_idx }),
+        }));
     }
 
     pub fn tick(&mut self) {
@@ -272,7 +382,7 @@ impl<D: Disk + Clone> ShardCore<D> {
         &mut self,
         send_early: impl FnOnce(Vec<Message<Entry>>),
     ) -> Result<Ready, ShardError> {
-        let mut msgs = Vec::new();
+        let mut msgs = std::mem::take(&mut self.early_out);
         self.paxos.take_outgoing_messages(&mut msgs);
         let split = msgs
             .iter()

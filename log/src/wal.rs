@@ -499,6 +499,9 @@ struct ScanResult {
     /// Offset just past the last good record.
     end: u64,
     torn: bool,
+    /// Offset just past the last non-zero byte of a torn tail (`end` if
+    /// none): the bytes to zero so the next scan sees a clean end.
+    torn_end: u64,
 }
 
 fn scan_segment(bytes: &[u8], file: &str, is_last: bool) -> Result<ScanResult, WalError> {
@@ -523,6 +526,7 @@ fn scan_segment(bytes: &[u8], file: &str, is_last: bool) -> Result<ScanResult, W
                 ops,
                 end: pos as u64,
                 torn: false,
+                torn_end: pos as u64,
             });
         }
         match frame::decode(rest, RECORD_BYTES_MAX) {
@@ -581,10 +585,12 @@ fn torn_or_corrupt(
         .saturating_add(claimed)
         .min(bytes.len());
     if bytes[span_end..].iter().all(|b| *b == 0) {
+        let dirty = bytes[pos..span_end].iter().rposition(|b| *b != 0);
         Ok(ScanResult {
             ops: Vec::new(),
             end: pos as u64,
             torn: true,
+            torn_end: dirty.map_or(pos, |d| pos + d + 1) as u64,
         })
     } else {
         Err(WalError::Corrupt {
@@ -624,6 +630,7 @@ impl<D: Disk + Clone> Wal<D> {
         let mut segments = Vec::new();
         let mut stats = WalStats::default();
         let mut last_end = 0u64;
+        let mut last_torn_end = 0u64;
         for (i, id) in ids.iter().enumerate() {
             let name = segment_name(*id);
             let bytes = disk.read_all(&name).map_err(io_err(&disk, &name))?;
@@ -659,8 +666,13 @@ impl<D: Disk + Clone> Wal<D> {
                 }
                 None if is_last => {
                     // Rotation crashed before the checkpoint hit the disk:
-                    // recreate the segment below.
+                    // recreate the segment below. The removal must be
+                    // durable before the previous segment is written again,
+                    // or a crash brings this one back behind it and that
+                    // segment's torn tail reads as corruption (found by the
+                    // simulation).
                     disk.remove(&name).map_err(io_err(&disk, &name))?;
+                    disk.sync_dir().map_err(io_err(&disk, "."))?;
                     break;
                 }
                 None => return Err(corrupt(0, "empty segment in the middle of the log".into())),
@@ -672,6 +684,7 @@ impl<D: Disk + Clone> Wal<D> {
             }
             segments.push(SegmentMeta { id: *id, max_end });
             last_end = scan.end;
+            last_torn_end = scan.torn_end;
         }
         if state.entries_start > state.trimmed && state.entries_start > 0 {
             return Err(WalError::Missing(format!(
@@ -716,9 +729,12 @@ impl<D: Disk + Clone> Wal<D> {
             let ck = WalOp::Checkpoint(wal.checkpoint());
             wal.encode_record(&ck);
             wal.sync()?;
-        } else if wal.stats.torn_tail_truncated {
-            // Zero the torn bytes so a later scan cannot mistake them for data.
-            let zeros = vec![0u8; frame::FRAME_HEADER_BYTES];
+        } else if wal.stats.torn_tail_truncated && last_torn_end > wal.active_written {
+            // Zero all the torn bytes, not just the header: a later scan must
+            // find only zeros after the last good record even if the records
+            // written next are shorter than the torn one (found by the
+            // simulation: a second crash made the segment "corrupt").
+            let zeros = vec![0u8; (last_torn_end - wal.active_written) as usize];
             let name = segment_name(wal.segments.last().expect("segment").id);
             wal.active
                 .write_at(wal.active_written, &zeros)

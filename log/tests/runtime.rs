@@ -60,6 +60,12 @@ fn data(v: &str) -> Entry {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forward_subscribe_trim() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(
+            std::env::var("CFS_LOG").unwrap_or_else(|_| "warn".into()),
+        ))
+        .with_test_writer()
+        .try_init();
     let dir = std::env::temp_dir().join(format!("cfs-rt-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let nodes = start_cluster(&dir, 64 << 10).await;
@@ -80,7 +86,26 @@ async fn forward_subscribe_trim() {
         } else {
             &nodes[leader]
         };
-        positions.push(n.propose(0, data(&format!("{i:0>200}"))).await.unwrap());
+        match n.propose(0, data(&format!("{i:0>200}"))).await {
+            Ok(p) => positions.push(p),
+            Err(e) => {
+                let st: Vec<_> = nodes.iter().map(|n| n.status()).collect();
+                let m: Vec<String> = nodes
+                    .iter()
+                    .map(|n| {
+                        n.metrics_text()
+                            .lines()
+                            .filter(|l| !l.starts_with('#'))
+                            .collect::<Vec<_>>()
+                            .join(" ")
+                    })
+                    .collect();
+                panic!(
+                    "proposal {i} via node {}: {e}; status {st:?}; metrics {m:#?}",
+                    n.node_id()
+                );
+            }
+        }
     }
     let mut sorted = positions.clone();
     sorted.sort();

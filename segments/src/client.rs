@@ -106,23 +106,8 @@ impl Conn {
             other => return Err(err(format!("bad handshake reply {other:?}"))),
         }
         reader.max = FRAME_BYTES_MAX;
-        let (tx, mut rx) = mpsc::unbounded_channel::<Envelope<Request>>();
-        tokio::spawn(async move {
-            let mut buf = Vec::new();
-            while let Some(m) = rx.recv().await {
-                buf.clear();
-                proto::encode(&m, &mut buf);
-                while let Ok(m) = rx.try_recv() {
-                    proto::encode(&m, &mut buf);
-                    if buf.len() > 4 << 20 {
-                        break;
-                    }
-                }
-                if w.write_all(&buf).await.is_err() {
-                    return;
-                }
-            }
-        });
+        let (tx, rx) = mpsc::unbounded_channel::<Envelope<Request>>();
+        tokio::spawn(cfs_frame::write_batched(w, rx, proto::encode::<Request>));
         let pending: Pending = Arc::default();
         let dead = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (p2, d2) = (pending.clone(), dead.clone());

@@ -275,23 +275,8 @@ impl SegmentServer {
         let _ = w.write_all(&out).await;
         verdict?;
         reader.max = FRAME_BYTES_MAX;
-        let (tx, mut rx) = mpsc::channel::<Envelope<Response>>(CONN_REPLY_QUEUE_MAX);
-        let writer = tokio::spawn(async move {
-            let mut buf = Vec::new();
-            while let Some(m) = rx.recv().await {
-                buf.clear();
-                proto::encode(&m, &mut buf);
-                while let Ok(m) = rx.try_recv() {
-                    proto::encode(&m, &mut buf);
-                    if buf.len() > 4 << 20 {
-                        break;
-                    }
-                }
-                if w.write_all(&buf).await.is_err() {
-                    return;
-                }
-            }
-        });
+        let (tx, rx) = mpsc::channel::<Envelope<Response>>(CONN_REPLY_QUEUE_MAX);
+        let writer = tokio::spawn(cfs_frame::write_batched(w, rx, proto::encode::<Response>));
         let result = loop {
             let msg: Envelope<Request> = match reader.next().await {
                 Ok(m) => m,
