@@ -34,6 +34,29 @@ pub fn encode_into(out: &mut Vec<u8>, payload: &[u8]) {
     out.extend_from_slice(payload);
 }
 
+/// Appends one frame whose payload `write` produces in place (no
+/// intermediate buffer): the header is filled in afterwards.
+///
+/// # Panics
+/// If `write` produces an empty payload or one over `u32::MAX` bytes.
+pub fn encode_with<E>(
+    out: &mut Vec<u8>,
+    write: impl FnOnce(&mut Vec<u8>) -> Result<(), E>,
+) -> Result<(), E> {
+    let at = out.len();
+    out.extend_from_slice(&[0u8; FRAME_HEADER_BYTES]);
+    if let Err(e) = write(out) {
+        out.truncate(at);
+        return Err(e);
+    }
+    let len = out.len() - at - FRAME_HEADER_BYTES;
+    assert!(len > 0 && len <= u32::MAX as usize);
+    let crc = crc32c::crc32c(&out[at + FRAME_HEADER_BYTES..]);
+    out[at..at + 4].copy_from_slice(&(len as u32).to_le_bytes());
+    out[at + 4..at + 8].copy_from_slice(&crc.to_le_bytes());
+    Ok(())
+}
+
 /// Reads the header at the front of `buf`: `None` if fewer than
 /// [`FRAME_HEADER_BYTES`] are present, else the payload length.
 pub fn peek_len(buf: &[u8], max: usize) -> Result<Option<usize>, FrameError> {
@@ -151,6 +174,19 @@ mod tests {
                 panic!("flip of bit {bit} undetected: {p:?}");
             }
         }
+    }
+
+    #[test]
+    fn encode_with_equals_encode_into() {
+        let mut a = Vec::new();
+        encode_into(&mut a, b"payload");
+        let mut b = Vec::new();
+        encode_with(&mut b, |o| {
+            o.extend_from_slice(b"payload");
+            Ok::<(), ()>(())
+        })
+        .unwrap();
+        assert_eq!(a, b);
     }
 
     #[test]

@@ -78,10 +78,9 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 .unwrap_or(frame::FRAME_HEADER_BYTES);
             let have = self.buf.len() - self.start;
             let want = (need.saturating_sub(have)).max(64 << 10);
-            let old = self.buf.len();
-            self.buf.resize(old + want, 0);
-            let n = self.inner.read(&mut self.buf[old..]).await?;
-            self.buf.truncate(old + n);
+            self.buf.reserve(want);
+            // Reads into spare capacity: no zero fill.
+            let n = self.inner.read_buf(&mut self.buf).await?;
             if n == 0 {
                 return Err(TransportError::Closed);
             }

@@ -139,8 +139,8 @@ pub enum Wire {
 impl Wire {
     /// Serializes into one frame appended to `out`.
     pub fn encode_frame(&self, out: &mut Vec<u8>) {
-        let body = bincode::serialize(self).expect("wire messages serialize");
-        crate::frame::encode_into(out, &body);
+        crate::frame::encode_with(out, |o| bincode::serialize_into(o, self))
+            .expect("wire messages serialize");
     }
 
     pub fn decode(body: &[u8]) -> Result<Wire, String> {

@@ -86,8 +86,7 @@ pub struct Envelope<T> {
 }
 
 pub fn encode<T: Serialize>(msg: &Envelope<T>, out: &mut Vec<u8>) {
-    let body = bincode::serialize(msg).expect("messages serialize");
-    cfs_frame::encode_into(out, &body);
+    cfs_frame::encode_with(out, |o| bincode::serialize_into(o, msg)).expect("messages serialize");
 }
 
 pub fn decode<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<Envelope<T>, String> {
@@ -139,10 +138,9 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 .map(|l| l + cfs_frame::FRAME_HEADER_BYTES)
                 .unwrap_or(cfs_frame::FRAME_HEADER_BYTES);
             let old = self.buf.len();
-            self.buf
-                .resize(old + (need - old.min(need)).max(64 << 10), 0);
-            let n = self.inner.read(&mut self.buf[old..]).await?;
-            self.buf.truncate(old + n);
+            self.buf.reserve((need - old.min(need)).max(64 << 10));
+            // Reads into spare capacity: no zero fill.
+            let n = self.inner.read_buf(&mut self.buf).await?;
             if n == 0 {
                 return Err(ReadError::Closed);
             }

@@ -67,6 +67,7 @@ struct Job {
 #[derive(Clone)]
 pub struct SegmentServer {
     jobs: std_mpsc::SyncSender<Job>,
+    checksum_failures: Arc<AtomicU64>,
     stat: Arc<Mutex<StatInfo>>,
     rejected: Arc<AtomicU64>,
 }
@@ -84,6 +85,7 @@ impl SegmentServer {
                     source,
                 })?;
         let stat = Arc::new(Mutex::new(stat_of(cfg.node_id, &store)));
+        let checksum_failures = store.checksum_failure_counter();
         let (tx, rx) = std_mpsc::sync_channel(STORE_QUEUE_MAX);
         let s2 = stat.clone();
         let node_id = cfg.node_id;
@@ -99,6 +101,7 @@ impl SegmentServer {
             })?;
         let server = SegmentServer {
             jobs: tx,
+            checksum_failures,
             stat,
             rejected: Arc::new(AtomicU64::new(0)),
         };
@@ -193,7 +196,7 @@ impl SegmentServer {
             "cfs_segments_checksum_failures_total",
             "counter",
             "Fragments whose blake3 did not match on read.",
-            st.checksum_failures,
+            self.checksum_failures.load(Ordering::Relaxed),
         );
         put(
             "cfs_segments_write_errors_total",
@@ -288,6 +291,20 @@ impl SegmentServer {
             }
             let (otx, orx) = oneshot::channel();
             let id = msg.id;
+            let read_of = match &msg.body {
+                Request::Read {
+                    segment,
+                    fragment,
+                    stripe,
+                } => Some((
+                    FragmentKey {
+                        segment: *segment,
+                        fragment: *fragment,
+                    },
+                    *stripe,
+                )),
+                _ => None,
+            };
             if self
                 .jobs
                 .try_send(Job {
@@ -302,8 +319,17 @@ impl SegmentServer {
                 continue;
             }
             let tx = tx.clone();
+            let failures = self.checksum_failures.clone();
             tokio::spawn(async move {
-                if let Ok(body) = orx.await {
+                if let Ok(mut body) = orx.await {
+                    if let (Some((key, stripe)), Response::Data { data, checksum }) =
+                        (read_of, &body)
+                    {
+                        if let Err(e) = crate::store::verify(key, stripe, data, checksum, &failures)
+                        {
+                            body = Response::Error(e);
+                        }
+                    }
                     let _ = tx.send(Envelope { id, body }).await;
                 }
             });
@@ -322,7 +348,7 @@ fn stat_of(node_id: u64, store: &Store) -> StatInfo {
         free_bytes,
         total_bytes,
         fragments: store.fragment_count() as u64,
-        stats: store.stats().clone(),
+        stats: store.stats(),
     }
 }
 
@@ -397,7 +423,9 @@ fn store_loop(
                     _ => unreachable!("partitioned on Read"),
                 })
                 .collect();
-            for (r, j) in store.read_batch(&wanted).into_iter().zip(reads) {
+            // Unverified here: the connection task checks the blake3, so
+            // hashing runs on the tokio workers, not this thread.
+            for (r, j) in store.read_batch_raw(&wanted).into_iter().zip(reads) {
                 let _ = j.reply.send(match r {
                     Ok((data, checksum)) => Response::Data {
                         data: ByteBuf::from(data),
@@ -442,7 +470,7 @@ fn store_loop(
             last_stat = Instant::now();
         } else {
             let mut s = stat.lock().expect("stat lock");
-            s.stats = store.stats().clone();
+            s.stats = store.stats();
         }
     }
 }

@@ -13,6 +13,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
@@ -136,6 +138,8 @@ pub struct Store {
     io: IoEngine,
     files: HashMap<FragmentKey, FragFile>,
     stats: StoreStats,
+    /// Checksum failures found here or by readers of `read_batch_raw`.
+    checksum_failures: Arc<AtomicU64>,
 }
 
 impl Store {
@@ -150,6 +154,7 @@ impl Store {
             io,
             files: HashMap::new(),
             stats: StoreStats::default(),
+            checksum_failures: Arc::new(AtomicU64::new(0)),
         };
         let rd = std::fs::read_dir(dir).map_err(|e| io_error(dir.display().to_string(), e))?;
         for e in rd {
@@ -179,8 +184,15 @@ impl Store {
         &self.dir
     }
 
-    pub fn stats(&self) -> &StoreStats {
-        &self.stats
+    pub fn stats(&self) -> StoreStats {
+        let mut s = self.stats.clone();
+        s.checksum_failures = self.checksum_failures.load(Ordering::Relaxed);
+        s
+    }
+
+    /// The counter that callers verifying `read_batch_raw` results bump.
+    pub fn checksum_failure_counter(&self) -> Arc<AtomicU64> {
+        self.checksum_failures.clone()
     }
 
     fn path(&self, key: FragmentKey) -> PathBuf {
@@ -474,6 +486,21 @@ impl Store {
 
     /// Reads several fragments with one submission; each is verified.
     pub fn read_batch(&mut self, wanted: &[(FragmentKey, u32)]) -> Vec<FragmentRead> {
+        let raw = self.read_batch_raw(wanted);
+        raw.into_iter()
+            .zip(wanted)
+            .map(|(r, (key, stripe))| {
+                let (data, checksum) = r?;
+                verify(*key, *stripe, &data, &checksum, &self.checksum_failures)?;
+                Ok((data, checksum))
+            })
+            .collect()
+    }
+
+    /// Reads several fragments with one submission, returning each with
+    /// its stored blake3 *unverified*: the caller must check it with
+    /// [`verify`] (the server does so off the store thread, in parallel).
+    pub fn read_batch_raw(&mut self, wanted: &[(FragmentKey, u32)]) -> Vec<FragmentRead> {
         let mut results: Vec<Option<FragmentRead>> = (0..wanted.len()).map(|_| None).collect();
         let mut plan = Vec::new();
         for (i, (key, stripe)) in wanted.iter().enumerate() {
@@ -496,39 +523,17 @@ impl Store {
         for ((i, key, stripe, r), d) in plan.into_iter().zip(datas) {
             results[i] = Some(match d {
                 Err(e) => Err(io_error(format!("reading {key} stripe {stripe}"), e)),
-                Ok(data) => self.verify(key, stripe, &r, data.as_slice()),
+                Ok(data) => {
+                    self.stats.reads += 1;
+                    self.stats.bytes_read += r.len as u64;
+                    Ok((data.as_slice().to_vec(), r.checksum))
+                }
             });
         }
         results
             .into_iter()
             .map(|r| r.expect("every read answered"))
             .collect()
-    }
-
-    fn verify(
-        &mut self,
-        key: FragmentKey,
-        stripe: u32,
-        r: &Record,
-        data: &[u8],
-    ) -> Result<(Vec<u8>, [u8; 32]), StoreError> {
-        self.stats.reads += 1;
-        self.stats.bytes_read += r.len as u64;
-        let got = format::checksum(data);
-        if got != r.checksum {
-            self.stats.checksum_failures += 1;
-            warn!(%key, stripe, "fragment checksum mismatch on read");
-            return Err(StoreError::Checksum {
-                key,
-                stripe,
-                detail: format!(
-                    "stored {}, data hashes to {}",
-                    blake3::Hash::from(r.checksum).to_hex(),
-                    blake3::Hash::from(got).to_hex()
-                ),
-            });
-        }
-        Ok((data.to_vec(), r.checksum))
     }
 
     /// Makes a fragment immutable (a seal record, synced).
@@ -637,6 +642,32 @@ impl Store {
             )
         }
     }
+}
+
+/// Checks `data` against the blake3 stored with it; counts and logs a
+/// mismatch (bit rot, a torn write, a bad device).
+pub fn verify(
+    key: FragmentKey,
+    stripe: u32,
+    data: &[u8],
+    stored: &[u8; 32],
+    failures: &AtomicU64,
+) -> Result<(), StoreError> {
+    let got = format::checksum(data);
+    if got == *stored {
+        return Ok(());
+    }
+    failures.fetch_add(1, Ordering::Relaxed);
+    warn!(%key, stripe, "fragment checksum mismatch on read");
+    Err(StoreError::Checksum {
+        key,
+        stripe,
+        detail: format!(
+            "stored {}, data hashes to {}",
+            blake3::Hash::from(*stored).to_hex(),
+            blake3::Hash::from(got).to_hex()
+        ),
+    })
 }
 
 #[cfg(test)]
