@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use rand::Rng;
 
 /// A directory of files.
-pub trait Disk: Send + 'static {
+pub trait Disk: Send + Sync + 'static {
     type File: DiskFile;
     /// Names of the files in the directory, sorted.
     fn list(&self) -> io::Result<Vec<String>>;
@@ -30,6 +30,8 @@ pub trait Disk: Send + 'static {
     fn sync_dir(&self) -> io::Result<()>;
     /// Whole content of a file.
     fn read_all(&self, name: &str) -> io::Result<Vec<u8>>;
+    /// `len` bytes of a file from `offset`.
+    fn read_range(&self, name: &str, offset: u64, len: usize) -> io::Result<Vec<u8>>;
     /// Where this disk lives, for error messages.
     fn describe(&self, name: &str) -> String;
 }
@@ -118,6 +120,13 @@ impl Disk for FsDisk {
 
     fn read_all(&self, name: &str) -> io::Result<Vec<u8>> {
         std::fs::read(self.dir.join(name))
+    }
+
+    fn read_range(&self, name: &str, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+        let f = File::open(self.dir.join(name))?;
+        let mut buf = vec![0u8; len];
+        f.read_exact_at(&mut buf, offset)?;
+        Ok(buf)
     }
 
     fn describe(&self, name: &str) -> String {
@@ -330,6 +339,13 @@ impl Disk for SimDisk {
             .get(name)
             .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))?;
         Ok(s.files[id].current.clone())
+    }
+
+    fn read_range(&self, name: &str, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+        let all = self.read_all(name)?;
+        all.get(offset as usize..offset as usize + len)
+            .map(<[u8]>::to_vec)
+            .ok_or_else(|| io::Error::from(io::ErrorKind::UnexpectedEof))
     }
 
     fn describe(&self, name: &str) -> String {

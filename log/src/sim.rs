@@ -659,6 +659,9 @@ impl Disk for CrashDisk {
     fn read_all(&self, name: &str) -> io::Result<Vec<u8>> {
         self.disk.read_all(name)
     }
+    fn read_range(&self, name: &str, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+        self.disk.read_range(name, offset, len)
+    }
     fn describe(&self, name: &str) -> String {
         self.disk.describe(name)
     }
@@ -686,6 +689,8 @@ fn wal_config() -> WalConfig {
     WalConfig {
         segment_bytes: SEGMENT_BYTES,
         background_prealloc: false,
+        // Small, so resyncs and subscribers read entries back from disk.
+        memory_bytes_max: 2048,
     }
 }
 

@@ -26,6 +26,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
 
 use omnipaxos::ballot_leader_election::Ballot;
 use omnipaxos::storage::StopSign;
@@ -38,6 +39,8 @@ use crate::frame;
 /// fdatasync and a directory sync) is rare; small enough that trimming frees
 /// space promptly.
 pub const SEGMENT_BYTES_DEFAULT: u64 = 64 << 20;
+/// Default bound on the entry bytes a replica's WAL keeps in memory.
+pub const MEMORY_BYTES_DEFAULT: usize = 64 << 20;
 /// Largest record accepted on recovery. A live record may exceed the
 /// segment size only when it is alone in a fresh segment.
 pub const RECORD_BYTES_MAX: usize = 1 << 30;
@@ -73,11 +76,19 @@ fn io_err(disk: &impl Disk, name: &str) -> impl FnOnce(std::io::Error) -> WalErr
 }
 
 /// Everything a replica's storage holds, as replay of the WAL rebuilds it.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default)]
 pub struct LogState {
     /// Index of `entries[0]`. Invariant: `entries_start <= end()`.
     pub entries_start: u64,
-    pub entries: VecDeque<Entry>,
+    /// Held entries: the newest in memory, older ones only on disk (see
+    /// [`WalConfig::memory_bytes_max`]). Invariant: the `Disk` slots are a
+    /// prefix of length `disk_prefix`.
+    entries: VecDeque<Slot>,
+    disk_prefix: usize,
+    /// Encoded bytes of the `Mem` slots.
+    mem_bytes: usize,
+    /// Reads `Disk` slots back; `None` only for a state built in memory.
+    source: Option<Arc<dyn RecordSource>>,
     /// Entries below this were removed by `Trim`. Invariant after recovery:
     /// `entries_start <= max(trimmed, first segment start)`.
     pub trimmed: u64,
@@ -91,7 +102,184 @@ pub struct LogState {
     pub by_request: HashMap<RequestId, u64>,
 }
 
+/// Where an entry lives in the WAL: the record that holds it, and which of
+/// that record's appended entries it is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EntryLoc {
+    pub segment: u64,
+    pub offset: u64,
+    pub len: u32,
+    pub nth: u32,
+}
+
+/// One held entry.
+#[derive(Clone, Debug)]
+enum Slot {
+    Mem(Entry, Option<EntryLoc>),
+    Disk(EntryLoc, RequestId),
+}
+
+impl Slot {
+    fn request(&self) -> RequestId {
+        match self {
+            Slot::Mem(e, _) => e.request,
+            Slot::Disk(_, r) => *r,
+        }
+    }
+}
+
+impl PartialEq for Slot {
+    /// Equal if they are the same entry, whether in memory or on disk.
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Slot::Mem(a, _), Slot::Mem(b, _)) => a == b,
+            (Slot::Mem(_, Some(l)), Slot::Disk(m, _))
+            | (Slot::Disk(m, _), Slot::Mem(_, Some(l))) => l == m,
+            (Slot::Disk(l, _), Slot::Disk(m, _)) => l == m,
+            _ => false,
+        }
+    }
+}
+
+impl PartialEq for LogState {
+    fn eq(&self, o: &Self) -> bool {
+        self.entries_start == o.entries_start
+            && self.entries == o.entries
+            && self.trimmed == o.trimmed
+            && self.compacted == o.compacted
+            && self.decided == o.decided
+            && self.promise == o.promise
+            && self.accepted_round == o.accepted_round
+            && self.stopsign == o.stopsign
+            && self.by_request == o.by_request
+    }
+}
+
+/// Reads the entries a WAL record appended, for entries no longer held in
+/// memory.
+pub trait RecordSource: Send + Sync + std::fmt::Debug {
+    fn appended_entries(
+        &self,
+        segment: u64,
+        offset: u64,
+        len: u32,
+    ) -> Result<Arc<Vec<Entry>>, String>;
+}
+
+/// (segment, offset) of a record and the entries it appended.
+type CachedRecord = ((u64, u64), Arc<Vec<Entry>>);
+
+/// A [`RecordSource`] over a WAL directory, caching the last record read
+/// (readers go forward through the log).
+struct DiskRecords<D: Disk + Clone> {
+    disk: D,
+    last: Mutex<Option<CachedRecord>>,
+}
+
+impl<D: Disk + Clone> std::fmt::Debug for DiskRecords<D> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DiskRecords")
+    }
+}
+
+impl<D: Disk + Clone> RecordSource for DiskRecords<D> {
+    fn appended_entries(
+        &self,
+        segment: u64,
+        offset: u64,
+        len: u32,
+    ) -> Result<Arc<Vec<Entry>>, String> {
+        let mut last = self
+            .last
+            .lock()
+            .map_err(|_| "record cache poisoned".to_string())?;
+        if let Some((k, v)) = last.as_ref() {
+            if *k == (segment, offset) {
+                return Ok(v.clone());
+            }
+        }
+        let name = segment_name(segment);
+        let bytes = self
+            .disk
+            .read_range(&name, offset, len as usize)
+            .map_err(|e| format!("reading {} at {offset}: {e}", self.disk.describe(&name)))?;
+        let (payload, _) = frame::decode(&bytes, RECORD_BYTES_MAX)
+            .map_err(|e| format!("{} at {offset}: {e}", self.disk.describe(&name)))?
+            .ok_or_else(|| format!("{} at {offset}: short record", self.disk.describe(&name)))?;
+        let op = WalOp::decode(payload)
+            .map_err(|e| format!("{} at {offset}: {e}", self.disk.describe(&name)))?;
+        let mut out = Vec::new();
+        collect_appended(&op, &mut out);
+        let out = Arc::new(out);
+        *last = Some(((segment, offset), out.clone()));
+        Ok(out)
+    }
+}
+
+fn collect_appended(op: &WalOp, out: &mut Vec<Entry>) {
+    match op {
+        WalOp::Append { entries, .. } => out.extend(entries.iter().cloned()),
+        WalOp::Atomic(ops) => ops.iter().for_each(|o| collect_appended(o, out)),
+        _ => {}
+    }
+}
+
+/// The record an op is being applied from, if it is on disk.
+#[derive(Clone, Copy, Debug)]
+struct RecordPos {
+    segment: u64,
+    offset: u64,
+    len: u32,
+}
+
 impl LogState {
+    /// Number of entries held (in memory or on disk).
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Encoded bytes of the entries held in memory.
+    pub fn memory_bytes(&self) -> usize {
+        self.mem_bytes
+    }
+
+    /// Moves the oldest in-memory entries to disk-only until at most
+    /// `max` bytes stay in memory. Only entries whose record is written
+    /// may move: callers evict right after a sync.
+    fn evict(&mut self, max: usize) {
+        while self.mem_bytes > max && self.disk_prefix < self.entries.len() {
+            let slot = &mut self.entries[self.disk_prefix];
+            let Slot::Mem(e, Some(loc)) = slot else {
+                break;
+            };
+            self.mem_bytes -= e.encoded_len();
+            *slot = Slot::Disk(*loc, e.request);
+            self.disk_prefix += 1;
+        }
+    }
+
+    fn drop_front(&mut self, n: usize) {
+        for s in self.entries.drain(..n) {
+            if let Slot::Mem(e, _) = s {
+                self.mem_bytes -= e.encoded_len();
+            }
+        }
+        self.disk_prefix = self.disk_prefix.saturating_sub(n);
+    }
+
+    fn truncate_to(&mut self, n: usize) {
+        while self.entries.len() > n {
+            if let Some(Slot::Mem(e, _)) = self.entries.pop_back() {
+                self.mem_bytes -= e.encoded_len();
+            }
+        }
+        self.disk_prefix = self.disk_prefix.min(n);
+    }
+
     /// Index one past the last entry.
     pub fn end(&self) -> u64 {
         self.entries_start + self.entries.len() as u64
@@ -104,14 +292,30 @@ impl LogState {
         }
         let a = (from - self.entries_start) as usize;
         let b = (to - self.entries_start) as usize;
-        Some(self.entries.range(a..b).cloned().collect())
+        let mut out = Vec::with_capacity(b - a);
+        for slot in self.entries.range(a..b) {
+            match slot {
+                Slot::Mem(e, _) => out.push(e.clone()),
+                Slot::Disk(loc, _) => {
+                    let source = self.source.as_ref()?;
+                    match source.appended_entries(loc.segment, loc.offset, loc.len) {
+                        Ok(v) => out.push(v.get(loc.nth as usize)?.clone()),
+                        Err(e) => {
+                            tracing::error!("cannot read a log entry back from disk: {e}");
+                            return None;
+                        }
+                    }
+                }
+            }
+        }
+        Some(out)
     }
 
     fn unindex(&mut self, from: u64, to: u64) {
         let from = from.max(self.entries_start);
         let to = to.min(self.end());
         for i in from..to {
-            let r = self.entries[(i - self.entries_start) as usize].request;
+            let r = self.entries[(i - self.entries_start) as usize].request();
             if self.by_request.get(&r) == Some(&i) {
                 self.by_request.remove(&r);
             }
@@ -119,6 +323,17 @@ impl LogState {
     }
 
     fn apply(&mut self, op: &WalOp) -> Result<(), String> {
+        self.apply_at(op, None, &mut 0)
+    }
+
+    /// Applies `op`, read from (or about to be written as) the record at
+    /// `pos`; `nth` counts the record's appended entries so far.
+    fn apply_at(
+        &mut self,
+        op: &WalOp,
+        pos: Option<RecordPos>,
+        nth: &mut u32,
+    ) -> Result<(), String> {
         match op {
             WalOp::Append { first_idx, entries } => {
                 if *first_idx != self.end() {
@@ -132,15 +347,25 @@ impl LogState {
                         self.by_request.insert(e.request, first_idx + i as u64);
                     }
                 }
-                self.entries.extend(entries.iter().cloned());
+                for e in entries {
+                    let loc = pos.map(|p| EntryLoc {
+                        segment: p.segment,
+                        offset: p.offset,
+                        len: p.len,
+                        nth: *nth,
+                    });
+                    *nth += 1;
+                    self.mem_bytes += e.encoded_len();
+                    self.entries.push_back(Slot::Mem(e.clone(), loc));
+                }
             }
             WalOp::Truncate(from) => {
                 self.unindex(*from, self.end());
                 if *from <= self.entries_start {
-                    self.entries.clear();
+                    self.truncate_to(0);
                     self.entries_start = *from;
                 } else if *from < self.end() {
-                    self.entries.truncate((*from - self.entries_start) as usize);
+                    self.truncate_to((*from - self.entries_start) as usize);
                 }
             }
             WalOp::Promise(b) => self.promise = Some(*b),
@@ -151,11 +376,11 @@ impl LogState {
                 self.trimmed = self.trimmed.max(*idx);
                 self.unindex(self.entries_start, *idx);
                 if *idx >= self.end() {
-                    self.entries.clear();
+                    self.truncate_to(0);
                     self.entries_start = *idx;
                 } else if *idx > self.entries_start {
                     let n = (*idx - self.entries_start) as usize;
-                    self.entries.drain(..n);
+                    self.drop_front(n);
                     self.entries_start = *idx;
                 }
             }
@@ -179,7 +404,7 @@ impl LogState {
             }
             WalOp::Atomic(ops) => {
                 for o in ops {
-                    self.apply(o)?;
+                    self.apply_at(o, pos, nth)?;
                 }
             }
         }
@@ -437,6 +662,10 @@ pub struct WalConfig {
     /// Zero-fill the next segment on a helper thread (production) rather
     /// than inline at rotation (simulation, where determinism matters).
     pub background_prealloc: bool,
+    /// Entries beyond this many encoded bytes are kept only on disk (the
+    /// oldest first) and read back on demand: memory per replica is
+    /// bounded, whatever the trim lag.
+    pub memory_bytes_max: usize,
 }
 
 impl Default for WalConfig {
@@ -444,6 +673,7 @@ impl Default for WalConfig {
         WalConfig {
             segment_bytes: SEGMENT_BYTES_DEFAULT,
             background_prealloc: true,
+            memory_bytes_max: MEMORY_BYTES_DEFAULT,
         }
     }
 }
@@ -495,7 +725,8 @@ pub struct Wal<D: Disk + Clone> {
 }
 
 struct ScanResult {
-    ops: Vec<WalOp>,
+    /// Each good record's op, offset and length.
+    ops: Vec<(WalOp, u64, u32)>,
     /// Offset just past the last good record.
     end: u64,
     torn: bool,
@@ -532,7 +763,7 @@ fn scan_segment(bytes: &[u8], file: &str, is_last: bool) -> Result<ScanResult, W
         match frame::decode(rest, RECORD_BYTES_MAX) {
             Ok(Some((payload, used))) => match WalOp::decode(payload) {
                 Ok(op) => {
-                    ops.push(op);
+                    ops.push((op, pos as u64, used as u32));
                     pos += used;
                 }
                 Err(reason) => {
@@ -626,7 +857,13 @@ impl<D: Disk + Clone> Wal<D> {
                 )));
             }
         }
-        let mut state = LogState::default();
+        let mut state = LogState {
+            source: Some(Arc::new(DiskRecords {
+                disk: disk.clone(),
+                last: Mutex::new(None),
+            })),
+            ..LogState::default()
+        };
         let mut segments = Vec::new();
         let mut stats = WalStats::default();
         let mut last_end = 0u64;
@@ -647,7 +884,7 @@ impl<D: Disk + Clone> Wal<D> {
                 reason,
             };
             let mut ops = scan.ops.into_iter();
-            match ops.next() {
+            match ops.next().map(|(op, _, _)| op) {
                 Some(WalOp::Checkpoint(c)) => {
                     if i == 0 {
                         // Older segments were deleted after trimming: the
@@ -678,8 +915,15 @@ impl<D: Disk + Clone> Wal<D> {
                 None => return Err(corrupt(0, "empty segment in the middle of the log".into())),
             }
             let mut max_end = state.end();
-            for op in ops {
-                state.apply(&op).map_err(|r| corrupt(scan.end, r))?;
+            for (op, offset, len) in ops {
+                let pos = RecordPos {
+                    segment: *id,
+                    offset,
+                    len,
+                };
+                state
+                    .apply_at(&op, Some(pos), &mut 0)
+                    .map_err(|r| corrupt(offset, r))?;
                 max_end = max_end.max(state.end());
             }
             segments.push(SegmentMeta { id: *id, max_end });
@@ -741,6 +985,7 @@ impl<D: Disk + Clone> Wal<D> {
                 .and_then(|_| wal.active.sync_data())
                 .map_err(io_err(&wal.disk, &name))?;
         }
+        wal.state.evict(wal.config.memory_bytes_max);
         wal.start_prealloc();
         Ok(wal)
     }
@@ -833,8 +1078,13 @@ impl<D: Disk + Clone> Wal<D> {
         if used + record_len > self.config.segment_bytes && used > 0 {
             self.rotate()?;
         }
+        let pos = RecordPos {
+            segment: self.segments.last().expect("active segment").id,
+            offset: self.active_written + self.pending.len() as u64,
+            len: record_len as u32,
+        };
         // Programming error if OmniPaxos asks for an impossible change.
-        if let Err(e) = self.state.apply(&op) {
+        if let Err(e) = self.state.apply_at(&op, Some(pos), &mut 0) {
             panic!("invalid storage operation {op:?}: {e}");
         }
         frame::encode_into(&mut self.pending, &payload);
@@ -882,6 +1132,8 @@ impl<D: Disk + Clone> Wal<D> {
             return Err(io_err(&self.disk, &name)(e));
         }
         self.unsynced = false;
+        // Every record is written now: old entries may leave memory.
+        self.state.evict(self.config.memory_bytes_max);
         self.stats.syncs += 1;
         self.delete_trimmed_segments()?;
         Ok(())
@@ -954,6 +1206,8 @@ mod tests {
         WalConfig {
             segment_bytes: seg,
             background_prealloc: false,
+            // Tiny: most reads in these tests come back from disk.
+            memory_bytes_max: 100,
         }
     }
 
@@ -1060,6 +1314,35 @@ mod tests {
         assert!(
             msg.contains("seg-0000000000000000.wal") && msg.contains("offset"),
             "{msg}"
+        );
+    }
+
+    #[test]
+    fn memory_is_bounded_and_evicted_entries_read_back() {
+        let d = SimDisk::new();
+        let mut w = Wal::open(d.clone(), cfg(1 << 20)).unwrap();
+        for _ in 0..200 {
+            append(&mut w, 3);
+            w.sync().unwrap();
+            // At most the cap plus the entries of the last batch.
+            assert!(w.state().memory_bytes() <= 100 + 3 * e(0).encoded_len());
+        }
+        let all = w.state().get(0, 600).unwrap();
+        assert_eq!(all, (0..600).map(e).collect::<Vec<_>>());
+        // Truncating into the on-disk prefix and trimming keep it consistent.
+        w.append(WalOp::Atomic(vec![
+            WalOp::Truncate(10),
+            WalOp::Append {
+                first_idx: 10,
+                entries: vec![e(99)],
+            },
+        ]))
+        .unwrap();
+        w.append(WalOp::Trim(5)).unwrap();
+        w.sync().unwrap();
+        assert_eq!(
+            w.state().get(5, 11).unwrap(),
+            vec![e(5), e(6), e(7), e(8), e(9), e(99)]
         );
     }
 

@@ -34,6 +34,8 @@ async fn start_cluster(dir: &std::path::Path, segment_bytes: u64) -> Vec<LogNode
             wal: WalConfig {
                 segment_bytes,
                 background_prealloc: true,
+                // Small: subscribers read most entries back from disk.
+                memory_bytes_max: 4096,
             },
         };
         out.push(LogNode::start(cfg).await.unwrap());

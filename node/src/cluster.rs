@@ -66,6 +66,7 @@ pub fn ensure_configs(dir: &Path, nodes: u64, shards: u32) -> anyhow::Result<Vec
             election_ticks: 10,
             propose_timeout_ms: 5000,
             wal_segment_mib: 64,
+            wal_memory_mib: 64,
             log_format: LogFormat::Json,
             segments_listen: Some(SocketAddr::from(([127, 0, 0, 1], free_port()?))),
             segments_dir: None,

@@ -43,6 +43,10 @@ pub struct NodeConfig {
     pub propose_timeout_ms: u64,
     #[serde(default = "default_segment_mib")]
     pub wal_segment_mib: u64,
+    /// Entry bytes per shard replica kept in memory; older ones are read
+    /// back from the WAL.
+    #[serde(default = "default_wal_memory_mib")]
+    pub wal_memory_mib: u64,
     #[serde(default)]
     pub log_format: LogFormat,
     /// Segment server address; no segment server when absent.
@@ -83,6 +87,9 @@ fn default_election_ticks() -> u64 {
 }
 fn default_propose_timeout_ms() -> u64 {
     5000
+}
+fn default_wal_memory_mib() -> u64 {
+    64
 }
 fn default_segment_mib() -> u64 {
     64
@@ -158,6 +165,7 @@ impl NodeConfig {
             wal: WalConfig {
                 segment_bytes: self.wal_segment_mib << 20,
                 background_prealloc: true,
+                memory_bytes_max: (self.wal_memory_mib << 20) as usize,
             },
         }
     }
