@@ -23,8 +23,27 @@ pub fn node_dir(dir: &Path, id: u64) -> PathBuf {
     dir.join(format!("node-{id}"))
 }
 
-fn free_port() -> anyhow::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+/// A free loopback port *below* the kernel's ephemeral range, so no
+/// outgoing connection can take it between now and the node's bind (a port
+/// from `bind(0)` can be handed to a client socket in the meantime).
+fn free_port(taken: &mut std::collections::BTreeSet<u16>) -> anyhow::Result<u16> {
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let (min, max) = (10_000u16, low.saturating_sub(1));
+    if max > min + 1000 {
+        for _ in 0..1000 {
+            let port = rand::random::<u16>() % (max - min) + min;
+            if !taken.contains(&port) && TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                taken.insert(port);
+                return Ok(port);
+            }
+        }
+    }
+    let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    taken.insert(port);
+    Ok(port)
 }
 
 /// Writes the configs of a new cluster, or loads the existing ones.
@@ -43,11 +62,12 @@ pub fn ensure_configs(dir: &Path, nodes: u64, shards: u32) -> anyhow::Result<Vec
     if nodes < 2 {
         bail!("a cluster needs at least 2 nodes (3 for fault tolerance)");
     }
+    let mut taken = std::collections::BTreeSet::new();
     let mut addrs = Vec::new();
     for id in 1..=nodes {
         addrs.push(NodeAddr {
             id,
-            addr: SocketAddr::from(([127, 0, 0, 1], free_port()?)),
+            addr: SocketAddr::from(([127, 0, 0, 1], free_port(&mut taken)?)),
         });
     }
     let cluster_id = format!("cfs-{:08x}", rand::random::<u32>());
@@ -59,7 +79,7 @@ pub fn ensure_configs(dir: &Path, nodes: u64, shards: u32) -> anyhow::Result<Vec
             cluster_id: cluster_id.clone(),
             node_id: a.id,
             listen: a.addr,
-            http: SocketAddr::from(([127, 0, 0, 1], free_port()?)),
+            http: SocketAddr::from(([127, 0, 0, 1], free_port(&mut taken)?)),
             data_dir: nd.join("data"),
             shards: (0..shards).collect(),
             tick_ms: 10,
@@ -68,7 +88,7 @@ pub fn ensure_configs(dir: &Path, nodes: u64, shards: u32) -> anyhow::Result<Vec
             wal_segment_mib: 64,
             wal_memory_mib: 64,
             log_format: LogFormat::Json,
-            segments_listen: Some(SocketAddr::from(([127, 0, 0, 1], free_port()?))),
+            segments_listen: Some(SocketAddr::from(([127, 0, 0, 1], free_port(&mut taken)?))),
             segments_dir: None,
             segments_io_uring: true,
             nodes: addrs.clone(),
