@@ -10,7 +10,15 @@ use cfs_log::shard::Timing;
 use cfs_log::wal::WalConfig;
 use cfs_log::{Entry, EntryKind, LogError, LogNode, LogNodeConfig};
 
+/// A free port below the ephemeral range (which outgoing connections use,
+/// so a port from `bind(0)` could be taken before the node binds it).
 fn free_addr() -> SocketAddr {
+    for _ in 0..1000 {
+        let port = 10_000 + rand::random::<u16>() % 20_000;
+        if let Ok(l) = TcpListener::bind(("127.0.0.1", port)) {
+            return l.local_addr().unwrap();
+        }
+    }
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
