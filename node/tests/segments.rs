@@ -85,7 +85,19 @@ async fn bit_flip_is_corrected_and_reported() {
         .write(true)
         .open(&path)
         .unwrap();
-    let off = 2 * 4096 + 777; // file header, record header, then data
+    // Stripes in flight may land in any order: find this stripe's record
+    // (file header, then [record header | data] records).
+    let hb = cfs_segments::format::HEADER_BYTES as u64;
+    let mut at = hb;
+    let off = loop {
+        let mut block = vec![0u8; hb as usize];
+        f.read_exact_at(&mut block, at).unwrap();
+        let h = cfs_segments::format::RecordHeader::decode(&block).expect("record header");
+        if h.stripe == e.stripe {
+            break at + hb + 777;
+        }
+        at += hb + h.data_len as u64;
+    };
     let mut b = [0u8];
     f.read_exact_at(&mut b, off).unwrap();
     f.write_all_at(&[b[0] ^ 0x08], off).unwrap();
