@@ -74,6 +74,20 @@ impl Cluster {
             .unwrap_or_default()
     }
 
+    /// Waits (up to 5 s) until metric `name` of node `id` reaches `at_least`;
+    /// returns its last value. Counters are bumped after a connection is
+    /// closed, so a test can see the close before the count.
+    pub fn metric_at_least(&self, id: u64, name: &str, at_least: u64) -> u64 {
+        let until = Instant::now() + Duration::from_secs(5);
+        loop {
+            let v = self.metric(id, name);
+            if v >= at_least || Instant::now() > until {
+                return v;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     pub fn metric(&self, id: u64, name: &str) -> u64 {
         let (_, body) = cluster::http_get(self.cfg(id).http, "/metrics").expect("metrics");
         body.lines()
