@@ -57,6 +57,18 @@ pub fn encode_with<E>(
     Ok(())
 }
 
+/// Decodes a bincode frame body (the encoding `bincode::serialize` writes),
+/// refusing to allocate more than `max` bytes for it.
+pub fn decode_body<T: serde::de::DeserializeOwned>(body: &[u8], max: usize) -> Result<T, String> {
+    use bincode::Options;
+    bincode::DefaultOptions::new()
+        .with_fixint_encoding()
+        .allow_trailing_bytes()
+        .with_limit(max as u64)
+        .deserialize(body)
+        .map_err(|e| format!("malformed message: {e}"))
+}
+
 /// Reads the header at the front of `buf`: `None` if fewer than
 /// [`FRAME_HEADER_BYTES`] are present, else the payload length.
 pub fn peek_len(buf: &[u8], max: usize) -> Result<Option<usize>, FrameError> {

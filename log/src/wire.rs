@@ -144,13 +144,7 @@ impl Wire {
     }
 
     pub fn decode(body: &[u8]) -> Result<Wire, String> {
-        use bincode::Options;
-        bincode::DefaultOptions::new()
-            .with_fixint_encoding()
-            .allow_trailing_bytes()
-            .with_limit(FRAME_BYTES_MAX as u64)
-            .deserialize(body)
-            .map_err(|e| format!("malformed message: {e}"))
+        crate::frame::decode_body(body, FRAME_BYTES_MAX)
     }
 }
 

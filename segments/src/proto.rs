@@ -90,13 +90,7 @@ pub fn encode<T: Serialize>(msg: &Envelope<T>, out: &mut Vec<u8>) {
 }
 
 pub fn decode<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<Envelope<T>, String> {
-    use bincode::Options;
-    bincode::DefaultOptions::new()
-        .with_fixint_encoding()
-        .allow_trailing_bytes()
-        .with_limit(FRAME_BYTES_MAX as u64)
-        .deserialize(body)
-        .map_err(|e| format!("malformed message: {e}"))
+    cfs_frame::decode_body(body, FRAME_BYTES_MAX)
 }
 
 /// Reads frames from a stream with a size limit.

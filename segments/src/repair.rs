@@ -112,40 +112,8 @@ pub async fn repair_node(
         nodes[lost as usize] = target;
         let mut ok = true;
         for stripe in stripes {
-            match rebuild_stripe(&client, &codec, seg, v, lost, stripe).await {
-                Ok(frag) => {
-                    let len = frag.len() as u64;
-                    let r = client
-                        .call(
-                            target,
-                            Request::Append {
-                                segment: seg,
-                                fragment: lost,
-                                layout: v.layout,
-                                nodes: nodes.clone(),
-                                stripe,
-                                data: ByteBuf::from(frag),
-                            },
-                        )
-                        .await;
-                    match r {
-                        Ok(Response::Appended { .. }) => report.progress.bytes_written += len,
-                        Ok(other) => {
-                            report
-                                .failed
-                                .push((seg, lost, format!("stripe {stripe}: {other:?}")));
-                            ok = false;
-                            break;
-                        }
-                        Err(e) => {
-                            report
-                                .failed
-                                .push((seg, lost, format!("stripe {stripe}: {e}")));
-                            ok = false;
-                            break;
-                        }
-                    }
-                }
+            match copy_stripe(&client, &codec, seg, v, lost, stripe, target, &nodes).await {
+                Ok(bytes) => report.progress.bytes_written += bytes,
                 Err(e) => {
                     report
                         .failed
@@ -175,6 +143,39 @@ pub async fn repair_node(
         progress(&report.progress);
     }
     Ok(report)
+}
+
+/// Rebuilds fragment `lost` of one stripe and appends it to `target`;
+/// returns the bytes written.
+#[allow(clippy::too_many_arguments)]
+async fn copy_stripe(
+    client: &SegmentClient,
+    codec: &Codec,
+    seg: SegmentId,
+    v: &SegmentView,
+    lost: u8,
+    stripe: u32,
+    target: u64,
+    nodes: &[u64],
+) -> Result<u64, String> {
+    let frag = rebuild_stripe(client, codec, seg, v, lost, stripe).await?;
+    let len = frag.len() as u64;
+    let append = Request::Append {
+        segment: seg,
+        fragment: lost,
+        layout: v.layout,
+        nodes: nodes.to_vec(),
+        stripe,
+        data: ByteBuf::from(frag),
+    };
+    match client
+        .call(target, append)
+        .await
+        .map_err(|e| e.to_string())?
+    {
+        Response::Appended { .. } => Ok(len),
+        other => Err(format!("unexpected reply {other:?}")),
+    }
 }
 
 async fn rebuild_stripe(
