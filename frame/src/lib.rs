@@ -157,6 +157,72 @@ where
     }
 }
 
+/// Reads frames from a byte stream and returns their (checked) payloads.
+pub struct BodyReader<R> {
+    inner: R,
+    buf: Vec<u8>,
+    start: usize,
+    max: usize,
+}
+
+/// Why [`BodyReader::next`] returned no frame.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error("connection closed")]
+    Closed,
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+}
+
+impl<R: tokio::io::AsyncRead + Unpin> BodyReader<R> {
+    /// A reader refusing frames over `max` payload bytes.
+    pub fn new(inner: R, max: usize) -> Self {
+        BodyReader {
+            inner,
+            buf: Vec::with_capacity(64 << 10),
+            start: 0,
+            max,
+        }
+    }
+
+    /// The next frame's payload; `Err(Closed)` at a clean end of stream.
+    pub async fn next(&mut self) -> Result<Vec<u8>, ReadError> {
+        use tokio::io::AsyncReadExt;
+        loop {
+            if let Some((body, used)) = decode(&self.buf[self.start..], self.max)? {
+                let out = body.to_vec();
+                self.start += used;
+                return Ok(out);
+            }
+            if self.start > 0 && self.start * 2 >= self.buf.len() {
+                self.buf.drain(..self.start);
+                self.start = 0;
+            }
+            let need = peek_len(&self.buf[self.start..], self.max)?
+                .map(|l| l + FRAME_HEADER_BYTES)
+                .unwrap_or(FRAME_HEADER_BYTES);
+            let have = self.buf.len() - self.start;
+            let want = need.saturating_sub(have).max(64 << 10);
+            let old = self.buf.len();
+            self.buf.resize(old + want, 0);
+            let n = self.inner.read(&mut self.buf[old..]).await;
+            match n {
+                Ok(0) => {
+                    self.buf.truncate(old);
+                    return Err(ReadError::Closed);
+                }
+                Ok(n) => self.buf.truncate(old + n),
+                Err(e) => {
+                    self.buf.truncate(old);
+                    return Err(e.into());
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -68,6 +68,7 @@ pub fn ensure_configs(dir: &Path, nodes: u64, shards: u32) -> anyhow::Result<Vec
         addrs.push(NodeAddr {
             id,
             addr: SocketAddr::from(([127, 0, 0, 1], free_port(&mut taken)?)),
+            segments: Some(SocketAddr::from(([127, 0, 0, 1], free_port(&mut taken)?))),
         });
     }
     let cluster_id = format!("cfs-{:08x}", rand::random::<u32>());
@@ -88,7 +89,8 @@ pub fn ensure_configs(dir: &Path, nodes: u64, shards: u32) -> anyhow::Result<Vec
             wal_segment_mib: 64,
             wal_memory_mib: 64,
             log_format: LogFormat::Json,
-            segments_listen: Some(SocketAddr::from(([127, 0, 0, 1], free_port(&mut taken)?))),
+            segments_listen: a.segments,
+            meta_listen: Some(SocketAddr::from(([127, 0, 0, 1], free_port(&mut taken)?))),
             segments_dir: None,
             segments_io_uring: true,
             nodes: addrs.clone(),
@@ -235,6 +237,11 @@ pub fn wait_healthy(cfgs: &[NodeConfig], timeout: Duration) -> anyhow::Result<()
 }
 
 /// Segment server addresses of the cluster's nodes.
+/// Metadata service addresses of a cluster, for `cfs mount --servers`.
+pub fn meta_servers(cfgs: &[NodeConfig]) -> Vec<SocketAddr> {
+    cfgs.iter().filter_map(|c| c.meta_listen).collect()
+}
+
 pub fn segment_servers(cfgs: &[NodeConfig]) -> cfs_segments::proto::ServerMap {
     cfgs.iter()
         .filter_map(|c| Some((c.node_id, c.segments_listen?)))

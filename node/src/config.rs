@@ -58,6 +58,9 @@ pub struct NodeConfig {
     /// Use io_uring for segment I/O when the kernel allows (default true).
     #[serde(default = "default_true")]
     pub segments_io_uring: bool,
+    /// Metadata service address for FUSE clients; none when absent.
+    #[serde(default)]
+    pub meta_listen: Option<SocketAddr>,
     pub nodes: Vec<NodeAddr>,
 }
 
@@ -66,6 +69,10 @@ pub struct NodeConfig {
 pub struct NodeAddr {
     pub id: u64,
     pub addr: SocketAddr,
+    /// The node's segment server, for clients (learned through the
+    /// metadata service).
+    #[serde(default)]
+    pub segments: Option<SocketAddr>,
 }
 
 #[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]

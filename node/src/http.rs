@@ -15,6 +15,7 @@ use cfs_segments::server::SegmentServer;
 pub struct Services {
     pub log: LogNode,
     pub segments: Option<SegmentServer>,
+    pub meta: Option<crate::meta::MetaService>,
 }
 
 async fn health(State(s): State<Services>) -> impl IntoResponse {
@@ -39,6 +40,7 @@ async fn health(State(s): State<Services>) -> impl IntoResponse {
             "decided": s.decided, "config_id": s.config_id,
         })).collect::<Vec<_>>(),
         "segments": segments,
+        "namespace_applied": s.meta.as_ref().map(|m| m.applied()),
     });
     let code = if problems.is_empty() {
         StatusCode::OK
@@ -52,6 +54,9 @@ async fn metrics(State(s): State<Services>) -> impl IntoResponse {
     let mut text = s.log.metrics_text();
     if let Some(seg) = &s.segments {
         text.push_str(&seg.metrics_text());
+    }
+    if let Some(m) = &s.meta {
+        text.push_str(&m.metrics_text());
     }
     ([("content-type", "text/plain; version=0.0.4")], text)
 }

@@ -6,4 +6,5 @@
 pub mod cluster;
 pub mod config;
 pub mod http;
+pub mod meta;
 pub mod segtools;

@@ -39,9 +39,33 @@ async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
         ),
         None => None,
     };
+    let meta = match cfg.meta_listen {
+        Some(listen) => Some(
+            cfs_node::meta::MetaService::start(
+                cfs_node::meta::MetaConfig {
+                    cluster_id: cfg.cluster_id.clone(),
+                    node_id: cfg.node_id,
+                    listen,
+                    data_dir: cfg.data_dir.clone(),
+                    shards: cfg.shards.clone(),
+                    segment_servers: cfg
+                        .nodes
+                        .iter()
+                        .filter_map(|n| Some((n.id, n.segments?.to_string())))
+                        .collect(),
+                    nodes: cfg.nodes.len() as u64,
+                },
+                node.clone(),
+            )
+            .await
+            .context("starting the metadata service")?,
+        ),
+        None => None,
+    };
     let services = cfs_node::http::Services {
         log: node.clone(),
         segments,
+        meta,
     };
     let http = tokio::spawn(cfs_node::http::serve(cfg.http, services));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

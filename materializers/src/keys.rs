@@ -1,0 +1,94 @@
+//! The RocksDB key layout of the namespace. All integers big-endian so that
+//! keys sort by them.
+//!
+//! | key                                   | value                 |
+//! |---------------------------------------|-----------------------|
+//! | `a` shard:u32                         | applied position u64  |
+//! | `n` shard:u32                         | next inode counter    |
+//! | `i` ino                               | [`Inode`]             |
+//! | `d` parent name                       | (ino, kind, cookie)   |
+//! | `c` parent cookie                     | name                  |
+//! | `l` ino                               | symlink target        |
+//! | `x` ino name                          | xattr value           |
+//! | `e` ino offset                        | [`ExtentRef`]         |
+//! | `k` ino flock:u8 client owner start   | [`LockRange`]         |
+//! | `o` ino                               | (orphan: nlink 0)     |
+//!
+//! [`Inode`]: crate::types::Inode
+//! [`ExtentRef`]: crate::types::ExtentRef
+//! [`LockRange`]: crate::types::LockRange
+
+use crate::types::Ino;
+
+fn with(tag: u8, parts: &[&[u8]]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(1 + parts.iter().map(|p| p.len()).sum::<usize>());
+    k.push(tag);
+    for p in parts {
+        k.extend_from_slice(p);
+    }
+    k
+}
+
+pub fn applied(shard: u32) -> Vec<u8> {
+    with(b'a', &[&shard.to_be_bytes()])
+}
+pub fn next_ino(shard: u32) -> Vec<u8> {
+    with(b'n', &[&shard.to_be_bytes()])
+}
+pub fn inode(ino: Ino) -> Vec<u8> {
+    with(b'i', &[&ino.to_be_bytes()])
+}
+pub fn dentry(parent: Ino, name: &[u8]) -> Vec<u8> {
+    with(b'd', &[&parent.to_be_bytes(), name])
+}
+pub fn cookie(parent: Ino, cookie: u64) -> Vec<u8> {
+    with(b'c', &[&parent.to_be_bytes(), &cookie.to_be_bytes()])
+}
+pub fn cookie_prefix(parent: Ino) -> Vec<u8> {
+    with(b'c', &[&parent.to_be_bytes()])
+}
+pub fn symlink(ino: Ino) -> Vec<u8> {
+    with(b'l', &[&ino.to_be_bytes()])
+}
+pub fn xattr(ino: Ino, name: &[u8]) -> Vec<u8> {
+    with(b'x', &[&ino.to_be_bytes(), name])
+}
+pub fn xattr_prefix(ino: Ino) -> Vec<u8> {
+    with(b'x', &[&ino.to_be_bytes()])
+}
+pub fn extent(ino: Ino, offset: u64) -> Vec<u8> {
+    with(b'e', &[&ino.to_be_bytes(), &offset.to_be_bytes()])
+}
+pub fn extent_prefix(ino: Ino) -> Vec<u8> {
+    with(b'e', &[&ino.to_be_bytes()])
+}
+pub fn lock(ino: Ino, flock: bool, client: u64, owner: u64, start: u64) -> Vec<u8> {
+    with(
+        b'k',
+        &[
+            &ino.to_be_bytes(),
+            &[flock as u8],
+            &client.to_be_bytes(),
+            &owner.to_be_bytes(),
+            &start.to_be_bytes(),
+        ],
+    )
+}
+pub fn lock_prefix(ino: Ino) -> Vec<u8> {
+    with(b'k', &[&ino.to_be_bytes()])
+}
+pub fn orphan(ino: Ino) -> Vec<u8> {
+    with(b'o', &[&ino.to_be_bytes()])
+}
+
+/// The smallest key greater than every key starting with `prefix`.
+pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut e = prefix.to_vec();
+    while let Some(last) = e.pop() {
+        if last < 0xff {
+            e.push(last + 1);
+            return e;
+        }
+    }
+    vec![0xff; prefix.len() + 1]
+}

@@ -1,0 +1,16 @@
+//! Materializers turn each shard's decided log entries into derived state.
+//! This crate holds the namespace materializer: inodes, directory entries,
+//! symlinks, xattrs, extent maps and locks in RocksDB.
+
+pub mod apply;
+pub mod keys;
+pub mod materializer;
+pub mod ops;
+pub mod perm;
+pub mod read;
+pub mod store;
+pub mod types;
+
+pub use materializer::{Change, Waiters};
+pub use ops::{Applied, LoggedOp, Op};
+pub use store::NamespaceDb;

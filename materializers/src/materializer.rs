@@ -1,0 +1,210 @@
+//! The namespace materializer: one task per shard reads decided entries in
+//! order, applies them to RocksDB in batches (state and applied position in
+//! one atomic write), tells waiting proposers the outcome and publishes
+//! what changed so clients can drop their caches.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use cfs_log::{Entry, LogError, Position, RequestId, Subscription};
+use tokio::sync::{broadcast, oneshot, watch};
+use tracing::{error, info, warn};
+
+use crate::apply::{apply, ensure_root};
+use crate::ops::{Applied, ApplyResult, LoggedOp, Op, KIND_NAMESPACE};
+use crate::store::{DbError, NamespaceDb, Txn};
+use crate::types::*;
+
+/// Entries applied per RocksDB batch at most.
+pub const BATCH_ENTRIES_MAX: usize = 512;
+/// How often applied state is synced and reported to the log as persisted.
+pub const PERSIST_INTERVAL: Duration = Duration::from_millis(500);
+/// Subscriber name holding back log trimming.
+pub const SUBSCRIBER: &str = "namespace";
+
+/// Something a client may have cached changed.
+#[derive(Clone, Debug)]
+pub struct Change {
+    /// Client whose operation it was (it updates its own cache).
+    pub origin: u64,
+    pub inodes: Vec<Ino>,
+    pub entries: Vec<(Ino, Vec<u8>)>,
+}
+
+/// Proposers waiting for the outcome of their entries.
+#[derive(Default)]
+pub struct Waiters {
+    map: Mutex<HashMap<RequestId, oneshot::Sender<ApplyResult>>>,
+}
+
+impl Waiters {
+    pub fn register(&self, id: RequestId) -> oneshot::Receiver<ApplyResult> {
+        let (tx, rx) = oneshot::channel();
+        self.map.lock().expect("waiters lock").insert(id, tx);
+        rx
+    }
+    pub fn forget(&self, id: RequestId) {
+        self.map.lock().expect("waiters lock").remove(&id);
+    }
+    fn complete(&self, id: RequestId, r: ApplyResult) {
+        if let Some(tx) = self.map.lock().expect("waiters lock").remove(&id) {
+            let _ = tx.send(r);
+        }
+    }
+}
+
+/// Per-shard applied positions, observable.
+pub struct Progress {
+    pub applied: watch::Receiver<Position>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MaterializeError {
+    #[error(transparent)]
+    Db(#[from] DbError),
+    #[error("log: {0}")]
+    Log(#[from] LogError),
+}
+
+/// Encodes `op` as a namespace log entry.
+pub fn entry(request: RequestId, op: &LoggedOp) -> Entry {
+    Entry {
+        kind: cfs_log::EntryKind(KIND_NAMESPACE),
+        request,
+        payload: bytes::Bytes::from(bincode::serialize(op).expect("ops serialize")),
+    }
+}
+
+fn changes(op: &LoggedOp, r: &Applied) -> Change {
+    let mut ch = Change {
+        origin: op.client,
+        inodes: Vec::new(),
+        entries: Vec::new(),
+    };
+    let touched = match r {
+        Applied::Attr(i) => Some(i.ino),
+        _ => None,
+    };
+    match &op.op {
+        Op::Create { parent, name, .. } | Op::Link { parent, name, .. } => {
+            ch.inodes.push(*parent);
+            ch.entries.push((*parent, name.clone()));
+        }
+        Op::Unlink { parent, name } | Op::Rmdir { parent, name } => {
+            ch.inodes.push(*parent);
+            ch.entries.push((*parent, name.clone()));
+        }
+        Op::Rename {
+            parent,
+            name,
+            newparent,
+            newname,
+            ..
+        } => {
+            ch.inodes.push(*parent);
+            ch.inodes.push(*newparent);
+            ch.entries.push((*parent, name.clone()));
+            ch.entries.push((*newparent, newname.clone()));
+        }
+        Op::SetAttr { ino, .. }
+        | Op::SetXattr { ino, .. }
+        | Op::RemoveXattr { ino, .. }
+        | Op::Write { ino, .. }
+        | Op::Fallocate { ino, .. } => ch.inodes.push(*ino),
+        Op::Lock { .. } | Op::ReleaseLocks { .. } | Op::Reclaim { .. } => {}
+    }
+    if let Some(i) = touched {
+        if !ch.inodes.contains(&i) {
+            ch.inodes.push(i);
+        }
+    }
+    ch
+}
+
+/// Applies `entries` (starting at the database's applied position) in one
+/// batch. Returns each entry's request id and outcome (namespace entries
+/// only) and the changes.
+pub fn apply_batch(
+    db: &NamespaceDb,
+    shard: u32,
+    entries: &[(Position, Entry)],
+) -> Result<(Vec<(RequestId, ApplyResult)>, Vec<Change>), DbError> {
+    let mut txn = Txn::new(db);
+    ensure_root(&mut txn, shard)?;
+    let mut results = Vec::new();
+    let mut chs = Vec::new();
+    let Some(last) = entries.last().map(|(p, _)| *p) else {
+        return Ok((results, chs));
+    };
+    for (pos, e) in entries {
+        if e.kind.0 != KIND_NAMESPACE {
+            continue;
+        }
+        let r = match cfs_frame::decode_body::<LoggedOp>(&e.payload, crate::ops::MESSAGE_BYTES_MAX) {
+            Ok(op) => {
+                let r = apply(&mut txn, shard, &op)?;
+                if let Ok(a) = &r {
+                    chs.push(changes(&op, a));
+                }
+                r
+            }
+            Err(reason) => {
+                warn!(shard, pos, "undecodable namespace entry: {reason}");
+                Err(Errno::EINVAL)
+            }
+        };
+        results.push((e.request, r));
+    }
+    db.commit(txn, shard, last + 1)?;
+    Ok((results, chs))
+}
+
+/// Runs shard `shard`'s materializer until the log shuts down.
+pub async fn run_shard(
+    db: Arc<NamespaceDb>,
+    shard: u32,
+    mut sub: Subscription,
+    waiters: Arc<Waiters>,
+    applied: watch::Sender<Position>,
+    changes_tx: broadcast::Sender<Change>,
+) -> Result<(), MaterializeError> {
+    let mut last_sync = Instant::now();
+    let mut unsynced = false;
+    info!(shard, from = sub.position(), "namespace materializer started");
+    loop {
+        let batch = tokio::select! {
+            b = sub.next_batch(BATCH_ENTRIES_MAX) => b,
+            _ = tokio::time::sleep(PERSIST_INTERVAL), if unsynced => Ok(Vec::new()),
+        };
+        let batch = match batch {
+            Ok(b) => b,
+            Err(LogError::ShuttingDown) => return Ok(()),
+            Err(e) => {
+                error!(shard, "namespace materializer stopped: {e}");
+                return Err(e.into());
+            }
+        };
+        if let Some((last, _)) = batch.last() {
+            let last = *last;
+            let (results, chs) = {
+                let _s = tracing::debug_span!("apply_batch", shard, entries = batch.len()).entered();
+                apply_batch(&db, shard, &batch)?
+            };
+            applied.send_replace(last + 1);
+            for (id, r) in results {
+                waiters.complete(id, r);
+            }
+            for c in chs {
+                let _ = changes_tx.send(c);
+            }
+            unsynced = true;
+        }
+        if unsynced && last_sync.elapsed() >= PERSIST_INTERVAL {
+            db.sync()?;
+            sub.persisted(*applied.borrow());
+            last_sync = Instant::now();
+            unsynced = false;
+        }
+    }
+}

@@ -1,0 +1,223 @@
+//! Namespace operations: what a metadata change looks like in the log
+//! (`LoggedOp`, applied by the materializer), and the request/response
+//! messages between the FUSE client and a node's metadata service.
+
+use serde::{Deserialize, Serialize};
+
+use crate::types::*;
+
+/// Log entry kind of namespace operations.
+pub const KIND_NAMESPACE: u16 = cfs_log::entry::KIND_USER_MIN + 1;
+
+/// A mutation as it appears in a shard's log: who, when (the proposer's
+/// clock, so replay is deterministic) and what.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoggedOp {
+    /// The mount that asked (its invalidations skip it; it owns locks).
+    pub client: u64,
+    pub creds: Creds,
+    pub now: Nanos,
+    pub op: Op,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Op {
+    /// Creates a file, directory, symlink (`target`), fifo, socket or device.
+    /// With `excl == false` an existing regular file is returned instead of
+    /// EEXIST (open with O_CREAT without O_EXCL).
+    Create {
+        parent: Ino,
+        name: Vec<u8>,
+        mode: u32,
+        rdev: u32,
+        target: Option<Vec<u8>>,
+        excl: bool,
+    },
+    Link {
+        ino: Ino,
+        parent: Ino,
+        name: Vec<u8>,
+    },
+    Unlink {
+        parent: Ino,
+        name: Vec<u8>,
+    },
+    Rmdir {
+        parent: Ino,
+        name: Vec<u8>,
+    },
+    Rename {
+        parent: Ino,
+        name: Vec<u8>,
+        newparent: Ino,
+        newname: Vec<u8>,
+        flags: u32,
+    },
+    SetAttr {
+        ino: Ino,
+        set: SetAttr,
+    },
+    SetXattr {
+        ino: Ino,
+        name: Vec<u8>,
+        value: Vec<u8>,
+        flags: i32,
+    },
+    RemoveXattr {
+        ino: Ino,
+        name: Vec<u8>,
+    },
+    /// Maps file ranges to stripes already durable in the segment store.
+    Write {
+        ino: Ino,
+        extents: Vec<ExtentRef>,
+    },
+    Fallocate {
+        ino: Ino,
+        offset: u64,
+        len: u64,
+        mode: i32,
+    },
+    /// Takes (or with `F_UNLCK` releases) a lock; never waits: a conflict
+    /// is returned and the client retries for blocking calls.
+    Lock {
+        ino: Ino,
+        lock: LockRange,
+    },
+    /// Releases every lock of one owner (close) on `ino`.
+    ReleaseLocks {
+        ino: Ino,
+        client: u64,
+        owner: u64,
+        flock: bool,
+    },
+    /// Deletes an unlinked inode once no client has it open.
+    Reclaim {
+        ino: Ino,
+    },
+}
+
+impl Op {
+    /// Inode whose shard applies this operation.
+    pub fn home(&self) -> Ino {
+        match self {
+            Op::Create { parent, .. }
+            | Op::Unlink { parent, .. }
+            | Op::Rmdir { parent, .. }
+            | Op::Rename { parent, .. }
+            | Op::Link { parent, .. } => *parent,
+            Op::SetAttr { ino, .. }
+            | Op::SetXattr { ino, .. }
+            | Op::RemoveXattr { ino, .. }
+            | Op::Write { ino, .. }
+            | Op::Fallocate { ino, .. }
+            | Op::Lock { ino, .. }
+            | Op::ReleaseLocks { ino, .. }
+            | Op::Reclaim { ino } => *ino,
+        }
+    }
+}
+
+/// What applying an operation produced.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Applied {
+    None,
+    /// The inode created, changed or (for unlink) left behind.
+    Attr(Inode),
+    /// A lock request conflicted with this lock.
+    Conflict(LockRange),
+}
+
+pub type ApplyResult = Result<Applied, Errno>;
+
+/// A client request to a node's metadata service.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum Request {
+    /// First message on a connection.
+    Hello {
+        cluster_id: String,
+        client_id: u64,
+    },
+    Mutate {
+        creds: Creds,
+        op: Op,
+    },
+    Lookup {
+        parent: Ino,
+        name: Vec<u8>,
+    },
+    GetAttr {
+        ino: Ino,
+    },
+    ReadDir {
+        ino: Ino,
+        after: u64,
+        max: u32,
+    },
+    ReadLink {
+        ino: Ino,
+    },
+    GetXattr {
+        ino: Ino,
+        name: Vec<u8>,
+    },
+    ListXattr {
+        ino: Ino,
+    },
+    Extents {
+        ino: Ino,
+        offset: u64,
+        len: u64,
+    },
+    GetLock {
+        ino: Ino,
+        lock: LockRange,
+    },
+    StatFs,
+}
+
+impl Request {
+    pub fn is_read(&self) -> bool {
+        !matches!(self, Request::Mutate { .. } | Request::Hello { .. })
+    }
+}
+
+/// A request with its id and read freshness.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RequestFrame {
+    pub id: u64,
+    /// Reads: pass a read barrier first (linearizable) instead of reading
+    /// what this node has applied.
+    pub fresh: bool,
+    pub req: Request,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum Reply {
+    None,
+    Welcome {
+        node_id: u64,
+        /// Segment servers: node id → address.
+        segment_servers: Vec<(u64, String)>,
+        shards: Vec<u32>,
+    },
+    Attr(Inode),
+    Entries(Vec<DirEntry>),
+    Data(Vec<u8>),
+    Names(Vec<Vec<u8>>),
+    Extents(Vec<ExtentRef>),
+    Stats(FsStats),
+    Lock(Option<LockRange>),
+}
+
+/// Messages from a node to a client.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum ServerMsg {
+    Reply { id: u64, result: Result<Reply, Errno> },
+    /// Another client changed this inode (attributes or data) or this
+    /// directory entry: drop cached copies.
+    Invalidate { ino: Ino, entry: Option<(Ino, Vec<u8>)> },
+}
+
+/// Largest metadata message (a 4 MiB log entry bounds mutations anyway).
+pub const MESSAGE_BYTES_MAX: usize = 8 << 20;

@@ -1,0 +1,125 @@
+//! Reads of the materialized namespace, as the metadata service serves
+//! them.
+
+use crate::apply::EXTENT_LEN_MAX;
+use crate::keys;
+use crate::store::{decode, DbError, NamespaceDb};
+use crate::types::*;
+
+/// A read that found nothing (`Errno`) or a database failure.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error("{0}")]
+    Fs(Errno),
+    #[error(transparent)]
+    Db(#[from] DbError),
+}
+
+impl From<Errno> for ReadError {
+    fn from(e: Errno) -> Self {
+        ReadError::Fs(e)
+    }
+}
+
+type Rd<T> = Result<T, ReadError>;
+
+impl NamespaceDb {
+    pub fn inode(&self, ino: Ino) -> Rd<Inode> {
+        self.get::<Inode>(&keys::inode(ino))?
+            .ok_or(ReadError::Fs(Errno::ENOENT))
+    }
+
+    pub fn lookup(&self, parent: Ino, name: &[u8]) -> Rd<Inode> {
+        crate::apply::check_name(name)?;
+        let p = self.inode(parent)?;
+        if !p.is_dir() {
+            return Err(Errno::ENOTDIR.into());
+        }
+        let (ino, _, _): (Ino, u32, u64) = self
+            .get(&keys::dentry(parent, name))?
+            .ok_or(ReadError::Fs(Errno::ENOENT))?;
+        self.inode(ino)
+    }
+
+    /// Entries with cookies greater than `after`, at most `max`.
+    pub fn readdir(&self, ino: Ino, after: u64, max: usize) -> Rd<Vec<DirEntry>> {
+        let d = self.inode(ino)?;
+        if !d.is_dir() {
+            return Err(Errno::ENOTDIR.into());
+        }
+        let start = keys::cookie(ino, after.saturating_add(1));
+        let end = keys::prefix_end(&keys::cookie_prefix(ino));
+        let mut out = Vec::new();
+        for (k, name) in self.scan(&start, &end, max)? {
+            let cookie = u64::from_be_bytes(k[9..17].try_into().map_err(|_| DbError::Corrupt {
+                key: k.clone(),
+                reason: "short cookie key".into(),
+            })?);
+            if let Some((ino, kind, _)) = self.get::<(Ino, u32, u64)>(&keys::dentry(ino, &name))? {
+                out.push(DirEntry {
+                    name,
+                    ino,
+                    kind,
+                    cookie,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn readlink(&self, ino: Ino) -> Rd<Vec<u8>> {
+        let i = self.inode(ino)?;
+        if !i.is_symlink() {
+            return Err(Errno::EINVAL.into());
+        }
+        Ok(self.get_raw(&keys::symlink(ino))?.unwrap_or_default())
+    }
+
+    pub fn getxattr(&self, ino: Ino, name: &[u8]) -> Rd<Vec<u8>> {
+        self.inode(ino)?;
+        self.get_raw(&keys::xattr(ino, name))?
+            .ok_or(ReadError::Fs(Errno::ENODATA))
+    }
+
+    pub fn listxattr(&self, ino: Ino) -> Rd<Vec<Vec<u8>>> {
+        self.inode(ino)?;
+        let p = keys::xattr_prefix(ino);
+        Ok(self
+            .scan(&p, &keys::prefix_end(&p), usize::MAX)?
+            .into_iter()
+            .map(|(k, _)| k[p.len()..].to_vec())
+            .collect())
+    }
+
+    /// Extent references overlapping `[offset, offset + len)`, in order.
+    pub fn extents(&self, ino: Ino, offset: u64, len: u64) -> Rd<Vec<ExtentRef>> {
+        self.inode(ino)?;
+        let end = offset.saturating_add(len);
+        let lo = keys::extent(ino, offset.saturating_sub(EXTENT_LEN_MAX));
+        let hi = keys::extent(ino, end);
+        let mut out = Vec::new();
+        for (k, v) in self.scan(&lo, &hi, usize::MAX)? {
+            let e: ExtentRef = decode(&k, &v)?;
+            if e.offset + e.len > offset && e.offset < end {
+                out.push(e);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The first lock held by another owner that conflicts with `l`.
+    pub fn get_lock(&self, ino: Ino, l: &LockRange) -> Rd<Option<LockRange>> {
+        self.inode(ino)?;
+        let txn = crate::store::Txn::new(self);
+        Ok(crate::apply::find_conflict(&txn, ino, l)?)
+    }
+
+    /// Inodes allocated so far on `shards` (an upper bound of live files).
+    pub fn files(&self, shards: &[u32]) -> Rd<u64> {
+        let mut n = 0;
+        for s in shards {
+            n += self.get::<u64>(&keys::next_ino(*s))?.unwrap_or(2) - 2;
+        }
+        Ok(n)
+    }
+}

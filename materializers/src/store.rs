@@ -1,0 +1,203 @@
+//! The namespace's RocksDB, and [`Txn`]: the overlay one batch of log
+//! entries is applied in before it is written atomically with the shard's
+//! applied position.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::keys;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("rocksdb at {path}: {source}")]
+    Open {
+        path: String,
+        source: rocksdb::Error,
+    },
+    #[error("rocksdb: {0}")]
+    Rocks(#[from] rocksdb::Error),
+    #[error("corrupt value under key {key:02x?}: {reason}")]
+    Corrupt { key: Vec<u8>, reason: String },
+}
+
+/// Values larger than this in the namespace are corruption.
+const VALUE_BYTES_MAX: usize = 16 << 20;
+
+pub struct NamespaceDb {
+    db: rocksdb::DB,
+}
+
+pub fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+    bincode::serialize(v).expect("namespace values serialize")
+}
+
+pub fn decode<T: DeserializeOwned>(key: &[u8], v: &[u8]) -> Result<T, DbError> {
+    cfs_frame::decode_body(v, VALUE_BYTES_MAX).map_err(|reason| DbError::Corrupt {
+        key: key.to_vec(),
+        reason,
+    })
+}
+
+impl NamespaceDb {
+    pub fn open(path: &Path) -> Result<Self, DbError> {
+        let mut o = rocksdb::Options::default();
+        o.create_if_missing(true);
+        o.set_max_background_jobs(2);
+        o.set_keep_log_file_num(4);
+        let db = rocksdb::DB::open(&o, path).map_err(|source| DbError::Open {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Ok(NamespaceDb { db })
+    }
+
+    pub fn get_raw(&self, key: &[u8]) -> Result<Option<Vec<u8>>, DbError> {
+        Ok(self.db.get(key)?)
+    }
+
+    pub fn get<T: DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, DbError> {
+        match self.db.get_pinned(key)? {
+            Some(v) => Ok(Some(decode(key, &v)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Keys in `[start, end)`, at most `limit`.
+    pub fn scan(
+        &self,
+        start: &[u8],
+        end: &[u8],
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, DbError> {
+        let mut ro = rocksdb::ReadOptions::default();
+        ro.set_iterate_upper_bound(end.to_vec());
+        let it = self.db.iterator_opt(
+            rocksdb::IteratorMode::From(start, rocksdb::Direction::Forward),
+            ro,
+        );
+        let mut out = Vec::new();
+        for kv in it {
+            if out.len() >= limit {
+                break;
+            }
+            let (k, v) = kv?;
+            out.push((k.to_vec(), v.to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// Position of the next entry of `shard` to apply.
+    pub fn applied(&self, shard: u32) -> Result<u64, DbError> {
+        Ok(self.get::<u64>(&keys::applied(shard))?.unwrap_or(0))
+    }
+
+    /// Writes `txn`'s changes and the new applied position atomically.
+    pub fn commit(&self, txn: Txn<'_>, shard: u32, applied: u64) -> Result<(), DbError> {
+        let mut b = rocksdb::WriteBatch::default();
+        for (k, v) in txn.batch {
+            match v {
+                Some(v) => b.put(k, v),
+                None => b.delete(k),
+            }
+        }
+        b.put(keys::applied(shard), encode(&applied));
+        let mut wo = rocksdb::WriteOptions::default();
+        wo.set_sync(false);
+        self.db.write_opt(b, &wo)?;
+        Ok(())
+    }
+
+    /// Makes every committed batch durable.
+    pub fn sync(&self) -> Result<(), DbError> {
+        self.db.flush_wal(true)?;
+        Ok(())
+    }
+
+    /// Every key/value, in order (for comparing two namespaces).
+    pub fn dump(&self) -> Result<Vec<(Vec<u8>, Vec<u8>)>, DbError> {
+        let mut out = Vec::new();
+        for kv in self.db.iterator(rocksdb::IteratorMode::Start) {
+            let (k, v) = kv?;
+            out.push((k.to_vec(), v.to_vec()));
+        }
+        Ok(out)
+    }
+}
+
+/// Pending changes of one batch (`batch`) and of the entry being applied
+/// (`entry`): an entry that fails is rolled back by dropping `entry`.
+pub struct Txn<'a> {
+    db: &'a NamespaceDb,
+    batch: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    entry: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+}
+
+impl<'a> Txn<'a> {
+    pub fn new(db: &'a NamespaceDb) -> Self {
+        Txn {
+            db,
+            batch: BTreeMap::new(),
+            entry: BTreeMap::new(),
+        }
+    }
+
+    pub fn get_raw(&self, key: &[u8]) -> Result<Option<Vec<u8>>, DbError> {
+        if let Some(v) = self.entry.get(key).or_else(|| self.batch.get(key)) {
+            return Ok(v.clone());
+        }
+        self.db.get_raw(key)
+    }
+
+    pub fn get<T: DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, DbError> {
+        match self.get_raw(key)? {
+            Some(v) => Ok(Some(decode(key, &v)?)),
+            None => Ok(None),
+        }
+    }
+
+    pub fn put<T: Serialize>(&mut self, key: Vec<u8>, v: &T) {
+        self.entry.insert(key, Some(encode(v)));
+    }
+
+    pub fn put_raw(&mut self, key: Vec<u8>, v: Vec<u8>) {
+        self.entry.insert(key, Some(v));
+    }
+
+    pub fn delete(&mut self, key: Vec<u8>) {
+        self.entry.insert(key, None);
+    }
+
+    /// Live keys in `[start, end)`, merging the overlay over the database.
+    pub fn scan(&self, start: &[u8], end: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, DbError> {
+        let mut m: BTreeMap<Vec<u8>, Option<Vec<u8>>> = self
+            .db
+            .scan(start, end, usize::MAX)?
+            .into_iter()
+            .map(|(k, v)| (k, Some(v)))
+            .collect();
+        for layer in [&self.batch, &self.entry] {
+            for (k, v) in layer.range(start.to_vec()..end.to_vec()) {
+                m.insert(k.clone(), v.clone());
+            }
+        }
+        Ok(m.into_iter().filter_map(|(k, v)| v.map(|v| (k, v))).collect())
+    }
+
+    /// The entry succeeded: keep its changes.
+    pub fn keep(&mut self) {
+        let e = std::mem::take(&mut self.entry);
+        self.batch.extend(e);
+    }
+
+    /// The entry failed: forget its changes.
+    pub fn rollback(&mut self) {
+        self.entry.clear();
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.batch.is_empty() && self.entry.is_empty()
+    }
+}

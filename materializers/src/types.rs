@@ -1,0 +1,201 @@
+//! Namespace types shared by the materializer, the metadata service and the
+//! FUSE client: inodes, credentials, errors and extent references.
+
+use serde::{Deserialize, Serialize};
+
+use cfs_segments::client::Extent;
+
+/// An inode number. The high 16 bits name the shard that owns the inode
+/// (its attributes, and for a directory its entries); the low 48 bits are
+/// a counter of that shard. The root is inode 1 on shard 0.
+pub type Ino = u64;
+
+pub const ROOT_INO: Ino = 1;
+const SHARD_SHIFT: u32 = 48;
+
+/// Shard that owns `ino`.
+pub fn shard_of(ino: Ino) -> u32 {
+    (ino >> SHARD_SHIFT) as u32
+}
+
+/// The `n`th inode of `shard`.
+pub fn make_ino(shard: u32, n: u64) -> Ino {
+    ((shard as u64) << SHARD_SHIFT) | (n & ((1 << SHARD_SHIFT) - 1))
+}
+
+/// Longest name component (bytes), as Linux.
+pub const NAME_MAX: usize = 255;
+/// Longest symlink target (bytes), as Linux' PATH_MAX.
+pub const PATH_MAX: usize = 4096;
+/// Largest extended attribute value.
+pub const XATTR_SIZE_MAX: usize = 65536;
+/// Largest file (bytes): 2^63 - 1 like ext4's limit is not needed; 8 EiB - 1.
+pub const FILE_SIZE_MAX: u64 = i64::MAX as u64;
+
+/// A POSIX error number, carried as the positive errno value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Errno(pub i32);
+
+impl Errno {
+    pub const EPERM: Errno = Errno(libc::EPERM);
+    pub const ENOENT: Errno = Errno(libc::ENOENT);
+    pub const EIO: Errno = Errno(libc::EIO);
+    pub const EACCES: Errno = Errno(libc::EACCES);
+    pub const EEXIST: Errno = Errno(libc::EEXIST);
+    pub const EXDEV: Errno = Errno(libc::EXDEV);
+    pub const ENOTDIR: Errno = Errno(libc::ENOTDIR);
+    pub const EISDIR: Errno = Errno(libc::EISDIR);
+    pub const EINVAL: Errno = Errno(libc::EINVAL);
+    pub const EFBIG: Errno = Errno(libc::EFBIG);
+    pub const ENOSPC: Errno = Errno(libc::ENOSPC);
+    pub const EMLINK: Errno = Errno(libc::EMLINK);
+    pub const ENAMETOOLONG: Errno = Errno(libc::ENAMETOOLONG);
+    pub const ENOTEMPTY: Errno = Errno(libc::ENOTEMPTY);
+    pub const ELOOP: Errno = Errno(libc::ELOOP);
+    pub const ENODATA: Errno = Errno(libc::ENODATA);
+    pub const ERANGE: Errno = Errno(libc::ERANGE);
+    pub const EAGAIN: Errno = Errno(libc::EAGAIN);
+    pub const EOPNOTSUPP: Errno = Errno(libc::EOPNOTSUPP);
+    pub const ENOTCONN: Errno = Errno(libc::ENOTCONN);
+    pub const ESTALE: Errno = Errno(libc::ESTALE);
+    pub const E2BIG: Errno = Errno(libc::E2BIG);
+    pub const EBADF: Errno = Errno(libc::EBADF);
+    pub const EDEADLK: Errno = Errno(libc::EDEADLK);
+    pub const ENODEV: Errno = Errno(libc::ENODEV);
+}
+
+impl std::fmt::Display for Errno {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", std::io::Error::from_raw_os_error(self.0))
+    }
+}
+
+pub type FsResult<T> = Result<T, Errno>;
+
+/// Who asks: the caller's effective ids and supplementary groups.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Creds {
+    pub uid: u32,
+    pub gid: u32,
+    pub groups: Vec<u32>,
+}
+
+impl Creds {
+    pub fn root() -> Self {
+        Creds {
+            uid: 0,
+            gid: 0,
+            groups: Vec::new(),
+        }
+    }
+    pub fn in_group(&self, gid: u32) -> bool {
+        self.gid == gid || self.groups.contains(&gid)
+    }
+}
+
+/// A timestamp: nanoseconds since the epoch (may be negative).
+pub type Nanos = i64;
+
+/// Attributes of one inode, as stored and as returned to clients.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Inode {
+    pub ino: Ino,
+    /// Type and permission bits, as `st_mode`.
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub size: u64,
+    pub nlink: u32,
+    pub atime: Nanos,
+    pub mtime: Nanos,
+    pub ctime: Nanos,
+    pub crtime: Nanos,
+    pub rdev: u32,
+    pub generation: u64,
+    /// Bytes of file data actually mapped to extents (for `st_blocks`).
+    pub allocated: u64,
+    /// For directories: the parent (for `..` and rename loops); next
+    /// readdir cookie; number of entries.
+    pub parent: Ino,
+    pub next_cookie: u64,
+    pub entries: u64,
+}
+
+impl Inode {
+    pub fn kind(&self) -> u32 {
+        self.mode & libc::S_IFMT
+    }
+    pub fn is_dir(&self) -> bool {
+        self.kind() == libc::S_IFDIR
+    }
+    pub fn is_reg(&self) -> bool {
+        self.kind() == libc::S_IFREG
+    }
+    pub fn is_symlink(&self) -> bool {
+        self.kind() == libc::S_IFLNK
+    }
+}
+
+/// One directory entry as readdir returns it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirEntry {
+    pub name: Vec<u8>,
+    pub ino: Ino,
+    /// `S_IF*` type bits.
+    pub kind: u32,
+    /// Resume readdir after this entry with this cookie.
+    pub cookie: u64,
+}
+
+/// A piece of a file: `len` bytes at file offset `offset` are bytes
+/// `[skip, skip + len)` of the stripe `extent`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExtentRef {
+    pub offset: u64,
+    pub len: u64,
+    pub skip: u64,
+    pub extent: Extent,
+}
+
+/// Which attributes a setattr changes.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SetAttr {
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size: Option<u64>,
+    pub atime: Option<TimeSet>,
+    pub mtime: Option<TimeSet>,
+    /// Explicit ctime (only by the owner through utimensat-like calls).
+    pub ctime: Option<Nanos>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TimeSet {
+    /// The time the entry was proposed (UTIME_NOW).
+    Now,
+    At(Nanos),
+}
+
+/// A byte-range lock, POSIX (`fcntl`) or BSD (`flock`, whole file).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LockRange {
+    /// Inclusive start, exclusive end (`u64::MAX` = to end of file).
+    pub start: u64,
+    pub end: u64,
+    /// `F_RDLCK`, `F_WRLCK` or `F_UNLCK`.
+    pub typ: i32,
+    /// Owner: client id and the kernel's lock owner.
+    pub client: u64,
+    pub owner: u64,
+    pub pid: u32,
+    pub flock: bool,
+}
+
+/// File system usage for statfs.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FsStats {
+    pub total_bytes: u64,
+    pub free_bytes: u64,
+    pub files: u64,
+}

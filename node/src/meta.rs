@@ -1,0 +1,430 @@
+//! The metadata service: FUSE clients connect here. Mutations become log
+//! entries on the owning shard and are answered with the outcome the local
+//! materializer computed when it applied them; reads come from the local
+//! RocksDB, after a read barrier when the client asks for fresh data.
+//! Changes made by other clients are pushed as invalidations.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use cfs_log::LogNode;
+use cfs_materializers::materializer::{self, Change, Waiters};
+use cfs_materializers::ops::*;
+use cfs_materializers::read::ReadError;
+use cfs_materializers::types::*;
+use cfs_materializers::NamespaceDb;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{broadcast, mpsc, watch};
+use tracing::{info, warn, Instrument};
+
+/// How long a mutation waits for its outcome after being decided.
+const APPLY_WAIT: Duration = Duration::from_secs(30);
+/// Entries per readdir reply at most.
+const READDIR_MAX: u32 = 1024;
+
+struct Barrier {
+    /// Arrival tickets; a barrier started after ticket `t` was issued
+    /// serves the read that took `t`.
+    next_ticket: AtomicU64,
+    last: tokio::sync::Mutex<(u64, u64)>,
+}
+
+struct Inner {
+    cluster_id: String,
+    node_id: u64,
+    log: LogNode,
+    db: Arc<NamespaceDb>,
+    waiters: Arc<Waiters>,
+    applied: HashMap<u32, watch::Receiver<u64>>,
+    barriers: HashMap<u32, Barrier>,
+    changes: broadcast::Sender<Change>,
+    segment_servers: Vec<(u64, String)>,
+    data_dir: PathBuf,
+    nodes: u64,
+    counters: Counters,
+}
+
+#[derive(Default)]
+struct Counters {
+    mutations: AtomicU64,
+    reads: AtomicU64,
+    barriers: AtomicU64,
+    errors: AtomicU64,
+    sessions: AtomicU64,
+}
+
+/// A running metadata service.
+#[derive(Clone)]
+pub struct MetaService {
+    inner: Arc<Inner>,
+}
+
+pub struct MetaConfig {
+    pub cluster_id: String,
+    pub node_id: u64,
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub shards: Vec<u32>,
+    pub segment_servers: Vec<(u64, String)>,
+    pub nodes: u64,
+}
+
+impl MetaService {
+    /// Opens the namespace database, starts one materializer per shard and
+    /// listens for clients.
+    pub async fn start(cfg: MetaConfig, log: LogNode) -> anyhow::Result<MetaService> {
+        let path = cfg.data_dir.join("namespace");
+        let db = Arc::new(NamespaceDb::open(&path).context("opening the namespace database")?);
+        let waiters = Arc::new(Waiters::default());
+        let (changes, _) = broadcast::channel(4096);
+        let mut applied = HashMap::new();
+        let mut barriers = HashMap::new();
+        for &shard in &cfg.shards {
+            let from = db.applied(shard)?;
+            let sub = log
+                .subscribe(shard, from, Some(materializer::SUBSCRIBER))
+                .with_context(|| format!("subscribing to shard {shard}"))?;
+            let (tx, rx) = watch::channel(from);
+            applied.insert(shard, rx);
+            barriers.insert(
+                shard,
+                Barrier {
+                    next_ticket: AtomicU64::new(1),
+                    last: tokio::sync::Mutex::new((0, 0)),
+                },
+            );
+            let (db2, w2, ch2) = (db.clone(), waiters.clone(), changes.clone());
+            tokio::spawn(async move {
+                if let Err(e) = materializer::run_shard(db2, shard, sub, w2, tx, ch2).await {
+                    tracing::error!(shard, "namespace materializer failed: {e}");
+                }
+            });
+        }
+        let listener = TcpListener::bind(cfg.listen)
+            .await
+            .with_context(|| format!("binding the metadata service to {}", cfg.listen))?;
+        let svc = MetaService {
+            inner: Arc::new(Inner {
+                cluster_id: cfg.cluster_id,
+                node_id: cfg.node_id,
+                log,
+                db,
+                waiters,
+                applied,
+                barriers,
+                changes,
+                segment_servers: cfg.segment_servers,
+                data_dir: cfg.data_dir,
+                nodes: cfg.nodes,
+                counters: Counters::default(),
+            }),
+        };
+        info!(listen = %cfg.listen, "metadata service listening");
+        let s2 = svc.clone();
+        tokio::spawn(async move {
+            loop {
+                match listener.accept().await {
+                    Ok((sock, peer)) => {
+                        let _ = sock.set_nodelay(true);
+                        let inner = s2.inner.clone();
+                        tokio::spawn(
+                            serve_conn(inner, sock).instrument(tracing::info_span!("meta_session", %peer)),
+                        );
+                    }
+                    Err(e) => {
+                        warn!("metadata accept: {e}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            }
+        });
+        Ok(svc)
+    }
+
+    /// Applied position of each shard.
+    pub fn applied(&self) -> Vec<(u32, u64)> {
+        let mut v: Vec<_> = self.inner.applied.iter().map(|(s, r)| (*s, *r.borrow())).collect();
+        v.sort_unstable();
+        v
+    }
+
+    pub fn metrics_text(&self) -> String {
+        let c = &self.inner.counters;
+        let mut s = String::new();
+        for (name, help, v) in [
+            ("cfs_meta_mutations_total", "Namespace mutations proposed", &c.mutations),
+            ("cfs_meta_reads_total", "Namespace reads served", &c.reads),
+            ("cfs_meta_barriers_total", "Read barriers passed for fresh reads", &c.barriers),
+            ("cfs_meta_errors_total", "Requests answered with an I/O error", &c.errors),
+            ("cfs_meta_sessions_total", "Client sessions accepted", &c.sessions),
+        ] {
+            s += &format!("# HELP {name} {help}\n# TYPE {name} counter\n{name} {}\n", v.load(Ordering::Relaxed));
+        }
+        s += "# HELP cfs_meta_applied_position Next log position the namespace materializer applies\n# TYPE cfs_meta_applied_position gauge\n";
+        for (shard, p) in self.applied() {
+            s += &format!("cfs_meta_applied_position{{shard=\"{shard}\"}} {p}\n");
+        }
+        s
+    }
+}
+
+fn send(tx: &mpsc::UnboundedSender<ServerMsg>, m: ServerMsg) -> bool {
+    tx.send(m).is_ok()
+}
+
+async fn serve_conn(inner: Arc<Inner>, sock: TcpStream) {
+    let (r, w) = sock.into_split();
+    let mut reader = cfs_frame::BodyReader::new(r, MESSAGE_BYTES_MAX);
+    let (tx, rx) = mpsc::unbounded_channel::<ServerMsg>();
+    tokio::spawn(cfs_frame::write_batched(w, rx, |m: &ServerMsg, out| {
+        let _ = cfs_frame::encode_with(out, |o| bincode::serialize_into(o, m));
+    }));
+    // The first frame must be a Hello of this cluster.
+    let client = match reader.next().await {
+        Ok(body) => match cfs_frame::decode_body::<RequestFrame>(&body, MESSAGE_BYTES_MAX) {
+            Ok(RequestFrame {
+                id,
+                req: Request::Hello { cluster_id, client_id },
+                ..
+            }) => {
+                if cluster_id != inner.cluster_id {
+                    warn!(%cluster_id, "client of another cluster refused");
+                    send(&tx, ServerMsg::Reply { id, result: Err(Errno::EPERM) });
+                    return;
+                }
+                send(
+                    &tx,
+                    ServerMsg::Reply {
+                        id,
+                        result: Ok(Reply::Welcome {
+                            node_id: inner.node_id,
+                            segment_servers: inner.segment_servers.clone(),
+                            shards: inner.applied.keys().copied().collect(),
+                        }),
+                    },
+                );
+                client_id
+            }
+            Ok(_) => {
+                warn!("session did not start with Hello; closed");
+                return;
+            }
+            Err(e) => {
+                warn!("bad first frame: {e}; closed");
+                return;
+            }
+        },
+        Err(e) => {
+            warn!("session closed before Hello: {e}");
+            return;
+        }
+    };
+    inner.counters.sessions.fetch_add(1, Ordering::Relaxed);
+    info!(client = format_args!("{client:016x}"), "client session started");
+    let mut changes = inner.changes.subscribe();
+    let tx2 = tx.clone();
+    let forward = tokio::spawn(async move {
+        loop {
+            match changes.recv().await {
+                Ok(c) if c.origin == client => {}
+                Ok(c) => {
+                    for ino in c.inodes {
+                        if !send(&tx2, ServerMsg::Invalidate { ino, entry: None }) {
+                            return;
+                        }
+                    }
+                    for (parent, name) in c.entries {
+                        if !send(&tx2, ServerMsg::Invalidate { ino: parent, entry: Some((parent, name)) }) {
+                            return;
+                        }
+                    }
+                }
+                Err(broadcast::error::RecvError::Lagged(_)) => {
+                    // Missed some: tell the client to drop everything.
+                    if !send(&tx2, ServerMsg::Invalidate { ino: 0, entry: None }) {
+                        return;
+                    }
+                }
+                Err(broadcast::error::RecvError::Closed) => return,
+            }
+        }
+    });
+    loop {
+        let body = match reader.next().await {
+            Ok(b) => b,
+            Err(cfs_frame::ReadError::Closed) => break,
+            Err(e) => {
+                warn!("client session: {e}; closed");
+                break;
+            }
+        };
+        let f = match cfs_frame::decode_body::<RequestFrame>(&body, MESSAGE_BYTES_MAX) {
+            Ok(f) => f,
+            Err(e) => {
+                warn!("client session: {e}; closed");
+                break;
+            }
+        };
+        let (inner, tx) = (inner.clone(), tx.clone());
+        tokio::spawn(async move {
+            let id = f.id;
+            let result = handle(&inner, client, f).await;
+            if matches!(result, Err(Errno::EIO)) {
+                inner.counters.errors.fetch_add(1, Ordering::Relaxed);
+            }
+            send(&tx, ServerMsg::Reply { id, result });
+        });
+    }
+    forward.abort();
+    info!(client = format_args!("{client:016x}"), "client session ended");
+}
+
+fn now_ns() -> Nanos {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0)
+}
+
+fn read_err(e: ReadError) -> Errno {
+    match e {
+        ReadError::Fs(e) => e,
+        ReadError::Db(e) => {
+            tracing::error!("namespace read: {e}");
+            Errno::EIO
+        }
+    }
+}
+
+impl Inner {
+    fn check_shard(&self, ino: Ino) -> Result<u32, Errno> {
+        let s = shard_of(ino);
+        if ino == 0 || !self.applied.contains_key(&s) {
+            return Err(Errno::ESTALE);
+        }
+        Ok(s)
+    }
+
+    /// Waits until this node applied everything decided before now on
+    /// `shard`: a read barrier, shared by reads that arrive while one is
+    /// being taken.
+    async fn fresh(&self, shard: u32) -> Result<(), Errno> {
+        let b = &self.barriers[&shard];
+        let ticket = b.next_ticket.fetch_add(1, Ordering::SeqCst);
+        let pos = {
+            let mut last = b.last.lock().await;
+            if last.0 > ticket {
+                last.1
+            } else {
+                let started = b.next_ticket.fetch_add(1, Ordering::SeqCst);
+                let pos = self.log.read_barrier(shard).await.map_err(|e| {
+                    warn!(shard, "read barrier: {e}");
+                    Errno::EIO
+                })?;
+                self.counters.barriers.fetch_add(1, Ordering::Relaxed);
+                *last = (started, pos);
+                pos
+            }
+        };
+        let mut rx = self.applied[&shard].clone();
+        tokio::time::timeout(APPLY_WAIT, rx.wait_for(|a| *a > pos))
+            .await
+            .map_err(|_| Errno::EIO)?
+            .map_err(|_| Errno::EIO)?;
+        Ok(())
+    }
+
+    async fn mutate(&self, client: u64, creds: Creds, op: Op) -> Result<Reply, Errno> {
+        let shard = self.check_shard(op.home())?;
+        self.counters.mutations.fetch_add(1, Ordering::Relaxed);
+        let lop = LoggedOp {
+            client,
+            creds,
+            now: now_ns(),
+            op,
+        };
+        let id = self.log.next_request();
+        let e = materializer::entry(id, &lop);
+        if e.payload.len() > cfs_log::entry::ENTRY_PAYLOAD_BYTES_MAX {
+            return Err(Errno::E2BIG);
+        }
+        let rx = self.waiters.register(id);
+        if let Err(err) = self.log.propose(shard, e).await {
+            self.waiters.forget(id);
+            warn!(shard, "namespace proposal failed: {err}");
+            return Err(Errno::EIO);
+        }
+        match tokio::time::timeout(APPLY_WAIT, rx).await {
+            Ok(Ok(Ok(Applied::Attr(i)))) => Ok(Reply::Attr(i)),
+            Ok(Ok(Ok(Applied::None))) => Ok(Reply::None),
+            Ok(Ok(Ok(Applied::Conflict(l)))) => Ok(Reply::Lock(Some(l))),
+            Ok(Ok(Err(e))) => Err(e),
+            Ok(Err(_)) | Err(_) => {
+                self.waiters.forget(id);
+                Err(Errno::EIO)
+            }
+        }
+    }
+
+    fn statfs(&self) -> Result<FsStats, Errno> {
+        let path = std::ffi::CString::new(self.data_dir.as_os_str().as_encoded_bytes())
+            .map_err(|_| Errno::EIO)?;
+        // SAFETY: `path` is a valid NUL-terminated string and `st` a
+        // properly sized out-parameter.
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        if unsafe { libc::statvfs(path.as_ptr(), &mut st) } != 0 {
+            return Err(Errno::EIO);
+        }
+        // Every node contributes its disk; 2 of every 3 bytes hold data
+        // with the default 2+1 layout.
+        let per = |blocks: u64| blocks * st.f_frsize * self.nodes * 2 / 3;
+        let shards: Vec<u32> = self.applied.keys().copied().collect();
+        Ok(FsStats {
+            total_bytes: per(st.f_blocks),
+            free_bytes: per(st.f_bavail),
+            files: self.db.files(&shards).map_err(read_err)?,
+        })
+    }
+}
+
+#[tracing::instrument(skip(inner, f), fields(id = f.id))]
+async fn handle(inner: &Inner, client: u64, f: RequestFrame) -> Result<Reply, Errno> {
+    let ino = match &f.req {
+        Request::Hello { .. } => return Err(Errno::EINVAL),
+        Request::Mutate { creds, op } => return inner.mutate(client, creds.clone(), op.clone()).await,
+        Request::StatFs => return inner.statfs().map(Reply::Stats),
+        Request::Lookup { parent, .. } => *parent,
+        Request::GetAttr { ino }
+        | Request::ReadDir { ino, .. }
+        | Request::ReadLink { ino }
+        | Request::GetXattr { ino, .. }
+        | Request::ListXattr { ino }
+        | Request::Extents { ino, .. }
+        | Request::GetLock { ino, .. } => *ino,
+    };
+    let shard = inner.check_shard(ino)?;
+    inner.counters.reads.fetch_add(1, Ordering::Relaxed);
+    if f.fresh {
+        inner.fresh(shard).await?;
+    }
+    let db = &inner.db;
+    let r = match f.req {
+        Request::Lookup { parent, name } => db.lookup(parent, &name).map(Reply::Attr),
+        Request::GetAttr { ino } => db.inode(ino).map(Reply::Attr),
+        Request::ReadDir { ino, after, max } => db
+            .readdir(ino, after, max.min(READDIR_MAX) as usize)
+            .map(Reply::Entries),
+        Request::ReadLink { ino } => db.readlink(ino).map(Reply::Data),
+        Request::GetXattr { ino, name } => db.getxattr(ino, &name).map(Reply::Data),
+        Request::ListXattr { ino } => db.listxattr(ino).map(Reply::Names),
+        Request::Extents { ino, offset, len } => db.extents(ino, offset, len).map(Reply::Extents),
+        Request::GetLock { ino, lock } => db.get_lock(ino, &lock).map(Reply::Lock),
+        Request::Hello { .. } | Request::Mutate { .. } | Request::StatFs => unreachable!("handled above"),
+    };
+    r.map_err(read_err)
+}
