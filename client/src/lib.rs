@@ -1,1 +1,11 @@
-pub fn _x() {}
+//! The ClaudeFS FUSE client (`cfs mount`): metadata through a node's
+//! metadata service, file data through the segment store.
+
+pub mod conn;
+pub mod data;
+pub mod fs;
+pub mod mount;
+pub mod options;
+
+pub use mount::{mount, unmount, MountError};
+pub use options::{CacheMode, MountOptions};

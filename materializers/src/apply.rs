@@ -38,22 +38,39 @@ type R2<T> = Result<T, Fail>;
 /// database failure; the inner result is the operation's outcome. A failed
 /// operation leaves `txn` unchanged.
 pub fn apply(txn: &mut Txn<'_>, shard: u32, lop: &LoggedOp) -> Result<ApplyResult, DbError> {
-    let r = apply_inner(txn, shard, lop);
-    match r {
+    let outcome_key = (lop.op_id != 0).then(|| keys::outcome(lop.client, lop.op_id));
+    if let Some(k) = &outcome_key {
+        if let Some(r) = txn.get::<ApplyResult>(k)? {
+            return Ok(r);
+        }
+    }
+    let r = match apply_inner(txn, shard, lop) {
         Ok(a) => {
             txn.keep();
-            Ok(Ok(a))
+            Ok(a)
         }
         Err(Fail::Fs(e)) => {
             txn.rollback();
-            Ok(Err(e))
+            Err(e)
         }
         Err(Fail::Db(e)) => {
             txn.rollback();
-            Err(e)
+            return Err(e);
         }
+    };
+    if let Some(k) = outcome_key {
+        txn.put(k, &r);
+        if lop.op_id > OUTCOMES_KEPT {
+            txn.delete(keys::outcome(lop.client, lop.op_id - OUTCOMES_KEPT));
+        }
+        txn.keep();
     }
+    Ok(r)
 }
+
+/// Outcomes remembered per client for retries: a client never has more
+/// operations than this outstanding.
+pub const OUTCOMES_KEPT: u64 = 16_384;
 
 /// Creates the root directory if the shard owning it has none yet.
 pub fn ensure_root(txn: &mut Txn<'_>, shard: u32) -> Result<(), DbError> {

@@ -13,6 +13,7 @@
 //! | `e` ino offset                        | [`ExtentRef`]         |
 //! | `k` ino flock:u8 client owner start   | [`LockRange`]         |
 //! | `o` ino                               | (orphan: nlink 0)     |
+//! | `r` client op_id                      | outcome of the op     |
 //!
 //! [`Inode`]: crate::types::Inode
 //! [`ExtentRef`]: crate::types::ExtentRef
@@ -79,6 +80,10 @@ pub fn lock_prefix(ino: Ino) -> Vec<u8> {
 }
 pub fn orphan(ino: Ino) -> Vec<u8> {
     with(b'o', &[&ino.to_be_bytes()])
+}
+
+pub fn outcome(client: u64, op_id: u64) -> Vec<u8> {
+    with(b'r', &[&client.to_be_bytes(), &op_id.to_be_bytes()])
 }
 
 /// The smallest key greater than every key starting with `prefix`.

@@ -160,6 +160,18 @@ pub fn apply_batch(
     Ok((results, chs))
 }
 
+/// Prepares `shard`'s initial state (the root directory lives on shard 0)
+/// if the database has none yet.
+pub fn init_shard(db: &NamespaceDb, shard: u32) -> Result<(), DbError> {
+    let mut txn = Txn::new(db);
+    ensure_root(&mut txn, shard)?;
+    if !txn.is_empty() {
+        let at = db.applied(shard)?;
+        db.commit(txn, shard, at)?;
+    }
+    Ok(())
+}
+
 /// Runs shard `shard`'s materializer until the log shuts down.
 pub async fn run_shard(
     db: Arc<NamespaceDb>,

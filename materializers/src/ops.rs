@@ -15,6 +15,10 @@ pub const KIND_NAMESPACE: u16 = cfs_log::entry::KIND_USER_MIN + 1;
 pub struct LoggedOp {
     /// The mount that asked (its invalidations skip it; it owns locks).
     pub client: u64,
+    /// The client's id for this operation (0: none). A retried operation
+    /// (same client and id) returns the recorded outcome instead of
+    /// applying twice.
+    pub op_id: u64,
     pub creds: Creds,
     pub now: Nanos,
     pub op: Op,
@@ -139,6 +143,7 @@ pub enum Request {
         client_id: u64,
     },
     Mutate {
+        op_id: u64,
         creds: Creds,
         op: Op,
     },

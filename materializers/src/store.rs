@@ -54,6 +54,16 @@ impl NamespaceDb {
         Ok(NamespaceDb { db })
     }
 
+    /// Opens a database another process may have open (for inspection).
+    pub fn open_read_only(path: &Path) -> Result<Self, DbError> {
+        let o = rocksdb::Options::default();
+        let db = rocksdb::DB::open_for_read_only(&o, path, false).map_err(|source| DbError::Open {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Ok(NamespaceDb { db })
+    }
+
     pub fn get_raw(&self, key: &[u8]) -> Result<Option<Vec<u8>>, DbError> {
         Ok(self.db.get(key)?)
     }

@@ -7,4 +7,5 @@ pub mod cluster;
 pub mod config;
 pub mod http;
 pub mod meta;
+pub mod mounts;
 pub mod segtools;

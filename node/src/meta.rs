@@ -85,6 +85,7 @@ impl MetaService {
         let mut applied = HashMap::new();
         let mut barriers = HashMap::new();
         for &shard in &cfg.shards {
+            materializer::init_shard(&db, shard)?;
             let from = db.applied(shard)?;
             let sub = log
                 .subscribe(shard, from, Some(materializer::SUBSCRIBER))
@@ -339,11 +340,12 @@ impl Inner {
         Ok(())
     }
 
-    async fn mutate(&self, client: u64, creds: Creds, op: Op) -> Result<Reply, Errno> {
+    async fn mutate(&self, client: u64, op_id: u64, creds: Creds, op: Op) -> Result<Reply, Errno> {
         let shard = self.check_shard(op.home())?;
         self.counters.mutations.fetch_add(1, Ordering::Relaxed);
         let lop = LoggedOp {
             client,
+            op_id,
             creds,
             now: now_ns(),
             op,
@@ -396,7 +398,9 @@ impl Inner {
 async fn handle(inner: &Inner, client: u64, f: RequestFrame) -> Result<Reply, Errno> {
     let ino = match &f.req {
         Request::Hello { .. } => return Err(Errno::EINVAL),
-        Request::Mutate { creds, op } => return inner.mutate(client, creds.clone(), op.clone()).await,
+        Request::Mutate { op_id, creds, op } => {
+            return inner.mutate(client, *op_id, creds.clone(), op.clone()).await
+        }
         Request::StatFs => return inner.statfs().map(Reply::Stats),
         Request::Lookup { parent, .. } => *parent,
         Request::GetAttr { ino }

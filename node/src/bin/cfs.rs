@@ -29,6 +29,22 @@ enum Cmd {
         /// Seconds to wait for every node to report healthy.
         #[arg(long, default_value_t = 60)]
         wait: u64,
+        /// Also mount the file system here (in the background).
+        #[arg(long)]
+        mount: Option<PathBuf>,
+        /// Options passed to `cfs mount` (e.g. `--cache-mode=strict`).
+        #[arg(long = "mount-opt", allow_hyphen_values = true)]
+        mount_opts: Vec<String>,
+    },
+    /// Mount the file system (foreground; SIGTERM or `fusermount3 -u` ends it).
+    Mount(MountArgs),
+    /// Print a node's namespace database (node stopped or not), one
+    /// key/value per line in hex: equal output means equal state.
+    NsDump {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        node: u64,
     },
     /// Stop the local cluster in DIR (idempotent).
     Down {
@@ -117,6 +133,83 @@ enum Cmd {
         #[arg(long, default_value_t = 2000)]
         count: usize,
     },
+}
+
+#[derive(clap::Args)]
+struct MountArgs {
+    mountpoint: PathBuf,
+    /// Cluster directory (servers and cluster id from its configs).
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Metadata servers, comma-separated `host:port` (instead of --dir).
+    #[arg(long, value_delimiter = ',')]
+    servers: Vec<std::net::SocketAddr>,
+    #[arg(long)]
+    cluster_id: Option<String>,
+    /// strict | close-to-open | session
+    #[arg(long, default_value = "close-to-open")]
+    cache_mode: cfs_client::CacheMode,
+    /// Buffered dirty bytes per file before a flush, MiB.
+    #[arg(long, default_value_t = 8)]
+    write_buffer: usize,
+    /// Largest read-ahead window, MiB (0: off).
+    #[arg(long, default_value_t = 16)]
+    read_ahead: usize,
+    /// Decoded-stripe cache, MiB.
+    #[arg(long, default_value_t = 256)]
+    cache: usize,
+    /// Seconds to wait for a server before failing a call with EIO/ENOTCONN.
+    #[arg(long, default_value_t = 30)]
+    timeout: u64,
+}
+
+fn mount_cmd(a: MountArgs) -> anyhow::Result<()> {
+    let (servers, cluster_id) = match &a.dir {
+        Some(dir) => {
+            let cfgs = cluster::load_configs(dir)?;
+            if cfgs.is_empty() {
+                bail!("no cluster in {}", dir.display());
+            }
+            (cluster::meta_servers(&cfgs), cfgs[0].cluster_id.clone())
+        }
+        None => (
+            a.servers.clone(),
+            a.cluster_id.clone().context("--cluster-id is needed with --servers")?,
+        ),
+    };
+    if servers.is_empty() {
+        bail!("no metadata servers: give --dir or --servers");
+    }
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CFS_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .init();
+    let opts = cfs_client::MountOptions {
+        servers,
+        cluster_id,
+        cache_mode: a.cache_mode,
+        write_buffer: a.write_buffer.max(1) << 20,
+        read_ahead: a.read_ahead << 20,
+        cache_bytes: a.cache.max(8) << 20,
+        timeout: Duration::from_secs(a.timeout.max(1)),
+    };
+    cfs_client::mount(&a.mountpoint, opts)?;
+    Ok(())
+}
+
+fn ns_dump(dir: &Path, node: u64) -> anyhow::Result<()> {
+    let path = cluster::node_dir(dir, node).join("data/namespace");
+    let db = cfs_materializers::NamespaceDb::open_read_only(&path)?;
+    use std::io::Write;
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    for (k, v) in db.dump()? {
+        let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+        writeln!(out, "{} {}", hex(&k), hex(&v))?;
+    }
+    Ok(())
 }
 
 fn client_for(dir: &Path) -> anyhow::Result<LogClient> {
@@ -267,6 +360,8 @@ fn main() -> anyhow::Result<()> {
             dir,
             shards,
             wait,
+            mount,
+            mount_opts,
         } => {
             std::fs::create_dir_all(&dir)?;
             let dir = dir.canonicalize()?;
@@ -288,8 +383,17 @@ fn main() -> anyhow::Result<()> {
                     c.node_id, c.listen, c.http
                 );
             }
+            if let Some(mnt) = mount {
+                cfs_node::mounts::start_mount(&dir, &mnt, &mount_opts)?;
+                println!("mounted at {}", mnt.canonicalize()?.display());
+            }
         }
+        Cmd::Mount(a) => mount_cmd(a)?,
+        Cmd::NsDump { dir, node } => ns_dump(&dir, node)?,
         Cmd::Down { dir } => {
+            if let Some(mnt) = cfs_node::mounts::stop_mount(&dir)? {
+                println!("unmounted {}", mnt.display());
+            }
             let cfgs = cluster::load_configs(&dir)?;
             let mut stopped = 0;
             for c in &cfgs {

@@ -1,0 +1,244 @@
+//! The client's session with the metadata service: requests multiplexed on
+//! one connection, failover across `--servers`, bounded waits, and the
+//! invalidations nodes push.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use cfs_materializers::ops::*;
+use cfs_materializers::types::*;
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+use tracing::{info, warn};
+
+/// An invalidation: `ino` 0 means "everything".
+pub type Invalidation = (Ino, Option<(Ino, Vec<u8>)>);
+
+type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<Reply, Errno>>>>>;
+
+struct Conn {
+    tx: mpsc::UnboundedSender<RequestFrame>,
+    pending: Pending,
+    server: usize,
+}
+
+/// What the first node told us.
+#[derive(Clone, Debug)]
+pub struct Welcome {
+    pub node_id: u64,
+    pub segment_servers: Vec<(u64, String)>,
+}
+
+pub struct MetaClient {
+    servers: Vec<SocketAddr>,
+    cluster_id: String,
+    pub client_id: u64,
+    conn: tokio::sync::Mutex<Option<Arc<Conn>>>,
+    next_server: AtomicUsize,
+    next_id: AtomicU64,
+    next_op: AtomicU64,
+    /// Longest time a call waits for a server before failing.
+    pub timeout: Duration,
+    invalidations: mpsc::UnboundedSender<Invalidation>,
+    welcome: Mutex<Option<Welcome>>,
+}
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+impl MetaClient {
+    pub fn new(
+        servers: Vec<SocketAddr>,
+        cluster_id: String,
+        timeout: Duration,
+    ) -> (Arc<Self>, mpsc::UnboundedReceiver<Invalidation>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let c = MetaClient {
+            servers,
+            cluster_id,
+            client_id: rand::random::<u64>() | 1,
+            conn: tokio::sync::Mutex::new(None),
+            next_server: AtomicUsize::new(0),
+            next_id: AtomicU64::new(1),
+            next_op: AtomicU64::new(1),
+            timeout,
+            invalidations: tx,
+            welcome: Mutex::new(None),
+        };
+        (Arc::new(c), rx)
+    }
+
+    pub fn welcome(&self) -> Option<Welcome> {
+        self.welcome.lock().expect("welcome lock").clone()
+    }
+
+    async fn connect_one(&self, idx: usize) -> Result<Arc<Conn>, String> {
+        let addr = self.servers[idx];
+        let sock = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+            .await
+            .map_err(|_| format!("{addr}: connect timed out"))?
+            .map_err(|e| format!("{addr}: {e}"))?;
+        let _ = sock.set_nodelay(true);
+        let (r, w) = sock.into_split();
+        let (tx, rx) = mpsc::unbounded_channel::<RequestFrame>();
+        tokio::spawn(cfs_frame::write_batched(w, rx, |m: &RequestFrame, out| {
+            let _ = cfs_frame::encode_with(out, |o| bincode::serialize_into(o, m));
+        }));
+        let pending: Pending = Arc::default();
+        let p2 = pending.clone();
+        let inval = self.invalidations.clone();
+        let welcome_id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (wtx, wrx) = oneshot::channel();
+        pending.lock().expect("pending lock").insert(welcome_id, wtx);
+        tokio::spawn(async move {
+            let mut reader = cfs_frame::BodyReader::new(r, MESSAGE_BYTES_MAX);
+            loop {
+                let msg = match reader.next().await {
+                    Ok(b) => match cfs_frame::decode_body::<ServerMsg>(&b, MESSAGE_BYTES_MAX) {
+                        Ok(m) => m,
+                        Err(e) => {
+                            warn!(%addr, "bad message from metadata server: {e}");
+                            break;
+                        }
+                    },
+                    Err(_) => break,
+                };
+                match msg {
+                    ServerMsg::Reply { id, result } => {
+                        if let Some(tx) = p2.lock().expect("pending lock").remove(&id) {
+                            let _ = tx.send(result);
+                        }
+                    }
+                    ServerMsg::Invalidate { ino, entry } => {
+                        let _ = inval.send((ino, entry));
+                    }
+                }
+            }
+            // Fail everything outstanding: callers retry elsewhere.
+            p2.lock().expect("pending lock").clear();
+        });
+        tx.send(RequestFrame {
+            id: welcome_id,
+            fresh: false,
+            req: Request::Hello {
+                cluster_id: self.cluster_id.clone(),
+                client_id: self.client_id,
+            },
+        })
+        .map_err(|_| format!("{addr}: closed"))?;
+        match tokio::time::timeout(CONNECT_TIMEOUT * 5, wrx).await {
+            Ok(Ok(Ok(Reply::Welcome {
+                node_id,
+                segment_servers,
+                ..
+            }))) => {
+                info!(%addr, node_id, "connected to metadata service");
+                *self.welcome.lock().expect("welcome lock") = Some(Welcome {
+                    node_id,
+                    segment_servers,
+                });
+            }
+            Ok(Ok(Err(e))) => return Err(format!("{addr}: refused: {e} (wrong cluster id?)")),
+            _ => return Err(format!("{addr}: no welcome")),
+        }
+        // We may have missed invalidations while disconnected.
+        let _ = self.invalidations.send((0, None));
+        Ok(Arc::new(Conn {
+            tx,
+            pending,
+            server: idx,
+        }))
+    }
+
+    /// The current connection, or a new one to the next server that
+    /// answers.
+    async fn conn(&self) -> Result<Arc<Conn>, String> {
+        let mut g = self.conn.lock().await;
+        if let Some(c) = g.as_ref() {
+            if !c.tx.is_closed() {
+                return Ok(c.clone());
+            }
+        }
+        *g = None;
+        let mut errs = Vec::new();
+        for _ in 0..self.servers.len() {
+            let idx = self.next_server.fetch_add(1, Ordering::Relaxed) % self.servers.len();
+            match self.connect_one(idx).await {
+                Ok(c) => {
+                    self.next_server.store(idx, Ordering::Relaxed);
+                    *g = Some(c.clone());
+                    return Ok(c);
+                }
+                Err(e) => errs.push(e),
+            }
+        }
+        Err(errs.join("; "))
+    }
+
+    async fn drop_conn(&self, server: usize) {
+        let mut g = self.conn.lock().await;
+        if g.as_ref().is_some_and(|c| c.server == server) {
+            *g = None;
+            self.next_server.store(server + 1, Ordering::Relaxed);
+        }
+    }
+
+    /// Sends `req` and waits for the reply, moving to another server when
+    /// one fails. Mutations carry an operation id so a retry elsewhere is
+    /// applied at most once. Gives up with ENOTCONN when no server could
+    /// be reached within the timeout, EIO when servers answered but could
+    /// not complete the request.
+    pub async fn call(&self, req: Request, fresh: bool) -> Result<Reply, Errno> {
+        let req = match req {
+            Request::Mutate { op_id: 0, creds, op } => Request::Mutate {
+                op_id: self.next_op.fetch_add(1, Ordering::Relaxed),
+                creds,
+                op,
+            },
+            r => r,
+        };
+        let deadline = Instant::now() + self.timeout;
+        let mut reached = false;
+        let mut delay = Duration::from_millis(20);
+        loop {
+            match self.conn().await {
+                Ok(c) => {
+                    reached = true;
+                    let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+                    let (tx, rx) = oneshot::channel();
+                    c.pending.lock().expect("pending lock").insert(id, tx);
+                    let sent = c.tx.send(RequestFrame {
+                        id,
+                        fresh,
+                        req: req.clone(),
+                    });
+                    if sent.is_ok() {
+                        let left = deadline.saturating_duration_since(Instant::now());
+                        match tokio::time::timeout(left.max(Duration::from_millis(1)), rx).await {
+                            Ok(Ok(Err(Errno::EIO))) => {
+                                // The node could not get it through the
+                                // log (no leader yet?): retry.
+                            }
+                            Ok(Ok(r)) => return r,
+                            Ok(Err(_)) => self.drop_conn(c.server).await,
+                            Err(_) => {
+                                c.pending.lock().expect("pending lock").remove(&id);
+                                self.drop_conn(c.server).await;
+                            }
+                        }
+                    } else {
+                        self.drop_conn(c.server).await;
+                    }
+                }
+                Err(e) => warn!("no metadata server reachable: {e}"),
+            }
+            if Instant::now() >= deadline {
+                return Err(if reached { Errno::EIO } else { Errno::ENOTCONN });
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_millis(500));
+        }
+    }
+}

@@ -1,0 +1,186 @@
+//! File data: stripes written to the segment store through a small pool of
+//! [`StripeWriter`]s, read back through a cache of decoded stripes that
+//! read-ahead fills.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use cfs_materializers::types::{Errno, ExtentRef};
+use cfs_segments::client::{Extent, SegmentClient, StripeReader, StripeWriter};
+use cfs_segments::format::SegmentId;
+use cfs_segments::layout::Layout;
+use tokio::sync::Mutex as AsyncMutex;
+use tracing::warn;
+
+/// Concurrent flushes (one stripe writer each).
+const WRITERS: usize = 4;
+/// Data bytes per fragment of a full stripe.
+pub const FRAGMENT_BYTES: usize = 256 << 10;
+
+type StripeKey = (SegmentId, u32);
+
+/// Decoded stripes, least recently used out first.
+struct StripeCache {
+    map: HashMap<StripeKey, Arc<Vec<u8>>>,
+    order: VecDeque<StripeKey>,
+    bytes: usize,
+    max_bytes: usize,
+}
+
+impl StripeCache {
+    fn get(&mut self, k: &StripeKey) -> Option<Arc<Vec<u8>>> {
+        let v = self.map.get(k)?.clone();
+        if let Some(pos) = self.order.iter().position(|x| x == k) {
+            self.order.remove(pos);
+        }
+        self.order.push_back(*k);
+        Some(v)
+    }
+    fn put(&mut self, k: StripeKey, v: Arc<Vec<u8>>) {
+        if self.map.contains_key(&k) {
+            return;
+        }
+        self.bytes += v.len();
+        self.map.insert(k, v);
+        self.order.push_back(k);
+        while self.bytes > self.max_bytes {
+            let Some(old) = self.order.pop_front() else { break };
+            if let Some(v) = self.map.remove(&old) {
+                self.bytes -= v.len();
+            }
+        }
+    }
+}
+
+pub struct DataPath {
+    client: Arc<SegmentClient>,
+    layout: Layout,
+    nodes: Vec<u64>,
+    writers: Vec<AsyncMutex<Option<StripeWriter>>>,
+    next_writer: AtomicUsize,
+    reader: StripeReader,
+    cache: Mutex<StripeCache>,
+    /// Stripes being fetched, so concurrent readers share one fetch.
+    fetching: AsyncMutex<HashMap<StripeKey, Arc<AsyncMutex<()>>>>,
+}
+
+fn io_err(what: &str, e: impl std::fmt::Display) -> Errno {
+    warn!("{what}: {e}");
+    Errno::EIO
+}
+
+impl DataPath {
+    pub fn new(cluster_id: &str, servers: &[(u64, String)], cache_bytes: usize) -> Result<Self, String> {
+        let mut map = cfs_segments::proto::ServerMap::new();
+        for (id, addr) in servers {
+            let a = addr.parse().map_err(|e| format!("segment server {addr}: {e}"))?;
+            map.insert(*id, a);
+        }
+        if map.len() < 2 {
+            return Err(format!("need at least 2 segment servers, the cluster has {}", map.len()));
+        }
+        let layout = Layout::for_cluster(map.len());
+        let nodes: Vec<u64> = map.keys().copied().collect();
+        let client = SegmentClient::new(cluster_id, map);
+        Ok(DataPath {
+            reader: StripeReader::new(client.clone()),
+            client,
+            layout,
+            nodes,
+            writers: (0..WRITERS).map(|_| AsyncMutex::new(None)).collect(),
+            next_writer: AtomicUsize::new(0),
+            cache: Mutex::new(StripeCache {
+                map: HashMap::new(),
+                order: VecDeque::new(),
+                bytes: 0,
+                max_bytes: cache_bytes,
+            }),
+            fetching: AsyncMutex::new(HashMap::new()),
+        })
+    }
+
+    /// Fragment placement of writer `w`: rotate over the nodes so that
+    /// writers spread load when the cluster is wider than the layout.
+    fn placement(&self, w: usize) -> Vec<u64> {
+        let n = self.nodes.len();
+        (0..self.layout.width()).map(|i| self.nodes[(w + i) % n]).collect()
+    }
+
+    /// Writes `ranges` (file offset, bytes) durably; returns the extent
+    /// references to commit, in file order.
+    pub async fn write_ranges(&self, ranges: &[(u64, Vec<u8>)]) -> Result<Vec<ExtentRef>, Errno> {
+        let start = self.next_writer.fetch_add(1, Ordering::Relaxed);
+        // Take a free writer if there is one, else wait for ours.
+        let mut guard = None;
+        for i in 0..WRITERS {
+            if let Ok(g) = self.writers[(start + i) % WRITERS].try_lock() {
+                guard = Some((g, (start + i) % WRITERS));
+                break;
+            }
+        }
+        let (mut g, w) = match guard {
+            Some(x) => x,
+            None => (self.writers[start % WRITERS].lock().await, start % WRITERS),
+        };
+        if g.is_none() {
+            let sw = StripeWriter::new(self.client.clone(), self.layout, self.placement(w), FRAGMENT_BYTES)
+                .map_err(|e| io_err("stripe writer", e))?;
+            *g = Some(sw);
+        }
+        let sw = g.as_mut().expect("writer present");
+        let mut out = Vec::new();
+        for (off, data) in ranges {
+            let mut exts: Vec<Extent> = sw.write(data).await.map_err(|e| io_err("segment write", e))?;
+            exts.extend(sw.flush().await.map_err(|e| io_err("segment write", e))?);
+            let mut at = *off;
+            for e in exts {
+                let len = e.data_len as u64;
+                out.push(ExtentRef {
+                    offset: at,
+                    len,
+                    skip: 0,
+                    extent: e,
+                });
+                at += len;
+            }
+        }
+        Ok(out)
+    }
+
+    /// The decoded bytes of one stripe, from the cache or the servers.
+    pub async fn stripe(&self, e: &Extent) -> Result<Arc<Vec<u8>>, Errno> {
+        let key = (e.segment, e.stripe);
+        if let Some(v) = self.cache.lock().expect("cache lock").get(&key) {
+            return Ok(v);
+        }
+        let gate = self
+            .fetching
+            .lock()
+            .await
+            .entry(key)
+            .or_insert_with(|| Arc::new(AsyncMutex::new(())))
+            .clone();
+        let _g = gate.lock().await;
+        if let Some(v) = self.cache.lock().expect("cache lock").get(&key) {
+            return Ok(v);
+        }
+        let r = self.reader.read(e).await.map_err(|err| io_err("segment read", err))?;
+        if !r.bad.is_empty() {
+            warn!(segment = %e.segment, stripe = e.stripe, bad = r.bad.len(), "stripe read around bad fragments");
+        }
+        let v = Arc::new(r.data);
+        self.cache.lock().expect("cache lock").put(key, v.clone());
+        self.fetching.lock().await.remove(&key);
+        Ok(v)
+    }
+
+    /// Whether a stripe is already decoded in the cache.
+    pub fn cached(&self, e: &Extent) -> bool {
+        self.cache
+            .lock()
+            .expect("cache lock")
+            .map
+            .contains_key(&(e.segment, e.stripe))
+    }
+}

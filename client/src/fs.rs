@@ -1,0 +1,1139 @@
+//! The FUSE file system: every kernel request is answered from a tokio
+//! task, so slow requests (a flush, a fetch) do not hold up others.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use cfs_materializers::ops::{Op, Reply, Request as MReq};
+use cfs_materializers::types::*;
+use fuser::{
+    FileAttr, FileType, Filesystem, KernelConfig, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
+    ReplyEmpty, ReplyEntry, ReplyLock, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request,
+    TimeOrNow,
+};
+use tokio::sync::Mutex as AsyncMutex;
+use tracing::{debug, Instrument};
+
+use crate::conn::MetaClient;
+use crate::data::DataPath;
+use crate::options::{CacheMode, MountOptions};
+
+/// Per-inode client state: write-back buffer and read state.
+#[derive(Default)]
+struct FileInner {
+    /// Dirty, not yet flushed bytes by file offset; ranges never overlap.
+    dirty: BTreeMap<u64, Vec<u8>>,
+    dirty_bytes: usize,
+    /// Size including dirty bytes (None: the server's size).
+    size: Option<u64>,
+    /// Extent map window `[from, to)` fetched from the server.
+    ext: Option<(u64, u64, Vec<ExtentRef>)>,
+    /// End of the last read (sequential detection) and read-ahead window.
+    seq_end: u64,
+    ra_window: u64,
+}
+
+#[derive(Default)]
+struct FileState {
+    inner: AsyncMutex<FileInner>,
+    opens: AtomicU64,
+}
+
+struct Shared {
+    meta: Arc<MetaClient>,
+    data: Arc<DataPath>,
+    opts: MountOptions,
+    files: Mutex<HashMap<Ino, Arc<FileState>>>,
+    /// Unlinked inodes whose last close must reclaim them.
+    orphans: Mutex<HashSet<Ino>>,
+    /// Inodes with POSIX locks taken through this mount.
+    locked: Mutex<HashSet<Ino>>,
+    /// Inodes the kernel knows (for invalidate-all).
+    known: Mutex<HashSet<Ino>>,
+    next_fh: AtomicU64,
+}
+
+pub struct CfsFs {
+    rt: tokio::runtime::Handle,
+    sh: Arc<Shared>,
+}
+
+fn ts(ns: Nanos) -> SystemTime {
+    if ns >= 0 {
+        UNIX_EPOCH + Duration::from_nanos(ns as u64)
+    } else {
+        UNIX_EPOCH - Duration::from_nanos(ns.unsigned_abs())
+    }
+}
+
+fn ns_of(t: SystemTime) -> Nanos {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => d.as_nanos() as i64,
+        Err(e) => -(e.duration().as_nanos() as i64),
+    }
+}
+
+fn file_type(mode: u32) -> FileType {
+    match mode & libc::S_IFMT {
+        libc::S_IFDIR => FileType::Directory,
+        libc::S_IFLNK => FileType::Symlink,
+        libc::S_IFIFO => FileType::NamedPipe,
+        libc::S_IFSOCK => FileType::Socket,
+        libc::S_IFCHR => FileType::CharDevice,
+        libc::S_IFBLK => FileType::BlockDevice,
+        _ => FileType::RegularFile,
+    }
+}
+
+fn attr_of(i: &Inode, size: Option<u64>) -> FileAttr {
+    let size = size.unwrap_or(i.size);
+    FileAttr {
+        ino: i.ino,
+        size,
+        blocks: i.allocated.max(if size > 0 { size.min(i.allocated) } else { 0 }).div_ceil(512),
+        atime: ts(i.atime),
+        mtime: ts(i.mtime),
+        ctime: ts(i.ctime),
+        crtime: ts(i.crtime),
+        kind: file_type(i.mode),
+        perm: (i.mode & 0o7777) as u16,
+        nlink: i.nlink,
+        uid: i.uid,
+        gid: i.gid,
+        rdev: i.rdev,
+        blksize: 128 << 10,
+        flags: 0,
+    }
+}
+
+/// The caller's credentials: ids from the request, supplementary groups
+/// from `/proc` (FUSE does not pass them).
+fn creds(req: &Request<'_>) -> Creds {
+    let mut groups = Vec::new();
+    if let Ok(s) = std::fs::read_to_string(format!("/proc/{}/status", req.pid())) {
+        if let Some(line) = s.lines().find(|l| l.starts_with("Groups:")) {
+            groups = line[7..]
+                .split_whitespace()
+                .filter_map(|g| g.parse().ok())
+                .collect();
+        }
+    }
+    Creds {
+        uid: req.uid(),
+        gid: req.gid(),
+        groups,
+    }
+}
+
+fn name_of(n: &OsStr) -> Vec<u8> {
+    n.as_bytes().to_vec()
+}
+
+fn timeset(t: Option<TimeOrNow>) -> Option<TimeSet> {
+    t.map(|t| match t {
+        TimeOrNow::Now => TimeSet::Now,
+        TimeOrNow::SpecificTime(s) => TimeSet::At(ns_of(s)),
+    })
+}
+
+impl Shared {
+    fn file(&self, ino: Ino) -> Arc<FileState> {
+        self.files
+            .lock()
+            .expect("files lock")
+            .entry(ino)
+            .or_default()
+            .clone()
+    }
+
+    fn strict(&self) -> bool {
+        self.opts.cache_mode == CacheMode::Strict
+    }
+
+    async fn mutate(&self, creds: Creds, op: Op) -> Result<Reply, Errno> {
+        self.meta
+            .call(
+                MReq::Mutate {
+                    op_id: 0,
+                    creds,
+                    op,
+                },
+                false,
+            )
+            .await
+    }
+
+    async fn mutate_attr(&self, creds: Creds, op: Op) -> Result<Inode, Errno> {
+        match self.mutate(creds, op).await? {
+            Reply::Attr(i) => Ok(i),
+            _ => Err(Errno::EIO),
+        }
+    }
+
+    async fn getattr(&self, ino: Ino, fresh: bool) -> Result<Inode, Errno> {
+        match self.meta.call(MReq::GetAttr { ino }, fresh).await? {
+            Reply::Attr(i) => Ok(i),
+            _ => Err(Errno::EIO),
+        }
+    }
+
+    /// Attributes as this mount sees them: the server's, with the size
+    /// grown by buffered writes.
+    async fn attr_now(&self, i: &Inode) -> FileAttr {
+        let st = self.files.lock().expect("files lock").get(&i.ino).cloned();
+        let size = match st {
+            Some(st) => st.inner.lock().await.size.map(|s| s.max(i.size)),
+            None => None,
+        };
+        attr_of(i, size)
+    }
+
+    /// Writes this inode's buffered bytes and commits their extents.
+    async fn flush_locked(&self, ino: Ino, f: &mut FileInner) -> Result<(), Errno> {
+        if f.dirty.is_empty() {
+            return Ok(());
+        }
+        let ranges: Vec<(u64, Vec<u8>)> = std::mem::take(&mut f.dirty).into_iter().collect();
+        f.dirty_bytes = 0;
+        let span = tracing::debug_span!("flush", ino, ranges = ranges.len());
+        let refs = match self.data.write_ranges(&ranges).instrument(span).await {
+            Ok(r) => r,
+            Err(e) => {
+                // Keep the bytes: a later flush may succeed.
+                for (o, d) in ranges {
+                    f.dirty_bytes += d.len();
+                    f.dirty.insert(o, d);
+                }
+                return Err(e);
+            }
+        };
+        for chunk in refs.chunks(1024) {
+            let r = self
+                .mutate(
+                    Creds::root(),
+                    Op::Write {
+                        ino,
+                        extents: chunk.to_vec(),
+                    },
+                )
+                .await;
+            if let Err(e) = r {
+                return Err(e);
+            }
+        }
+        f.size = None;
+        f.ext = None;
+        Ok(())
+    }
+
+    async fn flush(&self, ino: Ino) -> Result<(), Errno> {
+        let st = self.files.lock().expect("files lock").get(&ino).cloned();
+        if let Some(st) = st {
+            let mut f = st.inner.lock().await;
+            self.flush_locked(ino, &mut f).await?;
+        }
+        Ok(())
+    }
+
+    /// Extent references covering `[off, off + len)` (from the window
+    /// cache when it covers the range).
+    async fn extents(&self, ino: Ino, f: &mut FileInner, off: u64, len: u64) -> Result<Vec<ExtentRef>, Errno> {
+        let end = off + len;
+        if let Some((from, to, refs)) = &f.ext {
+            if *from <= off && end <= *to {
+                return Ok(refs
+                    .iter()
+                    .filter(|e| e.offset < end && e.offset + e.len > off)
+                    .cloned()
+                    .collect());
+            }
+        }
+        let want = len.max(32 << 20);
+        let refs = match self
+            .meta
+            .call(MReq::Extents { ino, offset: off, len: want }, self.strict())
+            .await?
+        {
+            Reply::Extents(r) => r,
+            _ => return Err(Errno::EIO),
+        };
+        let out = refs
+            .iter()
+            .filter(|e| e.offset < end && e.offset + e.len > off)
+            .cloned()
+            .collect();
+        f.ext = Some((off, off + want, refs));
+        Ok(out)
+    }
+
+    async fn read(self: &Arc<Self>, ino: Ino, off: u64, size: u32) -> Result<Vec<u8>, Errno> {
+        let st = self.file(ino);
+        let mut f = st.inner.lock().await;
+        let server = if self.strict() || f.size.is_none() {
+            Some(self.getattr(ino, self.strict()).await?)
+        } else {
+            None
+        };
+        let fsize = match (f.size, &server) {
+            (Some(s), Some(i)) => s.max(i.size),
+            (Some(s), None) => s,
+            (None, Some(i)) => i.size,
+            (None, None) => 0,
+        };
+        if off >= fsize {
+            return Ok(Vec::new());
+        }
+        let len = (size as u64).min(fsize - off);
+        let mut buf = vec![0u8; len as usize];
+        let refs = self.extents(ino, &mut f, off, len).await?;
+        for e in &refs {
+            let stripe = self.data.stripe(&e.extent).await?;
+            let s = e.offset.max(off);
+            let t = (e.offset + e.len).min(off + len);
+            let src = (e.skip + (s - e.offset)) as usize;
+            let n = (t - s) as usize;
+            if src + n > stripe.len() {
+                return Err(Errno::EIO);
+            }
+            buf[(s - off) as usize..(s - off) as usize + n].copy_from_slice(&stripe[src..src + n]);
+        }
+        for (&doff, d) in f.dirty.range(..off + len) {
+            let dend = doff + d.len() as u64;
+            if dend <= off {
+                continue;
+            }
+            let s = doff.max(off);
+            let t = dend.min(off + len);
+            buf[(s - off) as usize..(t - off) as usize]
+                .copy_from_slice(&d[(s - doff) as usize..(t - doff) as usize]);
+        }
+        // Adaptive read-ahead: grow the window while reads are sequential.
+        let max_ra = self.opts.read_ahead as u64;
+        if off == f.seq_end && max_ra > 0 {
+            f.ra_window = (f.ra_window * 2).clamp(1 << 20, max_ra);
+            let ra_from = off + len;
+            if ra_from < fsize {
+                let ra_len = f.ra_window.min(fsize - ra_from);
+                if let Ok(ahead) = self.extents(ino, &mut f, ra_from, ra_len).await {
+                    for e in ahead {
+                        if !self.data.cached(&e.extent) {
+                            let sh = self.clone();
+                            tokio::spawn(async move {
+                                let _ = sh.data.stripe(&e.extent).await;
+                            });
+                        }
+                    }
+                }
+            }
+        } else if off != f.seq_end {
+            f.ra_window = 0;
+        }
+        f.seq_end = off + len;
+        Ok(buf)
+    }
+
+    async fn write(&self, ino: Ino, off: u64, data: Vec<u8>) -> Result<u32, Errno> {
+        let n = data.len() as u32;
+        let end = off.checked_add(data.len() as u64).ok_or(Errno::EFBIG)?;
+        if end > FILE_SIZE_MAX {
+            return Err(Errno::EFBIG);
+        }
+        let st = self.file(ino);
+        let mut f = st.inner.lock().await;
+        if f.size.is_none() {
+            let i = self.getattr(ino, false).await?;
+            f.size = Some(i.size);
+        }
+        insert_dirty(&mut f, off, data);
+        f.size = Some(f.size.unwrap_or(0).max(end));
+        if f.dirty_bytes >= self.opts.write_buffer {
+            self.flush_locked(ino, &mut f).await?;
+            f.size = Some(f.size.unwrap_or(0).max(end));
+        }
+        Ok(n)
+    }
+}
+
+/// Puts `data` at `off` into the dirty map, replacing overlapped bytes and
+/// merging with adjacent ranges.
+fn insert_dirty(f: &mut FileInner, off: u64, data: Vec<u8>) {
+    let end = off + data.len() as u64;
+    // Fast path: appending to the last range.
+    if let Some((&lo, last)) = f.dirty.iter_mut().next_back() {
+        if lo + last.len() as u64 == off {
+            f.dirty_bytes += data.len();
+            last.extend_from_slice(&data);
+            return;
+        }
+    }
+    let mut start = off;
+    let mut merged: Vec<u8> = Vec::new();
+    let overlapping: Vec<u64> = f
+        .dirty
+        .range(..=end)
+        .filter(|(&o, d)| o + d.len() as u64 >= off)
+        .map(|(&o, _)| o)
+        .collect();
+    let mut pieces = Vec::new();
+    for o in overlapping {
+        let d = f.dirty.remove(&o).expect("present");
+        f.dirty_bytes -= d.len();
+        pieces.push((o, d));
+    }
+    if let Some((o, _)) = pieces.first() {
+        start = start.min(*o);
+    }
+    let stop = pieces
+        .iter()
+        .map(|(o, d)| o + d.len() as u64)
+        .max()
+        .unwrap_or(end)
+        .max(end);
+    merged.resize((stop - start) as usize, 0);
+    for (o, d) in &pieces {
+        merged[(o - start) as usize..(o - start) as usize + d.len()].copy_from_slice(d);
+    }
+    merged[(off - start) as usize..(end - start) as usize].copy_from_slice(&data);
+    f.dirty_bytes += merged.len();
+    f.dirty.insert(start, merged);
+}
+
+impl CfsFs {
+    pub fn new(rt: tokio::runtime::Handle, meta: Arc<MetaClient>, data: Arc<DataPath>, opts: MountOptions) -> Self {
+        CfsFs {
+            rt,
+            sh: Arc::new(Shared {
+                meta,
+                data,
+                opts,
+                files: Mutex::default(),
+                orphans: Mutex::default(),
+                locked: Mutex::default(),
+                known: Mutex::default(),
+                next_fh: AtomicU64::new(1),
+            }),
+        }
+    }
+
+    /// Inodes the kernel may have cached (for invalidate-all).
+    pub fn known(&self) -> Arc<dyn Fn() -> Vec<Ino> + Send + Sync> {
+        let sh = self.sh.clone();
+        Arc::new(move || sh.known.lock().expect("known lock").iter().copied().collect())
+    }
+
+    /// Drops this mount's cached state of `ino` (another client changed it).
+    pub fn forget_cached(&self) -> Arc<dyn Fn(Ino) + Send + Sync> {
+        let sh = self.sh.clone();
+        Arc::new(move |ino| {
+            let st = sh.files.lock().expect("files lock").get(&ino).cloned();
+            if let Some(st) = st {
+                if let Ok(mut f) = st.inner.try_lock() {
+                    f.ext = None;
+                    if f.dirty.is_empty() {
+                        f.size = None;
+                    }
+                }
+            }
+        })
+    }
+
+    fn spawn<F>(&self, name: &'static str, fut: F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        self.rt.spawn(fut.instrument(tracing::debug_span!("fuse", op = name)));
+    }
+
+    fn entry_reply(sh: &Shared, r: Result<Inode, Errno>, reply: ReplyEntry, attr: Option<FileAttr>) {
+        match r {
+            Ok(i) => {
+                sh.known.lock().expect("known lock").insert(i.ino);
+                let a = attr.unwrap_or_else(|| attr_of(&i, None));
+                reply.entry(&sh.opts.ttl(), &a, i.generation);
+            }
+            Err(e) => reply.error(e.0),
+        }
+    }
+
+    fn create_node(&self, req: &Request<'_>, parent: u64, name: &OsStr, mode: u32, rdev: u32, target: Option<Vec<u8>>, reply: ReplyEntry) {
+        let (sh, c, name) = (self.sh.clone(), creds(req), name_of(name));
+        self.spawn("create_node", async move {
+            let r = sh
+                .mutate_attr(
+                    c,
+                    Op::Create {
+                        parent,
+                        name,
+                        mode,
+                        rdev,
+                        target,
+                        excl: true,
+                    },
+                )
+                .await;
+            Self::entry_reply(&sh, r, reply, None);
+        });
+    }
+}
+
+fn reply_empty(r: Result<(), Errno>, reply: ReplyEmpty) {
+    match r {
+        Ok(()) => reply.ok(),
+        Err(e) => reply.error(e.0),
+    }
+}
+
+impl Filesystem for CfsFs {
+    fn init(&mut self, _req: &Request<'_>, config: &mut KernelConfig) -> Result<(), libc::c_int> {
+        use fuser::consts::*;
+        let _ = config.add_capabilities(
+            FUSE_POSIX_LOCKS | FUSE_FLOCK_LOCKS | FUSE_BIG_WRITES | FUSE_PARALLEL_DIROPS | FUSE_MAX_PAGES,
+        );
+        let _ = config.set_max_write(1 << 20);
+        let _ = config.set_max_readahead(1 << 20);
+        let _ = config.set_max_background(64);
+        Ok(())
+    }
+
+    fn lookup(&mut self, _req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEntry) {
+        let (sh, name) = (self.sh.clone(), name_of(name));
+        if name.len() > NAME_MAX {
+            reply.error(libc::ENAMETOOLONG);
+            return;
+        }
+        self.spawn("lookup", async move {
+            let r = match sh.meta.call(MReq::Lookup { parent, name }, sh.strict()).await {
+                Ok(Reply::Attr(i)) => Ok(i),
+                Ok(_) => Err(Errno::EIO),
+                Err(e) => Err(e),
+            };
+            let a = match &r {
+                Ok(i) => Some(sh.attr_now(i).await),
+                Err(_) => None,
+            };
+            Self::entry_reply(&sh, r, reply, a);
+        });
+    }
+
+    fn forget(&mut self, _req: &Request<'_>, ino: u64, _nlookup: u64) {
+        self.sh.known.lock().expect("known lock").remove(&ino);
+    }
+
+    fn getattr(&mut self, _req: &Request<'_>, ino: u64, _fh: Option<u64>, reply: ReplyAttr) {
+        let sh = self.sh.clone();
+        self.spawn("getattr", async move {
+            match sh.getattr(ino, sh.strict()).await {
+                Ok(i) => {
+                    let a = sh.attr_now(&i).await;
+                    reply.attr(&sh.opts.ttl(), &a)
+                }
+                Err(e) => reply.error(e.0),
+            }
+        });
+    }
+
+    fn setattr(
+        &mut self,
+        req: &Request<'_>,
+        ino: u64,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        ctime: Option<SystemTime>,
+        _fh: Option<u64>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<u32>,
+        reply: ReplyAttr,
+    ) {
+        let (sh, c) = (self.sh.clone(), creds(req));
+        self.spawn("setattr", async move {
+            let set = SetAttr {
+                mode,
+                uid,
+                gid,
+                size,
+                atime: timeset(atime),
+                mtime: timeset(mtime),
+                ctime: ctime.map(ns_of),
+            };
+            let r = async {
+                let st = sh.file(ino);
+                let mut f = st.inner.lock().await;
+                if size.is_some() {
+                    sh.flush_locked(ino, &mut f).await?;
+                }
+                let i = sh.mutate_attr(c, Op::SetAttr { ino, set }).await?;
+                if size.is_some() {
+                    f.size = None;
+                    f.ext = None;
+                }
+                let sz = f.size.map(|s| s.max(i.size));
+                Ok::<_, Errno>(attr_of(&i, sz))
+            }
+            .await;
+            match r {
+                Ok(a) => reply.attr(&sh.opts.ttl(), &a),
+                Err(e) => reply.error(e.0),
+            }
+        });
+    }
+
+    fn readlink(&mut self, _req: &Request<'_>, ino: u64, reply: ReplyData) {
+        let sh = self.sh.clone();
+        self.spawn("readlink", async move {
+            match sh.meta.call(MReq::ReadLink { ino }, sh.strict()).await {
+                Ok(Reply::Data(d)) => reply.data(&d),
+                Ok(_) => reply.error(libc::EIO),
+                Err(e) => reply.error(e.0),
+            }
+        });
+    }
+
+    fn mknod(&mut self, req: &Request<'_>, parent: u64, name: &OsStr, mode: u32, _umask: u32, rdev: u32, reply: ReplyEntry) {
+        self.create_node(req, parent, name, mode, rdev, None, reply);
+    }
+
+    fn mkdir(&mut self, req: &Request<'_>, parent: u64, name: &OsStr, mode: u32, _umask: u32, reply: ReplyEntry) {
+        self.create_node(req, parent, name, libc::S_IFDIR | (mode & 0o7777), 0, None, reply);
+    }
+
+    fn unlink(&mut self, req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEmpty) {
+        let (sh, c, name) = (self.sh.clone(), creds(req), name_of(name));
+        self.spawn("unlink", async move {
+            let r = sh.mutate_attr(c, Op::Unlink { parent, name }).await;
+            reply_empty(r.as_ref().map(|_| ()).map_err(|e| *e), reply);
+            if let Ok(i) = r {
+                sh.after_unlink(&i).await;
+            }
+        });
+    }
+
+    fn rmdir(&mut self, req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEmpty) {
+        let (sh, c, name) = (self.sh.clone(), creds(req), name_of(name));
+        self.spawn("rmdir", async move {
+            let r = sh.mutate(c, Op::Rmdir { parent, name }).await;
+            reply_empty(r.map(|_| ()), reply);
+        });
+    }
+
+    fn symlink(&mut self, req: &Request<'_>, parent: u64, link_name: &OsStr, target: &std::path::Path, reply: ReplyEntry) {
+        let t = target.as_os_str().as_bytes().to_vec();
+        self.create_node(req, parent, link_name, libc::S_IFLNK | 0o777, 0, Some(t), reply);
+    }
+
+    fn rename(&mut self, req: &Request<'_>, parent: u64, name: &OsStr, newparent: u64, newname: &OsStr, flags: u32, reply: ReplyEmpty) {
+        let (sh, c) = (self.sh.clone(), creds(req));
+        let (name, newname) = (name_of(name), name_of(newname));
+        self.spawn("rename", async move {
+            // The replaced file may lose its last link: find it first.
+            let victim = match sh.meta.call(MReq::Lookup { parent: newparent, name: newname.clone() }, false).await {
+                Ok(Reply::Attr(i)) if !i.is_dir() => Some(i.ino),
+                _ => None,
+            };
+            let r = sh
+                .mutate(
+                    c,
+                    Op::Rename {
+                        parent,
+                        name,
+                        newparent,
+                        newname,
+                        flags,
+                    },
+                )
+                .await;
+            let ok = r.is_ok();
+            reply_empty(r.map(|_| ()), reply);
+            if ok && flags & libc::RENAME_EXCHANGE == 0 {
+                if let Some(v) = victim {
+                    if let Ok(i) = sh.getattr(v, false).await {
+                        sh.after_unlink(&i).await;
+                    }
+                }
+            }
+        });
+    }
+
+    fn link(&mut self, req: &Request<'_>, ino: u64, newparent: u64, newname: &OsStr, reply: ReplyEntry) {
+        let (sh, c, name) = (self.sh.clone(), creds(req), name_of(newname));
+        self.spawn("link", async move {
+            let r = sh.mutate_attr(c, Op::Link { ino, parent: newparent, name }).await;
+            let a = match &r {
+                Ok(i) => Some(sh.attr_now(i).await),
+                Err(_) => None,
+            };
+            Self::entry_reply(&sh, r, reply, a);
+        });
+    }
+
+    fn open(&mut self, _req: &Request<'_>, ino: u64, flags: i32, reply: ReplyOpen) {
+        let sh = self.sh.clone();
+        self.spawn("open", async move {
+            // Close-to-open: see what the last close anywhere wrote.
+            let fresh = sh.opts.cache_mode != CacheMode::Session;
+            match sh.getattr(ino, fresh).await {
+                Ok(i) if i.is_dir() && flags & libc::O_ACCMODE != libc::O_RDONLY => reply.error(libc::EISDIR),
+                Ok(_) => {
+                    let st = sh.file(ino);
+                    st.opens.fetch_add(1, Ordering::SeqCst);
+                    {
+                        let mut f = st.inner.lock().await;
+                        f.ext = None;
+                        if f.dirty.is_empty() {
+                            f.size = None;
+                        }
+                    }
+                    let fh = sh.next_fh.fetch_add(1, Ordering::Relaxed);
+                    let keep = if sh.opts.cache_mode == CacheMode::Session {
+                        fuser::consts::FOPEN_KEEP_CACHE
+                    } else {
+                        0
+                    };
+                    reply.opened(fh, keep);
+                }
+                Err(e) => reply.error(e.0),
+            }
+        });
+    }
+
+    fn read(&mut self, _req: &Request<'_>, ino: u64, _fh: u64, offset: i64, size: u32, _flags: i32, _lock: Option<u64>, reply: ReplyData) {
+        let sh = self.sh.clone();
+        self.spawn("read", async move {
+            if offset < 0 {
+                reply.error(libc::EINVAL);
+                return;
+            }
+            match sh.read(ino, offset as u64, size).await {
+                Ok(d) => reply.data(&d),
+                Err(e) => reply.error(e.0),
+            }
+        });
+    }
+
+    fn write(&mut self, _req: &Request<'_>, ino: u64, _fh: u64, offset: i64, data: &[u8], _wf: u32, _flags: i32, _lock: Option<u64>, reply: ReplyWrite) {
+        let sh = self.sh.clone();
+        let data = data.to_vec();
+        self.spawn("write", async move {
+            if offset < 0 {
+                reply.error(libc::EINVAL);
+                return;
+            }
+            match sh.write(ino, offset as u64, data).await {
+                Ok(n) => reply.written(n),
+                Err(e) => reply.error(e.0),
+            }
+        });
+    }
+
+    fn flush(&mut self, _req: &Request<'_>, ino: u64, _fh: u64, lock_owner: u64, reply: ReplyEmpty) {
+        let sh = self.sh.clone();
+        self.spawn("flush", async move {
+            let r = sh.flush(ino).await;
+            // POSIX: closing any descriptor drops the process' locks.
+            if sh.locked.lock().expect("locked lock").contains(&ino) {
+                let client = sh.meta.client_id;
+                let _ = sh
+                    .mutate(Creds::root(), Op::ReleaseLocks { ino, client, owner: lock_owner, flock: false })
+                    .await;
+            }
+            reply_empty(r, reply);
+        });
+    }
+
+    fn release(&mut self, _req: &Request<'_>, ino: u64, _fh: u64, _flags: i32, lock_owner: Option<u64>, _flush: bool, reply: ReplyEmpty) {
+        let sh = self.sh.clone();
+        self.spawn("release", async move {
+            let r = sh.flush(ino).await;
+            if let Some(owner) = lock_owner {
+                if sh.locked.lock().expect("locked lock").contains(&ino) {
+                    let client = sh.meta.client_id;
+                    let _ = sh
+                        .mutate(Creds::root(), Op::ReleaseLocks { ino, client, owner, flock: false })
+                        .await;
+                }
+            }
+            let st = sh.file(ino);
+            if st.opens.fetch_sub(1, Ordering::SeqCst) <= 1 {
+                st.opens.store(0, Ordering::SeqCst);
+                let orphan = sh.orphans.lock().expect("orphans lock").remove(&ino);
+                if orphan {
+                    let _ = sh.mutate(Creds::root(), Op::Reclaim { ino }).await;
+                }
+            }
+            reply_empty(r, reply);
+        });
+    }
+
+    fn fsync(&mut self, _req: &Request<'_>, ino: u64, _fh: u64, _datasync: bool, reply: ReplyEmpty) {
+        let sh = self.sh.clone();
+        self.spawn("fsync", async move {
+            reply_empty(sh.flush(ino).await, reply);
+        });
+    }
+
+    fn opendir(&mut self, _req: &Request<'_>, ino: u64, _flags: i32, reply: ReplyOpen) {
+        let sh = self.sh.clone();
+        self.spawn("opendir", async move {
+            match sh.getattr(ino, sh.opts.cache_mode != CacheMode::Session).await {
+                Ok(i) if !i.is_dir() => reply.error(libc::ENOTDIR),
+                Ok(_) => reply.opened(sh.next_fh.fetch_add(1, Ordering::Relaxed), 0),
+                Err(e) => reply.error(e.0),
+            }
+        });
+    }
+
+    fn readdir(&mut self, _req: &Request<'_>, ino: u64, _fh: u64, offset: i64, mut reply: ReplyDirectory) {
+        let sh = self.sh.clone();
+        self.spawn("readdir", async move {
+            let mut off = offset.max(0) as u64;
+            if off == 0 {
+                if reply.add(ino, 1, FileType::Directory, ".") {
+                    reply.ok();
+                    return;
+                }
+                off = 1;
+            }
+            if off == 1 {
+                let parent = match sh.getattr(ino, false).await {
+                    Ok(i) => i.parent,
+                    Err(e) => {
+                        reply.error(e.0);
+                        return;
+                    }
+                };
+                if reply.add(parent, 2, FileType::Directory, "..") {
+                    reply.ok();
+                    return;
+                }
+                off = 2;
+            }
+            loop {
+                let entries = match sh.meta.call(MReq::ReadDir { ino, after: off, max: 256 }, false).await {
+                    Ok(Reply::Entries(e)) => e,
+                    Ok(_) => {
+                        reply.error(libc::EIO);
+                        return;
+                    }
+                    Err(e) => {
+                        reply.error(e.0);
+                        return;
+                    }
+                };
+                if entries.is_empty() {
+                    break;
+                }
+                for e in entries {
+                    off = e.cookie;
+                    if reply.add(e.ino, e.cookie as i64, file_type(e.kind), OsStr::from_bytes(&e.name)) {
+                        reply.ok();
+                        return;
+                    }
+                }
+            }
+            reply.ok();
+        });
+    }
+
+    fn releasedir(&mut self, _req: &Request<'_>, _ino: u64, _fh: u64, _flags: i32, reply: ReplyEmpty) {
+        reply.ok();
+    }
+
+    fn fsyncdir(&mut self, _req: &Request<'_>, _ino: u64, _fh: u64, _datasync: bool, reply: ReplyEmpty) {
+        // Namespace changes are durable in the log when acknowledged.
+        reply.ok();
+    }
+
+    fn statfs(&mut self, _req: &Request<'_>, _ino: u64, reply: ReplyStatfs) {
+        let sh = self.sh.clone();
+        self.spawn("statfs", async move {
+            match sh.meta.call(MReq::StatFs, false).await {
+                Ok(Reply::Stats(s)) => {
+                    let bs = 4096u64;
+                    reply.statfs(
+                        s.total_bytes / bs,
+                        s.free_bytes / bs,
+                        s.free_bytes / bs,
+                        s.files + 1_000_000,
+                        1_000_000,
+                        bs as u32,
+                        NAME_MAX as u32,
+                        bs as u32,
+                    )
+                }
+                Ok(_) => reply.error(libc::EIO),
+                Err(e) => reply.error(e.0),
+            }
+        });
+    }
+
+    fn setxattr(&mut self, req: &Request<'_>, ino: u64, name: &OsStr, value: &[u8], flags: i32, _position: u32, reply: ReplyEmpty) {
+        let (sh, c, name, value) = (self.sh.clone(), creds(req), name_of(name), value.to_vec());
+        self.spawn("setxattr", async move {
+            let r = sh.mutate(c, Op::SetXattr { ino, name, value, flags }).await;
+            reply_empty(r.map(|_| ()), reply);
+        });
+    }
+
+    fn getxattr(&mut self, _req: &Request<'_>, ino: u64, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let (sh, name) = (self.sh.clone(), name_of(name));
+        self.spawn("getxattr", async move {
+            match sh.meta.call(MReq::GetXattr { ino, name }, sh.strict()).await {
+                Ok(Reply::Data(d)) => {
+                    if size == 0 {
+                        reply.size(d.len() as u32)
+                    } else if d.len() > size as usize {
+                        reply.error(libc::ERANGE)
+                    } else {
+                        reply.data(&d)
+                    }
+                }
+                Ok(_) => reply.error(libc::EIO),
+                Err(e) => reply.error(e.0),
+            }
+        });
+    }
+
+    fn listxattr(&mut self, _req: &Request<'_>, ino: u64, size: u32, reply: ReplyXattr) {
+        let sh = self.sh.clone();
+        self.spawn("listxattr", async move {
+            match sh.meta.call(MReq::ListXattr { ino }, sh.strict()).await {
+                Ok(Reply::Names(names)) => {
+                    let mut d = Vec::new();
+                    for n in names {
+                        d.extend_from_slice(&n);
+                        d.push(0);
+                    }
+                    if size == 0 {
+                        reply.size(d.len() as u32)
+                    } else if d.len() > size as usize {
+                        reply.error(libc::ERANGE)
+                    } else {
+                        reply.data(&d)
+                    }
+                }
+                Ok(_) => reply.error(libc::EIO),
+                Err(e) => reply.error(e.0),
+            }
+        });
+    }
+
+    fn removexattr(&mut self, req: &Request<'_>, ino: u64, name: &OsStr, reply: ReplyEmpty) {
+        let (sh, c, name) = (self.sh.clone(), creds(req), name_of(name));
+        self.spawn("removexattr", async move {
+            let r = sh.mutate(c, Op::RemoveXattr { ino, name }).await;
+            reply_empty(r.map(|_| ()), reply);
+        });
+    }
+
+    fn access(&mut self, _req: &Request<'_>, _ino: u64, _mask: i32, reply: ReplyEmpty) {
+        // The kernel checks permissions itself (default_permissions).
+        reply.ok();
+    }
+
+    fn create(&mut self, req: &Request<'_>, parent: u64, name: &OsStr, mode: u32, _umask: u32, flags: i32, reply: ReplyCreate) {
+        let (sh, c, name) = (self.sh.clone(), creds(req), name_of(name));
+        self.spawn("create", async move {
+            let r = sh
+                .mutate_attr(
+                    c,
+                    Op::Create {
+                        parent,
+                        name,
+                        mode: libc::S_IFREG | (mode & 0o7777),
+                        rdev: 0,
+                        target: None,
+                        excl: flags & libc::O_EXCL != 0,
+                    },
+                )
+                .await;
+            match r {
+                Ok(i) => {
+                    sh.known.lock().expect("known lock").insert(i.ino);
+                    let st = sh.file(i.ino);
+                    st.opens.fetch_add(1, Ordering::SeqCst);
+                    let fh = sh.next_fh.fetch_add(1, Ordering::Relaxed);
+                    let a = sh.attr_now(&i).await;
+                    reply.created(&sh.opts.ttl(), &a, i.generation, fh, 0)
+                }
+                Err(e) => reply.error(e.0),
+            }
+        });
+    }
+
+    fn getlk(&mut self, _req: &Request<'_>, ino: u64, _fh: u64, lock_owner: u64, start: u64, end: u64, typ: i32, pid: u32, reply: ReplyLock) {
+        let sh = self.sh.clone();
+        self.spawn("getlk", async move {
+            let lock = LockRange {
+                start,
+                end: end.saturating_add(1),
+                typ,
+                client: sh.meta.client_id,
+                owner: lock_owner,
+                pid,
+                flock: false,
+            };
+            match sh.meta.call(MReq::GetLock { ino, lock }, true).await {
+                Ok(Reply::Lock(Some(l))) => reply.locked(l.start, l.end.saturating_sub(1), l.typ, l.pid),
+                Ok(Reply::Lock(None)) => reply.locked(0, 0, libc::F_UNLCK, 0),
+                Ok(_) => reply.error(libc::EIO),
+                Err(e) => reply.error(e.0),
+            }
+        });
+    }
+
+    fn setlk(&mut self, _req: &Request<'_>, ino: u64, _fh: u64, lock_owner: u64, start: u64, end: u64, typ: i32, pid: u32, sleep: bool, reply: ReplyEmpty) {
+        let sh = self.sh.clone();
+        self.spawn("setlk", async move {
+            sh.locked.lock().expect("locked lock").insert(ino);
+            let lock = LockRange {
+                start,
+                end: end.saturating_add(1),
+                typ,
+                client: sh.meta.client_id,
+                owner: lock_owner,
+                pid,
+                flock: false,
+            };
+            let mut delay = Duration::from_millis(10);
+            loop {
+                match sh.mutate(Creds::root(), Op::Lock { ino, lock: lock.clone() }).await {
+                    Ok(Reply::Lock(Some(_))) if sleep => {
+                        tokio::time::sleep(delay).await;
+                        delay = (delay * 2).min(Duration::from_millis(200));
+                    }
+                    Ok(Reply::Lock(Some(_))) => return reply.error(libc::EAGAIN),
+                    Ok(_) => return reply.ok(),
+                    Err(e) => return reply.error(e.0),
+                }
+            }
+        });
+    }
+
+    fn fallocate(&mut self, _req: &Request<'_>, ino: u64, _fh: u64, offset: i64, length: i64, mode: i32, reply: ReplyEmpty) {
+        let sh = self.sh.clone();
+        self.spawn("fallocate", async move {
+            if offset < 0 || length <= 0 {
+                reply.error(libc::EINVAL);
+                return;
+            }
+            let r = async {
+                let st = sh.file(ino);
+                let mut f = st.inner.lock().await;
+                sh.flush_locked(ino, &mut f).await?;
+                sh.mutate_attr(Creds::root(), Op::Fallocate { ino, offset: offset as u64, len: length as u64, mode })
+                    .await?;
+                f.size = None;
+                f.ext = None;
+                Ok(())
+            }
+            .await;
+            reply_empty(r, reply);
+        });
+    }
+
+    fn copy_file_range(
+        &mut self,
+        _req: &Request<'_>,
+        ino_in: u64,
+        _fh_in: u64,
+        offset_in: i64,
+        ino_out: u64,
+        _fh_out: u64,
+        offset_out: i64,
+        len: u64,
+        _flags: u32,
+        reply: ReplyWrite,
+    ) {
+        let sh = self.sh.clone();
+        self.spawn("copy_file_range", async move {
+            match sh.copy_range(ino_in, offset_in, ino_out, offset_out, len).await {
+                Ok(n) => reply.written(n),
+                Err(e) => reply.error(e.0),
+            }
+        });
+    }
+}
+
+impl Shared {
+    async fn after_unlink(&self, i: &Inode) {
+        if i.nlink > 0 || i.is_dir() {
+            return;
+        }
+        let open = self
+            .files
+            .lock()
+            .expect("files lock")
+            .get(&i.ino)
+            .is_some_and(|st| st.opens.load(Ordering::SeqCst) > 0);
+        if open {
+            self.orphans.lock().expect("orphans lock").insert(i.ino);
+        } else {
+            let _ = self.mutate(Creds::root(), Op::Reclaim { ino: i.ino }).await;
+            self.files.lock().expect("files lock").remove(&i.ino);
+        }
+    }
+
+    /// copy_file_range by reference: the destination maps the source's
+    /// stripes; no data moves.
+    async fn copy_range(&self, ino_in: Ino, off_in: i64, ino_out: Ino, off_out: i64, len: u64) -> Result<u32, Errno> {
+        if off_in < 0 || off_out < 0 {
+            return Err(Errno::EINVAL);
+        }
+        let (off_in, off_out) = (off_in as u64, off_out as u64);
+        let len = len.min(u32::MAX as u64 >> 1);
+        self.flush(ino_in).await?;
+        self.flush(ino_out).await?;
+        let src = self.getattr(ino_in, true).await?;
+        if !src.is_reg() {
+            return Err(Errno::EINVAL);
+        }
+        if off_in >= src.size {
+            return Ok(0);
+        }
+        let n = len.min(src.size - off_in);
+        if ino_in == ino_out && off_in < off_out + n && off_out < off_in + n {
+            return Err(Errno::EINVAL);
+        }
+        let refs = match self.meta.call(MReq::Extents { ino: ino_in, offset: off_in, len: n }, true).await? {
+            Reply::Extents(r) => r,
+            _ => return Err(Errno::EIO),
+        };
+        let mut out = Vec::new();
+        for e in refs {
+            let s = e.offset.max(off_in);
+            let t = (e.offset + e.len).min(off_in + n);
+            if s >= t {
+                continue;
+            }
+            out.push(ExtentRef {
+                offset: off_out + (s - off_in),
+                len: t - s,
+                skip: e.skip + (s - e.offset),
+                extent: e.extent,
+            });
+        }
+        let st = self.file(ino_out);
+        let mut f = st.inner.lock().await;
+        let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+        self.mutate(Creds::root(), Op::Fallocate { ino: ino_out, offset: off_out, len: n, mode: punch })
+            .await?;
+        for chunk in out.chunks(1024) {
+            self.mutate(Creds::root(), Op::Write { ino: ino_out, extents: chunk.to_vec() }).await?;
+        }
+        self.mutate(Creds::root(), Op::Fallocate { ino: ino_out, offset: off_out, len: n, mode: 0 })
+            .await?;
+        f.size = None;
+        f.ext = None;
+        debug!(ino_in, ino_out, n, "copy_file_range by reference");
+        Ok(n as u32)
+    }
+}

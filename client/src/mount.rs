@@ -1,0 +1,138 @@
+//! `cfs mount`: connects to the cluster, mounts with FUSE and serves until
+//! unmounted (or SIGTERM/SIGINT, which unmount).
+
+use std::path::Path;
+use std::sync::Arc;
+
+use cfs_materializers::ops::{Reply, Request as MReq};
+use fuser::MountOption;
+use tracing::{info, warn};
+
+use crate::conn::{Invalidation, MetaClient};
+use crate::data::DataPath;
+use crate::fs::CfsFs;
+use crate::options::MountOptions;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MountError {
+    #[error("no metadata server answered ({0})")]
+    NoServer(String),
+    #[error("segment store: {0}")]
+    Segments(String),
+    #[error("mount {path}: {source}")]
+    Fuse { path: String, source: std::io::Error },
+    #[error("runtime: {0}")]
+    Runtime(std::io::Error),
+}
+
+/// Mounts the cluster at `mountpoint` and serves it until it is unmounted.
+pub fn mount(mountpoint: &Path, opts: MountOptions) -> Result<(), MountError> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("cfs-client")
+        .build()
+        .map_err(MountError::Runtime)?;
+    let (meta, inval_rx) = MetaClient::new(opts.servers.clone(), opts.cluster_id.clone(), opts.timeout);
+    let welcome = rt.block_on(async {
+        match meta.call(MReq::StatFs, false).await {
+            Ok(Reply::Stats(_)) => meta.welcome().ok_or_else(|| MountError::NoServer("no welcome".into())),
+            Ok(_) => Err(MountError::NoServer("unexpected reply".into())),
+            Err(e) => Err(MountError::NoServer(e.to_string())),
+        }
+    })?;
+    let data = Arc::new(
+        DataPath::new(&opts.cluster_id, &welcome.segment_servers, opts.cache_bytes).map_err(MountError::Segments)?,
+    );
+    let fs = CfsFs::new(rt.handle().clone(), meta.clone(), data, opts.clone());
+    let known = fs.known();
+    let forget = fs.forget_cached();
+    let options = vec![
+        MountOption::FSName("cfs".into()),
+        MountOption::Subtype("cfs".into()),
+        MountOption::DefaultPermissions,
+        MountOption::AllowOther,
+        MountOption::Dev,
+        MountOption::Suid,
+        MountOption::RW,
+        MountOption::Async,
+    ];
+    let mut session = fuser::Session::new(fs, mountpoint, &options).map_err(|source| MountError::Fuse {
+        path: mountpoint.display().to_string(),
+        source,
+    })?;
+    info!(mountpoint = %mountpoint.display(), node = welcome.node_id, "mounted");
+    let notifier = session.notifier();
+    std::thread::Builder::new()
+        .name("cfs-invalidate".into())
+        .spawn(move || invalidate_loop(inval_rx, notifier, known, forget))
+        .map_err(MountError::Runtime)?;
+    // SIGTERM/SIGINT: unmount, which ends the session loop below.
+    let mp = mountpoint.to_path_buf();
+    rt.spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+            return;
+        };
+        tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+        info!("signal: unmounting");
+        unmount(&mp);
+    });
+    let r = session.run();
+    info!("unmounted");
+    r.map_err(|source| MountError::Fuse {
+        path: mountpoint.display().to_string(),
+        source,
+    })
+}
+
+/// Unmounts `mountpoint` (lazily, so busy mounts go too).
+pub fn unmount(mountpoint: &Path) -> bool {
+    for cmd in [("fusermount3", &["-u", "-z"][..]), ("umount", &["-l"][..])] {
+        if let Ok(s) = std::process::Command::new(cmd.0).args(cmd.1).arg(mountpoint).status() {
+            if s.success() {
+                return true;
+            }
+        }
+    }
+    false
+}
+
+type Known = Arc<dyn Fn() -> Vec<u64> + Send + Sync>;
+type Forget = Arc<dyn Fn(u64) + Send + Sync>;
+
+fn invalidate_loop(
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<Invalidation>,
+    notifier: fuser::Notifier,
+    known: Known,
+    forget: Forget,
+) {
+    while let Some((ino, entry)) = rx.blocking_recv() {
+        let inodes = if ino == 0 { known() } else { vec![ino] };
+        for i in inodes {
+            forget(i);
+            match &entry {
+                Some((parent, name)) => {
+                    let _ = notifier.inval_entry(*parent, std::ffi::OsStr::from_bytes_compat(name));
+                }
+                None => {
+                    if let Err(e) = notifier.inval_inode(i, 0, 0) {
+                        if e.raw_os_error() != Some(libc::ENOENT) {
+                            warn!(ino = i, "invalidate: {e}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+trait FromBytesCompat {
+    fn from_bytes_compat(b: &[u8]) -> &Self;
+}
+
+impl FromBytesCompat for std::ffi::OsStr {
+    fn from_bytes_compat(b: &[u8]) -> &Self {
+        use std::os::unix::ffi::OsStrExt;
+        std::ffi::OsStr::from_bytes(b)
+    }
+}

@@ -1,0 +1,55 @@
+//! Mount options (`cfs mount --help`).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// How long cached metadata may be used without asking a server.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CacheMode {
+    /// Nothing cached: every lookup and getattr reads through a barrier.
+    Strict,
+    /// Attributes and entries cached for `attr_ttl`, refreshed on open
+    /// (a file closed on one client is seen whole by the next open
+    /// elsewhere), dropped early when a server reports a change.
+    CloseToOpen,
+    /// Cached for the session's long TTL; only server invalidations drop
+    /// entries.
+    Session,
+}
+
+impl std::str::FromStr for CacheMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "strict" => Ok(CacheMode::Strict),
+            "close-to-open" => Ok(CacheMode::CloseToOpen),
+            "session" => Ok(CacheMode::Session),
+            _ => Err(format!("cache mode {s:?}: expected strict, close-to-open or session")),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct MountOptions {
+    pub servers: Vec<SocketAddr>,
+    pub cluster_id: String,
+    pub cache_mode: CacheMode,
+    /// Dirty bytes buffered per file before they are flushed.
+    pub write_buffer: usize,
+    /// Largest read-ahead window.
+    pub read_ahead: usize,
+    /// Decoded stripes kept in memory.
+    pub cache_bytes: usize,
+    /// Longest wait for a server before EIO/ENOTCONN.
+    pub timeout: Duration,
+}
+
+impl MountOptions {
+    pub fn ttl(&self) -> Duration {
+        match self.cache_mode {
+            CacheMode::Strict => Duration::ZERO,
+            CacheMode::CloseToOpen => Duration::from_secs(1),
+            CacheMode::Session => Duration::from_secs(60),
+        }
+    }
+}
