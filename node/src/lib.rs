@@ -5,6 +5,7 @@
 
 pub mod cluster;
 pub mod config;
+pub mod fstest;
 pub mod http;
 pub mod meta;
 pub mod mounts;

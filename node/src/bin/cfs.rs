@@ -46,6 +46,34 @@ enum Cmd {
         #[arg(long)]
         node: u64,
     },
+    /// fsx-style data integrity exerciser on FILE (replay with --seed).
+    Fsx {
+        file: PathBuf,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        #[arg(long, default_value_t = 10_000)]
+        ops: u64,
+        /// Run at least this many seconds (repeating seeds seed, seed+1, ...).
+        #[arg(long)]
+        seconds: Option<u64>,
+        #[arg(long, default_value_t = 4 << 20)]
+        max_size: u64,
+        #[arg(long, default_value_t = 256 << 10)]
+        max_op: u64,
+    },
+    /// Differential test: the same random operations on two directories
+    /// must give the same results and trees.
+    Difftest {
+        a: PathBuf,
+        b: PathBuf,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        #[arg(long, default_value_t = 2000)]
+        ops: u64,
+        /// Number of seeds to run (seed, seed+1, ...).
+        #[arg(long, default_value_t = 1)]
+        runs: u64,
+    },
     /// Stop the local cluster in DIR (idempotent).
     Down {
         #[arg(long)]
@@ -389,6 +417,44 @@ fn main() -> anyhow::Result<()> {
             }
         }
         Cmd::Mount(a) => mount_cmd(a)?,
+        Cmd::Fsx {
+            file,
+            seed,
+            ops,
+            seconds,
+            max_size,
+            max_op,
+        } => {
+            use cfs_node::fstest::fsx;
+            let until = seconds.map(|s| Instant::now() + Duration::from_secs(s));
+            let mut seed = seed;
+            loop {
+                let cfg = fsx::FsxConfig {
+                    seed,
+                    ops,
+                    duration: None,
+                    max_size: max_size.max(4096),
+                    max_op: max_op.max(1),
+                };
+                let r = fsx::run(&file, &cfg)?;
+                println!(
+                    "fsx: seed {seed}: {} ops, {} bytes checked, {:.1} s: ok",
+                    r.ops,
+                    r.bytes_checked,
+                    r.elapsed.as_secs_f64()
+                );
+                seed += 1;
+                if until.is_none_or(|u| Instant::now() >= u) {
+                    break;
+                }
+            }
+        }
+        Cmd::Difftest { a, b, seed, ops, runs } => {
+            for s in seed..seed + runs {
+                cfs_node::fstest::difftest::run(&a, &b, s, ops)?;
+                println!("difftest: seed {s}: {ops} ops, same results and trees");
+            }
+        }
         Cmd::NsDump { dir, node } => ns_dump(&dir, node)?,
         Cmd::Down { dir } => {
             if let Some(mnt) = cfs_node::mounts::stop_mount(&dir)? {
