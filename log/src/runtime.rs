@@ -71,6 +71,9 @@ pub struct LogNodeConfig {
     pub timing: Timing,
     pub propose_timeout: Duration,
     pub wal: WalConfig,
+    /// Decided entries kept below every durable subscriber's position
+    /// (history for replaying a lost materialization); 0 trims eagerly.
+    pub retain_entries: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -1342,7 +1345,8 @@ impl ShardLoop {
                     .copied()
                     .min()
                     .unwrap_or(0)
-                    .min(floor);
+                    .min(floor)
+                    .saturating_sub(inner.cfg.retain_entries);
                 if min > self.trimmed_to && self.core.trim(min) {
                     info!(below = min, "trimmed log");
                     self.trimmed_to = min;

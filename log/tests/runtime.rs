@@ -45,6 +45,7 @@ async fn start_cluster(dir: &std::path::Path, segment_bytes: u64) -> Vec<LogNode
                 // Small: subscribers read most entries back from disk.
                 memory_bytes_max: 4096,
             },
+            retain_entries: 0,
         };
         out.push(LogNode::start(cfg).await.unwrap());
     }

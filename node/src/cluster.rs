@@ -88,6 +88,7 @@ pub fn ensure_configs(dir: &Path, nodes: u64, shards: u32) -> anyhow::Result<Vec
             propose_timeout_ms: 5000,
             wal_segment_mib: 64,
             wal_memory_mib: 64,
+            log_retain_entries: 100_000,
             log_format: LogFormat::Json,
             segments_listen: a.segments,
             meta_listen: Some(SocketAddr::from(([127, 0, 0, 1], free_port(&mut taken)?))),

@@ -58,6 +58,10 @@ pub struct NodeConfig {
     /// Use io_uring for segment I/O when the kernel allows (default true).
     #[serde(default = "default_true")]
     pub segments_io_uring: bool,
+    /// Decided log entries kept below what every materializer persisted,
+    /// so a lost namespace can be rebuilt by replay (see docs/namespace.md).
+    #[serde(default = "default_retain_entries")]
+    pub log_retain_entries: u64,
     /// Metadata service address for FUSE clients; none when absent.
     #[serde(default)]
     pub meta_listen: Option<SocketAddr>,
@@ -86,6 +90,10 @@ pub enum LogFormat {
 fn default_true() -> bool {
     true
 }
+fn default_retain_entries() -> u64 {
+    100_000
+}
+
 fn default_tick_ms() -> u64 {
     10
 }
@@ -174,6 +182,7 @@ impl NodeConfig {
                 background_prealloc: true,
                 memory_bytes_max: (self.wal_memory_mib << 20) as usize,
             },
+            retain_entries: self.log_retain_entries,
         }
     }
 }

@@ -24,6 +24,9 @@ async fn health(State(s): State<Services>) -> impl IntoResponse {
     if let Some(seg) = &s.segments {
         problems.extend(seg.problems());
     }
+    if let Some(m) = &s.meta {
+        problems.extend(m.problems());
+    }
     let segments = s.segments.as_ref().map(|seg| {
         let st = seg.stat();
         serde_json::json!({

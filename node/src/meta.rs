@@ -47,6 +47,8 @@ struct Inner {
     data_dir: PathBuf,
     nodes: u64,
     counters: Counters,
+    /// Why a shard's materializer stopped, if one did.
+    failed: Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 #[derive(Default)]
@@ -84,6 +86,7 @@ impl MetaService {
         let (changes, _) = broadcast::channel(4096);
         let mut applied = HashMap::new();
         let mut barriers = HashMap::new();
+        let failed: Arc<std::sync::Mutex<Vec<String>>> = Arc::default();
         for &shard in &cfg.shards {
             materializer::init_shard(&db, shard)?;
             let from = db.applied(shard)?;
@@ -99,10 +102,13 @@ impl MetaService {
                     last: tokio::sync::Mutex::new((0, 0)),
                 },
             );
-            let (db2, w2, ch2) = (db.clone(), waiters.clone(), changes.clone());
+            let (db2, w2, ch2, f2) = (db.clone(), waiters.clone(), changes.clone(), failed.clone());
             tokio::spawn(async move {
                 if let Err(e) = materializer::run_shard(db2, shard, sub, w2, tx, ch2).await {
                     tracing::error!(shard, "namespace materializer failed: {e}");
+                    f2.lock()
+                        .expect("failed lock")
+                        .push(format!("namespace materializer of shard {shard} stopped: {e}"));
                 }
             });
         }
@@ -123,6 +129,7 @@ impl MetaService {
                 data_dir: cfg.data_dir,
                 nodes: cfg.nodes,
                 counters: Counters::default(),
+                failed,
             }),
         };
         info!(listen = %cfg.listen, "metadata service listening");
@@ -145,6 +152,11 @@ impl MetaService {
             }
         });
         Ok(svc)
+    }
+
+    /// Problems for /health.
+    pub fn problems(&self) -> Vec<String> {
+        self.inner.failed.lock().expect("failed lock").clone()
     }
 
     /// Applied position of each shard.

@@ -198,7 +198,12 @@ fn mount_cmd(a: MountArgs) -> anyhow::Result<()> {
             if cfgs.is_empty() {
                 bail!("no cluster in {}", dir.display());
             }
-            (cluster::meta_servers(&cfgs), cfgs[0].cluster_id.clone())
+            let servers = if a.servers.is_empty() {
+                cluster::meta_servers(&cfgs)
+            } else {
+                a.servers.clone()
+            };
+            (servers, cfgs[0].cluster_id.clone())
         }
         None => (
             a.servers.clone(),

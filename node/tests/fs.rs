@@ -1,0 +1,281 @@
+//! End-to-end tests of the file system: a real 3-node cluster, real FUSE
+//! mounts made by `cfs mount`, and third-party/own checkers on top.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use cfs_node::{cluster, mounts};
+use common::Cluster;
+
+fn cfs() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_cfs"))
+}
+
+/// A `cfs mount` process serving `path`; unmounted on drop.
+struct Mount {
+    path: PathBuf,
+    child: std::process::Child,
+}
+
+impl Mount {
+    fn new(c: &Cluster, name: &str, extra: &[&str]) -> Mount {
+        let path = c.dir.join(name);
+        std::fs::create_dir_all(&path).expect("mountpoint");
+        let log = std::fs::File::create(c.dir.join(format!("{name}.log"))).expect("log");
+        let child = Command::new(cfs())
+            .arg("mount")
+            .arg(&path)
+            .arg("--dir")
+            .arg(&c.dir)
+            .args(extra)
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("cfs mount");
+        let until = Instant::now() + Duration::from_secs(30);
+        while !mounts::is_mounted(&path) {
+            assert!(Instant::now() < until, "mount did not appear");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Mount { path, child }
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        cfs_client::unmount(&self.path);
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn run_cfs(args: &[&str]) -> String {
+    let out = Command::new(cfs()).args(args).output().expect("run cfs");
+    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "cfs {args:?} failed:\n{text}");
+    text
+}
+
+fn pjdfstest_bin() -> Option<PathBuf> {
+    let home = std::env::var("HOME").unwrap_or_default();
+    [PathBuf::from(&home).join(".cargo/bin/pjdfstest"), PathBuf::from("/usr/local/bin/pjdfstest")]
+        .into_iter()
+        .find(|p| p.exists())
+}
+
+/// Waits until every node's materializer applied the same positions.
+fn wait_applied_equal(c: &Cluster) {
+    let until = Instant::now() + Duration::from_secs(30);
+    loop {
+        let views: Vec<String> = c
+            .cfgs
+            .iter()
+            .map(|cfg| {
+                let (_, body) = cluster::http_get(cfg.http, "/health").expect("health");
+                let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+                v["namespace_applied"].to_string()
+            })
+            .collect();
+        if views.iter().all(|v| v == &views[0]) && views[0] != "null" {
+            return;
+        }
+        assert!(Instant::now() < until, "applied positions never converged: {views:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn dump(c: &Cluster, node: u64) -> String {
+    run_cfs(&["ns-dump", "--dir", c.dir.to_str().expect("utf8"), "--node", &node.to_string()])
+}
+
+#[test]
+fn posix_suite_integrity_and_replay() {
+    // Keep the whole log so node 3 can rebuild its namespace by replay.
+    let c = Cluster::start_with("fs-posix", |cfg| cfg.log_retain_entries = u64::MAX / 2);
+    let m = Mount::new(&c, "mnt", &[]);
+
+    // pjdfstest, the POSIX suite: 0 failures; the only skips are the ones
+    // ext4 skips here too (no read-only fs given) and LINK_MAX, which
+    // glibc cannot learn from a FUSE mount (docs/posix.md).
+    let pjd = pjdfstest_bin().expect("pjdfstest is installed by scripts/setup.sh");
+    let work = m.path.join("pjd");
+    let sec = c.dir.join("pjd-secondary");
+    std::fs::create_dir_all(&work).unwrap();
+    std::fs::create_dir_all(&sec).unwrap();
+    let cfg = c.dir.join("pjdfstest.toml");
+    std::fs::write(
+        &cfg,
+        "[features]\nposix_fallocate = {}\nrename_ctime = {}\nutime_now = {}\nutimensat = {}\n\n[settings]\nnaptime = 0.01\n\n[dummy_auth]\nentries = [[\"nobody\", \"nogroup\"], [\"daemon\", \"daemon\"]]\n",
+    )
+    .unwrap();
+    let out = Command::new(&pjd)
+        .arg("-c")
+        .arg(&cfg)
+        .arg("-p")
+        .arg(&work)
+        .arg("-s")
+        .arg(&sec)
+        .current_dir(&c.dir)
+        .output()
+        .expect("pjdfstest");
+    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    let summary = text.lines().find(|l| l.starts_with("Summary:")).unwrap_or("no summary").to_string();
+    eprintln!("pjdfstest: {summary}");
+    assert!(summary.contains(" 0 failed,"), "pjdfstest failures:\n{text}");
+    assert!(summary.contains(" 0 expected failures"), "{summary}");
+    for l in text.lines().filter(|l| l.trim_end().ends_with("skipped")) {
+        let name = l.split_whitespace().next().unwrap_or("");
+        assert!(
+            name.contains("erofs") || name == "link::link_count_max",
+            "unexpected skip: {l}"
+        );
+    }
+
+    // fsx-style integrity, two seeds.
+    let f = m.path.join("fsx.bin");
+    for seed in ["11", "12"] {
+        run_cfs(&["fsx", f.to_str().unwrap(), "--seed", seed, "--ops", "1500", "--max-size", "2000000", "--max-op", "200000"]);
+    }
+    // Differential against a local directory.
+    let local = c.dir.join("diff-local");
+    run_cfs(&["difftest", m.path.join("diff").to_str().unwrap(), local.to_str().unwrap(), "--ops", "800", "--runs", "3"]);
+
+    // Every replica materialized the same namespace.
+    wait_applied_equal(&c);
+    let d1 = dump(&c, 1);
+    assert!(d1.lines().count() > 100, "namespace too small to be meaningful");
+    assert_eq!(d1, dump(&c, 2), "node 2's namespace differs from node 1's");
+    assert_eq!(d1, dump(&c, 3), "node 3's namespace differs from node 1's");
+
+    // Rebuilt from scratch by replaying the log, it is the same again.
+    cluster::stop_node(&c.dir, 3, libc::SIGTERM, Duration::from_secs(10)).unwrap();
+    std::fs::remove_dir_all(cluster::node_dir(&c.dir, 3).join("data/namespace")).unwrap();
+    cluster::start_node(&c.dir, 3, &common::bin()).unwrap();
+    cluster::wait_healthy(&c.cfgs, Duration::from_secs(30)).unwrap();
+    wait_applied_equal(&c);
+    assert_eq!(d1, dump(&c, 3), "replayed namespace differs");
+    drop(m);
+}
+
+/// Writes `n` files with fsync under `dir`, recording the ones whose fsync
+/// succeeded.
+fn write_files(dir: &Path, from: usize, n: usize, acked: &std::sync::Mutex<Vec<usize>>) {
+    use std::io::Write;
+    for i in from..from + n {
+        let p = dir.join(format!("f{i}"));
+        let r = (|| -> std::io::Result<()> {
+            let mut f = std::fs::File::create(&p)?;
+            f.write_all(&content(i))?;
+            f.sync_all()
+        })();
+        if r.is_ok() {
+            acked.lock().unwrap().push(i);
+        }
+    }
+}
+
+fn content(i: usize) -> Vec<u8> {
+    (0..(4096 + i * 37 % 70_000)).map(|j| (i * 7 + j) as u8).collect()
+}
+
+#[test]
+fn kill_a_node_during_writes() {
+    let c = Cluster::start("fs-kill");
+    // The mount talks to node 1 first: kill exactly that one.
+    let m = Mount::new(&c, "mnt", &[]);
+    let dir = m.path.join("load");
+    std::fs::create_dir_all(&dir).unwrap();
+    let acked = std::sync::Mutex::new(Vec::new());
+    std::thread::scope(|s| {
+        s.spawn(|| write_files(&dir, 0, 400, &acked));
+        std::thread::sleep(Duration::from_millis(1500));
+        cluster::stop_node(&c.dir, 1, libc::SIGKILL, Duration::from_secs(1)).unwrap();
+        let killed = Instant::now();
+        // The mount keeps working: a new file can be created and read.
+        let p = m.path.join("after-kill");
+        std::fs::write(&p, b"still here").expect("write after kill");
+        assert_eq!(std::fs::read(&p).unwrap(), b"still here");
+        eprintln!("first write after kill -9 took {:?}", killed.elapsed());
+    });
+    let acked = acked.into_inner().unwrap();
+    assert!(acked.len() >= 350, "only {} of 400 writes succeeded", acked.len());
+    for i in &acked {
+        assert_eq!(std::fs::read(dir.join(format!("f{i}"))).unwrap(), content(*i), "fsync'd file f{i} lost or wrong");
+    }
+    // The killed node restarts and catches up.
+    cluster::start_node(&c.dir, 1, &common::bin()).unwrap();
+    cluster::wait_healthy(&c.cfgs, Duration::from_secs(30)).unwrap();
+    wait_applied_equal(&c);
+    drop(m);
+}
+
+#[test]
+fn two_mounts_see_each_other() {
+    let c = Cluster::start("fs-two");
+    let a = Mount::new(&c, "a", &[]);
+    // b talks to node 2 first, so a's changes reach it through the log.
+    let servers = [2usize, 3, 1]
+        .iter()
+        .map(|i| c.cfgs[i - 1].meta_listen.expect("meta").to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    let b = Mount::new(&c, "b", &["--servers", &servers]);
+    // Close-to-open: written and closed on a, read whole on b.
+    let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+    std::fs::write(a.path.join("shared"), &data).unwrap();
+    assert_eq!(std::fs::read(b.path.join("shared")).unwrap(), data);
+    // Overwritten on b, seen on a at the next open.
+    std::fs::write(b.path.join("shared"), b"short now").unwrap();
+    assert_eq!(std::fs::read(a.path.join("shared")).unwrap(), b"short now");
+    // A rename on one is visible on the other.
+    std::fs::create_dir(a.path.join("dir")).unwrap();
+    std::fs::rename(a.path.join("shared"), a.path.join("dir/moved")).unwrap();
+    let until = Instant::now() + Duration::from_secs(3);
+    while b.path.join("shared").exists() {
+        assert!(Instant::now() < until, "rename not visible on the other mount");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(std::fs::read(b.path.join("dir/moved")).unwrap(), b"short now");
+    // POSIX locks hold across mounts.
+    use std::os::unix::io::AsRawFd;
+    let fa = std::fs::OpenOptions::new().read(true).write(true).open(a.path.join("dir/moved")).unwrap();
+    let fb = std::fs::OpenOptions::new().read(true).write(true).open(b.path.join("dir/moved")).unwrap();
+    let lock = |fd: i32, typ: i32| {
+        let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+        fl.l_type = typ as i16;
+        fl.l_whence = libc::SEEK_SET as i16;
+        // SAFETY: fcntl(2) with a valid descriptor and flock struct.
+        unsafe { libc::fcntl(fd, libc::F_SETLK, &fl) }
+    };
+    assert_eq!(lock(fa.as_raw_fd(), libc::F_WRLCK), 0, "first lock");
+    assert_eq!(lock(fb.as_raw_fd(), libc::F_WRLCK), -1, "conflicting lock on the other mount must fail");
+    drop(fa);
+    assert_eq!(lock(fb.as_raw_fd(), libc::F_WRLCK), 0, "lock after the holder closed");
+}
+
+#[test]
+fn bad_input_and_unreachable_servers() {
+    let c = Cluster::start("fs-bad");
+    let m = Mount::new(&c, "mnt", &["--timeout", "3"]);
+    let long = "x".repeat(256);
+    let e = std::fs::write(m.path.join(&long), b"").unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::ENAMETOOLONG));
+    let deep = (0..1100).map(|_| "abc").collect::<Vec<_>>().join("/");
+    let e = std::fs::create_dir_all(m.path.join(deep)).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::ENAMETOOLONG));
+    std::fs::write(m.path.join("ok"), b"fine").unwrap();
+    // All servers gone: calls fail within the timeout instead of hanging.
+    for cfg in &c.cfgs {
+        cluster::stop_node(&c.dir, cfg.node_id, libc::SIGKILL, Duration::from_secs(1)).unwrap();
+    }
+    let t = Instant::now();
+    let e = std::fs::write(m.path.join("new-file"), b"x").unwrap_err();
+    assert!(
+        matches!(e.raw_os_error(), Some(libc::EIO) | Some(libc::ENOTCONN)),
+        "unexpected error {e}"
+    );
+    assert!(t.elapsed() < Duration::from_secs(15), "took {:?}", t.elapsed());
+}
