@@ -3,7 +3,9 @@
 # Idempotent: does nothing when everything is present.
 set -euo pipefail
 need=()
-for p in build-essential pkg-config ca-certificates curl; do
+# libclang-dev/clang: RocksDB's bindings; fuse3: fusermount3 for `cfs mount`;
+# bindfs and fio: the FUSE baseline and the throughput tool of the benchmarks.
+for p in build-essential pkg-config ca-certificates curl libclang-dev clang fuse3 bindfs fio; do
   dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
 done
 if [ ${#need[@]} -gt 0 ]; then
@@ -20,3 +22,8 @@ if ! command -v cargo >/dev/null 2>&1; then
   exit 1
 fi
 rustup component list --installed 2>/dev/null | grep -q clippy || rustup component add clippy rustfmt 2>/dev/null || true
+# pjdfstest, the POSIX suite the mount is tested with.
+if ! command -v pjdfstest >/dev/null 2>&1 && [ ! -x "$HOME/.cargo/bin/pjdfstest" ]; then
+  echo "setup: installing pjdfstest (cargo install)" >&2
+  cargo install --quiet --locked pjdfstest 2>/dev/null || cargo install --quiet pjdfstest
+fi

@@ -91,7 +91,10 @@ impl MetaClient {
         let inval = self.invalidations.clone();
         let welcome_id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (wtx, wrx) = oneshot::channel();
-        pending.lock().expect("pending lock").insert(welcome_id, wtx);
+        pending
+            .lock()
+            .expect("pending lock")
+            .insert(welcome_id, wtx);
         tokio::spawn(async move {
             let mut reader = cfs_frame::BodyReader::new(r, MESSAGE_BYTES_MAX);
             loop {
@@ -192,7 +195,11 @@ impl MetaClient {
     /// not complete the request.
     pub async fn call(&self, req: Request, fresh: bool) -> Result<Reply, Errno> {
         let req = match req {
-            Request::Mutate { op_id: 0, creds, op } => Request::Mutate {
+            Request::Mutate {
+                op_id: 0,
+                creds,
+                op,
+            } => Request::Mutate {
                 op_id: self.next_op.fetch_add(1, Ordering::Relaxed),
                 creds,
                 op,

@@ -45,7 +45,9 @@ impl StripeCache {
         self.map.insert(k, v);
         self.order.push_back(k);
         while self.bytes > self.max_bytes {
-            let Some(old) = self.order.pop_front() else { break };
+            let Some(old) = self.order.pop_front() else {
+                break;
+            };
             if let Some(v) = self.map.remove(&old) {
                 self.bytes -= v.len();
             }
@@ -71,14 +73,23 @@ fn io_err(what: &str, e: impl std::fmt::Display) -> Errno {
 }
 
 impl DataPath {
-    pub fn new(cluster_id: &str, servers: &[(u64, String)], cache_bytes: usize) -> Result<Self, String> {
+    pub fn new(
+        cluster_id: &str,
+        servers: &[(u64, String)],
+        cache_bytes: usize,
+    ) -> Result<Self, String> {
         let mut map = cfs_segments::proto::ServerMap::new();
         for (id, addr) in servers {
-            let a = addr.parse().map_err(|e| format!("segment server {addr}: {e}"))?;
+            let a = addr
+                .parse()
+                .map_err(|e| format!("segment server {addr}: {e}"))?;
             map.insert(*id, a);
         }
         if map.len() < 2 {
-            return Err(format!("need at least 2 segment servers, the cluster has {}", map.len()));
+            return Err(format!(
+                "need at least 2 segment servers, the cluster has {}",
+                map.len()
+            ));
         }
         let layout = Layout::for_cluster(map.len());
         let nodes: Vec<u64> = map.keys().copied().collect();
@@ -104,7 +115,9 @@ impl DataPath {
     /// writers spread load when the cluster is wider than the layout.
     fn placement(&self, w: usize) -> Vec<u64> {
         let n = self.nodes.len();
-        (0..self.layout.width()).map(|i| self.nodes[(w + i) % n]).collect()
+        (0..self.layout.width())
+            .map(|i| self.nodes[(w + i) % n])
+            .collect()
     }
 
     /// Writes `ranges` (file offset, bytes) durably; returns the extent
@@ -124,14 +137,22 @@ impl DataPath {
             None => (self.writers[start % WRITERS].lock().await, start % WRITERS),
         };
         if g.is_none() {
-            let sw = StripeWriter::new(self.client.clone(), self.layout, self.placement(w), FRAGMENT_BYTES)
-                .map_err(|e| io_err("stripe writer", e))?;
+            let sw = StripeWriter::new(
+                self.client.clone(),
+                self.layout,
+                self.placement(w),
+                FRAGMENT_BYTES,
+            )
+            .map_err(|e| io_err("stripe writer", e))?;
             *g = Some(sw);
         }
         let sw = g.as_mut().expect("writer present");
         let mut out = Vec::new();
         for (off, data) in ranges {
-            let mut exts: Vec<Extent> = sw.write(data).await.map_err(|e| io_err("segment write", e))?;
+            let mut exts: Vec<Extent> = sw
+                .write(data)
+                .await
+                .map_err(|e| io_err("segment write", e))?;
             exts.extend(sw.flush().await.map_err(|e| io_err("segment write", e))?);
             let mut at = *off;
             for e in exts {
@@ -165,7 +186,11 @@ impl DataPath {
         if let Some(v) = self.cache.lock().expect("cache lock").get(&key) {
             return Ok(v);
         }
-        let r = self.reader.read(e).await.map_err(|err| io_err("segment read", err))?;
+        let r = self
+            .reader
+            .read(e)
+            .await
+            .map_err(|err| io_err("segment read", err))?;
         if !r.bad.is_empty() {
             warn!(segment = %e.segment, stripe = e.stripe, bad = r.bad.len(), "stripe read around bad fragments");
         }

@@ -11,9 +11,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use cfs_materializers::ops::{Op, Reply, Request as MReq};
 use cfs_materializers::types::*;
 use fuser::{
-    FileAttr, FileType, Filesystem, KernelConfig, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
-    ReplyEmpty, ReplyEntry, ReplyLock, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request,
-    TimeOrNow,
+    FileAttr, FileType, Filesystem, KernelConfig, ReplyAttr, ReplyCreate, ReplyData,
+    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLock, ReplyOpen, ReplyStatfs, ReplyWrite,
+    ReplyXattr, Request, TimeOrNow,
 };
 use tokio::sync::Mutex as AsyncMutex;
 use tracing::{debug, Instrument};
@@ -94,7 +94,10 @@ fn attr_of(i: &Inode, size: Option<u64>) -> FileAttr {
     FileAttr {
         ino: i.ino,
         size,
-        blocks: i.allocated.max(if size > 0 { size.min(i.allocated) } else { 0 }).div_ceil(512),
+        blocks: i
+            .allocated
+            .max(if size > 0 { size.min(i.allocated) } else { 0 })
+            .div_ceil(512),
         atime: ts(i.atime),
         mtime: ts(i.mtime),
         ctime: ts(i.ctime),
@@ -212,18 +215,14 @@ impl Shared {
             }
         };
         for chunk in refs.chunks(1024) {
-            let r = self
-                .mutate(
-                    Creds::root(),
-                    Op::Write {
-                        ino,
-                        extents: chunk.to_vec(),
-                    },
-                )
-                .await;
-            if let Err(e) = r {
-                return Err(e);
-            }
+            self.mutate(
+                Creds::root(),
+                Op::Write {
+                    ino,
+                    extents: chunk.to_vec(),
+                },
+            )
+            .await?;
         }
         f.size = None;
         f.ext = None;
@@ -241,7 +240,13 @@ impl Shared {
 
     /// Extent references covering `[off, off + len)` (from the window
     /// cache when it covers the range).
-    async fn extents(&self, ino: Ino, f: &mut FileInner, off: u64, len: u64) -> Result<Vec<ExtentRef>, Errno> {
+    async fn extents(
+        &self,
+        ino: Ino,
+        f: &mut FileInner,
+        off: u64,
+        len: u64,
+    ) -> Result<Vec<ExtentRef>, Errno> {
         let end = off + len;
         if let Some((from, to, refs)) = &f.ext {
             if *from <= off && end <= *to {
@@ -255,7 +260,14 @@ impl Shared {
         let want = len.max(32 << 20);
         let refs = match self
             .meta
-            .call(MReq::Extents { ino, offset: off, len: want }, self.strict())
+            .call(
+                MReq::Extents {
+                    ino,
+                    offset: off,
+                    len: want,
+                },
+                self.strict(),
+            )
             .await?
         {
             Reply::Extents(r) => r,
@@ -403,7 +415,12 @@ fn insert_dirty(f: &mut FileInner, off: u64, data: Vec<u8>) {
 }
 
 impl CfsFs {
-    pub fn new(rt: tokio::runtime::Handle, meta: Arc<MetaClient>, data: Arc<DataPath>, opts: MountOptions) -> Self {
+    pub fn new(
+        rt: tokio::runtime::Handle,
+        meta: Arc<MetaClient>,
+        data: Arc<DataPath>,
+        opts: MountOptions,
+    ) -> Self {
         CfsFs {
             rt,
             sh: Arc::new(Shared {
@@ -422,7 +439,14 @@ impl CfsFs {
     /// Inodes the kernel may have cached (for invalidate-all).
     pub fn known(&self) -> Arc<dyn Fn() -> Vec<Ino> + Send + Sync> {
         let sh = self.sh.clone();
-        Arc::new(move || sh.known.lock().expect("known lock").iter().copied().collect())
+        Arc::new(move || {
+            sh.known
+                .lock()
+                .expect("known lock")
+                .iter()
+                .copied()
+                .collect()
+        })
     }
 
     /// Drops this mount's cached state of `ino` (another client changed it).
@@ -445,10 +469,16 @@ impl CfsFs {
     where
         F: std::future::Future<Output = ()> + Send + 'static,
     {
-        self.rt.spawn(fut.instrument(tracing::debug_span!("fuse", op = name)));
+        self.rt
+            .spawn(fut.instrument(tracing::debug_span!("fuse", op = name)));
     }
 
-    fn entry_reply(sh: &Shared, r: Result<Inode, Errno>, reply: ReplyEntry, attr: Option<FileAttr>) {
+    fn entry_reply(
+        sh: &Shared,
+        r: Result<Inode, Errno>,
+        reply: ReplyEntry,
+        attr: Option<FileAttr>,
+    ) {
         match r {
             Ok(i) => {
                 sh.known.lock().expect("known lock").insert(i.ino);
@@ -459,7 +489,17 @@ impl CfsFs {
         }
     }
 
-    fn create_node(&self, req: &Request<'_>, parent: u64, name: &OsStr, mode: u32, rdev: u32, target: Option<Vec<u8>>, reply: ReplyEntry) {
+    #[allow(clippy::too_many_arguments)]
+    fn create_node(
+        &self,
+        req: &Request<'_>,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        rdev: u32,
+        target: Option<Vec<u8>>,
+        reply: ReplyEntry,
+    ) {
         let (sh, c, name) = (self.sh.clone(), creds(req), name_of(name));
         self.spawn("create_node", async move {
             let r = sh
@@ -491,7 +531,11 @@ impl Filesystem for CfsFs {
     fn init(&mut self, _req: &Request<'_>, config: &mut KernelConfig) -> Result<(), libc::c_int> {
         use fuser::consts::*;
         let _ = config.add_capabilities(
-            FUSE_POSIX_LOCKS | FUSE_FLOCK_LOCKS | FUSE_BIG_WRITES | FUSE_PARALLEL_DIROPS | FUSE_MAX_PAGES,
+            FUSE_POSIX_LOCKS
+                | FUSE_FLOCK_LOCKS
+                | FUSE_BIG_WRITES
+                | FUSE_PARALLEL_DIROPS
+                | FUSE_MAX_PAGES,
         );
         let _ = config.set_max_write(1 << 20);
         let _ = config.set_max_readahead(1 << 20);
@@ -506,7 +550,11 @@ impl Filesystem for CfsFs {
             return;
         }
         self.spawn("lookup", async move {
-            let r = match sh.meta.call(MReq::Lookup { parent, name }, sh.strict()).await {
+            let r = match sh
+                .meta
+                .call(MReq::Lookup { parent, name }, sh.strict())
+                .await
+            {
                 Ok(Reply::Attr(i)) => Ok(i),
                 Ok(_) => Err(Errno::EIO),
                 Err(e) => Err(e),
@@ -598,12 +646,37 @@ impl Filesystem for CfsFs {
         });
     }
 
-    fn mknod(&mut self, req: &Request<'_>, parent: u64, name: &OsStr, mode: u32, _umask: u32, rdev: u32, reply: ReplyEntry) {
+    fn mknod(
+        &mut self,
+        req: &Request<'_>,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
         self.create_node(req, parent, name, mode, rdev, None, reply);
     }
 
-    fn mkdir(&mut self, req: &Request<'_>, parent: u64, name: &OsStr, mode: u32, _umask: u32, reply: ReplyEntry) {
-        self.create_node(req, parent, name, libc::S_IFDIR | (mode & 0o7777), 0, None, reply);
+    fn mkdir(
+        &mut self,
+        req: &Request<'_>,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        reply: ReplyEntry,
+    ) {
+        self.create_node(
+            req,
+            parent,
+            name,
+            libc::S_IFDIR | (mode & 0o7777),
+            0,
+            None,
+            reply,
+        );
     }
 
     fn unlink(&mut self, req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEmpty) {
@@ -625,17 +698,51 @@ impl Filesystem for CfsFs {
         });
     }
 
-    fn symlink(&mut self, req: &Request<'_>, parent: u64, link_name: &OsStr, target: &std::path::Path, reply: ReplyEntry) {
+    fn symlink(
+        &mut self,
+        req: &Request<'_>,
+        parent: u64,
+        link_name: &OsStr,
+        target: &std::path::Path,
+        reply: ReplyEntry,
+    ) {
         let t = target.as_os_str().as_bytes().to_vec();
-        self.create_node(req, parent, link_name, libc::S_IFLNK | 0o777, 0, Some(t), reply);
+        self.create_node(
+            req,
+            parent,
+            link_name,
+            libc::S_IFLNK | 0o777,
+            0,
+            Some(t),
+            reply,
+        );
     }
 
-    fn rename(&mut self, req: &Request<'_>, parent: u64, name: &OsStr, newparent: u64, newname: &OsStr, flags: u32, reply: ReplyEmpty) {
+    fn rename(
+        &mut self,
+        req: &Request<'_>,
+        parent: u64,
+        name: &OsStr,
+        newparent: u64,
+        newname: &OsStr,
+        flags: u32,
+        reply: ReplyEmpty,
+    ) {
         let (sh, c) = (self.sh.clone(), creds(req));
         let (name, newname) = (name_of(name), name_of(newname));
         self.spawn("rename", async move {
             // The replaced file may lose its last link: find it first.
-            let victim = match sh.meta.call(MReq::Lookup { parent: newparent, name: newname.clone() }, false).await {
+            let victim = match sh
+                .meta
+                .call(
+                    MReq::Lookup {
+                        parent: newparent,
+                        name: newname.clone(),
+                    },
+                    false,
+                )
+                .await
+            {
                 Ok(Reply::Attr(i)) if !i.is_dir() => Some(i.ino),
                 _ => None,
             };
@@ -663,10 +770,26 @@ impl Filesystem for CfsFs {
         });
     }
 
-    fn link(&mut self, req: &Request<'_>, ino: u64, newparent: u64, newname: &OsStr, reply: ReplyEntry) {
+    fn link(
+        &mut self,
+        req: &Request<'_>,
+        ino: u64,
+        newparent: u64,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
         let (sh, c, name) = (self.sh.clone(), creds(req), name_of(newname));
         self.spawn("link", async move {
-            let r = sh.mutate_attr(c, Op::Link { ino, parent: newparent, name }).await;
+            let r = sh
+                .mutate_attr(
+                    c,
+                    Op::Link {
+                        ino,
+                        parent: newparent,
+                        name,
+                    },
+                )
+                .await;
             let a = match &r {
                 Ok(i) => Some(sh.attr_now(i).await),
                 Err(_) => None,
@@ -681,7 +804,9 @@ impl Filesystem for CfsFs {
             // Close-to-open: see what the last close anywhere wrote.
             let fresh = sh.opts.cache_mode != CacheMode::Session;
             match sh.getattr(ino, fresh).await {
-                Ok(i) if i.is_dir() && flags & libc::O_ACCMODE != libc::O_RDONLY => reply.error(libc::EISDIR),
+                Ok(i) if i.is_dir() && flags & libc::O_ACCMODE != libc::O_RDONLY => {
+                    reply.error(libc::EISDIR)
+                }
                 Ok(_) => {
                     let st = sh.file(ino);
                     st.opens.fetch_add(1, Ordering::SeqCst);
@@ -705,7 +830,17 @@ impl Filesystem for CfsFs {
         });
     }
 
-    fn read(&mut self, _req: &Request<'_>, ino: u64, _fh: u64, offset: i64, size: u32, _flags: i32, _lock: Option<u64>, reply: ReplyData) {
+    fn read(
+        &mut self,
+        _req: &Request<'_>,
+        ino: u64,
+        _fh: u64,
+        offset: i64,
+        size: u32,
+        _flags: i32,
+        _lock: Option<u64>,
+        reply: ReplyData,
+    ) {
         let sh = self.sh.clone();
         self.spawn("read", async move {
             if offset < 0 {
@@ -719,7 +854,18 @@ impl Filesystem for CfsFs {
         });
     }
 
-    fn write(&mut self, _req: &Request<'_>, ino: u64, _fh: u64, offset: i64, data: &[u8], _wf: u32, _flags: i32, _lock: Option<u64>, reply: ReplyWrite) {
+    fn write(
+        &mut self,
+        _req: &Request<'_>,
+        ino: u64,
+        _fh: u64,
+        offset: i64,
+        data: &[u8],
+        _wf: u32,
+        _flags: i32,
+        _lock: Option<u64>,
+        reply: ReplyWrite,
+    ) {
         let sh = self.sh.clone();
         let data = data.to_vec();
         self.spawn("write", async move {
@@ -734,7 +880,14 @@ impl Filesystem for CfsFs {
         });
     }
 
-    fn flush(&mut self, _req: &Request<'_>, ino: u64, _fh: u64, lock_owner: u64, reply: ReplyEmpty) {
+    fn flush(
+        &mut self,
+        _req: &Request<'_>,
+        ino: u64,
+        _fh: u64,
+        lock_owner: u64,
+        reply: ReplyEmpty,
+    ) {
         let sh = self.sh.clone();
         self.spawn("flush", async move {
             let r = sh.flush(ino).await;
@@ -742,14 +895,31 @@ impl Filesystem for CfsFs {
             if sh.locked.lock().expect("locked lock").contains(&ino) {
                 let client = sh.meta.client_id;
                 let _ = sh
-                    .mutate(Creds::root(), Op::ReleaseLocks { ino, client, owner: lock_owner, flock: false })
+                    .mutate(
+                        Creds::root(),
+                        Op::ReleaseLocks {
+                            ino,
+                            client,
+                            owner: lock_owner,
+                            flock: false,
+                        },
+                    )
                     .await;
             }
             reply_empty(r, reply);
         });
     }
 
-    fn release(&mut self, _req: &Request<'_>, ino: u64, _fh: u64, _flags: i32, lock_owner: Option<u64>, _flush: bool, reply: ReplyEmpty) {
+    fn release(
+        &mut self,
+        _req: &Request<'_>,
+        ino: u64,
+        _fh: u64,
+        _flags: i32,
+        lock_owner: Option<u64>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
         let sh = self.sh.clone();
         self.spawn("release", async move {
             let r = sh.flush(ino).await;
@@ -757,7 +927,15 @@ impl Filesystem for CfsFs {
                 if sh.locked.lock().expect("locked lock").contains(&ino) {
                     let client = sh.meta.client_id;
                     let _ = sh
-                        .mutate(Creds::root(), Op::ReleaseLocks { ino, client, owner, flock: false })
+                        .mutate(
+                            Creds::root(),
+                            Op::ReleaseLocks {
+                                ino,
+                                client,
+                                owner,
+                                flock: false,
+                            },
+                        )
                         .await;
                 }
             }
@@ -773,7 +951,14 @@ impl Filesystem for CfsFs {
         });
     }
 
-    fn fsync(&mut self, _req: &Request<'_>, ino: u64, _fh: u64, _datasync: bool, reply: ReplyEmpty) {
+    fn fsync(
+        &mut self,
+        _req: &Request<'_>,
+        ino: u64,
+        _fh: u64,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
         let sh = self.sh.clone();
         self.spawn("fsync", async move {
             reply_empty(sh.flush(ino).await, reply);
@@ -783,7 +968,10 @@ impl Filesystem for CfsFs {
     fn opendir(&mut self, _req: &Request<'_>, ino: u64, _flags: i32, reply: ReplyOpen) {
         let sh = self.sh.clone();
         self.spawn("opendir", async move {
-            match sh.getattr(ino, sh.opts.cache_mode != CacheMode::Session).await {
+            match sh
+                .getattr(ino, sh.opts.cache_mode != CacheMode::Session)
+                .await
+            {
                 Ok(i) if !i.is_dir() => reply.error(libc::ENOTDIR),
                 Ok(_) => reply.opened(sh.next_fh.fetch_add(1, Ordering::Relaxed), 0),
                 Err(e) => reply.error(e.0),
@@ -791,7 +979,14 @@ impl Filesystem for CfsFs {
         });
     }
 
-    fn readdir(&mut self, _req: &Request<'_>, ino: u64, _fh: u64, offset: i64, mut reply: ReplyDirectory) {
+    fn readdir(
+        &mut self,
+        _req: &Request<'_>,
+        ino: u64,
+        _fh: u64,
+        offset: i64,
+        mut reply: ReplyDirectory,
+    ) {
         let sh = self.sh.clone();
         self.spawn("readdir", async move {
             let mut off = offset.max(0) as u64;
@@ -817,7 +1012,18 @@ impl Filesystem for CfsFs {
                 off = 2;
             }
             loop {
-                let entries = match sh.meta.call(MReq::ReadDir { ino, after: off, max: 256 }, false).await {
+                let entries = match sh
+                    .meta
+                    .call(
+                        MReq::ReadDir {
+                            ino,
+                            after: off,
+                            max: 256,
+                        },
+                        false,
+                    )
+                    .await
+                {
                     Ok(Reply::Entries(e)) => e,
                     Ok(_) => {
                         reply.error(libc::EIO);
@@ -833,7 +1039,12 @@ impl Filesystem for CfsFs {
                 }
                 for e in entries {
                     off = e.cookie;
-                    if reply.add(e.ino, e.cookie as i64, file_type(e.kind), OsStr::from_bytes(&e.name)) {
+                    if reply.add(
+                        e.ino,
+                        e.cookie as i64,
+                        file_type(e.kind),
+                        OsStr::from_bytes(&e.name),
+                    ) {
                         reply.ok();
                         return;
                     }
@@ -843,11 +1054,25 @@ impl Filesystem for CfsFs {
         });
     }
 
-    fn releasedir(&mut self, _req: &Request<'_>, _ino: u64, _fh: u64, _flags: i32, reply: ReplyEmpty) {
+    fn releasedir(
+        &mut self,
+        _req: &Request<'_>,
+        _ino: u64,
+        _fh: u64,
+        _flags: i32,
+        reply: ReplyEmpty,
+    ) {
         reply.ok();
     }
 
-    fn fsyncdir(&mut self, _req: &Request<'_>, _ino: u64, _fh: u64, _datasync: bool, reply: ReplyEmpty) {
+    fn fsyncdir(
+        &mut self,
+        _req: &Request<'_>,
+        _ino: u64,
+        _fh: u64,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
         // Namespace changes are durable in the log when acknowledged.
         reply.ok();
     }
@@ -875,18 +1100,48 @@ impl Filesystem for CfsFs {
         });
     }
 
-    fn setxattr(&mut self, req: &Request<'_>, ino: u64, name: &OsStr, value: &[u8], flags: i32, _position: u32, reply: ReplyEmpty) {
+    fn setxattr(
+        &mut self,
+        req: &Request<'_>,
+        ino: u64,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
         let (sh, c, name, value) = (self.sh.clone(), creds(req), name_of(name), value.to_vec());
         self.spawn("setxattr", async move {
-            let r = sh.mutate(c, Op::SetXattr { ino, name, value, flags }).await;
+            let r = sh
+                .mutate(
+                    c,
+                    Op::SetXattr {
+                        ino,
+                        name,
+                        value,
+                        flags,
+                    },
+                )
+                .await;
             reply_empty(r.map(|_| ()), reply);
         });
     }
 
-    fn getxattr(&mut self, _req: &Request<'_>, ino: u64, name: &OsStr, size: u32, reply: ReplyXattr) {
+    fn getxattr(
+        &mut self,
+        _req: &Request<'_>,
+        ino: u64,
+        name: &OsStr,
+        size: u32,
+        reply: ReplyXattr,
+    ) {
         let (sh, name) = (self.sh.clone(), name_of(name));
         self.spawn("getxattr", async move {
-            match sh.meta.call(MReq::GetXattr { ino, name }, sh.strict()).await {
+            match sh
+                .meta
+                .call(MReq::GetXattr { ino, name }, sh.strict())
+                .await
+            {
                 Ok(Reply::Data(d)) => {
                     if size == 0 {
                         reply.size(d.len() as u32)
@@ -939,7 +1194,16 @@ impl Filesystem for CfsFs {
         reply.ok();
     }
 
-    fn create(&mut self, req: &Request<'_>, parent: u64, name: &OsStr, mode: u32, _umask: u32, flags: i32, reply: ReplyCreate) {
+    fn create(
+        &mut self,
+        req: &Request<'_>,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
         let (sh, c, name) = (self.sh.clone(), creds(req), name_of(name));
         self.spawn("create", async move {
             let r = sh
@@ -969,7 +1233,18 @@ impl Filesystem for CfsFs {
         });
     }
 
-    fn getlk(&mut self, _req: &Request<'_>, ino: u64, _fh: u64, lock_owner: u64, start: u64, end: u64, typ: i32, pid: u32, reply: ReplyLock) {
+    fn getlk(
+        &mut self,
+        _req: &Request<'_>,
+        ino: u64,
+        _fh: u64,
+        lock_owner: u64,
+        start: u64,
+        end: u64,
+        typ: i32,
+        pid: u32,
+        reply: ReplyLock,
+    ) {
         let sh = self.sh.clone();
         self.spawn("getlk", async move {
             let lock = LockRange {
@@ -982,7 +1257,9 @@ impl Filesystem for CfsFs {
                 flock: false,
             };
             match sh.meta.call(MReq::GetLock { ino, lock }, true).await {
-                Ok(Reply::Lock(Some(l))) => reply.locked(l.start, l.end.saturating_sub(1), l.typ, l.pid),
+                Ok(Reply::Lock(Some(l))) => {
+                    reply.locked(l.start, l.end.saturating_sub(1), l.typ, l.pid)
+                }
                 Ok(Reply::Lock(None)) => reply.locked(0, 0, libc::F_UNLCK, 0),
                 Ok(_) => reply.error(libc::EIO),
                 Err(e) => reply.error(e.0),
@@ -990,7 +1267,19 @@ impl Filesystem for CfsFs {
         });
     }
 
-    fn setlk(&mut self, _req: &Request<'_>, ino: u64, _fh: u64, lock_owner: u64, start: u64, end: u64, typ: i32, pid: u32, sleep: bool, reply: ReplyEmpty) {
+    fn setlk(
+        &mut self,
+        _req: &Request<'_>,
+        ino: u64,
+        _fh: u64,
+        lock_owner: u64,
+        start: u64,
+        end: u64,
+        typ: i32,
+        pid: u32,
+        sleep: bool,
+        reply: ReplyEmpty,
+    ) {
         let sh = self.sh.clone();
         self.spawn("setlk", async move {
             sh.locked.lock().expect("locked lock").insert(ino);
@@ -1005,7 +1294,16 @@ impl Filesystem for CfsFs {
             };
             let mut delay = Duration::from_millis(10);
             loop {
-                match sh.mutate(Creds::root(), Op::Lock { ino, lock: lock.clone() }).await {
+                match sh
+                    .mutate(
+                        Creds::root(),
+                        Op::Lock {
+                            ino,
+                            lock: lock.clone(),
+                        },
+                    )
+                    .await
+                {
                     Ok(Reply::Lock(Some(_))) if sleep => {
                         tokio::time::sleep(delay).await;
                         delay = (delay * 2).min(Duration::from_millis(200));
@@ -1018,7 +1316,16 @@ impl Filesystem for CfsFs {
         });
     }
 
-    fn fallocate(&mut self, _req: &Request<'_>, ino: u64, _fh: u64, offset: i64, length: i64, mode: i32, reply: ReplyEmpty) {
+    fn fallocate(
+        &mut self,
+        _req: &Request<'_>,
+        ino: u64,
+        _fh: u64,
+        offset: i64,
+        length: i64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
         let sh = self.sh.clone();
         self.spawn("fallocate", async move {
             if offset < 0 || length <= 0 {
@@ -1029,8 +1336,16 @@ impl Filesystem for CfsFs {
                 let st = sh.file(ino);
                 let mut f = st.inner.lock().await;
                 sh.flush_locked(ino, &mut f).await?;
-                sh.mutate_attr(Creds::root(), Op::Fallocate { ino, offset: offset as u64, len: length as u64, mode })
-                    .await?;
+                sh.mutate_attr(
+                    Creds::root(),
+                    Op::Fallocate {
+                        ino,
+                        offset: offset as u64,
+                        len: length as u64,
+                        mode,
+                    },
+                )
+                .await?;
                 f.size = None;
                 f.ext = None;
                 Ok(())
@@ -1055,7 +1370,10 @@ impl Filesystem for CfsFs {
     ) {
         let sh = self.sh.clone();
         self.spawn("copy_file_range", async move {
-            match sh.copy_range(ino_in, offset_in, ino_out, offset_out, len).await {
+            match sh
+                .copy_range(ino_in, offset_in, ino_out, offset_out, len)
+                .await
+            {
                 Ok(n) => reply.written(n),
                 Err(e) => reply.error(e.0),
             }
@@ -1084,7 +1402,14 @@ impl Shared {
 
     /// copy_file_range by reference: the destination maps the source's
     /// stripes; no data moves.
-    async fn copy_range(&self, ino_in: Ino, off_in: i64, ino_out: Ino, off_out: i64, len: u64) -> Result<u32, Errno> {
+    async fn copy_range(
+        &self,
+        ino_in: Ino,
+        off_in: i64,
+        ino_out: Ino,
+        off_out: i64,
+        len: u64,
+    ) -> Result<u32, Errno> {
         if off_in < 0 || off_out < 0 {
             return Err(Errno::EINVAL);
         }
@@ -1103,7 +1428,18 @@ impl Shared {
         if ino_in == ino_out && off_in < off_out + n && off_out < off_in + n {
             return Err(Errno::EINVAL);
         }
-        let refs = match self.meta.call(MReq::Extents { ino: ino_in, offset: off_in, len: n }, true).await? {
+        let refs = match self
+            .meta
+            .call(
+                MReq::Extents {
+                    ino: ino_in,
+                    offset: off_in,
+                    len: n,
+                },
+                true,
+            )
+            .await?
+        {
             Reply::Extents(r) => r,
             _ => return Err(Errno::EIO),
         };
@@ -1124,13 +1460,36 @@ impl Shared {
         let st = self.file(ino_out);
         let mut f = st.inner.lock().await;
         let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
-        self.mutate(Creds::root(), Op::Fallocate { ino: ino_out, offset: off_out, len: n, mode: punch })
-            .await?;
+        self.mutate(
+            Creds::root(),
+            Op::Fallocate {
+                ino: ino_out,
+                offset: off_out,
+                len: n,
+                mode: punch,
+            },
+        )
+        .await?;
         for chunk in out.chunks(1024) {
-            self.mutate(Creds::root(), Op::Write { ino: ino_out, extents: chunk.to_vec() }).await?;
-        }
-        self.mutate(Creds::root(), Op::Fallocate { ino: ino_out, offset: off_out, len: n, mode: 0 })
+            self.mutate(
+                Creds::root(),
+                Op::Write {
+                    ino: ino_out,
+                    extents: chunk.to_vec(),
+                },
+            )
             .await?;
+        }
+        self.mutate(
+            Creds::root(),
+            Op::Fallocate {
+                ino: ino_out,
+                offset: off_out,
+                len: n,
+                mode: 0,
+            },
+        )
+        .await?;
         f.size = None;
         f.ext = None;
         debug!(ino_in, ino_out, n, "copy_file_range by reference");

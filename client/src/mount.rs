@@ -20,7 +20,10 @@ pub enum MountError {
     #[error("segment store: {0}")]
     Segments(String),
     #[error("mount {path}: {source}")]
-    Fuse { path: String, source: std::io::Error },
+    Fuse {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("runtime: {0}")]
     Runtime(std::io::Error),
 }
@@ -32,16 +35,20 @@ pub fn mount(mountpoint: &Path, opts: MountOptions) -> Result<(), MountError> {
         .thread_name("cfs-client")
         .build()
         .map_err(MountError::Runtime)?;
-    let (meta, inval_rx) = MetaClient::new(opts.servers.clone(), opts.cluster_id.clone(), opts.timeout);
+    let (meta, inval_rx) =
+        MetaClient::new(opts.servers.clone(), opts.cluster_id.clone(), opts.timeout);
     let welcome = rt.block_on(async {
         match meta.call(MReq::StatFs, false).await {
-            Ok(Reply::Stats(_)) => meta.welcome().ok_or_else(|| MountError::NoServer("no welcome".into())),
+            Ok(Reply::Stats(_)) => meta
+                .welcome()
+                .ok_or_else(|| MountError::NoServer("no welcome".into())),
             Ok(_) => Err(MountError::NoServer("unexpected reply".into())),
             Err(e) => Err(MountError::NoServer(e.to_string())),
         }
     })?;
     let data = Arc::new(
-        DataPath::new(&opts.cluster_id, &welcome.segment_servers, opts.cache_bytes).map_err(MountError::Segments)?,
+        DataPath::new(&opts.cluster_id, &welcome.segment_servers, opts.cache_bytes)
+            .map_err(MountError::Segments)?,
     );
     let fs = CfsFs::new(rt.handle().clone(), meta.clone(), data, opts.clone());
     let known = fs.known();
@@ -56,10 +63,11 @@ pub fn mount(mountpoint: &Path, opts: MountOptions) -> Result<(), MountError> {
         MountOption::RW,
         MountOption::Async,
     ];
-    let mut session = fuser::Session::new(fs, mountpoint, &options).map_err(|source| MountError::Fuse {
-        path: mountpoint.display().to_string(),
-        source,
-    })?;
+    let mut session =
+        fuser::Session::new(fs, mountpoint, &options).map_err(|source| MountError::Fuse {
+            path: mountpoint.display().to_string(),
+            source,
+        })?;
     info!(mountpoint = %mountpoint.display(), node = welcome.node_id, "mounted");
     let notifier = session.notifier();
     std::thread::Builder::new()
@@ -70,7 +78,10 @@ pub fn mount(mountpoint: &Path, opts: MountOptions) -> Result<(), MountError> {
     let mp = mountpoint.to_path_buf();
     rt.spawn(async move {
         use tokio::signal::unix::{signal, SignalKind};
-        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
             return;
         };
         tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
@@ -88,7 +99,11 @@ pub fn mount(mountpoint: &Path, opts: MountOptions) -> Result<(), MountError> {
 /// Unmounts `mountpoint` (lazily, so busy mounts go too).
 pub fn unmount(mountpoint: &Path) -> bool {
     for cmd in [("fusermount3", &["-u", "-z"][..]), ("umount", &["-l"][..])] {
-        if let Ok(s) = std::process::Command::new(cmd.0).args(cmd.1).arg(mountpoint).status() {
+        if let Ok(s) = std::process::Command::new(cmd.0)
+            .args(cmd.1)
+            .arg(mountpoint)
+            .status()
+        {
             if s.success() {
                 return true;
             }

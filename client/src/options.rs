@@ -24,7 +24,9 @@ impl std::str::FromStr for CacheMode {
             "strict" => Ok(CacheMode::Strict),
             "close-to-open" => Ok(CacheMode::CloseToOpen),
             "session" => Ok(CacheMode::Session),
-            _ => Err(format!("cache mode {s:?}: expected strict, close-to-open or session")),
+            _ => Err(format!(
+                "cache mode {s:?}: expected strict, close-to-open or session"
+            )),
         }
     }
 }

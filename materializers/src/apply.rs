@@ -115,7 +115,18 @@ fn apply_inner(t: &mut Txn<'_>, shard: u32, lop: &LoggedOp) -> R2<Applied> {
             rdev,
             target,
             excl,
-        } => create(t, shard, c, now, *parent, name, *mode, *rdev, target.as_deref(), *excl),
+        } => create(
+            t,
+            shard,
+            c,
+            now,
+            *parent,
+            name,
+            *mode,
+            *rdev,
+            target.as_deref(),
+            *excl,
+        ),
         Op::Link { ino, parent, name } => link(t, c, now, *ino, *parent, name),
         Op::Unlink { parent, name } => unlink(t, c, now, *parent, name),
         Op::Rmdir { parent, name } => rmdir(t, c, now, *parent, name),
@@ -148,7 +159,10 @@ fn apply_inner(t: &mut Txn<'_>, shard: u32, lop: &LoggedOp) -> R2<Applied> {
             owner,
             flock,
         } => {
-            for (k, v) in t.scan(&keys::lock_prefix(*ino), &keys::prefix_end(&keys::lock_prefix(*ino)))? {
+            for (k, v) in t.scan(
+                &keys::lock_prefix(*ino),
+                &keys::prefix_end(&keys::lock_prefix(*ino)),
+            )? {
                 let l: LockRange = crate::store::decode(&k, &v)?;
                 if l.client == *client && l.owner == *owner && l.flock == *flock {
                     t.delete(k);
@@ -242,7 +256,11 @@ fn drop_link(t: &mut Txn<'_>, i: &mut Inode, now: Nanos) -> R2<()> {
 }
 
 fn delete_inode(t: &mut Txn<'_>, i: &Inode) -> R2<()> {
-    for p in [keys::xattr_prefix(i.ino), keys::extent_prefix(i.ino), keys::lock_prefix(i.ino)] {
+    for p in [
+        keys::xattr_prefix(i.ino),
+        keys::extent_prefix(i.ino),
+        keys::lock_prefix(i.ino),
+    ] {
         for (k, _) in t.scan(&p, &keys::prefix_end(&p))? {
             t.delete(k);
         }
@@ -284,11 +302,15 @@ fn create(
     perm::check(&p, c, W | X)?;
     let kind = mode & libc::S_IFMT;
     match kind {
-        libc::S_IFREG | libc::S_IFDIR | libc::S_IFIFO | libc::S_IFSOCK | libc::S_IFCHR
+        libc::S_IFREG
+        | libc::S_IFDIR
+        | libc::S_IFIFO
+        | libc::S_IFSOCK
+        | libc::S_IFCHR
         | libc::S_IFBLK => {}
         libc::S_IFLNK => match target {
             None => return Err(Errno::EINVAL.into()),
-            Some(tg) if tg.is_empty() => return Err(Errno::ENOENT.into()),
+            Some([]) => return Err(Errno::ENOENT.into()),
             Some(tg) if tg.len() >= PATH_MAX => return Err(Errno::ENAMETOOLONG.into()),
             Some(_) => {}
         },
@@ -326,7 +348,11 @@ fn create(
         mtime: now,
         ctime: now,
         crtime: now,
-        rdev: if kind == libc::S_IFCHR || kind == libc::S_IFBLK { rdev } else { 0 },
+        rdev: if kind == libc::S_IFCHR || kind == libc::S_IFBLK {
+            rdev
+        } else {
+            0
+        },
         generation: n,
         allocated: 0,
         parent,
@@ -458,7 +484,11 @@ fn rename(
     }
     let mut p = dir(t, parent)?;
     let (sino, skind, scookie) = get_dentry(t, parent, name)?.ok_or(Fail::Fs(Errno::ENOENT))?;
-    let mut np = if newparent == parent { p.clone() } else { dir(t, newparent)? };
+    let mut np = if newparent == parent {
+        p.clone()
+    } else {
+        dir(t, newparent)?
+    };
     let dst = get_dentry(t, newparent, newname)?;
     let mut s = inode(t, sino)?;
     perm::check(&p, c, W | X)?;
@@ -594,9 +624,7 @@ fn setattr(t: &mut Txn<'_>, c: &Creds, now: Nanos, ino: Ino, set: &SetAttr) -> R
     for ts in [set.atime, set.mtime].into_iter().flatten() {
         match ts {
             TimeSet::At(_) if !owner => return Err(Errno::EPERM.into()),
-            TimeSet::Now if !owner && !perm::allowed(&i, c, W) => {
-                return Err(Errno::EACCES.into())
-            }
+            TimeSet::Now if !owner && !perm::allowed(&i, c, W) => return Err(Errno::EACCES.into()),
             _ => {}
         }
     }
@@ -784,7 +812,9 @@ fn write(t: &mut Txn<'_>, c: &Creds, now: Nanos, ino: Ino, extents: &[ExtentRef]
         if e.len == 0
             || e.len > EXTENT_LEN_MAX
             || e.skip.saturating_add(e.len) > e.extent.data_len as u64
-            || e.offset.checked_add(e.len).is_none_or(|end| end > FILE_SIZE_MAX)
+            || e.offset
+                .checked_add(e.len)
+                .is_none_or(|end| end > FILE_SIZE_MAX)
         {
             return Err(Errno::EINVAL.into());
         }
@@ -807,7 +837,14 @@ fn write(t: &mut Txn<'_>, c: &Creds, now: Nanos, ino: Ino, extents: &[ExtentRef]
     Ok(Applied::Attr(i))
 }
 
-fn fallocate(t: &mut Txn<'_>, now: Nanos, ino: Ino, offset: u64, len: u64, mode: i32) -> R2<Applied> {
+fn fallocate(
+    t: &mut Txn<'_>,
+    now: Nanos,
+    ino: Ino,
+    offset: u64,
+    len: u64,
+    mode: i32,
+) -> R2<Applied> {
     let mut i = inode(t, ino)?;
     if i.is_dir() {
         return Err(Errno::EISDIR.into());
@@ -818,7 +855,10 @@ fn fallocate(t: &mut Txn<'_>, now: Nanos, ino: Ino, offset: u64, len: u64, mode:
     if len == 0 {
         return Err(Errno::EINVAL.into());
     }
-    let end = offset.checked_add(len).filter(|e| *e <= FILE_SIZE_MAX).ok_or(Fail::Fs(Errno::EFBIG))?;
+    let end = offset
+        .checked_add(len)
+        .filter(|e| *e <= FILE_SIZE_MAX)
+        .ok_or(Fail::Fs(Errno::EFBIG))?;
     let keep = mode & libc::FALLOC_FL_KEEP_SIZE != 0;
     match mode & !libc::FALLOC_FL_KEEP_SIZE {
         0 => {}
@@ -881,14 +921,20 @@ fn set_lock(t: &mut Txn<'_>, ino: Ino, l: &LockRange) -> R2<Applied> {
                 end: l.start,
                 ..h.clone()
             };
-            t.put(keys::lock(ino, head.flock, head.client, head.owner, head.start), &head);
+            t.put(
+                keys::lock(ino, head.flock, head.client, head.owner, head.start),
+                &head,
+            );
         }
         if h.end > l.end {
             let tail = LockRange {
                 start: l.end,
                 ..h.clone()
             };
-            t.put(keys::lock(ino, tail.flock, tail.client, tail.owner, tail.start), &tail);
+            t.put(
+                keys::lock(ino, tail.flock, tail.client, tail.owner, tail.start),
+                &tail,
+            );
         }
     }
     if l.typ != libc::F_UNLCK {

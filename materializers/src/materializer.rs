@@ -122,6 +122,9 @@ fn changes(op: &LoggedOp, r: &Applied) -> Change {
     ch
 }
 
+/// The outcome of one entry, for whoever proposed it.
+pub type Outcome = (RequestId, ApplyResult);
+
 /// Applies `entries` (starting at the database's applied position) in one
 /// batch. Returns each entry's request id and outcome (namespace entries
 /// only) and the changes.
@@ -129,7 +132,7 @@ pub fn apply_batch(
     db: &NamespaceDb,
     shard: u32,
     entries: &[(Position, Entry)],
-) -> Result<(Vec<(RequestId, ApplyResult)>, Vec<Change>), DbError> {
+) -> Result<(Vec<Outcome>, Vec<Change>), DbError> {
     let mut txn = Txn::new(db);
     ensure_root(&mut txn, shard)?;
     let mut results = Vec::new();
@@ -141,7 +144,8 @@ pub fn apply_batch(
         if e.kind.0 != KIND_NAMESPACE {
             continue;
         }
-        let r = match cfs_frame::decode_body::<LoggedOp>(&e.payload, crate::ops::MESSAGE_BYTES_MAX) {
+        let r = match cfs_frame::decode_body::<LoggedOp>(&e.payload, crate::ops::MESSAGE_BYTES_MAX)
+        {
             Ok(op) => {
                 let r = apply(&mut txn, shard, &op)?;
                 if let Ok(a) = &r {
@@ -183,7 +187,11 @@ pub async fn run_shard(
 ) -> Result<(), MaterializeError> {
     let mut last_sync = Instant::now();
     let mut unsynced = false;
-    info!(shard, from = sub.position(), "namespace materializer started");
+    info!(
+        shard,
+        from = sub.position(),
+        "namespace materializer started"
+    );
     loop {
         let batch = tokio::select! {
             b = sub.next_batch(BATCH_ENTRIES_MAX) => b,
@@ -200,7 +208,8 @@ pub async fn run_shard(
         if let Some((last, _)) = batch.last() {
             let last = *last;
             let (results, chs) = {
-                let _s = tracing::debug_span!("apply_batch", shard, entries = batch.len()).entered();
+                let _s =
+                    tracing::debug_span!("apply_batch", shard, entries = batch.len()).entered();
                 apply_batch(&db, shard, &batch)?
             };
             applied.send_replace(last + 1);

@@ -218,10 +218,16 @@ pub enum Reply {
 /// Messages from a node to a client.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum ServerMsg {
-    Reply { id: u64, result: Result<Reply, Errno> },
+    Reply {
+        id: u64,
+        result: Result<Reply, Errno>,
+    },
     /// Another client changed this inode (attributes or data) or this
     /// directory entry: drop cached copies.
-    Invalidate { ino: Ino, entry: Option<(Ino, Vec<u8>)> },
+    Invalidate {
+        ino: Ino,
+        entry: Option<(Ino, Vec<u8>)>,
+    },
 }
 
 /// Largest metadata message (a 4 MiB log entry bounds mutations anyway).

@@ -23,6 +23,9 @@ pub enum DbError {
     Corrupt { key: Vec<u8>, reason: String },
 }
 
+/// A raw key and value.
+pub type KeyValue = (Vec<u8>, Vec<u8>);
+
 /// Values larger than this in the namespace are corruption.
 const VALUE_BYTES_MAX: usize = 16 << 20;
 
@@ -57,10 +60,11 @@ impl NamespaceDb {
     /// Opens a database another process may have open (for inspection).
     pub fn open_read_only(path: &Path) -> Result<Self, DbError> {
         let o = rocksdb::Options::default();
-        let db = rocksdb::DB::open_for_read_only(&o, path, false).map_err(|source| DbError::Open {
-            path: path.display().to_string(),
-            source,
-        })?;
+        let db =
+            rocksdb::DB::open_for_read_only(&o, path, false).map_err(|source| DbError::Open {
+                path: path.display().to_string(),
+                source,
+            })?;
         Ok(NamespaceDb { db })
     }
 
@@ -76,12 +80,7 @@ impl NamespaceDb {
     }
 
     /// Keys in `[start, end)`, at most `limit`.
-    pub fn scan(
-        &self,
-        start: &[u8],
-        end: &[u8],
-        limit: usize,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, DbError> {
+    pub fn scan(&self, start: &[u8], end: &[u8], limit: usize) -> Result<Vec<KeyValue>, DbError> {
         let mut ro = rocksdb::ReadOptions::default();
         ro.set_iterate_upper_bound(end.to_vec());
         let it = self.db.iterator_opt(
@@ -127,7 +126,7 @@ impl NamespaceDb {
     }
 
     /// Every key/value, in order (for comparing two namespaces).
-    pub fn dump(&self) -> Result<Vec<(Vec<u8>, Vec<u8>)>, DbError> {
+    pub fn dump(&self) -> Result<Vec<KeyValue>, DbError> {
         let mut out = Vec::new();
         for kv in self.db.iterator(rocksdb::IteratorMode::Start) {
             let (k, v) = kv?;
@@ -181,7 +180,7 @@ impl<'a> Txn<'a> {
     }
 
     /// Live keys in `[start, end)`, merging the overlay over the database.
-    pub fn scan(&self, start: &[u8], end: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, DbError> {
+    pub fn scan(&self, start: &[u8], end: &[u8]) -> Result<Vec<KeyValue>, DbError> {
         let mut m: BTreeMap<Vec<u8>, Option<Vec<u8>>> = self
             .db
             .scan(start, end, usize::MAX)?
@@ -193,7 +192,9 @@ impl<'a> Txn<'a> {
                 m.insert(k.clone(), v.clone());
             }
         }
-        Ok(m.into_iter().filter_map(|(k, v)| v.map(|v| (k, v))).collect())
+        Ok(m.into_iter()
+            .filter_map(|(k, v)| v.map(|v| (k, v)))
+            .collect())
     }
 
     /// The entry succeeded: keep its changes.

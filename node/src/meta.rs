@@ -106,9 +106,9 @@ impl MetaService {
             tokio::spawn(async move {
                 if let Err(e) = materializer::run_shard(db2, shard, sub, w2, tx, ch2).await {
                     tracing::error!(shard, "namespace materializer failed: {e}");
-                    f2.lock()
-                        .expect("failed lock")
-                        .push(format!("namespace materializer of shard {shard} stopped: {e}"));
+                    f2.lock().expect("failed lock").push(format!(
+                        "namespace materializer of shard {shard} stopped: {e}"
+                    ));
                 }
             });
         }
@@ -141,7 +141,8 @@ impl MetaService {
                         let _ = sock.set_nodelay(true);
                         let inner = s2.inner.clone();
                         tokio::spawn(
-                            serve_conn(inner, sock).instrument(tracing::info_span!("meta_session", %peer)),
+                            serve_conn(inner, sock)
+                                .instrument(tracing::info_span!("meta_session", %peer)),
                         );
                     }
                     Err(e) => {
@@ -161,7 +162,12 @@ impl MetaService {
 
     /// Applied position of each shard.
     pub fn applied(&self) -> Vec<(u32, u64)> {
-        let mut v: Vec<_> = self.inner.applied.iter().map(|(s, r)| (*s, *r.borrow())).collect();
+        let mut v: Vec<_> = self
+            .inner
+            .applied
+            .iter()
+            .map(|(s, r)| (*s, *r.borrow()))
+            .collect();
         v.sort_unstable();
         v
     }
@@ -170,13 +176,32 @@ impl MetaService {
         let c = &self.inner.counters;
         let mut s = String::new();
         for (name, help, v) in [
-            ("cfs_meta_mutations_total", "Namespace mutations proposed", &c.mutations),
+            (
+                "cfs_meta_mutations_total",
+                "Namespace mutations proposed",
+                &c.mutations,
+            ),
             ("cfs_meta_reads_total", "Namespace reads served", &c.reads),
-            ("cfs_meta_barriers_total", "Read barriers passed for fresh reads", &c.barriers),
-            ("cfs_meta_errors_total", "Requests answered with an I/O error", &c.errors),
-            ("cfs_meta_sessions_total", "Client sessions accepted", &c.sessions),
+            (
+                "cfs_meta_barriers_total",
+                "Read barriers passed for fresh reads",
+                &c.barriers,
+            ),
+            (
+                "cfs_meta_errors_total",
+                "Requests answered with an I/O error",
+                &c.errors,
+            ),
+            (
+                "cfs_meta_sessions_total",
+                "Client sessions accepted",
+                &c.sessions,
+            ),
         ] {
-            s += &format!("# HELP {name} {help}\n# TYPE {name} counter\n{name} {}\n", v.load(Ordering::Relaxed));
+            s += &format!(
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}\n",
+                v.load(Ordering::Relaxed)
+            );
         }
         s += "# HELP cfs_meta_applied_position Next log position the namespace materializer applies\n# TYPE cfs_meta_applied_position gauge\n";
         for (shard, p) in self.applied() {
@@ -202,12 +227,22 @@ async fn serve_conn(inner: Arc<Inner>, sock: TcpStream) {
         Ok(body) => match cfs_frame::decode_body::<RequestFrame>(&body, MESSAGE_BYTES_MAX) {
             Ok(RequestFrame {
                 id,
-                req: Request::Hello { cluster_id, client_id },
+                req:
+                    Request::Hello {
+                        cluster_id,
+                        client_id,
+                    },
                 ..
             }) => {
                 if cluster_id != inner.cluster_id {
                     warn!(%cluster_id, "client of another cluster refused");
-                    send(&tx, ServerMsg::Reply { id, result: Err(Errno::EPERM) });
+                    send(
+                        &tx,
+                        ServerMsg::Reply {
+                            id,
+                            result: Err(Errno::EPERM),
+                        },
+                    );
                     return;
                 }
                 send(
@@ -238,7 +273,10 @@ async fn serve_conn(inner: Arc<Inner>, sock: TcpStream) {
         }
     };
     inner.counters.sessions.fetch_add(1, Ordering::Relaxed);
-    info!(client = format_args!("{client:016x}"), "client session started");
+    info!(
+        client = format_args!("{client:016x}"),
+        "client session started"
+    );
     let mut changes = inner.changes.subscribe();
     let tx2 = tx.clone();
     let forward = tokio::spawn(async move {
@@ -252,14 +290,26 @@ async fn serve_conn(inner: Arc<Inner>, sock: TcpStream) {
                         }
                     }
                     for (parent, name) in c.entries {
-                        if !send(&tx2, ServerMsg::Invalidate { ino: parent, entry: Some((parent, name)) }) {
+                        if !send(
+                            &tx2,
+                            ServerMsg::Invalidate {
+                                ino: parent,
+                                entry: Some((parent, name)),
+                            },
+                        ) {
                             return;
                         }
                     }
                 }
                 Err(broadcast::error::RecvError::Lagged(_)) => {
                     // Missed some: tell the client to drop everything.
-                    if !send(&tx2, ServerMsg::Invalidate { ino: 0, entry: None }) {
+                    if !send(
+                        &tx2,
+                        ServerMsg::Invalidate {
+                            ino: 0,
+                            entry: None,
+                        },
+                    ) {
                         return;
                     }
                 }
@@ -294,7 +344,10 @@ async fn serve_conn(inner: Arc<Inner>, sock: TcpStream) {
         });
     }
     forward.abort();
-    info!(client = format_args!("{client:016x}"), "client session ended");
+    info!(
+        client = format_args!("{client:016x}"),
+        "client session ended"
+    );
 }
 
 fn now_ns() -> Nanos {
@@ -411,7 +464,9 @@ async fn handle(inner: &Inner, client: u64, f: RequestFrame) -> Result<Reply, Er
     let ino = match &f.req {
         Request::Hello { .. } => return Err(Errno::EINVAL),
         Request::Mutate { op_id, creds, op } => {
-            return inner.mutate(client, *op_id, creds.clone(), op.clone()).await
+            return inner
+                .mutate(client, *op_id, creds.clone(), op.clone())
+                .await
         }
         Request::StatFs => return inner.statfs().map(Reply::Stats),
         Request::Lookup { parent, .. } => *parent,
@@ -440,7 +495,9 @@ async fn handle(inner: &Inner, client: u64, f: RequestFrame) -> Result<Reply, Er
         Request::ListXattr { ino } => db.listxattr(ino).map(Reply::Names),
         Request::Extents { ino, offset, len } => db.extents(ino, offset, len).map(Reply::Extents),
         Request::GetLock { ino, lock } => db.get_lock(ino, &lock).map(Reply::Lock),
-        Request::Hello { .. } | Request::Mutate { .. } | Request::StatFs => unreachable!("handled above"),
+        Request::Hello { .. } | Request::Mutate { .. } | Request::StatFs => {
+            unreachable!("handled above")
+        }
     };
     r.map_err(read_err)
 }

@@ -66,10 +66,17 @@ pub fn start_mount(dir: &Path, mnt: &Path, extra: &[String]) -> anyhow::Result<(
     let deadline = Instant::now() + Duration::from_secs(30);
     while !is_mounted(&mnt) {
         if let Ok(Some(st)) = child.try_wait() {
-            bail!("cfs mount exited with {st}; see {}", md.join("mount.log").display());
+            bail!(
+                "cfs mount exited with {st}; see {}",
+                md.join("mount.log").display()
+            );
         }
         if Instant::now() > deadline {
-            bail!("{} did not appear within 30 s; see {}", mnt.display(), md.join("mount.log").display());
+            bail!(
+                "{} did not appear within 30 s; see {}",
+                mnt.display(),
+                md.join("mount.log").display()
+            );
         }
         std::thread::sleep(Duration::from_millis(50));
     }

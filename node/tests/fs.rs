@@ -54,16 +54,20 @@ impl Drop for Mount {
 
 fn run_cfs(args: &[&str]) -> String {
     let out = Command::new(cfs()).args(args).output().expect("run cfs");
-    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "cfs {args:?} failed:\n{text}");
     text
 }
 
 fn pjdfstest_bin() -> Option<PathBuf> {
     let home = std::env::var("HOME").unwrap_or_default();
-    [PathBuf::from(&home).join(".cargo/bin/pjdfstest"), PathBuf::from("/usr/local/bin/pjdfstest")]
-        .into_iter()
-        .find(|p| p.exists())
+    [
+        PathBuf::from(&home).join(".cargo/bin/pjdfstest"),
+        PathBuf::from("/usr/local/bin/pjdfstest"),
+    ]
+    .into_iter()
+    .find(|p| p.exists())
 }
 
 /// Waits until every node's materializer applied the same positions.
@@ -82,13 +86,22 @@ fn wait_applied_equal(c: &Cluster) {
         if views.iter().all(|v| v == &views[0]) && views[0] != "null" {
             return;
         }
-        assert!(Instant::now() < until, "applied positions never converged: {views:?}");
+        assert!(
+            Instant::now() < until,
+            "applied positions never converged: {views:?}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }
 
 fn dump(c: &Cluster, node: u64) -> String {
-    run_cfs(&["ns-dump", "--dir", c.dir.to_str().expect("utf8"), "--node", &node.to_string()])
+    run_cfs(&[
+        "ns-dump",
+        "--dir",
+        c.dir.to_str().expect("utf8"),
+        "--node",
+        &node.to_string(),
+    ])
 }
 
 #[test]
@@ -121,10 +134,18 @@ fn posix_suite_integrity_and_replay() {
         .current_dir(&c.dir)
         .output()
         .expect("pjdfstest");
-    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    let summary = text.lines().find(|l| l.starts_with("Summary:")).unwrap_or("no summary").to_string();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    let summary = text
+        .lines()
+        .find(|l| l.starts_with("Summary:"))
+        .unwrap_or("no summary")
+        .to_string();
     eprintln!("pjdfstest: {summary}");
-    assert!(summary.contains(" 0 failed,"), "pjdfstest failures:\n{text}");
+    assert!(
+        summary.contains(" 0 failed,"),
+        "pjdfstest failures:\n{text}"
+    );
     assert!(summary.contains(" 0 expected failures"), "{summary}");
     for l in text.lines().filter(|l| l.trim_end().ends_with("skipped")) {
         let name = l.split_whitespace().next().unwrap_or("");
@@ -137,16 +158,38 @@ fn posix_suite_integrity_and_replay() {
     // fsx-style integrity, two seeds.
     let f = m.path.join("fsx.bin");
     for seed in ["11", "12"] {
-        run_cfs(&["fsx", f.to_str().unwrap(), "--seed", seed, "--ops", "1500", "--max-size", "2000000", "--max-op", "200000"]);
+        run_cfs(&[
+            "fsx",
+            f.to_str().unwrap(),
+            "--seed",
+            seed,
+            "--ops",
+            "1500",
+            "--max-size",
+            "2000000",
+            "--max-op",
+            "200000",
+        ]);
     }
     // Differential against a local directory.
     let local = c.dir.join("diff-local");
-    run_cfs(&["difftest", m.path.join("diff").to_str().unwrap(), local.to_str().unwrap(), "--ops", "800", "--runs", "3"]);
+    run_cfs(&[
+        "difftest",
+        m.path.join("diff").to_str().unwrap(),
+        local.to_str().unwrap(),
+        "--ops",
+        "800",
+        "--runs",
+        "3",
+    ]);
 
     // Every replica materialized the same namespace.
     wait_applied_equal(&c);
     let d1 = dump(&c, 1);
-    assert!(d1.lines().count() > 100, "namespace too small to be meaningful");
+    assert!(
+        d1.lines().count() > 100,
+        "namespace too small to be meaningful"
+    );
     assert_eq!(d1, dump(&c, 2), "node 2's namespace differs from node 1's");
     assert_eq!(d1, dump(&c, 3), "node 3's namespace differs from node 1's");
 
@@ -178,7 +221,9 @@ fn write_files(dir: &Path, from: usize, n: usize, acked: &std::sync::Mutex<Vec<u
 }
 
 fn content(i: usize) -> Vec<u8> {
-    (0..(4096 + i * 37 % 70_000)).map(|j| (i * 7 + j) as u8).collect()
+    (0..(4096 + i * 37 % 70_000))
+        .map(|j| (i * 7 + j) as u8)
+        .collect()
 }
 
 #[test]
@@ -201,9 +246,17 @@ fn kill_a_node_during_writes() {
         eprintln!("first write after kill -9 took {:?}", killed.elapsed());
     });
     let acked = acked.into_inner().unwrap();
-    assert!(acked.len() >= 350, "only {} of 400 writes succeeded", acked.len());
+    assert!(
+        acked.len() >= 350,
+        "only {} of 400 writes succeeded",
+        acked.len()
+    );
     for i in &acked {
-        assert_eq!(std::fs::read(dir.join(format!("f{i}"))).unwrap(), content(*i), "fsync'd file f{i} lost or wrong");
+        assert_eq!(
+            std::fs::read(dir.join(format!("f{i}"))).unwrap(),
+            content(*i),
+            "fsync'd file f{i} lost or wrong"
+        );
     }
     // The killed node restarts and catches up.
     cluster::start_node(&c.dir, 1, &common::bin()).unwrap();
@@ -235,14 +288,28 @@ fn two_mounts_see_each_other() {
     std::fs::rename(a.path.join("shared"), a.path.join("dir/moved")).unwrap();
     let until = Instant::now() + Duration::from_secs(3);
     while b.path.join("shared").exists() {
-        assert!(Instant::now() < until, "rename not visible on the other mount");
+        assert!(
+            Instant::now() < until,
+            "rename not visible on the other mount"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
-    assert_eq!(std::fs::read(b.path.join("dir/moved")).unwrap(), b"short now");
+    assert_eq!(
+        std::fs::read(b.path.join("dir/moved")).unwrap(),
+        b"short now"
+    );
     // POSIX locks hold across mounts.
     use std::os::unix::io::AsRawFd;
-    let fa = std::fs::OpenOptions::new().read(true).write(true).open(a.path.join("dir/moved")).unwrap();
-    let fb = std::fs::OpenOptions::new().read(true).write(true).open(b.path.join("dir/moved")).unwrap();
+    let fa = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(a.path.join("dir/moved"))
+        .unwrap();
+    let fb = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(b.path.join("dir/moved"))
+        .unwrap();
     let lock = |fd: i32, typ: i32| {
         let mut fl: libc::flock = unsafe { std::mem::zeroed() };
         fl.l_type = typ as i16;
@@ -251,9 +318,17 @@ fn two_mounts_see_each_other() {
         unsafe { libc::fcntl(fd, libc::F_SETLK, &fl) }
     };
     assert_eq!(lock(fa.as_raw_fd(), libc::F_WRLCK), 0, "first lock");
-    assert_eq!(lock(fb.as_raw_fd(), libc::F_WRLCK), -1, "conflicting lock on the other mount must fail");
+    assert_eq!(
+        lock(fb.as_raw_fd(), libc::F_WRLCK),
+        -1,
+        "conflicting lock on the other mount must fail"
+    );
     drop(fa);
-    assert_eq!(lock(fb.as_raw_fd(), libc::F_WRLCK), 0, "lock after the holder closed");
+    assert_eq!(
+        lock(fb.as_raw_fd(), libc::F_WRLCK),
+        0,
+        "lock after the holder closed"
+    );
 }
 
 #[test]
@@ -277,5 +352,9 @@ fn bad_input_and_unreachable_servers() {
         matches!(e.raw_os_error(), Some(libc::EIO) | Some(libc::ENOTCONN)),
         "unexpected error {e}"
     );
-    assert!(t.elapsed() < Duration::from_secs(15), "took {:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_secs(15),
+        "took {:?}",
+        t.elapsed()
+    );
 }

@@ -207,7 +207,9 @@ fn mount_cmd(a: MountArgs) -> anyhow::Result<()> {
         }
         None => (
             a.servers.clone(),
-            a.cluster_id.clone().context("--cluster-id is needed with --servers")?,
+            a.cluster_id
+                .clone()
+                .context("--cluster-id is needed with --servers")?,
         ),
     };
     if servers.is_empty() {
@@ -454,7 +456,13 @@ fn main() -> anyhow::Result<()> {
                 }
             }
         }
-        Cmd::Difftest { a, b, seed, ops, runs } => {
+        Cmd::Difftest {
+            a,
+            b,
+            seed,
+            ops,
+            runs,
+        } => {
             for s in seed..seed + runs {
                 cfs_node::fstest::difftest::run(&a, &b, s, ops)?;
                 println!("difftest: seed {s}: {ops} ops, same results and trees");

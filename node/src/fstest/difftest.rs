@@ -26,7 +26,9 @@ fn rel_path(rng: &mut Rng) -> PathBuf {
 
 fn errno_of(e: &std::io::Error) -> String {
     match e.raw_os_error() {
-        Some(n) => format!("err:{}", std::io::Error::from_raw_os_error(n).kind()) + &format!("({n})"),
+        Some(n) => {
+            format!("err:{}", std::io::Error::from_raw_os_error(n).kind()) + &format!("({n})")
+        }
         None => format!("err:{e}"),
     }
 }
@@ -45,7 +47,15 @@ fn cstr(p: &Path) -> CString {
 fn renameat2(a: &Path, b: &Path, flags: u32) -> std::io::Result<()> {
     let (ca, cb) = (cstr(a), cstr(b));
     // SAFETY: renameat2(2) with valid NUL-terminated paths.
-    let r = unsafe { libc::renameat2(libc::AT_FDCWD, ca.as_ptr(), libc::AT_FDCWD, cb.as_ptr(), flags) };
+    let r = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            ca.as_ptr(),
+            libc::AT_FDCWD,
+            cb.as_ptr(),
+            flags,
+        )
+    };
     if r == 0 {
         Ok(())
     } else {
@@ -56,35 +66,75 @@ fn renameat2(a: &Path, b: &Path, flags: u32) -> std::io::Result<()> {
 fn stat_summary(p: &Path) -> std::io::Result<String> {
     let m = std::fs::symlink_metadata(p)?;
     let size = if m.is_dir() { 0 } else { m.len() };
-    Ok(format!("mode={:o} size={size} nlink={}", m.mode(), if m.is_dir() { 0 } else { m.nlink() }))
+    Ok(format!(
+        "mode={:o} size={size} nlink={}",
+        m.mode(),
+        if m.is_dir() { 0 } else { m.nlink() }
+    ))
 }
 
 /// One random operation applied under `root`; returns its outcome.
 fn step(root: &Path, op: u64, rng: &mut Rng) -> (String, String) {
     let p = root.join(rel_path(rng));
     let q = root.join(rel_path(rng));
-    let data: Vec<u8> = (0..rng.below(20_000)).map(|i| (i as u8) ^ (op as u8)).collect();
+    let data: Vec<u8> = (0..rng.below(20_000))
+        .map(|i| (i as u8) ^ (op as u8))
+        .collect();
     let r = match rng.below(17) {
         0 => ("mkdir", res(std::fs::create_dir(&p))),
         1 => ("rmdir", res(std::fs::remove_dir(&p))),
-        2 => ("create_excl", res(std::fs::OpenOptions::new().write(true).create_new(true).open(&p).map(|_| ()))),
+        2 => (
+            "create_excl",
+            res(std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&p)
+                .map(|_| ())),
+        ),
         3 => ("write_trunc", res(std::fs::write(&p, &data))),
         4 => (
             "append",
-            res(std::fs::OpenOptions::new().append(true).open(&p).and_then(|mut f| {
-                use std::io::Write;
-                f.write_all(&data)
-            })),
+            res(std::fs::OpenOptions::new()
+                .append(true)
+                .open(&p)
+                .and_then(|mut f| {
+                    use std::io::Write;
+                    f.write_all(&data)
+                })),
         ),
         5 => ("unlink", res(std::fs::remove_file(&p))),
         6 => ("rename", res(std::fs::rename(&p, &q))),
-        7 => ("rename_noreplace", res(renameat2(&p, &q, libc::RENAME_NOREPLACE))),
-        8 => ("rename_exchange", res(renameat2(&p, &q, libc::RENAME_EXCHANGE))),
+        7 => (
+            "rename_noreplace",
+            res(renameat2(&p, &q, libc::RENAME_NOREPLACE)),
+        ),
+        8 => (
+            "rename_exchange",
+            res(renameat2(&p, &q, libc::RENAME_EXCHANGE)),
+        ),
         9 => ("link", res(std::fs::hard_link(&p, &q))),
-        10 => ("symlink", res(std::os::unix::fs::symlink(NAMES[rng.below(4) as usize], &p))),
-        11 => ("readlink", res(std::fs::read_link(&p).map(|t| t.as_os_str().as_bytes().to_vec()))),
-        12 => ("truncate", res(std::fs::OpenOptions::new().write(true).open(&p).and_then(|f| f.set_len(rng.below(30_000))))),
-        13 => ("chmod", res(std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600 + rng.below(0o177) as u32)))),
+        10 => (
+            "symlink",
+            res(std::os::unix::fs::symlink(NAMES[rng.below(4) as usize], &p)),
+        ),
+        11 => (
+            "readlink",
+            res(std::fs::read_link(&p).map(|t| t.as_os_str().as_bytes().to_vec())),
+        ),
+        12 => (
+            "truncate",
+            res(std::fs::OpenOptions::new()
+                .write(true)
+                .open(&p)
+                .and_then(|f| f.set_len(rng.below(30_000)))),
+        ),
+        13 => (
+            "chmod",
+            res(std::fs::set_permissions(
+                &p,
+                std::fs::Permissions::from_mode(0o600 + rng.below(0o177) as u32),
+            )),
+        ),
         14 => ("stat", res(stat_summary(&p))),
         15 => (
             "readdir",
@@ -97,9 +147,15 @@ fn step(root: &Path, op: u64, rng: &mut Rng) -> (String, String) {
                 Ok(v)
             })),
         ),
-        _ => ("read", res(std::fs::read(&p).map(|d| (d.len(), blake3::hash(&d).to_hex().to_string())))),
+        _ => (
+            "read",
+            res(std::fs::read(&p).map(|d| (d.len(), blake3::hash(&d).to_hex().to_string()))),
+        ),
     };
-    (format!("{} {}", r.0, p.strip_prefix(root).unwrap_or(&p).display()), r.1)
+    (
+        format!("{} {}", r.0, p.strip_prefix(root).unwrap_or(&p).display()),
+        r.1,
+    )
 }
 
 /// Every entry under `root`: relative path → type, mode, size, content.
@@ -119,7 +175,13 @@ pub fn tree(root: &Path) -> anyhow::Result<BTreeMap<PathBuf, String>> {
                 format!("symlink -> {}", std::fs::read_link(&p)?.display())
             } else {
                 let d = std::fs::read(&p)?;
-                format!("file {:o} nlink={} {} {}", m.mode(), m.nlink(), d.len(), blake3::hash(&d).to_hex())
+                format!(
+                    "file {:o} nlink={} {} {}",
+                    m.mode(),
+                    m.nlink(),
+                    d.len(),
+                    blake3::hash(&d).to_hex()
+                )
             };
             out.insert(rel, desc);
         }
@@ -139,14 +201,23 @@ pub fn run(a: &Path, b: &Path, seed: u64, ops: u64) -> anyhow::Result<u64> {
         let (what_a, out_a) = step(a, i, &mut ra);
         let (_, out_b) = step(b, i, &mut rb);
         if out_a != out_b {
-            bail!("op {i} (seed {seed}) `{what_a}`: {} gave {out_a}, {} gave {out_b}", a.display(), b.display());
+            bail!(
+                "op {i} (seed {seed}) `{what_a}`: {} gave {out_a}, {} gave {out_b}",
+                a.display(),
+                b.display()
+            );
         }
     }
     let (ta, tb) = (tree(a)?, tree(b)?);
     if ta != tb {
         for k in ta.keys().chain(tb.keys()) {
             if ta.get(k) != tb.get(k) {
-                bail!("final trees differ at {}: {:?} vs {:?} (seed {seed})", k.display(), ta.get(k), tb.get(k));
+                bail!(
+                    "final trees differ at {}: {:?} vs {:?} (seed {seed})",
+                    k.display(),
+                    ta.get(k),
+                    tb.get(k)
+                );
             }
         }
     }

@@ -94,20 +94,35 @@ pub fn run(path: &Path, cfg: &FsxConfig) -> anyhow::Result<FsxReport> {
             }
             30..=54 => {
                 let off = rng.below(size + 1);
-                FsxOp::Read { off, len: 1 + rng.below(cfg.max_op) }
+                FsxOp::Read {
+                    off,
+                    len: 1 + rng.below(cfg.max_op),
+                }
             }
-            55..=61 => FsxOp::Truncate { size: rng.below(cfg.max_size) },
+            55..=61 => FsxOp::Truncate {
+                size: rng.below(cfg.max_size),
+            },
             62..=66 => {
                 let off = rng.below(cfg.max_size);
-                FsxOp::Fallocate { off, len: 1 + rng.below(cfg.max_op.min(cfg.max_size - off)), keep: rng.below(2) == 0 }
+                FsxOp::Fallocate {
+                    off,
+                    len: 1 + rng.below(cfg.max_op.min(cfg.max_size - off)),
+                    keep: rng.below(2) == 0,
+                }
             }
             67..=72 => {
                 let off = rng.below(size + 1);
-                FsxOp::Punch { off, len: 1 + rng.below(cfg.max_op) }
+                FsxOp::Punch {
+                    off,
+                    len: 1 + rng.below(cfg.max_op),
+                }
             }
             73..=82 => {
                 let off = rng.below(size + 1);
-                FsxOp::MmapRead { off, len: 1 + rng.below(cfg.max_op) }
+                FsxOp::MmapRead {
+                    off,
+                    len: 1 + rng.below(cfg.max_op),
+                }
             }
             83..=89 => {
                 let len = 1 + rng.below(cfg.max_op / 2);
@@ -137,21 +152,38 @@ pub fn run(path: &Path, cfg: &FsxConfig) -> anyhow::Result<FsxReport> {
     let f = open(path)?;
     let len = f.metadata()?.len();
     if len != model.len() as u64 {
-        bail!("final size {len}, expected {} (seed {})", model.len(), cfg.seed);
+        bail!(
+            "final size {len}, expected {} (seed {})",
+            model.len(),
+            cfg.seed
+        );
     }
     let mut buf = vec![0u8; model.len()];
     f.read_exact_at(&mut buf, 0)?;
     check(&model, &buf, 0, "final read")?;
     checked += buf.len() as u64;
-    Ok(FsxReport { ops: n, bytes_checked: checked, elapsed: start.elapsed() })
+    Ok(FsxReport {
+        ops: n,
+        bytes_checked: checked,
+        elapsed: start.elapsed(),
+    })
 }
 
-fn apply(f: &mut File, path: &Path, model: &mut Vec<u8>, op: &FsxOp, stamp: &mut u8, checked: &mut u64) -> anyhow::Result<()> {
+fn apply(
+    f: &mut File,
+    path: &Path,
+    model: &mut Vec<u8>,
+    op: &FsxOp,
+    stamp: &mut u8,
+    checked: &mut u64,
+) -> anyhow::Result<()> {
     let size = model.len() as u64;
     match *op {
         FsxOp::Write { off, len } => {
             *stamp = stamp.wrapping_add(1).max(1);
-            let data: Vec<u8> = (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(*stamp)).collect();
+            let data: Vec<u8> = (0..len)
+                .map(|i| (i as u8).wrapping_mul(31).wrapping_add(*stamp))
+                .collect();
             f.write_all_at(&data, off).context("pwrite")?;
             let end = (off + len) as usize;
             if model.len() < end {
@@ -209,11 +241,21 @@ fn apply(f: &mut File, path: &Path, model: &mut Vec<u8>, op: &FsxOp, stamp: &mut
             // SAFETY: a private read-only mapping of an open file, within
             // its size; unmapped before return.
             unsafe {
-                let p = libc::mmap(std::ptr::null_mut(), maplen, libc::PROT_READ, libc::MAP_SHARED, f.as_raw_fd(), base as i64);
+                let p = libc::mmap(
+                    std::ptr::null_mut(),
+                    maplen,
+                    libc::PROT_READ,
+                    libc::MAP_SHARED,
+                    f.as_raw_fd(),
+                    base as i64,
+                );
                 if p == libc::MAP_FAILED {
                     bail!("mmap: {}", std::io::Error::last_os_error());
                 }
-                let s = std::slice::from_raw_parts((p as *const u8).add((off - base) as usize), n as usize);
+                let s = std::slice::from_raw_parts(
+                    (p as *const u8).add((off - base) as usize),
+                    n as usize,
+                );
                 let r = check(model, s, off, "mmap read");
                 libc::munmap(p, maplen);
                 r?;
@@ -231,7 +273,14 @@ fn apply(f: &mut File, path: &Path, model: &mut Vec<u8>, op: &FsxOp, stamp: &mut
                 // SAFETY: copy_file_range(2) between ranges of one open file
                 // that do not overlap.
                 let r = unsafe {
-                    libc::copy_file_range(f.as_raw_fd(), &mut fi, f.as_raw_fd(), &mut fo, (n - done) as usize, 0)
+                    libc::copy_file_range(
+                        f.as_raw_fd(),
+                        &mut fi,
+                        f.as_raw_fd(),
+                        &mut fo,
+                        (n - done) as usize,
+                        0,
+                    )
                 };
                 if r < 0 {
                     bail!("copy_file_range: {}", std::io::Error::last_os_error());
