@@ -74,6 +74,19 @@ enum Cmd {
         #[arg(long, default_value_t = 1)]
         runs: u64,
     },
+    /// Time file system workloads in DIR (see bench/fs.sh).
+    Fsbench {
+        dir: PathBuf,
+        #[arg(long, default_value_t = 10_000)]
+        files: usize,
+        #[arg(long, default_value_t = 2_000)]
+        small_files: usize,
+        #[arg(long, default_value_t = 1024)]
+        seq_mib: usize,
+        /// A source tarball to extract and remove.
+        #[arg(long)]
+        tarball: Option<PathBuf>,
+    },
     /// Stop the local cluster in DIR (idempotent).
     Down {
         #[arg(long)]
@@ -424,6 +437,21 @@ fn main() -> anyhow::Result<()> {
             }
         }
         Cmd::Mount(a) => mount_cmd(a)?,
+        Cmd::Fsbench {
+            dir,
+            files,
+            small_files,
+            seq_mib,
+            tarball,
+        } => cfs_node::fstest::bench::run(
+            &dir,
+            &cfs_node::fstest::bench::BenchConfig {
+                files,
+                small_files,
+                seq_mib,
+                tarball,
+            },
+        )?,
         Cmd::Fsx {
             file,
             seed,

@@ -1,6 +1,7 @@
 //! File system checkers run against a mounted path: an fsx-style data
 //! integrity exerciser and a differential namespace test.
 
+pub mod bench;
 pub mod difftest;
 pub mod fsx;
 

@@ -1,0 +1,116 @@
+//! `cfs fsbench DIR`: file system workloads timed in-process (no process
+//! per file), printed as `metric value unit` lines for bench/fs.sh.
+
+use std::io::{Read, Write};
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::Context;
+
+pub struct BenchConfig {
+    pub files: usize,
+    pub small_files: usize,
+    pub seq_mib: usize,
+    pub tarball: Option<std::path::PathBuf>,
+}
+
+fn drop_caches() {
+    let _ = std::fs::write("/proc/sys/vm/drop_caches", "3");
+}
+
+fn rate(n: usize, t: Instant) -> f64 {
+    n as f64 / t.elapsed().as_secs_f64()
+}
+
+/// Runs every workload under `dir/cfs-bench` and prints the figures.
+pub fn run(dir: &Path, cfg: &BenchConfig) -> anyhow::Result<()> {
+    let root = dir.join("cfs-bench");
+    let _ = std::fs::remove_dir_all(&root);
+    std::fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
+
+    // Metadata: create, stat, unlink in one directory.
+    let d = root.join("meta");
+    std::fs::create_dir(&d)?;
+    let t = Instant::now();
+    for i in 0..cfg.files {
+        std::fs::File::create(d.join(format!("file-{i}")))?;
+    }
+    println!("create {:.0} ops/s", rate(cfg.files, t));
+    let t = Instant::now();
+    for i in 0..cfg.files {
+        std::fs::metadata(d.join(format!("file-{i}")))?;
+    }
+    println!("stat {:.0} ops/s", rate(cfg.files, t));
+    let t = Instant::now();
+    for i in 0..cfg.files {
+        std::fs::remove_file(d.join(format!("file-{i}")))?;
+    }
+    println!("unlink {:.0} ops/s", rate(cfg.files, t));
+
+    // Small files: 4 KiB written with fsync, then read back cold.
+    let d = root.join("small");
+    std::fs::create_dir(&d)?;
+    let block = vec![0x5au8; 4096];
+    let t = Instant::now();
+    for i in 0..cfg.small_files {
+        let mut f = std::fs::File::create(d.join(format!("s-{i}")))?;
+        f.write_all(&block)?;
+        f.sync_all()?;
+    }
+    println!("small_write_fsync {:.0} files/s", rate(cfg.small_files, t));
+    drop_caches();
+    let mut buf = Vec::with_capacity(8192);
+    let t = Instant::now();
+    for i in 0..cfg.small_files {
+        buf.clear();
+        std::fs::File::open(d.join(format!("s-{i}")))?.read_to_end(&mut buf)?;
+        anyhow::ensure!(buf.len() == 4096, "short small file");
+    }
+    println!("small_read {:.0} files/s", rate(cfg.small_files, t));
+
+    // Sequential: 1 MiB requests, fsync at the end; read back cold.
+    let p = root.join("seq.bin");
+    let mib = vec![0xa5u8; 1 << 20];
+    let t = Instant::now();
+    {
+        let mut f = std::fs::File::create(&p)?;
+        for _ in 0..cfg.seq_mib {
+            f.write_all(&mib)?;
+        }
+        f.sync_all()?;
+    }
+    println!("seq_write {:.1} MB/s", cfg.seq_mib as f64 * 1.048576 / t.elapsed().as_secs_f64());
+    drop_caches();
+    let mut rbuf = vec![0u8; 1 << 20];
+    let t = Instant::now();
+    {
+        let mut f = std::fs::File::open(&p)?;
+        let mut total = 0usize;
+        loop {
+            let n = f.read(&mut rbuf)?;
+            if n == 0 {
+                break;
+            }
+            total += n;
+        }
+        anyhow::ensure!(total == cfg.seq_mib << 20, "short sequential read");
+    }
+    println!("seq_read {:.1} MB/s", cfg.seq_mib as f64 * 1.048576 / t.elapsed().as_secs_f64());
+    std::fs::remove_file(&p)?;
+
+    // A real tree: extract, then remove.
+    if let Some(tar) = &cfg.tarball {
+        let d = root.join("tree");
+        std::fs::create_dir(&d)?;
+        let t = Instant::now();
+        let st = std::process::Command::new("tar").arg("-xf").arg(tar).arg("-C").arg(&d).status()?;
+        anyhow::ensure!(st.success(), "tar -x failed");
+        println!("tar_x {:.2} s", t.elapsed().as_secs_f64());
+        let t = Instant::now();
+        let st = std::process::Command::new("rm").arg("-rf").arg(&d).status()?;
+        anyhow::ensure!(st.success(), "rm -rf failed");
+        println!("rm_rf {:.2} s", t.elapsed().as_secs_f64());
+    }
+    std::fs::remove_dir_all(&root)?;
+    Ok(())
+}
