@@ -1054,6 +1054,50 @@ impl Filesystem for CfsFs {
         });
     }
 
+    fn readdirplus(&mut self, _req: &Request<'_>, ino: u64, _fh: u64, offset: i64, mut reply: fuser::ReplyDirectoryPlus) {
+        let sh = self.sh.clone();
+        self.spawn("readdirplus", async move {
+            let ttl = sh.opts.ttl();
+            let dir = match sh.getattr(ino, false).await {
+                Ok(i) => i,
+                Err(e) => return reply.error(e.0),
+            };
+            let mut off = offset.max(0) as u64;
+            if off == 0 {
+                if reply.add(ino, 1, ".", &ttl, &attr_of(&dir, None), dir.generation) {
+                    return reply.ok();
+                }
+                off = 1;
+            }
+            if off == 1 {
+                let parent = sh.getattr(dir.parent, false).await.unwrap_or_else(|_| dir.clone());
+                if reply.add(parent.ino, 2, "..", &ttl, &attr_of(&parent, None), parent.generation) {
+                    return reply.ok();
+                }
+                off = 2;
+            }
+            loop {
+                let entries = match sh.meta.call(MReq::ReadDirPlus { ino, after: off, max: 256 }, false).await {
+                    Ok(Reply::EntriesPlus(e)) => e,
+                    Ok(_) => return reply.error(libc::EIO),
+                    Err(e) => return reply.error(e.0),
+                };
+                if entries.is_empty() {
+                    break;
+                }
+                for (e, i) in entries {
+                    off = e.cookie;
+                    let a = sh.attr_now(&i).await;
+                    if reply.add(e.ino, e.cookie as i64, OsStr::from_bytes(&e.name), &ttl, &a, i.generation) {
+                        return reply.ok();
+                    }
+                    sh.known.lock().expect("known lock").insert(e.ino);
+                }
+            }
+            reply.ok();
+        });
+    }
+
     fn releasedir(
         &mut self,
         _req: &Request<'_>,

@@ -159,6 +159,12 @@ pub enum Request {
         after: u64,
         max: u32,
     },
+    /// Entries with their attributes (one round trip for `ls -l`).
+    ReadDirPlus {
+        ino: Ino,
+        after: u64,
+        max: u32,
+    },
     ReadLink {
         ino: Ino,
     },
@@ -208,6 +214,7 @@ pub enum Reply {
     },
     Attr(Inode),
     Entries(Vec<DirEntry>),
+    EntriesPlus(Vec<(DirEntry, Inode)>),
     Data(Vec<u8>),
     Names(Vec<Vec<u8>>),
     Extents(Vec<ExtentRef>),

@@ -67,6 +67,19 @@ impl NamespaceDb {
         Ok(out)
     }
 
+    /// [`readdir`](Self::readdir) with each entry's inode.
+    pub fn readdir_plus(&self, ino: Ino, after: u64, max: usize) -> Rd<Vec<(DirEntry, Inode)>> {
+        let mut out = Vec::new();
+        for e in self.readdir(ino, after, max)? {
+            match self.inode(e.ino) {
+                Ok(i) => out.push((e, i)),
+                Err(ReadError::Fs(_)) => {}
+                Err(err) => return Err(err),
+            }
+        }
+        Ok(out)
+    }
+
     pub fn readlink(&self, ino: Ino) -> Rd<Vec<u8>> {
         let i = self.inode(ino)?;
         if !i.is_symlink() {

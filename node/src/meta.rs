@@ -472,6 +472,7 @@ async fn handle(inner: &Inner, client: u64, f: RequestFrame) -> Result<Reply, Er
         Request::Lookup { parent, .. } => *parent,
         Request::GetAttr { ino }
         | Request::ReadDir { ino, .. }
+        | Request::ReadDirPlus { ino, .. }
         | Request::ReadLink { ino }
         | Request::GetXattr { ino, .. }
         | Request::ListXattr { ino }
@@ -490,6 +491,9 @@ async fn handle(inner: &Inner, client: u64, f: RequestFrame) -> Result<Reply, Er
         Request::ReadDir { ino, after, max } => db
             .readdir(ino, after, max.min(READDIR_MAX) as usize)
             .map(Reply::Entries),
+        Request::ReadDirPlus { ino, after, max } => db
+            .readdir_plus(ino, after, max.min(READDIR_MAX) as usize)
+            .map(Reply::EntriesPlus),
         Request::ReadLink { ino } => db.readlink(ino).map(Reply::Data),
         Request::GetXattr { ino, name } => db.getxattr(ino, &name).map(Reply::Data),
         Request::ListXattr { ino } => db.listxattr(ino).map(Reply::Names),
