@@ -26,7 +26,20 @@ pub fn node_dir(dir: &Path, id: u64) -> PathBuf {
 /// A free loopback port *below* the kernel's ephemeral range, so no
 /// outgoing connection can take it between now and the node's bind (a port
 /// from `bind(0)` can be handed to a client socket in the meantime).
+///
+/// Ports handed out by this process are never handed out again, so clusters
+/// configured concurrently (parallel tests) do not collide.
 fn free_port(taken: &mut std::collections::BTreeSet<u16>) -> anyhow::Result<u16> {
+    static GIVEN: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    taken.extend(given.iter().copied());
+    let port = free_port_inner(taken)?;
+    given.insert(port);
+    Ok(port)
+}
+
+fn free_port_inner(taken: &mut std::collections::BTreeSet<u16>) -> anyhow::Result<u16> {
     let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
         .ok()
         .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
