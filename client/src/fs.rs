@@ -35,6 +35,14 @@ struct FileInner {
     /// End of the last read (sequential detection) and read-ahead window.
     seq_end: u64,
     ra_window: u64,
+    /// A full buffer being written in the background (at most one per
+    /// inode, so commits stay in write order): its bytes, still visible to
+    /// reads, and the task. Joined (and its error reported) by the next
+    /// flush, fsync or close.
+    inflight: Option<(
+        Arc<Vec<(u64, Vec<u8>)>>,
+        tokio::task::JoinHandle<Result<(), Errno>>,
+    )>,
 }
 
 #[derive(Default)]
@@ -195,8 +203,51 @@ impl Shared {
         attr_of(i, size)
     }
 
+    /// Writes `ranges` as stripes and commits their extents.
+    async fn commit_ranges(&self, ino: Ino, ranges: &[(u64, Vec<u8>)]) -> Result<(), Errno> {
+        let span = tracing::debug_span!("flush", ino, ranges = ranges.len());
+        let refs = self.data.write_ranges(ranges).instrument(span).await?;
+        for chunk in refs.chunks(1024) {
+            self.mutate(
+                Creds::root(),
+                Op::Write {
+                    ino,
+                    extents: chunk.to_vec(),
+                },
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Waits for the background flush of this inode, if any.
+    async fn join_inflight(&self, f: &mut FileInner) -> Result<(), Errno> {
+        if let Some((_, h)) = f.inflight.take() {
+            f.ext = None;
+            match h.await {
+                Ok(r) => r?,
+                Err(_) => return Err(Errno::EIO),
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts writing the full buffer in the background (after the
+    /// previous background flush finished).
+    async fn flush_behind(self: &Arc<Self>, ino: Ino, f: &mut FileInner) -> Result<(), Errno> {
+        self.join_inflight(f).await?;
+        let ranges: Arc<Vec<(u64, Vec<u8>)>> =
+            Arc::new(std::mem::take(&mut f.dirty).into_iter().collect());
+        f.dirty_bytes = 0;
+        let (sh, r2) = (self.clone(), ranges.clone());
+        let h = tokio::spawn(async move { sh.commit_ranges(ino, &r2).await });
+        f.inflight = Some((ranges, h));
+        Ok(())
+    }
+
     /// Writes this inode's buffered bytes and commits their extents.
     async fn flush_locked(&self, ino: Ino, f: &mut FileInner) -> Result<(), Errno> {
+        self.join_inflight(f).await?;
         if f.dirty.is_empty() {
             return Ok(());
         }
@@ -302,6 +353,7 @@ impl Shared {
         let len = (size as u64).min(fsize - off);
         let mut buf = vec![0u8; len as usize];
         let refs = self.extents(ino, &mut f, off, len).await?;
+        let inflight = f.inflight.as_ref().map(|(r, _)| r.clone());
         for e in &refs {
             let stripe = self.data.stripe(&e.extent).await?;
             let s = e.offset.max(off);
@@ -313,9 +365,13 @@ impl Shared {
             }
             buf[(s - off) as usize..(s - off) as usize + n].copy_from_slice(&stripe[src..src + n]);
         }
-        for (&doff, d) in f.dirty.range(..off + len) {
+        // Bytes not committed yet: the background flush's, then the
+        // buffer's (newer).
+        let pending = inflight.iter().flat_map(|r| r.iter().map(|(o, d)| (*o, d)));
+        let dirty = f.dirty.range(..off + len).map(|(o, d)| (*o, d));
+        for (doff, d) in pending.chain(dirty) {
             let dend = doff + d.len() as u64;
-            if dend <= off {
+            if dend <= off || doff >= off + len {
                 continue;
             }
             let s = doff.max(off);
@@ -348,7 +404,7 @@ impl Shared {
         Ok(buf)
     }
 
-    async fn write(&self, ino: Ino, off: u64, data: Vec<u8>) -> Result<u32, Errno> {
+    async fn write(self: &Arc<Self>, ino: Ino, off: u64, data: Vec<u8>) -> Result<u32, Errno> {
         let n = data.len() as u32;
         let end = off.checked_add(data.len() as u64).ok_or(Errno::EFBIG)?;
         if end > FILE_SIZE_MAX {
@@ -363,8 +419,7 @@ impl Shared {
         insert_dirty(&mut f, off, data);
         f.size = Some(f.size.unwrap_or(0).max(end));
         if f.dirty_bytes >= self.opts.write_buffer {
-            self.flush_locked(ino, &mut f).await?;
-            f.size = Some(f.size.unwrap_or(0).max(end));
+            self.flush_behind(ino, &mut f).await?;
         }
         Ok(n)
     }
@@ -457,7 +512,7 @@ impl CfsFs {
             if let Some(st) = st {
                 if let Ok(mut f) = st.inner.try_lock() {
                     f.ext = None;
-                    if f.dirty.is_empty() {
+                    if f.dirty.is_empty() && f.inflight.is_none() {
                         f.size = None;
                     }
                 }
@@ -813,7 +868,7 @@ impl Filesystem for CfsFs {
                     {
                         let mut f = st.inner.lock().await;
                         f.ext = None;
-                        if f.dirty.is_empty() {
+                        if f.dirty.is_empty() && f.inflight.is_none() {
                             f.size = None;
                         }
                     }
@@ -1054,7 +1109,14 @@ impl Filesystem for CfsFs {
         });
     }
 
-    fn readdirplus(&mut self, _req: &Request<'_>, ino: u64, _fh: u64, offset: i64, mut reply: fuser::ReplyDirectoryPlus) {
+    fn readdirplus(
+        &mut self,
+        _req: &Request<'_>,
+        ino: u64,
+        _fh: u64,
+        offset: i64,
+        mut reply: fuser::ReplyDirectoryPlus,
+    ) {
         let sh = self.sh.clone();
         self.spawn("readdirplus", async move {
             let ttl = sh.opts.ttl();
@@ -1070,14 +1132,35 @@ impl Filesystem for CfsFs {
                 off = 1;
             }
             if off == 1 {
-                let parent = sh.getattr(dir.parent, false).await.unwrap_or_else(|_| dir.clone());
-                if reply.add(parent.ino, 2, "..", &ttl, &attr_of(&parent, None), parent.generation) {
+                let parent = sh
+                    .getattr(dir.parent, false)
+                    .await
+                    .unwrap_or_else(|_| dir.clone());
+                if reply.add(
+                    parent.ino,
+                    2,
+                    "..",
+                    &ttl,
+                    &attr_of(&parent, None),
+                    parent.generation,
+                ) {
                     return reply.ok();
                 }
                 off = 2;
             }
             loop {
-                let entries = match sh.meta.call(MReq::ReadDirPlus { ino, after: off, max: 256 }, false).await {
+                let entries = match sh
+                    .meta
+                    .call(
+                        MReq::ReadDirPlus {
+                            ino,
+                            after: off,
+                            max: 256,
+                        },
+                        false,
+                    )
+                    .await
+                {
                     Ok(Reply::EntriesPlus(e)) => e,
                     Ok(_) => return reply.error(libc::EIO),
                     Err(e) => return reply.error(e.0),
@@ -1088,7 +1171,14 @@ impl Filesystem for CfsFs {
                 for (e, i) in entries {
                     off = e.cookie;
                     let a = sh.attr_now(&i).await;
-                    if reply.add(e.ino, e.cookie as i64, OsStr::from_bytes(&e.name), &ttl, &a, i.generation) {
+                    if reply.add(
+                        e.ino,
+                        e.cookie as i64,
+                        OsStr::from_bytes(&e.name),
+                        &ttl,
+                        &a,
+                        i.generation,
+                    ) {
                         return reply.ok();
                     }
                     sh.known.lock().expect("known lock").insert(e.ino);

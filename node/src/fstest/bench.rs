@@ -79,7 +79,10 @@ pub fn run(dir: &Path, cfg: &BenchConfig) -> anyhow::Result<()> {
         }
         f.sync_all()?;
     }
-    println!("seq_write {:.1} MB/s", cfg.seq_mib as f64 * 1.048576 / t.elapsed().as_secs_f64());
+    println!(
+        "seq_write {:.1} MB/s",
+        cfg.seq_mib as f64 * 1.048576 / t.elapsed().as_secs_f64()
+    );
     drop_caches();
     let mut rbuf = vec![0u8; 1 << 20];
     let t = Instant::now();
@@ -95,7 +98,10 @@ pub fn run(dir: &Path, cfg: &BenchConfig) -> anyhow::Result<()> {
         }
         anyhow::ensure!(total == cfg.seq_mib << 20, "short sequential read");
     }
-    println!("seq_read {:.1} MB/s", cfg.seq_mib as f64 * 1.048576 / t.elapsed().as_secs_f64());
+    println!(
+        "seq_read {:.1} MB/s",
+        cfg.seq_mib as f64 * 1.048576 / t.elapsed().as_secs_f64()
+    );
     std::fs::remove_file(&p)?;
 
     // A real tree: extract, then remove.
@@ -103,11 +109,19 @@ pub fn run(dir: &Path, cfg: &BenchConfig) -> anyhow::Result<()> {
         let d = root.join("tree");
         std::fs::create_dir(&d)?;
         let t = Instant::now();
-        let st = std::process::Command::new("tar").arg("-xf").arg(tar).arg("-C").arg(&d).status()?;
+        let st = std::process::Command::new("tar")
+            .arg("-xf")
+            .arg(tar)
+            .arg("-C")
+            .arg(&d)
+            .status()?;
         anyhow::ensure!(st.success(), "tar -x failed");
         println!("tar_x {:.2} s", t.elapsed().as_secs_f64());
         let t = Instant::now();
-        let st = std::process::Command::new("rm").arg("-rf").arg(&d).status()?;
+        let st = std::process::Command::new("rm")
+            .arg("-rf")
+            .arg(&d)
+            .status()?;
         anyhow::ensure!(st.success(), "rm -rf failed");
         println!("rm_rf {:.2} s", t.elapsed().as_secs_f64());
     }
