@@ -22,6 +22,9 @@ use crate::conn::MetaClient;
 use crate::data::DataPath;
 use crate::options::{CacheMode, MountOptions};
 
+/// Buffered file ranges (offset, bytes) handed to a background flush.
+type Ranges = Arc<Vec<(u64, Vec<u8>)>>;
+
 /// Per-inode client state: write-back buffer and read state.
 #[derive(Default)]
 struct FileInner {
@@ -39,10 +42,7 @@ struct FileInner {
     /// inode, so commits stay in write order): its bytes, still visible to
     /// reads, and the task. Joined (and its error reported) by the next
     /// flush, fsync or close.
-    inflight: Option<(
-        Arc<Vec<(u64, Vec<u8>)>>,
-        tokio::task::JoinHandle<Result<(), Errno>>,
-    )>,
+    inflight: Option<(Ranges, tokio::task::JoinHandle<Result<(), Errno>>)>,
 }
 
 #[derive(Default)]
