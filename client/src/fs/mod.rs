@@ -1,5 +1,8 @@
 //! The FUSE file system: every kernel request is answered from a tokio
-//! task, so slow requests (a flush, a fetch) do not hold up others.
+//! task, so slow requests (a flush, a fetch) do not hold up others. The
+//! data path is in [`io`].
+
+mod io;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ffi::OsStr;
@@ -16,7 +19,7 @@ use fuser::{
     ReplyXattr, Request, TimeOrNow,
 };
 use tokio::sync::Mutex as AsyncMutex;
-use tracing::{debug, Instrument};
+use tracing::Instrument;
 
 use crate::conn::MetaClient;
 use crate::data::DataPath;
@@ -161,6 +164,19 @@ impl Shared {
             .clone()
     }
 
+    /// A lock request of this mount from FUSE's inclusive range.
+    fn lock_range(&self, owner: u64, start: u64, end: u64, typ: i32, pid: u32) -> LockRange {
+        LockRange {
+            start,
+            end: end.saturating_add(1),
+            typ,
+            client: self.meta.client_id,
+            owner,
+            pid,
+            flock: false,
+        }
+    }
+
     fn strict(&self) -> bool {
         self.opts.cache_mode == CacheMode::Strict
     }
@@ -202,271 +218,6 @@ impl Shared {
         };
         attr_of(i, size)
     }
-
-    /// Writes `ranges` as stripes and commits their extents.
-    async fn commit_ranges(&self, ino: Ino, ranges: &[(u64, Vec<u8>)]) -> Result<(), Errno> {
-        let span = tracing::debug_span!("flush", ino, ranges = ranges.len());
-        let refs = self.data.write_ranges(ranges).instrument(span).await?;
-        for chunk in refs.chunks(1024) {
-            self.mutate(
-                Creds::root(),
-                Op::Write {
-                    ino,
-                    extents: chunk.to_vec(),
-                },
-            )
-            .await?;
-        }
-        Ok(())
-    }
-
-    /// Waits for the background flush of this inode, if any.
-    async fn join_inflight(&self, f: &mut FileInner) -> Result<(), Errno> {
-        if let Some((_, h)) = f.inflight.take() {
-            f.ext = None;
-            match h.await {
-                Ok(r) => r?,
-                Err(_) => return Err(Errno::EIO),
-            }
-        }
-        Ok(())
-    }
-
-    /// Starts writing the full buffer in the background (after the
-    /// previous background flush finished).
-    async fn flush_behind(self: &Arc<Self>, ino: Ino, f: &mut FileInner) -> Result<(), Errno> {
-        self.join_inflight(f).await?;
-        let ranges: Arc<Vec<(u64, Vec<u8>)>> =
-            Arc::new(std::mem::take(&mut f.dirty).into_iter().collect());
-        f.dirty_bytes = 0;
-        let (sh, r2) = (self.clone(), ranges.clone());
-        let h = tokio::spawn(async move { sh.commit_ranges(ino, &r2).await });
-        f.inflight = Some((ranges, h));
-        Ok(())
-    }
-
-    /// Writes this inode's buffered bytes and commits their extents.
-    async fn flush_locked(&self, ino: Ino, f: &mut FileInner) -> Result<(), Errno> {
-        self.join_inflight(f).await?;
-        if f.dirty.is_empty() {
-            return Ok(());
-        }
-        let ranges: Vec<(u64, Vec<u8>)> = std::mem::take(&mut f.dirty).into_iter().collect();
-        f.dirty_bytes = 0;
-        let span = tracing::debug_span!("flush", ino, ranges = ranges.len());
-        let refs = match self.data.write_ranges(&ranges).instrument(span).await {
-            Ok(r) => r,
-            Err(e) => {
-                // Keep the bytes: a later flush may succeed.
-                for (o, d) in ranges {
-                    f.dirty_bytes += d.len();
-                    f.dirty.insert(o, d);
-                }
-                return Err(e);
-            }
-        };
-        for chunk in refs.chunks(1024) {
-            self.mutate(
-                Creds::root(),
-                Op::Write {
-                    ino,
-                    extents: chunk.to_vec(),
-                },
-            )
-            .await?;
-        }
-        f.size = None;
-        f.ext = None;
-        Ok(())
-    }
-
-    async fn flush(&self, ino: Ino) -> Result<(), Errno> {
-        let st = self.files.lock().expect("files lock").get(&ino).cloned();
-        if let Some(st) = st {
-            let mut f = st.inner.lock().await;
-            self.flush_locked(ino, &mut f).await?;
-        }
-        Ok(())
-    }
-
-    /// Extent references covering `[off, off + len)` (from the window
-    /// cache when it covers the range).
-    async fn extents(
-        &self,
-        ino: Ino,
-        f: &mut FileInner,
-        off: u64,
-        len: u64,
-    ) -> Result<Vec<ExtentRef>, Errno> {
-        let end = off + len;
-        if let Some((from, to, refs)) = &f.ext {
-            if *from <= off && end <= *to {
-                return Ok(refs
-                    .iter()
-                    .filter(|e| e.offset < end && e.offset + e.len > off)
-                    .cloned()
-                    .collect());
-            }
-        }
-        let want = len.max(32 << 20);
-        let refs = match self
-            .meta
-            .call(
-                MReq::Extents {
-                    ino,
-                    offset: off,
-                    len: want,
-                },
-                self.strict(),
-            )
-            .await?
-        {
-            Reply::Extents(r) => r,
-            _ => return Err(Errno::EIO),
-        };
-        let out = refs
-            .iter()
-            .filter(|e| e.offset < end && e.offset + e.len > off)
-            .cloned()
-            .collect();
-        f.ext = Some((off, off + want, refs));
-        Ok(out)
-    }
-
-    async fn read(self: &Arc<Self>, ino: Ino, off: u64, size: u32) -> Result<Vec<u8>, Errno> {
-        let st = self.file(ino);
-        let mut f = st.inner.lock().await;
-        let server = if self.strict() || f.size.is_none() {
-            Some(self.getattr(ino, self.strict()).await?)
-        } else {
-            None
-        };
-        let fsize = match (f.size, &server) {
-            (Some(s), Some(i)) => s.max(i.size),
-            (Some(s), None) => s,
-            (None, Some(i)) => i.size,
-            (None, None) => 0,
-        };
-        if off >= fsize {
-            return Ok(Vec::new());
-        }
-        let len = (size as u64).min(fsize - off);
-        let mut buf = vec![0u8; len as usize];
-        let refs = self.extents(ino, &mut f, off, len).await?;
-        let inflight = f.inflight.as_ref().map(|(r, _)| r.clone());
-        for e in &refs {
-            let stripe = self.data.stripe(&e.extent).await?;
-            let s = e.offset.max(off);
-            let t = (e.offset + e.len).min(off + len);
-            let src = (e.skip + (s - e.offset)) as usize;
-            let n = (t - s) as usize;
-            if src + n > stripe.len() {
-                return Err(Errno::EIO);
-            }
-            buf[(s - off) as usize..(s - off) as usize + n].copy_from_slice(&stripe[src..src + n]);
-        }
-        // Bytes not committed yet: the background flush's, then the
-        // buffer's (newer).
-        let pending = inflight.iter().flat_map(|r| r.iter().map(|(o, d)| (*o, d)));
-        let dirty = f.dirty.range(..off + len).map(|(o, d)| (*o, d));
-        for (doff, d) in pending.chain(dirty) {
-            let dend = doff + d.len() as u64;
-            if dend <= off || doff >= off + len {
-                continue;
-            }
-            let s = doff.max(off);
-            let t = dend.min(off + len);
-            buf[(s - off) as usize..(t - off) as usize]
-                .copy_from_slice(&d[(s - doff) as usize..(t - doff) as usize]);
-        }
-        // Adaptive read-ahead: grow the window while reads are sequential.
-        let max_ra = self.opts.read_ahead as u64;
-        if off == f.seq_end && max_ra > 0 {
-            f.ra_window = (f.ra_window * 2).clamp(1 << 20, max_ra);
-            let ra_from = off + len;
-            if ra_from < fsize {
-                let ra_len = f.ra_window.min(fsize - ra_from);
-                if let Ok(ahead) = self.extents(ino, &mut f, ra_from, ra_len).await {
-                    for e in ahead {
-                        if !self.data.cached(&e.extent) {
-                            let sh = self.clone();
-                            tokio::spawn(async move {
-                                let _ = sh.data.stripe(&e.extent).await;
-                            });
-                        }
-                    }
-                }
-            }
-        } else if off != f.seq_end {
-            f.ra_window = 0;
-        }
-        f.seq_end = off + len;
-        Ok(buf)
-    }
-
-    async fn write(self: &Arc<Self>, ino: Ino, off: u64, data: Vec<u8>) -> Result<u32, Errno> {
-        let n = data.len() as u32;
-        let end = off.checked_add(data.len() as u64).ok_or(Errno::EFBIG)?;
-        if end > FILE_SIZE_MAX {
-            return Err(Errno::EFBIG);
-        }
-        let st = self.file(ino);
-        let mut f = st.inner.lock().await;
-        if f.size.is_none() {
-            let i = self.getattr(ino, false).await?;
-            f.size = Some(i.size);
-        }
-        insert_dirty(&mut f, off, data);
-        f.size = Some(f.size.unwrap_or(0).max(end));
-        if f.dirty_bytes >= self.opts.write_buffer {
-            self.flush_behind(ino, &mut f).await?;
-        }
-        Ok(n)
-    }
-}
-
-/// Puts `data` at `off` into the dirty map, replacing overlapped bytes and
-/// merging with adjacent ranges.
-fn insert_dirty(f: &mut FileInner, off: u64, data: Vec<u8>) {
-    let end = off + data.len() as u64;
-    // Fast path: appending to the last range.
-    if let Some((&lo, last)) = f.dirty.iter_mut().next_back() {
-        if lo + last.len() as u64 == off {
-            f.dirty_bytes += data.len();
-            last.extend_from_slice(&data);
-            return;
-        }
-    }
-    let mut start = off;
-    let mut merged: Vec<u8> = Vec::new();
-    let overlapping: Vec<u64> = f
-        .dirty
-        .range(..=end)
-        .filter(|(&o, d)| o + d.len() as u64 >= off)
-        .map(|(&o, _)| o)
-        .collect();
-    let mut pieces = Vec::new();
-    for o in overlapping {
-        let d = f.dirty.remove(&o).expect("present");
-        f.dirty_bytes -= d.len();
-        pieces.push((o, d));
-    }
-    if let Some((o, _)) = pieces.first() {
-        start = start.min(*o);
-    }
-    let stop = pieces
-        .iter()
-        .map(|(o, d)| o + d.len() as u64)
-        .max()
-        .unwrap_or(end)
-        .max(end);
-    merged.resize((stop - start) as usize, 0);
-    for (o, d) in &pieces {
-        merged[(o - start) as usize..(o - start) as usize + d.len()].copy_from_slice(d);
-    }
-    merged[(off - start) as usize..(end - start) as usize].copy_from_slice(&data);
-    f.dirty_bytes += merged.len();
-    f.dirty.insert(start, merged);
 }
 
 impl CfsFs {
@@ -1381,15 +1132,7 @@ impl Filesystem for CfsFs {
     ) {
         let sh = self.sh.clone();
         self.spawn("getlk", async move {
-            let lock = LockRange {
-                start,
-                end: end.saturating_add(1),
-                typ,
-                client: sh.meta.client_id,
-                owner: lock_owner,
-                pid,
-                flock: false,
-            };
+            let lock = sh.lock_range(lock_owner, start, end, typ, pid);
             match sh.meta.call(MReq::GetLock { ino, lock }, true).await {
                 Ok(Reply::Lock(Some(l))) => {
                     reply.locked(l.start, l.end.saturating_sub(1), l.typ, l.pid)
@@ -1417,15 +1160,7 @@ impl Filesystem for CfsFs {
         let sh = self.sh.clone();
         self.spawn("setlk", async move {
             sh.locked.lock().expect("locked lock").insert(ino);
-            let lock = LockRange {
-                start,
-                end: end.saturating_add(1),
-                typ,
-                client: sh.meta.client_id,
-                owner: lock_owner,
-                pid,
-                flock: false,
-            };
+            let lock = sh.lock_range(lock_owner, start, end, typ, pid);
             let mut delay = Duration::from_millis(10);
             loop {
                 match sh
@@ -1512,121 +1247,5 @@ impl Filesystem for CfsFs {
                 Err(e) => reply.error(e.0),
             }
         });
-    }
-}
-
-impl Shared {
-    async fn after_unlink(&self, i: &Inode) {
-        if i.nlink > 0 || i.is_dir() {
-            return;
-        }
-        let open = self
-            .files
-            .lock()
-            .expect("files lock")
-            .get(&i.ino)
-            .is_some_and(|st| st.opens.load(Ordering::SeqCst) > 0);
-        if open {
-            self.orphans.lock().expect("orphans lock").insert(i.ino);
-        } else {
-            let _ = self.mutate(Creds::root(), Op::Reclaim { ino: i.ino }).await;
-            self.files.lock().expect("files lock").remove(&i.ino);
-        }
-    }
-
-    /// copy_file_range by reference: the destination maps the source's
-    /// stripes; no data moves.
-    async fn copy_range(
-        &self,
-        ino_in: Ino,
-        off_in: i64,
-        ino_out: Ino,
-        off_out: i64,
-        len: u64,
-    ) -> Result<u32, Errno> {
-        if off_in < 0 || off_out < 0 {
-            return Err(Errno::EINVAL);
-        }
-        let (off_in, off_out) = (off_in as u64, off_out as u64);
-        let len = len.min(u32::MAX as u64 >> 1);
-        self.flush(ino_in).await?;
-        self.flush(ino_out).await?;
-        let src = self.getattr(ino_in, true).await?;
-        if !src.is_reg() {
-            return Err(Errno::EINVAL);
-        }
-        if off_in >= src.size {
-            return Ok(0);
-        }
-        let n = len.min(src.size - off_in);
-        if ino_in == ino_out && off_in < off_out + n && off_out < off_in + n {
-            return Err(Errno::EINVAL);
-        }
-        let refs = match self
-            .meta
-            .call(
-                MReq::Extents {
-                    ino: ino_in,
-                    offset: off_in,
-                    len: n,
-                },
-                true,
-            )
-            .await?
-        {
-            Reply::Extents(r) => r,
-            _ => return Err(Errno::EIO),
-        };
-        let mut out = Vec::new();
-        for e in refs {
-            let s = e.offset.max(off_in);
-            let t = (e.offset + e.len).min(off_in + n);
-            if s >= t {
-                continue;
-            }
-            out.push(ExtentRef {
-                offset: off_out + (s - off_in),
-                len: t - s,
-                skip: e.skip + (s - e.offset),
-                extent: e.extent,
-            });
-        }
-        let st = self.file(ino_out);
-        let mut f = st.inner.lock().await;
-        let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
-        self.mutate(
-            Creds::root(),
-            Op::Fallocate {
-                ino: ino_out,
-                offset: off_out,
-                len: n,
-                mode: punch,
-            },
-        )
-        .await?;
-        for chunk in out.chunks(1024) {
-            self.mutate(
-                Creds::root(),
-                Op::Write {
-                    ino: ino_out,
-                    extents: chunk.to_vec(),
-                },
-            )
-            .await?;
-        }
-        self.mutate(
-            Creds::root(),
-            Op::Fallocate {
-                ino: ino_out,
-                offset: off_out,
-                len: n,
-                mode: 0,
-            },
-        )
-        .await?;
-        f.size = None;
-        f.ext = None;
-        debug!(ino_in, ino_out, n, "copy_file_range by reference");
-        Ok(n as u32)
     }
 }
