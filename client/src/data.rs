@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use cfs_materializers::types::{Errno, ExtentRef};
-use cfs_segments::client::{Extent, SegmentClient, StripeReader, StripeWriter};
+use cfs_segments::client::{ClientError, Extent, SegmentClient, StripeReader, StripeWriter};
 use cfs_segments::format::SegmentId;
 use cfs_segments::layout::Layout;
 use tokio::sync::Mutex as AsyncMutex;
@@ -70,6 +70,17 @@ pub struct DataPath {
 fn io_err(what: &str, e: impl std::fmt::Display) -> Errno {
     warn!("{what}: {e}");
     Errno::EIO
+}
+
+/// A failed stripe write: ENOSPC when full devices caused it, else EIO.
+fn write_err(e: ClientError) -> Errno {
+    let full = matches!(e, ClientError::NotDurable { no_space: true, .. });
+    warn!("segment write: {e}");
+    if full {
+        Errno::ENOSPC
+    } else {
+        Errno::EIO
+    }
 }
 
 impl DataPath {
@@ -149,11 +160,22 @@ impl DataPath {
         let sw = g.as_mut().expect("writer present");
         let mut out = Vec::new();
         for (off, data) in ranges {
-            let mut exts: Vec<Extent> = sw
-                .write(data)
-                .await
-                .map_err(|e| io_err("segment write", e))?;
-            exts.extend(sw.flush().await.map_err(|e| io_err("segment write", e))?);
+            let written = match sw.write(data).await {
+                Ok(mut exts) => sw.flush().await.map(|more| {
+                    exts.extend(more);
+                    exts
+                }),
+                Err(e) => Err(e),
+            };
+            let exts: Vec<Extent> = match written {
+                Ok(x) => x,
+                Err(e) => {
+                    // The writer may still hold bytes or stripes of this
+                    // range: start the next flush with a fresh one.
+                    *g = None;
+                    return Err(write_err(e));
+                }
+            };
             let mut at = *off;
             for e in exts {
                 let len = e.data_len as u64;

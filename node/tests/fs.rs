@@ -358,3 +358,48 @@ fn bad_input_and_unreachable_servers() {
         t.elapsed()
     );
 }
+
+/// Full segment devices reach the application as ENOSPC (not EIO), and
+/// what was written before stays readable.
+#[test]
+fn full_devices_give_enospc() {
+    let base = std::env::temp_dir().join(format!("cfs-test-fs-enospc-{}", std::process::id()));
+    let mut dirs = Vec::new();
+    for i in 1..=3 {
+        let m = base.join(format!("n{i}"));
+        std::fs::create_dir_all(&m).unwrap();
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=16m", "tmpfs"])
+            .arg(&m)
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "mounting a tmpfs needs root");
+        dirs.push(m);
+    }
+    struct Unmount(Vec<PathBuf>);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            for m in &self.0 {
+                let _ = Command::new("umount").arg("-l").arg(m).status();
+            }
+        }
+    }
+    let _u = Unmount(dirs.clone());
+    let c = Cluster::start_with("fs-enospc", |cfg| {
+        cfg.segments_dir = Some(dirs[(cfg.node_id - 1) as usize].clone());
+    });
+    let m = Mount::new(&c, "mnt", &["--timeout", "10"]);
+    std::fs::write(m.path.join("small"), b"fits").unwrap();
+    use std::io::Write;
+    let big = vec![7u8; 1 << 20];
+    let r = (|| -> std::io::Result<()> {
+        let mut f = std::fs::File::create(m.path.join("big"))?;
+        for _ in 0..64 {
+            f.write_all(&big)?;
+        }
+        f.sync_all()
+    })();
+    let e = r.expect_err("64 MiB cannot fit in 3 × 16 MiB at 2+1");
+    assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "got {e}");
+    assert_eq!(std::fs::read(m.path.join("small")).unwrap(), b"fits");
+}

@@ -52,6 +52,8 @@ pub enum ClientError {
         durable: usize,
         required: usize,
         errors: String,
+        /// Some fragment failed because its device is full.
+        no_space: bool,
     },
     #[error("cannot read extent (segment {segment} stripe {stripe}): {reason}")]
     Unreadable {
@@ -351,6 +353,7 @@ async fn write_stripe(
     }
     let mut missing = Vec::new();
     let mut errors = Vec::new();
+    let mut no_space = false;
     while let Some(r) = tasks.join_next().await {
         let (i, r) = r.map_err(|e| ClientError::Placement(format!("append task: {e}")))?;
         match r {
@@ -360,6 +363,13 @@ async fn write_stripe(
                 errors.push(format!("fragment {i}: unexpected reply {other:?}"));
             }
             Err(e) => {
+                no_space |= matches!(
+                    e,
+                    ClientError::Store {
+                        error: StoreError::NoSpace(_),
+                        ..
+                    }
+                );
                 missing.push(i as u8);
                 errors.push(format!("fragment {i}: {e}"));
             }
@@ -374,6 +384,7 @@ async fn write_stripe(
             durable,
             required: min_durable,
             errors: errors.join("; "),
+            no_space,
         });
     }
     if !missing.is_empty() {
