@@ -23,6 +23,9 @@ struct Conn {
     tx: mpsc::UnboundedSender<RequestFrame>,
     pending: Pending,
     server: usize,
+    /// Set by the reader when the connection ended: no reply will come,
+    /// even though sending may still seem to work.
+    dead: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// What the first node told us.
@@ -88,6 +91,8 @@ impl MetaClient {
         }));
         let pending: Pending = Arc::default();
         let p2 = pending.clone();
+        let dead = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let dead2 = dead.clone();
         let inval = self.invalidations.clone();
         let welcome_id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (wtx, wrx) = oneshot::channel();
@@ -119,7 +124,9 @@ impl MetaClient {
                     }
                 }
             }
-            // Fail everything outstanding: callers retry elsewhere.
+            // Fail everything outstanding: callers retry elsewhere. `dead`
+            // first, so a request registered after the clear sees it.
+            dead2.store(true, Ordering::SeqCst);
             p2.lock().expect("pending lock").clear();
         });
         tx.send(RequestFrame {
@@ -152,6 +159,7 @@ impl MetaClient {
             tx,
             pending,
             server: idx,
+            dead,
         }))
     }
 
@@ -160,7 +168,7 @@ impl MetaClient {
     async fn conn(&self) -> Result<Arc<Conn>, String> {
         let mut g = self.conn.lock().await;
         if let Some(c) = g.as_ref() {
-            if !c.tx.is_closed() {
+            if !c.tx.is_closed() && !c.dead.load(Ordering::SeqCst) {
                 return Ok(c.clone());
             }
         }
@@ -221,7 +229,7 @@ impl MetaClient {
                         fresh,
                         req: req.clone(),
                     });
-                    if sent.is_ok() {
+                    if sent.is_ok() && !c.dead.load(Ordering::SeqCst) {
                         let left = deadline.saturating_duration_since(Instant::now());
                         match tokio::time::timeout(left.max(Duration::from_millis(1)), rx).await {
                             Ok(Ok(Err(Errno::EIO))) => {
@@ -236,6 +244,7 @@ impl MetaClient {
                             }
                         }
                     } else {
+                        c.pending.lock().expect("pending lock").remove(&id);
                         self.drop_conn(c.server).await;
                     }
                 }

@@ -244,6 +244,12 @@ fn kill_a_node_during_writes() {
         std::fs::write(&p, b"still here").expect("write after kill");
         assert_eq!(std::fs::read(&p).unwrap(), b"still here");
         eprintln!("first write after kill -9 took {:?}", killed.elapsed());
+        // A dead connection is noticed at once, not after the call timeout.
+        assert!(
+            killed.elapsed() < Duration::from_secs(5),
+            "the mount stalled {:?}",
+            killed.elapsed()
+        );
     });
     let acked = acked.into_inner().unwrap();
     assert!(
