@@ -103,8 +103,11 @@ impl MetaClient {
         tokio::spawn(async move {
             let mut reader = cfs_frame::BodyReader::new(r, MESSAGE_BYTES_MAX);
             loop {
-                let msg = match reader.next().await {
-                    Ok(b) => match cfs_frame::decode_body::<ServerMsg>(&b, MESSAGE_BYTES_MAX) {
+                let msg = match reader
+                    .next_with(|b| cfs_frame::decode_body::<ServerMsg>(b, MESSAGE_BYTES_MAX))
+                    .await
+                {
+                    Ok(decoded) => match decoded {
                         Ok(m) => m,
                         Err(e) => {
                             warn!(%addr, "bad message from metadata server: {e}");

@@ -157,15 +157,17 @@ where
     }
 }
 
-/// Reads frames from a byte stream and returns their (checked) payloads.
+/// Reads frames from a byte stream and hands out their (checked)
+/// payloads, borrowed from its buffer: no copy per frame.
 pub struct BodyReader<R> {
     inner: R,
     buf: Vec<u8>,
     start: usize,
-    max: usize,
+    /// Largest payload accepted (may be raised after a handshake).
+    pub max: usize,
 }
 
-/// Why [`BodyReader::next`] returned no frame.
+/// Why [`BodyReader`] returned no frame.
 #[derive(Debug, thiserror::Error)]
 pub enum ReadError {
     #[error("connection closed")]
@@ -187,37 +189,28 @@ impl<R: tokio::io::AsyncRead + Unpin> BodyReader<R> {
         }
     }
 
-    /// The next frame's payload; `Err(Closed)` at a clean end of stream.
-    pub async fn next(&mut self) -> Result<Vec<u8>, ReadError> {
+    /// Applies `f` to the next frame's payload; `Err(Closed)` at a clean
+    /// end of stream.
+    pub async fn next_with<T>(&mut self, f: impl FnOnce(&[u8]) -> T) -> Result<T, ReadError> {
         use tokio::io::AsyncReadExt;
         loop {
             if let Some((body, used)) = decode(&self.buf[self.start..], self.max)? {
-                let out = body.to_vec();
+                let out = f(body);
                 self.start += used;
                 return Ok(out);
             }
-            if self.start > 0 && self.start * 2 >= self.buf.len() {
+            if self.start > 0 {
                 self.buf.drain(..self.start);
                 self.start = 0;
             }
-            let need = peek_len(&self.buf[self.start..], self.max)?
+            let need = peek_len(&self.buf, self.max)?
                 .map(|l| l + FRAME_HEADER_BYTES)
                 .unwrap_or(FRAME_HEADER_BYTES);
-            let have = self.buf.len() - self.start;
-            let want = need.saturating_sub(have).max(64 << 10);
-            let old = self.buf.len();
-            self.buf.resize(old + want, 0);
-            let n = self.inner.read(&mut self.buf[old..]).await;
-            match n {
-                Ok(0) => {
-                    self.buf.truncate(old);
-                    return Err(ReadError::Closed);
-                }
-                Ok(n) => self.buf.truncate(old + n),
-                Err(e) => {
-                    self.buf.truncate(old);
-                    return Err(e.into());
-                }
+            self.buf
+                .reserve(need.saturating_sub(self.buf.len()).max(64 << 10));
+            // Reads into spare capacity: no zero fill.
+            if self.inner.read_buf(&mut self.buf).await? == 0 {
+                return Err(ReadError::Closed);
             }
         }
     }

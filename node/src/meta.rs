@@ -223,8 +223,11 @@ async fn serve_conn(inner: Arc<Inner>, sock: TcpStream) {
         let _ = cfs_frame::encode_with(out, |o| bincode::serialize_into(o, m));
     }));
     // The first frame must be a Hello of this cluster.
-    let client = match reader.next().await {
-        Ok(body) => match cfs_frame::decode_body::<RequestFrame>(&body, MESSAGE_BYTES_MAX) {
+    let first = reader
+        .next_with(|b| cfs_frame::decode_body::<RequestFrame>(b, MESSAGE_BYTES_MAX))
+        .await;
+    let client = match first {
+        Ok(decoded) => match decoded {
             Ok(RequestFrame {
                 id,
                 req:
@@ -318,15 +321,18 @@ async fn serve_conn(inner: Arc<Inner>, sock: TcpStream) {
         }
     });
     loop {
-        let body = match reader.next().await {
-            Ok(b) => b,
+        let decoded = match reader
+            .next_with(|b| cfs_frame::decode_body::<RequestFrame>(b, MESSAGE_BYTES_MAX))
+            .await
+        {
+            Ok(d) => d,
             Err(cfs_frame::ReadError::Closed) => break,
             Err(e) => {
                 warn!("client session: {e}; closed");
                 break;
             }
         };
-        let f = match cfs_frame::decode_body::<RequestFrame>(&body, MESSAGE_BYTES_MAX) {
+        let f = match decoded {
             Ok(f) => f,
             Err(e) => {
                 warn!("client session: {e}; closed");

@@ -107,7 +107,7 @@ impl Conn {
             Response::Refused { reason } => return Err(err(format!("refused: {reason}"))),
             other => return Err(err(format!("bad handshake reply {other:?}"))),
         }
-        reader.max = FRAME_BYTES_MAX;
+        reader.set_max(FRAME_BYTES_MAX);
         let (tx, rx) = mpsc::unbounded_channel::<Envelope<Request>>();
         tokio::spawn(cfs_frame::write_batched(w, rx, proto::encode::<Request>));
         let pending: Pending = Arc::default();

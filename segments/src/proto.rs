@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
-use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::io::AsyncRead;
 
 use crate::format::SegmentId;
 use crate::layout::Layout;
@@ -93,11 +93,10 @@ pub fn decode<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<Envelope<T>, 
     cfs_frame::decode_body(body, FRAME_BYTES_MAX)
 }
 
-/// Reads frames from a stream with a size limit.
+/// Reads envelopes from a stream with a size limit (`max`, raised after
+/// the handshake).
 pub struct FrameReader<R> {
-    inner: R,
-    buf: Vec<u8>,
-    pub max: usize,
+    inner: cfs_frame::BodyReader<R>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -115,29 +114,20 @@ pub enum ReadError {
 impl<R: AsyncRead + Unpin> FrameReader<R> {
     pub fn new(inner: R, max: usize) -> Self {
         FrameReader {
-            inner,
-            buf: Vec::new(),
-            max,
+            inner: cfs_frame::BodyReader::new(inner, max),
         }
     }
 
+    pub fn set_max(&mut self, max: usize) {
+        self.inner.max = max;
+    }
+
     pub async fn next<T: for<'de> Deserialize<'de>>(&mut self) -> Result<Envelope<T>, ReadError> {
-        loop {
-            if let Some((body, used)) = cfs_frame::decode(&self.buf, self.max)? {
-                let m = decode(body).map_err(ReadError::Malformed);
-                self.buf.drain(..used);
-                return m;
-            }
-            let need = cfs_frame::peek_len(&self.buf, self.max)?
-                .map(|l| l + cfs_frame::FRAME_HEADER_BYTES)
-                .unwrap_or(cfs_frame::FRAME_HEADER_BYTES);
-            let old = self.buf.len();
-            self.buf.reserve((need - old.min(need)).max(64 << 10));
-            // Reads into spare capacity: no zero fill.
-            let n = self.inner.read_buf(&mut self.buf).await?;
-            if n == 0 {
-                return Err(ReadError::Closed);
-            }
+        match self.inner.next_with(|body| decode(body)).await {
+            Ok(m) => m.map_err(ReadError::Malformed),
+            Err(cfs_frame::ReadError::Closed) => Err(ReadError::Closed),
+            Err(cfs_frame::ReadError::Io(e)) => Err(ReadError::Io(e)),
+            Err(cfs_frame::ReadError::Frame(e)) => Err(ReadError::Frame(e)),
         }
     }
 }

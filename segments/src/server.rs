@@ -277,7 +277,7 @@ impl SegmentServer {
         use tokio::io::AsyncWriteExt;
         let _ = w.write_all(&out).await;
         verdict?;
-        reader.max = FRAME_BYTES_MAX;
+        reader.set_max(FRAME_BYTES_MAX);
         let (tx, rx) = mpsc::channel::<Envelope<Response>>(CONN_REPLY_QUEUE_MAX);
         let writer = tokio::spawn(cfs_frame::write_batched(w, rx, proto::encode::<Response>));
         let result = loop {

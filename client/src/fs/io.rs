@@ -71,27 +71,14 @@ impl Shared {
         }
         let ranges: Vec<(u64, Vec<u8>)> = std::mem::take(&mut f.dirty).into_iter().collect();
         f.dirty_bytes = 0;
-        let span = tracing::debug_span!("flush", ino, ranges = ranges.len());
-        let refs = match self.data.write_ranges(&ranges).instrument(span).await {
-            Ok(r) => r,
-            Err(e) => {
-                // Keep the bytes: a later flush may succeed.
-                for (o, d) in ranges {
-                    f.dirty_bytes += d.len();
-                    f.dirty.insert(o, d);
-                }
-                return Err(e);
+        if let Err(e) = self.commit_ranges(ino, &ranges).await {
+            // Keep the bytes: a later flush may succeed (rewriting stripes
+            // that were written but not committed is harmless).
+            for (o, d) in ranges {
+                f.dirty_bytes += d.len();
+                f.dirty.insert(o, d);
             }
-        };
-        for chunk in refs.chunks(1024) {
-            self.mutate(
-                Creds::root(),
-                Op::Write {
-                    ino,
-                    extents: chunk.to_vec(),
-                },
-            )
-            .await?;
+            return Err(e);
         }
         f.size = None;
         f.ext = None;
