@@ -16,9 +16,13 @@ pub const EXTENT_LEN_MAX: u64 = 8 << 20;
 
 /// Why an operation did not apply: a POSIX error (a normal outcome, the
 /// same on every replica) or a failure of the local database (fatal).
-enum Fail {
+pub(crate) enum Fail {
     Fs(Errno),
     Db(DbError),
+    /// Not applied and not recorded as the operation's outcome: the
+    /// proposer retries (EAGAIN: keys held by an open transaction) or
+    /// turns to a cross-shard transaction (EXDEV).
+    Retry(Errno),
 }
 
 impl From<Errno> for Fail {
@@ -32,19 +36,38 @@ impl From<DbError> for Fail {
     }
 }
 
-type R2<T> = Result<T, Fail>;
+pub(crate) type R2<T> = Result<T, Fail>;
 
 /// Applies `op` (decided on `shard`) to `txn`. The outer error is a
 /// database failure; the inner result is the operation's outcome. A failed
 /// operation leaves `txn` unchanged.
+///
+/// Two outcomes are not recorded for retries of the same operation id,
+/// because the operation did not happen and the proposer tries again:
+/// EXDEV (it needs another shard's keys: the proposer runs it as a
+/// cross-shard transaction, see [`crate::tx`]) and EAGAIN (it touches keys
+/// an open transaction holds).
 pub fn apply(txn: &mut Txn<'_>, shard: u32, lop: &LoggedOp) -> Result<ApplyResult, DbError> {
+    txn.set_owner(Some(shard));
     let outcome_key = (lop.op_id != 0).then(|| keys::outcome(lop.client, lop.op_id));
     if let Some(k) = &outcome_key {
         if let Some(r) = txn.get::<ApplyResult>(k)? {
             return Ok(r);
         }
     }
-    let r = match apply_inner(txn, shard, lop) {
+    let res = match &lop.op {
+        Op::TxPrepare { .. } | Op::TxDecide { .. } | Op::TxFinish { .. } => {
+            crate::tx::apply(txn, shard, lop)
+        }
+        _ => apply_inner(txn, shard, lop, None).and_then(|a| {
+            if let Some(e) = txn.foreign_write() {
+                return Err(Fail::Db(e));
+            }
+            crate::tx::check_locks(txn, shard)?;
+            Ok(a)
+        }),
+    };
+    let r = match res {
         Ok(a) => {
             txn.keep();
             Ok(a)
@@ -52,6 +75,14 @@ pub fn apply(txn: &mut Txn<'_>, shard: u32, lop: &LoggedOp) -> Result<ApplyResul
         Err(Fail::Fs(e)) => {
             txn.rollback();
             Err(e)
+        }
+        Err(Fail::Retry(e)) => {
+            txn.rollback();
+            return Ok(Err(e));
+        }
+        Err(Fail::Db(DbError::NotOwned { .. })) => {
+            txn.rollback();
+            return Ok(Err(Errno::EXDEV));
         }
         Err(Fail::Db(e)) => {
             txn.rollback();
@@ -66,6 +97,19 @@ pub fn apply(txn: &mut Txn<'_>, shard: u32, lop: &LoggedOp) -> Result<ApplyResul
         txn.keep();
     }
     Ok(r)
+}
+
+/// Runs `lop` against the whole namespace without the one-shard
+/// restriction, leaving its changes in `txn`'s current entry: how a
+/// coordinator plans a cross-shard operation. `new_ino` places a created
+/// inode (a directory on another shard).
+pub fn plan(txn: &mut Txn<'_>, lop: &LoggedOp, new_ino: Option<Ino>) -> Result<ApplyResult, DbError> {
+    txn.set_owner(None);
+    match apply_inner(txn, shard_of(lop.op.home()), lop, new_ino) {
+        Ok(a) => Ok(Ok(a)),
+        Err(Fail::Fs(e)) | Err(Fail::Retry(e)) => Ok(Err(e)),
+        Err(Fail::Db(e)) => Err(e),
+    }
 }
 
 /// Outcomes remembered per client for retries: a client never has more
@@ -101,10 +145,10 @@ pub fn ensure_root(txn: &mut Txn<'_>, shard: u32) -> Result<(), DbError> {
     Ok(())
 }
 
-fn apply_inner(t: &mut Txn<'_>, shard: u32, lop: &LoggedOp) -> R2<Applied> {
+fn apply_inner(t: &mut Txn<'_>, shard: u32, lop: &LoggedOp, new_ino: Option<Ino>) -> R2<Applied> {
     let c = &lop.creds;
     let now = lop.now;
-    if shard_of(lop.op.home()) != shard {
+    if lop.op.shard() != shard {
         return Err(Errno::EXDEV.into());
     }
     match &lop.op {
@@ -126,6 +170,7 @@ fn apply_inner(t: &mut Txn<'_>, shard: u32, lop: &LoggedOp) -> R2<Applied> {
             *rdev,
             target.as_deref(),
             *excl,
+            new_ino,
         ),
         Op::Link { ino, parent, name } => link(t, c, now, *ino, *parent, name),
         Op::Unlink { parent, name } => unlink(t, c, now, *parent, name),
@@ -177,6 +222,9 @@ fn apply_inner(t: &mut Txn<'_>, shard: u32, lop: &LoggedOp) -> R2<Applied> {
                 }
             }
             Ok(Applied::None)
+        }
+        Op::TxPrepare { .. } | Op::TxDecide { .. } | Op::TxFinish { .. } => {
+            Err(Errno::EINVAL.into())
         }
     }
 }
@@ -283,6 +331,7 @@ fn create(
     rdev: u32,
     target: Option<&[u8]>,
     excl: bool,
+    new_ino: Option<Ino>,
 ) -> R2<Applied> {
     check_name(name)?;
     let mut p = dir(t, parent)?;
@@ -319,9 +368,19 @@ fn create(
     if kind == libc::S_IFDIR && p.nlink >= LINK_MAX {
         return Err(Errno::EMLINK.into());
     }
-    let n: u64 = t.get(&keys::next_ino(shard))?.unwrap_or(2);
-    t.put(keys::next_ino(shard), &(n + 1));
-    let ino = make_ino(shard, n);
+    let (ino, n) = match new_ino {
+        Some(ino) => {
+            if get_inode(t, ino)?.is_some() {
+                return Err(Errno::EEXIST.into());
+            }
+            (ino, ino & 0xffff_ffff)
+        }
+        None => {
+            let n: u64 = t.get(&keys::next_ino(shard))?.unwrap_or(2);
+            t.put(keys::next_ino(shard), &(n + 1));
+            (make_ino(shard, n), n)
+        }
+    };
     let mut perms = mode & 0o7777;
     let gid = if p.mode & libc::S_ISGID != 0 {
         if kind == libc::S_IFDIR {
@@ -478,9 +537,6 @@ fn rename(
         if n == b"." || n == b".." {
             return Err(Errno::EINVAL.into());
         }
-    }
-    if shard_of(newparent) != shard_of(parent) {
-        return Err(Errno::EXDEV.into());
     }
     let mut p = dir(t, parent)?;
     let (sino, skind, scookie) = get_dentry(t, parent, name)?.ok_or(Fail::Fs(Errno::ENOENT))?;

@@ -14,7 +14,14 @@
 //! | `k` ino flock:u8 client owner start   | [`LockRange`]         |
 //! | `o` ino                               | (orphan: nlink 0)     |
 //! | `r` client op_id                      | outcome of the op     |
+//! | `t` key                               | tx holding `key` (lock) |
+//! | `p` shard tx                          | prepared intent       |
+//! | `q` shard tx                          | decision (commit?)    |
+//! | `T` shard                             | intents open (count)  |
 //!
+//! Every key but `r` belongs to one shard ([`owner`]): a shard's entries
+//! read and write only its own keys, so replicas that applied other shards
+//! to different points still agree.
 //! [`Inode`]: crate::types::Inode
 //! [`ExtentRef`]: crate::types::ExtentRef
 //! [`LockRange`]: crate::types::LockRange
@@ -84,6 +91,50 @@ pub fn orphan(ino: Ino) -> Vec<u8> {
 
 pub fn outcome(client: u64, op_id: u64) -> Vec<u8> {
     with(b'r', &[&client.to_be_bytes(), &op_id.to_be_bytes()])
+}
+
+pub fn tx_lock(key: &[u8]) -> Vec<u8> {
+    with(b't', &[key])
+}
+pub fn intent(shard: u32, tx: (u64, u64)) -> Vec<u8> {
+    with(
+        b'p',
+        &[&shard.to_be_bytes(), &tx.0.to_be_bytes(), &tx.1.to_be_bytes()],
+    )
+}
+pub fn intent_prefix() -> Vec<u8> {
+    vec![b'p']
+}
+pub fn decision(shard: u32, tx: (u64, u64)) -> Vec<u8> {
+    with(
+        b'q',
+        &[&shard.to_be_bytes(), &tx.0.to_be_bytes(), &tx.1.to_be_bytes()],
+    )
+}
+pub fn open_intents(shard: u32) -> Vec<u8> {
+    with(b'T', &[&shard.to_be_bytes()])
+}
+
+/// Whether `key` is namespace data (inodes, entries, attributes, locks)
+/// rather than bookkeeping: only data keys may be in a transaction.
+pub fn is_data(key: &[u8]) -> bool {
+    matches!(
+        key.first(),
+        Some(b'i' | b'd' | b'c' | b'l' | b'x' | b'e' | b'k' | b'o' | b'n')
+    )
+}
+
+/// The shard `key` belongs to; `None` for keys every shard may write
+/// (outcomes) and for malformed keys.
+pub fn owner(key: &[u8]) -> Option<u32> {
+    let be64 = |k: &[u8]| k.get(1..9).map(|b| u64::from_be_bytes(b.try_into().expect("8 bytes")));
+    let be32 = |k: &[u8]| k.get(1..5).map(|b| u32::from_be_bytes(b.try_into().expect("4 bytes")));
+    match key.first()? {
+        b'i' | b'd' | b'c' | b'l' | b'x' | b'e' | b'k' | b'o' => be64(key).map(crate::types::shard_of),
+        b'n' | b'a' | b'p' | b'q' | b'T' => be32(key),
+        b't' => owner(&key[1..]),
+        _ => None,
+    }
 }
 
 /// The smallest key greater than every key starting with `prefix`.

@@ -3,12 +3,14 @@
 //! symlinks, xattrs, extent maps and locks in RocksDB.
 
 pub mod apply;
+pub mod check;
 pub mod keys;
 pub mod materializer;
 pub mod ops;
 pub mod perm;
 pub mod read;
 pub mod store;
+pub mod tx;
 pub mod types;
 
 pub use materializer::{Change, Waiters};

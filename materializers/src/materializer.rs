@@ -113,6 +113,13 @@ fn changes(op: &LoggedOp, r: &Applied) -> Change {
         | Op::Write { ino, .. }
         | Op::Fallocate { ino, .. } => ch.inodes.push(*ino),
         Op::Lock { .. } | Op::ReleaseLocks { .. } | Op::Reclaim { .. } => {}
+        Op::TxPrepare { .. } | Op::TxDecide { .. } | Op::TxFinish { .. } => {
+            if let Applied::Changed { inodes, entries } = r {
+                ch.inodes.extend(inodes);
+                ch.entries.extend(entries.iter().cloned());
+            }
+            return ch;
+        }
     }
     if let Some(i) = touched {
         if !ch.inodes.contains(&i) {

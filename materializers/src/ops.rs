@@ -4,6 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::tx::{Part, TxId};
 use crate::types::*;
 
 /// Log entry kind of namespace operations.
@@ -99,6 +100,35 @@ pub enum Op {
     Reclaim {
         ino: Ino,
     },
+    /// Cross-shard transaction, phase 1 on each participant `shard`:
+    /// checks `part`'s reads against the shard's state and locks its keys.
+    /// Only metadata services propose these (clients cannot).
+    TxPrepare {
+        tx: TxId,
+        shard: u32,
+        /// The decision shard (the operation's home).
+        home: u32,
+        participants: Vec<u32>,
+        part: Part,
+    },
+    /// Phase 2 on the home shard: the first decision for `tx` wins and is
+    /// the commit point. A commit also records the operation's outcome for
+    /// `(client, op_id)` so that a retry returns it.
+    TxDecide {
+        tx: TxId,
+        shard: u32,
+        commit: bool,
+        client: u64,
+        op_id: u64,
+        outcome: ApplyResult,
+    },
+    /// Phase 3 on each participant: applies (commit) or drops the intent
+    /// and releases its locks; on the home shard also forgets the decision.
+    TxFinish {
+        tx: TxId,
+        shard: u32,
+        commit: bool,
+    },
 }
 
 impl Op {
@@ -118,7 +148,24 @@ impl Op {
             | Op::Lock { ino, .. }
             | Op::ReleaseLocks { ino, .. }
             | Op::Reclaim { ino } => *ino,
+            Op::TxPrepare { shard, .. }
+            | Op::TxDecide { shard, .. }
+            | Op::TxFinish { shard, .. } => make_ino(*shard, 1),
         }
+    }
+
+    /// Shard whose log carries this operation.
+    pub fn shard(&self) -> u32 {
+        shard_of(self.home())
+    }
+
+    /// Whether this is a step of the cross-shard protocol (never accepted
+    /// from a client).
+    pub fn is_tx_step(&self) -> bool {
+        matches!(
+            self,
+            Op::TxPrepare { .. } | Op::TxDecide { .. } | Op::TxFinish { .. }
+        )
     }
 }
 
@@ -130,6 +177,17 @@ pub enum Applied {
     Attr(Inode),
     /// A lock request conflicted with this lock.
     Conflict(LockRange),
+    /// The decision of a transaction; `outcome` is the operation's
+    /// recorded outcome when an earlier attempt already committed it.
+    Decision {
+        commit: bool,
+        outcome: Option<Box<ApplyResult>>,
+    },
+    /// A committed transaction changed these inodes and entries here.
+    Changed {
+        inodes: Vec<Ino>,
+        entries: Vec<(Ino, Vec<u8>)>,
+    },
 }
 
 pub type ApplyResult = Result<Applied, Errno>;

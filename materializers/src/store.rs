@@ -2,6 +2,7 @@
 //! entries is applied in before it is written atomically with the shard's
 //! applied position.
 
+use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -21,6 +22,10 @@ pub enum DbError {
     Rocks(#[from] rocksdb::Error),
     #[error("corrupt value under key {key:02x?}: {reason}")]
     Corrupt { key: Vec<u8>, reason: String },
+    /// An entry of one shard reached for a key of another (the operation
+    /// needs a cross-shard transaction); not a database failure.
+    #[error("key {key:02x?} belongs to shard {shard}")]
+    NotOwned { key: Vec<u8>, shard: u32 },
 }
 
 /// A raw key and value.
@@ -138,10 +143,32 @@ impl NamespaceDb {
 
 /// Pending changes of one batch (`batch`) and of the entry being applied
 /// (`entry`): an entry that fails is rolled back by dropping `entry`.
+///
+/// A `Txn` also records what the current entry read (the value it saw
+/// before writing the key itself) and which ranges it scanned: the lock
+/// check of a shard with open transactions, and a coordinator planning a
+/// cross-shard operation ([`crate::tx::plan`]), use that footprint. With an
+/// owner shard set, reaching for another shard's key fails with
+/// [`DbError::NotOwned`].
 pub struct Txn<'a> {
     db: &'a NamespaceDb,
     batch: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
     entry: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    owner: Option<u32>,
+    foreign: Option<(Vec<u8>, u32)>,
+    reads: RefCell<BTreeMap<Vec<u8>, Option<Vec<u8>>>>,
+    scans: RefCell<Vec<Scan>>,
+}
+
+/// A scanned range and the live keys the entry saw in it.
+pub type Scan = (Vec<u8>, Vec<u8>, Vec<KeyValue>);
+
+/// What one entry (or one plan) read, scanned and wrote.
+#[derive(Debug, Default)]
+pub struct Footprint {
+    pub reads: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    pub scans: Vec<Scan>,
+    pub writes: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
 }
 
 impl<'a> Txn<'a> {
@@ -150,14 +177,55 @@ impl<'a> Txn<'a> {
             db,
             batch: BTreeMap::new(),
             entry: BTreeMap::new(),
+            owner: None,
+            foreign: None,
+            reads: RefCell::default(),
+            scans: RefCell::default(),
         }
     }
 
-    pub fn get_raw(&self, key: &[u8]) -> Result<Option<Vec<u8>>, DbError> {
-        if let Some(v) = self.entry.get(key).or_else(|| self.batch.get(key)) {
+    /// Restricts the entries applied from now on to `shard`'s keys.
+    pub fn set_owner(&mut self, shard: Option<u32>) {
+        self.owner = shard;
+    }
+
+    fn check_owner(&self, key: &[u8]) -> Result<(), DbError> {
+        match (self.owner, keys::owner(key)) {
+            (Some(o), Some(s)) if s != o => Err(DbError::NotOwned {
+                key: key.to_vec(),
+                shard: s,
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// The value before the current entry's own writes.
+    fn base(&self, key: &[u8]) -> Result<Option<Vec<u8>>, DbError> {
+        if let Some(v) = self.batch.get(key) {
             return Ok(v.clone());
         }
         self.db.get_raw(key)
+    }
+
+    pub fn get_raw(&self, key: &[u8]) -> Result<Option<Vec<u8>>, DbError> {
+        self.check_owner(key)?;
+        if let Some(v) = self.entry.get(key) {
+            return Ok(v.clone());
+        }
+        let v = self.base(key)?;
+        self.reads
+            .borrow_mut()
+            .entry(key.to_vec())
+            .or_insert_with(|| v.clone());
+        Ok(v)
+    }
+
+    /// Reads without recording or owner check (bookkeeping keys).
+    pub fn peek(&self, key: &[u8]) -> Result<Option<Vec<u8>>, DbError> {
+        if let Some(v) = self.entry.get(key) {
+            return Ok(v.clone());
+        }
+        self.base(key)
     }
 
     pub fn get<T: DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, DbError> {
@@ -167,45 +235,90 @@ impl<'a> Txn<'a> {
         }
     }
 
+    fn note_write(&mut self, key: &[u8]) {
+        if self.foreign.is_none() {
+            if let Err(DbError::NotOwned { key, shard }) = self.check_owner(key) {
+                self.foreign = Some((key, shard));
+            }
+        }
+    }
+
     pub fn put<T: Serialize>(&mut self, key: Vec<u8>, v: &T) {
+        self.note_write(&key);
         self.entry.insert(key, Some(encode(v)));
     }
 
     pub fn put_raw(&mut self, key: Vec<u8>, v: Vec<u8>) {
+        self.note_write(&key);
         self.entry.insert(key, Some(v));
     }
 
     pub fn delete(&mut self, key: Vec<u8>) {
+        self.note_write(&key);
         self.entry.insert(key, None);
+    }
+
+    /// The first key of another shard the current entry wrote, if any.
+    pub fn foreign_write(&self) -> Option<DbError> {
+        self.foreign.as_ref().map(|(key, shard)| DbError::NotOwned {
+            key: key.clone(),
+            shard: *shard,
+        })
     }
 
     /// Live keys in `[start, end)`, merging the overlay over the database.
     pub fn scan(&self, start: &[u8], end: &[u8]) -> Result<Vec<KeyValue>, DbError> {
+        self.check_owner(start)?;
         let mut m: BTreeMap<Vec<u8>, Option<Vec<u8>>> = self
             .db
             .scan(start, end, usize::MAX)?
             .into_iter()
             .map(|(k, v)| (k, Some(v)))
             .collect();
-        for layer in [&self.batch, &self.entry] {
-            for (k, v) in layer.range(start.to_vec()..end.to_vec()) {
-                m.insert(k.clone(), v.clone());
-            }
+        for (k, v) in self.batch.range(start.to_vec()..end.to_vec()) {
+            m.insert(k.clone(), v.clone());
+        }
+        let base: Vec<KeyValue> = m
+            .iter()
+            .filter_map(|(k, v)| v.clone().map(|v| (k.clone(), v)))
+            .collect();
+        self.scans
+            .borrow_mut()
+            .push((start.to_vec(), end.to_vec(), base));
+        for (k, v) in self.entry.range(start.to_vec()..end.to_vec()) {
+            m.insert(k.clone(), v.clone());
         }
         Ok(m.into_iter()
             .filter_map(|(k, v)| v.map(|v| (k, v)))
             .collect())
     }
 
+    /// What the current entry read, scanned and wrote so far.
+    pub fn footprint(&self) -> Footprint {
+        Footprint {
+            reads: self.reads.borrow().clone(),
+            scans: self.scans.borrow().clone(),
+            writes: self.entry.clone(),
+        }
+    }
+
+    fn clear_entry(&mut self) {
+        self.entry.clear();
+        self.reads.borrow_mut().clear();
+        self.scans.borrow_mut().clear();
+        self.foreign = None;
+    }
+
     /// The entry succeeded: keep its changes.
     pub fn keep(&mut self) {
         let e = std::mem::take(&mut self.entry);
         self.batch.extend(e);
+        self.clear_entry();
     }
 
     /// The entry failed: forget its changes.
     pub fn rollback(&mut self) {
-        self.entry.clear();
+        self.clear_entry();
     }
 
     pub fn is_empty(&self) -> bool {

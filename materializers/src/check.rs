@@ -1,0 +1,145 @@
+//! A namespace consistency check (an fsck of the metadata): the
+//! invariants every replica must hold between operations, across shards.
+
+use std::collections::{BTreeMap, HashMap};
+
+use crate::keys;
+use crate::store::{decode, DbError, NamespaceDb};
+use crate::types::*;
+
+/// What the check found.
+#[derive(Debug, Default)]
+pub struct Report {
+    pub inodes: usize,
+    pub entries: usize,
+    /// Broken invariants, one line each.
+    pub problems: Vec<String>,
+    /// Cross-shard transactions still open (intents, locks, decisions):
+    /// normal while operations run, a problem once the cluster is idle.
+    pub open_transactions: usize,
+}
+
+fn be64(b: &[u8]) -> u64 {
+    u64::from_be_bytes(b.try_into().expect("8 bytes"))
+}
+
+/// Checks that every entry names an existing inode of its kind; that link
+/// counts equal the entries naming a file (directories: 2 + their
+/// subdirectories); that each directory's entry count, cookies and parent
+/// agree with its entries; and that every directory reaches the root (no
+/// cycles, nothing detached).
+pub fn check(db: &NamespaceDb) -> Result<Report, DbError> {
+    let mut r = Report::default();
+    let mut inodes: BTreeMap<Ino, Inode> = BTreeMap::new();
+    for (k, v) in db.scan(b"i", b"j", usize::MAX)? {
+        let i: Inode = decode(&k, &v)?;
+        inodes.insert(i.ino, i);
+    }
+    r.inodes = inodes.len();
+    let mut links: HashMap<Ino, u32> = HashMap::new();
+    let mut subdirs: HashMap<Ino, u32> = HashMap::new();
+    let mut counts: HashMap<Ino, u64> = HashMap::new();
+    let mut named_by: HashMap<Ino, Ino> = HashMap::new();
+    for (k, v) in db.scan(b"d", b"e", usize::MAX)? {
+        r.entries += 1;
+        let parent = be64(&k[1..9]);
+        let name = String::from_utf8_lossy(&k[9..]).into_owned();
+        let (ino, kind, cookie): (Ino, u32, u64) = decode(&k, &v)?;
+        *counts.entry(parent).or_default() += 1;
+        match inodes.get(&parent) {
+            Some(p) if p.is_dir() => {}
+            _ => r
+                .problems
+                .push(format!("entry {parent:#x}/{name}: parent is not a directory")),
+        }
+        match db.get_raw(&keys::cookie(parent, cookie))? {
+            Some(n) if n == k[9..] => {}
+            _ => r
+                .problems
+                .push(format!("entry {parent:#x}/{name}: cookie {cookie} missing")),
+        }
+        let Some(i) = inodes.get(&ino) else {
+            r.problems
+                .push(format!("entry {parent:#x}/{name} names missing inode {ino:#x}"));
+            continue;
+        };
+        if i.kind() != kind {
+            r.problems
+                .push(format!("entry {parent:#x}/{name}: kind differs from inode {ino:#x}"));
+        }
+        *links.entry(ino).or_default() += 1;
+        if i.is_dir() {
+            *subdirs.entry(parent).or_default() += 1;
+            if let Some(other) = named_by.insert(ino, parent) {
+                r.problems.push(format!(
+                    "directory {ino:#x} is named in {other:#x} and {parent:#x}"
+                ));
+            }
+            if i.parent != parent {
+                r.problems.push(format!(
+                    "directory {ino:#x} records parent {:#x} but is named in {parent:#x}",
+                    i.parent
+                ));
+            }
+        }
+    }
+    for (ino, i) in &inodes {
+        let n = links.get(ino).copied().unwrap_or(0);
+        if i.is_dir() {
+            let want = 2 + subdirs.get(ino).copied().unwrap_or(0);
+            if i.nlink != want {
+                r.problems.push(format!(
+                    "directory {ino:#x}: nlink {} but {want} expected",
+                    i.nlink
+                ));
+            }
+            if i.entries != counts.get(ino).copied().unwrap_or(0) {
+                r.problems.push(format!(
+                    "directory {ino:#x}: {} entries recorded, {} present",
+                    i.entries,
+                    counts.get(ino).copied().unwrap_or(0)
+                ));
+            }
+            if *ino != ROOT_INO && n == 0 {
+                r.problems.push(format!("directory {ino:#x} has no entry"));
+            }
+            // Reaches the root?
+            let mut at = *ino;
+            let mut steps = 0;
+            while at != ROOT_INO {
+                at = match inodes.get(&at) {
+                    Some(d) => d.parent,
+                    None => break,
+                };
+                steps += 1;
+                if steps > inodes.len() {
+                    r.problems
+                        .push(format!("directory {ino:#x} is in a cycle"));
+                    break;
+                }
+            }
+            if at != ROOT_INO {
+                r.problems
+                    .push(format!("directory {ino:#x} does not reach the root"));
+            }
+        } else {
+            if i.nlink != n {
+                r.problems.push(format!(
+                    "inode {ino:#x}: nlink {} but {n} entries name it",
+                    i.nlink
+                ));
+            }
+            if n == 0 && db.get_raw(&keys::orphan(*ino))?.is_none() {
+                r.problems
+                    .push(format!("inode {ino:#x} has no entry and is not an orphan"));
+            }
+        }
+    }
+    if !inodes.contains_key(&ROOT_INO) {
+        r.problems.push("no root directory".into());
+    }
+    for tag in [b't', b'p', b'q'] {
+        r.open_transactions += db.scan(&[tag], &[tag + 1], usize::MAX)?.len();
+    }
+    Ok(r)
+}

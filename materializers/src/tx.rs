@@ -1,0 +1,653 @@
+//! Cross-shard operations: a presumed-abort two-phase commit whose every
+//! step is an entry in a shard's log.
+//!
+//! A shard's entries may only read and write that shard's keys (see
+//! [`crate::keys::owner`]), so an operation that spans shards (a directory
+//! placed on another shard, a rename or link between directories of two
+//! shards, removing a name whose inode lives elsewhere) runs in three
+//! phases, driven by the metadata service that received it (the
+//! *coordinator*):
+//!
+//! 1. **Plan** (local, no log): the coordinator runs the operation against
+//!    its own replica of every shard ([`plan`]) and records what it read,
+//!    scanned and wrote, split by shard into [`Part`]s.
+//! 2. **Prepare** on each participant: the part's reads are compared with
+//!    the shard's state at that log position (compare-and-swap), and its
+//!    keys are locked. A mismatch or a key another transaction holds fails
+//!    the prepare.
+//! 3. **Decide** on the home shard (the operation's parent directory's): the
+//!    first decision entry for a transaction wins; it is the commit point
+//!    and records the operation's outcome for retries of the same client
+//!    operation.
+//! 4. **Finish** on each participant (the home shard last, which then
+//!    forgets the decision): commit writes the planned values, abort drops
+//!    them; both release the locks.
+//!
+//! While a key is locked, ordinary entries that read or write it fail with
+//! EAGAIN (not recorded; the proposer retries), so a transaction is
+//! serializable with everything else on its shards.
+//!
+//! Recovery: any node finds intents older than a timeout ([`recover`]),
+//! proposes an abort decision (which loses if a commit got there first) and
+//! finishes the transaction the way the winning decision says. A
+//! coordinator crash between any two phases therefore ends with every
+//! participant committed or every participant aborted.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::apply::{Fail, R2};
+use crate::keys;
+use crate::ops::{Applied, ApplyResult, LoggedOp, Op};
+use crate::store::{decode, DbError, NamespaceDb, Scan, Txn};
+use crate::types::*;
+
+/// A transaction attempt: (coordinator id, sequence). Each attempt of an
+/// operation gets a new id.
+pub type TxId = (u64, u64);
+
+/// What one shard does in a transaction.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Part {
+    /// Keys the plan read, with the value it saw (`None`: absent).
+    pub reads: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+    /// Ranges the plan scanned, with the live keys it saw.
+    pub scans: Vec<Scan>,
+    /// The values to write on commit (`None`: delete).
+    pub writes: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+}
+
+impl Part {
+    /// Every key this part locks.
+    fn keys(&self) -> BTreeSet<&[u8]> {
+        let mut k: BTreeSet<&[u8]> = BTreeSet::new();
+        k.extend(self.reads.iter().map(|(k, _)| k.as_slice()));
+        k.extend(self.writes.iter().map(|(k, _)| k.as_slice()));
+        for (_, _, found) in &self.scans {
+            k.extend(found.iter().map(|(k, _)| k.as_slice()));
+        }
+        k
+    }
+}
+
+/// A prepared part, waiting for its decision.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Intent {
+    pub home: u32,
+    pub participants: Vec<u32>,
+    pub part: Part,
+    /// The coordinator's clock when it proposed the prepare.
+    pub since: Nanos,
+}
+
+/// Applies a protocol step (decided on `shard`).
+pub(crate) fn apply(t: &mut Txn<'_>, shard: u32, lop: &LoggedOp) -> R2<Applied> {
+    match &lop.op {
+        Op::TxPrepare {
+            tx,
+            shard: s,
+            home,
+            participants,
+            part,
+        } if *s == shard => prepare(t, shard, *tx, *home, participants, part, lop.now),
+        Op::TxDecide {
+            tx,
+            shard: s,
+            commit,
+            client,
+            op_id,
+            outcome,
+        } if *s == shard => decide(t, shard, *tx, *commit, *client, *op_id, outcome),
+        Op::TxFinish {
+            tx,
+            shard: s,
+            commit,
+        } if *s == shard => finish(t, shard, *tx, *commit),
+        _ => Err(Errno::EINVAL.into()),
+    }
+}
+
+fn open_intents(t: &Txn<'_>, shard: u32) -> R2<u64> {
+    let k = keys::open_intents(shard);
+    Ok(match t.peek(&k)? {
+        Some(v) => decode(&k, &v)?,
+        None => 0,
+    })
+}
+
+fn locked(t: &Txn<'_>, key: &[u8]) -> R2<bool> {
+    Ok(t.peek(&keys::tx_lock(key))?.is_some())
+}
+
+fn range_locked(t: &Txn<'_>, start: &[u8], end: &[u8]) -> R2<bool> {
+    Ok(!t.scan(&keys::tx_lock(start), &keys::tx_lock(end))?.is_empty())
+}
+
+/// Fails an ordinary entry (EAGAIN, not recorded) that read, scanned or
+/// wrote a key an open transaction on `shard` holds.
+pub(crate) fn check_locks(t: &Txn<'_>, shard: u32) -> R2<()> {
+    if open_intents(t, shard)? == 0 {
+        return Ok(());
+    }
+    let fp = t.footprint();
+    for k in fp.reads.keys().chain(fp.writes.keys()) {
+        if keys::is_data(k) && locked(t, k)? {
+            return Err(Fail::Retry(Errno::EAGAIN));
+        }
+    }
+    for (start, end, _) in &fp.scans {
+        if range_locked(t, start, end)? {
+            return Err(Fail::Retry(Errno::EAGAIN));
+        }
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn prepare(
+    t: &mut Txn<'_>,
+    shard: u32,
+    tx: TxId,
+    home: u32,
+    participants: &[u32],
+    part: &Part,
+    now: Nanos,
+) -> R2<Applied> {
+    let own = |k: &[u8]| keys::is_data(k) && keys::owner(k) == Some(shard);
+    let bounds = part.scans.iter().flat_map(|(s, e, _)| [s, e]);
+    if !part.keys().into_iter().all(own)
+        || !bounds.into_iter().all(|k| own(k))
+        || !participants.contains(&shard)
+        || !participants.contains(&home)
+    {
+        return Err(Errno::EINVAL.into());
+    }
+    if t.peek(&keys::intent(shard, tx))?.is_some() {
+        return Ok(Applied::None);
+    }
+    for k in part.keys() {
+        if locked(t, k)? {
+            return Err(Errno::EAGAIN.into());
+        }
+    }
+    for (start, end, _) in &part.scans {
+        if range_locked(t, start, end)? {
+            return Err(Errno::EAGAIN.into());
+        }
+    }
+    for (k, v) in &part.reads {
+        if t.get_raw(k)? != *v {
+            return Err(Errno::ESTALE.into());
+        }
+    }
+    for (start, end, found) in &part.scans {
+        if t.scan(start, end)? != *found {
+            return Err(Errno::ESTALE.into());
+        }
+    }
+    for k in part.keys() {
+        t.put(keys::tx_lock(k), &tx);
+    }
+    let intent = Intent {
+        home,
+        participants: participants.to_vec(),
+        part: part.clone(),
+        since: now,
+    };
+    t.put(keys::intent(shard, tx), &intent);
+    let n = open_intents(t, shard)?;
+    t.put(keys::open_intents(shard), &(n + 1));
+    Ok(Applied::None)
+}
+
+fn decide(
+    t: &mut Txn<'_>,
+    shard: u32,
+    tx: TxId,
+    commit: bool,
+    client: u64,
+    op_id: u64,
+    outcome: &ApplyResult,
+) -> R2<Applied> {
+    let dk = keys::decision(shard, tx);
+    if let Some(v) = t.peek(&dk)? {
+        let commit: bool = decode(&dk, &v)?;
+        return Ok(Applied::Decision {
+            commit,
+            outcome: None,
+        });
+    }
+    if commit && op_id != 0 {
+        if let Some(r) = t.get::<ApplyResult>(&keys::outcome(client, op_id))? {
+            t.put(dk, &false);
+            return Ok(Applied::Decision {
+                commit: false,
+                outcome: Some(Box::new(r)),
+            });
+        }
+    }
+    t.put(dk, &commit);
+    if commit && op_id != 0 {
+        t.put(keys::outcome(client, op_id), outcome);
+    }
+    Ok(Applied::Decision {
+        commit,
+        outcome: None,
+    })
+}
+
+fn finish(t: &mut Txn<'_>, shard: u32, tx: TxId, commit: bool) -> R2<Applied> {
+    let ik = keys::intent(shard, tx);
+    let mut inodes = Vec::new();
+    let mut entries = Vec::new();
+    if let Some(v) = t.peek(&ik)? {
+        let intent: Intent = decode(&ik, &v)?;
+        for k in intent.part.keys() {
+            t.delete(keys::tx_lock(k));
+        }
+        if commit {
+            for (k, v) in &intent.part.writes {
+                match v {
+                    Some(v) => t.put_raw(k.clone(), v.clone()),
+                    None => t.delete(k.clone()),
+                }
+                match k.first() {
+                    Some(b'i') if k.len() == 9 => {
+                        inodes.push(u64::from_be_bytes(k[1..9].try_into().expect("8 bytes")))
+                    }
+                    Some(b'd') if k.len() > 9 => entries.push((
+                        u64::from_be_bytes(k[1..9].try_into().expect("8 bytes")),
+                        k[9..].to_vec(),
+                    )),
+                    _ => {}
+                }
+            }
+        }
+        t.delete(ik);
+        let n = open_intents(t, shard)?;
+        t.put(keys::open_intents(shard), &n.saturating_sub(1));
+    }
+    let dk = keys::decision(shard, tx);
+    if t.peek(&dk)?.is_some() {
+        t.delete(dk);
+    }
+    if inodes.is_empty() && entries.is_empty() {
+        Ok(Applied::None)
+    } else {
+        Ok(Applied::Changed { inodes, entries })
+    }
+}
+
+/// A planned operation: its outcome, and for a success what each shard
+/// must check and write.
+pub struct Planned {
+    pub outcome: ApplyResult,
+    pub parts: BTreeMap<u32, Part>,
+}
+
+/// Plans `lop` on this node's replica of every shard (see [`crate::apply::plan`]).
+pub fn plan(db: &NamespaceDb, lop: &LoggedOp, new_ino: Option<Ino>) -> Result<Planned, DbError> {
+    let mut t = Txn::new(db);
+    let outcome = crate::apply::plan(&mut t, lop, new_ino)?;
+    let fp = t.footprint();
+    let mut parts: BTreeMap<u32, Part> = BTreeMap::new();
+    let owner = |k: &[u8]| {
+        keys::owner(k)
+            .filter(|_| keys::is_data(k))
+            .ok_or_else(|| DbError::Corrupt {
+                key: k.to_vec(),
+                reason: "a plan reached a key outside the namespace data".into(),
+            })
+    };
+    for (k, v) in fp.reads {
+        parts.entry(owner(&k)?).or_default().reads.push((k, v));
+    }
+    for s in fp.scans {
+        parts.entry(owner(&s.0)?).or_default().scans.push(s);
+    }
+    for (k, v) in fp.writes {
+        parts.entry(owner(&k)?).or_default().writes.push((k, v));
+    }
+    parts.entry(lop.op.shard()).or_default();
+    Ok(Planned { outcome, parts })
+}
+
+/// Every open intent in the database: (shard, transaction, intent).
+pub fn intents(db: &NamespaceDb) -> Result<Vec<(u32, TxId, Intent)>, DbError> {
+    let p = keys::intent_prefix();
+    let mut out = Vec::new();
+    for (k, v) in db.scan(&p, &keys::prefix_end(&p), usize::MAX)? {
+        if k.len() != 21 {
+            return Err(DbError::Corrupt {
+                key: k,
+                reason: "intent key length".into(),
+            });
+        }
+        let shard = u32::from_be_bytes(k[1..5].try_into().expect("4 bytes"));
+        let tx = (
+            u64::from_be_bytes(k[5..13].try_into().expect("8 bytes")),
+            u64::from_be_bytes(k[13..21].try_into().expect("8 bytes")),
+        );
+        out.push((shard, tx, decode(&k, &v)?));
+    }
+    Ok(out)
+}
+
+/// Shard a new directory named `name` in `parent` is placed on: spread by
+/// a hash of both (FNV-1a, stable across builds), as CephFS and Lustre DNE
+/// spread directories over metadata servers.
+pub fn place_dir(parent: Ino, name: &[u8], shards: &[u32]) -> u32 {
+    if shards.is_empty() {
+        return shard_of(parent);
+    }
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in parent.to_be_bytes().iter().chain(name) {
+        h ^= *b as u64;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    shards[(h % shards.len() as u64) as usize]
+}
+
+/// An inode number on `shard` for a directory created by transaction
+/// `tx`: drawn from the upper half of the shard's counter space (the local
+/// counter never gets there), unique per attempt; the plan checks it is
+/// free.
+pub fn tx_ino(shard: u32, tx: TxId) -> Ino {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in tx.0.to_be_bytes().iter().chain(&tx.1.to_be_bytes()) {
+        h ^= *b as u64;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    make_ino(shard, (1 << 47) | (h & ((1 << 47) - 1)))
+}
+
+/// What a coordinator needs from the node it runs on.
+pub trait Cluster: Sync {
+    /// Proposes `lop` on `shard` and returns the outcome this node's
+    /// materializer computed when it applied it.
+    fn propose(
+        &self,
+        shard: u32,
+        lop: LoggedOp,
+    ) -> impl Future<Output = Result<ApplyResult, Errno>> + Send;
+    /// Waits until this node applied everything decided on `shard` so far.
+    fn barrier(&self, shard: u32) -> impl Future<Output = Result<(), Errno>> + Send;
+    fn db(&self) -> &NamespaceDb;
+    /// The shards of the cluster.
+    fn shards(&self) -> &[u32];
+    /// A fresh (coordinator, sequence) pair: transaction ids and the
+    /// operation ids of protocol steps (deduplicated like client ones).
+    fn next_id(&self) -> (u64, u64);
+    fn now(&self) -> Nanos;
+    /// A named point of the protocol, for fault injection in tests.
+    fn failpoint(&self, _name: &str) {}
+}
+
+/// How long an operation keeps retrying conflicts before giving up.
+pub const EXECUTE_WAIT: Duration = Duration::from_secs(30);
+
+/// Runs a client's operation: on its home shard when it stays there, as a
+/// cross-shard transaction otherwise. Retries conflicts with open
+/// transactions (with backoff) for up to [`EXECUTE_WAIT`].
+pub async fn execute<C: Cluster>(
+    c: &C,
+    client: u64,
+    op_id: u64,
+    creds: Creds,
+    op: Op,
+) -> Result<ApplyResult, Errno> {
+    let home = op.shard();
+    let placement = match &op {
+        Op::Create {
+            parent, name, mode, ..
+        } if mode & libc::S_IFMT == libc::S_IFDIR => {
+            Some(place_dir(*parent, name, c.shards())).filter(|s| *s != home)
+        }
+        _ => None,
+    };
+    let deadline = Instant::now() + EXECUTE_WAIT;
+    let mut cross = placement.is_some();
+    let mut backoff = Duration::from_millis(1);
+    loop {
+        let lop = LoggedOp {
+            client,
+            op_id,
+            creds: creds.clone(),
+            now: c.now(),
+            op: op.clone(),
+        };
+        if cross {
+            let _s = tracing::debug_span!("cross_shard", home).entered();
+            if let Some(r) = run_cross(c, lop, placement).await? {
+                return Ok(r);
+            }
+        } else {
+            match c.propose(home, lop).await? {
+                Err(Errno::EXDEV) => {
+                    cross = true;
+                    continue;
+                }
+                Err(Errno::EAGAIN) => {}
+                r => return Ok(r),
+            }
+        }
+        if Instant::now() >= deadline {
+            return Err(Errno::EAGAIN);
+        }
+        let jitter = c.now().unsigned_abs() % (backoff.as_micros() as u64 + 1);
+        tokio::time::sleep(backoff / 2 + Duration::from_micros(jitter / 2)).await;
+        backoff = (backoff * 2).min(Duration::from_millis(100));
+    }
+}
+
+/// One attempt of a cross-shard operation: `None` if it lost a conflict
+/// (retry).
+async fn run_cross<C: Cluster>(
+    c: &C,
+    lop: LoggedOp,
+    placement: Option<u32>,
+) -> Result<Option<ApplyResult>, Errno> {
+    let home = lop.op.shard();
+    let (coordinator, seq) = c.next_id();
+    let tx = (coordinator, seq);
+    let new_ino = placement.map(|s| tx_ino(s, tx));
+    let db_err = |e: DbError| {
+        tracing::error!("planning a cross-shard operation: {e}");
+        Errno::EIO
+    };
+    let planned = plan(c.db(), &lop, new_ino).map_err(db_err)?;
+    let applied = match planned.outcome {
+        Ok(a) => a,
+        Err(e) => {
+            // Decide on fresh state: an earlier attempt of this very
+            // operation may have committed (its outcome is recorded on
+            // the home shard), or this replica may lag.
+            for s in planned.parts.keys() {
+                c.barrier(*s).await?;
+            }
+            let k = keys::outcome(lop.client, lop.op_id);
+            if lop.op_id != 0 {
+                if let Some(r) = c.db().get::<ApplyResult>(&k).map_err(db_err)? {
+                    return Ok(Some(r));
+                }
+            }
+            let again = plan(c.db(), &lop, new_ino).map_err(db_err)?;
+            match again.outcome {
+                Err(e2) if e2 == e => return Ok(Some(Err(e))),
+                _ => return Ok(None),
+            }
+        }
+    };
+    if planned.parts.values().all(|p| p.writes.is_empty()) {
+        return Ok(Some(Ok(applied)));
+    }
+    let end = run_tx(c, tx, home, planned.parts, &lop, Ok(applied.clone())).await?;
+    match end {
+        TxEnd::Committed => Ok(Some(Ok(applied))),
+        TxEnd::Recorded(r) => Ok(Some(r)),
+        TxEnd::Aborted(participants) => {
+            for s in participants {
+                c.barrier(s).await?;
+            }
+            Ok(None)
+        }
+    }
+}
+
+/// How a transaction ended.
+pub enum TxEnd {
+    Committed,
+    /// An earlier attempt of the same operation had committed: its outcome.
+    Recorded(ApplyResult),
+    /// Aborted (a prepare failed); the participants.
+    Aborted(Vec<u32>),
+}
+
+/// A protocol step as a log entry of the coordinator (deduplicated by its
+/// own operation id, like a client's).
+fn step(c: &impl Cluster, now: Nanos, op: Op) -> LoggedOp {
+    let (coordinator, op_id) = c.next_id();
+    LoggedOp {
+        client: coordinator,
+        op_id,
+        creds: Creds {
+            uid: 0,
+            gid: 0,
+            groups: Vec::new(),
+        },
+        now,
+        op,
+    }
+}
+
+/// Prepare, decide and finish transaction `tx` of operation `lop`. A
+/// failed proposal returns the error and leaves the rest to [`recover`].
+pub async fn run_tx<C: Cluster>(
+    c: &C,
+    tx: TxId,
+    home: u32,
+    parts: BTreeMap<u32, Part>,
+    lop: &LoggedOp,
+    outcome: ApplyResult,
+) -> Result<TxEnd, Errno> {
+    let participants: Vec<u32> = parts.keys().copied().collect();
+    let now = c.now();
+    let prepares = parts.into_iter().map(|(shard, part)| {
+        let op = Op::TxPrepare {
+            tx,
+            shard,
+            home,
+            participants: participants.clone(),
+            part,
+        };
+        c.propose(shard, step(c, now, op))
+    });
+    let mut ok = true;
+    for r in futures::future::join_all(prepares).await {
+        match r? {
+            Ok(_) => {}
+            Err(e) => {
+                tracing::debug!(?tx, "prepare refused: {e}");
+                ok = false;
+            }
+        }
+    }
+    c.failpoint("tx-after-prepare");
+    let decide = Op::TxDecide {
+        tx,
+        shard: home,
+        commit: ok,
+        client: lop.client,
+        op_id: lop.op_id,
+        outcome,
+    };
+    let (commit, recorded) = match c.propose(home, step(c, now, decide)).await? {
+        Ok(Applied::Decision { commit, outcome }) => (commit, outcome),
+        other => {
+            tracing::error!(?tx, "unexpected decision outcome: {other:?}");
+            return Err(Errno::EIO);
+        }
+    };
+    c.failpoint("tx-after-decide");
+    finish_all(c, tx, home, &participants, commit).await?;
+    Ok(match recorded {
+        Some(r) => TxEnd::Recorded(*r),
+        None if commit => TxEnd::Committed,
+        None => TxEnd::Aborted(participants),
+    })
+}
+
+/// Finishes `tx` on every participant, the home shard (which holds the
+/// decision) last.
+pub async fn finish_all<C: Cluster>(
+    c: &C,
+    tx: TxId,
+    home: u32,
+    participants: &[u32],
+    commit: bool,
+) -> Result<(), Errno> {
+    let now = c.now();
+    let others = participants.iter().filter(|s| **s != home).map(|s| {
+        let op = Op::TxFinish {
+            tx,
+            shard: *s,
+            commit,
+        };
+        c.propose(*s, step(c, now, op))
+    });
+    for r in futures::future::join_all(others).await {
+        if let Err(e) = r? {
+            tracing::error!(?tx, "finish refused: {e}");
+            return Err(Errno::EIO);
+        }
+    }
+    c.failpoint("tx-after-finish-others");
+    let op = Op::TxFinish {
+        tx,
+        shard: home,
+        commit,
+    };
+    if let Err(e) = c.propose(home, step(c, now, op)).await? {
+        tracing::error!(?tx, "finish refused: {e}");
+        return Err(Errno::EIO);
+    }
+    Ok(())
+}
+
+/// Completes every transaction with an intent older than `older_than`
+/// here: decides abort unless a decision exists, then finishes it on every
+/// participant. Returns how many transactions it completed.
+pub async fn recover<C: Cluster>(c: &C, older_than: Duration) -> Result<usize, Errno> {
+    let now = c.now();
+    let all = intents(c.db()).map_err(|e| {
+        tracing::error!("reading intents: {e}");
+        Errno::EIO
+    })?;
+    let mut done = BTreeSet::new();
+    for (_, tx, intent) in all {
+        if now.saturating_sub(intent.since) < older_than.as_nanos() as i64 || !done.insert(tx) {
+            continue;
+        }
+        let decide = Op::TxDecide {
+            tx,
+            shard: intent.home,
+            commit: false,
+            client: 0,
+            op_id: 0,
+            outcome: Err(Errno::EIO),
+        };
+        let commit = match c.propose(intent.home, step(c, now, decide)).await? {
+            Ok(Applied::Decision { commit, .. }) => commit,
+            other => {
+                tracing::error!(?tx, "unexpected decision outcome: {other:?}");
+                return Err(Errno::EIO);
+            }
+        };
+        tracing::info!(?tx, commit, "recovering a transaction its coordinator left open");
+        finish_all(c, tx, intent.home, &intent.participants, commit).await?;
+    }
+    Ok(done.len())
+}

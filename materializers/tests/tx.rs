@@ -1,0 +1,410 @@
+//! Cross-shard transactions driven through the real coordinator
+//! (`tx::execute`), the real apply code and RocksDB, with a log per shard
+//! kept in memory. The coordinator "crashes" after each of its proposals in
+//! turn (every later proposal of it fails, as when its process is killed);
+//! recovery then completes the transaction and the client retries the same
+//! operation id on another coordinator. Every run must end in the same tree
+//! as a run without a crash, with the namespace invariants intact, no
+//! transaction left open, and a log that replays to the same database.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use cfs_log::{Entry, RequestId};
+use cfs_materializers::check::check;
+use cfs_materializers::materializer::{apply_batch, entry, init_shard};
+use cfs_materializers::ops::{Applied, ApplyResult, LoggedOp, Op};
+use cfs_materializers::tx::{self, Cluster};
+use cfs_materializers::types::*;
+use cfs_materializers::NamespaceDb;
+
+const SHARDS: [u32; 3] = [0, 1, 2];
+const CLIENT: u64 = 0xc1;
+
+struct Sim {
+    _dir: tempfile::TempDir,
+    db: NamespaceDb,
+    logs: Mutex<BTreeMap<u32, Vec<Entry>>>,
+    coordinator: AtomicU64,
+    seq: AtomicU64,
+    clock: AtomicI64,
+    /// Proposals accepted before the coordinator "crashes".
+    budget: AtomicUsize,
+    /// Proposals accepted so far.
+    proposals: AtomicUsize,
+    /// Yield to other tasks before each proposal (interleaves coordinators).
+    yields: bool,
+}
+
+impl Sim {
+    fn new() -> Sim {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = NamespaceDb::open(&dir.path().join("ns")).expect("open");
+        for s in SHARDS {
+            init_shard(&db, s).expect("init");
+        }
+        Sim {
+            _dir: dir,
+            db,
+            logs: Mutex::default(),
+            coordinator: AtomicU64::new(1),
+            seq: AtomicU64::new(1),
+            clock: AtomicI64::new(1_000_000_000),
+            budget: AtomicUsize::new(usize::MAX),
+            proposals: AtomicUsize::new(0),
+            yields: false,
+        }
+    }
+
+    fn apply(&self, shard: u32, e: Entry) -> ApplyResult {
+        let mut logs = self.logs.lock().unwrap();
+        let log = logs.entry(shard).or_default();
+        let pos = log.len() as u64;
+        log.push(e.clone());
+        let (outcomes, _) = apply_batch(&self.db, shard, &[(pos, e)]).expect("apply");
+        outcomes.into_iter().next().expect("one outcome").1
+    }
+
+    /// A new coordinator process (ids and budget reset).
+    fn restart_coordinator(&self) {
+        self.coordinator.fetch_add(1, Ordering::SeqCst);
+        self.budget.store(usize::MAX, Ordering::SeqCst);
+    }
+
+    async fn run(&self, op: Op, op_id: u64) -> Result<ApplyResult, Errno> {
+        let creds = Creds {
+            uid: 0,
+            gid: 0,
+            groups: vec![],
+        };
+        tx::execute(self, CLIENT, op_id, creds, op).await
+    }
+}
+
+impl Cluster for Sim {
+    async fn propose(&self, shard: u32, lop: LoggedOp) -> Result<ApplyResult, Errno> {
+        if self.yields {
+            tokio::task::yield_now().await;
+        }
+        let left = self.budget.load(Ordering::SeqCst);
+        if left == 0 {
+            return Err(Errno::EIO);
+        }
+        self.budget.store(left.saturating_sub(1), Ordering::SeqCst);
+        self.proposals.fetch_add(1, Ordering::SeqCst);
+        let id = RequestId {
+            client: lop.client,
+            seq: self.seq.fetch_add(1, Ordering::SeqCst),
+        };
+        Ok(self.apply(shard, entry(id, &lop)))
+    }
+    async fn barrier(&self, _shard: u32) -> Result<(), Errno> {
+        Ok(())
+    }
+    fn db(&self) -> &NamespaceDb {
+        &self.db
+    }
+    fn shards(&self) -> &[u32] {
+        &SHARDS
+    }
+    fn next_id(&self) -> (u64, u64) {
+        (
+            self.coordinator.load(Ordering::SeqCst),
+            self.seq.fetch_add(1, Ordering::SeqCst),
+        )
+    }
+    fn now(&self) -> Nanos {
+        self.clock.fetch_add(1000, Ordering::SeqCst)
+    }
+}
+
+fn dir(parent: Ino, name: &str) -> Op {
+    Op::Create {
+        parent,
+        name: name.into(),
+        mode: libc::S_IFDIR | 0o755,
+        rdev: 0,
+        target: None,
+        excl: true,
+    }
+}
+
+fn file(parent: Ino, name: &str) -> Op {
+    Op::Create {
+        parent,
+        name: name.into(),
+        mode: libc::S_IFREG | 0o644,
+        rdev: 0,
+        target: None,
+        excl: true,
+    }
+}
+
+/// A directory name in `parent` that placement puts on `shard`.
+fn name_on(parent: Ino, shard: u32, stem: &str) -> String {
+    (0..)
+        .map(|i| format!("{stem}{i}"))
+        .find(|n| tx::place_dir(parent, n.as_bytes(), &SHARDS) == shard)
+        .expect("some name lands on every shard")
+}
+
+fn ino_of(r: Result<ApplyResult, Errno>) -> Ino {
+    match r {
+        Ok(Ok(Applied::Attr(i))) => i.ino,
+        other => panic!("expected an inode, got {other:?}"),
+    }
+}
+
+/// The tree as paths → (kind, nlink, size, mode), without inode numbers
+/// (which differ between attempts) or times.
+fn tree(db: &NamespaceDb) -> BTreeMap<String, (u32, u32, u64, u32)> {
+    let mut out = BTreeMap::new();
+    let mut todo = vec![(ROOT_INO, String::new())];
+    while let Some((d, path)) = todo.pop() {
+        for e in db.readdir(d, 0, usize::MAX).expect("readdir") {
+            let i = db.inode(e.ino).expect("entry's inode");
+            let p = format!("{path}/{}", String::from_utf8_lossy(&e.name));
+            out.insert(p.clone(), (i.kind(), i.nlink, i.size, i.mode));
+            if i.is_dir() {
+                todo.push((i.ino, p));
+            }
+        }
+    }
+    out
+}
+
+/// Base tree: /a on shard 1 with a file f and a subdirectory s (shard 2)
+/// holding a file; /b on shard 2 with a file g and an empty directory e on
+/// shard 0; every operation below spans shards.
+struct Base {
+    a: Ino,
+    b: Ino,
+    sname: String,
+    ename: String,
+}
+
+async fn base(sim: &Sim) -> Base {
+    let aname = name_on(ROOT_INO, 1, "a");
+    let a = ino_of(sim.run(dir(ROOT_INO, &aname), 1).await);
+    let bname = name_on(ROOT_INO, 2, "b");
+    let b = ino_of(sim.run(dir(ROOT_INO, &bname), 2).await);
+    assert_eq!((shard_of(a), shard_of(b)), (1, 2));
+    ino_of(sim.run(file(a, "f"), 3).await);
+    let sname = name_on(a, 2, "s");
+    let s = ino_of(sim.run(dir(a, &sname), 4).await);
+    assert_eq!(shard_of(s), 2);
+    ino_of(sim.run(file(s, "inner"), 5).await);
+    let mut g = file(b, "g");
+    if let Op::Create { mode, .. } = &mut g {
+        *mode = libc::S_IFREG | 0o600;
+    }
+    ino_of(sim.run(g, 6).await);
+    let ename = name_on(b, 0, "e");
+    let e = ino_of(sim.run(dir(b, &ename), 7).await);
+    assert_eq!(shard_of(e), 0);
+    Base { a, b, sname, ename }
+}
+
+fn scenarios(b: &Base) -> Vec<(&'static str, Vec<Op>)> {
+    let ren = |parent, name: &str, newparent, newname: &str, flags| Op::Rename {
+        parent,
+        name: name.into(),
+        newparent,
+        newname: newname.into(),
+        flags,
+    };
+    vec![
+        ("mkdir on another shard", vec![dir(b.b, &name_on(b.b, 1, "new"))]),
+        (
+            "rmdir of a directory on another shard",
+            vec![Op::Rmdir {
+                parent: b.b,
+                name: b.ename.clone().into(),
+            }],
+        ),
+        ("rename a file across shards", vec![ren(b.a, "f", b.b, "f2", 0)]),
+        (
+            "rename a file over one on another shard",
+            vec![ren(b.a, "f", b.b, "g", 0)],
+        ),
+        (
+            "rename a directory across shards",
+            vec![ren(b.a, &b.sname, b.b, "moved", 0)],
+        ),
+        (
+            "rename a directory over an empty one",
+            vec![ren(b.a, &b.sname, b.b, &b.ename, 0)],
+        ),
+        (
+            "exchange across shards",
+            vec![ren(b.a, "f", b.b, "g", libc::RENAME_EXCHANGE)],
+        ),
+        (
+            "link across shards",
+            vec![Op::Link {
+                ino: 0, // filled in below
+                parent: b.b,
+                name: "h".into(),
+            }],
+        ),
+        (
+            "unlink a name whose inode is on another shard",
+            vec![
+                ren(b.a, "f", b.b, "f2", 0),
+                Op::Unlink {
+                    parent: b.b,
+                    name: "f2".into(),
+                },
+            ],
+        ),
+    ]
+}
+
+fn fill_link(op: Op, db: &NamespaceDb, a: Ino) -> Op {
+    match op {
+        Op::Link { ino: 0, parent, name } => Op::Link {
+            ino: db.lookup(a, b"f").expect("a/f").ino,
+            parent,
+            name,
+        },
+        op => op,
+    }
+}
+
+fn assert_clean(db: &NamespaceDb, what: &str) {
+    let r = check(db).expect("check");
+    assert!(r.problems.is_empty(), "{what}: {:#?}", r.problems);
+    assert_eq!(r.open_transactions, 0, "{what}: transactions left open");
+}
+
+/// Replays every shard's log into a fresh database: same bytes.
+fn assert_replays(sim: &Sim, what: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let db = NamespaceDb::open(&dir.path().join("ns")).unwrap();
+    for s in SHARDS {
+        init_shard(&db, s).unwrap();
+    }
+    // Shards are applied one after another here but interleaved live: the
+    // result must not depend on it (each shard only touches its own keys).
+    for (shard, log) in sim.logs.lock().unwrap().iter() {
+        let entries: Vec<_> = log.iter().cloned().enumerate().map(|(p, e)| (p as u64, e)).collect();
+        apply_batch(&db, *shard, &entries).unwrap();
+    }
+    let strip = |d: Vec<(Vec<u8>, Vec<u8>)>| -> Vec<_> {
+        d.into_iter().filter(|(k, _)| k[0] != b'a').collect()
+    };
+    assert!(
+        strip(db.dump().unwrap()) == strip(sim.db.dump().unwrap()),
+        "{what}: replay differs"
+    );
+}
+
+#[tokio::test]
+async fn a_coordinator_crash_after_any_step_ends_in_all_or_nothing() {
+    let ref_sim = Sim::new();
+    let b = base(&ref_sim).await;
+    let n = scenarios(&b).len();
+    for si in 0..n {
+        // The reference: no crash. Count the proposals of the last op.
+        let sim = Sim::new();
+        let bb = base(&sim).await;
+        let (name, ops) = scenarios(&bb).swap_remove(si);
+        let last = ops.len() - 1;
+        for (k, op) in ops.iter().enumerate() {
+            let op = fill_link(op.clone(), &sim.db, bb.a);
+            if k == last {
+                break;
+            }
+            sim.run(op, 100 + k as u64).await.unwrap().unwrap();
+        }
+        let before = tree(&sim.db);
+        let op = fill_link(ops[last].clone(), &sim.db, bb.a);
+        let start = sim.proposals.load(Ordering::SeqCst);
+        let want = sim.run(op.clone(), 200).await.unwrap();
+        assert!(want.is_ok(), "{name}: {want:?}");
+        let after = tree(&sim.db);
+        assert_ne!(before, after, "{name}: the operation changed nothing");
+        assert_clean(&sim.db, name);
+        assert_replays(&sim, name);
+        let steps = sim.proposals.load(Ordering::SeqCst) - start;
+        assert!(steps >= 4, "{name}: only {steps} steps: not cross-shard?");
+
+        for crash_after in 0..steps {
+            let sim = Sim::new();
+            let bb = base(&sim).await;
+            for (k, op) in ops.iter().enumerate().take(last) {
+                let op = fill_link(op.clone(), &sim.db, bb.a);
+                sim.run(op, 100 + k as u64).await.unwrap().unwrap();
+            }
+            let op = fill_link(ops[last].clone(), &sim.db, bb.a);
+            sim.budget.store(crash_after, Ordering::SeqCst);
+            let crashed = sim.run(op.clone(), 200).await;
+            let what = format!("{name}, crash after {crash_after} proposals");
+            assert_eq!(crashed, Err(Errno::EIO), "{what}: did not crash");
+            // Another node recovers what the dead coordinator left open.
+            sim.restart_coordinator();
+            sim.clock.fetch_add(60_000_000_000, Ordering::SeqCst);
+            tx::recover(&sim, Duration::from_secs(5)).await.unwrap();
+            assert_clean(&sim.db, &what);
+            let mid = tree(&sim.db);
+            assert!(mid == before || mid == after, "{what}: a partial result");
+            // The client retries the same operation id elsewhere.
+            let retried = sim.run(op, 200).await.unwrap();
+            assert!(retried.is_ok(), "{what}: retry gave {retried:?}");
+            assert_eq!(tree(&sim.db), after, "{what}: final tree");
+            assert_clean(&sim.db, &what);
+            assert_replays(&sim, &what);
+        }
+    }
+}
+
+#[tokio::test]
+async fn concurrent_crossing_renames_never_make_a_cycle() {
+    for round in 0..20u64 {
+        let mut sim = Sim::new();
+        sim.yields = true;
+        let b = base(&sim).await;
+        // a/s moves into b while b moves into a/s: at most one may win.
+        let sname = b.sname.clone();
+        let s = sim.db.lookup(b.a, sname.as_bytes()).unwrap().ino;
+        let bname = sim.db.inode(b.b).unwrap();
+        let bname = sim
+            .db
+            .readdir(ROOT_INO, 0, 100)
+            .unwrap()
+            .into_iter()
+            .find(|e| e.ino == bname.ino)
+            .unwrap()
+            .name;
+        let one = Op::Rename {
+            parent: b.a,
+            name: sname.into(),
+            newparent: b.b,
+            newname: format!("x{round}").into(),
+            flags: 0,
+        };
+        let two = Op::Rename {
+            parent: ROOT_INO,
+            name: bname,
+            newparent: s,
+            newname: "y".into(),
+            flags: 0,
+        };
+        let (r1, r2) = if round % 2 == 0 {
+            tokio::join!(sim.run(one, 300), sim.run(two, 301))
+        } else {
+            let (r2, r1) = tokio::join!(sim.run(two, 301), sim.run(one, 300));
+            (r1, r2)
+        };
+        let ok = [&r1, &r2]
+            .iter()
+            .filter(|r| matches!(r, Ok(Ok(_))))
+            .count();
+        assert!(ok <= 1, "round {round}: both renames succeeded: {r1:?} {r2:?}");
+        assert!(ok == 1, "round {round}: neither succeeded: {r1:?} {r2:?}");
+        assert_clean(&sim.db, &format!("round {round}"));
+        assert_replays(&sim, &format!("round {round}"));
+    }
+}
