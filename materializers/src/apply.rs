@@ -81,8 +81,15 @@ pub fn apply(txn: &mut Txn<'_>, shard: u32, lop: &LoggedOp) -> Result<ApplyResul
             return Ok(Err(e));
         }
         Err(Fail::Db(DbError::NotOwned { .. })) => {
+            // What it read here may be held by an open transaction: then
+            // wait for that (EAGAIN) rather than plan on half of it.
+            let e = match crate::tx::check_locks(txn, shard) {
+                Err(Fail::Retry(e)) => e,
+                Err(Fail::Db(e)) => return Err(e),
+                _ => Errno::EXDEV,
+            };
             txn.rollback();
-            return Ok(Err(Errno::EXDEV));
+            return Ok(Err(e));
         }
         Err(Fail::Db(e)) => {
             txn.rollback();
@@ -103,7 +110,11 @@ pub fn apply(txn: &mut Txn<'_>, shard: u32, lop: &LoggedOp) -> Result<ApplyResul
 /// restriction, leaving its changes in `txn`'s current entry: how a
 /// coordinator plans a cross-shard operation. `new_ino` places a created
 /// inode (a directory on another shard).
-pub fn plan(txn: &mut Txn<'_>, lop: &LoggedOp, new_ino: Option<Ino>) -> Result<ApplyResult, DbError> {
+pub fn plan(
+    txn: &mut Txn<'_>,
+    lop: &LoggedOp,
+    new_ino: Option<Ino>,
+) -> Result<ApplyResult, DbError> {
     txn.set_owner(None);
     match apply_inner(txn, shard_of(lop.op.home()), lop, new_ino) {
         Ok(a) => Ok(Ok(a)),

@@ -48,9 +48,9 @@ pub fn check(db: &NamespaceDb) -> Result<Report, DbError> {
         *counts.entry(parent).or_default() += 1;
         match inodes.get(&parent) {
             Some(p) if p.is_dir() => {}
-            _ => r
-                .problems
-                .push(format!("entry {parent:#x}/{name}: parent is not a directory")),
+            _ => r.problems.push(format!(
+                "entry {parent:#x}/{name}: parent is not a directory"
+            )),
         }
         match db.get_raw(&keys::cookie(parent, cookie))? {
             Some(n) if n == k[9..] => {}
@@ -59,13 +59,15 @@ pub fn check(db: &NamespaceDb) -> Result<Report, DbError> {
                 .push(format!("entry {parent:#x}/{name}: cookie {cookie} missing")),
         }
         let Some(i) = inodes.get(&ino) else {
-            r.problems
-                .push(format!("entry {parent:#x}/{name} names missing inode {ino:#x}"));
+            r.problems.push(format!(
+                "entry {parent:#x}/{name} names missing inode {ino:#x}"
+            ));
             continue;
         };
         if i.kind() != kind {
-            r.problems
-                .push(format!("entry {parent:#x}/{name}: kind differs from inode {ino:#x}"));
+            r.problems.push(format!(
+                "entry {parent:#x}/{name}: kind differs from inode {ino:#x}"
+            ));
         }
         *links.entry(ino).or_default() += 1;
         if i.is_dir() {
@@ -113,8 +115,7 @@ pub fn check(db: &NamespaceDb) -> Result<Report, DbError> {
                 };
                 steps += 1;
                 if steps > inodes.len() {
-                    r.problems
-                        .push(format!("directory {ino:#x} is in a cycle"));
+                    r.problems.push(format!("directory {ino:#x} is in a cycle"));
                     break;
                 }
             }

@@ -99,7 +99,11 @@ pub fn tx_lock(key: &[u8]) -> Vec<u8> {
 pub fn intent(shard: u32, tx: (u64, u64)) -> Vec<u8> {
     with(
         b'p',
-        &[&shard.to_be_bytes(), &tx.0.to_be_bytes(), &tx.1.to_be_bytes()],
+        &[
+            &shard.to_be_bytes(),
+            &tx.0.to_be_bytes(),
+            &tx.1.to_be_bytes(),
+        ],
     )
 }
 pub fn intent_prefix() -> Vec<u8> {
@@ -108,7 +112,11 @@ pub fn intent_prefix() -> Vec<u8> {
 pub fn decision(shard: u32, tx: (u64, u64)) -> Vec<u8> {
     with(
         b'q',
-        &[&shard.to_be_bytes(), &tx.0.to_be_bytes(), &tx.1.to_be_bytes()],
+        &[
+            &shard.to_be_bytes(),
+            &tx.0.to_be_bytes(),
+            &tx.1.to_be_bytes(),
+        ],
     )
 }
 pub fn open_intents(shard: u32) -> Vec<u8> {
@@ -127,10 +135,18 @@ pub fn is_data(key: &[u8]) -> bool {
 /// The shard `key` belongs to; `None` for keys every shard may write
 /// (outcomes) and for malformed keys.
 pub fn owner(key: &[u8]) -> Option<u32> {
-    let be64 = |k: &[u8]| k.get(1..9).map(|b| u64::from_be_bytes(b.try_into().expect("8 bytes")));
-    let be32 = |k: &[u8]| k.get(1..5).map(|b| u32::from_be_bytes(b.try_into().expect("4 bytes")));
+    let be64 = |k: &[u8]| {
+        k.get(1..9)
+            .map(|b| u64::from_be_bytes(b.try_into().expect("8 bytes")))
+    };
+    let be32 = |k: &[u8]| {
+        k.get(1..5)
+            .map(|b| u32::from_be_bytes(b.try_into().expect("4 bytes")))
+    };
     match key.first()? {
-        b'i' | b'd' | b'c' | b'l' | b'x' | b'e' | b'k' | b'o' => be64(key).map(crate::types::shard_of),
+        b'i' | b'd' | b'c' | b'l' | b'x' | b'e' | b'k' | b'o' => {
+            be64(key).map(crate::types::shard_of)
+        }
         b'n' | b'a' | b'p' | b'q' | b'T' => be32(key),
         b't' => owner(&key[1..]),
         _ => None,

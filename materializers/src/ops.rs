@@ -112,8 +112,9 @@ pub enum Op {
         part: Part,
     },
     /// Phase 2 on the home shard: the first decision for `tx` wins and is
-    /// the commit point. A commit also records the operation's outcome for
-    /// `(client, op_id)` so that a retry returns it.
+    /// the commit point. It keeps the operation's outcome, which the home
+    /// shard's finish records for `(client, op_id)` so that a retry
+    /// returns it.
     TxDecide {
         tx: TxId,
         shard: u32,

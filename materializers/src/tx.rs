@@ -38,6 +38,7 @@ use std::future::Future;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
+use tracing::Instrument;
 
 use crate::apply::{Fail, R2};
 use crate::keys;
@@ -123,7 +124,9 @@ fn locked(t: &Txn<'_>, key: &[u8]) -> R2<bool> {
 }
 
 fn range_locked(t: &Txn<'_>, start: &[u8], end: &[u8]) -> R2<bool> {
-    Ok(!t.scan(&keys::tx_lock(start), &keys::tx_lock(end))?.is_empty())
+    Ok(!t
+        .scan(&keys::tx_lock(start), &keys::tx_lock(end))?
+        .is_empty())
 }
 
 /// Fails an ordinary entry (EAGAIN, not recorded) that read, scanned or
@@ -203,6 +206,15 @@ fn prepare(
     Ok(Applied::None)
 }
 
+/// The decision record on the home shard.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct Decision {
+    commit: bool,
+    client: u64,
+    op_id: u64,
+    outcome: ApplyResult,
+}
+
 fn decide(
     t: &mut Txn<'_>,
     shard: u32,
@@ -214,25 +226,34 @@ fn decide(
 ) -> R2<Applied> {
     let dk = keys::decision(shard, tx);
     if let Some(v) = t.peek(&dk)? {
-        let commit: bool = decode(&dk, &v)?;
+        let d: Decision = decode(&dk, &v)?;
         return Ok(Applied::Decision {
-            commit,
+            commit: d.commit,
             outcome: None,
         });
     }
     if commit && op_id != 0 {
         if let Some(r) = t.get::<ApplyResult>(&keys::outcome(client, op_id))? {
-            t.put(dk, &false);
+            let d = Decision {
+                commit: false,
+                client: 0,
+                op_id: 0,
+                outcome: Err(Errno::EIO),
+            };
+            t.put(dk, &d);
             return Ok(Applied::Decision {
                 commit: false,
                 outcome: Some(Box::new(r)),
             });
         }
     }
-    t.put(dk, &commit);
-    if commit && op_id != 0 {
-        t.put(keys::outcome(client, op_id), outcome);
-    }
+    let d = Decision {
+        commit,
+        client,
+        op_id,
+        outcome: outcome.clone(),
+    };
+    t.put(dk, &d);
     Ok(Applied::Decision {
         commit,
         outcome: None,
@@ -270,8 +291,15 @@ fn finish(t: &mut Txn<'_>, shard: u32, tx: TxId, commit: bool) -> R2<Applied> {
         let n = open_intents(t, shard)?;
         t.put(keys::open_intents(shard), &n.saturating_sub(1));
     }
+    // The home shard finishes last: the operation is now complete
+    // everywhere, so a retry of it may get its outcome (recording it at
+    // the decision would answer a retry before the changes are visible).
     let dk = keys::decision(shard, tx);
-    if t.peek(&dk)?.is_some() {
+    if let Some(v) = t.peek(&dk)? {
+        let d: Decision = decode(&dk, &v)?;
+        if d.commit && d.op_id != 0 {
+            t.put(keys::outcome(d.client, d.op_id), &d.outcome);
+        }
         t.delete(dk);
     }
     if inodes.is_empty() && entries.is_empty() {
@@ -286,6 +314,9 @@ fn finish(t: &mut Txn<'_>, shard: u32, tx: TxId, commit: bool) -> R2<Applied> {
 pub struct Planned {
     pub outcome: ApplyResult,
     pub parts: BTreeMap<u32, Part>,
+    /// The plan touched keys an open transaction holds: its view may be
+    /// half of that transaction; plan again once it finished.
+    pub locked: bool,
 }
 
 /// Plans `lop` on this node's replica of every shard (see [`crate::apply::plan`]).
@@ -312,7 +343,27 @@ pub fn plan(db: &NamespaceDb, lop: &LoggedOp, new_ino: Option<Ino>) -> Result<Pl
         parts.entry(owner(&k)?).or_default().writes.push((k, v));
     }
     parts.entry(lop.op.shard()).or_default();
-    Ok(Planned { outcome, parts })
+    let mut locked = false;
+    'parts: for part in parts.values() {
+        for k in part.keys() {
+            if db.get_raw(&keys::tx_lock(k))?.is_some() {
+                locked = true;
+                break 'parts;
+            }
+        }
+        for (start, end, _) in &part.scans {
+            let (s, e) = (keys::tx_lock(start), keys::tx_lock(end));
+            if !db.scan(&s, &e, 1)?.is_empty() {
+                locked = true;
+                break 'parts;
+            }
+        }
+    }
+    Ok(Planned {
+        outcome,
+        parts,
+        locked,
+    })
 }
 
 /// Every open intent in the database: (shard, transaction, intent).
@@ -420,8 +471,8 @@ pub async fn execute<C: Cluster>(
             op: op.clone(),
         };
         if cross {
-            let _s = tracing::debug_span!("cross_shard", home).entered();
-            if let Some(r) = run_cross(c, lop, placement).await? {
+            let span = tracing::debug_span!("cross_shard", home);
+            if let Some(r) = run_cross(c, lop, placement).instrument(span).await? {
                 return Ok(r);
             }
         } else {
@@ -459,6 +510,9 @@ async fn run_cross<C: Cluster>(
         Errno::EIO
     };
     let planned = plan(c.db(), &lop, new_ino).map_err(db_err)?;
+    if planned.locked {
+        return Ok(None);
+    }
     let applied = match planned.outcome {
         Ok(a) => a,
         Err(e) => {
@@ -476,7 +530,7 @@ async fn run_cross<C: Cluster>(
             }
             let again = plan(c.db(), &lop, new_ino).map_err(db_err)?;
             match again.outcome {
-                Err(e2) if e2 == e => return Ok(Some(Err(e))),
+                Err(e2) if e2 == e && !again.locked => return Ok(Some(Err(e))),
                 _ => return Ok(None),
             }
         }
@@ -646,7 +700,11 @@ pub async fn recover<C: Cluster>(c: &C, older_than: Duration) -> Result<usize, E
                 return Err(Errno::EIO);
             }
         };
-        tracing::info!(?tx, commit, "recovering a transaction its coordinator left open");
+        tracing::info!(
+            ?tx,
+            commit,
+            "recovering a transaction its coordinator left open"
+        );
         finish_all(c, tx, intent.home, &intent.participants, commit).await?;
     }
     Ok(done.len())

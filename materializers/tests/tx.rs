@@ -216,7 +216,10 @@ fn scenarios(b: &Base) -> Vec<(&'static str, Vec<Op>)> {
         flags,
     };
     vec![
-        ("mkdir on another shard", vec![dir(b.b, &name_on(b.b, 1, "new"))]),
+        (
+            "mkdir on another shard",
+            vec![dir(b.b, &name_on(b.b, 1, "new"))],
+        ),
         (
             "rmdir of a directory on another shard",
             vec![Op::Rmdir {
@@ -224,7 +227,10 @@ fn scenarios(b: &Base) -> Vec<(&'static str, Vec<Op>)> {
                 name: b.ename.clone().into(),
             }],
         ),
-        ("rename a file across shards", vec![ren(b.a, "f", b.b, "f2", 0)]),
+        (
+            "rename a file across shards",
+            vec![ren(b.a, "f", b.b, "f2", 0)],
+        ),
         (
             "rename a file over one on another shard",
             vec![ren(b.a, "f", b.b, "g", 0)],
@@ -264,7 +270,11 @@ fn scenarios(b: &Base) -> Vec<(&'static str, Vec<Op>)> {
 
 fn fill_link(op: Op, db: &NamespaceDb, a: Ino) -> Op {
     match op {
-        Op::Link { ino: 0, parent, name } => Op::Link {
+        Op::Link {
+            ino: 0,
+            parent,
+            name,
+        } => Op::Link {
             ino: db.lookup(a, b"f").expect("a/f").ino,
             parent,
             name,
@@ -289,7 +299,12 @@ fn assert_replays(sim: &Sim, what: &str) {
     // Shards are applied one after another here but interleaved live: the
     // result must not depend on it (each shard only touches its own keys).
     for (shard, log) in sim.logs.lock().unwrap().iter() {
-        let entries: Vec<_> = log.iter().cloned().enumerate().map(|(p, e)| (p as u64, e)).collect();
+        let entries: Vec<_> = log
+            .iter()
+            .cloned()
+            .enumerate()
+            .map(|(p, e)| (p as u64, e))
+            .collect();
         apply_batch(&db, *shard, &entries).unwrap();
     }
     let strip = |d: Vec<(Vec<u8>, Vec<u8>)>| -> Vec<_> {
@@ -398,11 +413,11 @@ async fn concurrent_crossing_renames_never_make_a_cycle() {
             let (r2, r1) = tokio::join!(sim.run(two, 301), sim.run(one, 300));
             (r1, r2)
         };
-        let ok = [&r1, &r2]
-            .iter()
-            .filter(|r| matches!(r, Ok(Ok(_))))
-            .count();
-        assert!(ok <= 1, "round {round}: both renames succeeded: {r1:?} {r2:?}");
+        let ok = [&r1, &r2].iter().filter(|r| matches!(r, Ok(Ok(_)))).count();
+        assert!(
+            ok <= 1,
+            "round {round}: both renames succeeded: {r1:?} {r2:?}"
+        );
         assert!(ok == 1, "round {round}: neither succeeded: {r1:?} {r2:?}");
         assert_clean(&sim.db, &format!("round {round}"));
         assert_replays(&sim, &format!("round {round}"));

@@ -140,8 +140,15 @@ fn read_pid(dir: &Path, id: u64) -> Option<i32> {
 }
 
 fn alive(pid: i32) -> bool {
-    // SAFETY: kill with signal 0 only checks that the process exists.
-    unsafe { libc::kill(pid, 0) == 0 }
+    // A node this process started and that died (e.g. aborted) stays a
+    // zombie until reaped: reap it so it does not count as running.
+    // SAFETY: waitpid with WNOHANG and a null status pointer only reaps an
+    // exited child of ours (ECHILD otherwise); kill with signal 0 only
+    // checks that the process exists.
+    unsafe {
+        libc::waitpid(pid, std::ptr::null_mut(), libc::WNOHANG);
+        libc::kill(pid, 0) == 0
+    }
 }
 
 /// The running pid of node `id`, if any.
@@ -151,6 +158,17 @@ pub fn running_pid(dir: &Path, id: u64) -> Option<i32> {
 
 /// Starts node `id` in the background unless it is running.
 pub fn start_node(dir: &Path, id: u64, node_bin: &Path) -> anyhow::Result<()> {
+    start_node_env(dir, id, node_bin, &[])
+}
+
+/// [`start_node`] with extra environment variables (fault injection in
+/// tests: `CFS_FAILPOINT`).
+pub fn start_node_env(
+    dir: &Path,
+    id: u64,
+    node_bin: &Path,
+    env: &[(&str, &str)],
+) -> anyhow::Result<()> {
     if running_pid(dir, id).is_some() {
         return Ok(());
     }
@@ -160,7 +178,8 @@ pub fn start_node(dir: &Path, id: u64, node_bin: &Path) -> anyhow::Result<()> {
         .append(true)
         .open(nd.join("node.log"))?;
     let mut cmd = std::process::Command::new(node_bin);
-    cmd.arg("--config")
+    cmd.envs(env.iter().copied())
+        .arg("--config")
         .arg(nd.join("config.toml"))
         .stdin(std::process::Stdio::null())
         .stdout(log.try_clone()?)

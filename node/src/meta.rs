@@ -16,6 +16,7 @@ use cfs_log::LogNode;
 use cfs_materializers::materializer::{self, Change, Waiters};
 use cfs_materializers::ops::*;
 use cfs_materializers::read::ReadError;
+use cfs_materializers::tx;
 use cfs_materializers::types::*;
 use cfs_materializers::NamespaceDb;
 use tokio::net::{TcpListener, TcpStream};
@@ -24,6 +25,9 @@ use tracing::{info, warn, Instrument};
 
 /// How long a mutation waits for its outcome after being decided.
 const APPLY_WAIT: Duration = Duration::from_secs(30);
+/// Age at which an open transaction is presumed abandoned by its
+/// coordinator and completed by recovery (node 1; others wait longer).
+const RECOVER_AFTER: Duration = Duration::from_secs(3);
 /// Entries per readdir reply at most.
 const READDIR_MAX: u32 = 1024;
 
@@ -49,6 +53,13 @@ struct Inner {
     counters: Counters,
     /// Why a shard's materializer stopped, if one did.
     failed: Arc<std::sync::Mutex<Vec<String>>>,
+    shard_list: Vec<u32>,
+    /// This process's id as a transaction coordinator (random per start,
+    /// so its steps' operation ids never repeat).
+    coordinator_id: u64,
+    next_step: AtomicU64,
+    /// `CFS_FAILPOINT`: a protocol point where this process aborts (tests).
+    failpoint: Option<String>,
 }
 
 #[derive(Default)]
@@ -130,8 +141,28 @@ impl MetaService {
                 nodes: cfg.nodes,
                 counters: Counters::default(),
                 failed,
+                shard_list: cfg.shards.clone(),
+                coordinator_id: rand::random::<u64>() | 1,
+                next_step: AtomicU64::new(1),
+                failpoint: std::env::var("CFS_FAILPOINT")
+                    .ok()
+                    .filter(|s| !s.is_empty()),
             }),
         };
+        let rec = svc.inner.clone();
+        // Nodes look at abandoned transactions at staggered ages, so that
+        // usually one of them completes each.
+        let after = RECOVER_AFTER + Duration::from_secs(cfg.node_id.saturating_sub(1).min(10));
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                match tx::recover(&*rec, after).await {
+                    Ok(0) => {}
+                    Ok(n) => info!(transactions = n, "recovered abandoned transactions"),
+                    Err(e) => warn!("transaction recovery: {e}"),
+                }
+            }
+        });
         info!(listen = %cfg.listen, "metadata service listening");
         let s2 = svc.clone();
         tokio::spawn(async move {
@@ -247,6 +278,22 @@ async fn serve_conn(inner: Arc<Inner>, sock: TcpStream) {
                         },
                     );
                     return;
+                }
+                // A new session sees everything decided before it began
+                // (this node may have just restarted and still be
+                // catching up).
+                for shard in inner.shard_list.clone() {
+                    if let Err(e) = inner.fresh(shard).await {
+                        warn!(shard, "session start: shard not current: {e}");
+                        send(
+                            &tx,
+                            ServerMsg::Reply {
+                                id,
+                                result: Err(Errno::EIO),
+                            },
+                        );
+                        return;
+                    }
                 }
                 send(
                     &tx,
@@ -411,36 +458,25 @@ impl Inner {
         Ok(())
     }
 
+    /// A client's mutation: on its home shard, or as a cross-shard
+    /// transaction this node coordinates (see `cfs_materializers::tx`).
     async fn mutate(&self, client: u64, op_id: u64, creds: Creds, op: Op) -> Result<Reply, Errno> {
-        let shard = self.check_shard(op.home())?;
+        if op.is_tx_step() {
+            warn!(
+                client = format_args!("{client:016x}"),
+                "a client sent a transaction step; refused"
+            );
+            return Err(Errno::EPERM);
+        }
+        self.check_shard(op.home())?;
         self.counters.mutations.fetch_add(1, Ordering::Relaxed);
-        let lop = LoggedOp {
-            client,
-            op_id,
-            creds,
-            now: now_ns(),
-            op,
-        };
-        let id = self.log.next_request();
-        let e = materializer::entry(id, &lop);
-        if e.payload.len() > cfs_log::entry::ENTRY_PAYLOAD_BYTES_MAX {
-            return Err(Errno::E2BIG);
-        }
-        let rx = self.waiters.register(id);
-        if let Err(err) = self.log.propose(shard, e).await {
-            self.waiters.forget(id);
-            warn!(shard, "namespace proposal failed: {err}");
-            return Err(Errno::EIO);
-        }
-        match tokio::time::timeout(APPLY_WAIT, rx).await {
-            Ok(Ok(Ok(Applied::Attr(i)))) => Ok(Reply::Attr(i)),
-            Ok(Ok(Ok(Applied::None))) => Ok(Reply::None),
-            Ok(Ok(Ok(Applied::Conflict(l)))) => Ok(Reply::Lock(Some(l))),
-            Ok(Ok(Err(e))) => Err(e),
-            Ok(Err(_)) | Err(_) => {
-                self.waiters.forget(id);
-                Err(Errno::EIO)
+        match tx::execute(self, client, op_id, creds, op).await? {
+            Ok(Applied::Attr(i)) => Ok(Reply::Attr(i)),
+            Ok(Applied::Conflict(l)) => Ok(Reply::Lock(Some(l))),
+            Ok(Applied::None | Applied::Decision { .. } | Applied::Changed { .. }) => {
+                Ok(Reply::None)
             }
+            Err(e) => Err(e),
         }
     }
 
@@ -462,6 +498,59 @@ impl Inner {
             free_bytes: per(st.f_bavail),
             files: self.db.files(&shards).map_err(read_err)?,
         })
+    }
+}
+
+impl tx::Cluster for Inner {
+    async fn propose(&self, shard: u32, lop: LoggedOp) -> Result<ApplyResult, Errno> {
+        let id = self.log.next_request();
+        let e = materializer::entry(id, &lop);
+        if e.payload.len() > cfs_log::entry::ENTRY_PAYLOAD_BYTES_MAX {
+            return Err(Errno::E2BIG);
+        }
+        let rx = self.waiters.register(id);
+        if let Err(err) = self.log.propose(shard, e).await {
+            self.waiters.forget(id);
+            warn!(shard, "namespace proposal failed: {err}");
+            return Err(Errno::EIO);
+        }
+        match tokio::time::timeout(APPLY_WAIT, rx).await {
+            Ok(Ok(r)) => Ok(r),
+            Ok(Err(_)) | Err(_) => {
+                self.waiters.forget(id);
+                Err(Errno::EIO)
+            }
+        }
+    }
+
+    async fn barrier(&self, shard: u32) -> Result<(), Errno> {
+        self.fresh(shard).await
+    }
+
+    fn db(&self) -> &NamespaceDb {
+        &self.db
+    }
+
+    fn shards(&self) -> &[u32] {
+        &self.shard_list
+    }
+
+    fn next_id(&self) -> (u64, u64) {
+        (
+            self.coordinator_id,
+            self.next_step.fetch_add(1, Ordering::Relaxed),
+        )
+    }
+
+    fn now(&self) -> Nanos {
+        now_ns()
+    }
+
+    fn failpoint(&self, name: &str) {
+        if self.failpoint.as_deref() == Some(name) {
+            tracing::error!("failpoint {name} reached: aborting (CFS_FAILPOINT)");
+            std::process::abort();
+        }
     }
 }
 
@@ -492,7 +581,14 @@ async fn handle(inner: &Inner, client: u64, f: RequestFrame) -> Result<Reply, Er
     }
     let db = &inner.db;
     let r = match f.req {
-        Request::Lookup { parent, name } => db.lookup(parent, &name).map(Reply::Attr),
+        Request::Lookup { parent, name } => match db.lookup(parent, &name) {
+            // The inode may live on another shard: fresh there too.
+            Ok(i) if f.fresh && shard_of(i.ino) != shard => {
+                inner.fresh(inner.check_shard(i.ino)?).await?;
+                db.inode(i.ino).map(Reply::Attr)
+            }
+            r => r.map(Reply::Attr),
+        },
         Request::GetAttr { ino } => db.inode(ino).map(Reply::Attr),
         Request::ReadDir { ino, after, max } => db
             .readdir(ino, after, max.min(READDIR_MAX) as usize)

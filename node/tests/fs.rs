@@ -191,6 +191,7 @@ fn posix_suite_integrity_and_replay() {
         "namespace too small to be meaningful"
     );
     assert_eq!(d1, dump(&c, 2), "node 2's namespace differs from node 1's");
+    fsck_clean(&c);
     assert_eq!(d1, dump(&c, 3), "node 3's namespace differs from node 1's");
 
     // Rebuilt from scratch by replaying the log, it is the same again.
@@ -201,6 +202,119 @@ fn posix_suite_integrity_and_replay() {
     wait_applied_equal(&c);
     assert_eq!(d1, dump(&c, 3), "replayed namespace differs");
     drop(m);
+}
+
+/// `cfs fsck` passes on every node, with no transaction left open.
+fn fsck_clean(c: &Cluster) {
+    for n in 1..=3u64 {
+        let out = run_cfs(&[
+            "fsck",
+            "--dir",
+            c.dir.to_str().unwrap(),
+            "--node",
+            &n.to_string(),
+        ]);
+        assert!(
+            out.contains(" 0 open transaction records, 0 problems"),
+            "node {n}: {out}"
+        );
+    }
+}
+
+/// A name that places a new directory in the root on `shard`.
+fn dir_name_on(shard: u32, stem: &str) -> String {
+    (0..)
+        .map(|i| format!("{stem}{i}"))
+        .find(|n| {
+            cfs_materializers::tx::place_dir(
+                cfs_materializers::types::ROOT_INO,
+                n.as_bytes(),
+                &[0, 1],
+            ) == shard
+        })
+        .unwrap()
+}
+
+/// The node a mount talks to is killed (abort at a fault-injection point)
+/// between the phases of a cross-shard operation; the mount fails over,
+/// retries the same operation, recovery completes the abandoned
+/// transaction, and the operation happens exactly once.
+#[test]
+fn coordinator_crash_between_phases() {
+    let c = Cluster::start("fs-2pc");
+    let remote = dir_name_on(1, "r");
+    for (round, fp) in [
+        "tx-after-prepare",
+        "tx-after-decide",
+        "tx-after-finish-others",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        cluster::stop_node(&c.dir, 1, libc::SIGTERM, Duration::from_secs(10)).unwrap();
+        cluster::start_node_env(&c.dir, 1, &common::bin(), &[("CFS_FAILPOINT", fp)]).unwrap();
+        cluster::wait_healthy(&c.cfgs, Duration::from_secs(30)).unwrap();
+        let m = Mount::new(&c, &format!("mnt{round}"), &[]);
+        let t = Instant::now();
+        match round {
+            // A directory placed on shard 1 under the root (shard 0).
+            0 => std::fs::create_dir(m.path.join(&remote)).expect("mkdir across shards"),
+            // A file moved from the root into that directory.
+            1 => {
+                std::fs::write(m.path.join("f"), b"payload").unwrap();
+                std::fs::rename(m.path.join("f"), m.path.join(&remote).join("f"))
+                    .expect("rename across shards")
+            }
+            // The file moved back, and the directory removed.
+            _ => {
+                std::fs::rename(m.path.join(&remote).join("f"), m.path.join("g"))
+                    .expect("rename back across shards");
+                std::fs::remove_dir(m.path.join(&remote)).expect("rmdir across shards")
+            }
+        }
+        eprintln!("{fp}: the operation returned after {:?}", t.elapsed());
+        assert!(
+            c.log_of(1).contains(&format!("failpoint {fp} reached")),
+            "{fp}: node 1 did not stop at the failpoint"
+        );
+        // The mount goes on working, and sees the outcome once.
+        let names: Vec<String> = std::fs::read_dir(&m.path)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        match round {
+            0 => assert!(names.contains(&remote), "{names:?}"),
+            1 => {
+                assert!(!names.contains(&"f".to_string()), "{names:?}");
+                assert_eq!(
+                    std::fs::read(m.path.join(&remote).join("f")).unwrap(),
+                    b"payload"
+                );
+            }
+            _ => {
+                assert!(!names.contains(&remote), "{names:?}");
+                assert_eq!(std::fs::read(m.path.join("g")).unwrap(), b"payload");
+            }
+        }
+        drop(m);
+        cluster::start_node(&c.dir, 1, &common::bin()).unwrap();
+        cluster::wait_healthy(&c.cfgs, Duration::from_secs(30)).unwrap();
+    }
+    wait_applied_equal(&c);
+    let until = Instant::now() + Duration::from_secs(20);
+    loop {
+        let d1 = dump(&c, 1);
+        if d1 == dump(&c, 2) && d1 == dump(&c, 3) && !d1.lines().any(|l| l.starts_with("70")) {
+            break;
+        }
+        assert!(
+            Instant::now() < until,
+            "replicas differ or an intent stayed open"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+        wait_applied_equal(&c);
+    }
+    fsck_clean(&c);
 }
 
 /// Writes `n` files with fsync under `dir`, recording the ones whose fsync

@@ -46,6 +46,14 @@ enum Cmd {
         #[arg(long)]
         node: u64,
     },
+    /// Check a node's namespace (read-only): entries, link counts,
+    /// directory tree, open cross-shard transactions. Exits 1 on problems.
+    Fsck {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        node: u64,
+    },
     /// fsx-style data integrity exerciser on FILE (replay with --seed).
     Fsx {
         file: PathBuf,
@@ -256,6 +264,26 @@ fn ns_dump(dir: &Path, node: u64) -> anyhow::Result<()> {
     for (k, v) in db.dump()? {
         let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
         writeln!(out, "{} {}", hex(&k), hex(&v))?;
+    }
+    Ok(())
+}
+
+fn fsck(dir: &Path, node: u64) -> anyhow::Result<()> {
+    let path = cluster::node_dir(dir, node).join("data/namespace");
+    let db = cfs_materializers::NamespaceDb::open_read_only(&path)?;
+    let r = cfs_materializers::check::check(&db)?;
+    println!(
+        "node {node}: {} inodes, {} entries, {} open transaction records, {} problems",
+        r.inodes,
+        r.entries,
+        r.open_transactions,
+        r.problems.len()
+    );
+    for p in &r.problems {
+        println!("  {p}");
+    }
+    if !r.problems.is_empty() {
+        std::process::exit(1);
     }
     Ok(())
 }
@@ -497,6 +525,7 @@ fn main() -> anyhow::Result<()> {
             }
         }
         Cmd::NsDump { dir, node } => ns_dump(&dir, node)?,
+        Cmd::Fsck { dir, node } => fsck(&dir, node)?,
         Cmd::Down { dir } => {
             if let Some(mnt) = cfs_node::mounts::stop_mount(&dir)? {
                 println!("unmounted {}", mnt.display());
