@@ -47,6 +47,22 @@ pub fn run(dir: &Path, cfg: &BenchConfig) -> anyhow::Result<()> {
     }
     println!("unlink {:.0} ops/s", rate(cfg.files, t));
 
+    // Directories: mkdir and rmdir (on cfs about half of them are placed
+    // on another shard than their parent: a cross-shard transaction each).
+    let dirs = (cfg.files / 10).max(1);
+    let d = root.join("dirs");
+    std::fs::create_dir(&d)?;
+    let t = Instant::now();
+    for i in 0..dirs {
+        std::fs::create_dir(d.join(format!("dir-{i}")))?;
+    }
+    println!("mkdir {:.0} ops/s", rate(dirs, t));
+    let t = Instant::now();
+    for i in 0..dirs {
+        std::fs::remove_dir(d.join(format!("dir-{i}")))?;
+    }
+    println!("rmdir {:.0} ops/s", rate(dirs, t));
+
     // Small files: 4 KiB written with fsync, then read back cold.
     let d = root.join("small");
     std::fs::create_dir(&d)?;
