@@ -47,14 +47,35 @@ pub trait DiskFile: Send + 'static {
 #[derive(Clone, Debug)]
 pub struct FsDisk {
     dir: PathBuf,
+    faults: DiskFaults,
 }
+
+/// Faults of the real disk, for the Jepsen suite (see
+/// `runtime::Faults`): off in production.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DiskFaults {
+    /// Writes are held in memory until `sync_data`, so a kill loses them.
+    pub lose_unsynced: bool,
+    /// `sync_data` only writes what was held for more than
+    /// [`FSYNC_LIE_LAG`], and does not sync: acknowledged data can be lost.
+    pub fsync_lies: bool,
+}
+
+/// How far a lying `fdatasync` lags behind.
+pub const FSYNC_LIE_LAG: std::time::Duration = std::time::Duration::from_millis(200);
 
 impl FsDisk {
     /// Uses `dir`, creating it if needed.
     pub fn new(dir: impl AsRef<Path>) -> io::Result<Self> {
+        Self::with_faults(dir, DiskFaults::default())
+    }
+
+    /// [`FsDisk::new`] with injected faults.
+    pub fn with_faults(dir: impl AsRef<Path>, faults: DiskFaults) -> io::Result<Self> {
         std::fs::create_dir_all(dir.as_ref())?;
         Ok(FsDisk {
             dir: dir.as_ref().to_path_buf(),
+            faults,
         })
     }
 }
@@ -82,7 +103,11 @@ impl Disk for FsDisk {
             .read(true)
             .write(true)
             .open(self.dir.join(name))?;
-        Ok(FsFile { file: f })
+        Ok(FsFile {
+            file: f,
+            faults: self.faults,
+            held: Vec::new(),
+        })
     }
 
     fn create_zeroed(&self, name: &str, len: u64) -> io::Result<()> {
@@ -136,13 +161,36 @@ impl Disk for FsDisk {
 
 pub struct FsFile {
     file: File,
+    faults: DiskFaults,
+    /// Writes not yet given to the file (fault injection only).
+    held: Vec<(std::time::Instant, u64, Vec<u8>)>,
 }
 
 impl DiskFile for FsFile {
     fn write_at(&mut self, offset: u64, buf: &[u8]) -> io::Result<()> {
+        if self.faults.lose_unsynced {
+            self.held
+                .push((std::time::Instant::now(), offset, buf.to_vec()));
+            return Ok(());
+        }
         self.file.write_all_at(buf, offset)
     }
     fn sync_data(&mut self) -> io::Result<()> {
+        if self.faults.fsync_lies {
+            let now = std::time::Instant::now();
+            let keep = self
+                .held
+                .iter()
+                .position(|(t, _, _)| now.duration_since(*t) < FSYNC_LIE_LAG)
+                .unwrap_or(self.held.len());
+            for (_, off, b) in self.held.drain(..keep) {
+                self.file.write_all_at(&b, off)?;
+            }
+            return Ok(());
+        }
+        for (_, off, b) in self.held.drain(..) {
+            self.file.write_all_at(&b, off)?;
+        }
         self.file.sync_data()
     }
 }

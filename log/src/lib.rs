@@ -24,5 +24,5 @@ pub mod runtime;
 pub mod transport;
 pub mod wire;
 
-pub use runtime::{LogNode, LogNodeConfig, Subscription};
+pub use runtime::{Faults, LogNode, LogNodeConfig, Subscription};
 pub use wire::LogError;

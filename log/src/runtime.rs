@@ -74,6 +74,44 @@ pub struct LogNodeConfig {
     /// Decided entries kept below every durable subscriber's position
     /// (history for replaying a lost materialization); 0 trims eagerly.
     pub retain_entries: u64,
+    /// Addresses to dial peers at when they differ from `nodes` (a
+    /// fault-injecting proxy in the Jepsen suite); `nodes` stays what
+    /// clients are told.
+    pub dial: BTreeMap<NodeId, SocketAddr>,
+    /// Injected faults and deliberate bugs (tests only).
+    pub faults: Faults,
+}
+
+/// Faults a node can be started with, for the Jepsen suite: a
+/// fault-injecting disk layer, and deliberately broken behaviour the suite
+/// must catch. All off in production.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Faults {
+    /// WAL writes reach the file only at `fdatasync` time, so a kill -9
+    /// loses exactly what was not synced (a power failure).
+    pub lose_unsynced: bool,
+    /// BROKEN: `fdatasync` returns without making the last 200 ms of writes
+    /// durable: the log acknowledges entries before they are on disk.
+    pub fsync_lies: bool,
+    /// BROKEN: read barriers are answered from this node's own decided
+    /// position instead of a round through the leader (stale reads).
+    pub stale_reads: bool,
+}
+
+impl Faults {
+    /// Parses a comma-separated list (`lose-unsynced,fsync-lies,stale-reads`).
+    pub fn parse(s: &str) -> Result<Faults, String> {
+        let mut f = Faults::default();
+        for w in s.split(',').map(str::trim).filter(|w| !w.is_empty()) {
+            match w {
+                "lose-unsynced" => f.lose_unsynced = true,
+                "fsync-lies" => f.fsync_lies = true,
+                "stale-reads" => f.stale_reads = true,
+                other => return Err(format!("unknown fault {other:?}")),
+            }
+        }
+        Ok(f)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -333,12 +371,14 @@ impl LogNode {
                 nodes: node_ids.clone(),
                 base: 0,
             };
-            let disk =
-                FsDisk::new(dir.join(format!("epoch-{}", epoch.config_id))).map_err(|e| {
-                    StartError::DataDir {
-                        dir: dir.display().to_string(),
-                        reason: e.to_string(),
-                    }
+            let faults = crate::disk::DiskFaults {
+                lose_unsynced: cfg.faults.lose_unsynced || cfg.faults.fsync_lies,
+                fsync_lies: cfg.faults.fsync_lies,
+            };
+            let disk = FsDisk::with_faults(dir.join(format!("epoch-{}", epoch.config_id)), faults)
+                .map_err(|e| StartError::DataDir {
+                    dir: dir.display().to_string(),
+                    reason: e.to_string(),
                 })?;
             let subscribers = SubscriberTable::load(dir.join("subscribers")).map_err(|reason| {
                 StartError::DataDir {
@@ -402,7 +442,7 @@ impl LogNode {
             .nodes
             .iter()
             .filter(|(id, _)| **id != cfg.node_id)
-            .map(|(id, a)| (*id, *a))
+            .map(|(id, a)| (*id, cfg.dial.get(id).copied().unwrap_or(*a)))
             .collect();
         let links = PeerLinks::start(me.clone(), peers, on_connect);
         let inner = Arc::new(Inner {
@@ -524,6 +564,15 @@ impl LogNode {
     /// A linearizable read point: see the module docs.
     #[tracing::instrument(skip(self))]
     pub async fn read_barrier(&self, shard: ShardId) -> Result<Position, LogError> {
+        if self.inner.cfg.faults.stale_reads {
+            // BROKEN on purpose (Faults::stale_reads): this node's view.
+            return self
+                .status()
+                .into_iter()
+                .find(|s| s.shard == shard)
+                .map(|s| s.decided.saturating_sub(1))
+                .ok_or(LogError::UnknownShard(shard));
+        }
         let mut e = Entry::barrier();
         e.request = self.next_request();
         self.propose(shard, e).await
@@ -917,6 +966,16 @@ impl LogNode {
                         continue;
                     }
                     self.submit_remote(shard, entry, id, &tx).await;
+                }
+                Wire::ReadBarrier { id, shard } if self.inner.cfg.faults.stale_reads => {
+                    // BROKEN on purpose (Faults::stale_reads): this node's view.
+                    let pos = self
+                        .status()
+                        .into_iter()
+                        .find(|s| s.shard == shard)
+                        .map(|s| s.decided.saturating_sub(1));
+                    let result = pos.ok_or(LogError::UnknownShard(shard));
+                    let _ = tx.send(Wire::Decided { id, result }).await;
                 }
                 Wire::ReadBarrier { id, shard } => {
                     let mut e = Entry::barrier();

@@ -46,6 +46,8 @@ async fn start_cluster(dir: &std::path::Path, segment_bytes: u64) -> Vec<LogNode
                 memory_bytes_max: 4096,
             },
             retain_entries: 0,
+            dial: BTreeMap::new(),
+            faults: Default::default(),
         };
         out.push(LogNode::start(cfg).await.unwrap());
     }

@@ -160,9 +160,14 @@ fn prepare(
     now: Nanos,
 ) -> R2<Applied> {
     let own = |k: &[u8]| keys::is_data(k) && keys::owner(k) == Some(shard);
-    let bounds = part.scans.iter().flat_map(|(s, e, _)| [s, e]);
+    // A scan stays within one inode's keys of this shard: from a key of
+    // it up to the end of that inode's prefix at most (the end bound
+    // itself may be shorter: prefix_end of an ino ending in 0xff).
+    let scan_ok = |(start, end, _): &Scan| {
+        own(start) && start.len() >= 9 && start < end && *end <= keys::prefix_end(&start[..9])
+    };
     if !part.keys().into_iter().all(own)
-        || !bounds.into_iter().all(|k| own(k))
+        || !part.scans.iter().all(scan_ok)
         || !participants.contains(&shard)
         || !participants.contains(&home)
     {
@@ -600,12 +605,19 @@ pub async fn run_tx<C: Cluster>(
         c.propose(shard, step(c, now, op))
     });
     let mut ok = true;
+    let mut invalid = None;
     for r in futures::future::join_all(prepares).await {
         match r? {
             Ok(_) => {}
             Err(e) => {
                 tracing::debug!(?tx, "prepare refused: {e}");
                 ok = false;
+                // Conflicts (EAGAIN: locked, ESTALE: the plan's reads
+                // changed) are retried; anything else is a bug that a
+                // retry would only repeat.
+                if e != Errno::EAGAIN && e != Errno::ESTALE {
+                    invalid = Some(e);
+                }
             }
         }
     }
@@ -627,6 +639,10 @@ pub async fn run_tx<C: Cluster>(
     };
     c.failpoint("tx-after-decide");
     finish_all(c, tx, home, &participants, commit).await?;
+    if let (Some(e), false) = (invalid, commit) {
+        tracing::error!(?tx, ?lop, "a participant refused the plan as invalid: {e}");
+        return Err(Errno::EIO);
+    }
     Ok(match recorded {
         Some(r) => TxEnd::Recorded(*r),
         None if commit => TxEnd::Committed,

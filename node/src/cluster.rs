@@ -108,6 +108,7 @@ pub fn ensure_configs(dir: &Path, nodes: u64, shards: u32) -> anyhow::Result<Vec
             segments_dir: None,
             segments_io_uring: true,
             nodes: addrs.clone(),
+            dial: Vec::new(),
         };
         std::fs::write(nd.join("config.toml"), toml::to_string(&cfg)?)?;
         out.push(cfg);

@@ -66,6 +66,10 @@ pub struct NodeConfig {
     #[serde(default)]
     pub meta_listen: Option<SocketAddr>,
     pub nodes: Vec<NodeAddr>,
+    /// Dial these addresses for peers instead of their `nodes` address
+    /// (the Jepsen suite's fault-injecting proxies).
+    #[serde(default)]
+    pub dial: Vec<NodeAddr>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -183,6 +187,8 @@ impl NodeConfig {
                 memory_bytes_max: (self.wal_memory_mib << 20) as usize,
             },
             retain_entries: self.log_retain_entries,
+            dial: self.dial.iter().map(|n| (n.id, n.addr)).collect(),
+            faults: Default::default(),
         }
     }
 }

@@ -28,7 +28,16 @@ fn init_logging(format: LogFormat) {
 }
 
 async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
-    let node = cfs_log::LogNode::start(cfg.log_config())
+    let mut log_cfg = cfg.log_config();
+    // Fault injection for the Jepsen suite (never set in production).
+    if let Ok(f) = std::env::var("CFS_FAULTS") {
+        log_cfg.faults =
+            cfs_log::Faults::parse(&f).map_err(|e| anyhow::anyhow!("CFS_FAULTS: {e}"))?;
+        if log_cfg.faults != cfs_log::Faults::default() {
+            tracing::warn!(faults = %f, "fault injection on (CFS_FAULTS)");
+        }
+    }
+    let node = cfs_log::LogNode::start(log_cfg)
         .await
         .context("starting the log")?;
     let segments = match cfg.segments_config() {
