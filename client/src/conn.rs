@@ -237,7 +237,9 @@ impl MetaClient {
                         match tokio::time::timeout(left.max(Duration::from_millis(1)), rx).await {
                             Ok(Ok(Err(Errno::EIO))) => {
                                 // The node could not get it through the
-                                // log (no leader yet?): retry.
+                                // log (cut off from the majority, or no
+                                // leader yet): retry on the next server.
+                                self.drop_conn(c.server).await;
                             }
                             Ok(Ok(r)) => return r,
                             Ok(Err(_)) => self.drop_conn(c.server).await,

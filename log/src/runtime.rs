@@ -284,7 +284,17 @@ struct Inner {
     stopping: AtomicBool,
     /// Connections closed for bad input (malformed frames, bad handshakes).
     pub rejected_connections: AtomicU64,
+    /// When each peer was last heard from (ms since `epoch`).
+    heard: HashMap<NodeId, AtomicU64>,
+    epoch: Instant,
 }
+
+/// A node that has not heard from a majority (itself included) for this
+/// long refuses client requests at once (NoLeader) instead of holding them
+/// until they time out: an isolated old leader would otherwise keep
+/// accepting proposals it cannot commit (Raft's CheckQuorum, for liveness
+/// only; safety never depends on it).
+pub const QUORUM_SILENCE_MAX: Duration = Duration::from_secs(1);
 
 /// A running log node. Cheap to clone.
 #[derive(Clone)]
@@ -455,6 +465,13 @@ impl LogNode {
             threads: Mutex::new(Vec::new()),
             stopping: AtomicBool::new(false),
             rejected_connections: AtomicU64::new(0),
+            heard: cfg
+                .nodes
+                .keys()
+                .filter(|id| **id != cfg.node_id)
+                .map(|id| (*id, AtomicU64::new(0)))
+                .collect(),
+            epoch: Instant::now(),
         });
         for (core, rx, decided_tx, status, subs, counters, fatal) in starters {
             let shard = core.shard;
@@ -513,6 +530,21 @@ impl LogNode {
         }
     }
 
+    /// Whether this node heard from a majority of the nodes (itself
+    /// included) within [`QUORUM_SILENCE_MAX`]. A node that just started
+    /// counts its peers as heard.
+    pub fn quorum_recent(&self) -> bool {
+        let now = self.inner.epoch.elapsed().as_millis() as u64;
+        let window = QUORUM_SILENCE_MAX.as_millis() as u64;
+        let heard = self
+            .inner
+            .heard
+            .values()
+            .filter(|t| now.saturating_sub(t.load(Ordering::Relaxed)) <= window)
+            .count();
+        2 * (heard + 1) > self.inner.heard.len() + 1
+    }
+
     async fn submit(
         &self,
         shard: ShardId,
@@ -552,6 +584,9 @@ impl LogNode {
         }
         let deadline = Instant::now() + self.inner.cfg.propose_timeout;
         loop {
+            if !self.quorum_recent() {
+                return Err(LogError::NoLeader(shard));
+            }
             match self.submit(shard, entry.clone(), false).await {
                 Err(LogError::NoLeader(_)) if Instant::now() < deadline => {
                     tokio::time::sleep(self.inner.cfg.tick * 5).await;
@@ -894,6 +929,12 @@ impl LogNode {
                 Err(crate::transport::TransportError::Closed) => return Ok(()),
                 Err(e) => return Err(format!("from node {peer}: {e}")),
             };
+            if let Some(t) = self.inner.heard.get(&peer) {
+                t.store(
+                    self.inner.epoch.elapsed().as_millis() as u64,
+                    Ordering::Relaxed,
+                );
+            }
             match msg {
                 Wire::Paxos {
                     shard,
@@ -1035,6 +1076,15 @@ impl LogNode {
                 return;
             }
         };
+        if !self.quorum_recent() {
+            let _ = conn
+                .send(Wire::Decided {
+                    id,
+                    result: Err(LogError::NoLeader(shard)),
+                })
+                .await;
+            return;
+        }
         h.counters.proposals.fetch_add(1, Ordering::Relaxed);
         let input = Input::Propose {
             entry,

@@ -1,0 +1,234 @@
+//! The cluster under test: real `cfs-node` processes on loopback whose
+//! node-to-node links all go through fault-injecting proxies, and, for the
+//! file-system workloads, one real FUSE mount per node.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Child;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use cfs_log::client::LogClient;
+use cfs_node::cluster;
+use cfs_node::config::{NodeAddr, NodeConfig};
+
+use crate::proxy::{Link, LinkState};
+
+pub struct TestCluster {
+    pub dir: PathBuf,
+    pub cfgs: Vec<NodeConfig>,
+    /// (from, to) → the proxy carrying from's messages to `to`.
+    pub links: BTreeMap<(u64, u64), Arc<Link>>,
+    /// `CFS_FAULTS` for every node start.
+    pub faults: String,
+    pub node_bin: PathBuf,
+    pub cfs_bin: PathBuf,
+    pub mounts: Vec<Mount>,
+}
+
+pub struct Mount {
+    pub path: PathBuf,
+    child: Child,
+}
+
+fn sibling(name: &str) -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe().context("locating this executable")?;
+    let dir = exe.parent().context("executable directory")?;
+    // Tests run from target/debug/deps; binaries are in target/debug.
+    for d in [dir, dir.parent().unwrap_or(dir)] {
+        let p = d.join(name);
+        if p.exists() {
+            return Ok(p);
+        }
+    }
+    bail!(
+        "{name} not found next to {} (build it: cargo build -p cfs-node)",
+        exe.display()
+    )
+}
+
+impl TestCluster {
+    /// Writes configs for `nodes` nodes in `dir` (links through proxies),
+    /// starts the proxies and the nodes, and waits until all are healthy.
+    pub async fn start(
+        dir: &Path,
+        nodes: u64,
+        shards: u32,
+        faults: &str,
+    ) -> anyhow::Result<TestCluster> {
+        let _ = std::fs::remove_dir_all(dir);
+        let mut cfgs = cluster::ensure_configs(dir, nodes, shards)?;
+        let mut links = BTreeMap::new();
+        for i in 0..cfgs.len() {
+            for j in 0..cfgs.len() {
+                if i == j {
+                    continue;
+                }
+                let (from, to) = (cfgs[i].node_id, cfgs[j].node_id);
+                let link = Link::start(cfgs[j].listen).await?;
+                cfgs[i].dial.push(NodeAddr {
+                    id: to,
+                    addr: link.listen,
+                    segments: None,
+                });
+                links.insert((from, to), link);
+            }
+        }
+        for c in cfgs.iter_mut() {
+            // Keep the whole log: the final reads read it from position 0.
+            c.log_retain_entries = u64::MAX / 2;
+            let path = cluster::node_dir(dir, c.node_id).join("config.toml");
+            std::fs::write(path, toml::to_string(c)?)?;
+        }
+        let tc = TestCluster {
+            dir: dir.to_path_buf(),
+            cfgs,
+            links,
+            faults: faults.to_string(),
+            node_bin: sibling("cfs-node")?,
+            cfs_bin: sibling("cfs")?,
+            mounts: Vec::new(),
+        };
+        for c in &tc.cfgs {
+            tc.start_node(c.node_id)?;
+        }
+        tc.wait_healthy(Duration::from_secs(60)).await?;
+        Ok(tc)
+    }
+
+    pub fn ids(&self) -> Vec<u64> {
+        self.cfgs.iter().map(|c| c.node_id).collect()
+    }
+
+    pub fn start_node(&self, id: u64) -> anyhow::Result<()> {
+        cluster::start_node_env(
+            &self.dir,
+            id,
+            &self.node_bin,
+            &[("CFS_FAULTS", &self.faults)],
+        )
+    }
+
+    pub fn kill(&self, id: u64) -> anyhow::Result<()> {
+        cluster::stop_node(&self.dir, id, libc::SIGKILL, Duration::from_secs(5))?;
+        Ok(())
+    }
+
+    pub fn signal(&self, id: u64, sig: i32) {
+        if let Some(pid) = cluster::running_pid(&self.dir, id) {
+            // SAFETY: sending a signal to a pid we started.
+            unsafe {
+                libc::kill(pid, sig);
+            }
+        }
+    }
+
+    pub fn is_running(&self, id: u64) -> bool {
+        cluster::running_pid(&self.dir, id).is_some()
+    }
+
+    pub fn set_link(&self, from: u64, to: u64, s: LinkState) {
+        if let Some(l) = self.links.get(&(from, to)) {
+            l.set(s);
+        }
+    }
+
+    pub fn heal_links(&self) {
+        for l in self.links.values() {
+            l.set(LinkState::Up);
+        }
+    }
+
+    pub fn log_client(&self) -> LogClient {
+        let mut c = LogClient::new(
+            &self.cfgs[0].cluster_id,
+            self.cfgs.iter().map(|c| c.listen).collect(),
+        );
+        c.timeout = Duration::from_secs(5);
+        c
+    }
+
+    /// The node currently leading `shard`, as some node reports it.
+    pub async fn leader(&self, shard: u32) -> Option<u64> {
+        let c = self.log_client();
+        for cfg in &self.cfgs {
+            if let Ok(Ok((_, st))) =
+                tokio::time::timeout(Duration::from_secs(1), c.status(cfg.listen)).await
+            {
+                if let Some(s) = st.iter().find(|s| s.shard == shard && s.is_leader) {
+                    return s.leader;
+                }
+            }
+        }
+        None
+    }
+
+    pub async fn wait_healthy(&self, timeout: Duration) -> anyhow::Result<()> {
+        let cfgs = self.cfgs.clone();
+        tokio::task::spawn_blocking(move || cluster::wait_healthy(&cfgs, timeout)).await??;
+        Ok(())
+    }
+
+    /// Mounts the file system once per node (strict cache mode: every read
+    /// is linearizable), each preferring its own node.
+    pub fn mount_all(&mut self) -> anyhow::Result<()> {
+        let metas = cluster::meta_servers(&self.cfgs);
+        for (i, c) in self.cfgs.iter().enumerate() {
+            let path = self.dir.join(format!("mnt-{}", c.node_id));
+            std::fs::create_dir_all(&path)?;
+            let mut servers = vec![metas[i]];
+            servers.extend(
+                metas
+                    .iter()
+                    .enumerate()
+                    .filter(|(j, _)| *j != i)
+                    .map(|(_, a)| *a),
+            );
+            let list: Vec<String> = servers.iter().map(|a| a.to_string()).collect();
+            let log = std::fs::File::create(self.dir.join(format!("mnt-{}.log", c.node_id)))?;
+            let child = std::process::Command::new(&self.cfs_bin)
+                .arg("mount")
+                .arg(&path)
+                .arg("--dir")
+                .arg(&self.dir)
+                .arg("--servers")
+                .arg(list.join(","))
+                .args(["--cache-mode", "strict", "--timeout", "10"])
+                .stdout(log.try_clone()?)
+                .stderr(log)
+                .spawn()
+                .context("starting cfs mount")?;
+            let until = Instant::now() + Duration::from_secs(30);
+            while !cfs_node::mounts::is_mounted(&path) {
+                if Instant::now() > until {
+                    bail!("mount {} did not appear", path.display());
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            self.mounts.push(Mount { path, child });
+        }
+        Ok(())
+    }
+
+    /// Unmounts, stops every node (SIGCONT first: a paused node cannot
+    /// stop) and leaves the data and logs in place.
+    pub fn stop(&mut self) {
+        for m in self.mounts.iter_mut() {
+            cfs_client::unmount(&m.path);
+            let _ = m.child.kill();
+            let _ = m.child.wait();
+        }
+        self.mounts.clear();
+        for id in self.ids() {
+            self.signal(id, libc::SIGCONT);
+            let _ = cluster::stop_node(&self.dir, id, libc::SIGTERM, Duration::from_secs(10));
+        }
+    }
+}
+
+impl Drop for TestCluster {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
