@@ -431,7 +431,7 @@ async fn concurrent_crossing_renames_never_make_a_cycle() {
 async fn rmdir_of_an_inode_number_ending_in_ff() {
     let sim = Sim::new();
     let parent = ino_of(sim.run(dir(ROOT_INO, &name_on(ROOT_INO, 2, "p")), 1).await);
-    let ino = make_ino(1, (1 << 47) | 0x1234_ff);
+    let ino = make_ino(1, (1 << 47) | 0x0012_34ff);
     let lop = LoggedOp {
         client: CLIENT,
         op_id: 2,

@@ -18,6 +18,9 @@ use serde_json::{json, Value};
 use super::{Checked, Ctx, Process};
 use crate::history::{pair, Event, Kind};
 
+/// A replica's entries: (position, appended value or `None`).
+type Entries = Vec<(u64, Option<String>)>;
+
 /// Entries a read fetches below its barrier.
 const READ_WINDOW: u64 = 64;
 /// How long a read waits for a (possibly cut-off, lagging) replica.
@@ -36,7 +39,7 @@ pub async fn read(
     from: u64,
     to: u64,
     timeout: Duration,
-) -> Result<Vec<(u64, Option<String>)>, LogError> {
+) -> Result<Entries, LogError> {
     let c = ctx.log_client();
     let v = tokio::time::timeout(timeout, c.read_range(addr, shard, from, to))
         .await
@@ -113,7 +116,7 @@ pub async fn read_any(
     shard: u32,
     from: u64,
     to: u64,
-) -> Result<Vec<(u64, Option<String>)>, LogError> {
+) -> Result<Entries, LogError> {
     let mut nodes = ctx.nodes.clone();
     rand::seq::SliceRandom::shuffle(nodes.as_mut_slice(), rng);
     let mut last = LogError::Timeout;
@@ -166,7 +169,7 @@ pub async fn final_reads(ctx: &Ctx) -> anyhow::Result<Value> {
     Ok(Value::Object(out))
 }
 
-fn entries_of(v: &Value) -> Option<Vec<(u64, Option<String>)>> {
+fn entries_of(v: &Value) -> Option<Entries> {
     serde_json::from_value(v.clone()).ok()
 }
 
@@ -202,7 +205,7 @@ pub fn check(events: &[Event], fin: &Value) -> Checked {
     for (shard, f) in fin {
         shards_checked += 1;
         let barrier = f["barrier"].as_u64().unwrap_or(0);
-        let replicas: Vec<(String, Option<Vec<(u64, Option<String>)>>)> = f["replicas"]
+        let replicas: Vec<(String, Option<Entries>)> = f["replicas"]
             .as_array()
             .map(|a| {
                 a.iter()
