@@ -1,5 +1,7 @@
 #!/usr/bin/env python3
-"""Aggregates bench/fs.sh results: median (min-max) per target and metric."""
+"""Aggregates bench/fs.sh results: median (min-max) per target and metric,
+with cfs' ratio to bindfs (the FUSE ceiling) and to the better of MooseFS
+and GlusterFS where those ran."""
 import collections, os, statistics, sys
 
 d = sys.argv[1]
@@ -13,21 +15,41 @@ for f in sorted(os.listdir(d)):
     for line in open(os.path.join(d, f)):
         parts = line.split()
         if len(parts) == 3:
-            data[parts[0]][t].append(float(parts[1]))
+            try:
+                data[parts[0]][t].append(float(parts[1]))
+            except ValueError:
+                continue
             units[parts[0]] = parts[2]
-order = ["cfs", "local", "bindfs"]
+order = ["cfs", "local", "bindfs", "moosefs", "glusterfs"]
 targets = [t for t in order if t in targets] + [t for t in targets if t not in order]
-print("| workload | unit | " + " | ".join(targets) + " | cfs / bindfs |")
-print("|---|---|" + "---|" * len(targets) + "---|")
+# Lower is better for times and latencies.
+lower = lambda m: units[m] in ("s", "ms")
+med = lambda m, t: statistics.median(data[m][t]) if data[m].get(t) else None
+
+def ratio(m, other):
+    c, o = med(m, "cfs"), other
+    if c is None or o is None or c == 0 or o == 0:
+        return "-"
+    return f"{(o / c if lower(m) else c / o):.2f}"
+
+has_dfs = any(t in targets for t in ("moosefs", "glusterfs"))
+head = "| workload | unit | " + " | ".join(targets) + " | cfs / bindfs |"
+sep = "|---|---|" + "---|" * len(targets) + "---|"
+if has_dfs:
+    head += " cfs / best of MooseFS, GlusterFS |"
+    sep += "---|"
+print(head)
+print(sep)
 for m in data:
     cells = []
     for t in targets:
         v = data[m].get(t, [])
         cells.append(f"{statistics.median(v):.1f} ({min(v):.1f}-{max(v):.1f})" if v else "-")
-    ratio = "-"
-    if data[m].get("cfs") and data[m].get("bindfs"):
-        c, b = statistics.median(data[m]["cfs"]), statistics.median(data[m]["bindfs"])
-        r = c / b if units[m] != "s" else b / c
-        ratio = f"{r:.2f}"
-    print(f"| {m} | {units[m]} | " + " | ".join(cells) + f" | {ratio} |")
-print(f"\n{len(next(iter(data.values())).get('cfs', []))} rounds; for seconds, the ratio is bindfs/cfs (higher is better for cfs).")
+    row = f"| {m} | {units[m]} | " + " | ".join(cells) + f" | {ratio(m, med(m, 'bindfs'))} |"
+    if has_dfs:
+        others = [x for x in (med(m, "moosefs"), med(m, "glusterfs")) if x is not None]
+        best = (min(others) if lower(m) else max(others)) if others else None
+        row += f" {ratio(m, best)} |"
+    print(row)
+rounds = len(next(iter(data.values())).get("cfs", [])) if data else 0
+print(f"\n{rounds} rounds; ratios are cfs relative to the other (for seconds and ms, the other's time / cfs' time): above 1 means cfs is better.")

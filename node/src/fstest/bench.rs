@@ -47,6 +47,32 @@ pub fn run(dir: &Path, cfg: &BenchConfig) -> anyhow::Result<()> {
     }
     println!("unlink {:.0} ops/s", rate(cfg.files, t));
 
+    // Metadata in a tree: the same number of files in sqrt(files)
+    // directories of sqrt(files) files each (100 x 100 for 10 000).
+    let side = ((cfg.files as f64).sqrt() as usize).max(1);
+    let d = root.join("tree-meta");
+    std::fs::create_dir(&d)?;
+    for a in 0..side {
+        std::fs::create_dir(d.join(format!("d{a}")))?;
+    }
+    let each = |f: &mut dyn FnMut(std::path::PathBuf) -> std::io::Result<()>| {
+        for a in 0..side {
+            for b in 0..side {
+                f(d.join(format!("d{a}")).join(format!("f{b}")))?;
+            }
+        }
+        Ok::<_, std::io::Error>(())
+    };
+    let t = Instant::now();
+    each(&mut |p| std::fs::File::create(p).map(|_| ()))?;
+    println!("create_tree {:.0} ops/s", rate(side * side, t));
+    let t = Instant::now();
+    each(&mut |p| std::fs::metadata(p).map(|_| ()))?;
+    println!("stat_tree {:.0} ops/s", rate(side * side, t));
+    let t = Instant::now();
+    each(&mut |p| std::fs::remove_file(p))?;
+    println!("unlink_tree {:.0} ops/s", rate(side * side, t));
+
     // Directories: mkdir and rmdir (on cfs about half of them are placed
     // on another shard than their parent: a cross-shard transaction each).
     let dirs = (cfg.files / 10).max(1);
@@ -133,6 +159,16 @@ pub fn run(dir: &Path, cfg: &BenchConfig) -> anyhow::Result<()> {
             .status()?;
         anyhow::ensure!(st.success(), "tar -x failed");
         println!("tar_x {:.2} s", t.elapsed().as_secs_f64());
+        drop_caches();
+        for (name, args) in [("find", vec!["-H"]), ("du", vec!["-s"])] {
+            let t = Instant::now();
+            let out = std::process::Command::new(name)
+                .args(&args)
+                .arg(&d)
+                .output()?;
+            anyhow::ensure!(out.status.success(), "{name} failed");
+            println!("{name} {:.2} s", t.elapsed().as_secs_f64());
+        }
         let t = Instant::now();
         let st = std::process::Command::new("rm")
             .arg("-rf")
