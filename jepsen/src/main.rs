@@ -38,6 +38,9 @@ enum Workload {
     Set,
     /// Renames of files between directories; totals conserved.
     Bank,
+    /// Files on the mounts as linearizable registers (rename to write,
+    /// POSIX locks for compare-and-set).
+    FsRegister,
 }
 
 #[derive(Parser, Debug)]
@@ -111,12 +114,16 @@ async fn run(args: Args) -> anyhow::Result<bool> {
 
     let shards = 2;
     let mut tc = TestCluster::start(&out.join("cluster"), args.nodes, shards, &args.faults).await?;
-    let fs_workload = matches!(args.workload, Workload::Set | Workload::Bank);
+    let fs_workload = matches!(
+        args.workload,
+        Workload::Set | Workload::Bank | Workload::FsRegister
+    );
     if fs_workload {
         tc.mount_all()?;
         let first = tc.mounts[0].path.clone();
         match args.workload {
             Workload::Set => workloads::set::setup(&first)?,
+            Workload::FsRegister => workloads::fsreg::setup(&first)?,
             _ => workloads::bank::setup(&first)?,
         }
     }
@@ -143,6 +150,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
                 Workload::Register => workloads::register::client(c, slot).await,
                 Workload::Set => workloads::set::client(c, slot).await,
                 Workload::Bank => workloads::bank::client(c, slot).await,
+                Workload::FsRegister => workloads::fsreg::client(c, slot).await,
             }
         }));
     }
@@ -160,6 +168,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         Workload::Log | Workload::Register => workloads::log::final_reads(&ctx).await?,
         Workload::Set => workloads::set::final_reads(&ctx).await?,
         Workload::Bank => workloads::bank::final_reads(&ctx).await?,
+        Workload::FsRegister => workloads::fsreg::final_reads(&ctx).await?,
     };
     std::fs::write(out.join("final.json"), serde_json::to_vec_pretty(&fin)?)?;
     tc.stop();
@@ -182,6 +191,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         }
         Workload::Set => workloads::set::check(&events, &fin),
         Workload::Bank => workloads::bank::check(&events, &fin),
+        Workload::FsRegister => workloads::fsreg::check(&events, &fin),
     };
     if fs_workload {
         // Every replica materialized the same, consistent namespace.

@@ -600,13 +600,17 @@ impl LogNode {
     #[tracing::instrument(skip(self))]
     pub async fn read_barrier(&self, shard: ShardId) -> Result<Position, LogError> {
         if self.inner.cfg.faults.stale_reads {
-            // BROKEN on purpose (Faults::stale_reads): this node's view.
-            return self
+            // BROKEN on purpose (Faults::stale_reads): this node's view
+            // (a real barrier only while its log is empty).
+            let decided = self
                 .status()
                 .into_iter()
                 .find(|s| s.shard == shard)
-                .map(|s| s.decided.saturating_sub(1))
-                .ok_or(LogError::UnknownShard(shard));
+                .map(|s| s.decided)
+                .ok_or(LogError::UnknownShard(shard))?;
+            if decided > 0 {
+                return Ok(decided - 1);
+            }
         }
         let mut e = Entry::barrier();
         e.request = self.next_request();
