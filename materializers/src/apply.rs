@@ -49,7 +49,7 @@ pub(crate) type R2<T> = Result<T, Fail>;
 /// an open transaction holds).
 pub fn apply(txn: &mut Txn<'_>, shard: u32, lop: &LoggedOp) -> Result<ApplyResult, DbError> {
     txn.set_owner(Some(shard));
-    let outcome_key = (lop.op_id != 0).then(|| keys::outcome(lop.client, lop.op_id));
+    let outcome_key = (lop.op_id != 0).then(|| keys::outcome(shard, lop.client, lop.op_id));
     if let Some(k) = &outcome_key {
         if let Some(r) = txn.get::<ApplyResult>(k)? {
             return Ok(r);
@@ -99,7 +99,14 @@ pub fn apply(txn: &mut Txn<'_>, shard: u32, lop: &LoggedOp) -> Result<ApplyResul
     if let Some(k) = outcome_key {
         txn.put(k, &r);
         if lop.op_id > OUTCOMES_KEPT {
-            txn.delete(keys::outcome(lop.client, lop.op_id - OUTCOMES_KEPT));
+            // Forget this client's outcomes on this shard that are too old
+            // to be retried (op ids of a client spread over the shards, so
+            // this is a range, usually holding one key or none).
+            let from = keys::outcome(shard, lop.client, 0);
+            let to = keys::outcome(shard, lop.client, lop.op_id - OUTCOMES_KEPT);
+            for (k, _) in txn.scan(&from, &to)? {
+                txn.delete(k);
+            }
         }
         txn.keep();
     }

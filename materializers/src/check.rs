@@ -139,8 +139,14 @@ pub fn check(db: &NamespaceDb) -> Result<Report, DbError> {
     if !inodes.contains_key(&ROOT_INO) {
         r.problems.push("no root directory".into());
     }
-    for tag in [b't', b'p', b'q'] {
+    for tag in [b't', b'p'] {
         r.open_transactions += db.scan(&[tag], &[tag + 1], usize::MAX)?.len();
     }
+    // Decisions stay a while after their transaction finished; only
+    // unfinished ones are open.
+    r.open_transactions += crate::tx::decisions(db)?
+        .iter()
+        .filter(|(_, _, d)| !d.finished)
+        .count();
     Ok(r)
 }

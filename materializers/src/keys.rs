@@ -13,13 +13,14 @@
 //! | `e` ino offset                        | [`ExtentRef`]         |
 //! | `k` ino flock:u8 client owner start   | [`LockRange`]         |
 //! | `o` ino                               | (orphan: nlink 0)     |
-//! | `r` client op_id                      | outcome of the op     |
+//! | `r` shard client op_id                | outcome of the op     |
 //! | `t` key                               | tx holding `key` (lock) |
 //! | `p` shard tx                          | prepared intent       |
-//! | `q` shard tx                          | decision (commit?)    |
+//! | `q` shard tx                          | decision (kept a while after finish) |
+//! | `Q` shard finished_at tx              | decisions by age (for their GC) |
 //! | `T` shard                             | intents open (count)  |
 //!
-//! Every key but `r` belongs to one shard ([`owner`]): a shard's entries
+//! Every key belongs to one shard ([`owner`]): a shard's entries
 //! read and write only its own keys, so replicas that applied other shards
 //! to different points still agree.
 //! [`Inode`]: crate::types::Inode
@@ -89,8 +90,17 @@ pub fn orphan(ino: Ino) -> Vec<u8> {
     with(b'o', &[&ino.to_be_bytes()])
 }
 
-pub fn outcome(client: u64, op_id: u64) -> Vec<u8> {
-    with(b'r', &[&client.to_be_bytes(), &op_id.to_be_bytes()])
+/// The outcome of a client's operation as `shard` applied it (each shard
+/// records and forgets only its own).
+pub fn outcome(shard: u32, client: u64, op_id: u64) -> Vec<u8> {
+    with(
+        b'r',
+        &[
+            &shard.to_be_bytes(),
+            &client.to_be_bytes(),
+            &op_id.to_be_bytes(),
+        ],
+    )
 }
 
 pub fn tx_lock(key: &[u8]) -> Vec<u8> {
@@ -119,6 +129,24 @@ pub fn decision(shard: u32, tx: (u64, u64)) -> Vec<u8> {
         ],
     )
 }
+pub fn decision_prefix() -> Vec<u8> {
+    vec![b'q']
+}
+/// Finished decisions of `shard` ordered by the time they finished.
+pub fn decision_age(shard: u32, finished_at: u64, tx: (u64, u64)) -> Vec<u8> {
+    with(
+        b'Q',
+        &[
+            &shard.to_be_bytes(),
+            &finished_at.to_be_bytes(),
+            &tx.0.to_be_bytes(),
+            &tx.1.to_be_bytes(),
+        ],
+    )
+}
+pub fn decision_age_prefix(shard: u32) -> Vec<u8> {
+    with(b'Q', &[&shard.to_be_bytes()])
+}
 pub fn open_intents(shard: u32) -> Vec<u8> {
     with(b'T', &[&shard.to_be_bytes()])
 }
@@ -132,8 +160,7 @@ pub fn is_data(key: &[u8]) -> bool {
     )
 }
 
-/// The shard `key` belongs to; `None` for keys every shard may write
-/// (outcomes) and for malformed keys.
+/// The shard `key` belongs to; `None` for malformed keys.
 pub fn owner(key: &[u8]) -> Option<u32> {
     let be64 = |k: &[u8]| {
         k.get(1..9)
@@ -147,7 +174,7 @@ pub fn owner(key: &[u8]) -> Option<u32> {
         b'i' | b'd' | b'c' | b'l' | b'x' | b'e' | b'k' | b'o' => {
             be64(key).map(crate::types::shard_of)
         }
-        b'n' | b'a' | b'p' | b'q' | b'T' => be32(key),
+        b'n' | b'a' | b'p' | b'q' | b'Q' | b'T' | b'r' => be32(key),
         b't' => owner(&key[1..]),
         _ => None,
     }

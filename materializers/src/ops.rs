@@ -122,6 +122,7 @@ pub enum Op {
         client: u64,
         op_id: u64,
         outcome: ApplyResult,
+        participants: Vec<u32>,
     },
     /// Phase 3 on each participant: applies (commit) or drops the intent
     /// and releases its locks; on the home shard also forgets the decision.

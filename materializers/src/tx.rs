@@ -101,12 +101,24 @@ pub(crate) fn apply(t: &mut Txn<'_>, shard: u32, lop: &LoggedOp) -> R2<Applied> 
             client,
             op_id,
             outcome,
-        } if *s == shard => decide(t, shard, *tx, *commit, *client, *op_id, outcome),
+            participants,
+        } if *s == shard => {
+            let d = Decision {
+                commit: *commit,
+                client: *client,
+                op_id: *op_id,
+                outcome: outcome.clone(),
+                participants: participants.clone(),
+                decided_at: lop.now,
+                finished: false,
+            };
+            decide(t, shard, *tx, d)
+        }
         Op::TxFinish {
             tx,
             shard: s,
             commit,
-        } if *s == shard => finish(t, shard, *tx, *commit),
+        } if *s == shard => finish(t, shard, *tx, *commit, lop.now),
         _ => Err(Errno::EINVAL.into()),
     }
 }
@@ -176,6 +188,12 @@ fn prepare(
     if t.peek(&keys::intent(shard, tx))?.is_some() {
         return Ok(Applied::None);
     }
+    // A prepare that arrives after its transaction was decided (a slow
+    // coordinator whose transaction recovery already aborted) must not
+    // lock anything.
+    if shard == home && t.peek(&keys::decision(shard, tx))?.is_some() {
+        return Err(Errno::ESTALE.into());
+    }
     for k in part.keys() {
         if locked(t, k)? {
             return Err(Errno::EAGAIN.into());
@@ -211,24 +229,27 @@ fn prepare(
     Ok(Applied::None)
 }
 
-/// The decision record on the home shard.
+/// The decision record on the home shard. It stays after the transaction
+/// finished ([`DECISION_KEEP`]), so that a late step of a slow coordinator
+/// (a commit decision after recovery aborted, a prepare after the finish)
+/// finds the decision instead of starting it afresh.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-struct Decision {
-    commit: bool,
-    client: u64,
-    op_id: u64,
-    outcome: ApplyResult,
+pub struct Decision {
+    pub commit: bool,
+    pub client: u64,
+    pub op_id: u64,
+    pub outcome: ApplyResult,
+    pub participants: Vec<u32>,
+    /// The deciding entry's time.
+    pub decided_at: Nanos,
+    /// The home shard finished (so every participant did).
+    pub finished: bool,
 }
 
-fn decide(
-    t: &mut Txn<'_>,
-    shard: u32,
-    tx: TxId,
-    commit: bool,
-    client: u64,
-    op_id: u64,
-    outcome: &ApplyResult,
-) -> R2<Applied> {
+/// How long a finished decision is kept (by the entries' own clocks).
+pub const DECISION_KEEP: Duration = Duration::from_secs(600);
+
+fn decide(t: &mut Txn<'_>, shard: u32, tx: TxId, mut d: Decision) -> R2<Applied> {
     let dk = keys::decision(shard, tx);
     if let Some(v) = t.peek(&dk)? {
         let d: Decision = decode(&dk, &v)?;
@@ -237,35 +258,32 @@ fn decide(
             outcome: None,
         });
     }
-    if commit && op_id != 0 {
-        if let Some(r) = t.get::<ApplyResult>(&keys::outcome(client, op_id))? {
-            let d = Decision {
-                commit: false,
-                client: 0,
-                op_id: 0,
-                outcome: Err(Errno::EIO),
-            };
-            t.put(dk, &d);
-            return Ok(Applied::Decision {
-                commit: false,
-                outcome: Some(Box::new(r)),
-            });
+    let mut recorded = None;
+    if d.commit && d.op_id != 0 {
+        if let Some(r) = t.get::<ApplyResult>(&keys::outcome(shard, d.client, d.op_id))? {
+            // An earlier attempt of the same operation committed.
+            recorded = Some(Box::new(r));
+            d.commit = false;
         }
     }
-    let d = Decision {
-        commit,
-        client,
-        op_id,
-        outcome: outcome.clone(),
-    };
+    // The home shard is always a participant and prepared before a commit
+    // is proposed: without its intent (recovery aborted it) commit is not
+    // possible.
+    if d.commit && t.peek(&keys::intent(shard, tx))?.is_none() {
+        d.commit = false;
+    }
+    let commit = d.commit;
+    if !commit {
+        d.op_id = 0;
+    }
     t.put(dk, &d);
     Ok(Applied::Decision {
         commit,
-        outcome: None,
+        outcome: recorded,
     })
 }
 
-fn finish(t: &mut Txn<'_>, shard: u32, tx: TxId, commit: bool) -> R2<Applied> {
+fn finish(t: &mut Txn<'_>, shard: u32, tx: TxId, commit: bool, now: Nanos) -> R2<Applied> {
     let ik = keys::intent(shard, tx);
     let mut inodes = Vec::new();
     let mut entries = Vec::new();
@@ -301,11 +319,29 @@ fn finish(t: &mut Txn<'_>, shard: u32, tx: TxId, commit: bool) -> R2<Applied> {
     // the decision would answer a retry before the changes are visible).
     let dk = keys::decision(shard, tx);
     if let Some(v) = t.peek(&dk)? {
-        let d: Decision = decode(&dk, &v)?;
-        if d.commit && d.op_id != 0 {
-            t.put(keys::outcome(d.client, d.op_id), &d.outcome);
+        let mut d: Decision = decode(&dk, &v)?;
+        if !d.finished {
+            if d.commit && d.op_id != 0 {
+                t.put(keys::outcome(shard, d.client, d.op_id), &d.outcome);
+            }
+            d.finished = true;
+            t.put(dk, &d);
+            t.put_raw(keys::decision_age(shard, now.max(0) as u64, tx), Vec::new());
         }
-        t.delete(dk);
+        // Forget decisions finished long ago (a few per finish).
+        let p = keys::decision_age_prefix(shard);
+        let cutoff = (now.max(0) as u64).saturating_sub(DECISION_KEEP.as_nanos() as u64);
+        let old = t.scan(&p, &keys::decision_age(shard, cutoff, (0, 0)))?;
+        for (k, _) in old.into_iter().take(8) {
+            if k.len() == 29 {
+                let tx_old = (
+                    u64::from_be_bytes(k[13..21].try_into().expect("8 bytes")),
+                    u64::from_be_bytes(k[21..29].try_into().expect("8 bytes")),
+                );
+                t.delete(keys::decision(shard, tx_old));
+            }
+            t.delete(k);
+        }
     }
     if inodes.is_empty() && entries.is_empty() {
         Ok(Applied::None)
@@ -380,6 +416,28 @@ pub fn intents(db: &NamespaceDb) -> Result<Vec<(u32, TxId, Intent)>, DbError> {
             return Err(DbError::Corrupt {
                 key: k,
                 reason: "intent key length".into(),
+            });
+        }
+        let shard = u32::from_be_bytes(k[1..5].try_into().expect("4 bytes"));
+        let tx = (
+            u64::from_be_bytes(k[5..13].try_into().expect("8 bytes")),
+            u64::from_be_bytes(k[13..21].try_into().expect("8 bytes")),
+        );
+        out.push((shard, tx, decode(&k, &v)?));
+    }
+    Ok(out)
+}
+
+/// Every decision record in the database: (home shard, transaction,
+/// decision).
+pub fn decisions(db: &NamespaceDb) -> Result<Vec<(u32, TxId, Decision)>, DbError> {
+    let p = keys::decision_prefix();
+    let mut out = Vec::new();
+    for (k, v) in db.scan(&p, &keys::prefix_end(&p), usize::MAX)? {
+        if k.len() != 21 {
+            return Err(DbError::Corrupt {
+                key: k,
+                reason: "decision key length".into(),
             });
         }
         let shard = u32::from_be_bytes(k[1..5].try_into().expect("4 bytes"));
@@ -527,7 +585,7 @@ async fn run_cross<C: Cluster>(
             for s in planned.parts.keys() {
                 c.barrier(*s).await?;
             }
-            let k = keys::outcome(lop.client, lop.op_id);
+            let k = keys::outcome(home, lop.client, lop.op_id);
             if lop.op_id != 0 {
                 if let Some(r) = c.db().get::<ApplyResult>(&k).map_err(db_err)? {
                     return Ok(Some(r));
@@ -541,7 +599,16 @@ async fn run_cross<C: Cluster>(
         }
     };
     if planned.parts.values().all(|p| p.writes.is_empty()) {
-        return Ok(Some(Ok(applied)));
+        // Nothing to commit, so nothing validates the plan's reads: answer
+        // only from state that is current on every shard it read.
+        for s in planned.parts.keys() {
+            c.barrier(*s).await?;
+        }
+        let again = plan(c.db(), &lop, new_ino).map_err(db_err)?;
+        let same = !again.locked
+            && again.outcome == Ok(applied.clone())
+            && again.parts.values().all(|p| p.writes.is_empty());
+        return Ok(same.then_some(Ok(applied)));
     }
     let end = run_tx(c, tx, home, planned.parts, &lop, Ok(applied.clone())).await?;
     match end {
@@ -629,6 +696,7 @@ pub async fn run_tx<C: Cluster>(
         client: lop.client,
         op_id: lop.op_id,
         outcome,
+        participants: participants.clone(),
     };
     let (commit, recorded) = match c.propose(home, step(c, now, decide)).await? {
         Ok(Applied::Decision { commit, outcome }) => (commit, outcome),
@@ -687,41 +755,66 @@ pub async fn finish_all<C: Cluster>(
     Ok(())
 }
 
-/// Completes every transaction with an intent older than `older_than`
-/// here: decides abort unless a decision exists, then finishes it on every
-/// participant. Returns how many transactions it completed.
+/// Completes every transaction left open longer than `older_than`: one
+/// with an intent here gets an abort decision unless a decision exists,
+/// and is finished the way the decision says; one decided but never
+/// finished is finished. A transaction whose shards do not answer is
+/// skipped (tried again next time). Returns how many it completed.
 pub async fn recover<C: Cluster>(c: &C, older_than: Duration) -> Result<usize, Errno> {
     let now = c.now();
-    let all = intents(c.db()).map_err(|e| {
-        tracing::error!("reading intents: {e}");
+    let old = |t: Nanos| now.saturating_sub(t) >= older_than.as_nanos() as i64;
+    let db_err = |e: DbError| {
+        tracing::error!("reading open transactions: {e}");
         Errno::EIO
-    })?;
-    let mut done = BTreeSet::new();
-    for (_, tx, intent) in all {
-        if now.saturating_sub(intent.since) < older_than.as_nanos() as i64 || !done.insert(tx) {
-            continue;
+    };
+    let mut todo: BTreeMap<TxId, (u32, Vec<u32>, Option<bool>)> = BTreeMap::new();
+    for (_, tx, intent) in intents(c.db()).map_err(db_err)? {
+        if old(intent.since) {
+            todo.entry(tx)
+                .or_insert((intent.home, intent.participants, None));
         }
-        let decide = Op::TxDecide {
-            tx,
-            shard: intent.home,
-            commit: false,
-            client: 0,
-            op_id: 0,
-            outcome: Err(Errno::EIO),
-        };
-        let commit = match c.propose(intent.home, step(c, now, decide)).await? {
-            Ok(Applied::Decision { commit, .. }) => commit,
-            other => {
-                tracing::error!(?tx, "unexpected decision outcome: {other:?}");
-                return Err(Errno::EIO);
-            }
-        };
-        tracing::info!(
-            ?tx,
-            commit,
-            "recovering a transaction its coordinator left open"
-        );
-        finish_all(c, tx, intent.home, &intent.participants, commit).await?;
     }
-    Ok(done.len())
+    for (home, tx, d) in decisions(c.db()).map_err(db_err)? {
+        if !d.finished && old(d.decided_at) {
+            todo.insert(tx, (home, d.participants, Some(d.commit)));
+        }
+    }
+    let mut done = 0;
+    for (tx, (home, participants, decided)) in todo {
+        let r = async {
+            let commit = match decided {
+                Some(c) => c,
+                None => {
+                    let decide = Op::TxDecide {
+                        tx,
+                        shard: home,
+                        commit: false,
+                        client: 0,
+                        op_id: 0,
+                        outcome: Err(Errno::EIO),
+                        participants: participants.clone(),
+                    };
+                    match c.propose(home, step(c, now, decide)).await? {
+                        Ok(Applied::Decision { commit, .. }) => commit,
+                        other => {
+                            tracing::error!(?tx, "unexpected decision outcome: {other:?}");
+                            return Err(Errno::EIO);
+                        }
+                    }
+                }
+            };
+            tracing::info!(
+                ?tx,
+                commit,
+                "recovering a transaction its coordinator left open"
+            );
+            finish_all(c, tx, home, &participants, commit).await
+        }
+        .await;
+        match r {
+            Ok(()) => done += 1,
+            Err(e) => tracing::warn!(?tx, "recovering a transaction: {e} (will retry)"),
+        }
+    }
+    Ok(done)
 }

@@ -463,3 +463,101 @@ async fn rmdir_of_an_inode_number_ending_in_ff() {
     assert_clean(&sim.db, "rmdir");
     assert_replays(&sim, "rmdir");
 }
+
+fn step(sim: &Sim, op: Op) -> LoggedOp {
+    let (coordinator, op_id) = sim.next_id();
+    LoggedOp {
+        client: coordinator,
+        op_id,
+        creds: Creds {
+            uid: 0,
+            gid: 0,
+            groups: vec![],
+        },
+        now: sim.now(),
+        op,
+    }
+}
+
+/// A coordinator that stalls after prepare while recovery aborts its
+/// transaction must not be able to commit it afterwards: neither with a
+/// late decision (interleaving A) nor after a late prepare of the home
+/// shard (interleaving B). Found in review.
+#[tokio::test]
+async fn a_slow_coordinator_cannot_commit_after_recovery_aborted() {
+    for late_home_prepare in [false, true] {
+        let sim = Sim::new();
+        let name = name_on(ROOT_INO, 1, "late");
+        let lop = LoggedOp {
+            client: CLIENT,
+            op_id: 7,
+            creds: Creds {
+                uid: 0,
+                gid: 0,
+                groups: vec![],
+            },
+            now: sim.now(),
+            op: dir(ROOT_INO, &name),
+        };
+        let tx = (0x51, 1);
+        let planned = tx::plan(&sim.db, &lop, Some(tx::tx_ino(1, tx))).unwrap();
+        let participants: Vec<u32> = planned.parts.keys().copied().collect();
+        assert_eq!(participants, vec![0, 1]);
+        let prepare = |shard: u32| Op::TxPrepare {
+            tx,
+            shard,
+            home: 0,
+            participants: participants.clone(),
+            part: planned.parts[&shard].clone(),
+        };
+        // Prepared on the remote shard, and (A) on the home shard too.
+        assert!(sim
+            .propose(1, step(&sim, prepare(1)))
+            .await
+            .unwrap()
+            .is_ok());
+        if !late_home_prepare {
+            assert!(sim
+                .propose(0, step(&sim, prepare(0)))
+                .await
+                .unwrap()
+                .is_ok());
+        }
+        // The coordinator stalls; recovery aborts.
+        sim.clock.fetch_add(60_000_000_000, Ordering::SeqCst);
+        tx::recover(&sim, Duration::from_secs(5)).await.unwrap();
+        if late_home_prepare {
+            // (B) The home shard's prepare lands late: refused.
+            let r = sim.propose(0, step(&sim, prepare(0))).await.unwrap();
+            assert_eq!(r, Err(Errno::ESTALE), "late home prepare");
+        }
+        // The late decision cannot commit.
+        let decide = Op::TxDecide {
+            tx,
+            shard: 0,
+            commit: true,
+            client: CLIENT,
+            op_id: 7,
+            outcome: planned.outcome.clone(),
+            participants: participants.clone(),
+        };
+        match sim.propose(0, step(&sim, decide)).await.unwrap() {
+            Ok(Applied::Decision { commit, .. }) => assert!(!commit, "late commit won"),
+            other => panic!("{other:?}"),
+        }
+        tx::finish_all(&sim, tx, 0, &participants, false)
+            .await
+            .unwrap();
+        assert!(
+            sim.db.lookup(ROOT_INO, name.as_bytes()).is_err(),
+            "half-made mkdir"
+        );
+        assert_clean(&sim.db, "after the late coordinator");
+        // The client's retry then makes the directory, once.
+        let r = sim.run(dir(ROOT_INO, &name), 7).await;
+        assert!(matches!(r, Ok(Ok(Applied::Attr(_)))), "{r:?}");
+        assert!(sim.db.lookup(ROOT_INO, name.as_bytes()).is_ok());
+        assert_clean(&sim.db, "after the retry");
+        assert_replays(&sim, "late coordinator");
+    }
+}
