@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Consecutive long Jepsen runs across workloads and nemeses (docs/jepsen.md).
 # Usage: jepsen/long.sh [RUNS] [SECONDS] [FIRST_SEED]   (env: JEPSEN_BIN = a
-# directory holding prebuilt jepsen, cfs and cfs-node; OUT = results dir)
+# directory holding prebuilt jepsen, cfs and cfs-node; OUT = results dir;
+# WORKLOADS = the rotation, default "log register set bank")
 # Prints one markdown row per run and stops at the first invalid run.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -12,11 +13,11 @@ if [ -z "${JEPSEN_BIN:-}" ]; then
   JEPSEN_BIN=${CARGO_TARGET_DIR:-target}/debug
 fi
 mkdir -p "$OUT"
-workloads=(log register set bank)
+read -r -a workloads <<< "${WORKLOADS:-log register set bank}"
 echo "| run | workload | nemesis | faults | seed | operations | anomalies | valid |"
 echo "|---|---|---|---|---|---|---|---|"
 for i in $(seq 0 $((RUNS - 1))); do
-  w=${workloads[$((i % 4))]}
+  w=${workloads[$((i % ${#workloads[@]}))]}
   s=$((SEED + i))
   case $w in
     log|register) nem=kill,pause,partition,delay,power; faults=lose-unsynced ;;
