@@ -49,6 +49,8 @@ pub struct MetaClient {
     welcome: Mutex<Option<Welcome>>,
 }
 
+/// Longest wait for one server's answer before trying the next.
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(3);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
 impl MetaClient {
@@ -233,7 +235,13 @@ impl MetaClient {
                         req: req.clone(),
                     });
                     if sent.is_ok() && !c.dead.load(Ordering::SeqCst) {
-                        let left = deadline.saturating_duration_since(Instant::now());
+                        // A server that does not answer within an attempt
+                        // (paused, or cut off while its connection stays
+                        // up) is left for the next one; mutations are
+                        // exactly-once, so retrying elsewhere is safe.
+                        let left = deadline
+                            .saturating_duration_since(Instant::now())
+                            .min(ATTEMPT_TIMEOUT);
                         match tokio::time::timeout(left.max(Duration::from_millis(1)), rx).await {
                             Ok(Ok(Err(Errno::EIO))) => {
                                 // The node could not get it through the

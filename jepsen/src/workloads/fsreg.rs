@@ -1,7 +1,8 @@
 //! The file-register workload: files on the mounts as linearizable
 //! registers. A read reads the file; a write writes a temporary file and
 //! renames it over the register (atomic replace); a compare-and-set takes
-//! a POSIX lock (through the log, so it holds across mounts), reads,
+//! an open-file-description lock (through the log, so it holds across
+//! mounts and between the clients, which are threads of one process), reads,
 //! compares and replaces. Writes take the same lock, so a compare-and-set
 //! is atomic with respect to them. Clients use different mounts (strict
 //! cache mode); checked per key for linearizability.
@@ -48,9 +49,25 @@ fn read(mount: &Path, k: &str) -> std::io::Result<Option<i64>> {
         .map_err(|e| std::io::Error::other(format!("register {k} holds {s:?}: {e}")))
 }
 
-/// Holds an exclusive POSIX lock on the key's lock file until dropped.
+/// Holds an exclusive lock (OFD) on the key's lock file until dropped.
 struct Locked {
-    _file: std::fs::File,
+    file: std::fs::File,
+}
+
+impl Drop for Locked {
+    fn drop(&mut self) {
+        // Unlock explicitly: closing does not reach a FUSE file system for
+        // OFD locks (the kernel only tells it about POSIX locks, at flush,
+        // and flock locks, at release).
+        // SAFETY: a zeroed flock is a valid value.
+        let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+        fl.l_type = libc::F_UNLCK as i16;
+        fl.l_whence = libc::SEEK_SET as i16;
+        // SAFETY: fcntl on an fd we own, with a valid flock pointer.
+        unsafe {
+            libc::fcntl(self.file.as_raw_fd(), libc::F_OFD_SETLK, &fl);
+        }
+    }
 }
 
 fn lock(mount: &Path, k: &str) -> std::io::Result<Locked> {
@@ -62,11 +79,16 @@ fn lock(mount: &Path, k: &str) -> std::io::Result<Locked> {
     let mut fl: libc::flock = unsafe { std::mem::zeroed() };
     fl.l_type = libc::F_WRLCK as i16;
     fl.l_whence = libc::SEEK_SET as i16;
+    // Open-file-description locks: the clients are threads of one process,
+    // and classic POSIX record locks of one process never conflict with
+    // each other (the first long runs caught exactly that: writes slipping
+    // between a compare-and-set's read and its rename on the same mount).
+    // l_pid must be 0 for them (it is: zeroed).
     // SAFETY: fcntl on an fd we own, with a valid flock pointer.
-    if unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETLKW, &fl) } != 0 {
+    if unsafe { libc::fcntl(f.as_raw_fd(), libc::F_OFD_SETLKW, &fl) } != 0 {
         return Err(std::io::Error::last_os_error());
     }
-    Ok(Locked { _file: f })
+    Ok(Locked { file: f })
 }
 
 /// Replaces the register by rename (atomic), under the caller's lock.
