@@ -32,4 +32,6 @@ for i in $(seq 0 $((RUNS - 1))); do
   anomalies=$(echo "$line" | sed -E 's/.* ([0-9]+) anomalies.*/\1/')
   echo "| $((i + 1)) | $w | $nem | ${faults:--} | $s | ${ops:-?} | ${anomalies:-?} | $([ $rc = 0 ] && echo yes || echo NO) |"
   [ $rc = 0 ] || exit 1
+  # A valid run keeps its history, verdict and node logs, not its data.
+  rm -rf "$dir"/cluster/node-*/data
 done
