@@ -164,31 +164,6 @@ fn file_registers_on_mounts_under_kills_and_partitions() {
     );
 }
 
-/// The same broken read barriers under the file system (strict mode's
-/// fresh reads): files as registers must show it too.
-#[test]
-fn broken_stale_reads_are_caught_on_mounts() {
-    let r = jepsen(
-        "broken-stale-fs",
-        &[
-            "--workload",
-            "fs-register",
-            "--nemesis",
-            "partition",
-            "--faults",
-            "stale-reads",
-            "--seed",
-            "9",
-        ],
-    );
-    assert_eq!(r.code, 1, "stale reads went unnoticed\n{}", r.output);
-    assert!(
-        anomaly_kinds(&r).iter().any(|k| k == "not-linearizable"),
-        "{:?}",
-        anomaly_kinds(&r)
-    );
-}
-
 /// Read barriers answered from the node's own state: the linearizability
 /// checker must find stale reads.
 #[test]
