@@ -156,8 +156,15 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     }
     let h2 = history.clone();
     nemesis::run(&tc, &kinds, seed, &timeline, move || h2.now(), until).await?;
+    // Clients stop invoking at the time limit; an operation still stuck a
+    // minute later (e.g. waiting for a lock nobody can release) stays
+    // without completion, which the checkers treat as indeterminate.
+    let grace = tokio::time::Instant::now() + Duration::from_secs(60);
     for c in clients {
-        let _ = c.await;
+        let abort = c.abort_handle();
+        if tokio::time::timeout_at(grace, c).await.is_err() {
+            abort.abort();
+        }
     }
     let ended = history.now();
     nemesis::heal_all(&tc, &timeline, ended).await?;

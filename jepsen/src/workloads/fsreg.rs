@@ -63,12 +63,22 @@ impl Drop for Locked {
         let mut fl: libc::flock = unsafe { std::mem::zeroed() };
         fl.l_type = libc::F_UNLCK as i16;
         fl.l_whence = libc::SEEK_SET as i16;
-        // SAFETY: fcntl on an fd we own, with a valid flock pointer.
-        unsafe {
-            libc::fcntl(self.file.as_raw_fd(), libc::F_OFD_SETLK, &fl);
+        // An unlock that fails (no node reachable) would leave the lock
+        // held for good (no client leases yet): keep trying for a while.
+        let until = std::time::Instant::now() + UNLOCK_PATIENCE;
+        loop {
+            // SAFETY: fcntl on an fd we own, with a valid flock pointer.
+            let r = unsafe { libc::fcntl(self.file.as_raw_fd(), libc::F_OFD_SETLK, &fl) };
+            if r == 0 || std::time::Instant::now() >= until {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(500));
         }
     }
 }
+
+/// How long a client keeps retrying a failed unlock.
+const UNLOCK_PATIENCE: std::time::Duration = std::time::Duration::from_secs(60);
 
 fn lock(mount: &Path, k: &str) -> std::io::Result<Locked> {
     let f = std::fs::OpenOptions::new()
