@@ -191,7 +191,11 @@ fn apply_inner(t: &mut Txn<'_>, shard: u32, lop: &LoggedOp, new_ino: Option<Ino>
             new_ino,
         ),
         Op::Link { ino, parent, name } => link(t, c, now, *ino, *parent, name),
-        Op::Unlink { parent, name } => unlink(t, c, now, *parent, name),
+        Op::Unlink {
+            parent,
+            name,
+            held_open,
+        } => unlink(t, c, now, *parent, name, held_open),
         Op::Rmdir { parent, name } => rmdir(t, c, now, *parent, name),
         Op::Rename {
             parent,
@@ -199,7 +203,10 @@ fn apply_inner(t: &mut Txn<'_>, shard: u32, lop: &LoggedOp, new_ino: Option<Ino>
             newparent,
             newname,
             flags,
-        } => rename(t, c, now, *parent, name, *newparent, newname, *flags),
+            held_open,
+        } => rename(
+            t, c, now, *parent, name, *newparent, newname, *flags, held_open,
+        ),
         Op::SetAttr { ino, set } => setattr(t, c, now, *ino, set),
         Op::SetXattr {
             ino,
@@ -304,9 +311,10 @@ fn touch_dir(d: &mut Inode, now: Nanos) {
 }
 
 /// Drops one link of `i` (already removed from its directory); deletes a
-/// directory, or marks a file with no links left as an orphan that
+/// directory, and a file with no links left unless the mount that asked
+/// holds it open (`held_open`): then it becomes an orphan that
 /// [`Op::Reclaim`] deletes once closed.
-fn drop_link(t: &mut Txn<'_>, i: &mut Inode, now: Nanos) -> R2<()> {
+fn drop_link(t: &mut Txn<'_>, i: &mut Inode, now: Nanos, held_open: &[Ino]) -> R2<()> {
     i.ctime = now;
     if i.is_dir() {
         i.nlink = 0;
@@ -315,6 +323,9 @@ fn drop_link(t: &mut Txn<'_>, i: &mut Inode, now: Nanos) -> R2<()> {
     }
     i.nlink = i.nlink.saturating_sub(1);
     if i.nlink == 0 {
+        if !held_open.contains(&i.ino) {
+            return delete_inode(t, i);
+        }
         t.put(keys::orphan(i.ino), &now);
     }
     put_inode(t, i);
@@ -475,7 +486,14 @@ fn link(t: &mut Txn<'_>, c: &Creds, now: Nanos, ino: Ino, parent: Ino, name: &[u
     Ok(Applied::Attr(i))
 }
 
-fn unlink(t: &mut Txn<'_>, c: &Creds, now: Nanos, parent: Ino, name: &[u8]) -> R2<Applied> {
+fn unlink(
+    t: &mut Txn<'_>,
+    c: &Creds,
+    now: Nanos,
+    parent: Ino,
+    name: &[u8],
+    held_open: &[Ino],
+) -> R2<Applied> {
     check_name(name)?;
     let mut p = dir(t, parent)?;
     let (ino, _, cookie) = get_dentry(t, parent, name)?.ok_or(Fail::Fs(Errno::ENOENT))?;
@@ -488,7 +506,7 @@ fn unlink(t: &mut Txn<'_>, c: &Creds, now: Nanos, parent: Ino, name: &[u8]) -> R
     remove_dentry(t, &mut p, name, cookie);
     touch_dir(&mut p, now);
     put_inode(t, &p);
-    drop_link(t, &mut i, now)?;
+    drop_link(t, &mut i, now, held_open)?;
     Ok(Applied::Attr(i))
 }
 
@@ -515,7 +533,7 @@ fn rmdir(t: &mut Txn<'_>, c: &Creds, now: Nanos, parent: Ino, name: &[u8]) -> R2
     p.nlink = p.nlink.saturating_sub(1);
     touch_dir(&mut p, now);
     put_inode(t, &p);
-    drop_link(t, &mut i, now)?;
+    drop_link(t, &mut i, now, &[])?;
     Ok(Applied::Attr(i))
 }
 
@@ -543,6 +561,7 @@ fn rename(
     newparent: Ino,
     newname: &[u8],
     flags: u32,
+    held_open: &[Ino],
 ) -> R2<Applied> {
     const NOREPLACE: u32 = libc::RENAME_NOREPLACE;
     const EXCHANGE: u32 = libc::RENAME_EXCHANGE;
@@ -658,7 +677,7 @@ fn rename(
         if d.is_dir() {
             np.nlink -= 1;
         }
-        drop_link(t, d, now)?;
+        drop_link(t, d, now, held_open)?;
     }
     add_dentry(t, &mut np, newname, sino, skind);
     if s.is_dir() && parent != newparent {

@@ -91,7 +91,7 @@ fn changes(op: &LoggedOp, r: &Applied) -> Change {
             ch.inodes.push(*parent);
             ch.entries.push((*parent, name.clone()));
         }
-        Op::Unlink { parent, name } | Op::Rmdir { parent, name } => {
+        Op::Unlink { parent, name, .. } | Op::Rmdir { parent, name } => {
             ch.inodes.push(*parent);
             ch.entries.push((*parent, name.clone()));
         }

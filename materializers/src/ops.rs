@@ -43,20 +43,26 @@ pub enum Op {
         parent: Ino,
         name: Vec<u8>,
     },
+    /// `held_open`: the inodes the unlinking mount holds open. A file
+    /// left without links that is not among them is deleted in this same
+    /// entry; one that is becomes an orphan for [`Op::Reclaim`] at close.
     Unlink {
         parent: Ino,
         name: Vec<u8>,
+        held_open: Vec<Ino>,
     },
     Rmdir {
         parent: Ino,
         name: Vec<u8>,
     },
+    /// `held_open` as for [`Op::Unlink`], for a replaced file.
     Rename {
         parent: Ino,
         name: Vec<u8>,
         newparent: Ino,
         newname: Vec<u8>,
         flags: u32,
+        held_open: Vec<Ino>,
     },
     SetAttr {
         ino: Ino,

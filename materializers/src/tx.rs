@@ -523,7 +523,7 @@ pub async fn execute<C: Cluster>(
         _ => None,
     };
     let deadline = Instant::now() + EXECUTE_WAIT;
-    let mut cross = placement.is_some();
+    let mut cross = placement.is_some() || spans_shards(c.db(), client, &creds, &op, home);
     let mut backoff = Duration::from_millis(1);
     loop {
         let lop = LoggedOp {
@@ -555,6 +555,29 @@ pub async fn execute<C: Cluster>(
         tokio::time::sleep(backoff / 2 + Duration::from_micros(jitter / 2)).await;
         backoff = (backoff * 2).min(Duration::from_millis(100));
     }
+}
+
+/// Whether `op`, planned on this node's replica, reaches another shard
+/// than `home` (an unlink or rmdir of a name whose inode lives elsewhere,
+/// a rename or link between shards): such an operation goes straight to
+/// the cross-shard path instead of first failing on its home shard with
+/// EXDEV (one log commit less). Only a hint: a lagging replica's wrong
+/// guess costs that commit, never correctness.
+fn spans_shards(db: &NamespaceDb, client: u64, creds: &Creds, op: &Op, home: u32) -> bool {
+    if !matches!(
+        op,
+        Op::Unlink { .. } | Op::Rmdir { .. } | Op::Rename { .. } | Op::Link { .. }
+    ) {
+        return false;
+    }
+    let lop = LoggedOp {
+        client,
+        op_id: 0,
+        creds: creds.clone(),
+        now: 0,
+        op: op.clone(),
+    };
+    plan(db, &lop, None).is_ok_and(|p| p.parts.keys().any(|s| *s != home))
 }
 
 /// One attempt of a cross-shard operation: `None` if it lost a conflict

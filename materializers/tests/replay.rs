@@ -48,7 +48,16 @@ fn ops(n: usize, mut seed: u64) -> Vec<Entry> {
                 target: None,
                 excl: r.is_multiple_of(2),
             },
-            3 => Op::Unlink { parent, name },
+            3 => Op::Unlink {
+                parent,
+                name,
+                // Sometimes the file is held open (it becomes an orphan).
+                held_open: if r.is_multiple_of(3) {
+                    vec![ino]
+                } else {
+                    vec![]
+                },
+            },
             4 => Op::Rmdir { parent, name },
             5 => Op::Rename {
                 parent,
@@ -60,6 +69,11 @@ fn ops(n: usize, mut seed: u64) -> Vec<Entry> {
                 },
                 newname: names[(r % 5) as usize].clone(),
                 flags: 0,
+                held_open: if r.is_multiple_of(3) {
+                    vec![ino]
+                } else {
+                    vec![]
+                },
             },
             6 => Op::Link { ino, parent, name },
             7 => Op::SetAttr {
@@ -195,7 +209,8 @@ fn posix_errors_are_decided_at_apply() {
             0,
             Op::Unlink {
                 parent: ROOT_INO,
-                name: b"nope".to_vec()
+                name: b"nope".to_vec(),
+                held_open: vec![],
             }
         ),
         Err(Errno::ENOENT)
@@ -205,7 +220,8 @@ fn posix_errors_are_decided_at_apply() {
             0,
             Op::Unlink {
                 parent: ROOT_INO,
-                name: b"d".to_vec()
+                name: b"d".to_vec(),
+                held_open: vec![],
             }
         ),
         Err(Errno::EISDIR)
@@ -229,7 +245,8 @@ fn posix_errors_are_decided_at_apply() {
             1001,
             Op::Unlink {
                 parent: d,
-                name: b"f".to_vec()
+                name: b"f".to_vec(),
+                held_open: vec![],
             }
         ),
         Err(Errno::EPERM)
@@ -239,7 +256,7 @@ fn posix_errors_are_decided_at_apply() {
             0,
             Op::Rmdir {
                 parent: ROOT_INO,
-                name: b"d".to_vec()
+                name: b"d".to_vec(),
             }
         ),
         Err(Errno::ENOTEMPTY)
@@ -268,7 +285,8 @@ fn posix_errors_are_decided_at_apply() {
                 name: b"p".to_vec(),
                 newparent: q,
                 newname: b"p".to_vec(),
-                flags: 0
+                flags: 0,
+                held_open: vec![],
             }
         ),
         Err(Errno::EINVAL)
@@ -287,4 +305,71 @@ fn posix_errors_are_decided_at_apply() {
         ),
         Err(Errno::EPERM)
     );
+}
+
+#[test]
+fn unlink_deletes_a_file_in_the_same_entry_unless_held_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = NamespaceDb::open(dir.path()).unwrap();
+    init_shard(&db, 0).unwrap();
+    let mut n = 0u64;
+    let mut run = |op: Op| {
+        n += 1;
+        let lop = LoggedOp {
+            client: 1,
+            op_id: 0,
+            creds: Creds::root(),
+            now: n as i64,
+            op,
+        };
+        let (r, _) =
+            apply_batch(&db, 0, &[(n, entry(RequestId { client: 1, seq: n }, &lop))]).unwrap();
+        r[0].1.clone()
+    };
+    let create = |name: &str| Op::Create {
+        parent: ROOT_INO,
+        name: name.as_bytes().to_vec(),
+        mode: libc::S_IFREG | 0o644,
+        rdev: 0,
+        target: None,
+        excl: true,
+    };
+    let unlink = |name: &str, held_open: Vec<Ino>| Op::Unlink {
+        parent: ROOT_INO,
+        name: name.as_bytes().to_vec(),
+        held_open,
+    };
+    let ino_of = |r: Result<Applied, Errno>| match r {
+        Ok(Applied::Attr(i)) => i.ino,
+        other => panic!("expected an inode, got {other:?}"),
+    };
+    use cfs_materializers::keys;
+    use cfs_materializers::ops::Applied;
+    // Not held open: gone with its unlink, no orphan left to reclaim.
+    let f = ino_of(run(create("f")));
+    let other = ino_of(run(create("other")));
+    assert_eq!(ino_of(run(unlink("f", vec![other]))), f);
+    assert_eq!(db.get_raw(&keys::inode(f)).unwrap(), None);
+    assert_eq!(db.get_raw(&keys::orphan(f)).unwrap(), None);
+    // Held open by the unlinking mount: an orphan until Reclaim.
+    let g = ino_of(run(create("g")));
+    assert_eq!(ino_of(run(unlink("g", vec![other, g]))), g);
+    assert!(db.get_raw(&keys::inode(g)).unwrap().is_some());
+    assert!(db.get_raw(&keys::orphan(g)).unwrap().is_some());
+    assert_eq!(run(Op::Reclaim { ino: g }), Ok(Applied::None));
+    assert_eq!(db.get_raw(&keys::inode(g)).unwrap(), None);
+    assert_eq!(db.get_raw(&keys::orphan(g)).unwrap(), None);
+    // A rename over a file not held open deletes the replaced file.
+    let h = ino_of(run(create("h")));
+    run(Op::Rename {
+        parent: ROOT_INO,
+        name: b"other".to_vec(),
+        newparent: ROOT_INO,
+        newname: b"h".to_vec(),
+        flags: 0,
+        held_open: vec![],
+    })
+    .unwrap();
+    assert_eq!(db.get_raw(&keys::inode(h)).unwrap(), None);
+    assert!(db.get_raw(&keys::inode(other)).unwrap().is_some());
 }

@@ -214,6 +214,7 @@ fn scenarios(b: &Base) -> Vec<(&'static str, Vec<Op>)> {
         newparent,
         newname: newname.into(),
         flags,
+        held_open: vec![],
     };
     vec![
         (
@@ -262,6 +263,7 @@ fn scenarios(b: &Base) -> Vec<(&'static str, Vec<Op>)> {
                 Op::Unlink {
                     parent: b.b,
                     name: "f2".into(),
+                    held_open: vec![],
                 },
             ],
         ),
@@ -399,6 +401,7 @@ async fn concurrent_crossing_renames_never_make_a_cycle() {
             newparent: b.b,
             newname: format!("x{round}").into(),
             flags: 0,
+            held_open: vec![],
         };
         let two = Op::Rename {
             parent: ROOT_INO,
@@ -406,6 +409,7 @@ async fn concurrent_crossing_renames_never_make_a_cycle() {
             newparent: s,
             newname: "y".into(),
             flags: 0,
+            held_open: vec![],
         };
         let (r1, r2) = if round % 2 == 0 {
             tokio::join!(sim.run(one, 300), sim.run(two, 301))

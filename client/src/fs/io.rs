@@ -285,8 +285,29 @@ pub(super) fn insert_dirty(f: &mut FileInner, off: u64, data: Vec<u8>) {
 }
 
 impl Shared {
-    pub(super) async fn after_unlink(&self, i: &Inode) {
+    /// The inodes this mount holds open, sent with unlink and rename so a
+    /// file losing its last link is deleted in the same log entry unless
+    /// it is open here (one commit instead of unlink + reclaim).
+    pub(super) fn held_open(&self) -> Vec<Ino> {
+        self.files
+            .lock()
+            .expect("files lock")
+            .iter()
+            .filter(|(_, st)| st.opens.load(Ordering::SeqCst) > 0)
+            .map(|(ino, _)| *ino)
+            .collect()
+    }
+
+    /// After `i` lost a link through unlink or rename with `held_open`:
+    /// a file left without links was deleted by that entry unless it was
+    /// held open; then its last close here reclaims it. A close that ran
+    /// between `held_open` and now missed the orphan mark: reclaim now.
+    pub(super) async fn after_unlink(&self, i: &Inode, held_open: &[Ino]) {
         if i.nlink > 0 || i.is_dir() {
+            return;
+        }
+        if !held_open.contains(&i.ino) {
+            self.files.lock().expect("files lock").remove(&i.ino);
             return;
         }
         let open = self

@@ -488,10 +488,16 @@ impl Filesystem for CfsFs {
     fn unlink(&mut self, req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEmpty) {
         let (sh, c, name) = (self.sh.clone(), creds(req), name_of(name));
         self.spawn("unlink", async move {
-            let r = sh.mutate_attr(c, Op::Unlink { parent, name }).await;
+            let held_open = sh.held_open();
+            let op = Op::Unlink {
+                parent,
+                name,
+                held_open: held_open.clone(),
+            };
+            let r = sh.mutate_attr(c, op).await;
             reply_empty(r.as_ref().map(|_| ()).map_err(|e| *e), reply);
             if let Ok(i) = r {
-                sh.after_unlink(&i).await;
+                sh.after_unlink(&i, &held_open).await;
             }
         });
     }
@@ -537,20 +543,27 @@ impl Filesystem for CfsFs {
         let (sh, c) = (self.sh.clone(), creds(req));
         let (name, newname) = (name_of(name), name_of(newname));
         self.spawn("rename", async move {
-            // The replaced file may lose its last link: find it first.
-            let victim = match sh
-                .meta
-                .call(
-                    MReq::Lookup {
-                        parent: newparent,
-                        name: newname.clone(),
-                    },
-                    false,
-                )
-                .await
-            {
-                Ok(Reply::Attr(i)) if !i.is_dir() => Some(i.ino),
-                _ => None,
+            // A replaced file that loses its last link is deleted by the
+            // rename itself unless held open here: only then find it first
+            // (its last close must reclaim it).
+            let held_open = sh.held_open();
+            let victim = if held_open.is_empty() {
+                None
+            } else {
+                match sh
+                    .meta
+                    .call(
+                        MReq::Lookup {
+                            parent: newparent,
+                            name: newname.clone(),
+                        },
+                        false,
+                    )
+                    .await
+                {
+                    Ok(Reply::Attr(i)) if !i.is_dir() => Some(i.ino),
+                    _ => None,
+                }
             };
             let r = sh
                 .mutate(
@@ -561,6 +574,7 @@ impl Filesystem for CfsFs {
                         newparent,
                         newname,
                         flags,
+                        held_open: held_open.clone(),
                     },
                 )
                 .await;
@@ -569,7 +583,7 @@ impl Filesystem for CfsFs {
             if ok && flags & libc::RENAME_EXCHANGE == 0 {
                 if let Some(v) = victim {
                     if let Ok(i) = sh.getattr(v, false).await {
-                        sh.after_unlink(&i).await;
+                        sh.after_unlink(&i, &held_open).await;
                     }
                 }
             }

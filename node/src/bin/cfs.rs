@@ -94,6 +94,10 @@ enum Cmd {
         /// A source tarball to extract and remove.
         #[arg(long)]
         tarball: Option<PathBuf>,
+        /// Threads of the parallel pass (mdtest-style: each thread works
+        /// in its own directories); 0 skips it.
+        #[arg(long, default_value_t = 8)]
+        threads: usize,
     },
     /// Stop the local cluster in DIR (idempotent).
     Down {
@@ -471,6 +475,7 @@ fn main() -> anyhow::Result<()> {
             small_files,
             seq_mib,
             tarball,
+            threads,
         } => cfs_node::fstest::bench::run(
             &dir,
             &cfs_node::fstest::bench::BenchConfig {
@@ -478,6 +483,7 @@ fn main() -> anyhow::Result<()> {
                 small_files,
                 seq_mib,
                 tarball,
+                threads,
             },
         )?,
         Cmd::Fsx {

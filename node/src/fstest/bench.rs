@@ -12,6 +12,8 @@ pub struct BenchConfig {
     pub small_files: usize,
     pub seq_mib: usize,
     pub tarball: Option<std::path::PathBuf>,
+    /// Threads of the parallel pass (0: none).
+    pub threads: usize,
 }
 
 fn drop_caches() {
@@ -72,6 +74,10 @@ pub fn run(dir: &Path, cfg: &BenchConfig) -> anyhow::Result<()> {
     let t = Instant::now();
     each(&mut |p| std::fs::remove_file(p))?;
     println!("unlink_tree {:.0} ops/s", rate(side * side, t));
+
+    if cfg.threads > 0 {
+        parallel(&root.join("par"), cfg)?;
+    }
 
     // Directories: mkdir and rmdir (on cfs about half of them are placed
     // on another shard than their parent: a cross-shard transaction each).
@@ -178,5 +184,66 @@ pub fn run(dir: &Path, cfg: &BenchConfig) -> anyhow::Result<()> {
         println!("rm_rf {:.2} s", t.elapsed().as_secs_f64());
     }
     std::fs::remove_dir_all(&root)?;
+    Ok(())
+}
+
+/// The parallel pass, as mdtest runs it: `threads` workers, each in its own
+/// directories (the kernel serializes changes within one directory), the
+/// same `files` in total; create, stat, unlink, then 4 KiB files written
+/// with fsync and read back cold. Rates count every worker's operations
+/// over the wall time of the slowest.
+fn parallel(root: &Path, cfg: &BenchConfig) -> anyhow::Result<()> {
+    let n = cfg.threads;
+    let per = (cfg.files / n).max(1);
+    let small_per = (cfg.small_files / n).max(1);
+    let dirs: Vec<std::path::PathBuf> = (0..n).map(|w| root.join(format!("w{w}"))).collect();
+    for d in &dirs {
+        std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+    }
+    let phase = |name: &str,
+                 count: usize,
+                 unit: &str,
+                 f: &(dyn Fn(&Path, usize) -> std::io::Result<()> + Sync)|
+     -> anyhow::Result<()> {
+        let t = Instant::now();
+        std::thread::scope(|s| {
+            let workers: Vec<_> = dirs
+                .iter()
+                .map(|d| s.spawn(move || (0..count).try_for_each(|i| f(d, i))))
+                .collect();
+            workers
+                .into_iter()
+                .try_for_each(|w| w.join().expect("bench worker panicked"))
+        })
+        .with_context(|| format!("parallel {name}"))?;
+        println!("{name}_x{n} {:.0} {unit}", rate(count * n, t));
+        Ok(())
+    };
+    let file = |d: &Path, i: usize| d.join(format!("f{i}"));
+    phase("create", per, "ops/s", &|d, i| {
+        std::fs::File::create(file(d, i)).map(|_| ())
+    })?;
+    phase("stat", per, "ops/s", &|d, i| {
+        std::fs::metadata(file(d, i)).map(|_| ())
+    })?;
+    phase("unlink", per, "ops/s", &|d, i| {
+        std::fs::remove_file(file(d, i))
+    })?;
+    let block = vec![0x5au8; 4096];
+    phase("small_write_fsync", small_per, "files/s", &|d, i| {
+        let mut f = std::fs::File::create(d.join(format!("s{i}")))?;
+        f.write_all(&block)?;
+        f.sync_all()
+    })?;
+    drop_caches();
+    phase("small_read", small_per, "files/s", &|d, i| {
+        let mut buf = Vec::with_capacity(8192);
+        std::fs::File::open(d.join(format!("s{i}")))?.read_to_end(&mut buf)?;
+        if buf.len() != 4096 {
+            return Err(std::io::Error::other("short small file"));
+        }
+        Ok(())
+    })?;
+    std::fs::remove_dir_all(root)?;
     Ok(())
 }
