@@ -215,7 +215,13 @@ fn apply_inner(t: &mut Txn<'_>, shard: u32, lop: &LoggedOp, new_ino: Option<Ino>
             flags,
         } => setxattr(t, c, now, *ino, name, value, *flags),
         Op::RemoveXattr { ino, name } => removexattr(t, c, now, *ino, name),
-        Op::Write { ino, extents } => write(t, c, now, *ino, extents),
+        Op::Write { ino, extents, then } => {
+            let written = write(t, c, now, *ino, extents)?;
+            match then {
+                Some(late) => setattr(t, &late.creds, now, *ino, &late.set),
+                None => Ok(written),
+            }
+        }
         Op::Fallocate {
             ino,
             offset,

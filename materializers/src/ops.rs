@@ -79,9 +79,13 @@ pub enum Op {
         name: Vec<u8>,
     },
     /// Maps file ranges to stripes already durable in the segment store.
+    /// `then`: attribute changes the mount made after these bytes
+    /// (futimens, fchmod, fchown on a file it is writing, as tar does),
+    /// applied after the extents in the same entry.
     Write {
         ino: Ino,
         extents: Vec<ExtentRef>,
+        then: Option<LateAttrs>,
     },
     Fallocate {
         ino: Ino,
@@ -175,6 +179,14 @@ impl Op {
             Op::TxPrepare { .. } | Op::TxDecide { .. } | Op::TxFinish { .. }
         )
     }
+}
+
+/// A setattr a mount buffered behind its unflushed bytes ([`Op::Write`]),
+/// checked against the credentials of the call that made it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LateAttrs {
+    pub creds: Creds,
+    pub set: SetAttr,
 }
 
 /// What applying an operation produced.

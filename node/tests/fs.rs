@@ -449,6 +449,91 @@ fn two_mounts_see_each_other() {
         0,
         "lock after the holder closed"
     );
+    drop(fb);
+    tar_like_attributes_ride_with_the_data(&c, &a, &b);
+}
+
+/// Every namespace entry applied so far, over all shards (node 1).
+fn entries_applied(c: &Cluster) -> u64 {
+    let (_, body) = cluster::http_get(c.cfg(1).http, "/metrics").expect("metrics");
+    body.lines()
+        .filter(|l| l.starts_with("cfs_meta_applied_position{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// What `tar -x` does per file: create, write, futimens, fchown, fchmod,
+/// close. The three attribute changes wait for the buffered bytes and
+/// ride in their commit (two log entries for the file, not five), and the
+/// time set by futimens survives the flush of the bytes written before it.
+fn tar_like_attributes_ride_with_the_data(c: &Cluster, a: &Mount, b: &Mount) {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    use std::os::unix::io::AsRawFd;
+    let path = a.path.join("from-tar");
+    wait_applied_equal(c);
+    let before = entries_applied(c);
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .unwrap();
+    std::io::Write::write_all(&mut &f, b"archived bytes").unwrap();
+    let when = libc::timespec {
+        tv_sec: 978_307_200, // 2001-01-01
+        tv_nsec: 0,
+    };
+    let times = [
+        libc::timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_OMIT,
+        },
+        when,
+    ];
+    // SAFETY: futimens(2) and fchown(2) on an open descriptor.
+    assert_eq!(unsafe { libc::futimens(f.as_raw_fd(), times.as_ptr()) }, 0);
+    assert_eq!(unsafe { libc::fchown(f.as_raw_fd(), 1000, 1000) }, 0);
+    f.set_permissions(std::fs::Permissions::from_mode(0o640))
+        .unwrap();
+    // Seen at once through the writing mount, before the close.
+    let m = f.metadata().unwrap();
+    assert_eq!(
+        (m.mtime(), m.uid(), m.mode() & 0o7777),
+        (978_307_200, 1000, 0o640)
+    );
+    drop(f);
+    let m = std::fs::metadata(&path).unwrap();
+    assert_eq!(
+        (m.mtime(), m.uid(), m.gid(), m.mode() & 0o7777, m.len()),
+        (978_307_200, 1000, 1000, 0o640, 14),
+        "attributes after close"
+    );
+    wait_applied_equal(c);
+    let entries = entries_applied(c) - before;
+    assert!(
+        entries <= 2,
+        "create + write with attributes: {entries} entries"
+    );
+    // The other mount sees the file whole, with its attributes.
+    let m = std::fs::metadata(b.path.join("from-tar")).unwrap();
+    assert_eq!(
+        (m.mtime(), m.uid(), m.mode() & 0o7777),
+        (978_307_200, 1000, 0o640)
+    );
+    assert_eq!(
+        std::fs::read(b.path.join("from-tar")).unwrap(),
+        b"archived bytes"
+    );
+    // A write after a deferred change commits the change first: the
+    // write's own time wins, as on a local disk.
+    let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    std::io::Write::write_all(&mut &f, b"A").unwrap();
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::futimens(f.as_raw_fd(), times.as_ptr()) }, 0);
+    std::io::Write::write_all(&mut &f, b"B").unwrap();
+    drop(f);
+    let m = std::fs::metadata(&path).unwrap();
+    assert!(m.mtime() > 978_307_200, "a write after futimens sets mtime");
+    assert_eq!(&std::fs::read(&path).unwrap()[..2], b"AB");
 }
 
 #[test]

@@ -6,32 +6,59 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use cfs_materializers::ops::{Op, Reply, Request as MReq};
+use cfs_materializers::ops::{LateAttrs, Op, Reply, Request as MReq};
 use cfs_materializers::types::*;
 use tracing::{debug, Instrument};
 
 use super::{FileInner, Shared};
 
 impl Shared {
-    /// Writes `ranges` as stripes and commits their extents.
+    /// Writes `ranges` as stripes and commits their extents, with `late`
+    /// (a deferred setattr) in the last commit. A deferred setattr the
+    /// server refuses is dropped after the bytes are committed alone: the
+    /// error is the flush's.
     pub(super) async fn commit_ranges(
         &self,
         ino: Ino,
         ranges: &[(u64, Vec<u8>)],
+        late: Option<LateAttrs>,
     ) -> Result<(), Errno> {
         let span = tracing::debug_span!("flush", ino, ranges = ranges.len());
         let refs = self.data.write_ranges(ranges).instrument(span).await?;
-        for chunk in refs.chunks(1024) {
-            self.mutate(
-                Creds::root(),
-                Op::Write {
-                    ino,
-                    extents: chunk.to_vec(),
-                },
-            )
-            .await?;
+        let chunks: Vec<&[ExtentRef]> = refs.chunks(1024).collect();
+        let Some((last, first)) = chunks.split_last() else {
+            if let Some(l) = late {
+                self.mutate(l.creds, Op::SetAttr { ino, set: l.set })
+                    .await?;
+            }
+            return Ok(());
+        };
+        for chunk in first {
+            let op = Op::Write {
+                ino,
+                extents: chunk.to_vec(),
+                then: None,
+            };
+            self.mutate(Creds::root(), op).await?;
         }
-        Ok(())
+        let refused = late.is_some();
+        let op = Op::Write {
+            ino,
+            extents: last.to_vec(),
+            then: late,
+        };
+        match self.mutate(Creds::root(), op).await {
+            Err(e) if refused && (e == Errno::EPERM || e == Errno::EACCES) => {
+                let op = Op::Write {
+                    ino,
+                    extents: last.to_vec(),
+                    then: None,
+                };
+                self.mutate(Creds::root(), op).await?;
+                Err(e)
+            }
+            r => r.map(|_| ()),
+        }
     }
 
     /// Waits for the background flush of this inode, if any.
@@ -58,7 +85,7 @@ impl Shared {
             Arc::new(std::mem::take(&mut f.dirty).into_iter().collect());
         f.dirty_bytes = 0;
         let (sh, r2) = (self.clone(), ranges.clone());
-        let h = tokio::spawn(async move { sh.commit_ranges(ino, &r2).await });
+        let h = tokio::spawn(async move { sh.commit_ranges(ino, &r2, None).await });
         f.inflight = Some((ranges, h));
         Ok(())
     }
@@ -66,18 +93,27 @@ impl Shared {
     /// Writes this inode's buffered bytes and commits their extents.
     pub(super) async fn flush_locked(&self, ino: Ino, f: &mut FileInner) -> Result<(), Errno> {
         self.join_inflight(f).await?;
-        if f.dirty.is_empty() {
+        if f.dirty.is_empty() && f.late.is_none() {
             return Ok(());
         }
         let ranges: Vec<(u64, Vec<u8>)> = std::mem::take(&mut f.dirty).into_iter().collect();
         f.dirty_bytes = 0;
-        if let Err(e) = self.commit_ranges(ino, &ranges).await {
+        let late = f.late.take();
+        if let Err(e) = self.commit_ranges(ino, &ranges, late.clone()).await {
+            if e == Errno::EPERM || e == Errno::EACCES {
+                // The bytes were committed; the deferred setattr was
+                // refused and is dropped (its error is this one).
+                f.size = None;
+                f.ext = None;
+                return Err(e);
+            }
             // Keep the bytes: a later flush may succeed (rewriting stripes
             // that were written but not committed is harmless).
             for (o, d) in ranges {
                 f.dirty_bytes += d.len();
                 f.dirty.insert(o, d);
             }
+            f.late = late;
             return Err(e);
         }
         f.size = None;
@@ -227,6 +263,11 @@ impl Shared {
         }
         let st = self.file(ino);
         let mut f = st.inner.lock().await;
+        if f.late.is_some() {
+            // Bytes after a deferred setattr: commit it first (its times
+            // and mode precede these bytes).
+            self.flush_locked(ino, &mut f).await?;
+        }
         if f.size.is_none() {
             let i = self.getattr(ino, false).await?;
             f.size = Some(i.size);
@@ -400,6 +441,7 @@ impl Shared {
                 Op::Write {
                     ino: ino_out,
                     extents: chunk.to_vec(),
+                    then: None,
                 },
             )
             .await?;

@@ -3,6 +3,7 @@
 //! data path is in [`io`].
 
 mod io;
+mod late_attrs;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ffi::OsStr;
@@ -41,6 +42,9 @@ struct FileInner {
     /// End of the last read (sequential detection) and read-ahead window.
     seq_end: u64,
     ra_window: u64,
+    /// A setattr made after the dirty bytes, committed with them
+    /// (late_attrs.rs).
+    late: Option<cfs_materializers::ops::LateAttrs>,
     /// A full buffer being written in the background (at most one per
     /// inode, so commits stay in write order): its bytes, still visible to
     /// reads, and the task. Joined (and its error reported) by the next
@@ -79,6 +83,10 @@ fn ts(ns: Nanos) -> SystemTime {
     } else {
         UNIX_EPOCH - Duration::from_nanos(ns.unsigned_abs())
     }
+}
+
+fn now_ns() -> Nanos {
+    ns_of(SystemTime::now())
 }
 
 fn ns_of(t: SystemTime) -> Nanos {
@@ -213,7 +221,14 @@ impl Shared {
     async fn attr_now(&self, i: &Inode) -> FileAttr {
         let st = self.files.lock().expect("files lock").get(&i.ino).cloned();
         let size = match st {
-            Some(st) => st.inner.lock().await.size.map(|s| s.max(i.size)),
+            Some(st) => {
+                let f = st.inner.lock().await;
+                let size = f.size.map(|s| s.max(i.size));
+                if let Some(set) = late_attrs::pending(&f) {
+                    return attr_of(&late_attrs::overlay(i, set), size);
+                }
+                size
+            }
             None => None,
         };
         attr_of(i, size)
@@ -419,22 +434,7 @@ impl Filesystem for CfsFs {
                 mtime: timeset(mtime),
                 ctime: ctime.map(ns_of),
             };
-            let r = async {
-                let st = sh.file(ino);
-                let mut f = st.inner.lock().await;
-                if size.is_some() {
-                    sh.flush_locked(ino, &mut f).await?;
-                }
-                let i = sh.mutate_attr(c, Op::SetAttr { ino, set }).await?;
-                if size.is_some() {
-                    f.size = None;
-                    f.ext = None;
-                }
-                let sz = f.size.map(|s| s.max(i.size));
-                Ok::<_, Errno>(attr_of(&i, sz))
-            }
-            .await;
-            match r {
+            match sh.setattr(c, ino, set).await {
                 Ok(a) => reply.attr(&sh.opts.ttl(), &a),
                 Err(e) => reply.error(e.0),
             }
@@ -1011,6 +1011,10 @@ impl Filesystem for CfsFs {
     ) {
         let (sh, c, name, value) = (self.sh.clone(), creds(req), name_of(name), value.to_vec());
         self.spawn("setxattr", async move {
+            if let Err(e) = sh.flush_late(ino).await {
+                reply.error(e.0);
+                return;
+            }
             let r = sh
                 .mutate(
                     c,
@@ -1083,6 +1087,10 @@ impl Filesystem for CfsFs {
     fn removexattr(&mut self, req: &Request<'_>, ino: u64, name: &OsStr, reply: ReplyEmpty) {
         let (sh, c, name) = (self.sh.clone(), creds(req), name_of(name));
         self.spawn("removexattr", async move {
+            if let Err(e) = sh.flush_late(ino).await {
+                reply.error(e.0);
+                return;
+            }
             let r = sh.mutate(c, Op::RemoveXattr { ino, name }).await;
             reply_empty(r.map(|_| ()), reply);
         });
