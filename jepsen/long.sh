@@ -27,7 +27,7 @@ for i in $(seq 0 $((RUNS - 1))); do
   "$JEPSEN_BIN/jepsen" --workload "$w" --nemesis "$nem" --faults "$faults" \
     --time-limit "$SECS" --seed "$s" --out "$dir" > "$dir.txt" 2>&1
   rc=$?
-  line=$(grep -E "^$w: " "$dir.txt" | head -1)
+  line=$(grep -E "^${w//-/}: " "$dir.txt" | head -1)
   ops=$(echo "$line" | sed -E 's/.*: ([0-9]+) operations.*/\1/')
   anomalies=$(echo "$line" | sed -E 's/.* ([0-9]+) anomalies.*/\1/')
   echo "| $((i + 1)) | $w | $nem | ${faults:--} | $s | ${ops:-?} | ${anomalies:-?} | $([ $rc = 0 ] && echo yes || echo NO) |"

@@ -101,11 +101,21 @@ pub fn apply(txn: &mut Txn<'_>, shard: u32, lop: &LoggedOp) -> Result<ApplyResul
         if lop.op_id > OUTCOMES_KEPT {
             // Forget this client's outcomes on this shard that are too old
             // to be retried (op ids of a client spread over the shards, so
-            // this is a range, usually holding one key or none).
-            let from = keys::outcome(shard, lop.client, 0);
-            let to = keys::outcome(shard, lop.client, lop.op_id - OUTCOMES_KEPT);
-            for (k, _) in txn.scan(&from, &to)? {
-                txn.delete(k);
+            // this is a range, usually holding one key or none). The scan
+            // starts where the last one ended: from 0 it would step over
+            // the tombstones of every outcome forgotten before, a cost
+            // growing with the client's age (measured: 25 ms per small
+            // file after ~60 000 operations of one mount).
+            let low_key = keys::outcomes_low(shard, lop.client);
+            let low = txn.get::<u64>(&low_key)?.unwrap_or(0);
+            let high = lop.op_id - OUTCOMES_KEPT;
+            if high > low {
+                let from = keys::outcome(shard, lop.client, low);
+                let to = keys::outcome(shard, lop.client, high);
+                for (k, _) in txn.scan(&from, &to)? {
+                    txn.delete(k);
+                }
+                txn.put(low_key, &high);
             }
         }
         txn.keep();

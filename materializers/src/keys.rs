@@ -103,6 +103,12 @@ pub fn outcome(shard: u32, client: u64, op_id: u64) -> Vec<u8> {
     )
 }
 
+/// Below which operation id `client`'s outcomes on `shard` are forgotten
+/// (so forgetting scans only what it deletes, never old tombstones).
+pub fn outcomes_low(shard: u32, client: u64) -> Vec<u8> {
+    with(b'R', &[&shard.to_be_bytes(), &client.to_be_bytes()])
+}
+
 pub fn tx_lock(key: &[u8]) -> Vec<u8> {
     with(b't', &[key])
 }
@@ -174,7 +180,7 @@ pub fn owner(key: &[u8]) -> Option<u32> {
         b'i' | b'd' | b'c' | b'l' | b'x' | b'e' | b'k' | b'o' => {
             be64(key).map(crate::types::shard_of)
         }
-        b'n' | b'a' | b'p' | b'q' | b'Q' | b'T' | b'r' => be32(key),
+        b'n' | b'a' | b'p' | b'q' | b'Q' | b'T' | b'r' | b'R' => be32(key),
         b't' => owner(&key[1..]),
         _ => None,
     }

@@ -373,3 +373,68 @@ fn unlink_deletes_a_file_in_the_same_entry_unless_held_open() {
     assert_eq!(db.get_raw(&keys::inode(h)).unwrap(), None);
     assert!(db.get_raw(&keys::inode(other)).unwrap().is_some());
 }
+
+/// Outcomes older than the retry window are forgotten as a client goes
+/// on, and forgetting them does not step over what was forgotten before:
+/// the last operations of a long-lived client cost what the first did.
+#[test]
+fn old_outcomes_are_forgotten_without_rescanning() {
+    use cfs_materializers::apply::OUTCOMES_KEPT;
+    use cfs_materializers::keys;
+    let dir = tempfile::tempdir().unwrap();
+    let db = NamespaceDb::open(dir.path()).unwrap();
+    init_shard(&db, 0).unwrap();
+    let total = OUTCOMES_KEPT + 6_000;
+    let mut timings = Vec::new();
+    let mut batch = Vec::new();
+    let started = std::time::Instant::now();
+    for op_id in 1..=total {
+        let lop = LoggedOp {
+            client: 7,
+            op_id,
+            creds: Creds::root(),
+            now: op_id as i64,
+            op: Op::SetAttr {
+                ino: ROOT_INO,
+                set: SetAttr {
+                    mode: Some(0o755),
+                    ..Default::default()
+                },
+            },
+        };
+        batch.push((
+            op_id - 1,
+            entry(
+                RequestId {
+                    client: 7,
+                    seq: op_id,
+                },
+                &lop,
+            ),
+        ));
+        if batch.len() == 1000 {
+            let t = std::time::Instant::now();
+            apply_batch(&db, 0, &batch).unwrap();
+            timings.push(t.elapsed());
+            batch.clear();
+        }
+    }
+    apply_batch(&db, 0, &batch).unwrap();
+    eprintln!(
+        "{total} operations in {:?}; batches of 1000: first {:?}, last {:?}",
+        started.elapsed(),
+        timings.first().unwrap(),
+        timings.last().unwrap()
+    );
+    let low = total - OUTCOMES_KEPT;
+    let kept = db
+        .scan(
+            &keys::outcome(0, 7, 0),
+            &keys::outcome(0, 7, u64::MAX),
+            usize::MAX,
+        )
+        .unwrap();
+    assert_eq!(kept.len() as u64, OUTCOMES_KEPT + 1, "the retry window");
+    assert_eq!(kept.first().unwrap().0, keys::outcome(0, 7, low));
+    assert_eq!(db.get::<u64>(&keys::outcomes_low(0, 7)).unwrap(), Some(low));
+}
