@@ -64,6 +64,9 @@ EOF
   done
   mfsmount "$M" -H $IP -o nonempty >/dev/null
   mfssetgoal -r 3 "$M" >/dev/null
+  # Deleted files go to MooseFS' trash for a day by default, keeping their
+  # chunks on disk: rounds of 1 GiB files filled this machine's disk.
+  mfssettrashtime -r 0 "$M" >/dev/null
   # Wait until the master sees all three chunkservers.
   for _ in $(seq 1 60); do
     [ "$(mfscli -H $IP -SCS -p 2>/dev/null | grep -cF "$IP")" -ge 3 ] && break
