@@ -161,6 +161,31 @@ fn batching_crash_and_replay_agree() {
     assert_eq!(before, after);
 }
 
+/// Applies `op` by client 1 as the entry at position `pos` (the next one).
+fn apply_one(
+    db: &NamespaceDb,
+    pos: u64,
+    creds: Creds,
+    op: Op,
+) -> cfs_materializers::ops::ApplyResult {
+    let lop = LoggedOp {
+        client: 1,
+        op_id: 0,
+        creds,
+        now: pos as i64,
+        op,
+    };
+    let e = entry(
+        RequestId {
+            client: 1,
+            seq: pos,
+        },
+        &lop,
+    );
+    let (r, _) = apply_batch(db, 0, &[(pos, e)]).unwrap();
+    r[0].1.clone()
+}
+
 #[test]
 fn posix_errors_are_decided_at_apply() {
     let dir = tempfile::tempdir().unwrap();
@@ -169,20 +194,12 @@ fn posix_errors_are_decided_at_apply() {
     let mut n = 0u64;
     let mut run = |uid: u32, op: Op| {
         n += 1;
-        let lop = LoggedOp {
-            client: 1,
-            op_id: 0,
-            creds: Creds {
-                uid,
-                gid: uid,
-                groups: vec![],
-            },
-            now: n as i64,
-            op,
+        let creds = Creds {
+            uid,
+            gid: uid,
+            groups: vec![],
         };
-        let (r, _) =
-            apply_batch(&db, 0, &[(n, entry(RequestId { client: 1, seq: n }, &lop))]).unwrap();
-        r[0].1.clone()
+        apply_one(&db, n, creds, op)
     };
     let mk = |name: &str, mode: u32| Op::Create {
         parent: ROOT_INO,
@@ -315,16 +332,7 @@ fn unlink_deletes_a_file_in_the_same_entry_unless_held_open() {
     let mut n = 0u64;
     let mut run = |op: Op| {
         n += 1;
-        let lop = LoggedOp {
-            client: 1,
-            op_id: 0,
-            creds: Creds::root(),
-            now: n as i64,
-            op,
-        };
-        let (r, _) =
-            apply_batch(&db, 0, &[(n, entry(RequestId { client: 1, seq: n }, &lop))]).unwrap();
-        r[0].1.clone()
+        apply_one(&db, n, Creds::root(), op)
     };
     let create = |name: &str| Op::Create {
         parent: ROOT_INO,
