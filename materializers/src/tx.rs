@@ -450,9 +450,54 @@ pub fn decisions(db: &NamespaceDb) -> Result<Vec<(u32, TxId, Decision)>, DbError
     Ok(out)
 }
 
-/// Shard a new directory named `name` in `parent` is placed on: spread by
-/// a hash of both (FNV-1a, stable across builds), as CephFS and Lustre DNE
-/// spread directories over metadata servers.
+/// How many levels below the root new directories are spread over the
+/// shards by [`place_dir`]; deeper ones stay on their parent's shard (see
+/// [`dir_shard`]).
+pub const DEFAULT_SPREAD_DEPTH: u32 = 2;
+
+/// Shard for a new directory named `name` in `parent`, `spread_depth`
+/// levels of the tree being spread: a directory that many levels or fewer
+/// below the root goes where [`place_dir`] hashes it (so `/home/*`,
+/// `/projects/*` spread over the shards), a deeper one stays on its
+/// parent's shard, so work inside one subtree (mkdir, rmdir, `tar -x`,
+/// `rm -rf`) is single-shard, one log commit per operation. This is
+/// Lustre DNE's round-robin directory layout with a bounded inherit depth
+/// and CephFS' subtree-per-MDS placement. Depth is read from this node's
+/// replica, following parent pointers: a hint, like [`spans_shards`]; any
+/// placement is correct.
+pub fn dir_shard(
+    db: &NamespaceDb,
+    parent: Ino,
+    name: &[u8],
+    shards: &[u32],
+    spread_depth: u32,
+) -> u32 {
+    if depth_below(db, parent, spread_depth) {
+        place_dir(parent, name, shards)
+    } else {
+        shard_of(parent)
+    }
+}
+
+/// Whether `dir` is fewer than `levels` levels below the root (the root is
+/// at depth 0). An unreadable ancestor counts as deep.
+fn depth_below(db: &NamespaceDb, dir: Ino, levels: u32) -> bool {
+    let mut ino = dir;
+    for _ in 0..levels {
+        if ino == ROOT_INO {
+            return true;
+        }
+        match db.get::<Inode>(&keys::inode(ino)) {
+            Ok(Some(i)) if i.is_dir() && i.parent != ino => ino = i.parent,
+            _ => return false,
+        }
+    }
+    false
+}
+
+/// Shard a new directory named `name` in `parent` is placed on when it is
+/// spread: by a hash of both (FNV-1a, stable across builds), as CephFS and
+/// Lustre DNE spread directories over metadata servers.
 pub fn place_dir(parent: Ino, name: &[u8], shards: &[u32]) -> u32 {
     if shards.is_empty() {
         return shard_of(parent);
@@ -492,6 +537,11 @@ pub trait Cluster: Sync {
     fn db(&self) -> &NamespaceDb;
     /// The shards of the cluster.
     fn shards(&self) -> &[u32];
+    /// Levels below the root whose new directories spread over the shards
+    /// ([`dir_shard`]).
+    fn spread_depth(&self) -> u32 {
+        DEFAULT_SPREAD_DEPTH
+    }
     /// A fresh (coordinator, sequence) pair: transaction ids and the
     /// operation ids of protocol steps (deduplicated like client ones).
     fn next_id(&self) -> (u64, u64);
@@ -518,7 +568,8 @@ pub async fn execute<C: Cluster>(
         Op::Create {
             parent, name, mode, ..
         } if mode & libc::S_IFMT == libc::S_IFDIR => {
-            Some(place_dir(*parent, name, c.shards())).filter(|s| *s != home)
+            Some(dir_shard(c.db(), *parent, name, c.shards(), c.spread_depth()))
+                .filter(|s| *s != home)
         }
         _ => None,
     };

@@ -428,6 +428,45 @@ async fn concurrent_crossing_renames_never_make_a_cycle() {
     }
 }
 
+/// Directories within `DEFAULT_SPREAD_DEPTH` levels of the root spread over
+/// the shards; deeper ones stay on their parent's shard, so their mkdir
+/// and rmdir are one log commit each.
+#[tokio::test]
+async fn deep_directories_stay_on_their_parents_shard() {
+    assert_eq!(tx::DEFAULT_SPREAD_DEPTH, 2);
+    let sim = Sim::new();
+    let top = ino_of(sim.run(dir(ROOT_INO, &name_on(ROOT_INO, 1, "t")), 1).await);
+    assert_eq!(shard_of(top), 1);
+    let mid = ino_of(sim.run(dir(top, &name_on(top, 2, "m")), 2).await);
+    assert_eq!(shard_of(mid), 2, "depth 2 is still spread");
+    let mut op_id = 10;
+    for i in 0..30 {
+        let before = sim.proposals.load(Ordering::SeqCst);
+        let deep = ino_of(sim.run(dir(mid, &format!("d{i}")), op_id).await);
+        assert_eq!(shard_of(deep), 2, "depth 3 inherits its parent's shard");
+        let deeper = ino_of(sim.run(dir(deep, "x"), op_id + 1).await);
+        assert_eq!(shard_of(deeper), 2);
+        let r = sim
+            .run(
+                Op::Rmdir {
+                    parent: deep,
+                    name: "x".into(),
+                },
+                op_id + 2,
+            )
+            .await;
+        assert!(matches!(r, Ok(Ok(_))), "{r:?}");
+        assert_eq!(
+            sim.proposals.load(Ordering::SeqCst) - before,
+            3,
+            "mkdir, mkdir, rmdir: one commit each"
+        );
+        op_id += 3;
+    }
+    assert_clean(&sim.db, "deep mkdir");
+    assert_replays(&sim, "deep mkdir");
+}
+
 /// Inode numbers whose last byte is 0xff make prefix scans end at a
 /// shorter key (`prefix_end`); a cross-shard rmdir of such a directory
 /// (it scans the directory's xattrs, extents and locks) must still prepare.

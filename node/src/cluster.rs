@@ -105,6 +105,7 @@ pub fn ensure_configs(dir: &Path, nodes: u64, shards: u32) -> anyhow::Result<Vec
             log_format: LogFormat::Json,
             segments_listen: a.segments,
             meta_listen: Some(SocketAddr::from(([127, 0, 0, 1], free_port(&mut taken)?))),
+            spread_depth: cfs_materializers::tx::DEFAULT_SPREAD_DEPTH,
             segments_dir: None,
             segments_io_uring: true,
             nodes: addrs.clone(),

@@ -7,6 +7,7 @@
 //! http = "127.0.0.1:7501"        # /health and /metrics
 //! data_dir = "/var/lib/cfs/node-1"
 //! shards = [0, 1, 2, 3]
+//! spread_depth = 2               # directory levels spread over shards
 //! tick_ms = 10                   # OmniPaxos clock
 //! log_format = "console"         # or "json"
 //!
@@ -65,6 +66,11 @@ pub struct NodeConfig {
     /// Metadata service address for FUSE clients; none when absent.
     #[serde(default)]
     pub meta_listen: Option<SocketAddr>,
+    /// New directories this many levels below the root (or fewer) are
+    /// spread over the shards; deeper ones stay on their parent's shard
+    /// (docs/filesystem.md). Set the same on every node.
+    #[serde(default = "default_spread_depth")]
+    pub spread_depth: u32,
     pub nodes: Vec<NodeAddr>,
     /// Dial these addresses for peers instead of their `nodes` address
     /// (the Jepsen suite's fault-injecting proxies).
@@ -96,6 +102,10 @@ fn default_true() -> bool {
 }
 fn default_retain_entries() -> u64 {
     100_000
+}
+
+fn default_spread_depth() -> u32 {
+    cfs_materializers::tx::DEFAULT_SPREAD_DEPTH
 }
 
 fn default_tick_ms() -> u64 {

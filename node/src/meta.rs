@@ -50,6 +50,7 @@ struct Inner {
     segment_servers: Vec<(u64, String)>,
     data_dir: PathBuf,
     nodes: u64,
+    spread_depth: u32,
     counters: Counters,
     /// Why a shard's materializer stopped, if one did.
     failed: Arc<std::sync::Mutex<Vec<String>>>,
@@ -85,6 +86,8 @@ pub struct MetaConfig {
     pub shards: Vec<u32>,
     pub segment_servers: Vec<(u64, String)>,
     pub nodes: u64,
+    /// See [`tx::dir_shard`].
+    pub spread_depth: u32,
 }
 
 impl MetaService {
@@ -139,6 +142,7 @@ impl MetaService {
                 segment_servers: cfg.segment_servers,
                 data_dir: cfg.data_dir,
                 nodes: cfg.nodes,
+                spread_depth: cfg.spread_depth,
                 counters: Counters::default(),
                 failed,
                 shard_list: cfg.shards.clone(),
@@ -533,6 +537,10 @@ impl tx::Cluster for Inner {
 
     fn shards(&self) -> &[u32] {
         &self.shard_list
+    }
+
+    fn spread_depth(&self) -> u32 {
+        self.spread_depth
     }
 
     fn next_id(&self) -> (u64, u64) {

@@ -63,6 +63,7 @@ async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
                         .filter_map(|n| Some((n.id, n.segments?.to_string())))
                         .collect(),
                     nodes: cfg.nodes.len() as u64,
+                    spread_depth: cfg.spread_depth,
                 },
                 node.clone(),
             )
