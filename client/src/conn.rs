@@ -33,6 +33,8 @@ struct Conn {
 pub struct Welcome {
     pub node_id: u64,
     pub segment_servers: Vec<(u64, String)>,
+    /// The node leading most shards, if another (see `Reply::Welcome`).
+    pub leader_meta: Option<String>,
 }
 
 pub struct MetaClient {
@@ -47,6 +49,8 @@ pub struct MetaClient {
     pub timeout: Duration,
     invalidations: mpsc::UnboundedSender<Invalidation>,
     welcome: Mutex<Option<Welcome>>,
+    /// See `MountOptions::follow_leader`.
+    follow_leader: std::sync::atomic::AtomicBool,
 }
 
 /// Longest wait for one server's answer before trying the next.
@@ -71,8 +75,13 @@ impl MetaClient {
             timeout,
             invalidations: tx,
             welcome: Mutex::new(None),
+            follow_leader: std::sync::atomic::AtomicBool::new(false),
         };
         (Arc::new(c), rx)
+    }
+
+    pub fn set_follow_leader(&self, on: bool) {
+        self.follow_leader.store(on, Ordering::Relaxed);
     }
 
     pub fn welcome(&self) -> Option<Welcome> {
@@ -147,12 +156,14 @@ impl MetaClient {
             Ok(Ok(Ok(Reply::Welcome {
                 node_id,
                 segment_servers,
+                leader_meta,
                 ..
             }))) => {
                 info!(%addr, node_id, "connected to metadata service");
                 *self.welcome.lock().expect("welcome lock") = Some(Welcome {
                     node_id,
                     segment_servers,
+                    leader_meta,
                 });
             }
             Ok(Ok(Err(e))) => return Err(format!("{addr}: refused: {e} (wrong cluster id?)")),
@@ -183,7 +194,8 @@ impl MetaClient {
             let idx = self.next_server.fetch_add(1, Ordering::Relaxed) % self.servers.len();
             match self.connect_one(idx).await {
                 Ok(c) => {
-                    self.next_server.store(idx, Ordering::Relaxed);
+                    let c = self.prefer_leader(c).await;
+                    self.next_server.store(c.server, Ordering::Relaxed);
                     *g = Some(c.clone());
                     return Ok(c);
                 }
@@ -191,6 +203,33 @@ impl MetaClient {
             }
         }
         Err(errs.join("; "))
+    }
+
+    /// Moves to the node leading most shards when the node `c` reached
+    /// names one among our servers; keeps `c` if that fails.
+    async fn prefer_leader(&self, c: Arc<Conn>) -> Arc<Conn> {
+        if !self.follow_leader.load(Ordering::Relaxed) {
+            return c;
+        }
+        let hint = self.welcome().and_then(|w| w.leader_meta);
+        let Some(j) = hint.and_then(|a| {
+            let a: SocketAddr = a.parse().ok()?;
+            self.servers.iter().position(|s| *s == a)
+        }) else {
+            return c;
+        };
+        let first = self.welcome();
+        match self.connect_one(j).await {
+            Ok(l) => {
+                info!(server = %self.servers[j], "moved to the node leading the shards");
+                l
+            }
+            Err(e) => {
+                warn!("the shards' leader did not answer ({e}); staying");
+                *self.welcome.lock().expect("welcome lock") = first;
+                c
+            }
+        }
     }
 
     async fn drop_conn(&self, server: usize) {

@@ -6,7 +6,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use cfs_materializers::types::{Errno, ExtentRef};
+use cfs_materializers::types::{Backing, Errno, ExtentRef};
 use cfs_segments::client::{ClientError, Extent, SegmentClient, StripeReader, StripeWriter};
 use cfs_segments::format::SegmentId;
 use cfs_segments::layout::Layout;
@@ -183,7 +183,7 @@ impl DataPath {
                     offset: at,
                     len,
                     skip: 0,
-                    extent: e,
+                    backing: Backing::Stripe(e),
                 });
                 at += len;
             }

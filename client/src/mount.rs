@@ -37,6 +37,7 @@ pub fn mount(mountpoint: &Path, opts: MountOptions) -> Result<(), MountError> {
         .map_err(MountError::Runtime)?;
     let (meta, inval_rx) =
         MetaClient::new(opts.servers.clone(), opts.cluster_id.clone(), opts.timeout);
+    meta.set_follow_leader(opts.follow_leader);
     let welcome = rt.block_on(async {
         match meta.call(MReq::StatFs, false).await {
             Ok(Reply::Stats(_)) => meta

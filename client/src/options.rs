@@ -44,6 +44,10 @@ pub struct MountOptions {
     pub cache_bytes: usize,
     /// Longest wait for a server before EIO/ENOTCONN.
     pub timeout: Duration,
+    /// Move to the node leading most shards when a server names it (`cfs
+    /// mount --dir`); with `--servers`, the first server that answers is
+    /// kept, as listed.
+    pub follow_leader: bool,
 }
 
 impl MountOptions {

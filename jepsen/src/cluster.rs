@@ -71,6 +71,7 @@ impl TestCluster {
                     id: to,
                     addr: link.listen,
                     segments: None,
+                    meta: None,
                 });
                 links.insert((from, to), link);
             }

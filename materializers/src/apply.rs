@@ -887,21 +887,12 @@ fn punch(t: &mut Txn<'_>, i: &mut Inode, off: u64, len: u64) -> R2<()> {
         t.delete(k);
         i.allocated = i.allocated.saturating_sub(e.len);
         if e.offset < off {
-            let head = ExtentRef {
-                len: off - e.offset,
-                ..e.clone()
-            };
+            let head = e.part(e.offset, off);
             i.allocated += head.len;
             t.put(keys::extent(i.ino, head.offset), &head);
         }
         if e_end > end {
-            let cut = end - e.offset;
-            let tail = ExtentRef {
-                offset: end,
-                len: e_end - end,
-                skip: e.skip + cut,
-                extent: e.extent.clone(),
-            };
+            let tail = e.part(end, e_end);
             i.allocated += tail.len;
             t.put(keys::extent(i.ino, tail.offset), &tail);
         }
@@ -917,16 +908,8 @@ fn write(t: &mut Txn<'_>, c: &Creds, now: Nanos, ino: Ino, extents: &[ExtentRef]
     if !i.is_reg() {
         return Err(Errno::EINVAL.into());
     }
-    for e in extents {
-        if e.len == 0
-            || e.len > EXTENT_LEN_MAX
-            || e.skip.saturating_add(e.len) > e.extent.data_len as u64
-            || e.offset
-                .checked_add(e.len)
-                .is_none_or(|end| end > FILE_SIZE_MAX)
-        {
-            return Err(Errno::EINVAL.into());
-        }
+    if !extents.iter().all(|e| e.valid(EXTENT_LEN_MAX)) {
+        return Err(Errno::EINVAL.into());
     }
     for e in extents {
         punch(t, &mut i, e.offset, e.len)?;

@@ -289,6 +289,10 @@ pub enum Reply {
         /// Segment servers: node id → address.
         segment_servers: Vec<(u64, String)>,
         shards: Vec<u32>,
+        /// The metadata service of the node leading most shards, when
+        /// that is another node: its mutations skip a forwarding hop and
+        /// the wait for the decision to reach a follower.
+        leader_meta: Option<String>,
     },
     Attr(Inode),
     Entries(Vec<DirEntry>),

@@ -567,10 +567,14 @@ pub async fn execute<C: Cluster>(
     let placement = match &op {
         Op::Create {
             parent, name, mode, ..
-        } if mode & libc::S_IFMT == libc::S_IFDIR => {
-            Some(dir_shard(c.db(), *parent, name, c.shards(), c.spread_depth()))
-                .filter(|s| *s != home)
-        }
+        } if mode & libc::S_IFMT == libc::S_IFDIR => Some(dir_shard(
+            c.db(),
+            *parent,
+            name,
+            c.shards(),
+            c.spread_depth(),
+        ))
+        .filter(|s| *s != home),
         _ => None,
     };
     let deadline = Instant::now() + EXECUTE_WAIT;

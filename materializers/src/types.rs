@@ -147,14 +147,84 @@ pub struct DirEntry {
     pub cookie: u64,
 }
 
+/// File bytes below this offset may be kept inline, in the namespace
+/// itself ([`Backing::Inline`]): a small file's bytes then ride in its
+/// `Write` log entry (no stripe write, no segment read), as Lustre's
+/// Data-on-MDT and ext4's inline data do. Bounds a file's inline bytes.
+pub const INLINE_BYTES_MAX: u64 = 64 << 10;
+
 /// A piece of a file: `len` bytes at file offset `offset` are bytes
-/// `[skip, skip + len)` of the stripe `extent`.
+/// `[skip, skip + len)` of `backing`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExtentRef {
     pub offset: u64,
     pub len: u64,
     pub skip: u64,
-    pub extent: Extent,
+    pub backing: Backing,
+}
+
+/// Where an [`ExtentRef`]'s bytes live.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Backing {
+    /// A stripe of the segment store.
+    Stripe(Extent),
+    /// The bytes themselves (only below [`INLINE_BYTES_MAX`]).
+    Inline(#[serde(with = "serde_bytes")] Vec<u8>),
+}
+
+impl Backing {
+    /// Bytes available to reference.
+    pub fn len(&self) -> u64 {
+        match self {
+            Backing::Stripe(e) => e.data_len as u64,
+            Backing::Inline(b) => b.len() as u64,
+        }
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl ExtentRef {
+    /// The part of this piece at file offsets `[from, to)` (clamped to the
+    /// piece). An inline piece keeps only those bytes.
+    pub fn part(&self, from: u64, to: u64) -> ExtentRef {
+        let s = from.max(self.offset);
+        let t = to.min(self.offset + self.len).max(s);
+        let skip = self.skip + (s - self.offset);
+        match &self.backing {
+            Backing::Stripe(e) => ExtentRef {
+                offset: s,
+                len: t - s,
+                skip,
+                backing: Backing::Stripe(e.clone()),
+            },
+            Backing::Inline(b) => ExtentRef {
+                offset: s,
+                len: t - s,
+                skip: 0,
+                backing: Backing::Inline(
+                    b.get(skip as usize..(skip + t - s) as usize)
+                        .unwrap_or_default()
+                        .to_vec(),
+                ),
+            },
+        }
+    }
+
+    /// Whether this piece is valid to map: non-empty, within its backing,
+    /// not past the largest file, and inline only below
+    /// [`INLINE_BYTES_MAX`].
+    pub fn valid(&self, len_max: u64) -> bool {
+        let Some(end) = self.offset.checked_add(self.len) else {
+            return false;
+        };
+        self.len > 0
+            && self.len <= len_max
+            && self.skip.saturating_add(self.len) <= self.backing.len()
+            && end <= FILE_SIZE_MAX
+            && (matches!(self.backing, Backing::Stripe(_)) || end <= INLINE_BYTES_MAX)
+    }
 }
 
 /// Which attributes a setattr changes.

@@ -446,3 +446,147 @@ fn old_outcomes_are_forgotten_without_rescanning() {
     assert_eq!(kept.first().unwrap().0, keys::outcome(0, 7, low));
     assert_eq!(db.get::<u64>(&keys::outcomes_low(0, 7)).unwrap(), Some(low));
 }
+
+/// What a file's bytes are, byte by byte, in the model of
+/// `pieces_follow_writes_truncates_and_punches`: 0 a hole, `1 + b` an
+/// inline byte `b`, `1000 + 100_000 * stripe + i` byte `i` of a stripe.
+fn byte_of(e: &ExtentRef, k: u64) -> u64 {
+    match &e.backing {
+        Backing::Inline(b) => 1 + b[(e.skip + k) as usize] as u64,
+        Backing::Stripe(x) => 1000 + 100_000 * x.stripe as u64 + e.skip + k,
+    }
+}
+
+/// The piece map (stripes and inline bytes) against a byte model under
+/// random writes of both kinds, truncates and hole punches; inline pieces
+/// past `INLINE_BYTES_MAX` are refused and change nothing.
+#[test]
+fn pieces_follow_writes_truncates_and_punches() {
+    use cfs_materializers::ops::Applied;
+    use cfs_segments::client::Extent;
+    let dir = tempfile::tempdir().unwrap();
+    let db = NamespaceDb::open(dir.path()).unwrap();
+    init_shard(&db, 0).unwrap();
+    let mut pos = 0u64;
+    let mut run = |op: Op| {
+        pos += 1;
+        apply_one(&db, pos, Creds::root(), op)
+    };
+    let ino = match run(Op::Create {
+        parent: ROOT_INO,
+        name: b"f".to_vec(),
+        mode: libc::S_IFREG | 0o644,
+        rdev: 0,
+        target: None,
+        excl: true,
+    }) {
+        Ok(Applied::Attr(i)) => i.ino,
+        other => panic!("create: {other:?}"),
+    };
+    const SPAN: u64 = 2 * INLINE_BYTES_MAX;
+    let mut model: Vec<u64> = Vec::new();
+    let mut seed = 7u64;
+    for step in 0..400u32 {
+        let r = rng(&mut seed);
+        let off = rng(&mut seed) % SPAN;
+        let len = 1 + rng(&mut seed) % 9000;
+        match r % 5 {
+            0 | 1 => {
+                let bytes: Vec<u8> = (0..len).map(|i| (i as u32 ^ step) as u8).collect();
+                let piece = ExtentRef {
+                    offset: off,
+                    len,
+                    skip: 0,
+                    backing: Backing::Inline(bytes.clone()),
+                };
+                let res = run(Op::Write {
+                    ino,
+                    extents: vec![piece],
+                    then: None,
+                });
+                if off + len > INLINE_BYTES_MAX {
+                    assert_eq!(res, Err(Errno::EINVAL), "inline past the limit");
+                    continue;
+                }
+                assert!(res.is_ok(), "{res:?}");
+                let end = (off + len) as usize;
+                if model.len() < end {
+                    model.resize(end, 0);
+                }
+                for (k, b) in bytes.iter().enumerate() {
+                    model[off as usize + k] = 1 + *b as u64;
+                }
+            }
+            2 => {
+                let skip = rng(&mut seed) % 4096;
+                let x = Extent {
+                    segment: cfs_segments::format::SegmentId(1),
+                    layout: cfs_segments::layout::Layout::for_cluster(3),
+                    nodes: vec![1, 2, 3],
+                    stripe: step,
+                    data_len: (skip + len) as u32,
+                    fragment_len: 4096,
+                    checksums: vec![],
+                    missing: vec![],
+                };
+                let piece = ExtentRef {
+                    offset: off,
+                    len,
+                    skip,
+                    backing: Backing::Stripe(x),
+                };
+                let res = run(Op::Write {
+                    ino,
+                    extents: vec![piece],
+                    then: None,
+                });
+                assert!(res.is_ok(), "{res:?}");
+                let end = (off + len) as usize;
+                if model.len() < end {
+                    model.resize(end, 0);
+                }
+                for k in 0..len {
+                    model[(off + k) as usize] = 1000 + 100_000 * step as u64 + skip + k;
+                }
+            }
+            3 => {
+                let size = off;
+                let set = SetAttr {
+                    size: Some(size),
+                    ..SetAttr::default()
+                };
+                assert!(run(Op::SetAttr { ino, set }).is_ok());
+                model.resize(size as usize, 0);
+            }
+            _ => {
+                let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+                let res = run(Op::Fallocate {
+                    ino,
+                    offset: off,
+                    len,
+                    mode,
+                });
+                assert!(res.is_ok(), "{res:?}");
+                for k in off..(off + len).min(model.len() as u64) {
+                    model[k as usize] = 0;
+                }
+            }
+        }
+        let i = db.inode(ino).unwrap();
+        assert_eq!(i.size, model.len() as u64, "size after step {step}");
+        let mut got = vec![0u64; model.len()];
+        let mut mapped = 0;
+        for e in db.extents(ino, 0, SPAN * 2).unwrap() {
+            if let Backing::Inline(b) = &e.backing {
+                assert!(e.offset + e.len <= INLINE_BYTES_MAX);
+                assert!(e.skip + e.len <= b.len() as u64);
+            }
+            for k in 0..e.len {
+                got[(e.offset + k) as usize] = byte_of(&e, k);
+            }
+            mapped += e.len;
+        }
+        assert_eq!(got, model, "bytes after step {step}");
+        assert_eq!(i.allocated, mapped, "allocated after step {step}");
+    }
+}

@@ -82,6 +82,7 @@ pub fn ensure_configs(dir: &Path, nodes: u64, shards: u32) -> anyhow::Result<Vec
             id,
             addr: SocketAddr::from(([127, 0, 0, 1], free_port(&mut taken)?)),
             segments: Some(SocketAddr::from(([127, 0, 0, 1], free_port(&mut taken)?))),
+            meta: Some(SocketAddr::from(([127, 0, 0, 1], free_port(&mut taken)?))),
         });
     }
     let cluster_id = format!("cfs-{:08x}", rand::random::<u32>());
@@ -104,7 +105,7 @@ pub fn ensure_configs(dir: &Path, nodes: u64, shards: u32) -> anyhow::Result<Vec
             log_retain_entries: 100_000,
             log_format: LogFormat::Json,
             segments_listen: a.segments,
-            meta_listen: Some(SocketAddr::from(([127, 0, 0, 1], free_port(&mut taken)?))),
+            meta_listen: a.meta,
             spread_depth: cfs_materializers::tx::DEFAULT_SPREAD_DEPTH,
             segments_dir: None,
             segments_io_uring: true,

@@ -87,6 +87,10 @@ pub struct NodeAddr {
     /// metadata service).
     #[serde(default)]
     pub segments: Option<SocketAddr>,
+    /// The node's metadata service, so clients can be pointed at the
+    /// node leading the shards.
+    #[serde(default)]
+    pub meta: Option<SocketAddr>,
 }
 
 #[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]

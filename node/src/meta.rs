@@ -48,6 +48,7 @@ struct Inner {
     barriers: HashMap<u32, Barrier>,
     changes: broadcast::Sender<Change>,
     segment_servers: Vec<(u64, String)>,
+    meta_servers: Vec<(u64, String)>,
     data_dir: PathBuf,
     nodes: u64,
     spread_depth: u32,
@@ -85,6 +86,8 @@ pub struct MetaConfig {
     pub data_dir: PathBuf,
     pub shards: Vec<u32>,
     pub segment_servers: Vec<(u64, String)>,
+    /// Metadata services of the nodes: node id → address.
+    pub meta_servers: Vec<(u64, String)>,
     pub nodes: u64,
     /// See [`tx::dir_shard`].
     pub spread_depth: u32,
@@ -140,6 +143,7 @@ impl MetaService {
                 barriers,
                 changes,
                 segment_servers: cfg.segment_servers,
+                meta_servers: cfg.meta_servers,
                 data_dir: cfg.data_dir,
                 nodes: cfg.nodes,
                 spread_depth: cfg.spread_depth,
@@ -307,6 +311,7 @@ async fn serve_conn(inner: Arc<Inner>, sock: TcpStream) {
                             node_id: inner.node_id,
                             segment_servers: inner.segment_servers.clone(),
                             shards: inner.applied.keys().copied().collect(),
+                            leader_meta: inner.leader_meta(),
                         }),
                     },
                 );
@@ -482,6 +487,25 @@ impl Inner {
             }
             Err(e) => Err(e),
         }
+    }
+
+    /// The metadata service of the node leading most of this node's
+    /// shards, if that is another node with a known address.
+    fn leader_meta(&self) -> Option<String> {
+        let mut led: HashMap<u64, usize> = HashMap::new();
+        for s in self.log.status() {
+            if let Some(l) = s.leader {
+                *led.entry(l).or_default() += 1;
+            }
+        }
+        let (node, _) = led.into_iter().max_by_key(|(n, c)| (*c, *n))?;
+        if node == self.node_id {
+            return None;
+        }
+        self.meta_servers
+            .iter()
+            .find(|(id, _)| *id == node)
+            .map(|(_, a)| a.clone())
     }
 
     fn statfs(&self) -> Result<FsStats, Errno> {

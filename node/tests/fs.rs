@@ -171,6 +171,20 @@ fn posix_suite_integrity_and_replay() {
             "200000",
         ]);
     }
+    // Around the inline limit (INLINE_BYTES_MAX, 64 KiB): inline pieces
+    // and stripes mixed in one file, split by overwrites and truncates.
+    run_cfs(&[
+        "fsx",
+        m.path.join("fsx-small.bin").to_str().unwrap(),
+        "--seed",
+        "21",
+        "--ops",
+        "2000",
+        "--max-size",
+        "150000",
+        "--max-op",
+        "30000",
+    ]);
     // Differential against a local directory.
     let local = c.dir.join("diff-local");
     run_cfs(&[
@@ -254,7 +268,8 @@ fn coordinator_crash_between_phases() {
         cluster::stop_node(&c.dir, 1, libc::SIGTERM, Duration::from_secs(10)).unwrap();
         cluster::start_node_env(&c.dir, 1, &common::bin(), &[("CFS_FAILPOINT", fp)]).unwrap();
         cluster::wait_healthy(&c.cfgs, Duration::from_secs(30)).unwrap();
-        let m = Mount::new(&c, &format!("mnt{round}"), &[]);
+        // Node 1 coordinates: the mount stays on the first server.
+        let m = Mount::new(&c, &format!("mnt{round}"), &["--follow-leader", "false"]);
         let t = Instant::now();
         match round {
             // A directory placed on shard 1 under the root (shard 0).
@@ -607,4 +622,30 @@ fn full_devices_give_enospc() {
     let e = r.expect_err("64 MiB cannot fit in 3 × 16 MiB at 2+1");
     assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "got {e}");
     assert_eq!(std::fs::read(m.path.join("small")).unwrap(), b"fits");
+}
+
+/// A mount that first reaches a node not leading the shards moves to the
+/// one that does (`--follow-leader`), and works there.
+#[test]
+fn a_mount_moves_to_the_node_leading_the_shards() {
+    let c = Cluster::start("fs-leader");
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    // The node leading most shards; a tie goes to the higher id.
+    let leader = rt.block_on(async { c.leader(0).await.max(c.leader(1).await) });
+    let other = (1..=3).find(|n| *n != leader).expect("a follower");
+    let meta = |n: u64| c.cfg(n).meta_listen.expect("meta").to_string();
+    let servers = format!("{},{}", meta(other), meta(leader));
+    let m = Mount::new(&c, "m", &["--servers", &servers, "--follow-leader", "true"]);
+    std::fs::write(m.path.join("f"), b"hello").expect("write");
+    assert_eq!(std::fs::read(m.path.join("f")).expect("read"), b"hello");
+    let log = std::fs::read_to_string(c.dir.join("m.log")).expect("mount log");
+    assert!(
+        log.contains("moved to the node leading the shards"),
+        "{log}"
+    );
+    let last = log
+        .lines()
+        .rfind(|l| l.contains("connected to metadata service"))
+        .expect("connected");
+    assert!(last.contains(&format!("node_id={leader}")), "{log}");
 }

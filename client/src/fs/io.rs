@@ -5,6 +5,7 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Instant;
 
 use cfs_materializers::ops::{LateAttrs, Op, Reply, Request as MReq};
 use cfs_materializers::types::*;
@@ -24,7 +25,25 @@ impl Shared {
         late: Option<LateAttrs>,
     ) -> Result<(), Errno> {
         let span = tracing::debug_span!("flush", ino, ranges = ranges.len());
-        let refs = self.data.write_ranges(ranges).instrument(span).await?;
+        // Bytes below INLINE_BYTES_MAX ride in the commit itself; the rest
+        // goes to stripes.
+        let (small, large): (Vec<_>, Vec<_>) = ranges
+            .iter()
+            .filter(|(_, d)| !d.is_empty())
+            .partition(|(o, d)| o + d.len() as u64 <= INLINE_BYTES_MAX);
+        let mut refs: Vec<ExtentRef> = small
+            .into_iter()
+            .map(|(o, d)| ExtentRef {
+                offset: *o,
+                len: d.len() as u64,
+                skip: 0,
+                backing: Backing::Inline(d.clone()),
+            })
+            .collect();
+        if !large.is_empty() {
+            let large: Vec<(u64, Vec<u8>)> = large.into_iter().cloned().collect();
+            refs.extend(self.data.write_ranges(&large).instrument(span).await?);
+        }
         let chunks: Vec<&[ExtentRef]> = refs.chunks(1024).collect();
         let Some((last, first)) = chunks.split_last() else {
             if let Some(l) = late {
@@ -182,7 +201,8 @@ impl Shared {
     ) -> Result<Vec<u8>, Errno> {
         let st = self.file(ino);
         let mut f = st.inner.lock().await;
-        let server = if self.strict() || f.size.is_none() {
+        let trusted = f.size.is_some() && f.size_until.is_none_or(|t| Instant::now() < t);
+        let server = if self.strict() || !trusted {
             Some(self.getattr(ino, self.strict()).await?)
         } else {
             None
@@ -201,7 +221,10 @@ impl Shared {
         let refs = self.extents(ino, &mut f, off, len).await?;
         let inflight = f.inflight.as_ref().map(|(r, _)| r.clone());
         for e in &refs {
-            let stripe = self.data.stripe(&e.extent).await?;
+            let stripe = match &e.backing {
+                Backing::Stripe(x) => self.data.stripe(x).await?,
+                Backing::Inline(b) => Arc::new(b.clone()),
+            };
             let s = e.offset.max(off);
             let t = (e.offset + e.len).min(off + len);
             let src = (e.skip + (s - e.offset)) as usize;
@@ -234,10 +257,13 @@ impl Shared {
                 let ra_len = f.ra_window.min(fsize - ra_from);
                 if let Ok(ahead) = self.extents(ino, &mut f, ra_from, ra_len).await {
                     for e in ahead {
-                        if !self.data.cached(&e.extent) {
+                        let Backing::Stripe(x) = e.backing else {
+                            continue;
+                        };
+                        if !self.data.cached(&x) {
                             let sh = self.clone();
                             tokio::spawn(async move {
-                                let _ = sh.data.stripe(&e.extent).await;
+                                let _ = sh.data.stripe(&x).await;
                             });
                         }
                     }
@@ -410,17 +436,20 @@ impl Shared {
         };
         let mut out = Vec::new();
         for e in refs {
-            let s = e.offset.max(off_in);
-            let t = (e.offset + e.len).min(off_in + n);
-            if s >= t {
+            let mut p = e.part(off_in, off_in + n);
+            if p.len == 0 {
                 continue;
             }
-            out.push(ExtentRef {
-                offset: off_out + (s - off_in),
-                len: t - s,
-                skip: e.skip + (s - e.offset),
-                extent: e.extent,
-            });
+            p.offset = off_out + (p.offset - off_in);
+            if matches!(p.backing, Backing::Inline(_)) && p.offset + p.len > INLINE_BYTES_MAX {
+                // Inline bytes copied past the inline limit go to a stripe.
+                let Backing::Inline(b) = p.backing else {
+                    unreachable!("matched inline")
+                };
+                out.extend(self.data.write_ranges(&[(p.offset, b)]).await?);
+                continue;
+            }
+            out.push(p);
         }
         let st = self.file(ino_out);
         let mut f = st.inner.lock().await;

@@ -10,7 +10,7 @@ use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use cfs_materializers::ops::{Op, Reply, Request as MReq};
 use cfs_materializers::types::*;
@@ -37,6 +37,9 @@ struct FileInner {
     dirty_bytes: usize,
     /// Size including dirty bytes (None: the server's size).
     size: Option<u64>,
+    /// When `size` came from the server at open or create: until when
+    /// reads may trust it without asking again (the attribute TTL).
+    size_until: Option<std::time::Instant>,
     /// Extent map window `[from, to)` fetched from the server.
     ext: Option<(u64, u64, Vec<ExtentRef>)>,
     /// End of the last read (sequential detection) and read-ahead window.
@@ -627,14 +630,17 @@ impl Filesystem for CfsFs {
                 Ok(i) if i.is_dir() && flags & libc::O_ACCMODE != libc::O_RDONLY => {
                     reply.error(libc::EISDIR)
                 }
-                Ok(_) => {
+                Ok(i) => {
                     let st = sh.file(ino);
                     st.opens.fetch_add(1, Ordering::SeqCst);
                     {
                         let mut f = st.inner.lock().await;
                         f.ext = None;
-                        if f.dirty.is_empty() && f.inflight.is_none() {
-                            f.size = None;
+                        if f.dirty.is_empty() && f.inflight.is_none() && f.late.is_none() {
+                            // The size just read: the first read or write
+                            // needs no getattr of its own.
+                            f.size = Some(i.size);
+                            f.size_until = Some(Instant::now() + sh.opts.ttl());
                         }
                     }
                     let fh = sh.next_fh.fetch_add(1, Ordering::Relaxed);
@@ -1131,6 +1137,13 @@ impl Filesystem for CfsFs {
                     sh.known.lock().expect("known lock").insert(i.ino);
                     let st = sh.file(i.ino);
                     st.opens.fetch_add(1, Ordering::SeqCst);
+                    {
+                        let mut f = st.inner.lock().await;
+                        if f.dirty.is_empty() && f.inflight.is_none() && f.late.is_none() {
+                            f.size = Some(i.size);
+                            f.size_until = Some(Instant::now() + sh.opts.ttl());
+                        }
+                    }
                     let fh = sh.next_fh.fetch_add(1, Ordering::Relaxed);
                     let a = sh.attr_now(&i).await;
                     reply.created(&sh.opts.ttl(), &a, i.generation, fh, 0)

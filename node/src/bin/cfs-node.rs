@@ -62,6 +62,11 @@ async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
                         .iter()
                         .filter_map(|n| Some((n.id, n.segments?.to_string())))
                         .collect(),
+                    meta_servers: cfg
+                        .nodes
+                        .iter()
+                        .filter_map(|n| Some((n.id, n.meta?.to_string())))
+                        .collect(),
                     nodes: cfg.nodes.len() as u64,
                     spread_depth: cfg.spread_depth,
                 },

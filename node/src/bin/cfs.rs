@@ -214,6 +214,10 @@ struct MountArgs {
     /// Seconds to wait for a server before failing a call with EIO/ENOTCONN.
     #[arg(long, default_value_t = 30)]
     timeout: u64,
+    /// Move to the node leading most shards (default: yes with --dir, no
+    /// with --servers, whose order is then kept).
+    #[arg(long)]
+    follow_leader: Option<bool>,
 }
 
 fn mount_cmd(a: MountArgs) -> anyhow::Result<()> {
@@ -255,6 +259,7 @@ fn mount_cmd(a: MountArgs) -> anyhow::Result<()> {
         read_ahead: a.read_ahead << 20,
         cache_bytes: a.cache.max(8) << 20,
         timeout: Duration::from_secs(a.timeout.max(1)),
+        follow_leader: a.follow_leader.unwrap_or(a.servers.is_empty()),
     };
     cfs_client::mount(&a.mountpoint, opts)?;
     Ok(())
