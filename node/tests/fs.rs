@@ -649,3 +649,66 @@ fn a_mount_moves_to_the_node_leading_the_shards() {
         .expect("connected");
     assert!(last.contains(&format!("node_id={leader}")), "{log}");
 }
+
+/// The mount answers the kernel's capability probe for files it created,
+/// but a file given capabilities still loses them when written (the
+/// probe then asks the server), as on a local file system.
+#[test]
+fn file_capabilities_are_dropped_on_write() {
+    use std::ffi::CString;
+    use std::io::Write;
+    use std::os::unix::ffi::OsStrExt;
+    let c = Cluster::start("fs-caps");
+    let m = Mount::new(&c, "m", &[]);
+    let p = m.path.join("tool");
+    let mut f = std::fs::File::create(&p).unwrap();
+    f.write_all(b"first").unwrap();
+    f.write_all(b" second").unwrap();
+    drop(f);
+    let path = CString::new(p.as_os_str().as_bytes()).unwrap();
+    let name = CString::new("security.capability").unwrap();
+    // struct vfs_cap_data, revision 2: CAP_NET_BIND_SERVICE permitted.
+    let mut cap = Vec::new();
+    for w in [0x0200_0000u32, 1 << 10, 0, 0, 0] {
+        cap.extend_from_slice(&w.to_le_bytes());
+    }
+    let get = || {
+        let mut buf = [0u8; 64];
+        // SAFETY: valid C strings and a buffer of the length given.
+        let n = unsafe {
+            libc::getxattr(
+                path.as_ptr(),
+                name.as_ptr(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+            )
+        };
+        if n < 0 {
+            Err(std::io::Error::last_os_error().raw_os_error())
+        } else {
+            Ok(buf[..n as usize].to_vec())
+        }
+    };
+    assert_eq!(get(), Err(Some(libc::ENODATA)));
+    // SAFETY: valid C strings and a value of the length given.
+    let r = unsafe {
+        libc::setxattr(
+            path.as_ptr(),
+            name.as_ptr(),
+            cap.as_ptr().cast(),
+            cap.len(),
+            0,
+        )
+    };
+    assert_eq!(r, 0, "setxattr: {}", std::io::Error::last_os_error());
+    assert_eq!(get(), Ok(cap));
+    let mut f = std::fs::OpenOptions::new().append(true).open(&p).unwrap();
+    f.write_all(b" third").unwrap();
+    drop(f);
+    assert_eq!(
+        get(),
+        Err(Some(libc::ENODATA)),
+        "a write drops capabilities"
+    );
+    assert_eq!(std::fs::read(&p).unwrap(), b"first second third");
+}

@@ -124,6 +124,7 @@ impl Shared {
                 // refused and is dropped (its error is this one).
                 f.size = None;
                 f.ext = None;
+                f.opened = None;
                 return Err(e);
             }
             // Keep the bytes: a later flush may succeed (rewriting stripes
@@ -137,6 +138,7 @@ impl Shared {
         }
         f.size = None;
         f.ext = None;
+        f.opened = None;
         Ok(())
     }
 
@@ -201,7 +203,8 @@ impl Shared {
     ) -> Result<Vec<u8>, Errno> {
         let st = self.file(ino);
         let mut f = st.inner.lock().await;
-        let trusted = f.size.is_some() && f.size_until.is_none_or(|t| Instant::now() < t);
+        let trusted =
+            f.size.is_some() && f.opened.as_ref().is_none_or(|(_, t)| Instant::now() < *t);
         let server = if self.strict() || !trusted {
             Some(self.getattr(ino, self.strict()).await?)
         } else {
@@ -487,6 +490,7 @@ impl Shared {
         .await?;
         f.size = None;
         f.ext = None;
+        f.opened = None;
         debug!(ino_in, ino_out, n, "copy_file_range by reference");
         Ok(n as u32)
     }

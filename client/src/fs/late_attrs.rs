@@ -12,6 +12,8 @@
 //! then committed alone and the error is returned by the flush (close or
 //! fsync). Strict mode never defers.
 
+use std::time::Instant;
+
 use cfs_materializers::ops::{LateAttrs, Op};
 use cfs_materializers::types::*;
 use fuser::FileAttr;
@@ -91,7 +93,12 @@ impl Shared {
         let mut f = st.inner.lock().await;
         let buffered = !f.dirty.is_empty() || f.inflight.is_some() || f.late.is_some();
         if buffered && !self.strict() {
-            let i = self.getattr(ino, false).await?;
+            // The attributes read at open while fresh (ours have not
+            // changed since: a commit forgets them), else the replica's.
+            let i = match &f.opened {
+                Some((i, until)) if Instant::now() < *until => i.clone(),
+                _ => self.getattr(ino, false).await?,
+            };
             let same_caller = f.late.as_ref().is_none_or(|l| l.creds == c);
             if same_caller && deferrable(&c, &i, &set) {
                 let set = pin_times(set);
@@ -108,6 +115,7 @@ impl Shared {
         }
         let truncates = set.size.is_some();
         let i = self.mutate_attr(c, Op::SetAttr { ino, set }).await?;
+        f.opened = None;
         if truncates {
             f.size = None;
             f.ext = None;

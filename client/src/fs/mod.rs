@@ -2,6 +2,7 @@
 //! task, so slow requests (a flush, a fetch) do not hold up others. The
 //! data path is in [`io`].
 
+mod caps;
 mod io;
 mod late_attrs;
 
@@ -37,9 +38,11 @@ struct FileInner {
     dirty_bytes: usize,
     /// Size including dirty bytes (None: the server's size).
     size: Option<u64>,
-    /// When `size` came from the server at open or create: until when
-    /// reads may trust it without asking again (the attribute TTL).
-    size_until: Option<std::time::Instant>,
+    /// The attributes read at open or create (the size they hold is
+    /// `size`'s start), and until when they may be used instead of asking
+    /// the server again (the attribute TTL): the first read, write or
+    /// deferred setattr needs no getattr of its own.
+    opened: Option<(Inode, Instant)>,
     /// Extent map window `[from, to)` fetched from the server.
     ext: Option<(u64, u64, Vec<ExtentRef>)>,
     /// End of the last read (sequential detection) and read-ahead window.
@@ -72,6 +75,8 @@ struct Shared {
     locked: Mutex<HashSet<Ino>>,
     /// Inodes the kernel knows (for invalidate-all).
     known: Mutex<HashSet<Ino>>,
+    /// Inodes known to have no file capabilities (caps.rs).
+    no_caps: caps::NoCaps,
     next_fh: AtomicU64,
 }
 
@@ -255,6 +260,7 @@ impl CfsFs {
                 orphans: Mutex::default(),
                 locked: Mutex::default(),
                 known: Mutex::default(),
+                no_caps: caps::NoCaps::default(),
                 next_fh: AtomicU64::new(1),
             }),
         }
@@ -637,10 +643,8 @@ impl Filesystem for CfsFs {
                         let mut f = st.inner.lock().await;
                         f.ext = None;
                         if f.dirty.is_empty() && f.inflight.is_none() && f.late.is_none() {
-                            // The size just read: the first read or write
-                            // needs no getattr of its own.
                             f.size = Some(i.size);
-                            f.size_until = Some(Instant::now() + sh.opts.ttl());
+                            f.opened = Some((i.clone(), Instant::now() + sh.opts.ttl()));
                         }
                     }
                     let fh = sh.next_fh.fetch_add(1, Ordering::Relaxed);
@@ -1017,6 +1021,7 @@ impl Filesystem for CfsFs {
     ) {
         let (sh, c, name, value) = (self.sh.clone(), creds(req), name_of(name), value.to_vec());
         self.spawn("setxattr", async move {
+            sh.no_caps.forget(ino);
             if let Err(e) = sh.flush_late(ino).await {
                 reply.error(e.0);
                 return;
@@ -1046,11 +1051,19 @@ impl Filesystem for CfsFs {
     ) {
         let (sh, name) = (self.sh.clone(), name_of(name));
         self.spawn("getxattr", async move {
-            match sh
+            let caps = name == caps::CAPS;
+            if caps && !sh.strict() && sh.no_caps.known(ino) {
+                reply.error(libc::ENODATA);
+                return;
+            }
+            let r = sh
                 .meta
                 .call(MReq::GetXattr { ino, name }, sh.strict())
-                .await
-            {
+                .await;
+            if caps && r.as_ref().is_err_and(|e| *e == Errno::ENODATA) {
+                sh.no_caps.record(ino, sh.opts.ttl());
+            }
+            match r {
                 Ok(Reply::Data(d)) => {
                     if size == 0 {
                         reply.size(d.len() as u32)
@@ -1093,6 +1106,7 @@ impl Filesystem for CfsFs {
     fn removexattr(&mut self, req: &Request<'_>, ino: u64, name: &OsStr, reply: ReplyEmpty) {
         let (sh, c, name) = (self.sh.clone(), creds(req), name_of(name));
         self.spawn("removexattr", async move {
+            sh.no_caps.forget(ino);
             if let Err(e) = sh.flush_late(ino).await {
                 reply.error(e.0);
                 return;
@@ -1135,13 +1149,18 @@ impl Filesystem for CfsFs {
             match r {
                 Ok(i) => {
                     sh.known.lock().expect("known lock").insert(i.ino);
+                    if i.crtime == i.ctime {
+                        // New (not an existing file O_CREAT opened): no
+                        // attributes yet.
+                        sh.no_caps.record(i.ino, sh.opts.ttl());
+                    }
                     let st = sh.file(i.ino);
                     st.opens.fetch_add(1, Ordering::SeqCst);
                     {
                         let mut f = st.inner.lock().await;
                         if f.dirty.is_empty() && f.inflight.is_none() && f.late.is_none() {
                             f.size = Some(i.size);
-                            f.size_until = Some(Instant::now() + sh.opts.ttl());
+                            f.opened = Some((i.clone(), Instant::now() + sh.opts.ttl()));
                         }
                     }
                     let fh = sh.next_fh.fetch_add(1, Ordering::Relaxed);
@@ -1252,6 +1271,7 @@ impl Filesystem for CfsFs {
                 .await?;
                 f.size = None;
                 f.ext = None;
+                f.opened = None;
                 Ok(())
             }
             .await;
