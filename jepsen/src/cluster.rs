@@ -214,13 +214,50 @@ impl TestCluster {
 
     /// Unmounts, stops every node (SIGCONT first: a paused node cannot
     /// stop) and leaves the data and logs in place.
-    pub fn stop(&mut self) {
+    /// Unmounts every mount (what they release on the way out, such as
+    /// locks, still reaches the log).
+    pub fn unmount_all(&mut self) {
         for m in self.mounts.iter_mut() {
             cfs_client::unmount(&m.path);
             let _ = m.child.kill();
             let _ = m.child.wait();
         }
         self.mounts.clear();
+    }
+
+    /// Waits until every node has applied the same namespace positions
+    /// (a replica that lags when the nodes stop is not a divergence);
+    /// false if they did not converge within `timeout`.
+    pub async fn wait_applied_equal(&self, timeout: Duration) -> bool {
+        let until = tokio::time::Instant::now() + timeout;
+        loop {
+            let cfgs = self.cfgs.clone();
+            let views = tokio::task::spawn_blocking(move || {
+                cfgs.iter()
+                    .map(|c| {
+                        let (_, body) = cluster::http_get(c.http, "/health").ok()?;
+                        let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+                        Some(v["namespace_applied"].to_string())
+                    })
+                    .collect::<Option<Vec<String>>>()
+            })
+            .await
+            .ok()
+            .flatten();
+            if let Some(v) = views {
+                if v.iter().all(|x| x == &v[0]) && v[0] != "null" {
+                    return true;
+                }
+            }
+            if tokio::time::Instant::now() >= until {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub fn stop(&mut self) {
+        self.unmount_all();
         for id in self.ids() {
             self.signal(id, libc::SIGCONT);
             let _ = cluster::stop_node(&self.dir, id, libc::SIGTERM, Duration::from_secs(10));

@@ -178,6 +178,8 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         Workload::FsRegister => workloads::fsreg::final_reads(&ctx).await?,
     };
     std::fs::write(out.join("final.json"), serde_json::to_vec_pretty(&fin)?)?;
+    tc.unmount_all();
+    let converged = !fs_workload || tc.wait_applied_equal(Duration::from_secs(30)).await;
     tc.stop();
     let events = history.events();
     let mut checked: Checked = match args.workload {
@@ -222,7 +224,11 @@ async fn run(args: Args) -> anyhow::Result<bool> {
                 .output()?;
             dumps.push(d.stdout);
         }
-        if dumps.windows(2).any(|w| w[0] != w[1]) {
+        if !converged {
+            checked
+                .anomalies
+                .push(json!({"kind": "replicas-never-converged"}));
+        } else if dumps.windows(2).any(|w| w[0] != w[1]) {
             checked
                 .anomalies
                 .push(json!({"kind": "replica-namespaces-differ"}));
