@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Aggregates bench/fs.sh results: median (min-max) per target and metric,
-with cfs' ratio to bindfs (the FUSE ceiling) and to the better of MooseFS
-and GlusterFS where those ran."""
+with cfs' ratio to bindfs (the FUSE ceiling), to the better of MooseFS
+and GlusterFS where those ran, and to any other cfs build given as a
+target directory named cfs-* (e.g. cfs-before: the same run's baseline)."""
 import collections, os, statistics, sys
 
 d = sys.argv[1]
@@ -33,10 +34,14 @@ def ratio(m, other):
     return f"{(o / c if lower(m) else c / o):.2f}"
 
 has_dfs = any(t in targets for t in ("moosefs", "glusterfs"))
+builds = [t for t in targets if t.startswith("cfs-")]
 head = "| workload | unit | " + " | ".join(targets) + " | cfs / bindfs |"
 sep = "|---|---|" + "---|" * len(targets) + "---|"
 if has_dfs:
     head += " cfs / best of MooseFS, GlusterFS |"
+    sep += "---|"
+for b in builds:
+    head += f" cfs / {b} |"
     sep += "---|"
 print(head)
 print(sep)
@@ -50,6 +55,8 @@ for m in data:
         others = [x for x in (med(m, "moosefs"), med(m, "glusterfs")) if x is not None]
         best = (min(others) if lower(m) else max(others)) if others else None
         row += f" {ratio(m, best)} |"
+    for b in builds:
+        row += f" {ratio(m, med(m, b))} |"
     print(row)
 rounds = len(next(iter(data.values())).get("cfs", [])) if data else 0
 print(f"\n{rounds} rounds; ratios are cfs relative to the other (for seconds and ms, the other's time / cfs' time): above 1 means cfs is better.")
