@@ -19,6 +19,7 @@
 //! | `q` shard tx                          | decision (kept a while after finish) |
 //! | `Q` shard finished_at tx              | decisions by age (for their GC) |
 //! | `T` shard                             | intents open (count)  |
+//! | `V`                                   | layout format u32 (no shard) |
 //!
 //! Every key belongs to one shard ([`owner`]): a shard's entries
 //! read and write only its own keys, so replicas that applied other shards
@@ -37,6 +38,10 @@ fn with(tag: u8, parts: &[&[u8]]) -> Vec<u8> {
     }
     k
 }
+
+/// The database's layout format ([`crate::store::FORMAT`]); written when
+/// the database is created, checked when it is opened.
+pub const FORMAT: &[u8] = b"V";
 
 pub fn applied(shard: u32) -> Vec<u8> {
     with(b'a', &[&shard.to_be_bytes()])

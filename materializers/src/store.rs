@@ -26,10 +26,24 @@ pub enum DbError {
     /// needs a cross-shard transaction); not a database failure.
     #[error("key {key:02x?} belongs to shard {shard}")]
     NotOwned { key: Vec<u8>, shard: u32 },
+    /// A database written by a build with another layout.
+    #[error(
+        "namespace database at {path} has format {found}, this build reads format {expected}: \
+         recreate the cluster (there are no migrations yet, docs/filesystem.md)"
+    )]
+    Format {
+        path: String,
+        found: u32,
+        expected: u32,
+    },
 }
 
 /// A raw key and value.
 pub type KeyValue = (Vec<u8>, Vec<u8>);
+
+/// The layout this build reads and writes (`keys::FORMAT`): 2 since extent
+/// references may hold inline bytes (docs/decisions.md D20).
+pub const FORMAT: u32 = 2;
 
 /// Values larger than this in the namespace are corruption.
 const VALUE_BYTES_MAX: usize = 16 << 20;
@@ -59,6 +73,34 @@ impl NamespaceDb {
             path: path.display().to_string(),
             source,
         })?;
+        let empty = db
+            .iterator(rocksdb::IteratorMode::Start)
+            .next()
+            .transpose()?
+            .is_none();
+        if empty {
+            db.put(keys::FORMAT, FORMAT.to_be_bytes())?;
+        } else {
+            // Databases from before the marker are format 1.
+            let found = match db.get(keys::FORMAT)? {
+                Some(v) => v
+                    .as_slice()
+                    .try_into()
+                    .map(u32::from_be_bytes)
+                    .map_err(|_| DbError::Corrupt {
+                        key: keys::FORMAT.to_vec(),
+                        reason: "format marker length".into(),
+                    })?,
+                None => 1,
+            };
+            if found != FORMAT {
+                return Err(DbError::Format {
+                    path: path.display().to_string(),
+                    found,
+                    expected: FORMAT,
+                });
+            }
+        }
         Ok(NamespaceDb { db })
     }
 

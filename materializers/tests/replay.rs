@@ -590,3 +590,35 @@ fn pieces_follow_writes_truncates_and_punches() {
         assert_eq!(i.allocated, mapped, "allocated after step {step}");
     }
 }
+
+/// A database is stamped with the layout it was written in; one from
+/// another layout (or from before the stamp) is refused with a clear
+/// error instead of being misread.
+#[test]
+fn a_database_of_another_format_is_refused() {
+    use cfs_materializers::keys;
+    use cfs_materializers::store::{DbError, Txn, FORMAT};
+    let dir = tempfile::tempdir().unwrap();
+    let db = NamespaceDb::open(dir.path()).unwrap();
+    init_shard(&db, 0).unwrap();
+    assert_eq!(
+        db.get_raw(keys::FORMAT).unwrap(),
+        Some(FORMAT.to_be_bytes().to_vec())
+    );
+    drop(db);
+    // Reopening the same format works.
+    let db = NamespaceDb::open(dir.path()).unwrap();
+    // Before the stamp: format 1.
+    let mut t = Txn::new(&db);
+    t.delete(keys::FORMAT.to_vec());
+    t.keep();
+    db.commit(t, 0, db.applied(0).unwrap()).unwrap();
+    drop(db);
+    match NamespaceDb::open(dir.path()) {
+        Err(DbError::Format {
+            found: 1, expected, ..
+        }) => assert_eq!(expected, FORMAT),
+        Err(e) => panic!("unexpected error {e}"),
+        Ok(_) => panic!("a format-1 database was opened"),
+    }
+}
