@@ -133,7 +133,7 @@ impl DataPath {
 
     /// Writes `ranges` (file offset, bytes) durably; returns the extent
     /// references to commit, in file order.
-    pub async fn write_ranges(&self, ranges: &[(u64, Vec<u8>)]) -> Result<Vec<ExtentRef>, Errno> {
+    pub async fn write_ranges(&self, ranges: &[(u64, &[u8])]) -> Result<Vec<ExtentRef>, Errno> {
         let start = self.next_writer.fetch_add(1, Ordering::Relaxed);
         // Take a free writer if there is one, else wait for ours.
         let mut guard = None;

@@ -41,7 +41,7 @@ impl Shared {
             })
             .collect();
         if !large.is_empty() {
-            let large: Vec<(u64, Vec<u8>)> = large.into_iter().cloned().collect();
+            let large: Vec<(u64, &[u8])> = large.iter().map(|(o, d)| (*o, d.as_slice())).collect();
             refs.extend(self.data.write_ranges(&large).instrument(span).await?);
         }
         let chunks: Vec<&[ExtentRef]> = refs.chunks(1024).collect();
@@ -224,9 +224,13 @@ impl Shared {
         let refs = self.extents(ino, &mut f, off, len).await?;
         let inflight = f.inflight.as_ref().map(|(r, _)| r.clone());
         for e in &refs {
-            let stripe = match &e.backing {
-                Backing::Stripe(x) => self.data.stripe(x).await?,
-                Backing::Inline(b) => Arc::new(b.clone()),
+            let fetched;
+            let stripe: &[u8] = match &e.backing {
+                Backing::Stripe(x) => {
+                    fetched = self.data.stripe(x).await?;
+                    &fetched
+                }
+                Backing::Inline(b) => b,
             };
             let s = e.offset.max(off);
             let t = (e.offset + e.len).min(off + len);
@@ -449,7 +453,7 @@ impl Shared {
                 let Backing::Inline(b) = p.backing else {
                     unreachable!("matched inline")
                 };
-                out.extend(self.data.write_ranges(&[(p.offset, b)]).await?);
+                out.extend(self.data.write_ranges(&[(p.offset, &b)]).await?);
                 continue;
             }
             out.push(p);

@@ -58,6 +58,18 @@ struct FileInner {
     inflight: Option<(Ranges, tokio::task::JoinHandle<Result<(), Errno>>)>,
 }
 
+impl FileInner {
+    /// Just opened or created with attributes `i`: unless bytes or a
+    /// setattr of this mount are still pending, `i` serves the first read,
+    /// write and deferred setattr for `ttl`.
+    fn opened_as(&mut self, i: &Inode, ttl: Duration) {
+        if self.dirty.is_empty() && self.inflight.is_none() && self.late.is_none() {
+            self.size = Some(i.size);
+            self.opened = Some((i.clone(), Instant::now() + ttl));
+        }
+    }
+}
+
 #[derive(Default)]
 struct FileState {
     inner: AsyncMutex<FileInner>,
@@ -642,10 +654,7 @@ impl Filesystem for CfsFs {
                     {
                         let mut f = st.inner.lock().await;
                         f.ext = None;
-                        if f.dirty.is_empty() && f.inflight.is_none() && f.late.is_none() {
-                            f.size = Some(i.size);
-                            f.opened = Some((i.clone(), Instant::now() + sh.opts.ttl()));
-                        }
+                        f.opened_as(&i, sh.opts.ttl());
                     }
                     let fh = sh.next_fh.fetch_add(1, Ordering::Relaxed);
                     let keep = if sh.opts.cache_mode == CacheMode::Session {
@@ -1156,13 +1165,7 @@ impl Filesystem for CfsFs {
                     }
                     let st = sh.file(i.ino);
                     st.opens.fetch_add(1, Ordering::SeqCst);
-                    {
-                        let mut f = st.inner.lock().await;
-                        if f.dirty.is_empty() && f.inflight.is_none() && f.late.is_none() {
-                            f.size = Some(i.size);
-                            f.opened = Some((i.clone(), Instant::now() + sh.opts.ttl()));
-                        }
-                    }
+                    st.inner.lock().await.opened_as(&i, sh.opts.ttl());
                     let fh = sh.next_fh.fetch_add(1, Ordering::Relaxed);
                     let a = sh.attr_now(&i).await;
                     reply.created(&sh.opts.ttl(), &a, i.generation, fh, 0)
