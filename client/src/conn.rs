@@ -8,8 +8,8 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use cfs_materializers::ops::*;
-use cfs_materializers::types::*;
+use cfs_proto::ops::*;
+use cfs_proto::types::*;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};

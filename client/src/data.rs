@@ -6,7 +6,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use cfs_materializers::types::{Backing, Errno, ExtentRef};
+use cfs_proto::types::{Backing, Errno, ExtentRef};
 use cfs_segments::client::{ClientError, Extent, SegmentClient, StripeReader, StripeWriter};
 use cfs_segments::format::SegmentId;
 use cfs_segments::layout::Layout;

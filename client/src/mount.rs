@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use cfs_materializers::ops::{Reply, Request as MReq};
+use cfs_proto::ops::{Reply, Request as MReq};
 use fuser::MountOption;
 use tracing::{info, warn};
 

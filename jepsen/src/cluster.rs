@@ -9,9 +9,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use cfs_control::config::{NodeAddr, NodeConfig};
+use cfs_control::local as cluster;
 use cfs_log::client::LogClient;
-use cfs_node::cluster;
-use cfs_node::config::{NodeAddr, NodeConfig};
 
 use crate::proxy::{Link, LinkState};
 
@@ -201,7 +201,7 @@ impl TestCluster {
                 .spawn()
                 .context("starting cfs mount")?;
             let until = Instant::now() + Duration::from_secs(30);
-            while !cfs_node::mounts::is_mounted(&path) {
+            while !cfs_control::mounts::is_mounted(&path) {
                 if Instant::now() > until {
                     bail!("mount {} did not appear", path.display());
                 }

@@ -11,7 +11,7 @@ pub mod perm;
 pub mod read;
 pub mod store;
 pub mod tx;
-pub mod types;
+pub use cfs_proto::types;
 
 pub use materializer::{Change, Waiters};
 pub use ops::{Applied, LoggedOp, Op};

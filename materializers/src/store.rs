@@ -39,7 +39,7 @@ pub enum DbError {
 }
 
 /// A raw key and value.
-pub type KeyValue = (Vec<u8>, Vec<u8>);
+pub use cfs_proto::tx::KeyValue;
 
 /// The layout this build reads and writes (`keys::FORMAT`): 2 since extent
 /// references may hold inline bytes (docs/decisions.md D20).
@@ -203,7 +203,7 @@ pub struct Txn<'a> {
 }
 
 /// A scanned range and the live keys the entry saw in it.
-pub type Scan = (Vec<u8>, Vec<u8>, Vec<KeyValue>);
+pub use cfs_proto::tx::Scan;
 
 /// What one entry (or one plan) read, scanned and wrote.
 #[derive(Debug, Default)]

@@ -15,7 +15,7 @@ use cfs_segments::server::SegmentServer;
 pub struct Services {
     pub log: LogNode,
     pub segments: Option<SegmentServer>,
-    pub meta: Option<crate::meta::MetaService>,
+    pub meta: Option<cfs_meta::MetaService>,
 }
 
 async fn health(State(s): State<Services>) -> impl IntoResponse {

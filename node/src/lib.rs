@@ -2,11 +2,11 @@
 //! endpoints, and the local development cluster (`cfs up` / `cfs down`).
 //!
 //! Invariant: nothing depends on this crate; it only wires the others.
+//! Cluster control (configs, the local cluster, mounts) is `cfs-control`;
+//! the metadata service is `cfs-meta`.
 
-pub mod cluster;
-pub mod config;
+pub use cfs_control::{config, local as cluster, mounts};
+
 pub mod fstest;
 pub mod http;
-pub mod meta;
-pub mod mounts;
 pub mod segtools;

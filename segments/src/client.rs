@@ -15,7 +15,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
 use tokio::sync::{mpsc, oneshot};
 use tracing::warn;
@@ -287,23 +286,7 @@ impl SegmentClient {
     }
 }
 
-/// Where one stripe of file data lives: what the file system commits to
-/// the log.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Extent {
-    pub segment: SegmentId,
-    pub layout: Layout,
-    /// Node of each fragment index, `k + m` distinct nodes.
-    pub nodes: Vec<u64>,
-    pub stripe: u32,
-    /// File bytes in this stripe.
-    pub data_len: u32,
-    pub fragment_len: u32,
-    /// blake3 of each fragment.
-    pub checksums: Vec<[u8; 32]>,
-    /// Fragment indices that were not durable when acknowledged.
-    pub missing: Vec<u8>,
-}
+pub use cfs_stripe::Extent;
 
 /// Policy default: see the module docs.
 pub fn default_min_durable(layout: Layout) -> usize {

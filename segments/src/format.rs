@@ -18,23 +18,7 @@ pub const FILE_MAGIC: &[u8; 8] = b"CFSSEG01";
 pub const RECORD_MAGIC: &[u8; 8] = b"CFSREC01";
 pub const HEADER_BYTES: usize = ALIGN_BYTES;
 
-/// A segment's id: unique in the cluster (chosen by the writer at random).
-#[derive(
-    Copy, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
-)]
-pub struct SegmentId(pub u128);
-
-impl std::fmt::Display for SegmentId {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{:032x}", self.0)
-    }
-}
-
-impl SegmentId {
-    pub fn random() -> Self {
-        SegmentId(rand::random())
-    }
-}
+pub use cfs_stripe::SegmentId;
 
 pub fn file_name(segment: SegmentId, fragment: u8) -> String {
     format!("seg-{segment}-f{fragment}.frag")

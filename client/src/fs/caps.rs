@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use cfs_materializers::types::Ino;
+use cfs_proto::types::Ino;
 
 /// The attribute the kernel probes.
 pub(super) const CAPS: &[u8] = b"security.capability";

@@ -7,8 +7,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
-use cfs_materializers::ops::{LateAttrs, Op, Reply, Request as MReq};
-use cfs_materializers::types::*;
+use cfs_proto::ops::{LateAttrs, Op, Reply, Request as MReq};
+use cfs_proto::types::*;
 use tracing::{debug, Instrument};
 
 use super::{FileInner, Shared};

@@ -14,8 +14,8 @@
 
 use std::time::Instant;
 
-use cfs_materializers::ops::{LateAttrs, Op};
-use cfs_materializers::types::*;
+use cfs_proto::ops::{LateAttrs, Op};
+use cfs_proto::types::*;
 use fuser::FileAttr;
 
 use super::{attr_of, now_ns, FileInner, Shared};

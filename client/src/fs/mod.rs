@@ -13,8 +13,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use cfs_materializers::ops::{Op, Reply, Request as MReq};
-use cfs_materializers::types::*;
+use cfs_proto::ops::{Op, Reply, Request as MReq};
+use cfs_proto::types::*;
 use fuser::{
     FileAttr, FileType, Filesystem, KernelConfig, ReplyAttr, ReplyCreate, ReplyData,
     ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLock, ReplyOpen, ReplyStatfs, ReplyWrite,
@@ -50,7 +50,7 @@ struct FileInner {
     ra_window: u64,
     /// A setattr made after the dirty bytes, committed with them
     /// (late_attrs.rs).
-    late: Option<cfs_materializers::ops::LateAttrs>,
+    late: Option<cfs_proto::ops::LateAttrs>,
     /// A full buffer being written in the background (at most one per
     /// inode, so commits stay in write order): its bytes, still visible to
     /// reads, and the task. Joined (and its error reported) by the next

@@ -50,8 +50,8 @@ async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
     };
     let meta = match cfg.meta_listen {
         Some(listen) => Some(
-            cfs_node::meta::MetaService::start(
-                cfs_node::meta::MetaConfig {
+            cfs_meta::MetaService::start(
+                cfs_meta::MetaConfig {
                     cluster_id: cfg.cluster_id.clone(),
                     node_id: cfg.node_id,
                     listen,

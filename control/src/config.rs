@@ -109,7 +109,7 @@ fn default_retain_entries() -> u64 {
 }
 
 fn default_spread_depth() -> u32 {
-    cfs_materializers::tx::DEFAULT_SPREAD_DEPTH
+    cfs_proto::types::DEFAULT_SPREAD_DEPTH
 }
 
 fn default_tick_ms() -> u64 {

@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use cfs_segments::client::Extent;
+use cfs_stripe::Extent;
 
 /// An inode number. The high 16 bits name the shard that owns the inode
 /// (its attributes, and for a directory its entries); the low 48 bits are
@@ -269,3 +269,8 @@ pub struct FsStats {
     pub free_bytes: u64,
     pub files: u64,
 }
+
+/// How many levels below the root new directories are spread over the
+/// shards (`cfs_materializers::tx::place_dir`); deeper ones stay on their
+/// parent's shard (`cfs_materializers::tx::dir_shard`).
+pub const DEFAULT_SPREAD_DEPTH: u32 = 2;

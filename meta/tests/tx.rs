@@ -16,9 +16,10 @@ use cfs_log::{Entry, RequestId};
 use cfs_materializers::check::check;
 use cfs_materializers::materializer::{apply_batch, entry, init_shard};
 use cfs_materializers::ops::{Applied, ApplyResult, LoggedOp, Op};
-use cfs_materializers::tx::{self, Cluster};
+use cfs_materializers::tx;
 use cfs_materializers::types::*;
 use cfs_materializers::NamespaceDb;
+use cfs_meta::coordinator::{self as coord, Cluster};
 
 const SHARDS: [u32; 3] = [0, 1, 2];
 const CLIENT: u64 = 0xc1;
@@ -79,7 +80,7 @@ impl Sim {
             gid: 0,
             groups: vec![],
         };
-        tx::execute(self, CLIENT, op_id, creds, op).await
+        coord::execute(self, CLIENT, op_id, creds, op).await
     }
 }
 
@@ -363,7 +364,7 @@ async fn a_coordinator_crash_after_any_step_ends_in_all_or_nothing() {
             // Another node recovers what the dead coordinator left open.
             sim.restart_coordinator();
             sim.clock.fetch_add(60_000_000_000, Ordering::SeqCst);
-            tx::recover(&sim, Duration::from_secs(5)).await.unwrap();
+            coord::recover(&sim, Duration::from_secs(5)).await.unwrap();
             assert_clean(&sim.db, &what);
             let mid = tree(&sim.db);
             assert!(mid == before || mid == after, "{what}: a partial result");
@@ -488,10 +489,10 @@ async fn rmdir_of_an_inode_number_ending_in_ff() {
     };
     let planned = tx::plan(&sim.db, &lop, Some(ino)).unwrap();
     assert!(planned.outcome.is_ok());
-    let end = tx::run_tx(&sim, (9, 9), 2, planned.parts, &lop, planned.outcome)
+    let end = coord::run_tx(&sim, (9, 9), 2, planned.parts, &lop, planned.outcome)
         .await
         .unwrap();
-    assert!(matches!(end, tx::TxEnd::Committed));
+    assert!(matches!(end, coord::TxEnd::Committed));
     assert_eq!(sim.db.lookup(parent, b"x").unwrap().ino, ino);
     let r = sim
         .run(
@@ -568,7 +569,7 @@ async fn a_slow_coordinator_cannot_commit_after_recovery_aborted() {
         }
         // The coordinator stalls; recovery aborts.
         sim.clock.fetch_add(60_000_000_000, Ordering::SeqCst);
-        tx::recover(&sim, Duration::from_secs(5)).await.unwrap();
+        coord::recover(&sim, Duration::from_secs(5)).await.unwrap();
         if late_home_prepare {
             // (B) The home shard's prepare lands late: refused.
             let r = sim.propose(0, step(&sim, prepare(0))).await.unwrap();
@@ -588,7 +589,7 @@ async fn a_slow_coordinator_cannot_commit_after_recovery_aborted() {
             Ok(Applied::Decision { commit, .. }) => assert!(!commit, "late commit won"),
             other => panic!("{other:?}"),
         }
-        tx::finish_all(&sim, tx, 0, &participants, false)
+        coord::finish_all(&sim, tx, 0, &participants, false)
             .await
             .unwrap();
         assert!(

@@ -16,12 +16,13 @@ use cfs_log::LogNode;
 use cfs_materializers::materializer::{self, Change, Waiters};
 use cfs_materializers::ops::*;
 use cfs_materializers::read::ReadError;
-use cfs_materializers::tx;
 use cfs_materializers::types::*;
 use cfs_materializers::NamespaceDb;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{broadcast, mpsc, watch};
 use tracing::{info, warn, Instrument};
+
+use crate::coordinator;
 
 /// How long a mutation waits for its outcome after being decided.
 const APPLY_WAIT: Duration = Duration::from_secs(30);
@@ -89,7 +90,7 @@ pub struct MetaConfig {
     /// Metadata services of the nodes: node id → address.
     pub meta_servers: Vec<(u64, String)>,
     pub nodes: u64,
-    /// See [`tx::dir_shard`].
+    /// See [`cfs_materializers::tx::dir_shard`].
     pub spread_depth: u32,
 }
 
@@ -164,7 +165,7 @@ impl MetaService {
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(Duration::from_secs(1)).await;
-                match tx::recover(&*rec, after).await {
+                match coordinator::recover(&*rec, after).await {
                     Ok(0) => {}
                     Ok(n) => info!(transactions = n, "recovered abandoned transactions"),
                     Err(e) => warn!("transaction recovery: {e}"),
@@ -479,7 +480,7 @@ impl Inner {
         }
         self.check_shard(op.home())?;
         self.counters.mutations.fetch_add(1, Ordering::Relaxed);
-        match tx::execute(self, client, op_id, creds, op).await? {
+        match coordinator::execute(self, client, op_id, creds, op).await? {
             Ok(Applied::Attr(i)) => Ok(Reply::Attr(i)),
             Ok(Applied::Conflict(l)) => Ok(Reply::Lock(Some(l))),
             Ok(Applied::None | Applied::Decision { .. } | Applied::Changed { .. }) => {
@@ -529,7 +530,7 @@ impl Inner {
     }
 }
 
-impl tx::Cluster for Inner {
+impl coordinator::Cluster for Inner {
     async fn propose(&self, shard: u32, lop: LoggedOp) -> Result<ApplyResult, Errno> {
         let id = self.log.next_request();
         let e = materializer::entry(id, &lop);

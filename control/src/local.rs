@@ -106,7 +106,7 @@ pub fn ensure_configs(dir: &Path, nodes: u64, shards: u32) -> anyhow::Result<Vec
             log_format: LogFormat::Json,
             segments_listen: a.segments,
             meta_listen: a.meta,
-            spread_depth: cfs_materializers::tx::DEFAULT_SPREAD_DEPTH,
+            spread_depth: cfs_proto::types::DEFAULT_SPREAD_DEPTH,
             segments_dir: None,
             segments_io_uring: true,
             nodes: addrs.clone(),

@@ -1,0 +1,320 @@
+//! Namespace operations: what a metadata change looks like in the log
+//! (`LoggedOp`, applied by the materializer), and the request/response
+//! messages between the FUSE client and a node's metadata service.
+
+use serde::{Deserialize, Serialize};
+
+use crate::tx::{Part, TxId};
+use crate::types::*;
+
+/// A mutation as it appears in a shard's log: who, when (the proposer's
+/// clock, so replay is deterministic) and what.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoggedOp {
+    /// The mount that asked (its invalidations skip it; it owns locks).
+    pub client: u64,
+    /// The client's id for this operation (0: none). A retried operation
+    /// (same client and id) returns the recorded outcome instead of
+    /// applying twice.
+    pub op_id: u64,
+    pub creds: Creds,
+    pub now: Nanos,
+    pub op: Op,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Op {
+    /// Creates a file, directory, symlink (`target`), fifo, socket or device.
+    /// With `excl == false` an existing regular file is returned instead of
+    /// EEXIST (open with O_CREAT without O_EXCL).
+    Create {
+        parent: Ino,
+        name: Vec<u8>,
+        mode: u32,
+        rdev: u32,
+        target: Option<Vec<u8>>,
+        excl: bool,
+    },
+    Link {
+        ino: Ino,
+        parent: Ino,
+        name: Vec<u8>,
+    },
+    /// `held_open`: the inodes the unlinking mount holds open. A file
+    /// left without links that is not among them is deleted in this same
+    /// entry; one that is becomes an orphan for [`Op::Reclaim`] at close.
+    Unlink {
+        parent: Ino,
+        name: Vec<u8>,
+        held_open: Vec<Ino>,
+    },
+    Rmdir {
+        parent: Ino,
+        name: Vec<u8>,
+    },
+    /// `held_open` as for [`Op::Unlink`], for a replaced file.
+    Rename {
+        parent: Ino,
+        name: Vec<u8>,
+        newparent: Ino,
+        newname: Vec<u8>,
+        flags: u32,
+        held_open: Vec<Ino>,
+    },
+    SetAttr {
+        ino: Ino,
+        set: SetAttr,
+    },
+    SetXattr {
+        ino: Ino,
+        name: Vec<u8>,
+        value: Vec<u8>,
+        flags: i32,
+    },
+    RemoveXattr {
+        ino: Ino,
+        name: Vec<u8>,
+    },
+    /// Maps file ranges to stripes already durable in the segment store.
+    /// `then`: attribute changes the mount made after these bytes
+    /// (futimens, fchmod, fchown on a file it is writing, as tar does),
+    /// applied after the extents in the same entry.
+    Write {
+        ino: Ino,
+        extents: Vec<ExtentRef>,
+        then: Option<LateAttrs>,
+    },
+    Fallocate {
+        ino: Ino,
+        offset: u64,
+        len: u64,
+        mode: i32,
+    },
+    /// Takes (or with `F_UNLCK` releases) a lock; never waits: a conflict
+    /// is returned and the client retries for blocking calls.
+    Lock {
+        ino: Ino,
+        lock: LockRange,
+    },
+    /// Releases every lock of one owner (close) on `ino`.
+    ReleaseLocks {
+        ino: Ino,
+        client: u64,
+        owner: u64,
+        flock: bool,
+    },
+    /// Deletes an unlinked inode once no client has it open.
+    Reclaim {
+        ino: Ino,
+    },
+    /// Cross-shard transaction, phase 1 on each participant `shard`:
+    /// checks `part`'s reads against the shard's state and locks its keys.
+    /// Only metadata services propose these (clients cannot).
+    TxPrepare {
+        tx: TxId,
+        shard: u32,
+        /// The decision shard (the operation's home).
+        home: u32,
+        participants: Vec<u32>,
+        part: Part,
+    },
+    /// Phase 2 on the home shard: the first decision for `tx` wins and is
+    /// the commit point. It keeps the operation's outcome, which the home
+    /// shard's finish records for `(client, op_id)` so that a retry
+    /// returns it.
+    TxDecide {
+        tx: TxId,
+        shard: u32,
+        commit: bool,
+        client: u64,
+        op_id: u64,
+        outcome: ApplyResult,
+        participants: Vec<u32>,
+    },
+    /// Phase 3 on each participant: applies (commit) or drops the intent
+    /// and releases its locks; on the home shard also forgets the decision.
+    TxFinish {
+        tx: TxId,
+        shard: u32,
+        commit: bool,
+    },
+}
+
+impl Op {
+    /// Inode whose shard applies this operation.
+    pub fn home(&self) -> Ino {
+        match self {
+            Op::Create { parent, .. }
+            | Op::Unlink { parent, .. }
+            | Op::Rmdir { parent, .. }
+            | Op::Rename { parent, .. }
+            | Op::Link { parent, .. } => *parent,
+            Op::SetAttr { ino, .. }
+            | Op::SetXattr { ino, .. }
+            | Op::RemoveXattr { ino, .. }
+            | Op::Write { ino, .. }
+            | Op::Fallocate { ino, .. }
+            | Op::Lock { ino, .. }
+            | Op::ReleaseLocks { ino, .. }
+            | Op::Reclaim { ino } => *ino,
+            Op::TxPrepare { shard, .. }
+            | Op::TxDecide { shard, .. }
+            | Op::TxFinish { shard, .. } => make_ino(*shard, 1),
+        }
+    }
+
+    /// Shard whose log carries this operation.
+    pub fn shard(&self) -> u32 {
+        shard_of(self.home())
+    }
+
+    /// Whether this is a step of the cross-shard protocol (never accepted
+    /// from a client).
+    pub fn is_tx_step(&self) -> bool {
+        matches!(
+            self,
+            Op::TxPrepare { .. } | Op::TxDecide { .. } | Op::TxFinish { .. }
+        )
+    }
+}
+
+/// A setattr a mount buffered behind its unflushed bytes ([`Op::Write`]),
+/// checked against the credentials of the call that made it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LateAttrs {
+    pub creds: Creds,
+    pub set: SetAttr,
+}
+
+/// What applying an operation produced.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Applied {
+    None,
+    /// The inode created, changed or (for unlink) left behind.
+    Attr(Inode),
+    /// A lock request conflicted with this lock.
+    Conflict(LockRange),
+    /// The decision of a transaction; `outcome` is the operation's
+    /// recorded outcome when an earlier attempt already committed it.
+    Decision {
+        commit: bool,
+        outcome: Option<Box<ApplyResult>>,
+    },
+    /// A committed transaction changed these inodes and entries here.
+    Changed {
+        inodes: Vec<Ino>,
+        entries: Vec<(Ino, Vec<u8>)>,
+    },
+}
+
+pub type ApplyResult = Result<Applied, Errno>;
+
+/// A client request to a node's metadata service.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum Request {
+    /// First message on a connection.
+    Hello {
+        cluster_id: String,
+        client_id: u64,
+    },
+    Mutate {
+        op_id: u64,
+        creds: Creds,
+        op: Op,
+    },
+    Lookup {
+        parent: Ino,
+        name: Vec<u8>,
+    },
+    GetAttr {
+        ino: Ino,
+    },
+    ReadDir {
+        ino: Ino,
+        after: u64,
+        max: u32,
+    },
+    /// Entries with their attributes (one round trip for `ls -l`).
+    ReadDirPlus {
+        ino: Ino,
+        after: u64,
+        max: u32,
+    },
+    ReadLink {
+        ino: Ino,
+    },
+    GetXattr {
+        ino: Ino,
+        name: Vec<u8>,
+    },
+    ListXattr {
+        ino: Ino,
+    },
+    Extents {
+        ino: Ino,
+        offset: u64,
+        len: u64,
+    },
+    GetLock {
+        ino: Ino,
+        lock: LockRange,
+    },
+    StatFs,
+}
+
+impl Request {
+    pub fn is_read(&self) -> bool {
+        !matches!(self, Request::Mutate { .. } | Request::Hello { .. })
+    }
+}
+
+/// A request with its id and read freshness.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RequestFrame {
+    pub id: u64,
+    /// Reads: pass a read barrier first (linearizable) instead of reading
+    /// what this node has applied.
+    pub fresh: bool,
+    pub req: Request,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum Reply {
+    None,
+    Welcome {
+        node_id: u64,
+        /// Segment servers: node id → address.
+        segment_servers: Vec<(u64, String)>,
+        shards: Vec<u32>,
+        /// The metadata service of the node leading most shards, when
+        /// that is another node: its mutations skip a forwarding hop and
+        /// the wait for the decision to reach a follower.
+        leader_meta: Option<String>,
+    },
+    Attr(Inode),
+    Entries(Vec<DirEntry>),
+    EntriesPlus(Vec<(DirEntry, Inode)>),
+    Data(Vec<u8>),
+    Names(Vec<Vec<u8>>),
+    Extents(Vec<ExtentRef>),
+    Stats(FsStats),
+    Lock(Option<LockRange>),
+}
+
+/// Messages from a node to a client.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum ServerMsg {
+    Reply {
+        id: u64,
+        result: Result<Reply, Errno>,
+    },
+    /// Another client changed this inode (attributes or data) or this
+    /// directory entry: drop cached copies.
+    Invalidate {
+        ino: Ino,
+        entry: Option<(Ino, Vec<u8>)>,
+    },
+}
+
+/// Largest metadata message (a 4 MiB log entry bounds mutations anyway).
+pub const MESSAGE_BYTES_MAX: usize = 8 << 20;
