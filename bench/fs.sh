@@ -11,7 +11,8 @@
 #   Default: cfs local bindfs moosefs glusterfs.
 # Env: FILES (10000; also 100 x 100 in a tree), SMALL_FILES (5000), SEQ_MIB
 #   (1024, fsbench's own sequential pass), FIO_MIB (1024), FIO_SECONDS (20),
-#   BENCH_DIR (/var/tmp/cfs-bench).
+#   BENCH_DIR (/var/tmp/cfs-bench), TREE (1; 0 skips the tree workloads of
+#   bench/tree.sh on a PyPI sdist: TREE_SDIST, TREE_CACHE there).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=3
@@ -21,9 +22,11 @@ if [[ "${1:-}" =~ ^[0-9]+$ ]]; then ROUNDS=$1; shift; fi
 TARGETS=("$@")
 [ ${#TARGETS[@]} -gt 0 ] || TARGETS=(cfs local bindfs moosefs glusterfs)
 FILES=${FILES:-10000} SMALL_FILES=${SMALL_FILES:-5000} SEQ_MIB=${SEQ_MIB:-1024}
-FIO_MIB=${FIO_MIB:-1024} FIO_SECONDS=${FIO_SECONDS:-20}
+FIO_MIB=${FIO_MIB:-1024} FIO_SECONDS=${FIO_SECONDS:-20} TREE=${TREE:-1}
 bash scripts/setup.sh
 command -v fio >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -q fio >/dev/null
+command -v rsync >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -q rsync >/dev/null
+source bench/tree.sh
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/tmp/cfs-target}
 cargo build --release -q -p cfs-node
 CFS=$CARGO_TARGET_DIR/release/cfs
@@ -61,6 +64,12 @@ SRC=$(ls -d "$HOME"/.cargo/registry/src/*/ | head -1)
 TAR="$W/src.tar"
 (cd "$SRC" && tar -cf "$TAR" $(ls -d librocksdb-sys-* tokio-1.* 2>/dev/null | head -3))
 echo "tarball: $(tar -tf "$TAR" | wc -l) entries, $(du -h "$TAR" | cut -f1)" >&2
+# The tree workloads' tree: the sdist, or that tarball if PyPI fails.
+if [ "$TREE" != 0 ]; then
+  tree_fetch "$W/tree.tar" "$TAR"
+  TREE_N=$(tree_entries "$W/tree.tar")
+  echo "tree: $TREE_N entries, $(du -h "$W/tree.tar" | cut -f1)" >&2
+fi
 
 # fio: 1 MiB sequential write (end_fsync) and read (cold), 4 KiB random
 # reads (IOPS, p99) and 4 KiB random writes each followed by fsync.
@@ -93,6 +102,12 @@ for r in $(seq 1 "$ROUNDS"); do
       "$CFS" fsbench "$d" --files "$FILES" --small-files "$SMALL_FILES" --seq-mib "$SEQ_MIB" \
         --tarball "$TAR"
       fio_run "$d"
+      # The tree workloads; on cfs also round trips and requests per entry.
+      if [ "$TREE" != 0 ]; then
+        metrics=
+        [ "$t" != cfs ] || metrics=$W/cluster/mount/metrics-url
+        tree_run "$d" "$W/tree.tar" "$TREE_N" "$metrics"
+      fi
     } > "$W/results/$name.$r"
   done
 done

@@ -23,8 +23,10 @@ for f in sorted(os.listdir(d)):
             units[parts[0]] = parts[2]
 order = ["cfs", "local", "bindfs", "moosefs", "glusterfs"]
 targets = [t for t in order if t in targets] + [t for t in targets if t not in order]
-# Lower is better for times and latencies.
-lower = lambda m: units[m] in ("s", "ms")
+# Lower is better for times, latencies and round trips or FUSE requests per
+# tree entry (bench/tree.sh).
+LOWER = ("s", "ms", "rt/entry", "req/entry")
+lower = lambda m: units[m] in LOWER
 med = lambda m, t: statistics.median(data[m][t]) if data[m].get(t) else None
 
 def ratio(m, other):
@@ -49,7 +51,9 @@ for m in data:
     cells = []
     for t in targets:
         v = data[m].get(t, [])
-        cells.append(f"{statistics.median(v):.1f} ({min(v):.1f}-{max(v):.1f})" if v else "-")
+        # Three decimals for values below 1 (fast tree steps, per-entry counts).
+        p = 1 if not v or abs(statistics.median(v)) >= 1 else 3
+        cells.append(f"{statistics.median(v):.{p}f} ({min(v):.{p}f}-{max(v):.{p}f})" if v else "-")
     row = f"| {m} | {units[m]} | " + " | ".join(cells) + f" | {ratio(m, med(m, 'bindfs'))} |"
     if has_dfs:
         others = [x for x in (med(m, "moosefs"), med(m, "glusterfs")) if x is not None]
@@ -59,4 +63,4 @@ for m in data:
         row += f" {ratio(m, med(m, b))} |"
     print(row)
 rounds = len(next(iter(data.values())).get("cfs", [])) if data else 0
-print(f"\n{rounds} rounds; ratios are cfs relative to the other (for seconds and ms, the other's time / cfs' time): above 1 means cfs is better.")
+print(f"\n{rounds} rounds; ratios are cfs relative to the other (for s, ms, rt/entry and req/entry, the other's / cfs'): above 1 means cfs is better.")

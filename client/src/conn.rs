@@ -49,6 +49,8 @@ pub struct MetaClient {
     pub timeout: Duration,
     invalidations: mpsc::UnboundedSender<Invalidation>,
     welcome: Mutex<Option<Welcome>>,
+    /// This mount's counters (round trips counted here).
+    pub stats: Arc<crate::stats::MountStats>,
     /// See `MountOptions::follow_leader`.
     follow_leader: std::sync::atomic::AtomicBool,
 }
@@ -75,6 +77,7 @@ impl MetaClient {
             timeout,
             invalidations: tx,
             welcome: Mutex::new(None),
+            stats: Arc::default(),
             follow_leader: std::sync::atomic::AtomicBool::new(false),
         };
         (Arc::new(c), rx)
@@ -105,6 +108,7 @@ impl MetaClient {
         let dead = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let dead2 = dead.clone();
         let inval = self.invalidations.clone();
+        let stats = self.stats.clone();
         let welcome_id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (wtx, wrx) = oneshot::channel();
         pending
@@ -134,6 +138,7 @@ impl MetaClient {
                         }
                     }
                     ServerMsg::Invalidate { ino, entry } => {
+                        stats.invalidation();
                         let _ = inval.send((ino, entry));
                     }
                 }
@@ -273,6 +278,7 @@ impl MetaClient {
                         fresh,
                         req: req.clone(),
                     });
+                    self.stats.meta_round_trip(fresh);
                     if sent.is_ok() && !c.dead.load(Ordering::SeqCst) {
                         // A server that does not answer within an attempt
                         // (paused, or cut off while its connection stays

@@ -6,12 +6,13 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
+use crate::stats::{Cache, MountStats};
 use cfs_proto::types::{Backing, Errno, ExtentRef};
 use cfs_segments::client::{ClientError, Extent, SegmentClient, StripeReader, StripeWriter};
 use cfs_segments::format::SegmentId;
 use cfs_segments::layout::Layout;
 use tokio::sync::Mutex as AsyncMutex;
-use tracing::warn;
+use tracing::{debug, warn};
 
 /// Concurrent flushes (one stripe writer each).
 const WRITERS: usize = 4;
@@ -65,6 +66,7 @@ pub struct DataPath {
     cache: Mutex<StripeCache>,
     /// Stripes being fetched, so concurrent readers share one fetch.
     fetching: AsyncMutex<HashMap<StripeKey, Arc<AsyncMutex<()>>>>,
+    stats: Arc<MountStats>,
 }
 
 fn io_err(what: &str, e: impl std::fmt::Display) -> Errno {
@@ -88,6 +90,7 @@ impl DataPath {
         cluster_id: &str,
         servers: &[(u64, String)],
         cache_bytes: usize,
+        stats: Arc<MountStats>,
     ) -> Result<Self, String> {
         let mut map = cfs_segments::proto::ServerMap::new();
         for (id, addr) in servers {
@@ -119,6 +122,7 @@ impl DataPath {
                 max_bytes: cache_bytes,
             }),
             fetching: AsyncMutex::new(HashMap::new()),
+            stats,
         })
     }
 
@@ -178,6 +182,7 @@ impl DataPath {
             };
             let mut at = *off;
             for e in exts {
+                self.stats.segment_requests(e.layout.width() as u64);
                 let len = e.data_len as u64;
                 out.push(ExtentRef {
                     offset: at,
@@ -195,6 +200,7 @@ impl DataPath {
     pub async fn stripe(&self, e: &Extent) -> Result<Arc<Vec<u8>>, Errno> {
         let key = (e.segment, e.stripe);
         if let Some(v) = self.cache.lock().expect("cache lock").get(&key) {
+            self.stats.cache(Cache::Stripes, true);
             return Ok(v);
         }
         let gate = self
@@ -206,8 +212,11 @@ impl DataPath {
             .clone();
         let _g = gate.lock().await;
         if let Some(v) = self.cache.lock().expect("cache lock").get(&key) {
+            self.stats.cache(Cache::Stripes, true);
             return Ok(v);
         }
+        self.stats.cache(Cache::Stripes, false);
+        self.stats.segment_requests(e.layout.k as u64);
         let r = self
             .reader
             .read(e)
@@ -220,6 +229,40 @@ impl DataPath {
         self.cache.lock().expect("cache lock").put(key, v.clone());
         self.fetching.lock().await.remove(&key);
         Ok(v)
+    }
+
+    /// `len` bytes at `offset` of a stripe's data: from the cache if it is
+    /// decoded there, else only the verified groups that cover them from
+    /// the one fragment holding them, else (a fragment missing, bad or
+    /// across two) the whole stripe, reconstructed.
+    pub async fn read_range(
+        &self,
+        e: &Extent,
+        offset: usize,
+        len: usize,
+    ) -> Result<Vec<u8>, Errno> {
+        let key = (e.segment, e.stripe);
+        let cached = self.cache.lock().expect("cache lock").get(&key);
+        let whole = match cached {
+            Some(v) => {
+                self.stats.cache(Cache::Stripes, true);
+                v
+            }
+            None => {
+                self.stats.segment_requests(1);
+                match self.reader.read_range(e, offset as u32, len as u32).await {
+                    Ok(d) => return Ok(d),
+                    Err(err) => {
+                        debug!(segment = %e.segment, stripe = e.stripe, "partial read, reading the stripe: {err}");
+                        self.stripe(e).await?
+                    }
+                }
+            }
+        };
+        whole
+            .get(offset..offset + len)
+            .map(<[u8]>::to_vec)
+            .ok_or(Errno::EIO)
     }
 
     /// Whether a stripe is already decoded in the cache.

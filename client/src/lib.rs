@@ -4,8 +4,10 @@
 pub mod conn;
 pub mod data;
 pub mod fs;
+pub mod metrics_http;
 pub mod mount;
 pub mod options;
+pub mod stats;
 
 pub use mount::{mount, unmount, MountError};
 pub use options::{CacheMode, MountOptions};

@@ -38,6 +38,15 @@ pub fn mount(mountpoint: &Path, opts: MountOptions) -> Result<(), MountError> {
     let (meta, inval_rx) =
         MetaClient::new(opts.servers.clone(), opts.cluster_id.clone(), opts.timeout);
     meta.set_follow_leader(opts.follow_leader);
+    if let Some(addr) = opts.metrics_listen {
+        let bound = rt
+            .block_on(crate::metrics_http::serve(addr, meta.stats.clone()))
+            .map_err(MountError::Runtime)?;
+        info!(%bound, "mount metrics at http://{bound}/metrics");
+        if let Some(f) = &opts.metrics_url_file {
+            std::fs::write(f, format!("http://{bound}/metrics\n")).map_err(MountError::Runtime)?;
+        }
+    }
     let welcome = rt.block_on(async {
         match meta.call(MReq::StatFs, false).await {
             Ok(Reply::Stats(_)) => meta
@@ -48,8 +57,13 @@ pub fn mount(mountpoint: &Path, opts: MountOptions) -> Result<(), MountError> {
         }
     })?;
     let data = Arc::new(
-        DataPath::new(&opts.cluster_id, &welcome.segment_servers, opts.cache_bytes)
-            .map_err(MountError::Segments)?,
+        DataPath::new(
+            &opts.cluster_id,
+            &welcome.segment_servers,
+            opts.cache_bytes,
+            meta.stats.clone(),
+        )
+        .map_err(MountError::Segments)?,
     );
     let fs = CfsFs::new(rt.handle().clone(), meta.clone(), data, opts.clone());
     let known = fs.known();

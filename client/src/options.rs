@@ -48,6 +48,11 @@ pub struct MountOptions {
     /// mount --dir`); with `--servers`, the first server that answers is
     /// kept, as listed.
     pub follow_leader: bool,
+    /// Serve this mount's counters (`GET /metrics`) here (`127.0.0.1:0`:
+    /// any free port).
+    pub metrics_listen: Option<SocketAddr>,
+    /// Write the metrics URL into this file once it is served.
+    pub metrics_url_file: Option<std::path::PathBuf>,
 }
 
 impl MountOptions {

@@ -4,6 +4,7 @@
 //! DIR/mount/path        the mount point
 //! DIR/mount/pid         the `cfs mount` process
 //! DIR/mount/mount.log   its log
+//! DIR/mount/metrics-url where its counters are served (`GET /metrics`)
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -48,10 +49,16 @@ pub fn start_mount(dir: &Path, mnt: &Path, extra: &[String]) -> anyhow::Result<(
         .open(md.join("mount.log"))?;
     let exe = std::env::current_exe()?;
     let mut cmd = std::process::Command::new(exe);
+    let url_file = md.join("metrics-url");
+    let _ = std::fs::remove_file(&url_file);
     cmd.arg("mount")
         .arg(&mnt)
         .arg("--dir")
         .arg(dir)
+        .arg("--metrics-listen")
+        .arg("127.0.0.1:0")
+        .arg("--metrics-url-file")
+        .arg(&url_file)
         .args(extra)
         .stdin(std::process::Stdio::null())
         .stdout(log.try_clone()?)

@@ -12,6 +12,7 @@
 pub mod disk;
 pub mod entry;
 pub use cfs_frame as frame;
+pub mod read_index;
 pub mod shard;
 pub mod sim;
 pub mod storage;
@@ -24,5 +25,5 @@ pub mod runtime;
 pub mod transport;
 pub mod wire;
 
-pub use runtime::{Faults, LogNode, LogNodeConfig, Subscription};
+pub use runtime::{Faults, LogNode, LogNodeConfig, ReadPoint, Subscription};
 pub use wire::LogError;

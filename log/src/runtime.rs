@@ -14,9 +14,11 @@
 //!   majority of replicas' disks (fdatasync'd) and will be delivered at that
 //!   position by every subscriber on every replica.
 //! * `read_barrier` returns a position `p` such that every entry decided
-//!   before the call started is below `p`: state applied up to `p` is a
-//!   linearizable read. A partitioned old leader cannot produce `p`, because
-//!   the barrier itself must be decided by a majority.
+//!   before the call started is below `p`: state that applied every
+//!   position below `p` is a linearizable read. It appends nothing: the
+//!   leader confirms with one round of messages to a majority that it still
+//!   leads (ReadIndex, `read_index`), so a partitioned old leader cannot
+//!   produce `p`.
 //! * `Err(Timeout)` means unknown: the entry may still be decided. Retrying
 //!   with the same request id is safe (deduplicated while the first attempt
 //!   is still in the log, i.e. not yet trimmed).
@@ -37,6 +39,7 @@ use tracing::{error, info, info_span, warn, Instrument};
 
 use crate::disk::FsDisk;
 use crate::entry::{Entry, EntryKind, RequestId, KIND_USER_MIN};
+use crate::read_index::{ReadFailed, ReadId, ReadMsg, ReadStart};
 use crate::shard::{Epoch, Position, Proposed, ShardCore, ShardId, Timing};
 use crate::storage::SharedWal;
 use crate::transport::{write_msg, FrameReader, Identity, PeerLinks, HANDSHAKE_TIMEOUT};
@@ -165,6 +168,44 @@ impl Reply {
     }
 }
 
+/// What a linearizable read returns: the read position (see the module
+/// docs) and the leader's watermark at the time it answered (an opaque
+/// number the layer above publishes with [`LogNode::set_watermark`]; the
+/// metadata service uses it for lease recalls).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ReadPoint {
+    pub position: Position,
+    pub watermark: u64,
+}
+
+/// Where the answer to a read goes.
+enum ReadReply {
+    Local(oneshot::Sender<Result<ReadPoint, LogError>>),
+    /// A remote log client: gets the position only.
+    Remote { id: u64, conn: mpsc::Sender<Wire> },
+}
+
+impl ReadReply {
+    fn send(self, result: Result<ReadPoint, LogError>) {
+        match self {
+            ReadReply::Local(tx) => {
+                let _ = tx.send(result);
+            }
+            ReadReply::Remote { id, conn } => {
+                let result = result.map(|r| r.position);
+                let _ = conn.try_send(Wire::Decided { id, result });
+            }
+        }
+    }
+
+    fn is_closed(&self) -> bool {
+        match self {
+            ReadReply::Local(tx) => tx.is_closed(),
+            ReadReply::Remote { conn, .. } => conn.is_closed(),
+        }
+    }
+}
+
 /// Replies queued per client connection before new ones are dropped.
 const CLIENT_REPLY_QUEUE_MAX: usize = 16 * 1024;
 
@@ -176,6 +217,19 @@ enum Input {
         reply: Option<Reply>,
         redirect: bool,
     },
+    /// A linearizable read of a caller on this node.
+    Read(ReadReply),
+    /// A read a follower forwarded to this node.
+    ReadForwarded {
+        from: NodeId,
+        seq: u64,
+    },
+    /// The leader's answer to a read this node forwarded.
+    ReadDone {
+        seq: u64,
+        result: Result<ReadPoint, LogError>,
+    },
+    ReadMsg(NodeId, ReadMsg),
     Reconnected(NodeId),
     PeerFloor(NodeId, Position),
     Stop,
@@ -269,6 +323,8 @@ struct ShardHandle {
     subscribers: Arc<Mutex<SubscriberTable>>,
     counters: Arc<ShardCounters>,
     fatal: Arc<Mutex<Option<String>>>,
+    /// See [`LogNode::set_watermark`].
+    watermark: Arc<AtomicU64>,
 }
 
 struct Inner {
@@ -428,6 +484,7 @@ impl LogNode {
                 subscribers: Arc::new(Mutex::new(subscribers)),
                 counters: Arc::new(ShardCounters::default()),
                 fatal: Arc::new(Mutex::new(None)),
+                watermark: Arc::new(AtomicU64::new(0)),
             };
             starters.push((
                 core,
@@ -436,7 +493,7 @@ impl LogNode {
                 handle.status.clone(),
                 handle.subscribers.clone(),
                 handle.counters.clone(),
-                handle.fatal.clone(),
+                (handle.fatal.clone(), handle.watermark.clone()),
             ));
             shards.insert(shard, handle);
         }
@@ -473,7 +530,7 @@ impl LogNode {
                 .collect(),
             epoch: Instant::now(),
         });
-        for (core, rx, decided_tx, status, subs, counters, fatal) in starters {
+        for (core, rx, decided_tx, status, subs, counters, (fatal, watermark)) in starters {
             let shard = core.shard;
             let weak = Arc::downgrade(&inner);
             let tick = cfg.tick;
@@ -495,6 +552,9 @@ impl LogNode {
                         peer_floors: HashMap::new(),
                         trimmed_to: 0,
                         ticks: 0,
+                        reads: HashMap::new(),
+                        next_read: 0,
+                        watermark,
                     };
                     if let Err(e) = l.run(tick) {
                         error!("shard stopped: {e}");
@@ -596,25 +656,67 @@ impl LogNode {
         }
     }
 
-    /// A linearizable read point: see the module docs.
-    #[tracing::instrument(skip(self))]
+    /// A linearizable read point: see the module docs. Retries while a
+    /// leader is being elected, until the propose timeout.
     pub async fn read_barrier(&self, shard: ShardId) -> Result<Position, LogError> {
+        self.read_index(shard).await.map(|r| r.position)
+    }
+
+    /// As [`LogNode::read_barrier`], with the leader's watermark.
+    #[tracing::instrument(skip(self))]
+    pub async fn read_index(&self, shard: ShardId) -> Result<ReadPoint, LogError> {
         if self.inner.cfg.faults.stale_reads {
-            // BROKEN on purpose (Faults::stale_reads): this node's view
-            // (a real barrier only while its log is empty).
-            let decided = self
-                .status()
-                .into_iter()
-                .find(|s| s.shard == shard)
-                .map(|s| s.decided)
-                .ok_or(LogError::UnknownShard(shard))?;
-            if decided > 0 {
-                return Ok(decided - 1);
+            // BROKEN on purpose (Faults::stale_reads): this node's view.
+            let position = self.stale_read_point(shard)?;
+            let watermark = self.shard(shard)?.watermark.load(Ordering::SeqCst);
+            return Ok(ReadPoint {
+                position,
+                watermark,
+            });
+        }
+        let deadline = Instant::now() + self.inner.cfg.propose_timeout;
+        loop {
+            if !self.quorum_recent() {
+                return Err(LogError::NoLeader(shard));
+            }
+            let h = self.shard(shard)?;
+            let (tx, rx) = oneshot::channel();
+            h.inbox
+                .try_send(Input::Read(ReadReply::Local(tx)))
+                .map_err(|_| {
+                    h.counters.inbox_full.fetch_add(1, Ordering::Relaxed);
+                    LogError::NoLeader(shard)
+                })?;
+            let left = deadline.saturating_duration_since(Instant::now());
+            let r = match tokio::time::timeout(left, rx).await {
+                Ok(Ok(r)) => r,
+                Ok(Err(_)) => Err(LogError::ShuttingDown),
+                Err(_) => Err(LogError::Timeout),
+            };
+            match r {
+                Err(LogError::NoLeader(_)) if Instant::now() < deadline => {
+                    tokio::time::sleep(self.inner.cfg.tick * 5).await;
+                }
+                r => return r,
             }
         }
-        let mut e = Entry::barrier();
-        e.request = self.next_request();
-        self.propose(shard, e).await
+    }
+
+    /// Publishes this node's watermark for `shard`: while this node leads
+    /// the shard, reads it answers carry the value (see [`ReadPoint`]).
+    pub fn set_watermark(&self, shard: ShardId, value: u64) -> Result<(), LogError> {
+        self.shard(shard)?.watermark.store(value, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// BROKEN on purpose (Faults::stale_reads): this node's own decided
+    /// position instead of a round through the leader.
+    fn stale_read_point(&self, shard: ShardId) -> Result<Position, LogError> {
+        self.status()
+            .into_iter()
+            .find(|s| s.shard == shard)
+            .map(|s| s.decided)
+            .ok_or(LogError::UnknownShard(shard))
     }
 
     /// Reads decided entries from `from` on; `name`, if given, registers a
@@ -981,6 +1083,30 @@ impl LogNode {
                         .map_err(|e| format!("from node {peer}: {e}"))?;
                     let _ = h.inbox.try_send(Input::PeerFloor(peer, floor));
                 }
+                Wire::ReadIndex {
+                    shard,
+                    config_id,
+                    msg,
+                } => {
+                    let h = self
+                        .shard(shard)
+                        .map_err(|e| format!("from node {peer}: {e}"))?;
+                    if config_id == h.config_id {
+                        let _ = h.inbox.try_send(Input::ReadMsg(peer, msg));
+                    }
+                }
+                Wire::ReadForward { shard, seq } => {
+                    let h = self
+                        .shard(shard)
+                        .map_err(|e| format!("from node {peer}: {e}"))?;
+                    let _ = h.inbox.try_send(Input::ReadForwarded { from: peer, seq });
+                }
+                Wire::ReadDone { shard, seq, result } => {
+                    let h = self
+                        .shard(shard)
+                        .map_err(|e| format!("from node {peer}: {e}"))?;
+                    let _ = h.inbox.try_send(Input::ReadDone { seq, result });
+                }
                 other => {
                     return Err(format!(
                         "node {peer} sent a client message on a peer link: {other:?}"
@@ -1013,19 +1139,26 @@ impl LogNode {
                     self.submit_remote(shard, entry, id, &tx).await;
                 }
                 Wire::ReadBarrier { id, shard } if self.inner.cfg.faults.stale_reads => {
-                    // BROKEN on purpose (Faults::stale_reads): this node's view.
-                    let pos = self
-                        .status()
-                        .into_iter()
-                        .find(|s| s.shard == shard)
-                        .map(|s| s.decided.saturating_sub(1));
-                    let result = pos.ok_or(LogError::UnknownShard(shard));
+                    let result = self.stale_read_point(shard);
                     let _ = tx.send(Wire::Decided { id, result }).await;
                 }
                 Wire::ReadBarrier { id, shard } => {
-                    let mut e = Entry::barrier();
-                    e.request = self.next_request();
-                    self.submit_remote(shard, e, id, &tx).await;
+                    let sent = self.shard(shard).and_then(|h| {
+                        if !self.quorum_recent() {
+                            return Err(LogError::NoLeader(shard));
+                        }
+                        let reply = ReadReply::Remote {
+                            id,
+                            conn: tx.clone(),
+                        };
+                        h.inbox.try_send(Input::Read(reply)).map_err(|_| {
+                            h.counters.inbox_full.fetch_add(1, Ordering::Relaxed);
+                            LogError::NoLeader(shard)
+                        })
+                    });
+                    if let Err(e) = sent {
+                        let _ = tx.send(Wire::Decided { id, result: Err(e) }).await;
+                    }
                 }
                 Wire::Status { id } => {
                     let _ = tx
@@ -1206,6 +1339,11 @@ struct ShardLoop {
     peer_floors: HashMap<NodeId, Position>,
     trimmed_to: Position,
     ticks: u64,
+    /// Reads of callers on this node, by their number (`ReadId::seq`).
+    reads: HashMap<u64, ReadReply>,
+    next_read: u64,
+    /// See [`LogNode::set_watermark`].
+    watermark: Arc<AtomicU64>,
 }
 
 impl ShardLoop {
@@ -1309,6 +1447,25 @@ impl ShardLoop {
                     }
                 }
             }
+            Input::Read(reply) => self.start_read(reply),
+            Input::ReadForwarded { from, seq } => {
+                let id = ReadId { origin: from, seq };
+                let refused = match self.core.read(id) {
+                    ReadStart::Pending => None,
+                    ReadStart::Busy => Some(LogError::Busy(self.core.shard)),
+                    ReadStart::Forward(_) | ReadStart::NoLeader => {
+                        Some(LogError::NoLeader(self.core.shard))
+                    }
+                };
+                if let Some(e) = refused {
+                    self.send_read_done(id, Err(e));
+                }
+            }
+            Input::ReadDone { seq, result } => {
+                let origin = self.core.node;
+                self.answer_read(ReadId { origin, seq }, result);
+            }
+            Input::ReadMsg(from, msg) => self.core.handle_read(from, msg),
             Input::Reconnected(p) => self.core.reconnected(p),
             Input::PeerFloor(p, f) => {
                 self.peer_floors.insert(p, f);
@@ -1316,6 +1473,57 @@ impl ShardLoop {
             Input::Stop => return false,
         }
         true
+    }
+
+    /// Starts a read of a caller on this node: at the leader, or forwarded.
+    fn start_read(&mut self, reply: ReadReply) {
+        self.next_read += 1;
+        let seq = self.next_read;
+        let shard = self.core.shard;
+        match self.core.read(ReadId {
+            origin: self.core.node,
+            seq,
+        }) {
+            ReadStart::Pending => {
+                self.reads.insert(seq, reply);
+            }
+            ReadStart::Forward(leader) => {
+                self.reads.insert(seq, reply);
+                if let Some(inner) = self.links.upgrade() {
+                    inner.links.send(leader, &Wire::ReadForward { shard, seq });
+                }
+            }
+            ReadStart::NoLeader => reply.send(Err(LogError::NoLeader(shard))),
+            ReadStart::Busy => reply.send(Err(LogError::Busy(shard))),
+        }
+    }
+
+    /// Answers a read: to the caller here, or to the follower that
+    /// forwarded it.
+    fn send_read_done(&mut self, id: ReadId, result: Result<Position, LogError>) {
+        let watermark = self.watermark.load(Ordering::SeqCst);
+        let result = result.map(|position| ReadPoint {
+            position,
+            watermark,
+        });
+        self.answer_read(id, result);
+    }
+
+    fn answer_read(&mut self, id: ReadId, result: Result<ReadPoint, LogError>) {
+        if id.origin == self.core.node {
+            if let Some(r) = self.reads.remove(&id.seq) {
+                r.send(result);
+            }
+        } else if let Some(inner) = self.links.upgrade() {
+            inner.links.send(
+                id.origin,
+                &Wire::ReadDone {
+                    shard: self.core.shard,
+                    seq: id.seq,
+                    result,
+                },
+            );
+        }
     }
 
     /// One group commit: fsync, then send and acknowledge.
@@ -1341,6 +1549,26 @@ impl ShardLoop {
         };
         let mut ready = self.core.ready_pipelined(send).map_err(|e| e.to_string())?;
         send(std::mem::take(&mut ready.messages));
+        if let Some(inner) = &links {
+            for (to, msg) in std::mem::take(&mut ready.read_msgs) {
+                inner.links.send(
+                    to,
+                    &Wire::ReadIndex {
+                        shard,
+                        config_id,
+                        msg,
+                    },
+                );
+            }
+        }
+        drop(links);
+        for (id, r) in std::mem::take(&mut ready.reads) {
+            let r = r.map_err(|e| match e {
+                ReadFailed::NotLeader => LogError::NoLeader(shard),
+                ReadFailed::Busy => LogError::Busy(shard),
+            });
+            self.send_read_done(id, r);
+        }
         self.counters.batches.fetch_add(1, Ordering::Relaxed);
         {
             let w = self.core.wal().lock();
@@ -1428,6 +1656,7 @@ impl ShardLoop {
         });
         let waiters = &self.waiters;
         self.inflight.retain(|r, _| waiters.contains_key(r));
+        self.reads.retain(|_, r| !r.is_closed());
         let floor = {
             let mut t = self.subs.lock().expect("subscribers lock");
             if let Err(e) = t.save() {

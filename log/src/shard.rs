@@ -25,6 +25,7 @@ use omnipaxos::{ClusterConfig, OmniPaxos, OmniPaxosConfig, ServerConfig};
 
 use crate::disk::Disk;
 use crate::entry::Entry;
+use crate::read_index::{ReadFailed, ReadId, ReadIndex, ReadMsg, ReadStart};
 use crate::storage::SharedWal;
 use crate::wal::{Wal, WalError};
 
@@ -89,6 +90,11 @@ pub struct Ready {
     pub decided: Vec<(Position, Entry)>,
     /// The epoch ended: the stop sign and the base position of the next.
     pub stopped: Option<(StopSign, Position)>,
+    /// Read-index probes and acks to send (see `read_index`).
+    pub read_msgs: Vec<(NodeId, ReadMsg)>,
+    /// Finished reads: every position below the one returned is decided,
+    /// and everything decided before the read started is below it.
+    pub reads: Vec<(ReadId, Result<Position, ReadFailed>)>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -112,6 +118,9 @@ pub struct ShardCore<D: Disk + Clone> {
     /// Messages taken out of OmniPaxos before `ready` (see `handle`); they
     /// leave first, in order, with the next `ready`.
     early_out: Vec<Message<Entry>>,
+    /// Linearizable reads without log entries.
+    reads: ReadIndex,
+    resend_ticks: u64,
 }
 
 impl<D: Disk + Clone> ShardCore<D> {
@@ -161,6 +170,8 @@ impl<D: Disk + Clone> ShardCore<D> {
             delivered_idx,
             stopped: false,
             early_out: Vec::new(),
+            reads: ReadIndex::default(),
+            resend_ticks: timing.resend_ticks,
         })
     }
 
@@ -303,6 +314,34 @@ impl<D: Disk + Clone> ShardCore<D> {
 
     pub fn tick(&mut self) {
         self.paxos.tick();
+        self.reads.tick(self.resend_ticks);
+    }
+
+    /// Starts a linearizable read (see `read_index`): at the leader it is
+    /// answered by a later `ready`; elsewhere the caller forwards it.
+    pub fn read(&mut self, id: ReadId) -> ReadStart {
+        if self.stopped {
+            return ReadStart::NoLeader;
+        }
+        match self.paxos.get_current_leader() {
+            Some((l, true)) if l == self.node => {
+                let end = self.wal.lock().state().end();
+                self.reads.register(id, end)
+            }
+            Some((l, _)) if l != self.node => ReadStart::Forward(l),
+            _ => ReadStart::NoLeader,
+        }
+    }
+
+    /// A read-index message from `from`.
+    pub fn handle_read(&mut self, from: NodeId, msg: ReadMsg) {
+        match msg {
+            ReadMsg::Probe { round, ballot } => {
+                let promise = self.paxos.get_promise();
+                self.reads.probe(from, round, ballot, promise)
+            }
+            ReadMsg::Ack { round, ok } => self.reads.ack(from, round, ok),
+        }
     }
 
     /// The link to `peer` came back after a disconnect.
@@ -429,6 +468,32 @@ impl<D: Disk + Clone> ShardCore<D> {
                 }
             }
         }
+        let peers: Vec<NodeId> = self
+            .epoch
+            .nodes
+            .iter()
+            .copied()
+            .filter(|n| *n != self.node)
+            .collect();
+        let majority = self.epoch.nodes.len() / 2 + 1;
+        if self.stopped {
+            self.reads.abandon(ReadFailed::NotLeader);
+        }
+        self.reads.step(
+            self.is_leader(),
+            self.paxos.get_promise(),
+            &peers,
+            majority,
+            self.paxos.get_decided_idx() as u64,
+        );
+        r.read_msgs = self.reads.take_outbox();
+        let base = self.epoch.base;
+        r.reads = self
+            .reads
+            .take_done()
+            .into_iter()
+            .map(|(id, res)| (id, res.map(|i| base + i)))
+            .collect();
         Ok(r)
     }
 

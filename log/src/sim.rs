@@ -39,6 +39,11 @@
 //!    `ready`) before a crash.
 //! 5. Deduplication: no request id is decided at two positions, and a
 //!    `Duplicate(Some(p))` answer names the position the request holds.
+//! 6. Linearizable reads: a read (`ShardCore::read`, ReadIndex: no entry)
+//!    issued at a random replica, forwarded to the leader it knows, and
+//!    answered with position `p` has every position decided anywhere
+//!    before it was issued below `p`. Its probes and acks travel like any
+//!    other message (lost, delayed, cut).
 //!
 //! At the end the network heals, crashed replicas restart, and the run goes
 //! on without faults until every replica has delivered every acknowledged
@@ -60,6 +65,7 @@ use rand::{Rng, SeedableRng};
 
 use crate::disk::{Disk, DiskFile, SimDisk, SimFile};
 use crate::entry::{Entry, EntryKind, RequestId};
+use crate::read_index::{ReadId, ReadMsg, ReadStart};
 use crate::shard::{Epoch, Position, Proposed, Ready, ShardCore, ShardId, Timing};
 use crate::wal::WalConfig;
 
@@ -97,6 +103,9 @@ pub enum Sabotage {
     CorruptDelivery,
     /// Restarted replicas ask for delivery one position past their snapshot.
     ResumePastSnapshot,
+    /// Replicas answer reads from their own delivered position instead of
+    /// a round through the leader (what the Jepsen `stale-reads` build does).
+    StaleReads,
 }
 
 /// What a run exercised. Equal seeds give equal stats.
@@ -135,6 +144,9 @@ pub struct Stats {
     /// Epochs opened beyond the first, over all replicas.
     pub epochs_joined: u64,
     pub settle_steps: u64,
+    /// Linearizable reads answered, and refused (no leader, lost).
+    pub reads: u64,
+    pub reads_refused: u64,
     /// Digest of the whole decided log (for determinism checks).
     pub fingerprint: u64,
 }
@@ -166,6 +178,8 @@ impl Stats {
         self.reconfig_requests += o.reconfig_requests;
         self.epochs_joined += o.epochs_joined;
         self.settle_steps += o.settle_steps;
+        self.reads += o.reads;
+        self.reads_refused += o.reads_refused;
         self.fingerprint = mix64(self.fingerprint ^ o.fingerprint);
     }
 }
@@ -487,6 +501,10 @@ enum Payload {
         entry: Entry,
         hops: u8,
     },
+    /// A read-index probe or ack.
+    Read(ReadMsg),
+    /// `ReadStart::Forward`: a read on its way to the leader.
+    ReadForward(ReadId),
 }
 
 #[derive(Debug)]
@@ -884,6 +902,10 @@ struct Sim {
     sabotaged: bool,
     stats: Stats,
     events: VecDeque<String>,
+    /// Reads in flight: the positions decided anywhere when each was
+    /// issued (its answer must not be below).
+    reads: BTreeMap<ReadId, Position>,
+    next_read: u64,
 }
 
 impl Sim {
@@ -906,6 +928,8 @@ impl Sim {
             sabotaged: false,
             stats: Stats::default(),
             events: VecDeque::new(),
+            reads: BTreeMap::new(),
+            next_read: 0,
         };
         sim.note(format!(
             "seed {seed}: {:?} {:?}",
@@ -1212,6 +1236,89 @@ impl Sim {
                 Ok(())
             }
             Payload::Forward { entry, hops } => self.propose(i, k, entry, hops),
+            Payload::Read(m) => {
+                if let Some(live) = self.replicas[i].live.as_mut() {
+                    live.cores[k].handle_read(p.from, m);
+                }
+                Ok(())
+            }
+            Payload::ReadForward(id) => {
+                let answer = match self.replicas[i].live.as_mut() {
+                    Some(live) => live.cores[k].read(id),
+                    None => return Ok(()),
+                };
+                if answer != ReadStart::Pending && self.reads.remove(&id).is_some() {
+                    self.stats.reads_refused += 1;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// A client reads at a random live replica's newest core.
+    fn issue_read(&mut self) -> Result<(), String> {
+        let live: Vec<usize> = (0..NODES.len())
+            .filter(|i| self.replicas[*i].live.is_some())
+            .collect();
+        if live.is_empty() {
+            return Ok(());
+        }
+        let i = live[self.rng.gen_range(0..live.len())];
+        let floor = self.checker.len();
+        self.next_read += 1;
+        let Some(live) = self.replicas[i].live.as_mut() else {
+            return Ok(());
+        };
+        let k = live.cores.len() - 1;
+        let core = &mut live.cores[k];
+        let id = ReadId {
+            origin: core.node,
+            seq: self.next_read,
+        };
+        if self.opts.sabotage == Some(Sabotage::StaleReads) {
+            let at = core.delivered();
+            return self.read_answered(id, floor, Ok(at));
+        }
+        let config = core.epoch().config_id;
+        self.reads.insert(id, floor);
+        match core.read(id) {
+            ReadStart::Pending => {}
+            ReadStart::Forward(leader) => {
+                self.net.send(
+                    self.step,
+                    id.origin,
+                    leader,
+                    config,
+                    Payload::ReadForward(id),
+                );
+            }
+            ReadStart::NoLeader | ReadStart::Busy => {
+                self.reads.remove(&id);
+                self.stats.reads_refused += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks a read's answer against the positions decided before it.
+    fn read_answered(
+        &mut self,
+        id: ReadId,
+        floor: Position,
+        r: Result<Position, crate::read_index::ReadFailed>,
+    ) -> Result<(), String> {
+        match r {
+            Ok(p) if p < floor => Err(format!(
+                "stale read {id:?}: answered {p}, but {floor} positions were decided before it was issued"
+            )),
+            Ok(_) => {
+                self.stats.reads += 1;
+                Ok(())
+            }
+            Err(_) => {
+                self.stats.reads_refused += 1;
+                Ok(())
+            }
         }
     }
 
@@ -1227,6 +1334,9 @@ impl Sim {
             let entry = self.recent[self.rng.gen_range(0..self.recent.len())].clone();
             self.stats.retries += 1;
             self.submit(entry)?;
+        }
+        if self.rng.gen_bool(self.profile.propose) {
+            self.issue_read()?;
         }
         Ok(())
     }
@@ -1394,6 +1504,14 @@ impl Sim {
             self.replicas[i].slots[k].epoch.config_id,
         );
         self.send_all(i, k, ready.messages);
+        for (to, m) in ready.read_msgs {
+            self.net.send(self.step, id, to, config, Payload::Read(m));
+        }
+        for (rid, r) in ready.reads {
+            if let Some(floor) = self.reads.remove(&rid) {
+                self.read_answered(rid, floor, r)?;
+            }
+        }
         if self.opts.trace {
             if let (Some(a), Some(b)) = (ready.decided.first(), ready.decided.last()) {
                 let (a, b) = (a.0, b.0);

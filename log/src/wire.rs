@@ -14,7 +14,7 @@ use crate::entry::Entry;
 use crate::shard::{Position, ShardId};
 
 /// Protocol version; a peer speaking another is refused.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 /// Largest frame before the handshake completes.
 pub const HELLO_FRAME_BYTES_MAX: usize = 64 << 10;
 /// Largest frame after it. OmniPaxos sends a lagging follower its whole
@@ -49,6 +49,8 @@ pub enum LogError {
     Invalid(String),
     #[error("positions below {0} were trimmed")]
     Trimmed(Position),
+    #[error("too many reads pending on shard {0}")]
+    Busy(ShardId),
     #[error("node is shutting down")]
     ShuttingDown,
     #[error("connection failed: {0}")]
@@ -100,6 +102,23 @@ pub enum Wire {
     Persisted {
         shard: ShardId,
         floor: Position,
+    },
+    /// A read-index confirmation round (see `read_index`).
+    ReadIndex {
+        shard: ShardId,
+        config_id: u32,
+        msg: crate::read_index::ReadMsg,
+    },
+    /// A follower's linearizable read, sent to the leader it knows.
+    ReadForward {
+        shard: ShardId,
+        seq: u64,
+    },
+    /// The leader's answer to a `ReadForward`.
+    ReadDone {
+        shard: ShardId,
+        seq: u64,
+        result: Result<crate::runtime::ReadPoint, LogError>,
     },
     /// Client requests; `id` matches replies to requests on one connection.
     Propose {

@@ -16,13 +16,13 @@ use cfs_log::LogNode;
 use cfs_materializers::materializer::{self, Change, Waiters};
 use cfs_materializers::ops::*;
 use cfs_materializers::read::ReadError;
+
+use crate::coordinator;
 use cfs_materializers::types::*;
 use cfs_materializers::NamespaceDb;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{broadcast, mpsc, watch};
 use tracing::{info, warn, Instrument};
-
-use crate::coordinator;
 
 /// How long a mutation waits for its outcome after being decided.
 const APPLY_WAIT: Duration = Duration::from_secs(30);
@@ -461,7 +461,7 @@ impl Inner {
             }
         };
         let mut rx = self.applied[&shard].clone();
-        tokio::time::timeout(APPLY_WAIT, rx.wait_for(|a| *a > pos))
+        tokio::time::timeout(APPLY_WAIT, rx.wait_for(|a| *a >= pos))
             .await
             .map_err(|_| Errno::EIO)?
             .map_err(|_| Errno::EIO)?;

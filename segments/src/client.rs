@@ -22,6 +22,7 @@ use tracing::warn;
 use crate::ec::{Codec, EcError};
 use crate::format::{self, SegmentId};
 use crate::layout::Layout;
+use crate::proof;
 use crate::proto::{
     self, Envelope, FrameReader, Request, Response, StatInfo, FRAME_BYTES_MAX,
     HELLO_FRAME_BYTES_MAX,
@@ -258,6 +259,43 @@ impl SegmentClient {
             .await?
         {
             Response::Data { data, checksum } => Ok((data.into_vec(), checksum)),
+            other => Err(ClientError::Protocol {
+                node,
+                reply: format!("{other:?}"),
+            }),
+        }
+    }
+
+    /// Bytes `[offset, offset + len)` of a stripe's fragment on `node`, as
+    /// whole groups from the first covering one, with every group's
+    /// chaining value; unverified (see [`StripeReader::read_range`]).
+    pub async fn read_fragment_range(
+        &self,
+        node: u64,
+        segment: SegmentId,
+        fragment: u8,
+        stripe: u32,
+        offset: u32,
+        len: u32,
+    ) -> Result<(u32, Vec<u8>, Vec<[u8; 32]>), ClientError> {
+        match self
+            .call(
+                node,
+                Request::ReadRange {
+                    segment,
+                    fragment,
+                    stripe,
+                    offset,
+                    len,
+                },
+            )
+            .await?
+        {
+            Response::Range {
+                first_group,
+                data,
+                cvs,
+            } => Ok((first_group, data.into_vec(), cvs)),
             other => Err(ClientError::Protocol {
                 node,
                 reply: format!("{other:?}"),
@@ -629,6 +667,59 @@ impl StripeReader {
             }
         }
         Err(first_err.expect("at least one candidate"))
+    }
+
+    /// Reads `len` bytes at `offset` of one extent's data from the one
+    /// data fragment holding them, fetching only the 16 KiB groups that
+    /// cover them and verifying them against the extent's checksum
+    /// (`proof`). Errors (a range across fragments, a missing or bad
+    /// fragment, a node down) are for the caller to fall back to
+    /// [`StripeReader::read`], which reconstructs.
+    pub async fn read_range(
+        &self,
+        e: &Extent,
+        offset: u32,
+        len: u32,
+    ) -> Result<Vec<u8>, ClientError> {
+        let flen = e.fragment_len as u64;
+        let (off, n) = (offset as u64, len as u64);
+        let unreadable = |reason: String| ClientError::Unreadable {
+            segment: e.segment,
+            stripe: e.stripe,
+            reason,
+        };
+        if n == 0 || flen == 0 || off + n > e.data_len as u64 {
+            return Err(unreadable(format!("range {off}+{n} outside the stripe")));
+        }
+        let i = (off / flen) as usize;
+        let at = off - i as u64 * flen;
+        if at + n > flen || i >= e.layout.k as usize || e.missing.contains(&(i as u8)) {
+            return Err(unreadable("range not in one durable data fragment".into()));
+        }
+        let node = *e.nodes.get(i).ok_or_else(|| unreadable("no node".into()))?;
+        let sum = e
+            .checksums
+            .get(i)
+            .ok_or_else(|| unreadable("no checksum".into()))?;
+        let (first, data, cvs) = self
+            .client
+            .read_fragment_range(node, e.segment, i as u8, e.stripe, at as u32, len)
+            .await?;
+        let from = first as u64 * proof::GROUP_BYTES as u64;
+        if cvs.is_empty() {
+            // A one-group fragment comes whole: its plain blake3.
+            if first != 0 || data.len() as u64 != flen || format::checksum(&data) != *sum {
+                return Err(unreadable("fragment does not match its checksum".into()));
+            }
+        } else {
+            proof::verify_groups(sum, flen as usize, first as usize, &data, &cvs)
+                .map_err(|err| unreadable(format!("fragment {i} on node {node}: {err}")))?;
+        }
+        if at < from || at + n > from + data.len() as u64 {
+            return Err(unreadable("server sent groups that miss the range".into()));
+        }
+        let s = (at - from) as usize;
+        Ok(data[s..s + n as usize].to_vec())
     }
 
     /// Reads one extent's data.

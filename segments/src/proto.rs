@@ -12,7 +12,7 @@ use crate::format::SegmentId;
 use crate::layout::Layout;
 use crate::store::{FragmentInfo, StoreError, StoreStats};
 
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 /// Largest frame before the handshake.
 pub const HELLO_FRAME_BYTES_MAX: usize = 64 << 10;
 /// Largest frame after it: one fragment plus headers.
@@ -38,6 +38,15 @@ pub enum Request {
         segment: SegmentId,
         fragment: u8,
         stripe: u32,
+    },
+    /// Bytes `[offset, offset + len)` of a stripe's fragment, as the
+    /// whole verified groups covering them (`proof`).
+    ReadRange {
+        segment: SegmentId,
+        fragment: u8,
+        stripe: u32,
+        offset: u32,
+        len: u32,
     },
     Seal {
         segment: SegmentId,
@@ -68,12 +77,29 @@ pub struct StatInfo {
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum Response {
-    Welcome { node_id: u64 },
-    Refused { reason: String },
-    Appended { checksum: [u8; 32] },
-    Data { data: ByteBuf, checksum: [u8; 32] },
+    Welcome {
+        node_id: u64,
+    },
+    Refused {
+        reason: String,
+    },
+    Appended {
+        checksum: [u8; 32],
+    },
+    Data {
+        data: ByteBuf,
+        checksum: [u8; 32],
+    },
+    /// Groups from `first_group` on, and every group's chaining value.
+    Range {
+        first_group: u32,
+        data: ByteBuf,
+        cvs: Vec<[u8; 32]>,
+    },
     Done,
-    Freed { fragments: u32 },
+    Freed {
+        fragments: u32,
+    },
     Fragments(Vec<FragmentInfo>),
     Stat(StatInfo),
     Error(StoreError),

@@ -457,6 +457,21 @@ fn store_loop(
                     Ok(()) => Response::Done,
                     Err(e) => Response::Error(e),
                 },
+                Request::ReadRange {
+                    segment,
+                    fragment,
+                    stripe,
+                    offset,
+                    len,
+                } => match store.read_range(FragmentKey { segment, fragment }, stripe, offset, len)
+                {
+                    Ok(r) => Response::Range {
+                        first_group: r.first_group,
+                        data: ByteBuf::from(r.data),
+                        cvs: r.cvs.to_vec(),
+                    },
+                    Err(e) => Response::Error(e),
+                },
                 Request::List => Response::Fragments(store.list()),
                 Request::Stat => Response::Stat(stat_of(node_id, &store)),
                 Request::Append { .. } | Request::Read { .. } | Request::Hello { .. } => {

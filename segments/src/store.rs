@@ -22,6 +22,7 @@ use tracing::{info, warn};
 use crate::format::{self, FileHeader, RecordHeader, RecordKind, SegmentId, HEADER_BYTES};
 use crate::io::{AlignedBuf, IoEngine, IoMode};
 use crate::layout::{Layout, ALIGN_BYTES};
+use crate::proof::{self, GROUP_BYTES};
 
 /// Largest fragment one append may carry.
 pub const FRAGMENT_BYTES_MAX: usize = 16 << 20;
@@ -118,6 +119,53 @@ pub struct AppendReq {
     pub data: Vec<u8>,
 }
 
+/// Chaining values of a fragment's groups (see `proof`).
+pub type GroupCvs = Arc<Vec<[u8; 32]>>;
+
+/// A partial read: whole groups from `first_group` on, and every group's
+/// chaining value (empty for a fragment of one group, sent whole).
+#[derive(Clone, Debug)]
+pub struct RangeRead {
+    pub first_group: u32,
+    pub data: Vec<u8>,
+    pub cvs: GroupCvs,
+}
+
+/// Fragments whose chaining values are kept (32 bytes per 16 KiB group:
+/// at most 512 bytes per 256 KiB fragment, 64 MiB in all).
+pub const CV_CACHE_ENTRIES_MAX: usize = 128 * 1024;
+
+/// Chaining values of recently written or read fragments, so a small read
+/// reads only its groups. Filled on append and on the first partial read
+/// of a fragment (which reads and verifies it whole); bounded, oldest out.
+#[derive(Default)]
+struct CvCache {
+    map: HashMap<(FragmentKey, u32), GroupCvs>,
+    order: std::collections::VecDeque<(FragmentKey, u32)>,
+}
+
+impl CvCache {
+    fn get(&self, key: FragmentKey, stripe: u32) -> Option<GroupCvs> {
+        self.map.get(&(key, stripe)).cloned()
+    }
+
+    fn put(&mut self, key: FragmentKey, stripe: u32, cvs: GroupCvs) {
+        if self.map.insert((key, stripe), cvs).is_none() {
+            self.order.push_back((key, stripe));
+        }
+        while self.order.len() > CV_CACHE_ENTRIES_MAX {
+            if let Some(old) = self.order.pop_front() {
+                self.map.remove(&old);
+            }
+        }
+    }
+
+    fn forget_segment(&mut self, segment: SegmentId) {
+        self.map.retain(|(k, _), _| k.segment != segment);
+        self.order.retain(|(k, _)| k.segment != segment);
+    }
+}
+
 /// Counters for metrics and /health.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct StoreStats {
@@ -140,6 +188,7 @@ pub struct Store {
     stats: StoreStats,
     /// Checksum failures found here or by readers of `read_batch_raw`.
     checksum_failures: Arc<AtomicU64>,
+    cvs: CvCache,
 }
 
 impl Store {
@@ -155,6 +204,7 @@ impl Store {
             files: HashMap::new(),
             stats: StoreStats::default(),
             checksum_failures: Arc::new(AtomicU64::new(0)),
+            cvs: CvCache::default(),
         };
         let rd = std::fs::read_dir(dir).map_err(|e| io_error(dir.display().to_string(), e))?;
         for e in rd {
@@ -347,6 +397,9 @@ impl Store {
             (0..reqs.len()).map(|_| None).collect();
         // (request index, key, offset of the record header, buffer)
         let mut planned: Vec<(usize, FragmentKey, u64, AlignedBuf, u32, [u8; 32])> = Vec::new();
+        // Group chaining values by request index; the checksum is built
+        // from them (the same hashing as a plain blake3).
+        let mut group_cvs: HashMap<usize, Vec<[u8; 32]>> = HashMap::new();
         for (i, req) in reqs.iter().enumerate() {
             if let Err(e) = Self::validate(req) {
                 results[i] = Some(Err(e));
@@ -359,7 +412,10 @@ impl Store {
                     continue;
                 }
             }
-            let checksum = format::checksum(&req.data);
+            let cvs = proof::cvs(&req.data);
+            let checksum = proof::checksum_from_cvs(&cvs, req.data.len())
+                .unwrap_or_else(|| format::checksum(&req.data));
+            group_cvs.insert(i, cvs);
             let f = self.files.get_mut(&req.key).expect("created above");
             if f.sealed {
                 results[i] = Some(Err(StoreError::Sealed(req.key)));
@@ -449,6 +505,9 @@ impl Store {
                     );
                     self.stats.appends += 1;
                     self.stats.bytes_written += len as u64;
+                    if let Some(c) = group_cvs.remove(&i).filter(|c| !c.is_empty()) {
+                        self.cvs.put(key, stripe, Arc::new(c));
+                    }
                     results[i] = Some(Ok(checksum));
                 }
             }
@@ -536,6 +595,85 @@ impl Store {
             .collect()
     }
 
+    /// Reads bytes `[offset, offset + len)` of one stripe's fragment as
+    /// the whole groups covering them, verified against the fragment's
+    /// group chaining values (computed from a full, verified read the
+    /// first time). See `proof`.
+    pub fn read_range(
+        &mut self,
+        key: FragmentKey,
+        stripe: u32,
+        offset: u32,
+        len: u32,
+    ) -> Result<RangeRead, StoreError> {
+        let rec = self
+            .files
+            .get(&key)
+            .ok_or(StoreError::NoSuchFragment(key))?
+            .stripes
+            .get(&stripe)
+            .ok_or(StoreError::NoSuchStripe { key, stripe })?
+            .clone();
+        let end = offset as u64 + len as u64;
+        if len == 0 || end > rec.len as u64 {
+            return Err(StoreError::BadRequest(format!(
+                "range {offset}+{len} outside the {}-byte fragment",
+                rec.len
+            )));
+        }
+        let cvs = match self.cvs.get(key, stripe) {
+            Some(c) => c,
+            None => {
+                let (data, stored) = self.read_batch_raw(&[(key, stripe)]).remove(0)?;
+                verify(key, stripe, &data, &stored, &self.checksum_failures)?;
+                let c = Arc::new(proof::cvs(&data));
+                if !c.is_empty() {
+                    self.cvs.put(key, stripe, c.clone());
+                }
+                let first = offset as usize / GROUP_BYTES;
+                let from = if c.is_empty() { 0 } else { first * GROUP_BYTES };
+                let to = if c.is_empty() {
+                    data.len()
+                } else {
+                    ((end as usize).div_ceil(GROUP_BYTES) * GROUP_BYTES).min(data.len())
+                };
+                return Ok(RangeRead {
+                    first_group: (from / GROUP_BYTES) as u32,
+                    data: data[from..to].to_vec(),
+                    cvs: c,
+                });
+            }
+        };
+        let first = offset as usize / GROUP_BYTES;
+        let from = first * GROUP_BYTES;
+        let to = ((end as usize).div_ceil(GROUP_BYTES) * GROUP_BYTES).min(rec.len as usize);
+        let file = &self.files[&key].file;
+        let data = self
+            .io
+            .read_batch(&[(file, rec.offset + from as u64, to - from)])
+            .remove(0)
+            .map_err(|e| io_error(format!("reading {key} stripe {stripe}"), e))?;
+        let data = data.as_slice().to_vec();
+        self.stats.reads += 1;
+        self.stats.bytes_read += data.len() as u64;
+        for (i, g) in data.chunks(GROUP_BYTES).enumerate() {
+            if proof::group_cv(first + i, g) != cvs[first + i] {
+                self.checksum_failures.fetch_add(1, Ordering::Relaxed);
+                warn!(%key, stripe, group = first + i, "fragment group checksum mismatch on read");
+                return Err(StoreError::Checksum {
+                    key,
+                    stripe,
+                    detail: format!("group {} does not match its chaining value", first + i),
+                });
+            }
+        }
+        Ok(RangeRead {
+            first_group: first as u32,
+            data,
+            cvs,
+        })
+    }
+
     /// Makes a fragment immutable (a seal record, synced).
     pub fn seal(&mut self, key: FragmentKey) -> Result<(), StoreError> {
         let f = self
@@ -583,6 +721,7 @@ impl Store {
             std::fs::remove_file(&p).map_err(|e| io_error(p.display().to_string(), e))?;
             self.files.remove(k);
         }
+        self.cvs.forget_segment(segment);
         if !keys.is_empty() {
             File::open(&self.dir)
                 .and_then(|d| d.sync_all())

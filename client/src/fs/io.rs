@@ -13,6 +13,10 @@ use tracing::{debug, Instrument};
 
 use super::{FileInner, Shared};
 
+/// Reads at most this long that do not follow the previous read fetch
+/// only what they cover.
+const SMALL_READ_MAX: u64 = 128 << 10;
+
 impl Shared {
     /// Writes `ranges` as stripes and commits their extents, with `late`
     /// (a deferred setattr) in the last commit. A deferred setattr the
@@ -223,23 +227,31 @@ impl Shared {
         let mut buf = vec![0u8; len as usize];
         let refs = self.extents(ino, &mut f, off, len).await?;
         let inflight = f.inflight.as_ref().map(|(r, _)| r.clone());
+        // A small read that does not continue the last one fetches only
+        // the verified groups it covers, not the whole stripe (`proof` in
+        // cfs-segments); sequential reads take whole stripes (read-ahead).
+        let random = off != f.seq_end && len <= SMALL_READ_MAX;
         for e in &refs {
-            let fetched;
-            let stripe: &[u8] = match &e.backing {
-                Backing::Stripe(x) => {
-                    fetched = self.data.stripe(x).await?;
-                    &fetched
-                }
-                Backing::Inline(b) => b,
-            };
             let s = e.offset.max(off);
             let t = (e.offset + e.len).min(off + len);
             let src = (e.skip + (s - e.offset)) as usize;
             let n = (t - s) as usize;
-            if src + n > stripe.len() {
-                return Err(Errno::EIO);
+            let dst = &mut buf[(s - off) as usize..(s - off) as usize + n];
+            match &e.backing {
+                Backing::Stripe(x) if random && !self.data.cached(x) => {
+                    let part = self.data.read_range(x, src, n).await?;
+                    dst.copy_from_slice(&part);
+                }
+                Backing::Stripe(x) => {
+                    let stripe = self.data.stripe(x).await?;
+                    let piece = stripe.get(src..src + n).ok_or(Errno::EIO)?;
+                    dst.copy_from_slice(piece);
+                }
+                Backing::Inline(b) => {
+                    let piece = b.get(src..src + n).ok_or(Errno::EIO)?;
+                    dst.copy_from_slice(piece);
+                }
             }
-            buf[(s - off) as usize..(s - off) as usize + n].copy_from_slice(&stripe[src..src + n]);
         }
         // Bytes not committed yet: the background flush's, then the
         // buffer's (newer).

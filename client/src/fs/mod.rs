@@ -311,6 +311,7 @@ impl CfsFs {
     where
         F: std::future::Future<Output = ()> + Send + 'static,
     {
+        self.sh.meta.stats.request(name);
         self.rt
             .spawn(fut.instrument(tracing::debug_span!("fuse", op = name)));
     }
@@ -329,6 +330,42 @@ impl CfsFs {
             }
             Err(e) => reply.error(e.0),
         }
+    }
+
+    /// A lookup's answer. An absent name is cached by the kernel as a
+    /// negative entry for the attribute TTL (node 0), so that a build's
+    /// repeated probes of missing files (`stat` of every include path)
+    /// cost nothing; another mount's create of the name invalidates it.
+    fn lookup_reply(
+        sh: &Shared,
+        r: Result<Inode, Errno>,
+        reply: ReplyEntry,
+        attr: Option<FileAttr>,
+    ) {
+        let ttl = sh.opts.ttl();
+        if r.as_ref().is_err_and(|e| *e == Errno::ENOENT) && !ttl.is_zero() {
+            sh.meta.stats.negative_entry();
+            let a = FileAttr {
+                ino: 0,
+                size: 0,
+                blocks: 0,
+                atime: UNIX_EPOCH,
+                mtime: UNIX_EPOCH,
+                ctime: UNIX_EPOCH,
+                crtime: UNIX_EPOCH,
+                kind: FileType::RegularFile,
+                perm: 0,
+                nlink: 0,
+                uid: 0,
+                gid: 0,
+                rdev: 0,
+                blksize: 0,
+                flags: 0,
+            };
+            reply.entry(&ttl, &a, 0);
+            return;
+        }
+        Self::entry_reply(sh, r, reply, attr)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -379,6 +416,17 @@ impl Filesystem for CfsFs {
                 | FUSE_PARALLEL_DIROPS
                 | FUSE_MAX_PAGES,
         );
+        // Each on its own: one the kernel lacks must not drop the others.
+        // Directory listings carry attributes (one round trip fills the
+        // kernel's dentry and attribute caches for `ls -l`, `find`, `du`);
+        // symlink targets are cached like pages.
+        for flag in [
+            FUSE_DO_READDIRPLUS,
+            FUSE_READDIRPLUS_AUTO,
+            FUSE_CACHE_SYMLINKS,
+        ] {
+            let _ = config.add_capabilities(flag);
+        }
         let _ = config.set_max_write(1 << 20);
         let _ = config.set_max_readahead(1 << 20);
         let _ = config.set_max_background(64);
@@ -405,11 +453,12 @@ impl Filesystem for CfsFs {
                 Ok(i) => Some(sh.attr_now(i).await),
                 Err(_) => None,
             };
-            Self::entry_reply(&sh, r, reply, a);
+            Self::lookup_reply(&sh, r, reply, a);
         });
     }
 
     fn forget(&mut self, _req: &Request<'_>, ino: u64, _nlookup: u64) {
+        self.sh.meta.stats.request("forget");
         self.sh.known.lock().expect("known lock").remove(&ino);
     }
 
@@ -904,30 +953,22 @@ impl Filesystem for CfsFs {
         let sh = self.sh.clone();
         self.spawn("readdirplus", async move {
             let ttl = sh.opts.ttl();
-            let dir = match sh.getattr(ino, false).await {
-                Ok(i) => i,
-                Err(e) => return reply.error(e.0),
-            };
             let mut off = offset.max(0) as u64;
-            if off == 0 {
-                if reply.add(ino, 1, ".", &ttl, &attr_of(&dir, None), dir.generation) {
+            if off < 2 {
+                // "." and "..": the kernel takes neither's attributes
+                // from a listing (fuse_direntplus_link skips them), so
+                // only the parent's number is needed.
+                let dir = match sh.getattr(ino, false).await {
+                    Ok(i) => i,
+                    Err(e) => return reply.error(e.0),
+                };
+                let a = attr_of(&dir, None);
+                if off == 0 && reply.add(ino, 1, ".", &ttl, &a, dir.generation) {
                     return reply.ok();
                 }
-                off = 1;
-            }
-            if off == 1 {
-                let parent = sh
-                    .getattr(dir.parent, false)
-                    .await
-                    .unwrap_or_else(|_| dir.clone());
-                if reply.add(
-                    parent.ino,
-                    2,
-                    "..",
-                    &ttl,
-                    &attr_of(&parent, None),
-                    parent.generation,
-                ) {
+                let mut pa = a;
+                pa.ino = dir.parent;
+                if reply.add(dir.parent, 2, "..", &ttl, &pa, 0) {
                     return reply.ok();
                 }
                 off = 2;
@@ -980,6 +1021,7 @@ impl Filesystem for CfsFs {
         _flags: i32,
         reply: ReplyEmpty,
     ) {
+        self.sh.meta.stats.request("releasedir");
         reply.ok();
     }
 
@@ -992,6 +1034,7 @@ impl Filesystem for CfsFs {
         reply: ReplyEmpty,
     ) {
         // Namespace changes are durable in the log when acknowledged.
+        self.sh.meta.stats.request("fsyncdir");
         reply.ok();
     }
 
@@ -1061,9 +1104,13 @@ impl Filesystem for CfsFs {
         let (sh, name) = (self.sh.clone(), name_of(name));
         self.spawn("getxattr", async move {
             let caps = name == caps::CAPS;
-            if caps && !sh.strict() && sh.no_caps.known(ino) {
-                reply.error(libc::ENODATA);
-                return;
+            if caps && !sh.strict() {
+                let hit = sh.no_caps.known(ino);
+                sh.meta.stats.cache(crate::stats::Cache::NoCaps, hit);
+                if hit {
+                    reply.error(libc::ENODATA);
+                    return;
+                }
             }
             let r = sh
                 .meta
@@ -1127,6 +1174,7 @@ impl Filesystem for CfsFs {
 
     fn access(&mut self, _req: &Request<'_>, _ino: u64, _mask: i32, reply: ReplyEmpty) {
         // The kernel checks permissions itself (default_permissions).
+        self.sh.meta.stats.request("access");
         reply.ok();
     }
 

@@ -218,6 +218,12 @@ struct MountArgs {
     /// with --servers, whose order is then kept).
     #[arg(long)]
     follow_leader: Option<bool>,
+    /// Serve the mount's counters at http://ADDR/metrics (port 0: any).
+    #[arg(long)]
+    metrics_listen: Option<std::net::SocketAddr>,
+    /// Write the metrics URL to this file.
+    #[arg(long)]
+    metrics_url_file: Option<PathBuf>,
 }
 
 fn mount_cmd(a: MountArgs) -> anyhow::Result<()> {
@@ -260,6 +266,8 @@ fn mount_cmd(a: MountArgs) -> anyhow::Result<()> {
         cache_bytes: a.cache.max(8) << 20,
         timeout: Duration::from_secs(a.timeout.max(1)),
         follow_leader: a.follow_leader.unwrap_or(a.servers.is_empty()),
+        metrics_listen: a.metrics_listen,
+        metrics_url_file: a.metrics_url_file,
     };
     cfs_client::mount(&a.mountpoint, opts)?;
     Ok(())
