@@ -14,8 +14,21 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
 
-/// An invalidation: `ino` 0 means "everything".
-pub type Invalidation = (Ino, Option<(Ino, Vec<u8>)>);
+/// An invalidation to apply to the kernel's caches, then acknowledge.
+pub struct Invalidation {
+    /// The session (`MetaCache` generation) it came from.
+    pub gen: u64,
+    /// Its number in that session (0: the "drop everything" sent locally
+    /// on a new connection; nothing to acknowledge).
+    pub seq: u64,
+    /// 0 means "everything".
+    pub ino: Ino,
+    pub entry: Option<(Ino, Vec<u8>)>,
+    /// This mount's own change: the kernel already knows.
+    pub own: bool,
+    /// Where the acknowledgement goes (that session's connection).
+    pub acker: mpsc::UnboundedSender<RequestFrame>,
+}
 
 type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<Reply, Errno>>>>>;
 
@@ -51,6 +64,8 @@ pub struct MetaClient {
     welcome: Mutex<Option<Welcome>>,
     /// This mount's counters (round trips counted here).
     pub stats: Arc<crate::stats::MountStats>,
+    /// Attributes and leases (`crate::cache`).
+    pub cache: Arc<crate::cache::MetaCache>,
     /// See `MountOptions::follow_leader`.
     follow_leader: std::sync::atomic::AtomicBool,
 }
@@ -78,6 +93,7 @@ impl MetaClient {
             invalidations: tx,
             welcome: Mutex::new(None),
             stats: Arc::default(),
+            cache: Arc::default(),
             follow_leader: std::sync::atomic::AtomicBool::new(false),
         };
         (Arc::new(c), rx)
@@ -109,6 +125,12 @@ impl MetaClient {
         let dead2 = dead.clone();
         let inval = self.invalidations.clone();
         let stats = self.stats.clone();
+        let cache = self.cache.clone();
+        // Replies and invalidations of this connection count only once it
+        // is the session (see below).
+        let gen = Arc::new(AtomicU64::new(u64::MAX));
+        let gen2 = gen.clone();
+        let acker = tx.clone();
         let welcome_id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (wtx, wrx) = oneshot::channel();
         pending
@@ -131,15 +153,38 @@ impl MetaClient {
                     },
                     Err(_) => break,
                 };
+                let g = gen2.load(Ordering::SeqCst);
                 match msg {
-                    ServerMsg::Reply { id, result } => {
+                    ServerMsg::Reply { id, result, stamp } => {
+                        match &result {
+                            Ok(Reply::Attr(i)) => cache.fetched(g, stamp, i),
+                            Ok(Reply::EntriesPlus(v)) => {
+                                for (_, i) in v {
+                                    cache.fetched(g, stamp, i);
+                                }
+                            }
+                            _ => {}
+                        }
                         if let Some(tx) = p2.lock().expect("pending lock").remove(&id) {
                             let _ = tx.send(result);
                         }
                     }
-                    ServerMsg::Invalidate { ino, entry } => {
+                    ServerMsg::Invalidate {
+                        ino,
+                        entry,
+                        seq,
+                        own,
+                    } => {
                         stats.invalidation();
-                        let _ = inval.send((ino, entry));
+                        cache.invalidated(g, seq, ino);
+                        let _ = inval.send(Invalidation {
+                            gen: g,
+                            seq,
+                            ino,
+                            entry,
+                            own,
+                            acker: acker.clone(),
+                        });
                     }
                 }
             }
@@ -174,8 +219,18 @@ impl MetaClient {
             Ok(Ok(Err(e))) => return Err(format!("{addr}: refused: {e} (wrong cluster id?)")),
             _ => return Err(format!("{addr}: no welcome")),
         }
-        // We may have missed invalidations while disconnected.
-        let _ = self.invalidations.send((0, None));
+        // A new session: nothing cached before may be used, and we may
+        // have missed invalidations while disconnected.
+        let g = self.cache.session();
+        gen.store(g, Ordering::SeqCst);
+        let _ = self.invalidations.send(Invalidation {
+            gen: g,
+            seq: 0,
+            ino: 0,
+            entry: None,
+            own: false,
+            acker: tx.clone(),
+        });
         Ok(Arc::new(Conn {
             tx,
             pending,
@@ -251,6 +306,35 @@ impl MetaClient {
     /// be reached within the timeout, EIO when servers answered but could
     /// not complete the request.
     pub async fn call(&self, req: Request, fresh: bool) -> Result<Reply, Errno> {
+        self.call_counted(req, fresh, true).await
+    }
+
+    /// Renews leases every `lease::RENEW_EVERY` until the runtime stops.
+    pub fn keep_leases(self: &Arc<Self>) {
+        let me = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                let Some(c) = me.upgrade() else { return };
+                let gen = c.cache.generation();
+                let sent = Instant::now();
+                if let Ok(Reply::Lease {
+                    shards,
+                    millis,
+                    inval_seq,
+                }) = c.call_counted(Request::Lease, false, false).await
+                {
+                    let valid = Duration::from_millis(millis as u64);
+                    c.cache.leased(gen, sent, &shards, valid, inval_seq);
+                }
+                drop(c);
+                tokio::time::sleep(cfs_proto::lease::RENEW_EVERY).await;
+            }
+        });
+    }
+
+    /// As `call`; `count` says whether it counts as a round trip of the
+    /// file system's work (lease renewals do not).
+    async fn call_counted(&self, req: Request, fresh: bool, count: bool) -> Result<Reply, Errno> {
         let req = match req {
             Request::Mutate {
                 op_id: 0,
@@ -278,7 +362,9 @@ impl MetaClient {
                         fresh,
                         req: req.clone(),
                     });
-                    self.stats.meta_round_trip(fresh);
+                    if count {
+                        self.stats.meta_round_trip(fresh);
+                    }
                     if sent.is_ok() && !c.dead.load(Ordering::SeqCst) {
                         // A server that does not answer within an attempt
                         // (paused, or cut off while its connection stays

@@ -1,6 +1,7 @@
 //! The ClaudeFS FUSE client (`cfs mount`): metadata through a node's
 //! metadata service, file data through the segment store.
 
+pub mod cache;
 pub mod conn;
 pub mod data;
 pub mod fs;

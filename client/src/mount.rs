@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use cfs_proto::ops::{Reply, Request as MReq};
+use cfs_proto::ops::{Reply, Request as MReq, RequestFrame};
 use fuser::MountOption;
 use tracing::{info, warn};
 
@@ -65,6 +65,10 @@ pub fn mount(mountpoint: &Path, opts: MountOptions) -> Result<(), MountError> {
         )
         .map_err(MountError::Segments)?,
     );
+    if opts.cache_mode != crate::options::CacheMode::Strict {
+        let _g = rt.enter();
+        meta.keep_leases();
+    }
     let fs = CfsFs::new(rt.handle().clone(), meta.clone(), data, opts.clone());
     let known = fs.known();
     let forget = fs.forget_cached();
@@ -85,9 +89,10 @@ pub fn mount(mountpoint: &Path, opts: MountOptions) -> Result<(), MountError> {
         })?;
     info!(mountpoint = %mountpoint.display(), node = welcome.node_id, "mounted");
     let notifier = session.notifier();
+    let cache = meta.cache.clone();
     std::thread::Builder::new()
         .name("cfs-invalidate".into())
-        .spawn(move || invalidate_loop(inval_rx, notifier, known, forget))
+        .spawn(move || invalidate_loop(inval_rx, notifier, known, forget, cache))
         .map_err(MountError::Runtime)?;
     // SIGTERM/SIGINT: unmount, which ends the session loop below.
     let mp = mountpoint.to_path_buf();
@@ -135,20 +140,65 @@ fn invalidate_loop(
     notifier: fuser::Notifier,
     known: Known,
     forget: Forget,
+    cache: Arc<crate::cache::MetaCache>,
 ) {
-    while let Some((ino, entry)) = rx.blocking_recv() {
-        let inodes = if ino == 0 { known() } else { vec![ino] };
-        for i in inodes {
-            forget(i);
-            match &entry {
-                Some((parent, name)) => {
-                    let _ = notifier.inval_entry(*parent, std::ffi::OsStr::from_bytes_compat(name));
-                }
-                None => {
-                    if let Err(e) = notifier.inval_inode(i, 0, 0) {
-                        if e.raw_os_error() != Some(libc::ENOENT) {
-                            warn!(ino = i, "invalidate: {e}");
-                        }
+    while let Some(first) = rx.blocking_recv() {
+        // What has queued up meanwhile goes in the same batch: one
+        // acknowledgement for all of it.
+        let mut batch = vec![first];
+        while batch.len() < INVALIDATION_BATCH_MAX {
+            match rx.try_recv() {
+                Ok(m) => batch.push(m),
+                Err(_) => break,
+            }
+        }
+        let mut acks: Vec<(u64, u64, tokio::sync::mpsc::UnboundedSender<RequestFrame>)> =
+            Vec::new();
+        for m in batch {
+            if !m.own {
+                apply_invalidation(&notifier, &known, &forget, m.ino, &m.entry);
+            }
+            cache.applied(m.gen, m.seq);
+            match acks.iter_mut().find(|(g, _, _)| *g == m.gen) {
+                Some(a) => a.1 = a.1.max(m.seq),
+                None => acks.push((m.gen, m.seq, m.acker)),
+            }
+        }
+        for (_, seq, acker) in acks {
+            if seq > 0 {
+                let _ = acker.send(RequestFrame {
+                    id: 0,
+                    fresh: false,
+                    req: MReq::InvalAck { seq },
+                });
+            }
+        }
+    }
+}
+
+/// Invalidations applied between two acknowledgements at most.
+const INVALIDATION_BATCH_MAX: usize = 1024;
+
+/// Drops the kernel's (and this mount's per-file) caches of `ino` (0:
+/// everything it knows) or of one directory entry.
+fn apply_invalidation(
+    notifier: &fuser::Notifier,
+    known: &Known,
+    forget: &Forget,
+    ino: u64,
+    entry: &Option<(u64, Vec<u8>)>,
+) {
+    let inodes = if ino == 0 { known() } else { vec![ino] };
+    for i in inodes {
+        forget(i);
+        match entry {
+            Some((parent, name)) => {
+                let _ = notifier.inval_entry(*parent, std::ffi::OsStr::from_bytes_compat(name));
+            }
+            None => {
+                if let Err(e) = notifier.inval_inode(i, 0, 0) {
+                    if e.raw_os_error() != Some(libc::ENOENT) {
+                        warn!(ino = i, "invalidate: {e}");
                     }
                 }
             }

@@ -52,16 +52,25 @@ pub enum Cache {
     NoCaps,
     /// Decoded stripes (`data`).
     Stripes,
+    /// Attributes under a lease (`cache`): getattr and open without a
+    /// round trip.
+    Attrs,
 }
 
 impl Cache {
-    const ALL: [Cache; 3] = [Cache::OpenAttrs, Cache::NoCaps, Cache::Stripes];
+    const ALL: [Cache; 4] = [
+        Cache::OpenAttrs,
+        Cache::NoCaps,
+        Cache::Stripes,
+        Cache::Attrs,
+    ];
 
     fn name(self) -> &'static str {
         match self {
             Cache::OpenAttrs => "open_attrs",
             Cache::NoCaps => "no_caps",
             Cache::Stripes => "stripes",
+            Cache::Attrs => "attrs",
         }
     }
 }
@@ -74,8 +83,8 @@ pub struct MountStats {
     meta_round_trips: AtomicU64,
     fresh_reads: AtomicU64,
     segment_round_trips: AtomicU64,
-    hits: [AtomicU64; 3],
-    misses: [AtomicU64; 3],
+    hits: [AtomicU64; 4],
+    misses: [AtomicU64; 4],
     negative_entries: AtomicU64,
     invalidations: AtomicU64,
 }
@@ -182,7 +191,7 @@ impl MountStats {
             "Fragment requests this mount sent to segment servers.",
             vec![(String::new(), get(&self.segment_round_trips))],
         );
-        let per_cache = |a: &[AtomicU64; 3]| {
+        let per_cache = |a: &[AtomicU64; 4]| {
             Cache::ALL
                 .iter()
                 .map(|c| (format!("{{cache=\"{}\"}}", c.name()), get(&a[*c as usize])))

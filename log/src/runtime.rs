@@ -182,7 +182,10 @@ pub struct ReadPoint {
 enum ReadReply {
     Local(oneshot::Sender<Result<ReadPoint, LogError>>),
     /// A remote log client: gets the position only.
-    Remote { id: u64, conn: mpsc::Sender<Wire> },
+    Remote {
+        id: u64,
+        conn: mpsc::Sender<Wire>,
+    },
 }
 
 impl ReadReply {
@@ -473,6 +476,7 @@ impl LogNode {
                 is_leader: false,
                 decided,
                 config_id: epoch.config_id,
+                ballot: 0,
             }));
             let handle = ShardHandle {
                 inbox: inbox_tx,
@@ -553,6 +557,7 @@ impl LogNode {
                         trimmed_to: 0,
                         ticks: 0,
                         reads: HashMap::new(),
+                        reads_forwarded: HashMap::new(),
                         next_read: 0,
                         watermark,
                     };
@@ -1341,6 +1346,10 @@ struct ShardLoop {
     ticks: u64,
     /// Reads of callers on this node, by their number (`ReadId::seq`).
     reads: HashMap<u64, ReadReply>,
+    /// Of those, the ones forwarded to a leader, with the tick they were
+    /// last sent: a forward can be lost (a link not up yet, a leader
+    /// replaced), so it is sent again until answered, like proposals.
+    reads_forwarded: HashMap<u64, u64>,
     next_read: u64,
     /// See [`LogNode::set_watermark`].
     watermark: Arc<AtomicU64>,
@@ -1380,6 +1389,7 @@ impl ShardLoop {
                 }
                 if self.ticks.is_multiple_of(REPROPOSE_TICKS) {
                     self.repropose_inflight();
+                    self.reforward_reads();
                 }
             }
             self.flush()?;
@@ -1489,6 +1499,7 @@ impl ShardLoop {
             }
             ReadStart::Forward(leader) => {
                 self.reads.insert(seq, reply);
+                self.reads_forwarded.insert(seq, self.ticks);
                 if let Some(inner) = self.links.upgrade() {
                     inner.links.send(leader, &Wire::ReadForward { shard, seq });
                 }
@@ -1511,6 +1522,7 @@ impl ShardLoop {
 
     fn answer_read(&mut self, id: ReadId, result: Result<ReadPoint, LogError>) {
         if id.origin == self.core.node {
+            self.reads_forwarded.remove(&id.seq);
             if let Some(r) = self.reads.remove(&id.seq) {
                 r.send(result);
             }
@@ -1600,6 +1612,7 @@ impl ShardLoop {
         let mut st = self.status.lock().expect("status lock");
         st.leader = self.core.leader();
         st.is_leader = self.core.is_leader();
+        st.ballot = self.core.ballot();
         st.decided = self.core.delivered();
         Ok(())
     }
@@ -1649,6 +1662,41 @@ impl ShardLoop {
         }
     }
 
+    /// Sends again every read forwarded [`REPROPOSE_TICKS`] ago and not
+    /// answered, to whoever leads now (a duplicate answer is ignored).
+    fn reforward_reads(&mut self) {
+        let stale: Vec<u64> = self
+            .reads_forwarded
+            .iter()
+            .filter(|(_, sent)| self.ticks - **sent >= REPROPOSE_TICKS)
+            .map(|(s, _)| *s)
+            .collect();
+        let shard = self.core.shard;
+        for seq in stale {
+            if !self.reads.contains_key(&seq) {
+                self.reads_forwarded.remove(&seq);
+                continue;
+            }
+            self.reads_forwarded.insert(seq, self.ticks);
+            let id = ReadId {
+                origin: self.core.node,
+                seq,
+            };
+            match self.core.read(id) {
+                ReadStart::Forward(leader) => {
+                    if let Some(inner) = self.links.upgrade() {
+                        inner.links.send(leader, &Wire::ReadForward { shard, seq });
+                    }
+                }
+                // Registered here now (this node leads): answered locally.
+                ReadStart::Pending => {
+                    self.reads_forwarded.remove(&seq);
+                }
+                ReadStart::NoLeader | ReadStart::Busy => {}
+            }
+        }
+    }
+
     fn housekeeping(&mut self) {
         self.waiters.retain(|_, ws| {
             ws.retain(|w| !w.is_closed());
@@ -1657,6 +1705,8 @@ impl ShardLoop {
         let waiters = &self.waiters;
         self.inflight.retain(|r, _| waiters.contains_key(r));
         self.reads.retain(|_, r| !r.is_closed());
+        let reads = &self.reads;
+        self.reads_forwarded.retain(|s, _| reads.contains_key(s));
         let floor = {
             let mut t = self.subs.lock().expect("subscribers lock");
             if let Err(e) = t.save() {

@@ -193,6 +193,11 @@ impl<D: Disk + Clone> ShardCore<D> {
         matches!(self.paxos.get_current_leader(), Some((l, true)) if l == self.node)
     }
 
+    /// Round of the ballot this replica promised.
+    pub fn ballot(&self) -> u32 {
+        self.paxos.get_promise().n
+    }
+
     /// Position one past the last decided entry.
     pub fn decided(&self) -> Position {
         self.epoch.base + self.paxos.get_decided_idx() as u64

@@ -66,6 +66,9 @@ pub struct ShardStatus {
     /// One past the last decided position.
     pub decided: Position,
     pub config_id: u32,
+    /// Round of the ballot this replica promised (a new leadership term
+    /// has a higher one).
+    pub ballot: u32,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -52,6 +52,13 @@ pub fn next_ino(shard: u32) -> Vec<u8> {
 pub fn inode(ino: Ino) -> Vec<u8> {
     with(b'i', &[&ino.to_be_bytes()])
 }
+/// The inode an [`inode`] key names; `None` for any other key.
+pub fn inode_of(key: &[u8]) -> Option<Ino> {
+    match key {
+        [b'i', rest @ ..] => Some(Ino::from_be_bytes(rest.try_into().ok()?)),
+        _ => None,
+    }
+}
 pub fn dentry(parent: Ino, name: &[u8]) -> Vec<u8> {
     with(b'd', &[&parent.to_be_bytes(), name])
 }

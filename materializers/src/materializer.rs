@@ -23,13 +23,17 @@ pub const PERSIST_INTERVAL: Duration = Duration::from_millis(500);
 /// Subscriber name holding back log trimming.
 pub const SUBSCRIBER: &str = "namespace";
 
-/// Something a client may have cached changed.
+/// Something a client may have cached changed; published after each
+/// applied batch (one with nothing changed, `origin` 0, marks progress).
 #[derive(Clone, Debug)]
 pub struct Change {
     /// Client whose operation it was (it updates its own cache).
     pub origin: u64,
     pub inodes: Vec<Ino>,
     pub entries: Vec<(Ino, Vec<u8>)>,
+    pub shard: u32,
+    /// The applied position after the batch that made this change.
+    pub upto: Position,
 }
 
 /// Proposers waiting for the outcome of their entries.
@@ -81,6 +85,8 @@ fn changes(op: &LoggedOp, r: &Applied) -> Change {
         origin: op.client,
         inodes: Vec::new(),
         entries: Vec::new(),
+        shard: 0,
+        upto: 0,
     };
     let touched = match r {
         Applied::Attr(i) => Some(i.ino),
@@ -155,8 +161,17 @@ pub fn apply_batch(
         {
             Ok(op) => {
                 let r = apply(&mut txn, shard, &op)?;
+                // Every inode the entry rewrote (a rename's replaced
+                // file, a link's target), besides what the op names.
+                let written = txn.take_kept_inodes();
                 if let Ok(a) = &r {
-                    chs.push(changes(&op, a));
+                    let mut ch = changes(&op, a);
+                    for i in written {
+                        if !ch.inodes.contains(&i) {
+                            ch.inodes.push(i);
+                        }
+                    }
+                    chs.push(ch);
                 }
                 r
             }
@@ -223,7 +238,18 @@ pub async fn run_shard(
             for (id, r) in results {
                 waiters.complete(id, r);
             }
-            for c in chs {
+            if chs.is_empty() {
+                let _ = changes_tx.send(Change {
+                    origin: 0,
+                    inodes: Vec::new(),
+                    entries: Vec::new(),
+                    shard,
+                    upto: last + 1,
+                });
+            }
+            for mut c in chs {
+                c.shard = shard;
+                c.upto = last + 1;
                 let _ = changes_tx.send(c);
             }
             unsynced = true;

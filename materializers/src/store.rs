@@ -10,6 +10,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::keys;
+use crate::types::Ino;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
@@ -200,6 +201,8 @@ pub struct Txn<'a> {
     foreign: Option<(Vec<u8>, u32)>,
     reads: RefCell<BTreeMap<Vec<u8>, Option<Vec<u8>>>>,
     scans: RefCell<Vec<Scan>>,
+    /// Inodes whose records kept entries wrote (for invalidations).
+    kept_inodes: Vec<Ino>,
 }
 
 /// A scanned range and the live keys the entry saw in it.
@@ -223,6 +226,7 @@ impl<'a> Txn<'a> {
             foreign: None,
             reads: RefCell::default(),
             scans: RefCell::default(),
+            kept_inodes: Vec::new(),
         }
     }
 
@@ -354,8 +358,15 @@ impl<'a> Txn<'a> {
     /// The entry succeeded: keep its changes.
     pub fn keep(&mut self) {
         let e = std::mem::take(&mut self.entry);
+        self.kept_inodes
+            .extend(e.keys().filter_map(|k| keys::inode_of(k)));
         self.batch.extend(e);
         self.clear_entry();
+    }
+
+    /// The inodes written by the entries kept since the last call.
+    pub fn take_kept_inodes(&mut self) -> Vec<Ino> {
+        std::mem::take(&mut self.kept_inodes)
     }
 
     /// The entry failed: forget its changes.

@@ -7,6 +7,7 @@
 //! on it but the daemon that wires it (`cfs-node`).
 
 pub mod coordinator;
+pub mod leases;
 pub mod service;
 
 pub use service::{MetaConfig, MetaService};

@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use cfs_log::LogNode;
@@ -18,6 +18,7 @@ use cfs_materializers::ops::*;
 use cfs_materializers::read::ReadError;
 
 use crate::coordinator;
+use crate::leases::{Leases, Session};
 use cfs_materializers::types::*;
 use cfs_materializers::NamespaceDb;
 use tokio::net::{TcpListener, TcpStream};
@@ -31,6 +32,11 @@ const APPLY_WAIT: Duration = Duration::from_secs(30);
 const RECOVER_AFTER: Duration = Duration::from_secs(3);
 /// Entries per readdir reply at most.
 const READDIR_MAX: u32 = 1024;
+/// How often leadership terms and clean positions are refreshed.
+const LEASE_TICK: Duration = Duration::from_millis(10);
+/// Longest wait for a leased session's invalidation to be forwarded
+/// before a lease is granted.
+const GRANT_WAIT: Duration = Duration::from_secs(1);
 
 struct Barrier {
     /// Arrival tickets; a barrier started after ticket `t` was issued
@@ -63,6 +69,8 @@ struct Inner {
     next_step: AtomicU64,
     /// `CFS_FAILPOINT`: a protocol point where this process aborts (tests).
     failpoint: Option<String>,
+    /// Client sessions' leases and each shard's clean position.
+    leases: Leases,
 }
 
 #[derive(Default)]
@@ -72,6 +80,8 @@ struct Counters {
     barriers: AtomicU64,
     errors: AtomicU64,
     sessions: AtomicU64,
+    leases_granted: AtomicU64,
+    clean_waits: AtomicU64,
 }
 
 /// A running metadata service.
@@ -156,8 +166,27 @@ impl MetaService {
                 failpoint: std::env::var("CFS_FAILPOINT")
                     .ok()
                     .filter(|s| !s.is_empty()),
+                leases: Leases::new(&cfg.shards),
             }),
         };
+        // Leadership terms and clean positions, published to the log so
+        // that reads answered by this node as leader carry them.
+        let lw = svc.inner.clone();
+        let mut applied_changes = lw.changes.subscribe();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(LEASE_TICK) => {}
+                    _ = lw.leases.dirty.notified() => {}
+                    r = applied_changes.recv() => {
+                        if matches!(r, Err(broadcast::error::RecvError::Closed)) {
+                            return;
+                        }
+                    }
+                }
+                lw.publish_clean();
+            }
+        });
         let rec = svc.inner.clone();
         // Nodes look at abandoned transactions at staggered ages, so that
         // usually one of them completes each.
@@ -237,6 +266,16 @@ impl MetaService {
                 "Client sessions accepted",
                 &c.sessions,
             ),
+            (
+                "cfs_meta_leases_granted_total",
+                "Shard leases granted or renewed to client sessions",
+                &c.leases_granted,
+            ),
+            (
+                "cfs_meta_clean_waits_total",
+                "Mutations that waited for leased sessions to apply invalidations",
+                &c.clean_waits,
+            ),
         ] {
             s += &format!(
                 "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}\n",
@@ -284,6 +323,7 @@ async fn serve_conn(inner: Arc<Inner>, sock: TcpStream) {
                         ServerMsg::Reply {
                             id,
                             result: Err(Errno::EPERM),
+                            stamp: 0,
                         },
                     );
                     return;
@@ -299,6 +339,7 @@ async fn serve_conn(inner: Arc<Inner>, sock: TcpStream) {
                             ServerMsg::Reply {
                                 id,
                                 result: Err(Errno::EIO),
+                                stamp: 0,
                             },
                         );
                         return;
@@ -308,6 +349,7 @@ async fn serve_conn(inner: Arc<Inner>, sock: TcpStream) {
                     &tx,
                     ServerMsg::Reply {
                         id,
+                        stamp: 0,
                         result: Ok(Reply::Welcome {
                             node_id: inner.node_id,
                             segment_servers: inner.segment_servers.clone(),
@@ -337,40 +379,60 @@ async fn serve_conn(inner: Arc<Inner>, sock: TcpStream) {
         client = format_args!("{client:016x}"),
         "client session started"
     );
+    // Subscribed before the applied positions are read: every change
+    // above them reaches the session.
     let mut changes = inner.changes.subscribe();
+    let applied: Vec<(u32, u64)> = inner
+        .applied
+        .iter()
+        .map(|(s, rx)| (*s, *rx.borrow()))
+        .collect();
+    let (sid, session) = inner.leases.open(client, &applied);
     let tx2 = tx.clone();
+    let (inner2, sess2) = (inner.clone(), session.clone());
     let forward = tokio::spawn(async move {
         loop {
             match changes.recv().await {
-                Ok(c) if c.origin == client => {}
+                Ok(c) if c.inodes.is_empty() && c.entries.is_empty() => {
+                    sess2.forwarded(c.shard, c.upto, None);
+                }
                 Ok(c) => {
-                    for ino in c.inodes {
-                        if !send(&tx2, ServerMsg::Invalidate { ino, entry: None }) {
+                    // The session's own changes are sent too (its cache
+                    // drops them) but nothing waits for their ack.
+                    let own = c.origin == client;
+                    let mut last = 0;
+                    let entries = c.entries.into_iter().map(|(p, n)| (p, Some((p, n))));
+                    for (ino, entry) in c.inodes.into_iter().map(|i| (i, None)).chain(entries) {
+                        last = sess2.next_seq();
+                        let m = ServerMsg::Invalidate {
+                            ino,
+                            entry,
+                            seq: last,
+                            own,
+                        };
+                        if !send(&tx2, m) {
                             return;
                         }
                     }
-                    for (parent, name) in c.entries {
-                        if !send(
-                            &tx2,
-                            ServerMsg::Invalidate {
-                                ino: parent,
-                                entry: Some((parent, name)),
-                            },
-                        ) {
-                            return;
-                        }
-                    }
+                    sess2.forwarded(c.shard, c.upto, (!own).then_some(last));
                 }
                 Err(broadcast::error::RecvError::Lagged(_)) => {
-                    // Missed some: tell the client to drop everything.
+                    // Missed some: tell the client to drop everything;
+                    // that covers every change applied so far.
+                    let seq = sess2.next_seq();
                     if !send(
                         &tx2,
                         ServerMsg::Invalidate {
                             ino: 0,
                             entry: None,
+                            seq,
+                            own: false,
                         },
                     ) {
                         return;
+                    }
+                    for (s, rx) in &inner2.applied {
+                        sess2.forwarded(*s, *rx.borrow(), Some(seq));
                     }
                 }
                 Err(broadcast::error::RecvError::Closed) => return,
@@ -396,17 +458,36 @@ async fn serve_conn(inner: Arc<Inner>, sock: TcpStream) {
                 break;
             }
         };
-        let (inner, tx) = (inner.clone(), tx.clone());
+        if let Request::InvalAck { seq } = f.req {
+            session.acked(seq);
+            continue;
+        }
+        let (inner, tx, session) = (inner.clone(), tx.clone(), session.clone());
         tokio::spawn(async move {
             let id = f.id;
-            let result = handle(&inner, client, f).await;
+            let stamp = session.sent();
+            let mutation = matches!(f.req, Request::Mutate { .. });
+            let result = match f.req {
+                Request::Lease => inner.grant(&session).await,
+                _ => handle(&inner, client, f).await,
+            };
+            if mutation {
+                // The session's own invalidations go out before the reply,
+                // so its cache never serves what the change replaced.
+                let deadline = Instant::now() + GRANT_WAIT;
+                for (shard, rx) in &inner.applied {
+                    let upto = *rx.borrow();
+                    session.wait_forwarded(*shard, upto, deadline).await;
+                }
+            }
             if matches!(result, Err(Errno::EIO)) {
                 inner.counters.errors.fetch_add(1, Ordering::Relaxed);
             }
-            send(&tx, ServerMsg::Reply { id, result });
+            send(&tx, ServerMsg::Reply { id, result, stamp });
         });
     }
     forward.abort();
+    inner.leases.close(sid);
     info!(
         client = format_args!("{client:016x}"),
         "client session ended"
@@ -465,6 +546,91 @@ impl Inner {
             .await
             .map_err(|_| Errno::EIO)?
             .map_err(|_| Errno::EIO)?;
+        Ok(())
+    }
+
+    /// Renews the session's leases on the shards this node leads: after a
+    /// read barrier (the grant is no older than the request) and once the
+    /// invalidations of everything applied so far are queued to it.
+    async fn grant(&self, session: &Session) -> Result<Reply, Errno> {
+        let mut shards = Vec::new();
+        if !session.congested() {
+            for st in self.log.status() {
+                if !st.is_leader || self.fresh(st.shard).await.is_err() {
+                    continue;
+                }
+                let upto = *self.applied[&st.shard].borrow();
+                let deadline = Instant::now() + GRANT_WAIT;
+                if !session.wait_forwarded(st.shard, upto, deadline).await {
+                    continue;
+                }
+                if self.leads(st.shard) {
+                    session.grant(st.shard, Instant::now());
+                    shards.push(st.shard);
+                }
+            }
+        }
+        self.counters
+            .leases_granted
+            .fetch_add(shards.len() as u64, Ordering::Relaxed);
+        Ok(Reply::Lease {
+            shards,
+            millis: cfs_proto::lease::LEASE.as_millis() as u32,
+            inval_seq: session.sent(),
+        })
+    }
+
+    fn leads(&self, shard: u32) -> bool {
+        self.log
+            .status()
+            .iter()
+            .any(|s| s.shard == shard && s.is_leader)
+    }
+
+    /// Refreshes leadership terms and clean positions; publishes them.
+    fn publish_clean(&self) {
+        let now = Instant::now();
+        for st in self.log.status() {
+            self.leases
+                .observe_leadership(st.shard, st.is_leader, st.ballot, now);
+            let applied = self.applied.get(&st.shard).map_or(0, |r| *r.borrow());
+            let clean = self.leases.recompute(st.shard, applied, now);
+            let _ = self.log.set_watermark(st.shard, clean);
+        }
+    }
+
+    /// Waits until every session leasing `shard` anywhere has applied the
+    /// invalidations of the change at `pos` (the shard's leader says so:
+    /// here, or in its answer to a read barrier).
+    async fn wait_clean(&self, shard: u32, pos: u64) -> Result<(), Errno> {
+        let deadline = Instant::now() + APPLY_WAIT;
+        let mut waited = false;
+        loop {
+            if self.leads(shard) {
+                self.publish_clean();
+                let step = (Instant::now() + Duration::from_millis(5)).min(deadline);
+                if self.leases.wait_clean_local(shard, pos, step).await {
+                    break;
+                }
+            } else {
+                match self.log.read_index(shard).await {
+                    Ok(r) if r.watermark > pos => break,
+                    Ok(_) => tokio::time::sleep(Duration::from_millis(2)).await,
+                    Err(e) => {
+                        warn!(shard, "waiting for the leader's clean position: {e}");
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }
+            }
+            waited = true;
+            if Instant::now() >= deadline {
+                warn!(shard, pos, "leased caches did not let go in time");
+                return Err(Errno::EIO);
+            }
+        }
+        if waited {
+            self.counters.clean_waits.fetch_add(1, Ordering::Relaxed);
+        }
         Ok(())
     }
 
@@ -538,18 +704,25 @@ impl coordinator::Cluster for Inner {
             return Err(Errno::E2BIG);
         }
         let rx = self.waiters.register(id);
-        if let Err(err) = self.log.propose(shard, e).await {
-            self.waiters.forget(id);
-            warn!(shard, "namespace proposal failed: {err}");
-            return Err(Errno::EIO);
-        }
-        match tokio::time::timeout(APPLY_WAIT, rx).await {
-            Ok(Ok(r)) => Ok(r),
+        let pos = match self.log.propose(shard, e).await {
+            Ok(p) => p,
+            Err(err) => {
+                self.waiters.forget(id);
+                warn!(shard, "namespace proposal failed: {err}");
+                return Err(Errno::EIO);
+            }
+        };
+        let r = match tokio::time::timeout(APPLY_WAIT, rx).await {
+            Ok(Ok(r)) => r,
             Ok(Err(_)) | Err(_) => {
                 self.waiters.forget(id);
-                Err(Errno::EIO)
+                return Err(Errno::EIO);
             }
-        }
+        };
+        // Leased caches elsewhere must have dropped what this changed
+        // before anyone is told it happened.
+        self.wait_clean(shard, pos).await?;
+        Ok(r)
     }
 
     async fn barrier(&self, shard: u32) -> Result<(), Errno> {
@@ -597,6 +770,7 @@ async fn handle(inner: &Inner, client: u64, f: RequestFrame) -> Result<Reply, Er
                 .await
         }
         Request::StatFs => return inner.statfs().map(Reply::Stats),
+        Request::Lease | Request::InvalAck { .. } => return Err(Errno::EINVAL),
         Request::Lookup { parent, .. } => *parent,
         Request::GetAttr { ino }
         | Request::ReadDir { ino, .. }
@@ -634,9 +808,11 @@ async fn handle(inner: &Inner, client: u64, f: RequestFrame) -> Result<Reply, Er
         Request::ListXattr { ino } => db.listxattr(ino).map(Reply::Names),
         Request::Extents { ino, offset, len } => db.extents(ino, offset, len).map(Reply::Extents),
         Request::GetLock { ino, lock } => db.get_lock(ino, &lock).map(Reply::Lock),
-        Request::Hello { .. } | Request::Mutate { .. } | Request::StatFs => {
-            unreachable!("handled above")
-        }
+        Request::Hello { .. }
+        | Request::Mutate { .. }
+        | Request::StatFs
+        | Request::Lease
+        | Request::InvalAck { .. } => unreachable!("handled above"),
     };
     r.map_err(read_err)
 }

@@ -712,3 +712,100 @@ fn file_capabilities_are_dropped_on_write() {
     );
     assert_eq!(std::fs::read(&p).unwrap(), b"first second third");
 }
+
+/// A counter of a mount's `/metrics` (summed over its label sets).
+fn mount_counter(url_file: &Path, name: &str) -> u64 {
+    let url = std::fs::read_to_string(url_file).expect("metrics url");
+    let addr = url
+        .trim()
+        .trim_start_matches("http://")
+        .trim_end_matches("/metrics")
+        .parse()
+        .expect("metrics address");
+    let (_, body) = cluster::http_get(addr, "/metrics").expect("mount metrics");
+    body.lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .filter(|l| l[name.len()..].starts_with(['{', ' ']))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// Under a lease, an open of an unchanged file and a stat send nothing
+/// to a node; a change on another mount (on the same node, and through
+/// another node) is seen by the very next open, with no waiting.
+#[test]
+fn opens_under_a_lease_send_nothing_and_see_other_mounts_changes() {
+    let c = Cluster::start("fs-lease");
+    let url_a = c.dir.join("a.metrics-url");
+    let a = Mount::new(
+        &c,
+        "a",
+        &[
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--metrics-url-file",
+            url_a.to_str().expect("utf-8"),
+        ],
+    );
+    let f = a.path.join("f");
+    std::fs::write(&f, b"one").unwrap();
+    let calls = || mount_counter(&url_a, "claudefs_fuse_meta_calls_total");
+    // Leases come with the first renewals (a second apart).
+    let until = Instant::now() + Duration::from_secs(15);
+    loop {
+        let before = calls();
+        for _ in 0..3 {
+            let h = std::fs::File::open(&f).unwrap();
+            h.metadata().unwrap();
+        }
+        if calls() == before {
+            break;
+        }
+        assert!(Instant::now() < until, "opens never stopped asking a node");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let opens = || mount_counter(&url_a, "claudefs_fuse_requests_total{op=\"open\"}");
+    let (calls0, opens0) = (calls(), opens());
+    for _ in 0..200 {
+        let h = std::fs::File::open(&f).unwrap();
+        assert_eq!(h.metadata().unwrap().len(), 3);
+    }
+    assert!(opens() >= opens0 + 200, "the kernel sent the opens");
+    assert_eq!(calls(), calls0, "opens under a lease made round trips");
+
+    // Another mount on the same node (it follows the leader too).
+    let b = Mount::new(&c, "b", &[]);
+    std::fs::write(b.path.join("f"), b"two!").unwrap();
+    assert_eq!(
+        std::fs::read(&f).unwrap(),
+        b"two!",
+        "close-to-open, same node"
+    );
+    // And one on another node: its change waits for a's acknowledgement
+    // through the leader's clean position.
+    let log = std::fs::read_to_string(c.dir.join("a.log")).unwrap_or_default();
+    let on = log
+        .lines()
+        .filter(|l| l.contains("connected to metadata service"))
+        .filter_map(|l| l.split("addr=").nth(1)?.split_whitespace().next())
+        .next_back()
+        .expect("a's node in its log")
+        .to_string();
+    let other = (1..=3)
+        .map(|i| c.cfgs[i - 1].meta_listen.expect("meta").to_string())
+        .find(|addr| *addr != on)
+        .expect("a node a is not on");
+    let d = Mount::new(&c, "d", &["--servers", &other, "--follow-leader", "false"]);
+    std::fs::write(d.path.join("f"), b"three").unwrap();
+    assert_eq!(
+        std::fs::read(&f).unwrap(),
+        b"three",
+        "close-to-open, other node"
+    );
+    std::fs::create_dir(d.path.join("newdir")).unwrap();
+    assert!(
+        a.path.join("newdir").is_dir(),
+        "a create elsewhere is seen at once"
+    );
+    drop((b, d));
+}

@@ -260,11 +260,22 @@ pub enum Request {
         lock: LockRange,
     },
     StatFs,
+    /// Asks for (or renews) leases on this session's cached metadata of
+    /// the shards this node leads (`crate::lease`).
+    Lease,
+    /// Invalidations up to `seq` are applied to the client's caches (no
+    /// reply).
+    InvalAck {
+        seq: u64,
+    },
 }
 
 impl Request {
     pub fn is_read(&self) -> bool {
-        !matches!(self, Request::Mutate { .. } | Request::Hello { .. })
+        !matches!(
+            self,
+            Request::Mutate { .. } | Request::Hello { .. } | Request::InvalAck { .. }
+        )
     }
 }
 
@@ -299,6 +310,14 @@ pub enum Reply {
     Extents(Vec<ExtentRef>),
     Stats(FsStats),
     Lock(Option<LockRange>),
+    /// Leases granted on these shards for `millis` from when the request
+    /// was sent; usable once the client has applied invalidation
+    /// `inval_seq` (every one queued before this reply).
+    Lease {
+        shards: Vec<u32>,
+        millis: u32,
+        inval_seq: u64,
+    },
 }
 
 /// Messages from a node to a client.
@@ -307,12 +326,22 @@ pub enum ServerMsg {
     Reply {
         id: u64,
         result: Result<Reply, Errno>,
+        /// The last invalidation sent to this session before the answer
+        /// was read (`client::cache` caches it only if no newer
+        /// invalidation of the inode arrived).
+        stamp: u64,
     },
     /// Another client changed this inode (attributes or data) or this
-    /// directory entry: drop cached copies.
+    /// directory entry: drop cached copies, then acknowledge `seq`
+    /// (`Request::InvalAck`): a leased session's acknowledgement is what
+    /// other clients' changes wait for (`crate::lease`).
     Invalidate {
         ino: Ino,
         entry: Option<(Ino, Vec<u8>)>,
+        seq: u64,
+        /// The session's own change: its kernel already knows; only the
+        /// mount's own cache drops the inode.
+        own: bool,
     },
 }
 

@@ -236,6 +236,21 @@ impl Shared {
         }
     }
 
+    /// Attributes from the cache under a lease, else from the node (fresh
+    /// if asked): current either way.
+    async fn attrs_leased(&self, ino: Ino, fresh: bool) -> Result<(Inode, bool), Errno> {
+        if !self.strict() {
+            let hit = self.meta.cache.get(ino);
+            self.meta
+                .stats
+                .cache(crate::stats::Cache::Attrs, hit.is_some());
+            if let Some(i) = hit {
+                return Ok((i, true));
+            }
+        }
+        Ok((self.getattr(ino, fresh).await?, false))
+    }
+
     /// Attributes as this mount sees them: the server's, with the size
     /// grown by buffered writes.
     async fn attr_now(&self, i: &Inode) -> FileAttr {
@@ -465,7 +480,7 @@ impl Filesystem for CfsFs {
     fn getattr(&mut self, _req: &Request<'_>, ino: u64, _fh: Option<u64>, reply: ReplyAttr) {
         let sh = self.sh.clone();
         self.spawn("getattr", async move {
-            match sh.getattr(ino, sh.strict()).await {
+            match sh.attrs_leased(ino, sh.strict()).await.map(|(i, _)| i) {
                 Ok(i) => {
                     let a = sh.attr_now(&i).await;
                     reply.attr(&sh.opts.ttl(), &a)
@@ -691,22 +706,27 @@ impl Filesystem for CfsFs {
     fn open(&mut self, _req: &Request<'_>, ino: u64, flags: i32, reply: ReplyOpen) {
         let sh = self.sh.clone();
         self.spawn("open", async move {
-            // Close-to-open: see what the last close anywhere wrote.
+            // Close-to-open: see what the last close anywhere wrote. Under
+            // a lease the cache is current (every change elsewhere was
+            // applied to it before that change was acknowledged): no
+            // round trip, and the kernel keeps the file's pages.
             let fresh = sh.opts.cache_mode != CacheMode::Session;
-            match sh.getattr(ino, fresh).await {
-                Ok(i) if i.is_dir() && flags & libc::O_ACCMODE != libc::O_RDONLY => {
+            match sh.attrs_leased(ino, fresh).await {
+                Ok((i, _)) if i.is_dir() && flags & libc::O_ACCMODE != libc::O_RDONLY => {
                     reply.error(libc::EISDIR)
                 }
-                Ok(i) => {
+                Ok((i, leased)) => {
                     let st = sh.file(ino);
                     st.opens.fetch_add(1, Ordering::SeqCst);
                     {
                         let mut f = st.inner.lock().await;
-                        f.ext = None;
+                        if !leased {
+                            f.ext = None;
+                        }
                         f.opened_as(&i, sh.opts.ttl());
                     }
                     let fh = sh.next_fh.fetch_add(1, Ordering::Relaxed);
-                    let keep = if sh.opts.cache_mode == CacheMode::Session {
+                    let keep = if leased || sh.opts.cache_mode == CacheMode::Session {
                         fuser::consts::FOPEN_KEEP_CACHE
                     } else {
                         0
@@ -857,8 +877,9 @@ impl Filesystem for CfsFs {
         let sh = self.sh.clone();
         self.spawn("opendir", async move {
             match sh
-                .getattr(ino, sh.opts.cache_mode != CacheMode::Session)
+                .attrs_leased(ino, sh.opts.cache_mode != CacheMode::Session)
                 .await
+                .map(|(i, _)| i)
             {
                 Ok(i) if !i.is_dir() => reply.error(libc::ENOTDIR),
                 Ok(_) => reply.opened(sh.next_fh.fetch_add(1, Ordering::Relaxed), 0),
