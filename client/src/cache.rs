@@ -209,10 +209,11 @@ mod tests {
         let c = MetaCache::default();
         let g = c.session();
         let ino = make_ino(0, 5);
-        let before = Instant::now();
         c.fetched(g, 0, &inode(ino, 1));
         assert!(c.get(ino).is_none());
-        c.leased(g, before, &[0], Duration::from_secs(3), 0);
+        std::thread::sleep(Duration::from_millis(2));
+        let sent = Instant::now();
+        c.leased(g, sent, &[0], Duration::from_secs(3), 0);
         // Fetched before the lease began: not trusted.
         assert!(c.get(ino).is_none());
         c.fetched(g, 0, &inode(ino, 2));

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use cfs_proto::ops::*;
+use cfs_proto::rpc::{Call, Lease};
 use cfs_proto::types::*;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
@@ -294,9 +295,29 @@ impl MetaClient {
 
     async fn drop_conn(&self, server: usize) {
         let mut g = self.conn.lock().await;
-        if g.as_ref().is_some_and(|c| c.server == server) {
+        if let Some(c) = g.as_ref().filter(|c| c.server == server) {
+            Self::release(&self.cache, c);
             *g = None;
             self.next_server.store(server + 1, Ordering::Relaxed);
+        }
+    }
+
+    /// Gives up the session's leases: the cache stops using them first
+    /// (a new generation), then the node is told, so that changes need not
+    /// wait for this session's acknowledgements until its leases run out.
+    fn release(cache: &crate::cache::MetaCache, c: &Conn) {
+        cache.session();
+        let _ = c.tx.send(RequestFrame {
+            id: 0,
+            fresh: false,
+            req: Request::ReleaseLeases,
+        });
+    }
+
+    /// Releases the current session's leases (unmount).
+    pub async fn release_leases(&self) {
+        if let Some(c) = self.conn.lock().await.as_ref() {
+            Self::release(&self.cache, c);
         }
     }
 
@@ -309,6 +330,19 @@ impl MetaClient {
         self.call_counted(req, fresh, true).await
     }
 
+    /// A typed request (`cfs_proto::rpc`): its reply, or EIO if the node
+    /// answered another kind (a protocol violation, logged).
+    pub async fn rpc<C: Call>(&self, c: C, fresh: bool) -> Result<C::Reply, Errno> {
+        Self::typed::<C>(self.call(c.into(), fresh).await?)
+    }
+
+    fn typed<C: Call>(r: Reply) -> Result<C::Reply, Errno> {
+        C::reply(r).ok_or_else(|| {
+            warn!("metadata server answered with the wrong kind of reply");
+            Errno::EIO
+        })
+    }
+
     /// Renews leases every `lease::RENEW_EVERY` until the runtime stops.
     pub fn keep_leases(self: &Arc<Self>) {
         let me = Arc::downgrade(self);
@@ -317,14 +351,10 @@ impl MetaClient {
                 let Some(c) = me.upgrade() else { return };
                 let gen = c.cache.generation();
                 let sent = Instant::now();
-                if let Ok(Reply::Lease {
-                    shards,
-                    millis,
-                    inval_seq,
-                }) = c.call_counted(Request::Lease, false, false).await
-                {
-                    let valid = Duration::from_millis(millis as u64);
-                    c.cache.leased(gen, sent, &shards, valid, inval_seq);
+                let r = c.call_counted(Lease.into(), false, false).await;
+                if let Ok(g) = r.and_then(Self::typed::<Lease>) {
+                    let valid = Duration::from_millis(g.millis as u64);
+                    c.cache.leased(gen, sent, &g.shards, valid, g.inval_seq);
                 }
                 drop(c);
                 tokio::time::sleep(cfs_proto::lease::RENEW_EVERY).await;
@@ -370,9 +400,17 @@ impl MetaClient {
                         // (paused, or cut off while its connection stays
                         // up) is left for the next one; mutations are
                         // exactly-once, so retrying elsewhere is safe.
+                        // Changes and lease grants may wait out a leased
+                        // cache elsewhere (at most a lease's hold).
+                        let attempt = match req {
+                            Request::Mutate { .. } | Request::Lease => {
+                                ATTEMPT_TIMEOUT + cfs_proto::lease::server_hold()
+                            }
+                            _ => ATTEMPT_TIMEOUT,
+                        };
                         let left = deadline
                             .saturating_duration_since(Instant::now())
-                            .min(ATTEMPT_TIMEOUT);
+                            .min(attempt);
                         match tokio::time::timeout(left.max(Duration::from_millis(1)), rx).await {
                             Ok(Ok(Err(Errno::EIO))) => {
                                 // The node could not get it through the

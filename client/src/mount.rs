@@ -4,7 +4,8 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use cfs_proto::ops::{Reply, Request as MReq, RequestFrame};
+use cfs_proto::ops::{Request as MReq, RequestFrame};
+use cfs_proto::rpc::StatFs;
 use fuser::MountOption;
 use tracing::{info, warn};
 
@@ -48,11 +49,10 @@ pub fn mount(mountpoint: &Path, opts: MountOptions) -> Result<(), MountError> {
         }
     }
     let welcome = rt.block_on(async {
-        match meta.call(MReq::StatFs, false).await {
-            Ok(Reply::Stats(_)) => meta
+        match meta.rpc(StatFs, false).await {
+            Ok(_) => meta
                 .welcome()
                 .ok_or_else(|| MountError::NoServer("no welcome".into())),
-            Ok(_) => Err(MountError::NoServer("unexpected reply".into())),
             Err(e) => Err(MountError::NoServer(e.to_string())),
         }
     })?;

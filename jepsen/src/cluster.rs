@@ -171,9 +171,10 @@ impl TestCluster {
         Ok(())
     }
 
-    /// Mounts the file system once per node (strict cache mode: every read
-    /// is linearizable), each preferring its own node.
-    pub fn mount_all(&mut self) -> anyhow::Result<()> {
+    /// Mounts the file system once per node, each preferring its own node,
+    /// in `cache_mode` (strict: every read through a barrier;
+    /// close-to-open: leases).
+    pub fn mount_all(&mut self, cache_mode: &str) -> anyhow::Result<()> {
         let metas = cluster::meta_servers(&self.cfgs);
         for (i, c) in self.cfgs.iter().enumerate() {
             let path = self.dir.join(format!("mnt-{}", c.node_id));
@@ -195,7 +196,7 @@ impl TestCluster {
                 .arg(&self.dir)
                 .arg("--servers")
                 .arg(list.join(","))
-                .args(["--cache-mode", "strict", "--timeout", "10"])
+                .args(["--cache-mode", cache_mode, "--timeout", "10"])
                 .stdout(log.try_clone()?)
                 .stderr(log)
                 .spawn()

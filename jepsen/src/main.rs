@@ -71,6 +71,11 @@ struct Args {
     /// Output directory (default /var/tmp/cfs-jepsen/WORKLOAD-SEED).
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Cache mode of the mounts (file system workloads): strict (every
+    /// read through a barrier) or close-to-open (leases: opens and stats
+    /// answered by the mount; other mounts' changes recalled first).
+    #[arg(long, default_value = "strict")]
+    cache_mode: String,
 }
 
 #[tokio::main]
@@ -119,7 +124,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         Workload::Set | Workload::Bank | Workload::FsRegister
     );
     if fs_workload {
-        tc.mount_all()?;
+        tc.mount_all(&args.cache_mode)?;
         let first = tc.mounts[0].path.clone();
         match args.workload {
             Workload::Set => workloads::set::setup(&first)?,

@@ -167,6 +167,25 @@ fn file_registers_on_mounts_under_kills_and_partitions() {
     );
 }
 
+/// The same with close-to-open mounts: opens and stats answered under
+/// leases, every rename recalled from the other mounts' caches first.
+#[test]
+fn file_registers_with_leases_under_kills_and_partitions() {
+    assert_valid(
+        "fs-register-leases",
+        &[
+            "--workload",
+            "fs-register",
+            "--nemesis",
+            "kill,partition",
+            "--cache-mode",
+            "close-to-open",
+            "--seed",
+            "19",
+        ],
+    );
+}
+
 /// Read barriers answered from the node's own state: the linearizability
 /// checker must find stale reads.
 #[test]

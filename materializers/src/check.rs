@@ -19,10 +19,6 @@ pub struct Report {
     pub open_transactions: usize,
 }
 
-fn be64(b: &[u8]) -> u64 {
-    u64::from_be_bytes(b.try_into().expect("8 bytes"))
-}
-
 /// Checks that every entry names an existing inode of its kind; that link
 /// counts equal the entries naming a file (directories: 2 + their
 /// subdirectories); that each directory's entry count, cookies and parent
@@ -42,8 +38,12 @@ pub fn check(db: &NamespaceDb) -> Result<Report, DbError> {
     let mut named_by: HashMap<Ino, Ino> = HashMap::new();
     for (k, v) in db.scan(b"d", b"e", usize::MAX)? {
         r.entries += 1;
-        let parent = be64(&k[1..9]);
-        let name = String::from_utf8_lossy(&k[9..]).into_owned();
+        let Some((parent, name_bytes)) = keys::dentry_of(&k) else {
+            r.problems.push(format!("malformed entry key {k:02x?}"));
+            continue;
+        };
+        let name_bytes = name_bytes.to_vec();
+        let name = String::from_utf8_lossy(&name_bytes).into_owned();
         let (ino, kind, cookie): (Ino, u32, u64) = decode(&k, &v)?;
         *counts.entry(parent).or_default() += 1;
         match inodes.get(&parent) {
@@ -53,7 +53,7 @@ pub fn check(db: &NamespaceDb) -> Result<Report, DbError> {
             )),
         }
         match db.get_raw(&keys::cookie(parent, cookie))? {
-            Some(n) if n == k[9..] => {}
+            Some(n) if n == name_bytes => {}
             _ => r
                 .problems
                 .push(format!("entry {parent:#x}/{name}: cookie {cookie} missing")),

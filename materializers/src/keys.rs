@@ -180,20 +180,66 @@ pub fn is_data(key: &[u8]) -> bool {
 
 /// The shard `key` belongs to; `None` for malformed keys.
 pub fn owner(key: &[u8]) -> Option<u32> {
-    let be64 = |k: &[u8]| {
-        k.get(1..9)
-            .map(|b| u64::from_be_bytes(b.try_into().expect("8 bytes")))
-    };
-    let be32 = |k: &[u8]| {
-        k.get(1..5)
-            .map(|b| u32::from_be_bytes(b.try_into().expect("4 bytes")))
-    };
     match key.first()? {
         b'i' | b'd' | b'c' | b'l' | b'x' | b'e' | b'k' | b'o' => {
-            be64(key).map(crate::types::shard_of)
+            be64_at(key, 1).map(crate::types::shard_of)
         }
-        b'n' | b'a' | b'p' | b'q' | b'Q' | b'T' | b'r' | b'R' => be32(key),
+        b'n' | b'a' | b'p' | b'q' | b'Q' | b'T' | b'r' | b'R' => be32_at(key, 1),
         b't' => owner(&key[1..]),
+        _ => None,
+    }
+}
+
+// --- decoding: the only place that knows where fields sit in a key ---
+
+fn be64_at(key: &[u8], at: usize) -> Option<u64> {
+    Some(u64::from_be_bytes(key.get(at..at + 8)?.try_into().ok()?))
+}
+
+fn be32_at(key: &[u8], at: usize) -> Option<u32> {
+    Some(u32::from_be_bytes(key.get(at..at + 4)?.try_into().ok()?))
+}
+
+/// The parent and name of a [`dentry`] key.
+pub fn dentry_of(key: &[u8]) -> Option<(Ino, &[u8])> {
+    match key.first() {
+        Some(b'd') if key.len() > 9 => Some((be64_at(key, 1)?, &key[9..])),
+        _ => None,
+    }
+}
+
+/// The directory and cookie of a [`cookie`] key.
+pub fn cookie_of(key: &[u8]) -> Option<(Ino, u64)> {
+    match key.first() {
+        Some(b'c') if key.len() == 17 => Some((be64_at(key, 1)?, be64_at(key, 9)?)),
+        _ => None,
+    }
+}
+
+/// The shard and transaction of an [`intent`] or [`decision`] key.
+pub fn tx_record_of(key: &[u8]) -> Option<(u32, (u64, u64))> {
+    match key.first() {
+        Some(b'p' | b'q') if key.len() == 21 => {
+            Some((be32_at(key, 1)?, (be64_at(key, 5)?, be64_at(key, 13)?)))
+        }
+        _ => None,
+    }
+}
+
+/// The transaction of a [`decision_age`] key.
+pub fn decision_age_tx(key: &[u8]) -> Option<(u64, u64)> {
+    match key.first() {
+        Some(b'Q') if key.len() == 29 => Some((be64_at(key, 13)?, be64_at(key, 21)?)),
+        _ => None,
+    }
+}
+
+/// The part of a per-inode key (`i`, `d`, `c`, `l`, `x`, `e`, `k`, `o`)
+/// that names its inode: the tag and the inode number. A scan that stays
+/// below `prefix_end` of it stays within that inode's keys.
+pub fn inode_scope(key: &[u8]) -> Option<&[u8]> {
+    match key.first()? {
+        b'i' | b'd' | b'c' | b'l' | b'x' | b'e' | b'k' | b'o' => key.get(..9),
         _ => None,
     }
 }
@@ -208,4 +254,27 @@ pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
         }
     }
     vec![0xff; prefix.len() + 1]
+}
+
+#[cfg(test)]
+mod codec_tests {
+    use super::*;
+
+    #[test]
+    fn keys_decode_to_what_encoded_them() {
+        assert_eq!(inode_of(&inode(0xfeed)), Some(0xfeed));
+        assert_eq!(inode_of(&dentry(1, b"x")), None);
+        assert_eq!(dentry_of(&dentry(7, b"name")), Some((7, &b"name"[..])));
+        assert_eq!(dentry_of(&inode(7)), None);
+        assert_eq!(cookie_of(&cookie(9, 42)), Some((9, 42)));
+        assert_eq!(tx_record_of(&intent(3, (4, 5))), Some((3, (4, 5))));
+        assert_eq!(tx_record_of(&decision(3, (4, 5))), Some((3, (4, 5))));
+        assert_eq!(tx_record_of(&b"q"[..]), None);
+        assert_eq!(decision_age_tx(&decision_age(2, 99, (4, 5))), Some((4, 5)));
+        assert_eq!(owner(&inode(crate::types::make_ino(3, 1))), Some(3));
+        assert_eq!(owner(&applied(6)), Some(6));
+        assert_eq!(owner(&b"i"[..]), None);
+        assert_eq!(inode_scope(&xattr(5, b"user.a")), Some(&xattr(5, b"")[..]));
+        assert_eq!(inode_scope(&applied(1)), None);
+    }
 }

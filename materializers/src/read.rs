@@ -51,10 +51,10 @@ impl NamespaceDb {
         let end = keys::prefix_end(&keys::cookie_prefix(ino));
         let mut out = Vec::new();
         for (k, name) in self.scan(&start, &end, max)? {
-            let cookie = u64::from_be_bytes(k[9..17].try_into().map_err(|_| DbError::Corrupt {
+            let (_, cookie) = keys::cookie_of(&k).ok_or_else(|| DbError::Corrupt {
                 key: k.clone(),
-                reason: "short cookie key".into(),
-            })?);
+                reason: "malformed cookie key".into(),
+            })?;
             if let Some((ino, kind, _)) = self.get::<(Ino, u32, u64)>(&keys::dentry(ino, &name))? {
                 out.push(DirEntry {
                     name,

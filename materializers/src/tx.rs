@@ -148,7 +148,9 @@ fn prepare(
     // it up to the end of that inode's prefix at most (the end bound
     // itself may be shorter: prefix_end of an ino ending in 0xff).
     let scan_ok = |(start, end, _): &Scan| {
-        own(start) && start.len() >= 9 && start < end && *end <= keys::prefix_end(&start[..9])
+        own(start)
+            && start < end
+            && keys::inode_scope(start).is_some_and(|scope| *end <= keys::prefix_end(scope))
     };
     if !part.keys().into_iter().all(own)
         || !part.scans.iter().all(scan_ok)
@@ -270,15 +272,10 @@ fn finish(t: &mut Txn<'_>, shard: u32, tx: TxId, commit: bool, now: Nanos) -> R2
                     Some(v) => t.put_raw(k.clone(), v.clone()),
                     None => t.delete(k.clone()),
                 }
-                match k.first() {
-                    Some(b'i') if k.len() == 9 => {
-                        inodes.push(u64::from_be_bytes(k[1..9].try_into().expect("8 bytes")))
-                    }
-                    Some(b'd') if k.len() > 9 => entries.push((
-                        u64::from_be_bytes(k[1..9].try_into().expect("8 bytes")),
-                        k[9..].to_vec(),
-                    )),
-                    _ => {}
+                if let Some(i) = keys::inode_of(k) {
+                    inodes.push(i);
+                } else if let Some((parent, name)) = keys::dentry_of(k) {
+                    entries.push((parent, name.to_vec()));
                 }
             }
         }
@@ -305,11 +302,7 @@ fn finish(t: &mut Txn<'_>, shard: u32, tx: TxId, commit: bool, now: Nanos) -> R2
         let cutoff = (now.max(0) as u64).saturating_sub(DECISION_KEEP.as_nanos() as u64);
         let old = t.scan(&p, &keys::decision_age(shard, cutoff, (0, 0)))?;
         for (k, _) in old.into_iter().take(8) {
-            if k.len() == 29 {
-                let tx_old = (
-                    u64::from_be_bytes(k[13..21].try_into().expect("8 bytes")),
-                    u64::from_be_bytes(k[21..29].try_into().expect("8 bytes")),
-                );
+            if let Some(tx_old) = keys::decision_age_tx(&k) {
                 t.delete(keys::decision(shard, tx_old));
             }
             t.delete(k);
@@ -384,17 +377,12 @@ pub fn intents(db: &NamespaceDb) -> Result<Vec<(u32, TxId, Intent)>, DbError> {
     let p = keys::intent_prefix();
     let mut out = Vec::new();
     for (k, v) in db.scan(&p, &keys::prefix_end(&p), usize::MAX)? {
-        if k.len() != 21 {
+        let Some((shard, tx)) = keys::tx_record_of(&k) else {
             return Err(DbError::Corrupt {
                 key: k,
-                reason: "intent key length".into(),
+                reason: "malformed intent key".into(),
             });
-        }
-        let shard = u32::from_be_bytes(k[1..5].try_into().expect("4 bytes"));
-        let tx = (
-            u64::from_be_bytes(k[5..13].try_into().expect("8 bytes")),
-            u64::from_be_bytes(k[13..21].try_into().expect("8 bytes")),
-        );
+        };
         out.push((shard, tx, decode(&k, &v)?));
     }
     Ok(out)
@@ -406,17 +394,12 @@ pub fn decisions(db: &NamespaceDb) -> Result<Vec<(u32, TxId, Decision)>, DbError
     let p = keys::decision_prefix();
     let mut out = Vec::new();
     for (k, v) in db.scan(&p, &keys::prefix_end(&p), usize::MAX)? {
-        if k.len() != 21 {
+        let Some((shard, tx)) = keys::tx_record_of(&k) else {
             return Err(DbError::Corrupt {
                 key: k,
-                reason: "decision key length".into(),
+                reason: "malformed decision key".into(),
             });
-        }
-        let shard = u32::from_be_bytes(k[1..5].try_into().expect("4 bytes"));
-        let tx = (
-            u64::from_be_bytes(k[5..13].try_into().expect("8 bytes")),
-            u64::from_be_bytes(k[13..21].try_into().expect("8 bytes")),
-        );
+        };
         out.push((shard, tx, decode(&k, &v)?));
     }
     Ok(out)

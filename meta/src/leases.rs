@@ -64,8 +64,14 @@ impl Session {
     /// forwarded, the last of them as invalidation `seq` (if any).
     pub fn forwarded(&self, shard: u32, upto: Position, seq: Option<u64>) {
         let mut t = self.tracker.lock().expect("tracker lock");
-        let f = t.forwarded.entry(shard).or_default();
-        *f = (*f).max(upto);
+        let waiting = t.pending.iter().any(|(_, s, _)| *s == shard);
+        let before = t.forwarded.get(&shard).copied().unwrap_or(0);
+        if !waiting {
+            // Everything forwarded before this batch is acknowledged.
+            let th = t.through.entry(shard).or_default();
+            *th = (*th).max(before);
+        }
+        t.forwarded.insert(shard, before.max(upto));
         if let Some(seq) = seq {
             t.pending.push_back((seq, shard, upto));
         }
@@ -134,6 +140,12 @@ impl Session {
                 return self.forwarded_to(shard) >= upto;
             }
         }
+    }
+
+    /// The client stopped using its cache: no lease holds changes back.
+    pub fn release(&self) {
+        self.leases.lock().expect("leases lock").clear();
+        self.dirty.notify_one();
     }
 
     pub fn grant(&self, shard: u32, now: Instant) {
@@ -340,6 +352,19 @@ mod tests {
         // Not leading: nothing is clean here.
         l.observe_leadership(0, false, 4, later);
         assert_eq!(l.recompute(0, 7, later + lease::server_hold()), 0);
+    }
+
+    #[test]
+    fn a_released_lease_holds_nothing_back() {
+        let l = Leases::new(&[0]);
+        let now = led_long_ago(&l, 0);
+        let (_, a) = l.open(1, &[(0, 0)]);
+        a.grant(0, now);
+        let s = a.next_seq();
+        a.forwarded(0, 5, Some(s));
+        assert_eq!(l.recompute(0, 5, now), 0);
+        a.release();
+        assert_eq!(l.recompute(0, 5, now), 5);
     }
 
     #[test]

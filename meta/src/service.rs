@@ -458,9 +458,16 @@ async fn serve_conn(inner: Arc<Inner>, sock: TcpStream) {
                 break;
             }
         };
-        if let Request::InvalAck { seq } = f.req {
-            session.acked(seq);
-            continue;
+        match f.req {
+            Request::InvalAck { seq } => {
+                session.acked(seq);
+                continue;
+            }
+            Request::ReleaseLeases => {
+                session.release();
+                continue;
+            }
+            _ => {}
         }
         let (inner, tx, session) = (inner.clone(), tx.clone(), session.clone());
         tokio::spawn(async move {
@@ -770,7 +777,9 @@ async fn handle(inner: &Inner, client: u64, f: RequestFrame) -> Result<Reply, Er
                 .await
         }
         Request::StatFs => return inner.statfs().map(Reply::Stats),
-        Request::Lease | Request::InvalAck { .. } => return Err(Errno::EINVAL),
+        Request::Lease | Request::InvalAck { .. } | Request::ReleaseLeases => {
+            return Err(Errno::EINVAL)
+        }
         Request::Lookup { parent, .. } => *parent,
         Request::GetAttr { ino }
         | Request::ReadDir { ino, .. }
@@ -812,7 +821,8 @@ async fn handle(inner: &Inner, client: u64, f: RequestFrame) -> Result<Reply, Er
         | Request::Mutate { .. }
         | Request::StatFs
         | Request::Lease
-        | Request::InvalAck { .. } => unreachable!("handled above"),
+        | Request::InvalAck { .. }
+        | Request::ReleaseLeases => unreachable!("handled above"),
     };
     r.map_err(read_err)
 }

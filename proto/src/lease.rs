@@ -20,10 +20,12 @@
 
 use std::time::Duration;
 
-/// How long a lease lasts, from when its request was sent.
-pub const LEASE: Duration = Duration::from_secs(3);
+/// How long a lease lasts, from when its request was sent. Short, because
+/// it is also how long changes on a shard pause after its leader changes
+/// (and how long a vanished mount's lease can hold changes back).
+pub const LEASE: Duration = Duration::from_millis(1500);
 /// How often a mount renews its leases.
-pub const RENEW_EVERY: Duration = Duration::from_secs(1);
+pub const RENEW_EVERY: Duration = Duration::from_millis(400);
 /// Bound on the relative rate difference of two nodes' monotonic clocks.
 pub const CLOCK_RATE_MARGIN: f64 = 0.01;
 /// Slack added on the server side for scheduling delays.

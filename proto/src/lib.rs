@@ -9,5 +9,6 @@
 
 pub mod lease;
 pub mod ops;
+pub mod rpc;
 pub mod tx;
 pub mod types;

@@ -268,13 +268,19 @@ pub enum Request {
     InvalAck {
         seq: u64,
     },
+    /// The client no longer uses this session's cache: its leases end now
+    /// (no reply).
+    ReleaseLeases,
 }
 
 impl Request {
     pub fn is_read(&self) -> bool {
         !matches!(
             self,
-            Request::Mutate { .. } | Request::Hello { .. } | Request::InvalAck { .. }
+            Request::Mutate { .. }
+                | Request::Hello { .. }
+                | Request::InvalAck { .. }
+                | Request::ReleaseLeases
         )
     }
 }

@@ -7,7 +7,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
-use cfs_proto::ops::{LateAttrs, Op, Reply, Request as MReq};
+use cfs_proto::ops::{LateAttrs, Op};
+use cfs_proto::rpc::Extents;
 use cfs_proto::types::*;
 use tracing::{debug, Instrument};
 
@@ -175,21 +176,17 @@ impl Shared {
             }
         }
         let want = len.max(32 << 20);
-        let refs = match self
+        let refs = self
             .meta
-            .call(
-                MReq::Extents {
+            .rpc(
+                Extents {
                     ino,
                     offset: off,
                     len: want,
                 },
                 self.strict(),
             )
-            .await?
-        {
-            Reply::Extents(r) => r,
-            _ => return Err(Errno::EIO),
-        };
+            .await?;
         let out = refs
             .iter()
             .filter(|e| e.offset < end && e.offset + e.len > off)
@@ -438,21 +435,17 @@ impl Shared {
         if ino_in == ino_out && off_in < off_out + n && off_out < off_in + n {
             return Err(Errno::EINVAL);
         }
-        let refs = match self
+        let refs = self
             .meta
-            .call(
-                MReq::Extents {
+            .rpc(
+                Extents {
                     ino: ino_in,
                     offset: off_in,
                     len: n,
                 },
                 true,
             )
-            .await?
-        {
-            Reply::Extents(r) => r,
-            _ => return Err(Errno::EIO),
-        };
+            .await?;
         let mut out = Vec::new();
         for e in refs {
             let mut p = e.part(off_in, off_in + n);

@@ -3,8 +3,10 @@
 //! data path is in [`io`].
 
 mod caps;
+mod dir;
 mod io;
 mod late_attrs;
+mod xattr;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ffi::OsStr;
@@ -13,7 +15,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use cfs_proto::ops::{Op, Reply, Request as MReq};
+use cfs_proto::ops::Op;
+use cfs_proto::rpc::{GetAttr, GetLock, Lookup, Mutate, Mutated, ReadLink, StatFs};
 use cfs_proto::types::*;
 use fuser::{
     FileAttr, FileType, Filesystem, KernelConfig, ReplyAttr, ReplyCreate, ReplyData,
@@ -209,31 +212,46 @@ impl Shared {
         self.opts.cache_mode == CacheMode::Strict
     }
 
-    async fn mutate(&self, creds: Creds, op: Op) -> Result<Reply, Errno> {
-        self.meta
-            .call(
-                MReq::Mutate {
-                    op_id: 0,
-                    creds,
-                    op,
-                },
-                false,
-            )
-            .await
+    /// How long the kernel may keep the attributes of `ino` (and, with
+    /// `dir`, its entry in that directory): the attribute TTL, or as long
+    /// as a lease covers them when the mount's cache holds them current
+    /// (their changes are then pushed to the kernel before anyone is told
+    /// they happened; the kernel ignores an answer older than a push).
+    fn kernel_ttl(&self, ino: Ino, dir: Option<Ino>) -> Duration {
+        let base = self.opts.ttl();
+        if base.is_zero() || self.meta.cache.get(ino).is_none() {
+            return base;
+        }
+        let left = [Some(ino), dir]
+            .into_iter()
+            .flatten()
+            .map(|i| self.meta.cache.lease_left(i))
+            .try_fold(Duration::MAX, |m, l| l.map(|l| m.min(l)));
+        left.map_or(base, |l| l.max(base))
     }
 
+    async fn mutate(&self, creds: Creds, op: Op) -> Result<Mutated, Errno> {
+        let m = Mutate {
+            op_id: 0,
+            creds,
+            op,
+        };
+        self.meta.rpc(m, false).await
+    }
+
+    /// A mutation whose reply is the inode it made or changed.
     async fn mutate_attr(&self, creds: Creds, op: Op) -> Result<Inode, Errno> {
         match self.mutate(creds, op).await? {
-            Reply::Attr(i) => Ok(i),
-            _ => Err(Errno::EIO),
+            Mutated::Attr(i) => Ok(i),
+            other => {
+                tracing::warn!(?other, "a mutation returned no attributes");
+                Err(Errno::EIO)
+            }
         }
     }
 
     async fn getattr(&self, ino: Ino, fresh: bool) -> Result<Inode, Errno> {
-        match self.meta.call(MReq::GetAttr { ino }, fresh).await? {
-            Reply::Attr(i) => Ok(i),
-            _ => Err(Errno::EIO),
-        }
+        self.meta.rpc(GetAttr { ino }, fresh).await
     }
 
     /// Attributes from the cache under a lease, else from the node (fresh
@@ -337,11 +355,25 @@ impl CfsFs {
         reply: ReplyEntry,
         attr: Option<FileAttr>,
     ) {
+        Self::entry_reply_in(sh, None, r, reply, attr)
+    }
+
+    fn entry_reply_in(
+        sh: &Shared,
+        dir: Option<Ino>,
+        r: Result<Inode, Errno>,
+        reply: ReplyEntry,
+        attr: Option<FileAttr>,
+    ) {
         match r {
             Ok(i) => {
                 sh.known.lock().expect("known lock").insert(i.ino);
                 let a = attr.unwrap_or_else(|| attr_of(&i, None));
-                reply.entry(&sh.opts.ttl(), &a, i.generation);
+                let ttl = match dir {
+                    Some(d) => sh.kernel_ttl(i.ino, Some(d)),
+                    None => sh.opts.ttl(),
+                };
+                reply.entry(&ttl, &a, i.generation);
             }
             Err(e) => reply.error(e.0),
         }
@@ -353,6 +385,7 @@ impl CfsFs {
     /// cost nothing; another mount's create of the name invalidates it.
     fn lookup_reply(
         sh: &Shared,
+        parent: Ino,
         r: Result<Inode, Errno>,
         reply: ReplyEntry,
         attr: Option<FileAttr>,
@@ -380,7 +413,7 @@ impl CfsFs {
             reply.entry(&ttl, &a, 0);
             return;
         }
-        Self::entry_reply(sh, r, reply, attr)
+        Self::entry_reply_in(sh, Some(parent), r, reply, attr)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -448,6 +481,18 @@ impl Filesystem for CfsFs {
         Ok(())
     }
 
+    fn destroy(&mut self) {
+        // Other mounts' changes need not wait for this mount's leases to
+        // run out.
+        let sh = self.sh.clone();
+        let release = tokio::time::timeout(Duration::from_secs(1), async move {
+            sh.meta.release_leases().await;
+            // Let the writer send it before the runtime goes.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        });
+        let _ = self.rt.block_on(release);
+    }
+
     fn lookup(&mut self, _req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEntry) {
         let (sh, name) = (self.sh.clone(), name_of(name));
         if name.len() > NAME_MAX {
@@ -455,20 +500,12 @@ impl Filesystem for CfsFs {
             return;
         }
         self.spawn("lookup", async move {
-            let r = match sh
-                .meta
-                .call(MReq::Lookup { parent, name }, sh.strict())
-                .await
-            {
-                Ok(Reply::Attr(i)) => Ok(i),
-                Ok(_) => Err(Errno::EIO),
-                Err(e) => Err(e),
-            };
+            let r = sh.meta.rpc(Lookup { parent, name }, sh.strict()).await;
             let a = match &r {
                 Ok(i) => Some(sh.attr_now(i).await),
                 Err(_) => None,
             };
-            Self::lookup_reply(&sh, r, reply, a);
+            Self::lookup_reply(&sh, parent, r, reply, a);
         });
     }
 
@@ -483,7 +520,7 @@ impl Filesystem for CfsFs {
             match sh.attrs_leased(ino, sh.strict()).await.map(|(i, _)| i) {
                 Ok(i) => {
                     let a = sh.attr_now(&i).await;
-                    reply.attr(&sh.opts.ttl(), &a)
+                    reply.attr(&sh.kernel_ttl(ino, None), &a)
                 }
                 Err(e) => reply.error(e.0),
             }
@@ -529,9 +566,8 @@ impl Filesystem for CfsFs {
     fn readlink(&mut self, _req: &Request<'_>, ino: u64, reply: ReplyData) {
         let sh = self.sh.clone();
         self.spawn("readlink", async move {
-            match sh.meta.call(MReq::ReadLink { ino }, sh.strict()).await {
-                Ok(Reply::Data(d)) => reply.data(&d),
-                Ok(_) => reply.error(libc::EIO),
+            match sh.meta.rpc(ReadLink { ino }, sh.strict()).await {
+                Ok(d) => reply.data(&d),
                 Err(e) => reply.error(e.0),
             }
         });
@@ -635,18 +671,12 @@ impl Filesystem for CfsFs {
             let victim = if held_open.is_empty() {
                 None
             } else {
-                match sh
-                    .meta
-                    .call(
-                        MReq::Lookup {
-                            parent: newparent,
-                            name: newname.clone(),
-                        },
-                        false,
-                    )
-                    .await
-                {
-                    Ok(Reply::Attr(i)) if !i.is_dir() => Some(i.ino),
+                let target = Lookup {
+                    parent: newparent,
+                    name: newname.clone(),
+                };
+                match sh.meta.rpc(target, false).await {
+                    Ok(i) if !i.is_dir() => Some(i.ino),
                     _ => None,
                 }
             };
@@ -894,73 +924,10 @@ impl Filesystem for CfsFs {
         ino: u64,
         _fh: u64,
         offset: i64,
-        mut reply: ReplyDirectory,
+        reply: ReplyDirectory,
     ) {
         let sh = self.sh.clone();
-        self.spawn("readdir", async move {
-            let mut off = offset.max(0) as u64;
-            if off == 0 {
-                if reply.add(ino, 1, FileType::Directory, ".") {
-                    reply.ok();
-                    return;
-                }
-                off = 1;
-            }
-            if off == 1 {
-                let parent = match sh.getattr(ino, false).await {
-                    Ok(i) => i.parent,
-                    Err(e) => {
-                        reply.error(e.0);
-                        return;
-                    }
-                };
-                if reply.add(parent, 2, FileType::Directory, "..") {
-                    reply.ok();
-                    return;
-                }
-                off = 2;
-            }
-            loop {
-                let entries = match sh
-                    .meta
-                    .call(
-                        MReq::ReadDir {
-                            ino,
-                            after: off,
-                            max: 256,
-                        },
-                        false,
-                    )
-                    .await
-                {
-                    Ok(Reply::Entries(e)) => e,
-                    Ok(_) => {
-                        reply.error(libc::EIO);
-                        return;
-                    }
-                    Err(e) => {
-                        reply.error(e.0);
-                        return;
-                    }
-                };
-                if entries.is_empty() {
-                    break;
-                }
-                for e in entries {
-                    off = e.cookie;
-                    if reply.add(
-                        e.ino,
-                        e.cookie as i64,
-                        file_type(e.kind),
-                        OsStr::from_bytes(&e.name),
-                    ) {
-                        reply.ok();
-                        return;
-                    }
-                }
-            }
-            reply.ok();
-        });
+        self.spawn("readdir", dir::readdir(sh, ino, offset, reply));
     }
 
     fn readdirplus(
@@ -969,69 +936,10 @@ impl Filesystem for CfsFs {
         ino: u64,
         _fh: u64,
         offset: i64,
-        mut reply: fuser::ReplyDirectoryPlus,
+        reply: fuser::ReplyDirectoryPlus,
     ) {
         let sh = self.sh.clone();
-        self.spawn("readdirplus", async move {
-            let ttl = sh.opts.ttl();
-            let mut off = offset.max(0) as u64;
-            if off < 2 {
-                // "." and "..": the kernel takes neither's attributes
-                // from a listing (fuse_direntplus_link skips them), so
-                // only the parent's number is needed.
-                let dir = match sh.getattr(ino, false).await {
-                    Ok(i) => i,
-                    Err(e) => return reply.error(e.0),
-                };
-                let a = attr_of(&dir, None);
-                if off == 0 && reply.add(ino, 1, ".", &ttl, &a, dir.generation) {
-                    return reply.ok();
-                }
-                let mut pa = a;
-                pa.ino = dir.parent;
-                if reply.add(dir.parent, 2, "..", &ttl, &pa, 0) {
-                    return reply.ok();
-                }
-                off = 2;
-            }
-            loop {
-                let entries = match sh
-                    .meta
-                    .call(
-                        MReq::ReadDirPlus {
-                            ino,
-                            after: off,
-                            max: 256,
-                        },
-                        false,
-                    )
-                    .await
-                {
-                    Ok(Reply::EntriesPlus(e)) => e,
-                    Ok(_) => return reply.error(libc::EIO),
-                    Err(e) => return reply.error(e.0),
-                };
-                if entries.is_empty() {
-                    break;
-                }
-                for (e, i) in entries {
-                    off = e.cookie;
-                    let a = sh.attr_now(&i).await;
-                    if reply.add(
-                        e.ino,
-                        e.cookie as i64,
-                        OsStr::from_bytes(&e.name),
-                        &ttl,
-                        &a,
-                        i.generation,
-                    ) {
-                        return reply.ok();
-                    }
-                    sh.known.lock().expect("known lock").insert(e.ino);
-                }
-            }
-            reply.ok();
-        });
+        self.spawn("readdirplus", dir::readdirplus(sh, ino, offset, reply));
     }
 
     fn releasedir(
@@ -1062,8 +970,8 @@ impl Filesystem for CfsFs {
     fn statfs(&mut self, _req: &Request<'_>, _ino: u64, reply: ReplyStatfs) {
         let sh = self.sh.clone();
         self.spawn("statfs", async move {
-            match sh.meta.call(MReq::StatFs, false).await {
-                Ok(Reply::Stats(s)) => {
+            match sh.meta.rpc(StatFs, false).await {
+                Ok(s) => {
                     let bs = 4096u64;
                     reply.statfs(
                         s.total_bytes / bs,
@@ -1076,7 +984,6 @@ impl Filesystem for CfsFs {
                         bs as u32,
                     )
                 }
-                Ok(_) => reply.error(libc::EIO),
                 Err(e) => reply.error(e.0),
             }
         });
@@ -1093,25 +1000,10 @@ impl Filesystem for CfsFs {
         reply: ReplyEmpty,
     ) {
         let (sh, c, name, value) = (self.sh.clone(), creds(req), name_of(name), value.to_vec());
-        self.spawn("setxattr", async move {
-            sh.no_caps.forget(ino);
-            if let Err(e) = sh.flush_late(ino).await {
-                reply.error(e.0);
-                return;
-            }
-            let r = sh
-                .mutate(
-                    c,
-                    Op::SetXattr {
-                        ino,
-                        name,
-                        value,
-                        flags,
-                    },
-                )
-                .await;
-            reply_empty(r.map(|_| ()), reply);
-        });
+        self.spawn(
+            "setxattr",
+            xattr::setxattr(sh, c, ino, name, value, flags, reply),
+        );
     }
 
     fn getxattr(
@@ -1123,74 +1015,17 @@ impl Filesystem for CfsFs {
         reply: ReplyXattr,
     ) {
         let (sh, name) = (self.sh.clone(), name_of(name));
-        self.spawn("getxattr", async move {
-            let caps = name == caps::CAPS;
-            if caps && !sh.strict() {
-                let hit = sh.no_caps.known(ino);
-                sh.meta.stats.cache(crate::stats::Cache::NoCaps, hit);
-                if hit {
-                    reply.error(libc::ENODATA);
-                    return;
-                }
-            }
-            let r = sh
-                .meta
-                .call(MReq::GetXattr { ino, name }, sh.strict())
-                .await;
-            if caps && r.as_ref().is_err_and(|e| *e == Errno::ENODATA) {
-                sh.no_caps.record(ino, sh.opts.ttl());
-            }
-            match r {
-                Ok(Reply::Data(d)) => {
-                    if size == 0 {
-                        reply.size(d.len() as u32)
-                    } else if d.len() > size as usize {
-                        reply.error(libc::ERANGE)
-                    } else {
-                        reply.data(&d)
-                    }
-                }
-                Ok(_) => reply.error(libc::EIO),
-                Err(e) => reply.error(e.0),
-            }
-        });
+        self.spawn("getxattr", xattr::getxattr(sh, ino, name, size, reply));
     }
 
     fn listxattr(&mut self, _req: &Request<'_>, ino: u64, size: u32, reply: ReplyXattr) {
         let sh = self.sh.clone();
-        self.spawn("listxattr", async move {
-            match sh.meta.call(MReq::ListXattr { ino }, sh.strict()).await {
-                Ok(Reply::Names(names)) => {
-                    let mut d = Vec::new();
-                    for n in names {
-                        d.extend_from_slice(&n);
-                        d.push(0);
-                    }
-                    if size == 0 {
-                        reply.size(d.len() as u32)
-                    } else if d.len() > size as usize {
-                        reply.error(libc::ERANGE)
-                    } else {
-                        reply.data(&d)
-                    }
-                }
-                Ok(_) => reply.error(libc::EIO),
-                Err(e) => reply.error(e.0),
-            }
-        });
+        self.spawn("listxattr", xattr::listxattr(sh, ino, size, reply));
     }
 
     fn removexattr(&mut self, req: &Request<'_>, ino: u64, name: &OsStr, reply: ReplyEmpty) {
         let (sh, c, name) = (self.sh.clone(), creds(req), name_of(name));
-        self.spawn("removexattr", async move {
-            sh.no_caps.forget(ino);
-            if let Err(e) = sh.flush_late(ino).await {
-                reply.error(e.0);
-                return;
-            }
-            let r = sh.mutate(c, Op::RemoveXattr { ino, name }).await;
-            reply_empty(r.map(|_| ()), reply);
-        });
+        self.spawn("removexattr", xattr::removexattr(sh, c, ino, name, reply));
     }
 
     fn access(&mut self, _req: &Request<'_>, _ino: u64, _mask: i32, reply: ReplyEmpty) {
@@ -1259,12 +1094,9 @@ impl Filesystem for CfsFs {
         let sh = self.sh.clone();
         self.spawn("getlk", async move {
             let lock = sh.lock_range(lock_owner, start, end, typ, pid);
-            match sh.meta.call(MReq::GetLock { ino, lock }, true).await {
-                Ok(Reply::Lock(Some(l))) => {
-                    reply.locked(l.start, l.end.saturating_sub(1), l.typ, l.pid)
-                }
-                Ok(Reply::Lock(None)) => reply.locked(0, 0, libc::F_UNLCK, 0),
-                Ok(_) => reply.error(libc::EIO),
+            match sh.meta.rpc(GetLock { ino, lock }, true).await {
+                Ok(Some(l)) => reply.locked(l.start, l.end.saturating_sub(1), l.typ, l.pid),
+                Ok(None) => reply.locked(0, 0, libc::F_UNLCK, 0),
                 Err(e) => reply.error(e.0),
             }
         });
@@ -1299,11 +1131,11 @@ impl Filesystem for CfsFs {
                     )
                     .await
                 {
-                    Ok(Reply::Lock(Some(_))) if sleep => {
+                    Ok(Mutated::Conflict(_)) if sleep => {
                         tokio::time::sleep(delay).await;
                         delay = (delay * 2).min(Duration::from_millis(200));
                     }
-                    Ok(Reply::Lock(Some(_))) => return reply.error(libc::EAGAIN),
+                    Ok(Mutated::Conflict(_)) => return reply.error(libc::EAGAIN),
                     Ok(_) => return reply.ok(),
                     Err(e) => return reply.error(e.0),
                 }

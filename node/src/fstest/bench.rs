@@ -43,6 +43,12 @@ pub fn run(dir: &Path, cfg: &BenchConfig) -> anyhow::Result<()> {
         std::fs::metadata(d.join(format!("file-{i}")))?;
     }
     println!("stat {:.0} ops/s", rate(cfg.files, t));
+    // The same names again at once: what the caches answer.
+    let t = Instant::now();
+    for i in 0..cfg.files {
+        std::fs::metadata(d.join(format!("file-{i}")))?;
+    }
+    println!("stat_cached {:.0} ops/s", rate(cfg.files, t));
     let t = Instant::now();
     for i in 0..cfg.files {
         std::fs::remove_file(d.join(format!("file-{i}")))?;
