@@ -29,6 +29,12 @@ struct Cached {
     fetched: Instant,
 }
 
+/// The names of an inode's extended attributes.
+struct Names {
+    names: Vec<Vec<u8>>,
+    fetched: Instant,
+}
+
 #[derive(Clone, Copy)]
 struct Lease {
     until: Instant,
@@ -42,6 +48,7 @@ struct Lease {
 struct State {
     gen: u64,
     attrs: HashMap<Ino, Cached>,
+    xattr_names: HashMap<Ino, Names>,
     /// Last invalidation received per inode.
     tombs: HashMap<Ino, u64>,
     /// Stamps below this are refused (a "drop everything", or tombstones
@@ -82,11 +89,13 @@ impl MetaCache {
         }
         if ino == 0 {
             s.attrs.clear();
+            s.xattr_names.clear();
             s.tombs.clear();
             s.floor = s.floor.max(seq);
             return;
         }
         s.attrs.remove(&ino);
+        s.xattr_names.remove(&ino);
         if s.tombs.len() >= TOMBSTONES_MAX {
             s.tombs.clear();
             s.floor = s.floor.max(seq);
@@ -113,6 +122,36 @@ impl MetaCache {
                 fetched: Instant::now(),
             },
         );
+    }
+
+    /// A reply read with `stamp` listed the extended attributes of `ino`.
+    pub fn fetched_xattr_names(&self, gen: u64, stamp: u64, ino: Ino, names: &[Vec<u8>]) {
+        let mut s = self.s.lock().expect("cache lock");
+        if s.gen != gen || stamp < s.floor || s.tombs.get(&ino).is_some_and(|t| *t > stamp) {
+            return;
+        }
+        if s.xattr_names.len() >= ATTRS_MAX {
+            s.xattr_names.clear();
+        }
+        s.xattr_names.insert(
+            ino,
+            Names {
+                names: names.to_vec(),
+                fetched: Instant::now(),
+            },
+        );
+    }
+
+    /// The names of `ino`'s extended attributes, if a lease makes them
+    /// current.
+    pub fn xattr_names(&self, ino: Ino) -> Option<Vec<Vec<u8>>> {
+        let s = self.s.lock().expect("cache lock");
+        let l = s.leases.get(&shard_of(ino))?;
+        if l.until <= Instant::now() || s.applied < l.need {
+            return None;
+        }
+        let n = s.xattr_names.get(&ino)?;
+        (n.fetched >= l.start).then(|| n.names.clone())
     }
 
     /// Invalidation `seq` is applied (kernel caches included).
@@ -174,7 +213,9 @@ impl MetaCache {
     /// Drops what this mount knows of `ino` (its own change, before the
     /// node's invalidation arrives).
     pub fn forget(&self, ino: Ino) {
-        self.s.lock().expect("cache lock").attrs.remove(&ino);
+        let mut s = self.s.lock().expect("cache lock");
+        s.attrs.remove(&ino);
+        s.xattr_names.remove(&ino);
     }
 }
 

@@ -160,8 +160,9 @@ impl MetaClient {
                         match &result {
                             Ok(Reply::Attr(i)) => cache.fetched(g, stamp, i),
                             Ok(Reply::EntriesPlus(v)) => {
-                                for (_, i) in v {
+                                for (_, i, names) in v {
                                     cache.fetched(g, stamp, i);
+                                    cache.fetched_xattr_names(g, stamp, i.ino, names);
                                 }
                             }
                             _ => {}

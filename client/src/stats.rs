@@ -55,14 +55,18 @@ pub enum Cache {
     /// Attributes under a lease (`cache`): getattr and open without a
     /// round trip.
     Attrs,
+    /// Extended attribute names under a lease: absent attributes and
+    /// listings without a round trip.
+    XattrNames,
 }
 
 impl Cache {
-    const ALL: [Cache; 4] = [
+    const ALL: [Cache; 5] = [
         Cache::OpenAttrs,
         Cache::NoCaps,
         Cache::Stripes,
         Cache::Attrs,
+        Cache::XattrNames,
     ];
 
     fn name(self) -> &'static str {
@@ -71,6 +75,7 @@ impl Cache {
             Cache::NoCaps => "no_caps",
             Cache::Stripes => "stripes",
             Cache::Attrs => "attrs",
+            Cache::XattrNames => "xattr_names",
         }
     }
 }
@@ -83,8 +88,8 @@ pub struct MountStats {
     meta_round_trips: AtomicU64,
     fresh_reads: AtomicU64,
     segment_round_trips: AtomicU64,
-    hits: [AtomicU64; 4],
-    misses: [AtomicU64; 4],
+    hits: [AtomicU64; 5],
+    misses: [AtomicU64; 5],
     negative_entries: AtomicU64,
     invalidations: AtomicU64,
 }
@@ -191,7 +196,7 @@ impl MountStats {
             "Fragment requests this mount sent to segment servers.",
             vec![(String::new(), get(&self.segment_round_trips))],
         );
-        let per_cache = |a: &[AtomicU64; 4]| {
+        let per_cache = |a: &[AtomicU64; 5]| {
             Cache::ALL
                 .iter()
                 .map(|c| (format!("{{cache=\"{}\"}}", c.name()), get(&a[*c as usize])))

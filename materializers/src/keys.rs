@@ -208,6 +208,14 @@ pub fn dentry_of(key: &[u8]) -> Option<(Ino, &[u8])> {
     }
 }
 
+/// The attribute name of an [`xattr`] key.
+pub fn xattr_name_of(key: &[u8]) -> Option<&[u8]> {
+    match key.first() {
+        Some(b'x') if key.len() >= 9 => Some(&key[9..]),
+        _ => None,
+    }
+}
+
 /// The directory and cookie of a [`cookie`] key.
 pub fn cookie_of(key: &[u8]) -> Option<(Ino, u64)> {
     match key.first() {

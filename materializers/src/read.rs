@@ -68,11 +68,14 @@ impl NamespaceDb {
     }
 
     /// [`readdir`](Self::readdir) with each entry's inode.
-    pub fn readdir_plus(&self, ino: Ino, after: u64, max: usize) -> Rd<Vec<(DirEntry, Inode)>> {
+    pub fn readdir_plus(&self, ino: Ino, after: u64, max: usize) -> Rd<Vec<EntryPlus>> {
         let mut out = Vec::new();
         for e in self.readdir(ino, after, max)? {
             match self.inode(e.ino) {
-                Ok(i) => out.push((e, i)),
+                Ok(i) => {
+                    let names = self.listxattr(i.ino)?;
+                    out.push((e, i, names))
+                }
                 Err(ReadError::Fs(_)) => {}
                 Err(err) => return Err(err),
             }
@@ -100,7 +103,7 @@ impl NamespaceDb {
         Ok(self
             .scan(&p, &keys::prefix_end(&p), usize::MAX)?
             .into_iter()
-            .map(|(k, _)| k[p.len()..].to_vec())
+            .filter_map(|(k, _)| keys::xattr_name_of(&k).map(<[u8]>::to_vec))
             .collect())
     }
 

@@ -310,7 +310,7 @@ pub enum Reply {
     },
     Attr(Inode),
     Entries(Vec<DirEntry>),
-    EntriesPlus(Vec<(DirEntry, Inode)>),
+    EntriesPlus(Vec<EntryPlus>),
     Data(Vec<u8>),
     Names(Vec<Vec<u8>>),
     Extents(Vec<ExtentRef>),

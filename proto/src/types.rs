@@ -136,6 +136,11 @@ impl Inode {
     }
 }
 
+/// A directory entry with its inode's attributes and the names of its
+/// extended attributes (what `ls -l` asks of every entry), as readdirplus
+/// returns them.
+pub type EntryPlus = (DirEntry, Inode, Vec<Vec<u8>>);
+
 /// One directory entry as readdir returns it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DirEntry {

@@ -92,6 +92,8 @@ struct Shared {
     known: Mutex<HashSet<Ino>>,
     /// Inodes known to have no file capabilities (caps.rs).
     no_caps: caps::NoCaps,
+    /// Open directories' fetched entries (dir.rs).
+    dirs: dir::Streams,
     next_fh: AtomicU64,
 }
 
@@ -306,6 +308,7 @@ impl CfsFs {
                 locked: Mutex::default(),
                 known: Mutex::default(),
                 no_caps: caps::NoCaps::default(),
+                dirs: dir::Streams::default(),
                 next_fh: AtomicU64::new(1),
             }),
         }
@@ -912,7 +915,11 @@ impl Filesystem for CfsFs {
                 .map(|(i, _)| i)
             {
                 Ok(i) if !i.is_dir() => reply.error(libc::ENOTDIR),
-                Ok(_) => reply.opened(sh.next_fh.fetch_add(1, Ordering::Relaxed), 0),
+                Ok(_) => {
+                    let fh = sh.next_fh.fetch_add(1, Ordering::Relaxed);
+                    sh.dirs.open(fh);
+                    reply.opened(fh, 0)
+                }
                 Err(e) => reply.error(e.0),
             }
         });
@@ -922,35 +929,36 @@ impl Filesystem for CfsFs {
         &mut self,
         _req: &Request<'_>,
         ino: u64,
-        _fh: u64,
+        fh: u64,
         offset: i64,
         reply: ReplyDirectory,
     ) {
         let sh = self.sh.clone();
-        self.spawn("readdir", dir::readdir(sh, ino, offset, reply));
+        self.spawn("readdir", dir::readdir(sh, ino, fh, offset, reply));
     }
 
     fn readdirplus(
         &mut self,
         _req: &Request<'_>,
         ino: u64,
-        _fh: u64,
+        fh: u64,
         offset: i64,
         reply: fuser::ReplyDirectoryPlus,
     ) {
         let sh = self.sh.clone();
-        self.spawn("readdirplus", dir::readdirplus(sh, ino, offset, reply));
+        self.spawn("readdirplus", dir::readdirplus(sh, ino, fh, offset, reply));
     }
 
     fn releasedir(
         &mut self,
         _req: &Request<'_>,
         _ino: u64,
-        _fh: u64,
+        fh: u64,
         _flags: i32,
         reply: ReplyEmpty,
     ) {
         self.sh.meta.stats.request("releasedir");
+        self.sh.dirs.close(fh);
         reply.ok();
     }
 

@@ -54,6 +54,18 @@ pub(super) async fn getxattr(
             return;
         }
     }
+    // Under a lease, an attribute the inode does not have (what `ls -l`
+    // probes: ACLs, SELinux labels) is answered from the names listed
+    // with the directory.
+    if !sh.strict() {
+        let names = sh.meta.cache.xattr_names(ino);
+        let absent = names.as_ref().is_some_and(|n| !n.contains(&name));
+        sh.meta.stats.cache(crate::stats::Cache::XattrNames, absent);
+        if absent {
+            reply.error(libc::ENODATA);
+            return;
+        }
+    }
     let r = sh.meta.rpc(GetXattr { ino, name }, sh.strict()).await;
     if caps && r.as_ref().is_err_and(|e| *e == Errno::ENODATA) {
         sh.no_caps.record(ino, sh.opts.ttl());
@@ -73,7 +85,19 @@ pub(super) async fn getxattr(
 }
 
 pub(super) async fn listxattr(sh: Arc<Shared>, ino: u64, size: u32, reply: ReplyXattr) {
-    match sh.meta.rpc(ListXattr { ino }, sh.strict()).await {
+    let cached = if sh.strict() {
+        None
+    } else {
+        sh.meta.cache.xattr_names(ino)
+    };
+    sh.meta
+        .stats
+        .cache(crate::stats::Cache::XattrNames, cached.is_some());
+    let r = match cached {
+        Some(names) => Ok(names),
+        None => sh.meta.rpc(ListXattr { ino }, sh.strict()).await,
+    };
+    match r {
         Ok(names) => {
             let mut d = Vec::new();
             for n in names {
