@@ -29,6 +29,7 @@
 //! [`LockRange`]: crate::types::LockRange
 
 use crate::types::Ino;
+use cfs_proto::tx::TxId;
 
 fn with(tag: u8, parts: &[&[u8]]) -> Vec<u8> {
     let mut k = Vec::with_capacity(1 + parts.iter().map(|p| p.len()).sum::<usize>());
@@ -124,26 +125,26 @@ pub fn outcomes_low(shard: u32, client: u64) -> Vec<u8> {
 pub fn tx_lock(key: &[u8]) -> Vec<u8> {
     with(b't', &[key])
 }
-pub fn intent(shard: u32, tx: (u64, u64)) -> Vec<u8> {
+pub fn intent(shard: u32, tx: TxId) -> Vec<u8> {
     with(
         b'p',
         &[
             &shard.to_be_bytes(),
-            &tx.0.to_be_bytes(),
-            &tx.1.to_be_bytes(),
+            &tx.coordinator.to_be_bytes(),
+            &tx.seq.to_be_bytes(),
         ],
     )
 }
 pub fn intent_prefix() -> Vec<u8> {
     vec![b'p']
 }
-pub fn decision(shard: u32, tx: (u64, u64)) -> Vec<u8> {
+pub fn decision(shard: u32, tx: TxId) -> Vec<u8> {
     with(
         b'q',
         &[
             &shard.to_be_bytes(),
-            &tx.0.to_be_bytes(),
-            &tx.1.to_be_bytes(),
+            &tx.coordinator.to_be_bytes(),
+            &tx.seq.to_be_bytes(),
         ],
     )
 }
@@ -151,14 +152,14 @@ pub fn decision_prefix() -> Vec<u8> {
     vec![b'q']
 }
 /// Finished decisions of `shard` ordered by the time they finished.
-pub fn decision_age(shard: u32, finished_at: u64, tx: (u64, u64)) -> Vec<u8> {
+pub fn decision_age(shard: u32, finished_at: u64, tx: TxId) -> Vec<u8> {
     with(
         b'Q',
         &[
             &shard.to_be_bytes(),
             &finished_at.to_be_bytes(),
-            &tx.0.to_be_bytes(),
-            &tx.1.to_be_bytes(),
+            &tx.coordinator.to_be_bytes(),
+            &tx.seq.to_be_bytes(),
         ],
     )
 }
@@ -225,19 +226,20 @@ pub fn cookie_of(key: &[u8]) -> Option<(Ino, u64)> {
 }
 
 /// The shard and transaction of an [`intent`] or [`decision`] key.
-pub fn tx_record_of(key: &[u8]) -> Option<(u32, (u64, u64))> {
+pub fn tx_record_of(key: &[u8]) -> Option<(u32, TxId)> {
     match key.first() {
-        Some(b'p' | b'q') if key.len() == 21 => {
-            Some((be32_at(key, 1)?, (be64_at(key, 5)?, be64_at(key, 13)?)))
-        }
+        Some(b'p' | b'q') if key.len() == 21 => Some((
+            be32_at(key, 1)?,
+            TxId::new(be64_at(key, 5)?, be64_at(key, 13)?),
+        )),
         _ => None,
     }
 }
 
 /// The transaction of a [`decision_age`] key.
-pub fn decision_age_tx(key: &[u8]) -> Option<(u64, u64)> {
+pub fn decision_age_tx(key: &[u8]) -> Option<TxId> {
     match key.first() {
-        Some(b'Q') if key.len() == 29 => Some((be64_at(key, 13)?, be64_at(key, 21)?)),
+        Some(b'Q') if key.len() == 29 => Some(TxId::new(be64_at(key, 13)?, be64_at(key, 21)?)),
         _ => None,
     }
 }
@@ -275,10 +277,19 @@ mod codec_tests {
         assert_eq!(dentry_of(&dentry(7, b"name")), Some((7, &b"name"[..])));
         assert_eq!(dentry_of(&inode(7)), None);
         assert_eq!(cookie_of(&cookie(9, 42)), Some((9, 42)));
-        assert_eq!(tx_record_of(&intent(3, (4, 5))), Some((3, (4, 5))));
-        assert_eq!(tx_record_of(&decision(3, (4, 5))), Some((3, (4, 5))));
+        assert_eq!(
+            tx_record_of(&intent(3, TxId::new(4, 5))),
+            Some((3, TxId::new(4, 5)))
+        );
+        assert_eq!(
+            tx_record_of(&decision(3, TxId::new(4, 5))),
+            Some((3, TxId::new(4, 5)))
+        );
         assert_eq!(tx_record_of(&b"q"[..]), None);
-        assert_eq!(decision_age_tx(&decision_age(2, 99, (4, 5))), Some((4, 5)));
+        assert_eq!(
+            decision_age_tx(&decision_age(2, 99, TxId::new(4, 5))),
+            Some(TxId::new(4, 5))
+        );
         assert_eq!(owner(&inode(crate::types::make_ino(3, 1))), Some(3));
         assert_eq!(owner(&applied(6)), Some(6));
         assert_eq!(owner(&b"i"[..]), None);

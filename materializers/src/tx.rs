@@ -300,7 +300,7 @@ fn finish(t: &mut Txn<'_>, shard: u32, tx: TxId, commit: bool, now: Nanos) -> R2
         // Forget decisions finished long ago (a few per finish).
         let p = keys::decision_age_prefix(shard);
         let cutoff = (now.max(0) as u64).saturating_sub(DECISION_KEEP.as_nanos() as u64);
-        let old = t.scan(&p, &keys::decision_age(shard, cutoff, (0, 0)))?;
+        let old = t.scan(&p, &keys::decision_age(shard, cutoff, TxId::new(0, 0)))?;
         for (k, _) in old.into_iter().take(8) {
             if let Some(tx_old) = keys::decision_age_tx(&k) {
                 t.delete(keys::decision(shard, tx_old));
@@ -468,7 +468,12 @@ pub fn place_dir(parent: Ino, name: &[u8], shards: &[u32]) -> u32 {
 /// free.
 pub fn tx_ino(shard: u32, tx: TxId) -> Ino {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in tx.0.to_be_bytes().iter().chain(&tx.1.to_be_bytes()) {
+    for b in tx
+        .coordinator
+        .to_be_bytes()
+        .iter()
+        .chain(&tx.seq.to_be_bytes())
+    {
         h ^= *b as u64;
         h = h.wrapping_mul(0x0100_0000_01b3);
     }

@@ -135,7 +135,7 @@ async fn run_cross<C: Cluster>(
 ) -> Result<Option<ApplyResult>, Errno> {
     let home = lop.op.shard();
     let (coordinator, seq) = c.next_id();
-    let tx = (coordinator, seq);
+    let tx = TxId::new(coordinator, seq);
     let new_ino = placement.map(|s| tx_ino(s, tx));
     let db_err = |e: DbError| {
         tracing::error!("planning a cross-shard operation: {e}");

@@ -16,7 +16,7 @@ use cfs_log::{Entry, RequestId};
 use cfs_materializers::check::check;
 use cfs_materializers::materializer::{apply_batch, entry, init_shard};
 use cfs_materializers::ops::{Applied, ApplyResult, LoggedOp, Op};
-use cfs_materializers::tx;
+use cfs_materializers::tx::{self, TxId};
 use cfs_materializers::types::*;
 use cfs_materializers::NamespaceDb;
 use cfs_meta::coordinator::{self as coord, Cluster};
@@ -489,9 +489,16 @@ async fn rmdir_of_an_inode_number_ending_in_ff() {
     };
     let planned = tx::plan(&sim.db, &lop, Some(ino)).unwrap();
     assert!(planned.outcome.is_ok());
-    let end = coord::run_tx(&sim, (9, 9), 2, planned.parts, &lop, planned.outcome)
-        .await
-        .unwrap();
+    let end = coord::run_tx(
+        &sim,
+        TxId::new(9, 9),
+        2,
+        planned.parts,
+        &lop,
+        planned.outcome,
+    )
+    .await
+    .unwrap();
     assert!(matches!(end, coord::TxEnd::Committed));
     assert_eq!(sim.db.lookup(parent, b"x").unwrap().ino, ino);
     let r = sim
@@ -543,7 +550,7 @@ async fn a_slow_coordinator_cannot_commit_after_recovery_aborted() {
             now: sim.now(),
             op: dir(ROOT_INO, &name),
         };
-        let tx = (0x51, 1);
+        let tx = TxId::new(0x51, 1);
         let planned = tx::plan(&sim.db, &lop, Some(tx::tx_ino(1, tx))).unwrap();
         let participants: Vec<u32> = planned.parts.keys().copied().collect();
         assert_eq!(participants, vec![0, 1]);

@@ -13,7 +13,25 @@ pub type Scan = (Vec<u8>, Vec<u8>, Vec<KeyValue>);
 
 /// A transaction attempt: (coordinator id, sequence). Each attempt of an
 /// operation gets a new id.
-pub type TxId = (u64, u64);
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct TxId {
+    /// The coordinator process (random per start).
+    pub coordinator: u64,
+    /// Its attempt number.
+    pub seq: u64,
+}
+
+impl TxId {
+    pub fn new(coordinator: u64, seq: u64) -> TxId {
+        TxId { coordinator, seq }
+    }
+}
+
+impl std::fmt::Display for TxId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:016x}:{}", self.coordinator, self.seq)
+    }
+}
 
 /// What one shard does in a transaction.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -36,42 +36,61 @@ pub(super) struct Stream {
     end: bool,
 }
 
-/// Open directories' streams, by file handle.
+/// Listings in progress, by directory and file handle (the kernel sends
+/// no opendir, so the handle is 0 and a directory listed by two processes
+/// at once shares one stream: a call at another cookie just asks again).
 #[derive(Default)]
 pub(super) struct Streams {
-    map: Mutex<HashMap<u64, Stream>>,
+    map: Mutex<HashMap<(Ino, u64), Stream>>,
 }
 
 impl Streams {
-    pub(super) fn open(&self, fh: u64) {
+    /// A listing starts (offset 0 or 1): nothing an earlier listing of the
+    /// directory fetched may serve it.
+    fn start(&self, key: (Ino, u64)) {
+        self.map.lock().expect("streams lock").remove(&key);
+    }
+
+    /// Another mount changed the directory: drop what was fetched.
+    pub(super) fn forget(&self, ino: Ino) {
+        self.map
+            .lock()
+            .expect("streams lock")
+            .retain(|(i, _), _| *i != ino);
+    }
+
+    /// The stream of `key` if it continues at cookie `after`.
+    fn take(&self, key: (Ino, u64), after: u64) -> Option<Stream> {
         let mut m = self.map.lock().expect("streams lock");
-        if m.len() < STREAMS_MAX {
-            m.insert(fh, Stream::default());
-        }
+        let s = m.remove(&key)?;
+        (s.after == after).then_some(s)
     }
 
-    pub(super) fn close(&self, fh: u64) {
-        self.map.lock().expect("streams lock").remove(&fh);
-    }
-
-    /// The stream of `fh` if it continues at cookie `after`.
-    fn take(&self, fh: u64, after: u64) -> Option<Stream> {
+    fn put(&self, key: (Ino, u64), s: Stream) {
         let mut m = self.map.lock().expect("streams lock");
-        let s = m.get_mut(&fh)?;
-        (s.after == after).then(|| std::mem::take(s))
-    }
-
-    fn put(&self, fh: u64, s: Stream) {
-        if let Some(slot) = self.map.lock().expect("streams lock").get_mut(&fh) {
-            *slot = s;
+        if s.end && s.plain.is_empty() && s.plus.is_empty() {
+            // Finished: the kernel's next call (at this cookie) ends the
+            // listing; keep only that.
+            if m.len() >= STREAMS_MAX {
+                m.clear();
+            }
+            m.insert(key, s);
+            return;
         }
+        if m.len() >= STREAMS_MAX {
+            m.clear();
+        }
+        m.insert(key, s);
     }
 }
 
-/// The directory's parent (for ".."): from the cache under a lease, else
-/// from the node.
-async fn parent_of(sh: &Shared, ino: Ino) -> Result<Inode, cfs_proto::types::Errno> {
-    sh.attrs_leased(ino, false).await.map(|(i, _)| i)
+/// The directory's own attributes at the start of a listing: from the
+/// cache under a lease, else from the node, through a read barrier in
+/// close-to-open mode (a listing then shows every change acknowledged
+/// before it began; the kernel sends no opendir, `FUSE_NO_OPENDIR_SUPPORT`).
+async fn dir_at_start(sh: &Shared, ino: Ino) -> Result<Inode, cfs_proto::types::Errno> {
+    let fresh = sh.opts.cache_mode != super::CacheMode::Session;
+    sh.attrs_leased(ino, fresh).await.map(|(i, _)| i)
 }
 
 pub(super) async fn readdir(
@@ -82,6 +101,9 @@ pub(super) async fn readdir(
     mut reply: ReplyDirectory,
 ) {
     let mut off = offset.max(0) as u64;
+    if off < 2 {
+        sh.dirs.start((ino, fh));
+    }
     if off == 0 {
         if reply.add(ino, 1, FileType::Directory, ".") {
             return reply.ok();
@@ -89,7 +111,7 @@ pub(super) async fn readdir(
         off = 1;
     }
     if off == 1 {
-        let parent = match parent_of(&sh, ino).await {
+        let parent = match dir_at_start(&sh, ino).await {
             Ok(i) => i.parent,
             Err(e) => return reply.error(e.0),
         };
@@ -98,7 +120,7 @@ pub(super) async fn readdir(
         }
         off = 2;
     }
-    let mut s = sh.dirs.take(fh, off).unwrap_or(Stream {
+    let mut s = sh.dirs.take((ino, fh), off).unwrap_or(Stream {
         after: off,
         ..Stream::default()
     });
@@ -139,7 +161,7 @@ pub(super) async fn readdir(
         }
         s.after = e.cookie;
     }
-    sh.dirs.put(fh, s);
+    sh.dirs.put((ino, fh), s);
     reply.ok();
 }
 
@@ -153,10 +175,11 @@ pub(super) async fn readdirplus(
     let ttl = sh.opts.ttl();
     let mut off = offset.max(0) as u64;
     if off < 2 {
+        sh.dirs.start((ino, fh));
         // "." and "..": the kernel takes neither's attributes from a
         // listing (fuse_direntplus_link skips them), so only the parent's
         // number is needed.
-        let dir = match parent_of(&sh, ino).await {
+        let dir = match dir_at_start(&sh, ino).await {
             Ok(i) => i,
             Err(e) => return reply.error(e.0),
         };
@@ -171,7 +194,7 @@ pub(super) async fn readdirplus(
         }
         off = 2;
     }
-    let mut s = sh.dirs.take(fh, off).unwrap_or(Stream {
+    let mut s = sh.dirs.take((ino, fh), off).unwrap_or(Stream {
         after: off,
         ..Stream::default()
     });
@@ -219,6 +242,6 @@ pub(super) async fn readdirplus(
         sh.known.lock().expect("known lock").insert(e.ino);
         s.after = e.cookie;
     }
-    sh.dirs.put(fh, s);
+    sh.dirs.put((ino, fh), s);
     reply.ok();
 }

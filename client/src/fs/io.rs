@@ -17,6 +17,46 @@ use super::{FileInner, Shared};
 /// Reads at most this long that do not follow the previous read fetch
 /// only what they cover.
 const SMALL_READ_MAX: u64 = 128 << 10;
+/// Bytes of file an extent map request covers (a window).
+const EXT_WINDOW: u64 = 32 << 20;
+/// Windows of extent map kept per open file (2 GiB of file at most).
+const EXT_WINDOWS_MAX: usize = 64;
+
+/// Extent map windows `[from, to)` fetched from the server, oldest first;
+/// dropped whenever the file may have changed (this mount wrote it, or a
+/// node pushed an invalidation).
+#[derive(Default)]
+pub(super) struct ExtWindows {
+    windows: Vec<(u64, u64, Vec<ExtentRef>)>,
+}
+
+impl ExtWindows {
+    pub(super) fn clear(&mut self) {
+        self.windows.clear();
+    }
+
+    /// The references overlapping `[off, end)`, if one window covers it.
+    fn find(&self, off: u64, end: u64) -> Option<Vec<ExtentRef>> {
+        let (_, _, refs) = self
+            .windows
+            .iter()
+            .find(|(from, to, _)| *from <= off && end <= *to)?;
+        Some(
+            refs.iter()
+                .filter(|e| e.offset < end && e.offset + e.len > off)
+                .cloned()
+                .collect(),
+        )
+    }
+
+    fn insert(&mut self, from: u64, to: u64, refs: Vec<ExtentRef>) {
+        self.windows.retain(|(f, t, _)| !(*f >= from && *t <= to));
+        if self.windows.len() >= EXT_WINDOWS_MAX {
+            self.windows.remove(0);
+        }
+        self.windows.push((from, to, refs));
+    }
+}
 
 impl Shared {
     /// Writes `ranges` as stripes and commits their extents, with `late`
@@ -88,7 +128,7 @@ impl Shared {
     /// Waits for the background flush of this inode, if any.
     pub(super) async fn join_inflight(&self, f: &mut FileInner) -> Result<(), Errno> {
         if let Some((_, h)) = f.inflight.take() {
-            f.ext = None;
+            f.ext.clear();
             match h.await {
                 Ok(r) => r?,
                 Err(_) => return Err(Errno::EIO),
@@ -128,7 +168,7 @@ impl Shared {
                 // The bytes were committed; the deferred setattr was
                 // refused and is dropped (its error is this one).
                 f.size = None;
-                f.ext = None;
+                f.ext.clear();
                 f.opened = None;
                 return Err(e);
             }
@@ -142,7 +182,7 @@ impl Shared {
             return Err(e);
         }
         f.size = None;
-        f.ext = None;
+        f.ext.clear();
         f.opened = None;
         Ok(())
     }
@@ -166,22 +206,18 @@ impl Shared {
         len: u64,
     ) -> Result<Vec<ExtentRef>, Errno> {
         let end = off + len;
-        if let Some((from, to, refs)) = &f.ext {
-            if *from <= off && end <= *to {
-                return Ok(refs
-                    .iter()
-                    .filter(|e| e.offset < end && e.offset + e.len > off)
-                    .cloned()
-                    .collect());
-            }
+        if let Some(refs) = f.ext.find(off, end) {
+            return Ok(refs);
         }
-        let want = len.max(32 << 20);
+        // Aligned windows, so that random reads reuse them.
+        let from = off - off % EXT_WINDOW;
+        let want = (end - from).max(EXT_WINDOW);
         let refs = self
             .meta
             .rpc(
                 Extents {
                     ino,
-                    offset: off,
+                    offset: from,
                     len: want,
                 },
                 self.strict(),
@@ -192,7 +228,7 @@ impl Shared {
             .filter(|e| e.offset < end && e.offset + e.len > off)
             .cloned()
             .collect();
-        f.ext = Some((off, off + want, refs));
+        f.ext.insert(from, from + want, refs);
         Ok(out)
     }
 
@@ -207,7 +243,11 @@ impl Shared {
         let trusted =
             f.size.is_some() && f.opened.as_ref().is_none_or(|(_, t)| Instant::now() < *t);
         let server = if self.strict() || !trusted {
-            Some(self.getattr(ino, self.strict()).await?)
+            // Under a lease the cached attributes are current.
+            match self.meta.cache.get(ino).filter(|_| !self.strict()) {
+                Some(i) => Some(i),
+                None => Some(self.getattr(ino, self.strict()).await?),
+            }
         } else {
             None
         };
@@ -498,7 +538,7 @@ impl Shared {
         )
         .await?;
         f.size = None;
-        f.ext = None;
+        f.ext.clear();
         f.opened = None;
         debug!(ino_in, ino_out, n, "copy_file_range by reference");
         Ok(n as u32)

@@ -118,7 +118,7 @@ impl Shared {
         f.opened = None;
         if truncates {
             f.size = None;
-            f.ext = None;
+            f.ext.clear();
         }
         Ok(attr_of(&i, f.size.map(|s| s.max(i.size))))
     }

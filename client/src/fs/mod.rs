@@ -11,7 +11,7 @@ mod xattr;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -46,8 +46,8 @@ struct FileInner {
     /// the server again (the attribute TTL): the first read, write or
     /// deferred setattr needs no getattr of its own.
     opened: Option<(Inode, Instant)>,
-    /// Extent map window `[from, to)` fetched from the server.
-    ext: Option<(u64, u64, Vec<ExtentRef>)>,
+    /// Extent map windows fetched from the server.
+    ext: io::ExtWindows,
     /// End of the last read (sequential detection) and read-ahead window.
     seq_end: u64,
     ra_window: u64,
@@ -92,8 +92,10 @@ struct Shared {
     known: Mutex<HashSet<Ino>>,
     /// Inodes known to have no file capabilities (caps.rs).
     no_caps: caps::NoCaps,
-    /// Open directories' fetched entries (dir.rs).
+    /// Listings in progress (dir.rs).
     dirs: dir::Streams,
+    /// The kernel agreed to send no opendir (`FUSE_NO_OPENDIR_SUPPORT`).
+    no_opendir: AtomicBool,
     next_fh: AtomicU64,
 }
 
@@ -309,6 +311,7 @@ impl CfsFs {
                 known: Mutex::default(),
                 no_caps: caps::NoCaps::default(),
                 dirs: dir::Streams::default(),
+                no_opendir: AtomicBool::new(false),
                 next_fh: AtomicU64::new(1),
             }),
         }
@@ -331,10 +334,11 @@ impl CfsFs {
     pub fn forget_cached(&self) -> Arc<dyn Fn(Ino) + Send + Sync> {
         let sh = self.sh.clone();
         Arc::new(move |ino| {
+            sh.dirs.forget(ino);
             let st = sh.files.lock().expect("files lock").get(&ino).cloned();
             if let Some(st) = st {
                 if let Ok(mut f) = st.inner.try_lock() {
-                    f.ext = None;
+                    f.ext.clear();
                     if f.dirty.is_empty() && f.inflight.is_none() {
                         f.size = None;
                     }
@@ -477,6 +481,11 @@ impl Filesystem for CfsFs {
             FUSE_CACHE_SYMLINKS,
         ] {
             let _ = config.add_capabilities(flag);
+        }
+        // No opendir/releasedir round trips: a listing checks freshness
+        // itself (dir.rs). Not in strict mode, whose opendir is a barrier.
+        if !self.sh.strict() && config.add_capabilities(FUSE_NO_OPENDIR_SUPPORT).is_ok() {
+            self.sh.no_opendir.store(true, Ordering::Relaxed);
         }
         let _ = config.set_max_write(1 << 20);
         let _ = config.set_max_readahead(1 << 20);
@@ -754,7 +763,7 @@ impl Filesystem for CfsFs {
                     {
                         let mut f = st.inner.lock().await;
                         if !leased {
-                            f.ext = None;
+                            f.ext.clear();
                         }
                         f.opened_as(&i, sh.opts.ttl());
                     }
@@ -907,6 +916,13 @@ impl Filesystem for CfsFs {
     }
 
     fn opendir(&mut self, _req: &Request<'_>, ino: u64, _flags: i32, reply: ReplyOpen) {
+        if self.sh.no_opendir.load(Ordering::Relaxed) {
+            // The kernel takes ENOSYS as "no opendir needed" and stops
+            // sending them (FUSE_NO_OPENDIR_SUPPORT); listings check
+            // freshness themselves (dir.rs).
+            self.sh.meta.stats.request("opendir");
+            return reply.error(libc::ENOSYS);
+        }
         let sh = self.sh.clone();
         self.spawn("opendir", async move {
             match sh
@@ -915,11 +931,7 @@ impl Filesystem for CfsFs {
                 .map(|(i, _)| i)
             {
                 Ok(i) if !i.is_dir() => reply.error(libc::ENOTDIR),
-                Ok(_) => {
-                    let fh = sh.next_fh.fetch_add(1, Ordering::Relaxed);
-                    sh.dirs.open(fh);
-                    reply.opened(fh, 0)
-                }
+                Ok(_) => reply.opened(sh.next_fh.fetch_add(1, Ordering::Relaxed), 0),
                 Err(e) => reply.error(e.0),
             }
         });
@@ -953,12 +965,11 @@ impl Filesystem for CfsFs {
         &mut self,
         _req: &Request<'_>,
         _ino: u64,
-        fh: u64,
+        _fh: u64,
         _flags: i32,
         reply: ReplyEmpty,
     ) {
         self.sh.meta.stats.request("releasedir");
-        self.sh.dirs.close(fh);
         reply.ok();
     }
 
@@ -1182,7 +1193,7 @@ impl Filesystem for CfsFs {
                 )
                 .await?;
                 f.size = None;
-                f.ext = None;
+                f.ext.clear();
                 f.opened = None;
                 Ok(())
             }
