@@ -417,12 +417,17 @@ impl MetaClient {
                                 // The node could not get it through the
                                 // log (cut off from the majority, or no
                                 // leader yet): retry on the next server.
+                                warn!(server = %self.servers[c.server], "EIO from the node; trying the next");
                                 self.drop_conn(c.server).await;
                             }
                             Ok(Ok(r)) => return r,
-                            Ok(Err(_)) => self.drop_conn(c.server).await,
+                            Ok(Err(_)) => {
+                                warn!(server = %self.servers[c.server], "connection lost");
+                                self.drop_conn(c.server).await
+                            }
                             Err(_) => {
                                 c.pending.lock().expect("pending lock").remove(&id);
+                                warn!(server = %self.servers[c.server], ?attempt, "no answer in time; trying the next");
                                 self.drop_conn(c.server).await;
                             }
                         }

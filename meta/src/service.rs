@@ -32,6 +32,9 @@ const APPLY_WAIT: Duration = Duration::from_secs(30);
 const RECOVER_AFTER: Duration = Duration::from_secs(3);
 /// Entries per readdir reply at most.
 const READDIR_MAX: u32 = 1024;
+/// Changes queued for the sessions' forwarders before the slowest is
+/// told to drop everything (`Lagged`).
+const CHANGES_QUEUE_MAX: usize = 64 * 1024;
 /// How often leadership terms and clean positions are refreshed.
 const LEASE_TICK: Duration = Duration::from_millis(10);
 /// Longest wait for a leased session's invalidation to be forwarded
@@ -111,7 +114,7 @@ impl MetaService {
         let path = cfg.data_dir.join("namespace");
         let db = Arc::new(NamespaceDb::open(&path).context("opening the namespace database")?);
         let waiters = Arc::new(Waiters::default());
-        let (changes, _) = broadcast::channel(4096);
+        let (changes, _) = broadcast::channel(CHANGES_QUEUE_MAX);
         let mut applied = HashMap::new();
         let mut barriers = HashMap::new();
         let failed: Arc<std::sync::Mutex<Vec<String>>> = Arc::default();
@@ -416,7 +419,11 @@ async fn serve_conn(inner: Arc<Inner>, sock: TcpStream) {
                     }
                     sess2.forwarded(c.shard, c.upto, (!own).then_some(last));
                 }
-                Err(broadcast::error::RecvError::Lagged(_)) => {
+                Err(broadcast::error::RecvError::Lagged(n)) => {
+                    warn!(
+                        missed = n,
+                        "session fell behind the changes; it drops everything"
+                    );
                     // Missed some: tell the client to drop everything;
                     // that covers every change applied so far.
                     let seq = sess2.next_seq();
