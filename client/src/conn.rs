@@ -425,6 +425,12 @@ impl MetaClient {
                                 warn!(server = %self.servers[c.server], "connection lost");
                                 self.drop_conn(c.server).await
                             }
+                            Err(_) if matches!(req, Request::Lease) => {
+                                // A slow renewal is not a dead node: the
+                                // lease lapses, the session stays.
+                                c.pending.lock().expect("pending lock").remove(&id);
+                                return Err(Errno::EAGAIN);
+                            }
                             Err(_) => {
                                 c.pending.lock().expect("pending lock").remove(&id);
                                 warn!(server = %self.servers[c.server], ?attempt, "no answer in time; trying the next");

@@ -568,13 +568,15 @@ impl Inner {
     /// invalidations of everything applied so far are queued to it.
     async fn grant(&self, session: &Session) -> Result<Reply, Errno> {
         let mut shards = Vec::new();
+        // One deadline for all shards: a grant answers in time even when
+        // the session's invalidations lag (those shards are left out).
+        let deadline = Instant::now() + GRANT_WAIT;
         if !session.congested() {
             for st in self.log.status() {
                 if !st.is_leader || self.fresh(st.shard).await.is_err() {
                     continue;
                 }
                 let upto = *self.applied[&st.shard].borrow();
-                let deadline = Instant::now() + GRANT_WAIT;
                 if !session.wait_forwarded(st.shard, upto, deadline).await {
                     continue;
                 }
