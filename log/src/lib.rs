@@ -4,13 +4,16 @@
 //!
 //! Layering, bottom up (each module knows only those above it in this list):
 //! `frame` → `entry` → `disk` → `wal` → `storage` → `shard` (sans-IO core)
-//! → `transport`, `runtime` (threads, sockets, clocks).
+//! → `policy` (sans-IO rules around the core: waiters, re-proposal, trim
+//! floors) → `transport`, `runtime` (threads, sockets, clocks); `sim` drives
+//! `shard` and `policy` like `runtime` does.
 //!
 //! Invariant: the log knows no inodes, files or segments; entries are
 //! opaque payloads tagged with a kind.
 
 pub mod disk;
 pub mod entry;
+pub mod policy;
 pub use cfs_frame as frame;
 pub mod read_index;
 pub mod shard;

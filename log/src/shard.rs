@@ -65,7 +65,7 @@ impl Default for Timing {
 }
 
 /// What `propose` did with an entry.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Proposed {
     /// Appended by this leader; it will appear in a later `ready().decided`.
     Appended,

@@ -39,8 +39,9 @@ use tracing::{error, info, info_span, warn, Instrument};
 
 use crate::disk::FsDisk;
 use crate::entry::{Entry, EntryKind, RequestId, KIND_USER_MIN};
+use crate::policy::{ForwardedReads, Proposals, Refused, Ticks, TrimFloors};
 use crate::read_index::{ReadFailed, ReadId, ReadMsg, ReadStart};
-use crate::shard::{Epoch, Position, Proposed, ShardCore, ShardId, Timing};
+use crate::shard::{Epoch, Position, ShardCore, ShardId, Timing};
 use crate::storage::SharedWal;
 use crate::transport::{write_msg, FrameReader, Identity, PeerLinks, HANDSHAKE_TIMEOUT};
 use crate::wal::WalConfig;
@@ -62,11 +63,6 @@ pub const SHARD_INBOX_MAX: usize = 64 * 1024;
 pub const SHARD_BATCH_INPUTS_MAX: usize = 8 * 1024;
 /// Entries returned by one subscription read.
 pub const SUBSCRIBE_BATCH_MAX: usize = 4096;
-/// Ticks after which an undecided proposal with a local waiter is
-/// proposed again (see `ShardLoop::inflight`).
-const REPROPOSE_TICKS: u64 = 10;
-/// Ticks between trim-floor exchanges and waiter sweeps.
-const HOUSEKEEPING_TICKS: u64 = 50;
 
 #[derive(Clone, Debug)]
 pub struct LogNodeConfig {
@@ -478,6 +474,7 @@ impl LogNode {
             let shard = core.shard;
             let weak = Arc::downgrade(&inner);
             let tick = cfg.tick;
+            let retain_entries = cfg.retain_entries;
             let t = std::thread::Builder::new()
                 .name(format!("shard-{shard}"))
                 .spawn(move || {
@@ -491,13 +488,11 @@ impl LogNode {
                         subs,
                         counters,
                         links: weak,
-                        waiters: HashMap::new(),
-                        inflight: HashMap::new(),
-                        peer_floors: HashMap::new(),
-                        trimmed_to: 0,
-                        ticks: 0,
+                        proposals: Proposals::default(),
+                        floors: TrimFloors::new(retain_entries),
+                        ticks: Ticks::default(),
                         reads: HashMap::new(),
-                        reads_forwarded: HashMap::new(),
+                        forwarded: ForwardedReads::default(),
                         next_read: 0,
                         watermark,
                     };

@@ -1,7 +1,8 @@
 //! One shard's thread: applies inputs to its `ShardCore`, runs the group
-//! commit (`ready`), then answers waiters and readers, re-proposes
-//! undecided entries and re-forwards unanswered reads, and exchanges trim
-//! floors.
+//! commit (`ready`), then answers waiters and readers. The rules for
+//! re-proposing undecided entries, re-forwarding unanswered reads and
+//! trimming are in `policy` (shared with the simulation); this module only
+//! does their I/O.
 
 use super::*;
 
@@ -14,22 +15,13 @@ pub(super) struct ShardLoop {
     pub(super) subs: Arc<Mutex<SubscriberTable>>,
     pub(super) counters: Arc<ShardCounters>,
     pub(super) links: std::sync::Weak<Inner>,
-    pub(super) waiters: HashMap<RequestId, Vec<Reply>>,
-    /// Undecided entries proposed through this node for local waiters, with
-    /// the tick they were last proposed: an entry can be lost before it is
-    /// decided (a leader replaced before replicating it, a forward sent to
-    /// a leader still preparing), so it is proposed again until decided;
-    /// the log deduplicates by request id.
-    pub(super) inflight: HashMap<RequestId, (Entry, u64)>,
-    pub(super) peer_floors: HashMap<NodeId, Position>,
-    pub(super) trimmed_to: Position,
-    pub(super) ticks: u64,
+    pub(super) proposals: Proposals<Reply>,
+    pub(super) floors: TrimFloors,
+    pub(super) ticks: Ticks,
     /// Reads of callers on this node, by their number (`ReadId::seq`).
     pub(super) reads: HashMap<u64, ReadReply>,
-    /// Of those, the ones forwarded to a leader, with the tick they were
-    /// last sent: a forward can be lost (a link not up yet, a leader
-    /// replaced), so it is sent again until answered, like proposals.
-    pub(super) reads_forwarded: HashMap<u64, u64>,
+    /// Of those, the ones forwarded to a leader.
+    pub(super) forwarded: ForwardedReads,
     pub(super) next_read: u64,
     /// See [`LogNode::set_watermark`].
     pub(super) watermark: Arc<AtomicU64>,
@@ -59,20 +51,47 @@ impl ShardLoop {
             }
             if Instant::now() >= next_tick {
                 self.core.tick();
-                self.ticks += 1;
+                let due = self.ticks.tick();
                 next_tick += tick;
                 if next_tick < Instant::now() {
                     next_tick = Instant::now() + tick;
                 }
-                if self.ticks.is_multiple_of(HOUSEKEEPING_TICKS) {
+                if due.housekeeping {
                     self.housekeeping();
                 }
-                if self.ticks.is_multiple_of(REPROPOSE_TICKS) {
+                if due.retry {
                     self.repropose_inflight();
                     self.reforward_reads();
                 }
             }
             self.flush()?;
+        }
+    }
+
+    fn send_forward(&self, leader: NodeId, entries: Vec<Entry>) {
+        if let Some(inner) = self.links.upgrade() {
+            inner.links.send(
+                leader,
+                &Wire::Forward {
+                    shard: self.core.shard,
+                    entries,
+                },
+            );
+        }
+    }
+
+    fn refusal(&self, r: Refused) -> LogError {
+        let shard = self.core.shard;
+        match r {
+            Refused::NotLeader(leader) => LogError::NotLeader {
+                shard,
+                leader: Some(leader),
+                addr: self
+                    .links
+                    .upgrade()
+                    .and_then(|i| i.cfg.nodes.get(&leader).map(|a| a.to_string())),
+            },
+            Refused::NoLeader => LogError::NoLeader(shard),
         }
     }
 
@@ -85,56 +104,15 @@ impl ShardLoop {
                 reply,
                 redirect,
             } => {
-                let req = entry.request;
-                let outcome = self.core.propose(entry.clone());
-                tracing::debug!(?req, ?outcome, local = reply.is_some(), "propose");
-                match outcome {
-                    Proposed::Appended | Proposed::Duplicate(None) => {
-                        if let Some(r) = reply {
-                            self.inflight.insert(req, (entry, self.ticks));
-                            self.waiters.entry(req).or_default().push(r);
-                        }
-                    }
-                    Proposed::Duplicate(Some(p)) => {
-                        if let Some(r) = reply {
-                            r.send(Ok(p));
-                        }
-                    }
-                    Proposed::Forward(leader) if redirect => {
-                        if let Some(r) = reply {
-                            let addr = self
-                                .links
-                                .upgrade()
-                                .and_then(|i| i.cfg.nodes.get(&leader).map(|a| a.to_string()));
-                            r.send(Err(LogError::NotLeader {
-                                shard: self.core.shard,
-                                leader: Some(leader),
-                                addr,
-                            }));
-                        }
-                    }
-                    Proposed::Forward(leader) => {
-                        if reply.is_some() {
-                            self.inflight.insert(req, (entry.clone(), self.ticks));
-                        }
-                        if let Some(inner) = self.links.upgrade() {
-                            inner.links.send(
-                                leader,
-                                &Wire::Forward {
-                                    shard: self.core.shard,
-                                    entries: vec![entry],
-                                },
-                            );
-                        }
-                        if let Some(r) = reply {
-                            self.waiters.entry(req).or_default().push(r);
-                        }
-                    }
-                    Proposed::NoLeader | Proposed::Stopping => {
-                        if let Some(r) = reply {
-                            r.send(Err(LogError::NoLeader(self.core.shard)));
-                        }
-                    }
+                let now = self.ticks.now();
+                let done =
+                    self.proposals
+                        .submit(&mut self.core, entry.clone(), reply, redirect, now);
+                if let Some(leader) = done.forward {
+                    self.send_forward(leader, vec![entry]);
+                }
+                if let Some((r, result)) = done.answer {
+                    r.send(result.map_err(|e| self.refusal(e)));
                 }
             }
             Input::Read(reply) => self.start_read(reply),
@@ -157,9 +135,7 @@ impl ShardLoop {
             }
             Input::ReadMsg(from, msg) => self.core.handle_read(from, msg),
             Input::Reconnected(p) => self.core.reconnected(p),
-            Input::PeerFloor(p, f) => {
-                self.peer_floors.insert(p, f);
-            }
+            Input::PeerFloor(p, f) => self.floors.peer(p, f),
             Input::Stop => return false,
         }
         true
@@ -179,7 +155,7 @@ impl ShardLoop {
             }
             ReadStart::Forward(leader) => {
                 self.reads.insert(seq, reply);
-                self.reads_forwarded.insert(seq, self.ticks);
+                self.forwarded.sent(seq, self.ticks.now());
                 if let Some(inner) = self.links.upgrade() {
                     inner.links.send(leader, &Wire::ReadForward { shard, seq });
                 }
@@ -202,7 +178,7 @@ impl ShardLoop {
 
     fn answer_read(&mut self, id: ReadId, result: Result<ReadPoint, LogError>) {
         if id.origin == self.core.node {
-            self.reads_forwarded.remove(&id.seq);
+            self.forwarded.answered(id.seq);
             if let Some(r) = self.reads.remove(&id.seq) {
                 r.send(result);
             }
@@ -275,11 +251,8 @@ impl ShardLoop {
                 .decided_entries
                 .fetch_add(ready.decided.len() as u64, Ordering::Relaxed);
             for (pos, e) in &ready.decided {
-                self.inflight.remove(&e.request);
-                if let Some(ws) = self.waiters.remove(&e.request) {
-                    for w in ws {
-                        w.send(Ok(*pos));
-                    }
+                for w in self.proposals.decided(e.request) {
+                    w.send(Ok(*pos));
                 }
             }
             let _ = self.decided_tx.send(self.core.delivered());
@@ -288,6 +261,9 @@ impl ShardLoop {
             warn!(
                 "epoch stopped; runtime reconfiguration is not supported yet, shard is read-only"
             );
+            for w in self.proposals.drain() {
+                w.send(Err(LogError::NoLeader(shard)));
+            }
         }
         let mut st = self.status.lock().expect("status lock");
         st.leader = self.core.leader();
@@ -297,67 +273,27 @@ impl ShardLoop {
         Ok(())
     }
 
-    /// Proposes again every entry still undecided after
-    /// [`REPROPOSE_TICKS`] (to whoever leads now; duplicates are recognised
-    /// by request id).
+    /// Proposes again every entry still undecided (see
+    /// [`Proposals::retry`]).
     fn repropose_inflight(&mut self) {
-        let stale: Vec<RequestId> = self
-            .inflight
-            .iter()
-            .filter(|(_, (_, sent))| self.ticks - sent >= REPROPOSE_TICKS)
-            .map(|(r, _)| *r)
-            .collect();
-        for req in stale {
-            let Some((entry, _)) = self.inflight.remove(&req) else {
-                continue;
-            };
-            if !self.waiters.contains_key(&req) {
-                continue;
-            }
-            match self.core.propose(entry.clone()) {
-                Proposed::Forward(leader) => {
-                    if let Some(inner) = self.links.upgrade() {
-                        inner.links.send(
-                            leader,
-                            &Wire::Forward {
-                                shard: self.core.shard,
-                                entries: vec![entry.clone()],
-                            },
-                        );
-                    }
-                    self.inflight.insert(req, (entry, self.ticks));
-                }
-                Proposed::Duplicate(Some(p)) => {
-                    for w in self.waiters.remove(&req).unwrap_or_default() {
-                        w.send(Ok(p));
-                    }
-                }
-                Proposed::Appended
-                | Proposed::Duplicate(None)
-                | Proposed::NoLeader
-                | Proposed::Stopping => {
-                    self.inflight.insert(req, (entry, self.ticks));
-                }
-            }
+        let done = self.proposals.retry(&mut self.core, self.ticks.now());
+        for (leader, entry) in done.forward {
+            self.send_forward(leader, vec![entry]);
+        }
+        for (w, p) in done.answered {
+            w.send(Ok(p));
         }
     }
 
-    /// Sends again every read forwarded [`REPROPOSE_TICKS`] ago and not
-    /// answered, to whoever leads now (a duplicate answer is ignored).
+    /// Sends again every read forwarded and not answered, to whoever leads
+    /// now (a duplicate answer is ignored).
     fn reforward_reads(&mut self) {
-        let stale: Vec<u64> = self
-            .reads_forwarded
-            .iter()
-            .filter(|(_, sent)| self.ticks - **sent >= REPROPOSE_TICKS)
-            .map(|(s, _)| *s)
-            .collect();
         let shard = self.core.shard;
-        for seq in stale {
+        for seq in self.forwarded.due(self.ticks.now()) {
             if !self.reads.contains_key(&seq) {
-                self.reads_forwarded.remove(&seq);
+                self.forwarded.answered(seq);
                 continue;
             }
-            self.reads_forwarded.insert(seq, self.ticks);
             let id = ReadId {
                 origin: self.core.node,
                 seq,
@@ -369,24 +305,17 @@ impl ShardLoop {
                     }
                 }
                 // Registered here now (this node leads): answered locally.
-                ReadStart::Pending => {
-                    self.reads_forwarded.remove(&seq);
-                }
+                ReadStart::Pending => self.forwarded.answered(seq),
                 ReadStart::NoLeader | ReadStart::Busy => {}
             }
         }
     }
 
     fn housekeeping(&mut self) {
-        self.waiters.retain(|_, ws| {
-            ws.retain(|w| !w.is_closed());
-            !ws.is_empty()
-        });
-        let waiters = &self.waiters;
-        self.inflight.retain(|r, _| waiters.contains_key(r));
+        self.proposals.sweep(Reply::is_closed);
         self.reads.retain(|_, r| !r.is_closed());
         let reads = &self.reads;
-        self.reads_forwarded.retain(|s, _| reads.contains_key(s));
+        self.forwarded.retain(|s| reads.contains_key(&s));
         let floor = {
             let mut t = self.subs.lock().expect("subscribers lock");
             if let Err(e) = t.save() {
@@ -397,31 +326,27 @@ impl ShardLoop {
         let Some(inner) = self.links.upgrade() else {
             return;
         };
-        for id in inner.cfg.nodes.keys() {
-            if *id != self.core.node {
-                inner.links.send(
-                    *id,
-                    &Wire::Persisted {
-                        shard: self.core.shard,
-                        floor,
-                    },
-                );
-            }
+        let peers: Vec<NodeId> = inner
+            .cfg
+            .nodes
+            .keys()
+            .copied()
+            .filter(|id| *id != self.core.node)
+            .collect();
+        for id in &peers {
+            inner.links.send(
+                *id,
+                &Wire::Persisted {
+                    shard: self.core.shard,
+                    floor,
+                },
+            );
         }
         if self.core.is_leader() {
-            let others = inner.cfg.nodes.len() - 1;
-            if self.peer_floors.len() >= others {
-                let min = self
-                    .peer_floors
-                    .values()
-                    .copied()
-                    .min()
-                    .unwrap_or(0)
-                    .min(floor)
-                    .saturating_sub(inner.cfg.retain_entries);
-                if min > self.trimmed_to && self.core.trim(min) {
-                    info!(below = min, "trimmed log");
-                    self.trimmed_to = min;
+            if let Some(upto) = self.floors.due(floor, &peers) {
+                if self.core.trim(upto) {
+                    info!(below = upto, "trimmed log");
+                    self.floors.trimmed(upto);
                 }
             }
         }

@@ -9,7 +9,8 @@
 //!
 //! One step: due messages are delivered, clients propose (new requests and
 //! retries, at random replicas; `Forward` answers travel to the leader as
-//! messages), every replica ticks, then `ready_pipelined` runs on each
+//! messages), every replica ticks (and what its ticks make due runs:
+//! re-proposals, re-forwarded reads, floor exchange and trimming), then `ready_pipelined` runs on each
 //! replica, as in the runtime (its group commit: whatever arrived since the
 //! last one is one batch; a leader's `AcceptDecide`s leave before its
 //! fsync, so they are out even when that fsync fails).
@@ -21,10 +22,17 @@
 //! replicas crash and restart from their WAL and their materializer's
 //! snapshot; an fsync fails (device error) or the power fails during it, so
 //! the crash keeps a random, possibly torn, prefix of the unsynced write;
-//! the leader trims below what every materializer has persisted (small
-//! segments, so trimmed segments are deleted); for some seeds the replica
+//! the leader trims below what every materializer has persisted, learnt
+//! from floors the replicas send each other (small segments, so trimmed
+//! segments are deleted); for some seeds the replica
 //! set reconfigures into a new epoch (same nodes, `config_id` 2, fresh
 //! disks, positions continuing across the boundary).
+//!
+//! Around each core the simulation keeps what the runtime's shard loop
+//! keeps, in the same types (`policy`): who waits for which proposal and
+//! when it is proposed again, which forwarded reads are re-sent, the trim
+//! floors. Only clients' own retries (a request re-sent with its id after a
+//! timeout) are the simulation's.
 //!
 //! Invariants, checked after every step (and at every delivery):
 //! 1. Agreement: no two replicas ever deliver different entries at one
@@ -38,7 +46,8 @@
 //!    incarnation, nor below what it had durably decided (returned from
 //!    `ready`) before a crash.
 //! 5. Deduplication: no request id is decided at two positions, and a
-//!    `Duplicate(Some(p))` answer names the position the request holds.
+//!    `Duplicate(Some(p))` answer, like every position a waiter is
+//!    answered with, names the position the request holds.
 //! 6. Linearizable reads: a read (`ShardCore::read`, ReadIndex: no entry)
 //!    issued at a random replica, forwarded to the leader it knows, and
 //!    answered with position `p` has every position decided anywhere
@@ -65,6 +74,7 @@ use rand::{Rng, SeedableRng};
 
 use crate::disk::{Disk, DiskFile, SimDisk, SimFile};
 use crate::entry::{Entry, EntryKind, RequestId};
+use crate::policy::{ForwardedReads, Proposals, Refused, Ticks, TrimFloors};
 use crate::read_index::{ReadId, ReadMsg, ReadStart};
 use crate::shard::{Epoch, Position, Proposed, Ready, ShardCore, ShardId, Timing};
 use crate::wal::WalConfig;
@@ -87,8 +97,6 @@ const SEGMENT_BYTES: u64 = 4096;
 const CLIENTS: u64 = 4;
 /// Recent requests a client may retry.
 const RETRY_WINDOW: usize = 64;
-/// A forwarded proposal chasing a moving leader gives up after this many hops.
-const FORWARD_HOPS_MAX: u8 = 3;
 /// Calm steps allowed for every replica to catch up at the end of a run.
 const SETTLE_STEPS_MAX: u64 = 5_000;
 /// Events kept for the failure report.
@@ -131,6 +139,9 @@ pub struct Stats {
     pub forwarded: u64,
     /// `NoLeader` and `Stopping` answers.
     pub refused: u64,
+    /// Proposals answered to their waiter with a position (each checked to
+    /// hold that request), by the same `policy::Proposals` as the runtime.
+    pub answered: u64,
     /// Retries not sent because the first copy left the dedupe window.
     pub stale_retries_skipped: u64,
     pub messages: u64,
@@ -171,6 +182,7 @@ impl Stats {
         self.deduplicated += o.deduplicated;
         self.forwarded += o.forwarded;
         self.refused += o.refused;
+        self.answered += o.answered;
         self.stale_retries_skipped += o.stale_retries_skipped;
         self.messages += o.messages;
         self.dropped += o.dropped;
@@ -361,6 +373,28 @@ struct Live {
     seen_segments: Vec<usize>,
     /// The materializer, fed by every core's `ready().decided`.
     mat: Materialized,
+    /// The runtime's rules around each core (`policy`), one per core.
+    policies: Vec<CorePolicy>,
+}
+
+/// What the runtime's shard loop keeps around its core, in the same types:
+/// waiters and re-proposals, forwarded reads, trim floors.
+struct CorePolicy {
+    ticks: Ticks,
+    proposals: Proposals<RequestId>,
+    forwarded: ForwardedReads,
+    floors: TrimFloors,
+}
+
+impl CorePolicy {
+    fn new() -> CorePolicy {
+        CorePolicy {
+            ticks: Ticks::default(),
+            proposals: Proposals::default(),
+            forwarded: ForwardedReads::default(),
+            floors: TrimFloors::new(0),
+        }
+    }
 }
 
 struct Replica {
@@ -519,12 +553,11 @@ impl Sim {
         self.deliver_due()?;
         self.clients()?;
         self.maybe_reconfigure();
-        self.tick_all();
+        self.tick_all()?;
         for i in 0..NODES.len() {
             self.ready_replica(i)?;
         }
         self.persist_snapshots();
-        self.maybe_trim();
         self.check_step()?;
         self.step += 1;
         Ok(())
@@ -721,11 +754,13 @@ impl Sim {
             cores.push(core);
         }
         let id = r.id;
+        let policies = cores.iter().map(|_| CorePolicy::new()).collect();
         self.replicas[i].live = Some(Live {
             cores,
             seen_decided,
             seen_segments,
             mat,
+            policies,
         });
         self.note(format!("node {id} started from snapshot at {}", mat.next));
         for j in 0..NODES.len() {
@@ -771,7 +806,16 @@ impl Sim {
                 }
                 Ok(())
             }
-            Payload::Forward { entry, hops } => self.propose(i, k, entry, hops),
+            // As the runtime: a forwarded entry is proposed with nobody
+            // waiting here and is not forwarded again (its origin proposes
+            // it again until decided).
+            Payload::Forward(entry) => self.propose(i, k, entry, None, true),
+            Payload::Floor(floor) => {
+                if let Some(live) = self.replicas[i].live.as_mut() {
+                    live.policies[k].floors.peer(p.from, floor);
+                }
+                Ok(())
+            }
             Payload::Read(m) => {
                 if let Some(live) = self.replicas[i].live.as_mut() {
                     live.cores[k].handle_read(p.from, m);
@@ -785,6 +829,7 @@ impl Sim {
                 };
                 if answer != ReadStart::Pending && self.reads.remove(&id).is_some() {
                     self.stats.reads_refused += 1;
+                    self.read_done(id);
                 }
                 Ok(())
             }
@@ -820,6 +865,8 @@ impl Sim {
         match core.read(id) {
             ReadStart::Pending => {}
             ReadStart::Forward(leader) => {
+                let now = live.policies[k].ticks.now();
+                live.policies[k].forwarded.sent(id.seq, now);
                 self.net.send(
                     self.step,
                     id.origin,
@@ -834,6 +881,15 @@ impl Sim {
             }
         }
         Ok(())
+    }
+
+    /// A read was answered (or refused): its origin stops forwarding it.
+    fn read_done(&mut self, id: ReadId) {
+        if let Some(live) = self.replicas[index_of(id.origin)].live.as_mut() {
+            for p in &mut live.policies {
+                p.forwarded.answered(id.seq);
+            }
+        }
     }
 
     /// Checks a read's answer against the positions decided before it.
@@ -864,12 +920,13 @@ impl Sim {
     fn clients(&mut self) -> Result<(), String> {
         if self.rng.gen_bool(self.profile.propose) {
             let entry = self.new_request();
-            self.submit(entry)?;
+            let req = entry.request;
+            self.submit(entry, Some(req))?;
         }
         if !self.recent.is_empty() && self.rng.gen_bool(self.profile.retry) {
             let entry = self.recent[self.rng.gen_range(0..self.recent.len())].clone();
             self.stats.retries += 1;
-            self.submit(entry)?;
+            self.submit(entry, None)?;
         }
         if self.rng.gen_bool(self.profile.propose) {
             self.issue_read()?;
@@ -894,8 +951,9 @@ impl Sim {
         entry
     }
 
-    /// Proposes at the newest epoch of a random live replica.
-    fn submit(&mut self, entry: Entry) -> Result<(), String> {
+    /// Proposes at the newest epoch of a random live replica, for `waiter`
+    /// (a new request) or for nobody (a client's retry).
+    fn submit(&mut self, entry: Entry, waiter: Option<RequestId>) -> Result<(), String> {
         let live: Vec<usize> = (0..NODES.len())
             .filter(|i| self.replicas[*i].live.is_some())
             .collect();
@@ -904,12 +962,20 @@ impl Sim {
         }
         let i = live[self.rng.gen_range(0..live.len())];
         let k = self.replicas[i].slots.len() - 1;
-        self.propose(i, k, entry, 0)
+        self.propose(i, k, entry, waiter, false)
     }
 
-    /// `propose` on core `k` of replica `i`; a `Forward` answer travels to
-    /// the leader as a message (which may be lost like any other).
-    fn propose(&mut self, i: usize, k: usize, entry: Entry, hops: u8) -> Result<(), String> {
+    /// Proposes on core `k` of replica `i` through its `Proposals`, as the
+    /// runtime's shard loop does; a `Forward` answer travels to the leader
+    /// as a message (which may be lost like any other).
+    fn propose(
+        &mut self,
+        i: usize,
+        k: usize,
+        entry: Entry,
+        waiter: Option<RequestId>,
+        redirect: bool,
+    ) -> Result<(), String> {
         let Some(live) = self.replicas[i].live.as_mut() else {
             return Ok(());
         };
@@ -920,14 +986,18 @@ impl Sim {
             self.stats.stale_retries_skipped += 1;
             return Ok(());
         }
-        let answer = core.propose(entry.clone());
+        let policy = &mut live.policies[k];
+        let now = policy.ticks.now();
+        let done = policy
+            .proposals
+            .submit(core, entry.clone(), waiter, redirect, now);
         if self.opts.trace {
             eprintln!(
-                "[{}] node {node} e{config} propose {req:?}: {answer:?}",
-                self.step
+                "[{}] node {node} e{config} propose {req:?}: {:?}",
+                self.step, done.outcome
             );
         }
-        match answer {
+        match done.outcome {
             Proposed::Appended => self.stats.appended += 1,
             Proposed::Duplicate(at) => {
                 self.stats.deduplicated += 1;
@@ -935,19 +1005,36 @@ impl Sim {
                     self.checker.claim(node, pos, req)?;
                 }
             }
-            Proposed::Forward(leader) => {
-                if hops < FORWARD_HOPS_MAX {
-                    self.stats.forwarded += 1;
-                    let payload = Payload::Forward {
-                        entry,
-                        hops: hops + 1,
-                    };
-                    self.net.send(self.step, node, leader, config, payload);
-                }
-            }
+            Proposed::Forward(_) => self.stats.forwarded += 1,
             Proposed::NoLeader | Proposed::Stopping => self.stats.refused += 1,
         }
+        if let Some(leader) = done.forward {
+            self.net
+                .send(self.step, node, leader, config, Payload::Forward(entry));
+        }
+        if let Some((w, answer)) = done.answer {
+            self.answered(node, w, answer)?;
+        }
         Ok(())
+    }
+
+    /// A waiter got its answer: a position must hold its request.
+    fn answered(
+        &mut self,
+        node: NodeId,
+        req: RequestId,
+        answer: Result<Position, Refused>,
+    ) -> Result<(), String> {
+        match answer {
+            Ok(pos) => {
+                self.stats.answered += 1;
+                self.checker.claim(node, pos, req)
+            }
+            Err(_) => {
+                self.stats.refused += 1;
+                Ok(())
+            }
+        }
     }
 
     /// From `reconfig_at` on, an admin asks a random replica still in the
@@ -969,14 +1056,109 @@ impl Sim {
         }
     }
 
-    fn tick_all(&mut self) {
-        for r in &mut self.replicas {
+    /// Ticks every live core (some ticks are skipped: slow clocks) and its
+    /// policy, then does what the ticks made due, as the runtime does.
+    fn tick_all(&mut self) -> Result<(), String> {
+        let mut due = Vec::new();
+        for (i, r) in self.replicas.iter_mut().enumerate() {
             if let Some(live) = r.live.as_mut() {
-                for c in &mut live.cores {
+                for (k, c) in live.cores.iter_mut().enumerate() {
                     if !self.rng.gen_bool(self.profile.tick_skip) {
                         c.tick();
+                        due.push((i, k, live.policies[k].ticks.tick()));
                     }
                 }
+            }
+        }
+        for (i, k, d) in due {
+            if d.housekeeping {
+                self.housekeeping(i, k);
+            }
+            if d.retry {
+                self.retry(i, k)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// `Proposals::retry` and `ForwardedReads::due` on core `k` of `i`.
+    fn retry(&mut self, i: usize, k: usize) -> Result<(), String> {
+        let Some(live) = self.replicas[i].live.as_mut() else {
+            return Ok(());
+        };
+        let core = &mut live.cores[k];
+        let policy = &mut live.policies[k];
+        let (node, config) = (core.node, core.epoch().config_id);
+        let now = policy.ticks.now();
+        let done = policy.proposals.retry(core, now);
+        let mut reads = Vec::new();
+        for seq in policy.forwarded.due(now) {
+            let id = ReadId { origin: node, seq };
+            if !self.reads.contains_key(&id) {
+                policy.forwarded.answered(seq);
+                continue;
+            }
+            match core.read(id) {
+                ReadStart::Forward(leader) => reads.push((leader, id)),
+                ReadStart::Pending => policy.forwarded.answered(seq),
+                ReadStart::NoLeader | ReadStart::Busy => {}
+            }
+        }
+        for (leader, entry) in done.forward {
+            self.stats.forwarded += 1;
+            self.net
+                .send(self.step, node, leader, config, Payload::Forward(entry));
+        }
+        for (leader, id) in reads {
+            self.net
+                .send(self.step, node, leader, config, Payload::ReadForward(id));
+        }
+        for (w, pos) in done.answered {
+            self.answered(node, w, Ok(pos))?;
+        }
+        Ok(())
+    }
+
+    /// As the runtime's housekeeping: report this replica's floor (its
+    /// persisted snapshot) to the others, and trim if it leads and every
+    /// replica has reported.
+    fn housekeeping(&mut self, i: usize, k: usize) {
+        let r = &mut self.replicas[i];
+        let (id, floor) = (r.id, r.snapshot.next);
+        let Some(live) = r.live.as_mut() else {
+            return;
+        };
+        let core = &mut live.cores[k];
+        let config = core.epoch().config_id;
+        let peers: Vec<NodeId> = core
+            .epoch()
+            .nodes
+            .iter()
+            .copied()
+            .filter(|n| *n != id)
+            .collect();
+        let mut trimmed = None;
+        if core.is_leader() {
+            if let Some(upto) = live.policies[k].floors.due(floor, &peers) {
+                let ok = core.trim(upto);
+                if ok {
+                    live.policies[k].floors.trimmed(upto);
+                }
+                trimmed = Some((upto, ok));
+            }
+        }
+        for p in &peers {
+            self.net
+                .send(self.step, id, *p, config, Payload::Floor(floor));
+        }
+        if let Some((upto, ok)) = trimmed {
+            self.trim_hi = self.trim_hi.max(upto);
+            if self.opts.trace {
+                eprintln!("[{}] node {id} trims to {upto}: {ok}", self.step);
+            }
+            if ok {
+                self.stats.trims += 1;
+                self.stats.max_trim = self.stats.max_trim.max(upto);
             }
         }
     }
@@ -1045,6 +1227,7 @@ impl Sim {
         }
         for (rid, r) in ready.reads {
             if let Some(floor) = self.reads.remove(&rid) {
+                self.read_done(rid);
                 self.read_answered(rid, floor, r)?;
             }
         }
@@ -1058,9 +1241,19 @@ impl Sim {
             let entry = self.maybe_corrupt(i, pos, entry);
             self.checker.decided(id, pos, &entry)?;
             self.materialize(i, pos, &entry)?;
+            let waiters = match self.replicas[i].live.as_mut() {
+                Some(live) => live.policies[k].proposals.decided(entry.request),
+                None => Vec::new(),
+            };
+            for w in waiters {
+                self.answered(id, w, Ok(pos))?;
+            }
         }
         self.check_core(i, k)?;
         if let Some((ss, base)) = ready.stopped {
+            if let Some(live) = self.replicas[i].live.as_mut() {
+                self.stats.refused += live.policies[k].proposals.drain().len() as u64;
+            }
             self.on_stopped(i, k, ss, base)?;
         }
         Ok(())
@@ -1218,6 +1411,7 @@ impl Sim {
             live.seen_decided.push(core.decided());
             live.seen_segments.push(core.wal().lock().segment_count());
             live.cores.push(core);
+            live.policies.push(CorePolicy::new());
         }
         self.stats.epochs_joined += 1;
         self.note(format!("node {id} joined epoch {config_id} at base {base}"));
@@ -1235,38 +1429,6 @@ impl Sim {
                     r.snapshot = live.mat;
                 }
             }
-        }
-    }
-
-    /// Now and then the leader of the newest epoch trims below the lowest
-    /// persisted snapshot of all replicas (a crashed replica's included).
-    fn maybe_trim(&mut self) {
-        if !self.rng.gen_bool(self.profile.trim) {
-            return;
-        }
-        let upto = self
-            .replicas
-            .iter()
-            .map(|r| r.snapshot.next)
-            .min()
-            .unwrap_or(0);
-        for r in &mut self.replicas {
-            let Some(core) = r.live.as_mut().and_then(|l| l.cores.last_mut()) else {
-                continue;
-            };
-            if !core.is_leader() {
-                continue;
-            }
-            self.trim_hi = self.trim_hi.max(upto);
-            let trimmed = core.trim(upto);
-            if self.opts.trace {
-                eprintln!("[{}] node {} trims to {upto}: {trimmed}", self.step, r.id);
-            }
-            if trimmed {
-                self.stats.trims += 1;
-                self.stats.max_trim = self.stats.max_trim.max(upto);
-            }
-            return;
         }
     }
 

@@ -14,7 +14,6 @@ pub(super) struct Profile {
     pub(super) propose: f64,
     pub(super) retry: f64,
     pub(super) snapshot: f64,
-    pub(super) trim: f64,
     /// A replica skips `ready` this step (bigger batches, like a slow fsync).
     pub(super) ready_skip: f64,
     /// Step from which an admin asks for a new epoch, if this run does.
@@ -53,7 +52,6 @@ impl Profile {
             propose: rng.gen_range(0.1..0.9),
             retry: rng.gen_range(0.0..0.2),
             snapshot: rng.gen_range(0.01..0.2),
-            trim: rng.gen_range(0.0..0.1),
             ready_skip: maybe_rate(rng, 0.5, 0.3),
             reconfig_at: rng.gen_bool(0.5).then(|| rng.gen_range(0..=steps * 3 / 4)),
         }
@@ -89,10 +87,9 @@ impl NetProfile {
 pub(super) enum Payload {
     Paxos(Message<Entry>),
     /// `Proposed::Forward`: a proposal on its way to the leader.
-    Forward {
-        entry: Entry,
-        hops: u8,
-    },
+    Forward(Entry),
+    /// A replica's trim floor (its persisted snapshot), as `Wire::Persisted`.
+    Floor(Position),
     /// A read-index probe or ack.
     Read(ReadMsg),
     /// `ReadStart::Forward`: a read on its way to the leader.
