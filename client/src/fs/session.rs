@@ -1,0 +1,111 @@
+//! The mount as a whole: what init negotiates with the kernel, the leases
+//! destroy gives back, statfs, and the hooks through which other clients'
+//! changes reach this mount (the inodes the kernel knows, dropping cached
+//! state).
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use cfs_proto::rpc::StatFs;
+use cfs_proto::types::{Ino, NAME_MAX};
+use fuser::{KernelConfig, ReplyStatfs};
+
+use super::CfsFs;
+
+impl CfsFs {
+    /// Inodes the kernel may have cached (for invalidate-all).
+    pub fn known(&self) -> Arc<dyn Fn() -> Vec<Ino> + Send + Sync> {
+        let sh = self.sh.clone();
+        Arc::new(move || {
+            sh.known
+                .lock()
+                .expect("known lock")
+                .iter()
+                .copied()
+                .collect()
+        })
+    }
+
+    /// Drops this mount's cached state of `ino` (another client changed it).
+    pub fn forget_cached(&self) -> Arc<dyn Fn(Ino) + Send + Sync> {
+        let sh = self.sh.clone();
+        Arc::new(move |ino| {
+            sh.dirs.forget(ino);
+            let st = sh.files.lock().expect("files lock").get(&ino).cloned();
+            if let Some(st) = st {
+                if let Ok(mut f) = st.inner.try_lock() {
+                    f.ext.clear();
+                    if f.dirty.is_empty() && f.inflight.is_none() {
+                        f.size = None;
+                    }
+                }
+            }
+        })
+    }
+
+    pub(super) fn do_init(&self, config: &mut KernelConfig) -> Result<(), libc::c_int> {
+        use fuser::consts::*;
+        let _ = config.add_capabilities(
+            FUSE_POSIX_LOCKS
+                | FUSE_FLOCK_LOCKS
+                | FUSE_BIG_WRITES
+                | FUSE_PARALLEL_DIROPS
+                | FUSE_MAX_PAGES,
+        );
+        // Each on its own: one the kernel lacks must not drop the others.
+        // Directory listings carry attributes (one round trip fills the
+        // kernel's dentry and attribute caches for `ls -l`, `find`, `du`);
+        // symlink targets are cached like pages.
+        for flag in [
+            FUSE_DO_READDIRPLUS,
+            FUSE_READDIRPLUS_AUTO,
+            FUSE_CACHE_SYMLINKS,
+        ] {
+            let _ = config.add_capabilities(flag);
+        }
+        // No opendir/releasedir round trips: a listing checks freshness
+        // itself (dir.rs). Not in strict mode, whose opendir is a barrier.
+        if !self.sh.strict() && config.add_capabilities(FUSE_NO_OPENDIR_SUPPORT).is_ok() {
+            self.sh.no_opendir.store(true, Ordering::Relaxed);
+        }
+        let _ = config.set_max_write(1 << 20);
+        let _ = config.set_max_readahead(1 << 20);
+        let _ = config.set_max_background(64);
+        Ok(())
+    }
+
+    pub(super) fn do_destroy(&self) {
+        // Other mounts' changes need not wait for this mount's leases to
+        // run out.
+        let sh = self.sh.clone();
+        let release = tokio::time::timeout(Duration::from_secs(1), async move {
+            sh.meta.release_leases().await;
+            // Let the writer send it before the runtime goes.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        });
+        let _ = self.rt.block_on(release);
+    }
+
+    pub(super) fn do_statfs(&self, reply: ReplyStatfs) {
+        let sh = self.sh.clone();
+        self.spawn("statfs", async move {
+            match sh.meta.rpc(StatFs, false).await {
+                Ok(s) => {
+                    let bs = 4096u64;
+                    reply.statfs(
+                        s.total_bytes / bs,
+                        s.free_bytes / bs,
+                        s.free_bytes / bs,
+                        s.files + 1_000_000,
+                        1_000_000,
+                        bs as u32,
+                        NAME_MAX as u32,
+                        bs as u32,
+                    )
+                }
+                Err(e) => reply.error(e.0),
+            }
+        });
+    }
+}

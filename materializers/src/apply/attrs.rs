@@ -1,0 +1,177 @@
+//! Attribute changes: setattr (mode, owner, size, times) and extended
+//! attributes (set, remove, and who may touch which namespace).
+
+use crate::keys;
+use crate::ops::Applied;
+use crate::perm::{self, W};
+use crate::store::Txn;
+use crate::types::*;
+
+use super::data::punch;
+use super::entries::{inode, put_inode};
+use super::R2;
+
+pub(super) fn setattr(
+    t: &mut Txn<'_>,
+    c: &Creds,
+    now: Nanos,
+    ino: Ino,
+    set: &SetAttr,
+) -> R2<Applied> {
+    let mut i = inode(t, ino)?;
+    let owner = perm::is_owner(&i, c);
+    if let Some(uid) = set.uid {
+        if c.uid != 0 && uid != i.uid {
+            return Err(Errno::EPERM.into());
+        }
+    }
+    if let Some(gid) = set.gid {
+        if c.uid != 0 && (c.uid != i.uid || (gid != i.gid && !c.in_group(gid))) {
+            return Err(Errno::EPERM.into());
+        }
+    }
+    if set.mode.is_some() && !owner {
+        return Err(Errno::EPERM.into());
+    }
+    for ts in [set.atime, set.mtime].into_iter().flatten() {
+        match ts {
+            TimeSet::At(_) if !owner => return Err(Errno::EPERM.into()),
+            TimeSet::Now if !owner && !perm::allowed(&i, c, W) => return Err(Errno::EACCES.into()),
+            _ => {}
+        }
+    }
+    if let Some(size) = set.size {
+        if i.is_dir() {
+            return Err(Errno::EISDIR.into());
+        }
+        if !i.is_reg() {
+            return Err(Errno::EINVAL.into());
+        }
+        if size > FILE_SIZE_MAX {
+            return Err(Errno::EFBIG.into());
+        }
+    }
+    let mut changed = false;
+    if let Some(size) = set.size {
+        if size < i.size {
+            punch(t, &mut i, size, u64::MAX - size)?;
+        }
+        i.size = size;
+        i.mtime = now;
+        changed = true;
+    }
+    if let Some(mode) = set.mode {
+        let mut m = mode & 0o7777;
+        if c.uid != 0 && !i.is_dir() && !c.in_group(set.gid.unwrap_or(i.gid)) {
+            m &= !libc::S_ISGID;
+        }
+        i.mode = (i.mode & libc::S_IFMT) | m;
+        changed = true;
+    }
+    if set.uid.is_some() || set.gid.is_some() {
+        let uid_changes = set.uid.is_some_and(|u| u != i.uid);
+        let gid_changes = set.gid.is_some_and(|g| g != i.gid);
+        if let Some(u) = set.uid {
+            i.uid = u;
+        }
+        if let Some(g) = set.gid {
+            i.gid = g;
+        }
+        // As Linux: a chown of a non-directory drops set-user-ID, and
+        // set-group-ID when group execution is on, unless mode is set too.
+        if !i.is_dir() && set.mode.is_none() && (uid_changes || gid_changes || c.uid != 0) {
+            i.mode &= !libc::S_ISUID;
+            if i.mode & libc::S_IXGRP != 0 {
+                i.mode &= !libc::S_ISGID;
+            }
+        }
+        changed = true;
+    }
+    if let Some(a) = set.atime {
+        i.atime = match a {
+            TimeSet::Now => now,
+            TimeSet::At(ns) => ns,
+        };
+        changed = true;
+    }
+    if let Some(m) = set.mtime {
+        i.mtime = match m {
+            TimeSet::Now => now,
+            TimeSet::At(ns) => ns,
+        };
+        changed = true;
+    }
+    if changed {
+        i.ctime = set.ctime.unwrap_or(now);
+    }
+    put_inode(t, &i);
+    Ok(Applied::Attr(i))
+}
+
+fn xattr_ns_check(i: &Inode, c: &Creds, name: &[u8]) -> R2<()> {
+    if name.is_empty() || name.len() > 255 {
+        return Err(Errno::ERANGE.into());
+    }
+    if name.starts_with(b"user.") {
+        if !i.is_reg() && !i.is_dir() {
+            return Err(Errno::EPERM.into());
+        }
+        if i.is_dir() && i.mode & libc::S_ISVTX != 0 && !perm::is_owner(i, c) {
+            return Err(Errno::EPERM.into());
+        }
+        Ok(())
+    } else if name.starts_with(b"trusted.") || name.starts_with(b"security.") {
+        if c.uid != 0 && name.starts_with(b"trusted.") {
+            return Err(Errno::EPERM.into());
+        }
+        Ok(())
+    } else {
+        Err(Errno::EOPNOTSUPP.into())
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(super) fn setxattr(
+    t: &mut Txn<'_>,
+    c: &Creds,
+    now: Nanos,
+    ino: Ino,
+    name: &[u8],
+    value: &[u8],
+    flags: i32,
+) -> R2<Applied> {
+    let mut i = inode(t, ino)?;
+    xattr_ns_check(&i, c, name)?;
+    if value.len() > XATTR_SIZE_MAX {
+        return Err(Errno::E2BIG.into());
+    }
+    let exists = t.get_raw(&keys::xattr(ino, name))?.is_some();
+    if flags & libc::XATTR_CREATE != 0 && exists {
+        return Err(Errno::EEXIST.into());
+    }
+    if flags & libc::XATTR_REPLACE != 0 && !exists {
+        return Err(Errno::ENODATA.into());
+    }
+    t.put_raw(keys::xattr(ino, name), value.to_vec());
+    i.ctime = now;
+    put_inode(t, &i);
+    Ok(Applied::Attr(i))
+}
+
+pub(super) fn removexattr(
+    t: &mut Txn<'_>,
+    c: &Creds,
+    now: Nanos,
+    ino: Ino,
+    name: &[u8],
+) -> R2<Applied> {
+    let mut i = inode(t, ino)?;
+    xattr_ns_check(&i, c, name)?;
+    if t.get_raw(&keys::xattr(ino, name))?.is_none() {
+        return Err(Errno::ENODATA.into());
+    }
+    t.delete(keys::xattr(ino, name));
+    i.ctime = now;
+    put_inode(t, &i);
+    Ok(Applied::Attr(i))
+}

@@ -1,0 +1,116 @@
+//! The extent map of a file: writes, fallocate, and punching out ranges
+//! (also how a truncation drops what lies past the new size).
+
+use crate::keys;
+use crate::ops::Applied;
+use crate::store::Txn;
+use crate::types::*;
+
+use super::entries::{inode, put_inode};
+use super::{Fail, EXTENT_LEN_MAX, R2};
+
+/// Removes the mapping of `[off, off + len)`, splitting extents that
+/// straddle its ends. Adjusts `allocated`.
+pub(super) fn punch(t: &mut Txn<'_>, i: &mut Inode, off: u64, len: u64) -> R2<()> {
+    let end = off.saturating_add(len);
+    let from = off.saturating_sub(EXTENT_LEN_MAX);
+    let lo = keys::extent(i.ino, from);
+    let hi = if end == u64::MAX {
+        keys::prefix_end(&keys::extent_prefix(i.ino))
+    } else {
+        keys::extent(i.ino, end)
+    };
+    for (k, v) in t.scan(&lo, &hi)? {
+        let e: ExtentRef = crate::store::decode(&k, &v)?;
+        let e_end = e.offset + e.len;
+        if e_end <= off || e.offset >= end {
+            continue;
+        }
+        t.delete(k);
+        i.allocated = i.allocated.saturating_sub(e.len);
+        if e.offset < off {
+            let head = e.part(e.offset, off);
+            i.allocated += head.len;
+            t.put(keys::extent(i.ino, head.offset), &head);
+        }
+        if e_end > end {
+            let tail = e.part(end, e_end);
+            i.allocated += tail.len;
+            t.put(keys::extent(i.ino, tail.offset), &tail);
+        }
+    }
+    Ok(())
+}
+
+pub(super) fn write(
+    t: &mut Txn<'_>,
+    c: &Creds,
+    now: Nanos,
+    ino: Ino,
+    extents: &[ExtentRef],
+) -> R2<Applied> {
+    let mut i = inode(t, ino)?;
+    if i.is_dir() {
+        return Err(Errno::EISDIR.into());
+    }
+    if !i.is_reg() {
+        return Err(Errno::EINVAL.into());
+    }
+    if !extents.iter().all(|e| e.valid(EXTENT_LEN_MAX)) {
+        return Err(Errno::EINVAL.into());
+    }
+    for e in extents {
+        punch(t, &mut i, e.offset, e.len)?;
+        t.put(keys::extent(ino, e.offset), e);
+        i.allocated += e.len;
+        i.size = i.size.max(e.offset + e.len);
+    }
+    if c.uid != 0 {
+        i.mode &= !libc::S_ISUID;
+        if i.mode & libc::S_IXGRP != 0 {
+            i.mode &= !libc::S_ISGID;
+        }
+    }
+    i.mtime = now;
+    i.ctime = now;
+    put_inode(t, &i);
+    Ok(Applied::Attr(i))
+}
+
+pub(super) fn fallocate(
+    t: &mut Txn<'_>,
+    now: Nanos,
+    ino: Ino,
+    offset: u64,
+    len: u64,
+    mode: i32,
+) -> R2<Applied> {
+    let mut i = inode(t, ino)?;
+    if i.is_dir() {
+        return Err(Errno::EISDIR.into());
+    }
+    if !i.is_reg() {
+        return Err(Errno::ENODEV.into());
+    }
+    if len == 0 {
+        return Err(Errno::EINVAL.into());
+    }
+    let end = offset
+        .checked_add(len)
+        .filter(|e| *e <= FILE_SIZE_MAX)
+        .ok_or(Fail::Fs(Errno::EFBIG))?;
+    let keep = mode & libc::FALLOC_FL_KEEP_SIZE != 0;
+    match mode & !libc::FALLOC_FL_KEEP_SIZE {
+        0 => {}
+        libc::FALLOC_FL_PUNCH_HOLE if keep => punch(t, &mut i, offset, len)?,
+        libc::FALLOC_FL_ZERO_RANGE => punch(t, &mut i, offset, len)?,
+        _ => return Err(Errno::EOPNOTSUPP.into()),
+    }
+    if !keep && end > i.size {
+        i.size = end;
+    }
+    i.mtime = now;
+    i.ctime = now;
+    put_inode(t, &i);
+    Ok(Applied::Attr(i))
+}
