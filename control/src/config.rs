@@ -24,7 +24,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use cfs_log::shard::Timing;
 use cfs_log::wal::WalConfig;
-use cfs_log::LogNodeConfig;
+use cfs_log::{LogNodeConfig, ShardId};
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -35,7 +35,7 @@ pub struct NodeConfig {
     pub listen: SocketAddr,
     pub http: SocketAddr,
     pub data_dir: PathBuf,
-    pub shards: Vec<u32>,
+    pub shards: Vec<ShardId>,
     #[serde(default = "default_tick_ms")]
     pub tick_ms: u64,
     #[serde(default = "default_election_ticks")]

@@ -96,7 +96,7 @@ pub fn ensure_configs(dir: &Path, nodes: u64, shards: u32) -> anyhow::Result<Vec
             listen: a.addr,
             http: SocketAddr::from(([127, 0, 0, 1], free_port(&mut taken)?)),
             data_dir: nd.join("data"),
-            shards: (0..shards).collect(),
+            shards: (0..shards).map(cfs_log::ShardId).collect(),
             tick_ms: 10,
             election_ticks: 10,
             propose_timeout_ms: 5000,

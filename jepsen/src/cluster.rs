@@ -12,6 +12,7 @@ use anyhow::{bail, Context};
 use cfs_control::config::{NodeAddr, NodeConfig};
 use cfs_control::local as cluster;
 use cfs_log::client::LogClient;
+use cfs_log::ShardId;
 
 use crate::proxy::{Link, LinkState};
 
@@ -151,7 +152,7 @@ impl TestCluster {
     }
 
     /// The node currently leading `shard`, as some node reports it.
-    pub async fn leader(&self, shard: u32) -> Option<u64> {
+    pub async fn leader(&self, shard: ShardId) -> Option<u64> {
         let c = self.log_client();
         for cfg in &self.cfgs {
             if let Ok(Ok((_, st))) =

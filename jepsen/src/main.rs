@@ -140,7 +140,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         cluster_id: tc.cfgs[0].cluster_id.clone(),
         nodes: tc.cfgs.iter().map(|c| c.listen).collect(),
         mounts: tc.mounts.iter().map(|m| m.path.clone()).collect(),
-        shards: (0..shards).collect(),
+        shards: (0..shards).map(cfs_log::ShardId).collect(),
         history: history.clone(),
         until,
         seed,

@@ -123,7 +123,7 @@ async fn target(tc: &TestCluster, rng: &mut StdRng, allow_majority: bool) -> (Ve
             let v = pick_nodes(rng, &ids, 1);
             (v.clone(), format!("random node {v:?}"))
         }
-        1 => match tc.leader(0).await {
+        1 => match tc.leader(cfs_log::ShardId(0)).await {
             Some(l) => (vec![l], format!("leader of shard 0 (node {l})")),
             None => {
                 let v = pick_nodes(rng, &ids, 1);
@@ -181,7 +181,7 @@ pub async fn inject(tc: &TestCluster, rng: &mut StdRng, kind: Kind) -> anyhow::R
             let (cut, d): (Vec<(u64, u64)>, String) = match choice {
                 0 | 1 => {
                     let n = if choice == 1 {
-                        tc.leader(0).await.unwrap_or(ids[0])
+                        tc.leader(cfs_log::ShardId(0)).await.unwrap_or(ids[0])
                     } else {
                         pick_nodes(rng, &ids, 1)[0]
                     };

@@ -257,7 +257,7 @@ impl LogClient {
         let (id, mut rx) = conn.request(|id| Wire::Subscribe { id, shard, from })?;
         let mut out = Vec::new();
         let deadline = Instant::now() + self.timeout;
-        while (out.len() as u64) < to.saturating_sub(from) {
+        while (out.len() as u64) < to.since(from) {
             let left = deadline.saturating_duration_since(Instant::now());
             match tokio::time::timeout(left, rx.recv()).await {
                 Ok(Some(Wire::Entries { result: Ok(v), .. })) => out.extend(v),
@@ -279,7 +279,7 @@ impl LogClient {
         // The stream is left open server-side until the connection closes;
         // drop this connection so the server stops streaming.
         self.drop_conn(addr).await;
-        out.truncate(to.saturating_sub(from) as usize);
+        out.truncate(to.since(from) as usize);
         Ok(out)
     }
 }

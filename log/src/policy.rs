@@ -290,7 +290,7 @@ impl TrimFloors {
     pub fn new(retain: u64) -> TrimFloors {
         TrimFloors {
             peers: HashMap::new(),
-            trimmed_to: 0,
+            trimmed_to: Position::ZERO,
             retain,
         }
     }
@@ -330,21 +330,21 @@ mod tests {
     #[test]
     fn floors_wait_for_every_peer_and_keep_the_retained_tail() {
         let mut f = TrimFloors::new(10);
-        assert_eq!(f.due(100, &[2, 3]), None);
-        f.peer(2, 50);
-        assert_eq!(f.due(100, &[2, 3]), None);
-        f.peer(3, 80);
-        assert_eq!(f.due(100, &[2, 3]), Some(40));
-        f.trimmed(40);
-        assert_eq!(f.due(100, &[2, 3]), None);
-        f.peer(2, 30);
+        assert_eq!(f.due(Position(100), &[2, 3]), None);
+        f.peer(2, Position(50));
+        assert_eq!(f.due(Position(100), &[2, 3]), None);
+        f.peer(3, Position(80));
+        assert_eq!(f.due(Position(100), &[2, 3]), Some(Position(40)));
+        f.trimmed(Position(40));
+        assert_eq!(f.due(Position(100), &[2, 3]), None);
+        f.peer(2, Position(30));
         assert_eq!(
-            f.due(100, &[2, 3]),
+            f.due(Position(100), &[2, 3]),
             None,
             "a lower report holds trimming back"
         );
-        f.peer(2, 90);
-        assert_eq!(f.due(100, &[2, 3]), Some(70));
+        f.peer(2, Position(90));
+        assert_eq!(f.due(Position(100), &[2, 3]), Some(Position(70)));
     }
 
     #[test]

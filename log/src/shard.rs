@@ -29,12 +29,7 @@ use crate::read_index::{ReadFailed, ReadId, ReadIndex, ReadMsg, ReadStart};
 use crate::storage::SharedWal;
 use crate::wal::{Wal, WalError};
 
-/// Which shard (one replicated log).
-pub type ShardId = u32;
-
-/// A virtual log position: counts decided entries of a shard across all
-/// epochs. Position `p` is the `p`-th entry (0-based).
-pub type Position = u64;
+pub use cfs_ids::{Position, ShardId};
 
 /// One configuration of a shard's replica set.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -160,7 +155,7 @@ impl<D: Disk + Clone> ShardCore<D> {
         let paxos = config
             .build(shared.clone())
             .map_err(|e| ShardError::Config(e.to_string()))?;
-        let delivered_idx = deliver_from.saturating_sub(epoch.base).max(start);
+        let delivered_idx = deliver_from.since(epoch.base).max(start);
         Ok(ShardCore {
             shard,
             node,
@@ -364,7 +359,7 @@ impl<D: Disk + Clone> ShardCore<D> {
             let w = self.wal.lock();
             if let Some(idx) = w.state().by_request.get(&entry.request) {
                 let decided = (*idx as usize) < self.paxos.get_decided_idx();
-                return Proposed::Duplicate(decided.then_some(self.epoch.base + idx));
+                return Proposed::Duplicate(decided.then_some(self.epoch.base + *idx));
             }
         }
         match self.paxos.get_current_leader() {
@@ -393,7 +388,7 @@ impl<D: Disk + Clone> ShardCore<D> {
     /// and only below what every replica has accepted; otherwise a no-op
     /// that the caller retries later.
     pub fn trim(&mut self, upto: Position) -> bool {
-        let idx = upto.saturating_sub(self.epoch.base) as usize;
+        let idx = upto.since(self.epoch.base) as usize;
         if idx == 0 || !self.is_leader() {
             return false;
         }

@@ -192,7 +192,7 @@ mod tests {
     fn roundtrip() {
         let w = Wire::Propose {
             id: 3,
-            shard: 1,
+            shard: ShardId(1),
             entry: Entry::barrier(),
         };
         let mut f = Vec::new();
@@ -202,7 +202,7 @@ mod tests {
             Wire::decode(body).unwrap(),
             Wire::Propose {
                 id: 3,
-                shard: 1,
+                shard: ShardId(1),
                 ..
             }
         ));

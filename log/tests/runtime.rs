@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use cfs_log::shard::Timing;
 use cfs_log::wal::WalConfig;
-use cfs_log::{Entry, EntryKind, LogError, LogNode, LogNodeConfig};
+use cfs_log::{Entry, EntryKind, LogError, LogNode, LogNodeConfig, Position, ShardId};
 
 /// A free port below the ephemeral range (which outgoing connections use,
 /// so a port from `bind(0)` could be taken before the node binds it).
@@ -35,7 +35,7 @@ async fn start_cluster(dir: &std::path::Path, segment_bytes: u64) -> Vec<LogNode
             listen: addr,
             nodes: nodes.clone(),
             data_dir: dir.join(format!("n{id}")),
-            shards: vec![0],
+            shards: vec![ShardId(0)],
             tick: Duration::from_millis(10),
             timing: Timing::default(),
             propose_timeout: Duration::from_secs(5),
@@ -88,7 +88,10 @@ async fn forward_subscribe_trim() {
     // Durable subscribers on every node, registered before any entry.
     let mut subs: Vec<_> = nodes
         .iter()
-        .map(|n| n.subscribe(0, 0, Some("test-materializer")).unwrap())
+        .map(|n| {
+            n.subscribe(ShardId(0), Position(0), Some("test-materializer"))
+                .unwrap()
+        })
         .collect();
 
     // Proposals through a follower are forwarded to the leader.
@@ -99,7 +102,7 @@ async fn forward_subscribe_trim() {
         } else {
             &nodes[leader]
         };
-        match n.propose(0, data(&format!("{i:0>200}"))).await {
+        match n.propose(ShardId(0), data(&format!("{i:0>200}"))).await {
             Ok(p) => positions.push(p),
             Err(e) => {
                 let st: Vec<_> = nodes.iter().map(|n| n.status()).collect();
@@ -127,10 +130,10 @@ async fn forward_subscribe_trim() {
 
     // Every subscriber sees the same entries in the same order.
     let last = *positions.iter().max().unwrap();
-    let mut seen: Vec<Vec<(u64, Entry)>> = Vec::new();
+    let mut seen: Vec<Vec<(Position, Entry)>> = Vec::new();
     for s in subs.iter_mut() {
         let mut got = Vec::new();
-        while got.len() as u64 <= last {
+        while got.len() as u64 <= last.get() {
             got.extend(s.next_batch(1000).await.unwrap());
         }
         seen.push(got);
@@ -139,12 +142,12 @@ async fn forward_subscribe_trim() {
     assert_eq!(seen[0], seen[2]);
 
     // A read barrier orders after everything acknowledged.
-    let b = nodes[follower].read_barrier(0).await.unwrap();
+    let b = nodes[follower].read_barrier(ShardId(0)).await.unwrap();
     assert!(b > last);
 
     // Subscribers persist; the leader trims below the minimum.
     for s in &subs {
-        s.persisted(300);
+        s.persisted(Position(300));
     }
     let until = Instant::now() + Duration::from_secs(20);
     loop {
@@ -158,10 +161,14 @@ async fn forward_subscribe_trim() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // Reading below the trim point is refused; above it works.
-    let mut s = nodes[leader].subscribe(0, 10, None).unwrap();
+    let mut s = nodes[leader]
+        .subscribe(ShardId(0), Position(10), None)
+        .unwrap();
     assert!(matches!(s.next_batch(10).await, Err(LogError::Trimmed(_))));
-    let mut s = nodes[leader].subscribe(0, 300, None).unwrap();
-    assert_eq!(s.next_batch(1).await.unwrap()[0].0, 300);
+    let mut s = nodes[leader]
+        .subscribe(ShardId(0), Position(300), None)
+        .unwrap();
+    assert_eq!(s.next_batch(1).await.unwrap()[0].0, Position(300));
     // Whole WAL segments below the trim point are gone.
     for id in 1..=3 {
         let wal_dir = dir.join(format!("n{id}/shard-0/epoch-1"));
@@ -184,7 +191,7 @@ async fn forward_subscribe_trim() {
 
 /// True if position 0 of shard 0 is trimmed on `n`.
 fn start_is_trimmed(n: &LogNode) -> bool {
-    let mut s = n.subscribe(0, 0, None).unwrap();
+    let mut s = n.subscribe(ShardId(0), Position(0), None).unwrap();
     let rt = tokio::runtime::Handle::current();
     tokio::task::block_in_place(|| {
         rt.block_on(async {

@@ -28,7 +28,7 @@
 //! [`ExtentRef`]: crate::types::ExtentRef
 //! [`LockRange`]: crate::types::LockRange
 
-use crate::types::Ino;
+use crate::types::{Ino, ShardId};
 use cfs_proto::tx::TxId;
 
 fn with(tag: u8, parts: &[&[u8]]) -> Vec<u8> {
@@ -44,10 +44,10 @@ fn with(tag: u8, parts: &[&[u8]]) -> Vec<u8> {
 /// the database is created, checked when it is opened.
 pub const FORMAT: &[u8] = b"V";
 
-pub fn applied(shard: u32) -> Vec<u8> {
+pub fn applied(shard: ShardId) -> Vec<u8> {
     with(b'a', &[&shard.to_be_bytes()])
 }
-pub fn next_ino(shard: u32) -> Vec<u8> {
+pub fn next_ino(shard: ShardId) -> Vec<u8> {
     with(b'n', &[&shard.to_be_bytes()])
 }
 pub fn inode(ino: Ino) -> Vec<u8> {
@@ -105,7 +105,7 @@ pub fn orphan(ino: Ino) -> Vec<u8> {
 
 /// The outcome of a client's operation as `shard` applied it (each shard
 /// records and forgets only its own).
-pub fn outcome(shard: u32, client: u64, op_id: u64) -> Vec<u8> {
+pub fn outcome(shard: ShardId, client: u64, op_id: u64) -> Vec<u8> {
     with(
         b'r',
         &[
@@ -118,14 +118,14 @@ pub fn outcome(shard: u32, client: u64, op_id: u64) -> Vec<u8> {
 
 /// Below which operation id `client`'s outcomes on `shard` are forgotten
 /// (so forgetting scans only what it deletes, never old tombstones).
-pub fn outcomes_low(shard: u32, client: u64) -> Vec<u8> {
+pub fn outcomes_low(shard: ShardId, client: u64) -> Vec<u8> {
     with(b'R', &[&shard.to_be_bytes(), &client.to_be_bytes()])
 }
 
 pub fn tx_lock(key: &[u8]) -> Vec<u8> {
     with(b't', &[key])
 }
-pub fn intent(shard: u32, tx: TxId) -> Vec<u8> {
+pub fn intent(shard: ShardId, tx: TxId) -> Vec<u8> {
     with(
         b'p',
         &[
@@ -138,7 +138,7 @@ pub fn intent(shard: u32, tx: TxId) -> Vec<u8> {
 pub fn intent_prefix() -> Vec<u8> {
     vec![b'p']
 }
-pub fn decision(shard: u32, tx: TxId) -> Vec<u8> {
+pub fn decision(shard: ShardId, tx: TxId) -> Vec<u8> {
     with(
         b'q',
         &[
@@ -152,7 +152,7 @@ pub fn decision_prefix() -> Vec<u8> {
     vec![b'q']
 }
 /// Finished decisions of `shard` ordered by the time they finished.
-pub fn decision_age(shard: u32, finished_at: u64, tx: TxId) -> Vec<u8> {
+pub fn decision_age(shard: ShardId, finished_at: u64, tx: TxId) -> Vec<u8> {
     with(
         b'Q',
         &[
@@ -163,10 +163,10 @@ pub fn decision_age(shard: u32, finished_at: u64, tx: TxId) -> Vec<u8> {
         ],
     )
 }
-pub fn decision_age_prefix(shard: u32) -> Vec<u8> {
+pub fn decision_age_prefix(shard: ShardId) -> Vec<u8> {
     with(b'Q', &[&shard.to_be_bytes()])
 }
-pub fn open_intents(shard: u32) -> Vec<u8> {
+pub fn open_intents(shard: ShardId) -> Vec<u8> {
     with(b'T', &[&shard.to_be_bytes()])
 }
 
@@ -180,12 +180,12 @@ pub fn is_data(key: &[u8]) -> bool {
 }
 
 /// The shard `key` belongs to; `None` for malformed keys.
-pub fn owner(key: &[u8]) -> Option<u32> {
+pub fn owner(key: &[u8]) -> Option<ShardId> {
     match key.first()? {
         b'i' | b'd' | b'c' | b'l' | b'x' | b'e' | b'k' | b'o' => {
             be64_at(key, 1).map(crate::types::shard_of)
         }
-        b'n' | b'a' | b'p' | b'q' | b'Q' | b'T' | b'r' | b'R' => be32_at(key, 1),
+        b'n' | b'a' | b'p' | b'q' | b'Q' | b'T' | b'r' | b'R' => be32_at(key, 1).map(ShardId),
         b't' => owner(&key[1..]),
         _ => None,
     }
@@ -226,10 +226,10 @@ pub fn cookie_of(key: &[u8]) -> Option<(Ino, u64)> {
 }
 
 /// The shard and transaction of an [`intent`] or [`decision`] key.
-pub fn tx_record_of(key: &[u8]) -> Option<(u32, TxId)> {
+pub fn tx_record_of(key: &[u8]) -> Option<(ShardId, TxId)> {
     match key.first() {
         Some(b'p' | b'q') if key.len() == 21 => Some((
-            be32_at(key, 1)?,
+            ShardId(be32_at(key, 1)?),
             TxId::new(be64_at(key, 5)?, be64_at(key, 13)?),
         )),
         _ => None,
@@ -278,22 +278,25 @@ mod codec_tests {
         assert_eq!(dentry_of(&inode(7)), None);
         assert_eq!(cookie_of(&cookie(9, 42)), Some((9, 42)));
         assert_eq!(
-            tx_record_of(&intent(3, TxId::new(4, 5))),
-            Some((3, TxId::new(4, 5)))
+            tx_record_of(&intent(ShardId(3), TxId::new(4, 5))),
+            Some((ShardId(3), TxId::new(4, 5)))
         );
         assert_eq!(
-            tx_record_of(&decision(3, TxId::new(4, 5))),
-            Some((3, TxId::new(4, 5)))
+            tx_record_of(&decision(ShardId(3), TxId::new(4, 5))),
+            Some((ShardId(3), TxId::new(4, 5)))
         );
         assert_eq!(tx_record_of(&b"q"[..]), None);
         assert_eq!(
-            decision_age_tx(&decision_age(2, 99, TxId::new(4, 5))),
+            decision_age_tx(&decision_age(ShardId(2), 99, TxId::new(4, 5))),
             Some(TxId::new(4, 5))
         );
-        assert_eq!(owner(&inode(crate::types::make_ino(3, 1))), Some(3));
-        assert_eq!(owner(&applied(6)), Some(6));
+        assert_eq!(
+            owner(&inode(crate::types::make_ino(ShardId(3), 1))),
+            Some(ShardId(3))
+        );
+        assert_eq!(owner(&applied(ShardId(6))), Some(ShardId(6)));
         assert_eq!(owner(&b"i"[..]), None);
         assert_eq!(inode_scope(&xattr(5, b"user.a")), Some(&xattr(5, b"")[..]));
-        assert_eq!(inode_scope(&applied(1)), None);
+        assert_eq!(inode_scope(&applied(ShardId(1))), None);
     }
 }

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use cfs_log::{Entry, LogError, Position, RequestId, Subscription};
+use cfs_log::{Entry, LogError, RequestId, Subscription};
 use tokio::sync::{broadcast, oneshot, watch};
 use tracing::{error, info, warn};
 
@@ -31,7 +31,7 @@ pub struct Change {
     pub origin: u64,
     pub inodes: Vec<Ino>,
     pub entries: Vec<(Ino, Vec<u8>)>,
-    pub shard: u32,
+    pub shard: ShardId,
     /// The applied position after the batch that made this change.
     pub upto: Position,
 }
@@ -85,8 +85,8 @@ fn changes(op: &LoggedOp, r: &Applied) -> Change {
         origin: op.client,
         inodes: Vec::new(),
         entries: Vec::new(),
-        shard: 0,
-        upto: 0,
+        shard: ShardId(0),
+        upto: Position::ZERO,
     };
     let touched = match r {
         Applied::Attr(i) => Some(i.ino),
@@ -143,7 +143,7 @@ pub type Outcome = (RequestId, ApplyResult);
 /// only) and the changes.
 pub fn apply_batch(
     db: &NamespaceDb,
-    shard: u32,
+    shard: ShardId,
     entries: &[(Position, Entry)],
 ) -> Result<(Vec<Outcome>, Vec<Change>), DbError> {
     let mut txn = Txn::new(db);
@@ -176,7 +176,7 @@ pub fn apply_batch(
                 r
             }
             Err(reason) => {
-                warn!(shard, pos, "undecodable namespace entry: {reason}");
+                warn!(shard = %shard, pos = %pos, "undecodable namespace entry: {reason}");
                 Err(Errno::EINVAL)
             }
         };
@@ -188,7 +188,7 @@ pub fn apply_batch(
 
 /// Prepares `shard`'s initial state (the root directory lives on shard 0)
 /// if the database has none yet.
-pub fn init_shard(db: &NamespaceDb, shard: u32) -> Result<(), DbError> {
+pub fn init_shard(db: &NamespaceDb, shard: ShardId) -> Result<(), DbError> {
     let mut txn = Txn::new(db);
     ensure_root(&mut txn, shard)?;
     if !txn.is_empty() {
@@ -201,7 +201,7 @@ pub fn init_shard(db: &NamespaceDb, shard: u32) -> Result<(), DbError> {
 /// Runs shard `shard`'s materializer until the log shuts down.
 pub async fn run_shard(
     db: Arc<NamespaceDb>,
-    shard: u32,
+    shard: ShardId,
     mut sub: Subscription,
     waiters: Arc<Waiters>,
     applied: watch::Sender<Position>,
@@ -210,8 +210,8 @@ pub async fn run_shard(
     let mut last_sync = Instant::now();
     let mut unsynced = false;
     info!(
-        shard,
-        from = sub.position(),
+        shard = %shard,
+        from = %sub.position(),
         "namespace materializer started"
     );
     loop {
@@ -223,15 +223,15 @@ pub async fn run_shard(
             Ok(b) => b,
             Err(LogError::ShuttingDown) => return Ok(()),
             Err(e) => {
-                error!(shard, "namespace materializer stopped: {e}");
+                error!(shard = %shard, "namespace materializer stopped: {e}");
                 return Err(e.into());
             }
         };
         if let Some((last, _)) = batch.last() {
             let last = *last;
             let (results, chs) = {
-                let _s =
-                    tracing::debug_span!("apply_batch", shard, entries = batch.len()).entered();
+                let _s = tracing::debug_span!("apply_batch", shard = %shard, entries = batch.len())
+                    .entered();
                 apply_batch(&db, shard, &batch)?
             };
             applied.send_replace(last + 1);

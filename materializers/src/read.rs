@@ -131,7 +131,7 @@ impl NamespaceDb {
     }
 
     /// Inodes allocated so far on `shards` (an upper bound of live files).
-    pub fn files(&self, shards: &[u32]) -> Rd<u64> {
+    pub fn files(&self, shards: &[ShardId]) -> Rd<u64> {
         let mut n = 0;
         for s in shards {
             n += self.get::<u64>(&keys::next_ino(*s))?.unwrap_or(2) - 2;

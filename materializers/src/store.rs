@@ -2,6 +2,7 @@
 //! entries is applied in before it is written atomically with the shard's
 //! applied position.
 
+use crate::types::{Position, ShardId};
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -26,7 +27,7 @@ pub enum DbError {
     /// An entry of one shard reached for a key of another (the operation
     /// needs a cross-shard transaction); not a database failure.
     #[error("key {key:02x?} belongs to shard {shard}")]
-    NotOwned { key: Vec<u8>, shard: u32 },
+    NotOwned { key: Vec<u8>, shard: ShardId },
     /// A database written by a build with another layout.
     #[error(
         "namespace database at {path} has format {found}, this build reads format {expected}: \
@@ -147,12 +148,14 @@ impl NamespaceDb {
     }
 
     /// Position of the next entry of `shard` to apply.
-    pub fn applied(&self, shard: u32) -> Result<u64, DbError> {
-        Ok(self.get::<u64>(&keys::applied(shard))?.unwrap_or(0))
+    pub fn applied(&self, shard: ShardId) -> Result<Position, DbError> {
+        Ok(self
+            .get::<Position>(&keys::applied(shard))?
+            .unwrap_or(Position::ZERO))
     }
 
     /// Writes `txn`'s changes and the new applied position atomically.
-    pub fn commit(&self, txn: Txn<'_>, shard: u32, applied: u64) -> Result<(), DbError> {
+    pub fn commit(&self, txn: Txn<'_>, shard: ShardId, applied: Position) -> Result<(), DbError> {
         let mut b = rocksdb::WriteBatch::default();
         for (k, v) in txn.batch {
             match v {
@@ -197,8 +200,8 @@ pub struct Txn<'a> {
     db: &'a NamespaceDb,
     batch: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
     entry: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
-    owner: Option<u32>,
-    foreign: Option<(Vec<u8>, u32)>,
+    owner: Option<ShardId>,
+    foreign: Option<(Vec<u8>, ShardId)>,
     reads: RefCell<BTreeMap<Vec<u8>, Option<Vec<u8>>>>,
     scans: RefCell<Vec<Scan>>,
     /// Inodes whose records kept entries wrote (for invalidations).
@@ -231,7 +234,7 @@ impl<'a> Txn<'a> {
     }
 
     /// Restricts the entries applied from now on to `shard`'s keys.
-    pub fn set_owner(&mut self, shard: Option<u32>) {
+    pub fn set_owner(&mut self, shard: Option<ShardId>) {
         self.owner = shard;
     }
 

@@ -49,15 +49,15 @@ pub use cfs_proto::tx::{Part, TxId};
 /// A prepared part, waiting for its decision.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Intent {
-    pub home: u32,
-    pub participants: Vec<u32>,
+    pub home: ShardId,
+    pub participants: Vec<ShardId>,
     pub part: Part,
     /// The coordinator's clock when it proposed the prepare.
     pub since: Nanos,
 }
 
 /// Applies a protocol step (decided on `shard`).
-pub(crate) fn apply(t: &mut Txn<'_>, shard: u32, lop: &LoggedOp) -> R2<Applied> {
+pub(crate) fn apply(t: &mut Txn<'_>, shard: ShardId, lop: &LoggedOp) -> R2<Applied> {
     match &lop.op {
         Op::TxPrepare {
             tx,
@@ -95,7 +95,7 @@ pub(crate) fn apply(t: &mut Txn<'_>, shard: u32, lop: &LoggedOp) -> R2<Applied> 
     }
 }
 
-fn open_intents(t: &Txn<'_>, shard: u32) -> R2<u64> {
+fn open_intents(t: &Txn<'_>, shard: ShardId) -> R2<u64> {
     let k = keys::open_intents(shard);
     Ok(match t.peek(&k)? {
         Some(v) => decode(&k, &v)?,
@@ -115,7 +115,7 @@ fn range_locked(t: &Txn<'_>, start: &[u8], end: &[u8]) -> R2<bool> {
 
 /// Fails an ordinary entry (EAGAIN, not recorded) that read, scanned or
 /// wrote a key an open transaction on `shard` holds.
-pub(crate) fn check_locks(t: &Txn<'_>, shard: u32) -> R2<()> {
+pub(crate) fn check_locks(t: &Txn<'_>, shard: ShardId) -> R2<()> {
     if open_intents(t, shard)? == 0 {
         return Ok(());
     }
@@ -136,10 +136,10 @@ pub(crate) fn check_locks(t: &Txn<'_>, shard: u32) -> R2<()> {
 #[allow(clippy::too_many_arguments)]
 fn prepare(
     t: &mut Txn<'_>,
-    shard: u32,
+    shard: ShardId,
     tx: TxId,
-    home: u32,
-    participants: &[u32],
+    home: ShardId,
+    participants: &[ShardId],
     part: &Part,
     now: Nanos,
 ) -> R2<Applied> {
@@ -213,7 +213,7 @@ pub struct Decision {
     pub client: u64,
     pub op_id: u64,
     pub outcome: ApplyResult,
-    pub participants: Vec<u32>,
+    pub participants: Vec<ShardId>,
     /// The deciding entry's time.
     pub decided_at: Nanos,
     /// The home shard finished (so every participant did).
@@ -223,7 +223,7 @@ pub struct Decision {
 /// How long a finished decision is kept (by the entries' own clocks).
 pub const DECISION_KEEP: Duration = Duration::from_secs(600);
 
-fn decide(t: &mut Txn<'_>, shard: u32, tx: TxId, mut d: Decision) -> R2<Applied> {
+fn decide(t: &mut Txn<'_>, shard: ShardId, tx: TxId, mut d: Decision) -> R2<Applied> {
     let dk = keys::decision(shard, tx);
     if let Some(v) = t.peek(&dk)? {
         let d: Decision = decode(&dk, &v)?;
@@ -257,7 +257,7 @@ fn decide(t: &mut Txn<'_>, shard: u32, tx: TxId, mut d: Decision) -> R2<Applied>
     })
 }
 
-fn finish(t: &mut Txn<'_>, shard: u32, tx: TxId, commit: bool, now: Nanos) -> R2<Applied> {
+fn finish(t: &mut Txn<'_>, shard: ShardId, tx: TxId, commit: bool, now: Nanos) -> R2<Applied> {
     let ik = keys::intent(shard, tx);
     let mut inodes = Vec::new();
     let mut entries = Vec::new();
@@ -319,7 +319,7 @@ fn finish(t: &mut Txn<'_>, shard: u32, tx: TxId, commit: bool, now: Nanos) -> R2
 /// must check and write.
 pub struct Planned {
     pub outcome: ApplyResult,
-    pub parts: BTreeMap<u32, Part>,
+    pub parts: BTreeMap<ShardId, Part>,
     /// The plan touched keys an open transaction holds: its view may be
     /// half of that transaction; plan again once it finished.
     pub locked: bool,
@@ -330,7 +330,7 @@ pub fn plan(db: &NamespaceDb, lop: &LoggedOp, new_ino: Option<Ino>) -> Result<Pl
     let mut t = Txn::new(db);
     let outcome = crate::apply::plan(&mut t, lop, new_ino)?;
     let fp = t.footprint();
-    let mut parts: BTreeMap<u32, Part> = BTreeMap::new();
+    let mut parts: BTreeMap<ShardId, Part> = BTreeMap::new();
     let owner = |k: &[u8]| {
         keys::owner(k)
             .filter(|_| keys::is_data(k))
@@ -373,7 +373,7 @@ pub fn plan(db: &NamespaceDb, lop: &LoggedOp, new_ino: Option<Ino>) -> Result<Pl
 }
 
 /// Every open intent in the database: (shard, transaction, intent).
-pub fn intents(db: &NamespaceDb) -> Result<Vec<(u32, TxId, Intent)>, DbError> {
+pub fn intents(db: &NamespaceDb) -> Result<Vec<(ShardId, TxId, Intent)>, DbError> {
     let p = keys::intent_prefix();
     let mut out = Vec::new();
     for (k, v) in db.scan(&p, &keys::prefix_end(&p), usize::MAX)? {
@@ -390,7 +390,7 @@ pub fn intents(db: &NamespaceDb) -> Result<Vec<(u32, TxId, Intent)>, DbError> {
 
 /// Every decision record in the database: (home shard, transaction,
 /// decision).
-pub fn decisions(db: &NamespaceDb) -> Result<Vec<(u32, TxId, Decision)>, DbError> {
+pub fn decisions(db: &NamespaceDb) -> Result<Vec<(ShardId, TxId, Decision)>, DbError> {
     let p = keys::decision_prefix();
     let mut out = Vec::new();
     for (k, v) in db.scan(&p, &keys::prefix_end(&p), usize::MAX)? {
@@ -421,9 +421,9 @@ pub fn dir_shard(
     db: &NamespaceDb,
     parent: Ino,
     name: &[u8],
-    shards: &[u32],
+    shards: &[ShardId],
     spread_depth: u32,
-) -> u32 {
+) -> ShardId {
     if depth_below(db, parent, spread_depth) {
         place_dir(parent, name, shards)
     } else {
@@ -450,7 +450,7 @@ fn depth_below(db: &NamespaceDb, dir: Ino, levels: u32) -> bool {
 /// Shard a new directory named `name` in `parent` is placed on when it is
 /// spread: by a hash of both (FNV-1a, stable across builds), as CephFS and
 /// Lustre DNE spread directories over metadata servers.
-pub fn place_dir(parent: Ino, name: &[u8], shards: &[u32]) -> u32 {
+pub fn place_dir(parent: Ino, name: &[u8], shards: &[ShardId]) -> ShardId {
     if shards.is_empty() {
         return shard_of(parent);
     }
@@ -466,7 +466,7 @@ pub fn place_dir(parent: Ino, name: &[u8], shards: &[u32]) -> u32 {
 /// `tx`: drawn from the upper half of the shard's counter space (the local
 /// counter never gets there), unique per attempt; the plan checks it is
 /// free.
-pub fn tx_ino(shard: u32, tx: TxId) -> Ino {
+pub fn tx_ino(shard: ShardId, tx: TxId) -> Ino {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in tx
         .coordinator

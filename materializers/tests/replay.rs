@@ -24,11 +24,11 @@ fn ops(n: usize, mut seed: u64) -> Vec<Entry> {
     let mut out = Vec::new();
     for i in 0..n {
         let r = rng(&mut seed);
-        let ino = make_ino(0, 1 + rng(&mut seed) % 12);
+        let ino = make_ino(ShardId(0), 1 + rng(&mut seed) % 12);
         let parent = if r.is_multiple_of(3) {
             ROOT_INO
         } else {
-            make_ino(0, 2 + rng(&mut seed) % 10)
+            make_ino(ShardId(0), 2 + rng(&mut seed) % 10)
         };
         let name = names[(rng(&mut seed) % names.len() as u64) as usize].clone();
         let op = match r % 9 {
@@ -117,8 +117,10 @@ fn apply_all(db: &NamespaceDb, entries: &[Entry], batch: usize, from: usize) {
     let mut pos = from;
     while pos < entries.len() {
         let end = (pos + batch).min(entries.len());
-        let b: Vec<(u64, Entry)> = (pos..end).map(|p| (p as u64, entries[p].clone())).collect();
-        apply_batch(db, 0, &b).expect("apply");
+        let b: Vec<(Position, Entry)> = (pos..end)
+            .map(|p| (Position(p as u64), entries[p].clone()))
+            .collect();
+        apply_batch(db, ShardId(0), &b).expect("apply");
         pos = end;
     }
 }
@@ -129,19 +131,19 @@ fn batching_crash_and_replay_agree() {
     let dir = tempfile::tempdir().unwrap();
     // One entry per batch.
     let a = NamespaceDb::open(&dir.path().join("a")).unwrap();
-    init_shard(&a, 0).unwrap();
+    init_shard(&a, ShardId(0)).unwrap();
     apply_all(&a, &entries, 1, 0);
     // Big batches, with a "crash" (close and reopen) half way: resumes
     // from the persisted applied position.
     let bpath = dir.path().join("b");
     {
         let b = NamespaceDb::open(&bpath).unwrap();
-        init_shard(&b, 0).unwrap();
+        init_shard(&b, ShardId(0)).unwrap();
         apply_all(&b, &entries[..1700], 97, 0);
     }
     let b = NamespaceDb::open(&bpath).unwrap();
-    init_shard(&b, 0).unwrap();
-    let resume = b.applied(0).unwrap() as usize;
+    init_shard(&b, ShardId(0)).unwrap();
+    let resume = b.applied(ShardId(0)).unwrap().get() as usize;
     assert_eq!(resume, 1700);
     apply_all(&b, &entries, 512, resume);
     let (da, db) = (a.dump().unwrap(), b.dump().unwrap());
@@ -152,8 +154,8 @@ fn batching_crash_and_replay_agree() {
     );
     assert_eq!(da, db);
     // Re-applying a retried op (same client and op id) changes nothing.
-    let again: Vec<(u64, Entry)> = vec![(3000, entries[10].clone())];
-    apply_batch(&b, 0, &again).unwrap();
+    let again: Vec<(Position, Entry)> = vec![(Position(3000), entries[10].clone())];
+    apply_batch(&b, ShardId(0), &again).unwrap();
     let mut after = b.dump().unwrap();
     after.retain(|(k, _)| k[0] != b'a');
     let mut before = db.clone();
@@ -182,7 +184,7 @@ fn apply_one(
         },
         &lop,
     );
-    let (r, _) = apply_batch(db, 0, &[(pos, e)]).unwrap();
+    let (r, _) = apply_batch(db, ShardId(0), &[(Position(pos), e)]).unwrap();
     r[0].1.clone()
 }
 
@@ -190,7 +192,7 @@ fn apply_one(
 fn posix_errors_are_decided_at_apply() {
     let dir = tempfile::tempdir().unwrap();
     let db = NamespaceDb::open(dir.path()).unwrap();
-    init_shard(&db, 0).unwrap();
+    init_shard(&db, ShardId(0)).unwrap();
     let mut n = 0u64;
     let mut run = |uid: u32, op: Op| {
         n += 1;
@@ -244,7 +246,7 @@ fn posix_errors_are_decided_at_apply() {
         Err(Errno::EISDIR)
     );
     // Sticky directory: user 1001 cannot remove user 1000's file.
-    let d = make_ino(0, 2);
+    let d = make_ino(ShardId(0), 2);
     assert!(run(
         1000,
         Op::Create {
@@ -280,7 +282,7 @@ fn posix_errors_are_decided_at_apply() {
     );
     // Moving a directory under itself.
     assert!(run(0, mk("p", libc::S_IFDIR | 0o755)).is_ok());
-    let p = make_ino(0, 4);
+    let p = make_ino(ShardId(0), 4);
     assert!(run(
         0,
         Op::Create {
@@ -293,7 +295,7 @@ fn posix_errors_are_decided_at_apply() {
         }
     )
     .is_ok());
-    let q = make_ino(0, 5);
+    let q = make_ino(ShardId(0), 5);
     assert_eq!(
         run(
             0,
@@ -328,7 +330,7 @@ fn posix_errors_are_decided_at_apply() {
 fn unlink_deletes_a_file_in_the_same_entry_unless_held_open() {
     let dir = tempfile::tempdir().unwrap();
     let db = NamespaceDb::open(dir.path()).unwrap();
-    init_shard(&db, 0).unwrap();
+    init_shard(&db, ShardId(0)).unwrap();
     let mut n = 0u64;
     let mut run = |op: Op| {
         n += 1;
@@ -391,7 +393,7 @@ fn old_outcomes_are_forgotten_without_rescanning() {
     use cfs_materializers::keys;
     let dir = tempfile::tempdir().unwrap();
     let db = NamespaceDb::open(dir.path()).unwrap();
-    init_shard(&db, 0).unwrap();
+    init_shard(&db, ShardId(0)).unwrap();
     let total = OUTCOMES_KEPT + 6_000;
     let mut timings = Vec::new();
     let mut batch = Vec::new();
@@ -411,7 +413,7 @@ fn old_outcomes_are_forgotten_without_rescanning() {
             },
         };
         batch.push((
-            op_id - 1,
+            Position(op_id - 1),
             entry(
                 RequestId {
                     client: 7,
@@ -422,12 +424,12 @@ fn old_outcomes_are_forgotten_without_rescanning() {
         ));
         if batch.len() == 1000 {
             let t = std::time::Instant::now();
-            apply_batch(&db, 0, &batch).unwrap();
+            apply_batch(&db, ShardId(0), &batch).unwrap();
             timings.push(t.elapsed());
             batch.clear();
         }
     }
-    apply_batch(&db, 0, &batch).unwrap();
+    apply_batch(&db, ShardId(0), &batch).unwrap();
     eprintln!(
         "{total} operations in {:?}; batches of 1000: first {:?}, last {:?}",
         started.elapsed(),
@@ -437,14 +439,17 @@ fn old_outcomes_are_forgotten_without_rescanning() {
     let low = total - OUTCOMES_KEPT;
     let kept = db
         .scan(
-            &keys::outcome(0, 7, 0),
-            &keys::outcome(0, 7, u64::MAX),
+            &keys::outcome(ShardId(0), 7, 0),
+            &keys::outcome(ShardId(0), 7, u64::MAX),
             usize::MAX,
         )
         .unwrap();
     assert_eq!(kept.len() as u64, OUTCOMES_KEPT + 1, "the retry window");
-    assert_eq!(kept.first().unwrap().0, keys::outcome(0, 7, low));
-    assert_eq!(db.get::<u64>(&keys::outcomes_low(0, 7)).unwrap(), Some(low));
+    assert_eq!(kept.first().unwrap().0, keys::outcome(ShardId(0), 7, low));
+    assert_eq!(
+        db.get::<u64>(&keys::outcomes_low(ShardId(0), 7)).unwrap(),
+        Some(low)
+    );
 }
 
 /// What a file's bytes are, byte by byte, in the model of
@@ -466,7 +471,7 @@ fn pieces_follow_writes_truncates_and_punches() {
     use cfs_segments::client::Extent;
     let dir = tempfile::tempdir().unwrap();
     let db = NamespaceDb::open(dir.path()).unwrap();
-    init_shard(&db, 0).unwrap();
+    init_shard(&db, ShardId(0)).unwrap();
     let mut pos = 0u64;
     let mut run = |op: Op| {
         pos += 1;
@@ -600,7 +605,7 @@ fn a_database_of_another_format_is_refused() {
     use cfs_materializers::store::{DbError, Txn, FORMAT};
     let dir = tempfile::tempdir().unwrap();
     let db = NamespaceDb::open(dir.path()).unwrap();
-    init_shard(&db, 0).unwrap();
+    init_shard(&db, ShardId(0)).unwrap();
     assert_eq!(
         db.get_raw(keys::FORMAT).unwrap(),
         Some(FORMAT.to_be_bytes().to_vec())
@@ -612,7 +617,8 @@ fn a_database_of_another_format_is_refused() {
     let mut t = Txn::new(&db);
     t.delete(keys::FORMAT.to_vec());
     t.keep();
-    db.commit(t, 0, db.applied(0).unwrap()).unwrap();
+    db.commit(t, ShardId(0), db.applied(ShardId(0)).unwrap())
+        .unwrap();
     drop(db);
     match NamespaceDb::open(dir.path()) {
         Err(DbError::Format {

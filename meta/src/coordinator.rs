@@ -20,14 +20,14 @@ pub trait Cluster: Sync {
     /// materializer computed when it applied it.
     fn propose(
         &self,
-        shard: u32,
+        shard: ShardId,
         lop: LoggedOp,
     ) -> impl Future<Output = Result<ApplyResult, Errno>> + Send;
     /// Waits until this node applied everything decided on `shard` so far.
-    fn barrier(&self, shard: u32) -> impl Future<Output = Result<(), Errno>> + Send;
+    fn barrier(&self, shard: ShardId) -> impl Future<Output = Result<(), Errno>> + Send;
     fn db(&self) -> &NamespaceDb;
     /// The shards of the cluster.
-    fn shards(&self) -> &[u32];
+    fn shards(&self) -> &[ShardId];
     /// Levels below the root whose new directories spread over the shards
     /// ([`dir_shard`]).
     fn spread_depth(&self) -> u32 {
@@ -80,7 +80,7 @@ pub async fn execute<C: Cluster>(
             op: op.clone(),
         };
         if cross {
-            let span = tracing::debug_span!("cross_shard", home);
+            let span = tracing::debug_span!("cross_shard", home = %home);
             if let Some(r) = run_cross(c, lop, placement).instrument(span).await? {
                 return Ok(r);
             }
@@ -109,7 +109,7 @@ pub async fn execute<C: Cluster>(
 /// the cross-shard path instead of first failing on its home shard with
 /// EXDEV (one log commit less). Only a hint: a lagging replica's wrong
 /// guess costs that commit, never correctness.
-fn spans_shards(db: &NamespaceDb, client: u64, creds: &Creds, op: &Op, home: u32) -> bool {
+fn spans_shards(db: &NamespaceDb, client: u64, creds: &Creds, op: &Op, home: ShardId) -> bool {
     if !matches!(
         op,
         Op::Unlink { .. } | Op::Rmdir { .. } | Op::Rename { .. } | Op::Link { .. }
@@ -131,7 +131,7 @@ fn spans_shards(db: &NamespaceDb, client: u64, creds: &Creds, op: &Op, home: u32
 async fn run_cross<C: Cluster>(
     c: &C,
     lop: LoggedOp,
-    placement: Option<u32>,
+    placement: Option<ShardId>,
 ) -> Result<Option<ApplyResult>, Errno> {
     let home = lop.op.shard();
     let (coordinator, seq) = c.next_id();
@@ -198,7 +198,7 @@ pub enum TxEnd {
     /// An earlier attempt of the same operation had committed: its outcome.
     Recorded(ApplyResult),
     /// Aborted (a prepare failed); the participants.
-    Aborted(Vec<u32>),
+    Aborted(Vec<ShardId>),
 }
 
 /// A protocol step as a log entry of the coordinator (deduplicated by its
@@ -223,12 +223,12 @@ fn step(c: &impl Cluster, now: Nanos, op: Op) -> LoggedOp {
 pub async fn run_tx<C: Cluster>(
     c: &C,
     tx: TxId,
-    home: u32,
-    parts: BTreeMap<u32, Part>,
+    home: ShardId,
+    parts: BTreeMap<ShardId, Part>,
     lop: &LoggedOp,
     outcome: ApplyResult,
 ) -> Result<TxEnd, Errno> {
-    let participants: Vec<u32> = parts.keys().copied().collect();
+    let participants: Vec<ShardId> = parts.keys().copied().collect();
     let now = c.now();
     let prepares = parts.into_iter().map(|(shard, part)| {
         let op = Op::TxPrepare {
@@ -292,8 +292,8 @@ pub async fn run_tx<C: Cluster>(
 pub async fn finish_all<C: Cluster>(
     c: &C,
     tx: TxId,
-    home: u32,
-    participants: &[u32],
+    home: ShardId,
+    participants: &[ShardId],
     commit: bool,
 ) -> Result<(), Errno> {
     let now = c.now();
@@ -336,7 +336,7 @@ pub async fn recover<C: Cluster>(c: &C, older_than: Duration) -> Result<usize, E
         tracing::error!("reading open transactions: {e}");
         Errno::EIO
     };
-    let mut todo: BTreeMap<TxId, (u32, Vec<u32>, Option<bool>)> = BTreeMap::new();
+    let mut todo: BTreeMap<TxId, (ShardId, Vec<ShardId>, Option<bool>)> = BTreeMap::new();
     for (_, tx, intent) in intents(c.db()).map_err(db_err)? {
         if old(intent.since) {
             todo.entry(tx)

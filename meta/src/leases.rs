@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use cfs_log::Position;
+use cfs_log::{Position, ShardId};
 use cfs_proto::lease;
 use tokio::sync::{watch, Notify};
 
@@ -28,21 +28,24 @@ struct Tracker {
     sent: u64,
     acked: u64,
     /// Invalidations not acknowledged yet: (seq, shard, upto).
-    pending: VecDeque<(u64, u32, Position)>,
+    pending: VecDeque<(u64, ShardId, Position)>,
     /// Per shard: every change below this position was forwarded to the
     /// session (as an invalidation, or skipped as its own).
-    forwarded: HashMap<u32, Position>,
+    forwarded: HashMap<ShardId, Position>,
     /// Per shard: every invalidation of changes below this position is
     /// acknowledged.
-    through: HashMap<u32, Position>,
+    through: HashMap<ShardId, Position>,
 }
 
 impl Tracker {
-    fn through(&self, shard: u32) -> Position {
+    fn through(&self, shard: ShardId) -> Position {
         if self.pending.iter().any(|(_, s, _)| *s == shard) {
-            self.through.get(&shard).copied().unwrap_or(0)
+            self.through.get(&shard).copied().unwrap_or(Position::ZERO)
         } else {
-            self.forwarded.get(&shard).copied().unwrap_or(0)
+            self.forwarded
+                .get(&shard)
+                .copied()
+                .unwrap_or(Position::ZERO)
         }
     }
 }
@@ -52,7 +55,7 @@ pub struct Session {
     pub client: u64,
     tracker: Mutex<Tracker>,
     /// Shards leased, with when this node stops honouring the lease.
-    leases: Mutex<HashMap<u32, Instant>>,
+    leases: Mutex<HashMap<ShardId, Instant>>,
     /// Bumped on every change of `tracker`, for waiters.
     progress: watch::Sender<u64>,
     /// Shared with [`Leases`]: something may have moved a clean position.
@@ -62,10 +65,10 @@ pub struct Session {
 impl Session {
     /// Records that the changes of `shard` below `upto` have been
     /// forwarded, the last of them as invalidation `seq` (if any).
-    pub fn forwarded(&self, shard: u32, upto: Position, seq: Option<u64>) {
+    pub fn forwarded(&self, shard: ShardId, upto: Position, seq: Option<u64>) {
         let mut t = self.tracker.lock().expect("tracker lock");
         let waiting = t.pending.iter().any(|(_, s, _)| *s == shard);
-        let before = t.forwarded.get(&shard).copied().unwrap_or(0);
+        let before = t.forwarded.get(&shard).copied().unwrap_or(Position::ZERO);
         if !waiting {
             // Everything forwarded before this batch is acknowledged.
             let th = t.through.entry(shard).or_default();
@@ -117,19 +120,19 @@ impl Session {
         self.tracker.lock().expect("tracker lock").sent
     }
 
-    pub fn forwarded_to(&self, shard: u32) -> Position {
+    pub fn forwarded_to(&self, shard: ShardId) -> Position {
         self.tracker
             .lock()
             .expect("tracker lock")
             .forwarded
             .get(&shard)
             .copied()
-            .unwrap_or(0)
+            .unwrap_or(Position::ZERO)
     }
 
     /// Waits (at most until `deadline`) until the changes of `shard` below
     /// `upto` have been forwarded.
-    pub async fn wait_forwarded(&self, shard: u32, upto: Position, deadline: Instant) -> bool {
+    pub async fn wait_forwarded(&self, shard: ShardId, upto: Position, deadline: Instant) -> bool {
         let mut rx = self.progress.subscribe();
         loop {
             if self.forwarded_to(shard) >= upto {
@@ -148,14 +151,14 @@ impl Session {
         self.dirty.notify_one();
     }
 
-    pub fn grant(&self, shard: u32, now: Instant) {
+    pub fn grant(&self, shard: ShardId, now: Instant) {
         self.leases
             .lock()
             .expect("leases lock")
             .insert(shard, now + lease::server_hold());
     }
 
-    fn holds(&self, shard: u32, now: Instant) -> bool {
+    fn holds(&self, shard: ShardId, now: Instant) -> bool {
         self.leases
             .lock()
             .expect("leases lock")
@@ -177,26 +180,29 @@ pub struct Leases {
     sessions: Mutex<HashMap<u64, (Arc<Session>, bool)>>,
     next: AtomicU64,
     /// Leadership terms seen: shard → (ballot, when first seen leading).
-    led_since: Mutex<HashMap<u32, (u32, Instant)>>,
-    clean: HashMap<u32, watch::Sender<Position>>,
+    led_since: Mutex<HashMap<ShardId, (u32, Instant)>>,
+    clean: HashMap<ShardId, watch::Sender<Position>>,
     /// Notified when a session's progress may have moved a clean position.
     pub dirty: Arc<Notify>,
 }
 
 impl Leases {
-    pub fn new(shards: &[u32]) -> Leases {
+    pub fn new(shards: &[ShardId]) -> Leases {
         Leases {
             sessions: Mutex::default(),
             next: AtomicU64::new(1),
             led_since: Mutex::default(),
-            clean: shards.iter().map(|s| (*s, watch::channel(0).0)).collect(),
+            clean: shards
+                .iter()
+                .map(|s| (*s, watch::channel(Position::ZERO).0))
+                .collect(),
             dirty: Arc::new(Notify::new()),
         }
     }
 
     /// A new session; `applied` is each shard's applied position when it
     /// subscribed to changes (everything below was forwarded, trivially).
-    pub fn open(&self, client: u64, applied: &[(u32, Position)]) -> (u64, Arc<Session>) {
+    pub fn open(&self, client: u64, applied: &[(ShardId, Position)]) -> (u64, Arc<Session>) {
         let s = Arc::new(Session {
             client,
             tracker: Mutex::new(Tracker {
@@ -224,7 +230,7 @@ impl Leases {
     }
 
     /// Notes the leadership of `shard` (`ballot` is its term) as of now.
-    pub fn observe_leadership(&self, shard: u32, leading: bool, ballot: u32, now: Instant) {
+    pub fn observe_leadership(&self, shard: ShardId, leading: bool, ballot: u32, now: Instant) {
         let mut m = self.led_since.lock().expect("led_since lock");
         if !leading {
             m.remove(&shard);
@@ -236,17 +242,17 @@ impl Leases {
     /// Recomputes `shard`'s clean position (0 unless this node has led it
     /// for a lease's hold): the applied position, lowered to what every
     /// session leasing the shard has acknowledged.
-    pub fn recompute(&self, shard: u32, applied: Position, now: Instant) -> Position {
+    pub fn recompute(&self, shard: ShardId, applied: Position, now: Instant) -> Position {
         let fenced = self
             .led_since
             .lock()
             .expect("led_since lock")
             .get(&shard)
             .is_none_or(|(_, since)| now.duration_since(*since) < lease::server_hold());
-        let mut clean = if fenced { 0 } else { applied };
+        let mut clean = if fenced { Position::ZERO } else { applied };
         let mut sessions = self.sessions.lock().expect("sessions lock");
         sessions.retain(|_, (s, open)| *open || s.holds_any(now));
-        if clean > 0 {
+        if clean > Position::ZERO {
             for (s, _) in sessions.values() {
                 if s.holds(shard, now) {
                     clean = clean.min(s.tracker.lock().expect("tracker lock").through(shard));
@@ -265,7 +271,7 @@ impl Leases {
     }
 
     /// Waits until this node's clean position of `shard` passes `pos`.
-    pub async fn wait_clean_local(&self, shard: u32, pos: Position, deadline: Instant) -> bool {
+    pub async fn wait_clean_local(&self, shard: ShardId, pos: Position, deadline: Instant) -> bool {
         let Some(tx) = self.clean.get(&shard) else {
             return false;
         };
@@ -291,7 +297,13 @@ mod tests {
     use super::*;
     use std::time::Duration;
 
-    fn led_long_ago(l: &Leases, shard: u32) -> Instant {
+    const S: ShardId = ShardId(0);
+
+    fn p(n: u64) -> Position {
+        Position(n)
+    }
+
+    fn led_long_ago(l: &Leases, shard: ShardId) -> Instant {
         let now = Instant::now();
         let past = now - lease::server_hold() - Duration::from_millis(1);
         l.observe_leadership(shard, true, 1, past);
@@ -300,84 +312,84 @@ mod tests {
 
     #[test]
     fn clean_waits_for_a_leased_sessions_ack_and_not_an_unleased_ones() {
-        let l = Leases::new(&[0]);
-        let now = led_long_ago(&l, 0);
-        let (_, a) = l.open(1, &[(0, 10)]);
-        let (_, b) = l.open(2, &[(0, 10)]);
-        a.grant(0, now);
-        assert_eq!(l.recompute(0, 10, now), 10);
+        let l = Leases::new(&[S]);
+        let now = led_long_ago(&l, S);
+        let (_, a) = l.open(1, &[(S, p(10))]);
+        let (_, b) = l.open(2, &[(S, p(10))]);
+        a.grant(S, now);
+        assert_eq!(l.recompute(S, p(10), now), p(10));
         // A change at position 10 (upto 11) reaches both as invalidations.
         let sa = a.next_seq();
-        a.forwarded(0, 11, Some(sa));
+        a.forwarded(S, p(11), Some(sa));
         let sb = b.next_seq();
-        b.forwarded(0, 11, Some(sb));
+        b.forwarded(S, p(11), Some(sb));
         assert_eq!(
-            l.recompute(0, 11, now),
-            10,
+            l.recompute(S, p(11), now),
+            p(10),
             "a holds a lease and has not acked"
         );
         b.acked(sb);
-        assert_eq!(l.recompute(0, 11, now), 10);
+        assert_eq!(l.recompute(S, p(11), now), p(10));
         a.acked(sa);
-        assert_eq!(l.recompute(0, 11, now), 11);
+        assert_eq!(l.recompute(S, p(11), now), p(11));
         // Progress without changes for the session moves it on.
-        a.forwarded(0, 15, None);
-        assert_eq!(l.recompute(0, 15, now), 15);
+        a.forwarded(S, p(15), None);
+        assert_eq!(l.recompute(S, p(15), now), p(15));
     }
 
     #[test]
     fn an_expired_lease_stops_holding_clean_back() {
-        let l = Leases::new(&[0]);
-        let now = led_long_ago(&l, 0);
-        let (_, a) = l.open(1, &[(0, 0)]);
-        a.grant(0, now);
+        let l = Leases::new(&[S]);
+        let now = led_long_ago(&l, S);
+        let (_, a) = l.open(1, &[(S, p(0))]);
+        a.grant(S, now);
         let s = a.next_seq();
-        a.forwarded(0, 5, Some(s));
-        assert_eq!(l.recompute(0, 5, now), 0);
+        a.forwarded(S, p(5), Some(s));
+        assert_eq!(l.recompute(S, p(5), now), p(0));
         let later = now + lease::server_hold() + Duration::from_millis(1);
-        assert_eq!(l.recompute(0, 5, later), 5);
+        assert_eq!(l.recompute(S, p(5), later), p(5));
     }
 
     #[test]
     fn a_new_leader_is_fenced_for_a_lease_hold() {
-        let l = Leases::new(&[0]);
+        let l = Leases::new(&[S]);
         let now = Instant::now();
-        l.observe_leadership(0, true, 3, now);
-        assert_eq!(l.recompute(0, 7, now), 0);
+        l.observe_leadership(S, true, 3, now);
+        assert_eq!(l.recompute(S, p(7), now), p(0));
         let later = now + lease::server_hold();
-        assert_eq!(l.recompute(0, 7, later), 7);
+        assert_eq!(l.recompute(S, p(7), later), p(7));
         // A new term (even by the same node) starts a new fence.
-        l.observe_leadership(0, true, 4, later);
-        assert_eq!(l.recompute(0, 7, later), 0);
+        l.observe_leadership(S, true, 4, later);
+        assert_eq!(l.recompute(S, p(7), later), p(0));
         // Not leading: nothing is clean here.
-        l.observe_leadership(0, false, 4, later);
-        assert_eq!(l.recompute(0, 7, later + lease::server_hold()), 0);
+        l.observe_leadership(S, false, 4, later);
+        assert_eq!(l.recompute(S, p(7), later + lease::server_hold()), p(0));
     }
 
     #[test]
     fn a_released_lease_holds_nothing_back() {
-        let l = Leases::new(&[0]);
-        let now = led_long_ago(&l, 0);
-        let (_, a) = l.open(1, &[(0, 0)]);
-        a.grant(0, now);
+        let l = Leases::new(&[S]);
+        let now = led_long_ago(&l, S);
+        let (_, a) = l.open(1, &[(S, p(0))]);
+        a.grant(S, now);
         let s = a.next_seq();
-        a.forwarded(0, 5, Some(s));
-        assert_eq!(l.recompute(0, 5, now), 0);
+        a.forwarded(S, p(5), Some(s));
+        assert_eq!(l.recompute(S, p(5), now), p(0));
         a.release();
-        assert_eq!(l.recompute(0, 5, now), 5);
+        assert_eq!(l.recompute(S, p(5), now), p(5));
     }
 
     #[test]
     fn closed_sessions_are_dropped_once_their_leases_run_out() {
-        let l = Leases::new(&[0]);
-        let now = led_long_ago(&l, 0);
-        let (id, a) = l.open(1, &[(0, 0)]);
-        a.grant(0, now);
+        let l = Leases::new(&[S]);
+        let now = led_long_ago(&l, S);
+        let (id, a) = l.open(1, &[(S, p(0))]);
+        a.grant(S, now);
         l.close(id);
-        l.recompute(0, 0, now);
+        l.recompute(S, p(0), now);
         assert_eq!(l.leased_sessions(now), 1);
         let later = now + lease::server_hold() + Duration::from_millis(1);
-        l.recompute(0, 0, later);
+        l.recompute(S, p(0), later);
         assert_eq!(l.sessions.lock().unwrap().len(), 0);
     }
 }

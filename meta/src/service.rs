@@ -45,7 +45,7 @@ struct Barrier {
     /// Arrival tickets; a barrier started after ticket `t` was issued
     /// serves the read that took `t`.
     next_ticket: AtomicU64,
-    last: tokio::sync::Mutex<(u64, u64)>,
+    last: tokio::sync::Mutex<(u64, Position)>,
 }
 
 struct Inner {
@@ -54,8 +54,8 @@ struct Inner {
     log: LogNode,
     db: Arc<NamespaceDb>,
     waiters: Arc<Waiters>,
-    applied: HashMap<u32, watch::Receiver<u64>>,
-    barriers: HashMap<u32, Barrier>,
+    applied: HashMap<ShardId, watch::Receiver<Position>>,
+    barriers: HashMap<ShardId, Barrier>,
     changes: broadcast::Sender<Change>,
     segment_servers: Vec<(u64, String)>,
     meta_servers: Vec<(u64, String)>,
@@ -65,7 +65,7 @@ struct Inner {
     counters: Counters,
     /// Why a shard's materializer stopped, if one did.
     failed: Arc<std::sync::Mutex<Vec<String>>>,
-    shard_list: Vec<u32>,
+    shard_list: Vec<ShardId>,
     /// This process's id as a transaction coordinator (random per start,
     /// so its steps' operation ids never repeat).
     coordinator_id: u64,
@@ -98,7 +98,7 @@ pub struct MetaConfig {
     pub node_id: u64,
     pub listen: SocketAddr,
     pub data_dir: PathBuf,
-    pub shards: Vec<u32>,
+    pub shards: Vec<ShardId>,
     pub segment_servers: Vec<(u64, String)>,
     /// Metadata services of the nodes: node id → address.
     pub meta_servers: Vec<(u64, String)>,
@@ -130,13 +130,13 @@ impl MetaService {
                 shard,
                 Barrier {
                     next_ticket: AtomicU64::new(1),
-                    last: tokio::sync::Mutex::new((0, 0)),
+                    last: tokio::sync::Mutex::new((0, Position::ZERO)),
                 },
             );
             let (db2, w2, ch2, f2) = (db.clone(), waiters.clone(), changes.clone(), failed.clone());
             tokio::spawn(async move {
                 if let Err(e) = materializer::run_shard(db2, shard, sub, w2, tx, ch2).await {
-                    tracing::error!(shard, "namespace materializer failed: {e}");
+                    tracing::error!(shard = %shard, "namespace materializer failed: {e}");
                     f2.lock().expect("failed lock").push(format!(
                         "namespace materializer of shard {shard} stopped: {e}"
                     ));
@@ -233,7 +233,7 @@ impl MetaService {
     }
 
     /// Applied position of each shard.
-    pub fn applied(&self) -> Vec<(u32, u64)> {
+    pub fn applied(&self) -> Vec<(ShardId, Position)> {
         let mut v: Vec<_> = self
             .inner
             .applied
@@ -336,7 +336,7 @@ async fn serve_conn(inner: Arc<Inner>, sock: TcpStream) {
                 // catching up).
                 for shard in inner.shard_list.clone() {
                     if let Err(e) = inner.fresh(shard).await {
-                        warn!(shard, "session start: shard not current: {e}");
+                        warn!(shard = %shard, "session start: shard not current: {e}");
                         send(
                             &tx,
                             ServerMsg::Reply {
@@ -385,7 +385,7 @@ async fn serve_conn(inner: Arc<Inner>, sock: TcpStream) {
     // Subscribed before the applied positions are read: every change
     // above them reaches the session.
     let mut changes = inner.changes.subscribe();
-    let applied: Vec<(u32, u64)> = inner
+    let applied: Vec<(ShardId, Position)> = inner
         .applied
         .iter()
         .map(|(s, rx)| (*s, *rx.borrow()))
@@ -526,7 +526,7 @@ fn read_err(e: ReadError) -> Errno {
 }
 
 impl Inner {
-    fn check_shard(&self, ino: Ino) -> Result<u32, Errno> {
+    fn check_shard(&self, ino: Ino) -> Result<ShardId, Errno> {
         let s = shard_of(ino);
         if ino == 0 || !self.applied.contains_key(&s) {
             return Err(Errno::ESTALE);
@@ -537,7 +537,7 @@ impl Inner {
     /// Waits until this node applied everything decided before now on
     /// `shard`: a read barrier, shared by reads that arrive while one is
     /// being taken.
-    async fn fresh(&self, shard: u32) -> Result<(), Errno> {
+    async fn fresh(&self, shard: ShardId) -> Result<(), Errno> {
         let b = &self.barriers[&shard];
         let ticket = b.next_ticket.fetch_add(1, Ordering::SeqCst);
         let pos = {
@@ -547,7 +547,7 @@ impl Inner {
             } else {
                 let started = b.next_ticket.fetch_add(1, Ordering::SeqCst);
                 let pos = self.log.read_barrier(shard).await.map_err(|e| {
-                    warn!(shard, "read barrier: {e}");
+                    warn!(shard = %shard, "read barrier: {e}");
                     Errno::EIO
                 })?;
                 self.counters.barriers.fetch_add(1, Ordering::Relaxed);
@@ -596,7 +596,7 @@ impl Inner {
         })
     }
 
-    fn leads(&self, shard: u32) -> bool {
+    fn leads(&self, shard: ShardId) -> bool {
         self.log
             .status()
             .iter()
@@ -609,16 +609,19 @@ impl Inner {
         for st in self.log.status() {
             self.leases
                 .observe_leadership(st.shard, st.is_leader, st.ballot, now);
-            let applied = self.applied.get(&st.shard).map_or(0, |r| *r.borrow());
+            let applied = self
+                .applied
+                .get(&st.shard)
+                .map_or(Position::ZERO, |r| *r.borrow());
             let clean = self.leases.recompute(st.shard, applied, now);
-            let _ = self.log.set_watermark(st.shard, clean);
+            let _ = self.log.set_watermark(st.shard, clean.get());
         }
     }
 
     /// Waits until every session leasing `shard` anywhere has applied the
     /// invalidations of the change at `pos` (the shard's leader says so:
     /// here, or in its answer to a read barrier).
-    async fn wait_clean(&self, shard: u32, pos: u64) -> Result<(), Errno> {
+    async fn wait_clean(&self, shard: ShardId, pos: Position) -> Result<(), Errno> {
         let deadline = Instant::now() + APPLY_WAIT;
         let mut waited = false;
         loop {
@@ -630,17 +633,17 @@ impl Inner {
                 }
             } else {
                 match self.log.read_index(shard).await {
-                    Ok(r) if r.watermark > pos => break,
+                    Ok(r) if r.watermark > pos.get() => break,
                     Ok(_) => tokio::time::sleep(Duration::from_millis(2)).await,
                     Err(e) => {
-                        warn!(shard, "waiting for the leader's clean position: {e}");
+                        warn!(shard = %shard, "waiting for the leader's clean position: {e}");
                         tokio::time::sleep(Duration::from_millis(20)).await;
                     }
                 }
             }
             waited = true;
             if Instant::now() >= deadline {
-                warn!(shard, pos, "leased caches did not let go in time");
+                warn!(shard = %shard, pos = %pos, "leased caches did not let go in time");
                 return Err(Errno::EIO);
             }
         }
@@ -703,7 +706,7 @@ impl Inner {
         // Every node contributes its disk; 2 of every 3 bytes hold data
         // with the default 2+1 layout.
         let per = |blocks: u64| blocks * st.f_frsize * self.nodes * 2 / 3;
-        let shards: Vec<u32> = self.applied.keys().copied().collect();
+        let shards: Vec<ShardId> = self.applied.keys().copied().collect();
         Ok(FsStats {
             total_bytes: per(st.f_blocks),
             free_bytes: per(st.f_bavail),
@@ -713,7 +716,7 @@ impl Inner {
 }
 
 impl coordinator::Cluster for Inner {
-    async fn propose(&self, shard: u32, lop: LoggedOp) -> Result<ApplyResult, Errno> {
+    async fn propose(&self, shard: ShardId, lop: LoggedOp) -> Result<ApplyResult, Errno> {
         let id = self.log.next_request();
         let e = materializer::entry(id, &lop);
         if e.payload.len() > cfs_log::entry::ENTRY_PAYLOAD_BYTES_MAX {
@@ -724,7 +727,7 @@ impl coordinator::Cluster for Inner {
             Ok(p) => p,
             Err(err) => {
                 self.waiters.forget(id);
-                warn!(shard, "namespace proposal failed: {err}");
+                warn!(shard = %shard, "namespace proposal failed: {err}");
                 return Err(Errno::EIO);
             }
         };
@@ -741,7 +744,7 @@ impl coordinator::Cluster for Inner {
         Ok(r)
     }
 
-    async fn barrier(&self, shard: u32) -> Result<(), Errno> {
+    async fn barrier(&self, shard: ShardId) -> Result<(), Errno> {
         self.fresh(shard).await
     }
 
@@ -749,7 +752,7 @@ impl coordinator::Cluster for Inner {
         &self.db
     }
 
-    fn shards(&self) -> &[u32] {
+    fn shards(&self) -> &[ShardId] {
         &self.shard_list
     }
 

@@ -21,13 +21,13 @@ use cfs_materializers::types::*;
 use cfs_materializers::NamespaceDb;
 use cfs_meta::coordinator::{self as coord, Cluster};
 
-const SHARDS: [u32; 3] = [0, 1, 2];
+const SHARDS: [ShardId; 3] = [ShardId(0), ShardId(1), ShardId(2)];
 const CLIENT: u64 = 0xc1;
 
 struct Sim {
     _dir: tempfile::TempDir,
     db: NamespaceDb,
-    logs: Mutex<BTreeMap<u32, Vec<Entry>>>,
+    logs: Mutex<BTreeMap<ShardId, Vec<Entry>>>,
     coordinator: AtomicU64,
     seq: AtomicU64,
     clock: AtomicI64,
@@ -59,10 +59,10 @@ impl Sim {
         }
     }
 
-    fn apply(&self, shard: u32, e: Entry) -> ApplyResult {
+    fn apply(&self, shard: ShardId, e: Entry) -> ApplyResult {
         let mut logs = self.logs.lock().unwrap();
         let log = logs.entry(shard).or_default();
-        let pos = log.len() as u64;
+        let pos = Position(log.len() as u64);
         log.push(e.clone());
         let (outcomes, _) = apply_batch(&self.db, shard, &[(pos, e)]).expect("apply");
         outcomes.into_iter().next().expect("one outcome").1
@@ -85,7 +85,7 @@ impl Sim {
 }
 
 impl Cluster for Sim {
-    async fn propose(&self, shard: u32, lop: LoggedOp) -> Result<ApplyResult, Errno> {
+    async fn propose(&self, shard: ShardId, lop: LoggedOp) -> Result<ApplyResult, Errno> {
         if self.yields {
             tokio::task::yield_now().await;
         }
@@ -101,13 +101,13 @@ impl Cluster for Sim {
         };
         Ok(self.apply(shard, entry(id, &lop)))
     }
-    async fn barrier(&self, _shard: u32) -> Result<(), Errno> {
+    async fn barrier(&self, _shard: ShardId) -> Result<(), Errno> {
         Ok(())
     }
     fn db(&self) -> &NamespaceDb {
         &self.db
     }
-    fn shards(&self) -> &[u32] {
+    fn shards(&self) -> &[ShardId] {
         &SHARDS
     }
     fn next_id(&self) -> (u64, u64) {
@@ -144,7 +144,7 @@ fn file(parent: Ino, name: &str) -> Op {
 }
 
 /// A directory name in `parent` that placement puts on `shard`.
-fn name_on(parent: Ino, shard: u32, stem: &str) -> String {
+fn name_on(parent: Ino, shard: ShardId, stem: &str) -> String {
     (0..)
         .map(|i| format!("{stem}{i}"))
         .find(|n| tx::place_dir(parent, n.as_bytes(), &SHARDS) == shard)
@@ -187,24 +187,24 @@ struct Base {
 }
 
 async fn base(sim: &Sim) -> Base {
-    let aname = name_on(ROOT_INO, 1, "a");
+    let aname = name_on(ROOT_INO, ShardId(1), "a");
     let a = ino_of(sim.run(dir(ROOT_INO, &aname), 1).await);
-    let bname = name_on(ROOT_INO, 2, "b");
+    let bname = name_on(ROOT_INO, ShardId(2), "b");
     let b = ino_of(sim.run(dir(ROOT_INO, &bname), 2).await);
-    assert_eq!((shard_of(a), shard_of(b)), (1, 2));
+    assert_eq!((shard_of(a), shard_of(b)), (ShardId(1), ShardId(2)));
     ino_of(sim.run(file(a, "f"), 3).await);
-    let sname = name_on(a, 2, "s");
+    let sname = name_on(a, ShardId(2), "s");
     let s = ino_of(sim.run(dir(a, &sname), 4).await);
-    assert_eq!(shard_of(s), 2);
+    assert_eq!(shard_of(s), ShardId(2));
     ino_of(sim.run(file(s, "inner"), 5).await);
     let mut g = file(b, "g");
     if let Op::Create { mode, .. } = &mut g {
         *mode = libc::S_IFREG | 0o600;
     }
     ino_of(sim.run(g, 6).await);
-    let ename = name_on(b, 0, "e");
+    let ename = name_on(b, ShardId(0), "e");
     let e = ino_of(sim.run(dir(b, &ename), 7).await);
-    assert_eq!(shard_of(e), 0);
+    assert_eq!(shard_of(e), ShardId(0));
     Base { a, b, sname, ename }
 }
 
@@ -220,7 +220,7 @@ fn scenarios(b: &Base) -> Vec<(&'static str, Vec<Op>)> {
     vec![
         (
             "mkdir on another shard",
-            vec![dir(b.b, &name_on(b.b, 1, "new"))],
+            vec![dir(b.b, &name_on(b.b, ShardId(1), "new"))],
         ),
         (
             "rmdir of a directory on another shard",
@@ -306,7 +306,7 @@ fn assert_replays(sim: &Sim, what: &str) {
             .iter()
             .cloned()
             .enumerate()
-            .map(|(p, e)| (p as u64, e))
+            .map(|(p, e)| (Position(p as u64), e))
             .collect();
         apply_batch(&db, *shard, &entries).unwrap();
     }
@@ -436,17 +436,24 @@ async fn concurrent_crossing_renames_never_make_a_cycle() {
 async fn deep_directories_stay_on_their_parents_shard() {
     assert_eq!(tx::DEFAULT_SPREAD_DEPTH, 2);
     let sim = Sim::new();
-    let top = ino_of(sim.run(dir(ROOT_INO, &name_on(ROOT_INO, 1, "t")), 1).await);
-    assert_eq!(shard_of(top), 1);
-    let mid = ino_of(sim.run(dir(top, &name_on(top, 2, "m")), 2).await);
-    assert_eq!(shard_of(mid), 2, "depth 2 is still spread");
+    let top = ino_of(
+        sim.run(dir(ROOT_INO, &name_on(ROOT_INO, ShardId(1), "t")), 1)
+            .await,
+    );
+    assert_eq!(shard_of(top), ShardId(1));
+    let mid = ino_of(sim.run(dir(top, &name_on(top, ShardId(2), "m")), 2).await);
+    assert_eq!(shard_of(mid), ShardId(2), "depth 2 is still spread");
     let mut op_id = 10;
     for i in 0..30 {
         let before = sim.proposals.load(Ordering::SeqCst);
         let deep = ino_of(sim.run(dir(mid, &format!("d{i}")), op_id).await);
-        assert_eq!(shard_of(deep), 2, "depth 3 inherits its parent's shard");
+        assert_eq!(
+            shard_of(deep),
+            ShardId(2),
+            "depth 3 inherits its parent's shard"
+        );
         let deeper = ino_of(sim.run(dir(deep, "x"), op_id + 1).await);
-        assert_eq!(shard_of(deeper), 2);
+        assert_eq!(shard_of(deeper), ShardId(2));
         let r = sim
             .run(
                 Op::Rmdir {
@@ -474,8 +481,11 @@ async fn deep_directories_stay_on_their_parents_shard() {
 #[tokio::test]
 async fn rmdir_of_an_inode_number_ending_in_ff() {
     let sim = Sim::new();
-    let parent = ino_of(sim.run(dir(ROOT_INO, &name_on(ROOT_INO, 2, "p")), 1).await);
-    let ino = make_ino(1, (1 << 47) | 0x0012_34ff);
+    let parent = ino_of(
+        sim.run(dir(ROOT_INO, &name_on(ROOT_INO, ShardId(2), "p")), 1)
+            .await,
+    );
+    let ino = make_ino(ShardId(1), (1 << 47) | 0x0012_34ff);
     let lop = LoggedOp {
         client: CLIENT,
         op_id: 2,
@@ -492,7 +502,7 @@ async fn rmdir_of_an_inode_number_ending_in_ff() {
     let end = coord::run_tx(
         &sim,
         TxId::new(9, 9),
-        2,
+        ShardId(2),
         planned.parts,
         &lop,
         planned.outcome,
@@ -538,7 +548,7 @@ fn step(sim: &Sim, op: Op) -> LoggedOp {
 async fn a_slow_coordinator_cannot_commit_after_recovery_aborted() {
     for late_home_prepare in [false, true] {
         let sim = Sim::new();
-        let name = name_on(ROOT_INO, 1, "late");
+        let name = name_on(ROOT_INO, ShardId(1), "late");
         let lop = LoggedOp {
             client: CLIENT,
             op_id: 7,
@@ -551,25 +561,25 @@ async fn a_slow_coordinator_cannot_commit_after_recovery_aborted() {
             op: dir(ROOT_INO, &name),
         };
         let tx = TxId::new(0x51, 1);
-        let planned = tx::plan(&sim.db, &lop, Some(tx::tx_ino(1, tx))).unwrap();
-        let participants: Vec<u32> = planned.parts.keys().copied().collect();
-        assert_eq!(participants, vec![0, 1]);
-        let prepare = |shard: u32| Op::TxPrepare {
+        let planned = tx::plan(&sim.db, &lop, Some(tx::tx_ino(ShardId(1), tx))).unwrap();
+        let participants: Vec<ShardId> = planned.parts.keys().copied().collect();
+        assert_eq!(participants, vec![ShardId(0), ShardId(1)]);
+        let prepare = |shard: ShardId| Op::TxPrepare {
             tx,
             shard,
-            home: 0,
+            home: ShardId(0),
             participants: participants.clone(),
             part: planned.parts[&shard].clone(),
         };
         // Prepared on the remote shard, and (A) on the home shard too.
         assert!(sim
-            .propose(1, step(&sim, prepare(1)))
+            .propose(ShardId(1), step(&sim, prepare(ShardId(1))))
             .await
             .unwrap()
             .is_ok());
         if !late_home_prepare {
             assert!(sim
-                .propose(0, step(&sim, prepare(0)))
+                .propose(ShardId(0), step(&sim, prepare(ShardId(0))))
                 .await
                 .unwrap()
                 .is_ok());
@@ -579,24 +589,27 @@ async fn a_slow_coordinator_cannot_commit_after_recovery_aborted() {
         coord::recover(&sim, Duration::from_secs(5)).await.unwrap();
         if late_home_prepare {
             // (B) The home shard's prepare lands late: refused.
-            let r = sim.propose(0, step(&sim, prepare(0))).await.unwrap();
+            let r = sim
+                .propose(ShardId(0), step(&sim, prepare(ShardId(0))))
+                .await
+                .unwrap();
             assert_eq!(r, Err(Errno::ESTALE), "late home prepare");
         }
         // The late decision cannot commit.
         let decide = Op::TxDecide {
             tx,
-            shard: 0,
+            shard: ShardId(0),
             commit: true,
             client: CLIENT,
             op_id: 7,
             outcome: planned.outcome.clone(),
             participants: participants.clone(),
         };
-        match sim.propose(0, step(&sim, decide)).await.unwrap() {
+        match sim.propose(ShardId(0), step(&sim, decide)).await.unwrap() {
             Ok(Applied::Decision { commit, .. }) => assert!(!commit, "late commit won"),
             other => panic!("{other:?}"),
         }
-        coord::finish_all(&sim, tx, 0, &participants, false)
+        coord::finish_all(&sim, tx, ShardId(0), &participants, false)
             .await
             .unwrap();
         assert!(

@@ -11,6 +11,7 @@ mod common;
 
 use cfs_log::client::LogClient;
 use cfs_log::wire::{Role, Wire};
+use cfs_log::{Position, ShardId};
 use cfs_node::cluster;
 use common::{bin, Cluster};
 
@@ -20,9 +21,9 @@ use common::{bin, Cluster};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_leader_mid_load_loses_nothing_acknowledged() {
     let cl = Cluster::start("kill");
-    let shard = 0;
+    let shard = ShardId(0);
     let client = Arc::new(cl.client());
-    let acked: Arc<Mutex<HashMap<String, u64>>> = Arc::default();
+    let acked: Arc<Mutex<HashMap<String, Position>>> = Arc::default();
     let stop_at = Instant::now() + Duration::from_secs(8);
     let mut tasks = Vec::new();
     for t in 0..16 {
@@ -78,7 +79,7 @@ async fn kill_leader_mid_load_loses_nothing_acknowledged() {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         let entries = reader
-            .read_range(c.listen, shard, 0, max + 1)
+            .read_range(c.listen, shard, Position::ZERO, max + 1)
             .await
             .unwrap();
         logs.insert(c.node_id, entries);
@@ -90,7 +91,7 @@ async fn kill_leader_mid_load_loses_nothing_acknowledged() {
             assert_eq!(a, b, "node {id} differs at position {}", a.0);
         }
     }
-    let mut seen: HashMap<Vec<u8>, u64> = HashMap::new();
+    let mut seen: HashMap<Vec<u8>, Position> = HashMap::new();
     for (p, e) in &first {
         if e.kind == cfs_log::EntryKind::DATA {
             if let Some(q) = seen.insert(e.payload.to_vec(), *p) {
@@ -163,7 +164,10 @@ async fn bad_input_is_refused_and_changes_nothing() {
     let target = cl.cfg(1);
     let id = cl.cfgs[0].cluster_id.clone();
     let client = cl.client();
-    let p0 = client.propose(0, b"before".to_vec()).await.unwrap();
+    let p0 = client
+        .propose(ShardId(0), b"before".to_vec())
+        .await
+        .unwrap();
     let rejected_before = cl.metric(1, "cfs_log_rejected_connections_total");
 
     // Garbage bytes.
@@ -202,7 +206,7 @@ async fn bad_input_is_refused_and_changes_nothing() {
     // A client proposing a reserved kind gets an error, not a decision.
     let bad = cfs_log::Entry::new(cfs_log::EntryKind(1), client.next_request(), Vec::new());
     assert!(matches!(
-        client.propose_entry(0, bad).await,
+        client.propose_entry(ShardId(0), bad).await,
         Err(cfs_log::LogError::Invalid(_))
     ));
 
@@ -213,7 +217,7 @@ async fn bad_input_is_refused_and_changes_nothing() {
     let log = cl.log_of(1);
     assert!(log.contains("closing connection"), "reason logged");
     // Nothing changed: the next entry follows directly.
-    let p1 = client.propose(0, b"after".to_vec()).await.unwrap();
+    let p1 = client.propose(ShardId(0), b"after".to_vec()).await.unwrap();
     assert_eq!(p1, p0 + 1);
     cluster::wait_healthy(&cl.cfgs, Duration::from_secs(5)).unwrap();
 }
@@ -238,7 +242,7 @@ async fn corrupt_log_file_is_reported_at_start() {
     let client = cl.client();
     for i in 0..50 {
         client
-            .propose(1, format!("v{i}").into_bytes())
+            .propose(ShardId(1), format!("v{i}").into_bytes())
             .await
             .unwrap();
     }
@@ -267,7 +271,7 @@ async fn corrupt_log_file_is_reported_at_start() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn isolated_leader_cannot_serve_a_read_barrier() {
     let cl = Cluster::start("lease");
-    let shard = 0;
+    let shard = ShardId(0);
     let leader = cl.leader(shard).await;
     let mut client = LogClient::new(&cl.cfgs[0].cluster_id, vec![cl.cfg(leader).listen]);
     client.timeout = Duration::from_secs(3);

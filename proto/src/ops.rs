@@ -112,10 +112,10 @@ pub enum Op {
     /// Only metadata services propose these (clients cannot).
     TxPrepare {
         tx: TxId,
-        shard: u32,
+        shard: ShardId,
         /// The decision shard (the operation's home).
-        home: u32,
-        participants: Vec<u32>,
+        home: ShardId,
+        participants: Vec<ShardId>,
         part: Part,
     },
     /// Phase 2 on the home shard: the first decision for `tx` wins and is
@@ -124,18 +124,18 @@ pub enum Op {
     /// returns it.
     TxDecide {
         tx: TxId,
-        shard: u32,
+        shard: ShardId,
         commit: bool,
         client: u64,
         op_id: u64,
         outcome: ApplyResult,
-        participants: Vec<u32>,
+        participants: Vec<ShardId>,
     },
     /// Phase 3 on each participant: applies (commit) or drops the intent
     /// and releases its locks; on the home shard also forgets the decision.
     TxFinish {
         tx: TxId,
-        shard: u32,
+        shard: ShardId,
         commit: bool,
     },
 }
@@ -164,7 +164,7 @@ impl Op {
     }
 
     /// Shard whose log carries this operation.
-    pub fn shard(&self) -> u32 {
+    pub fn shard(&self) -> ShardId {
         shard_of(self.home())
     }
 
@@ -302,7 +302,7 @@ pub enum Reply {
         node_id: u64,
         /// Segment servers: node id → address.
         segment_servers: Vec<(u64, String)>,
-        shards: Vec<u32>,
+        shards: Vec<ShardId>,
         /// The metadata service of the node leading most shards, when
         /// that is another node: its mutations skip a forwarding hop and
         /// the wait for the decision to reach a follower.
@@ -320,7 +320,7 @@ pub enum Reply {
     /// was sent; usable once the client has applied invalidation
     /// `inval_seq` (every one queued before this reply).
     Lease {
-        shards: Vec<u32>,
+        shards: Vec<ShardId>,
         millis: u32,
         inval_seq: u64,
     },

@@ -79,7 +79,7 @@ impl Call for StatFs {
 /// Leases granted (`crate::lease`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LeaseGrant {
-    pub shards: Vec<u32>,
+    pub shards: Vec<ShardId>,
     pub millis: u32,
     pub inval_seq: u64,
 }

@@ -10,17 +10,19 @@ use cfs_stripe::Extent;
 /// a counter of that shard. The root is inode 1 on shard 0.
 pub type Ino = u64;
 
+pub use cfs_ids::{Position, ShardId};
+
 pub const ROOT_INO: Ino = 1;
 const SHARD_SHIFT: u32 = 48;
 
 /// Shard that owns `ino`.
-pub fn shard_of(ino: Ino) -> u32 {
-    (ino >> SHARD_SHIFT) as u32
+pub fn shard_of(ino: Ino) -> ShardId {
+    ShardId((ino >> SHARD_SHIFT) as u32)
 }
 
 /// The `n`th inode of `shard`.
-pub fn make_ino(shard: u32, n: u64) -> Ino {
-    ((shard as u64) << SHARD_SHIFT) | (n & ((1 << SHARD_SHIFT) - 1))
+pub fn make_ino(shard: ShardId, n: u64) -> Ino {
+    (u64::from(shard.get()) << SHARD_SHIFT) | (n & ((1 << SHARD_SHIFT) - 1))
 }
 
 /// Longest name component (bytes), as Linux.

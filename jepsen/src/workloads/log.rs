@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cfs_log::{EntryKind, LogError};
+use cfs_log::{EntryKind, LogError, Position, ShardId};
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 
@@ -19,7 +19,7 @@ use super::{Checked, Ctx, Process};
 use crate::history::{pair, Event, Kind};
 
 /// A replica's entries: (position, appended value or `None`).
-type Entries = Vec<(u64, Option<String>)>;
+type Entries = Vec<(Position, Option<String>)>;
 
 /// Entries a read fetches below its barrier.
 const READ_WINDOW: u64 = 64;
@@ -35,9 +35,9 @@ fn definite(e: &LogError) -> bool {
 pub async fn read(
     ctx: &Ctx,
     addr: SocketAddr,
-    shard: u32,
-    from: u64,
-    to: u64,
+    shard: ShardId,
+    from: Position,
+    to: Position,
     timeout: Duration,
 ) -> Result<Entries, LogError> {
     let c = ctx.log_client();
@@ -113,9 +113,9 @@ pub async fn client(ctx: Arc<Ctx>, slot: u64) {
 pub async fn read_any(
     ctx: &Ctx,
     rng: &mut impl Rng,
-    shard: u32,
-    from: u64,
-    to: u64,
+    shard: ShardId,
+    from: Position,
+    to: Position,
 ) -> Result<Entries, LogError> {
     let mut nodes = ctx.nodes.clone();
     rand::seq::SliceRandom::shuffle(nodes.as_mut_slice(), rng);
@@ -153,7 +153,16 @@ pub async fn final_reads(ctx: &Ctx) -> anyhow::Result<Value> {
         for &node in &ctx.nodes {
             let mut got = None;
             for _ in 0..10 {
-                if let Ok(v) = read(ctx, node, shard, 0, at, Duration::from_secs(10)).await {
+                if let Ok(v) = read(
+                    ctx,
+                    node,
+                    shard,
+                    Position::ZERO,
+                    at,
+                    Duration::from_secs(10),
+                )
+                .await
+                {
                     got = Some(v);
                     break;
                 }
@@ -232,7 +241,7 @@ pub fn check(events: &[Event], fin: &Value) -> Checked {
                 continue;
             };
             for (i, (pos, _)) in e.iter().enumerate() {
-                if *pos != i as u64 {
+                if pos.get() != i as u64 {
                     anomalies.push(json!({"kind": "gap", "shard": shard, "node": node,
                         "expected": i, "found": pos}));
                     break;
@@ -248,7 +257,7 @@ pub fn check(events: &[Event], fin: &Value) -> Checked {
                     "values": [reference[i].1, e[i].1]}));
             }
         }
-        let mut at: HashMap<&str, Vec<u64>> = HashMap::new();
+        let mut at: HashMap<&str, Vec<Position>> = HashMap::new();
         for (pos, v) in &reference {
             if let Some(v) = v {
                 at.entry(v.as_str()).or_default().push(*pos);
@@ -270,7 +279,7 @@ pub fn check(events: &[Event], fin: &Value) -> Checked {
             .collect();
         for o in &appended {
             let v = o.value()["value"].as_str().unwrap_or("");
-            let pos = o.value()["position"].as_u64().unwrap_or(u64::MAX);
+            let pos = Position(o.value()["position"].as_u64().unwrap_or(u64::MAX));
             match at.get(v) {
                 None => anomalies.push(json!({"kind": "lost", "shard": shard, "value": v,
                     "acknowledged_position": pos, "op": o.invoke.index})),
@@ -312,7 +321,7 @@ pub fn check(events: &[Event], fin: &Value) -> Checked {
             }
             if let Some(es) = entries_of(&o.value()["entries"]) {
                 for (pos, v) in es {
-                    if reference.get(pos as usize).map(|r| &r.1) != Some(&v) {
+                    if reference.get(pos.get() as usize).map(|r| &r.1) != Some(&v) {
                         anomalies.push(json!({"kind": "read-differs-from-log", "shard": shard,
                             "read": o.invoke.index, "position": pos, "read_value": v}));
                         break;

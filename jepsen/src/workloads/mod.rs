@@ -11,6 +11,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use cfs_log::ShardId;
 use serde_json::Value;
 
 use crate::history::History;
@@ -20,7 +21,7 @@ pub struct Ctx {
     pub cluster_id: String,
     pub nodes: Vec<SocketAddr>,
     pub mounts: Vec<PathBuf>,
-    pub shards: Vec<u32>,
+    pub shards: Vec<ShardId>,
     pub history: Arc<History>,
     /// Clients stop invoking at this time (history clock, ns).
     pub until: u64,

@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use cfs_log::LogError;
+use cfs_log::{LogError, Position, ShardId};
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -21,7 +21,7 @@ const KEYS: u64 = 5;
 const VALUES: i64 = 5;
 /// States the linearizability search may visit per key.
 const SEARCH_BUDGET: usize = 5_000_000;
-const SHARD: u32 = 0;
+const SHARD: ShardId = ShardId(0);
 
 #[derive(Serialize, Deserialize)]
 #[serde(tag = "f", rename_all = "lowercase")]
@@ -32,7 +32,7 @@ enum Cmd {
 
 /// A client's copy of the store, built from the log in order.
 struct Replica {
-    applied: u64,
+    applied: Position,
     map: HashMap<String, i64>,
 }
 
@@ -43,7 +43,7 @@ impl Replica {
         &mut self,
         ctx: &Ctx,
         rng: &mut impl Rng,
-        to: u64,
+        to: Position,
     ) -> Result<Option<bool>, LogError> {
         let mut last = None;
         if to <= self.applied {
@@ -80,7 +80,7 @@ pub async fn client(ctx: Arc<Ctx>, slot: u64) {
     let mut p = Process::new(slot, ctx.concurrency);
     let mut c = ctx.log_client();
     let mut rep = Replica {
-        applied: 0,
+        applied: Position::ZERO,
         map: HashMap::new(),
     };
     let h = &ctx.history;
@@ -138,7 +138,7 @@ pub async fn client(ctx: Arc<Ctx>, slot: u64) {
                     p.crashed();
                     c = ctx.log_client();
                     rep = Replica {
-                        applied: 0,
+                        applied: Position::ZERO,
                         map: HashMap::new(),
                     };
                 }

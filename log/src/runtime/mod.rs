@@ -374,7 +374,7 @@ impl LogNode {
             let epoch = Epoch {
                 config_id: 1,
                 nodes: node_ids.clone(),
-                base: 0,
+                base: Position::ZERO,
             };
             let faults = crate::disk::DiskFaults {
                 lose_unsynced: cfg.faults.lose_unsynced || cfg.faults.fsync_lies,
@@ -398,7 +398,7 @@ impl LogNode {
                 disk,
                 cfg.wal.clone(),
                 &cfg.timing,
-                0,
+                Position::ZERO,
             )
             .map_err(|source| StartError::Shard { shard, source })?;
             // Already-decided entries are not redelivered: subscribers read
@@ -478,7 +478,7 @@ impl LogNode {
             let t = std::thread::Builder::new()
                 .name(format!("shard-{shard}"))
                 .spawn(move || {
-                    let span = info_span!("shard", shard);
+                    let span = info_span!("shard", shard = shard.get());
                     let _g = span.enter();
                     let mut l = ShardLoop {
                         core,
@@ -727,7 +727,7 @@ impl LogNode {
                 "cfs_log_decided_position",
                 "One past the last decided position.",
                 "gauge",
-                |h| h.status.lock().expect("status").decided,
+                |h| h.status.lock().expect("status").decided.get(),
             ),
             (
                 "cfs_log_is_leader",

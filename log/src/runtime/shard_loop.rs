@@ -345,7 +345,7 @@ impl ShardLoop {
         if self.core.is_leader() {
             if let Some(upto) = self.floors.due(floor, &peers) {
                 if self.core.trim(upto) {
-                    info!(below = upto, "trimmed log");
+                    info!(below = upto.get(), "trimmed log");
                     self.floors.trimmed(upto);
                 }
             }

@@ -24,9 +24,10 @@ impl SubscriberTable {
                             n + 1
                         ));
                     };
-                    let pos: Position = pos
-                        .parse()
-                        .map_err(|e| format!("{}: line {}: {e}", path.display(), n + 1))?;
+                    let pos = Position(
+                        pos.parse()
+                            .map_err(|e| format!("{}: line {}: {e}", path.display(), n + 1))?,
+                    );
                     persisted.insert(name.to_string(), pos);
                 }
             }
@@ -43,7 +44,11 @@ impl SubscriberTable {
     /// Lowest position some subscriber still needs; with no subscribers,
     /// nothing may be trimmed.
     pub(super) fn floor(&self) -> Position {
-        self.persisted.values().copied().min().unwrap_or(0)
+        self.persisted
+            .values()
+            .copied()
+            .min()
+            .unwrap_or(Position::ZERO)
     }
 
     pub(super) fn save(&mut self) -> std::io::Result<()> {
@@ -123,7 +128,7 @@ impl Subscription {
     pub fn persisted(&self, pos: Position) {
         if let Some(n) = &self.name {
             let mut t = self.table.lock().expect("subscribers lock");
-            let e = t.persisted.entry(n.clone()).or_insert(0);
+            let e = t.persisted.entry(n.clone()).or_insert(Position::ZERO);
             if pos > *e {
                 *e = pos;
                 t.dirty = true;

@@ -27,7 +27,7 @@ impl Materialized {
     /// Before any entry.
     pub const EMPTY: Materialized = Materialized {
         digest: FNV_OFFSET,
-        next: 0,
+        next: Position::ZERO,
     };
 
     /// Applies the entry at position `self.next`.
@@ -36,7 +36,7 @@ impl Materialized {
         for b in entry.encode() {
             h = (h ^ u64::from(b)).wrapping_mul(FNV_PRIME);
         }
-        self.digest = mix64(h ^ self.next);
+        self.digest = mix64(h ^ self.next.get());
         self.next += 1;
     }
 }
@@ -73,7 +73,7 @@ impl Checker {
 
     /// Number of decided positions (all acknowledged).
     pub fn len(&self) -> Position {
-        self.log.len() as Position
+        Position(self.log.len() as u64)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -81,7 +81,7 @@ impl Checker {
     }
 
     pub fn entry(&self, pos: Position) -> Option<&Entry> {
-        self.log.get(pos as usize)
+        self.log.get(pos.get() as usize)
     }
 
     /// Where `req` was decided, if it was.
@@ -100,7 +100,7 @@ impl Checker {
     pub fn decided(&mut self, node: NodeId, pos: Position, entry: &Entry) -> Result<(), String> {
         let len = self.len();
         if pos < len {
-            let first = &self.log[pos as usize];
+            let first = &self.log[pos.get() as usize];
             if first != entry {
                 return Err(format!(
                     "agreement violated: node {node} delivered {entry:?} at position {pos}, \
@@ -126,7 +126,7 @@ impl Checker {
             check_claim(node, pos, req, entry)?;
         }
         let mut m = Materialized {
-            digest: self.digests[pos as usize],
+            digest: self.digests[pos.get() as usize],
             next: pos,
         };
         m.apply(entry);
@@ -137,7 +137,7 @@ impl Checker {
 
     /// Node `node` answered `Duplicate(Some(pos))` for `req`.
     pub fn claim(&mut self, node: NodeId, pos: Position, req: RequestId) -> Result<(), String> {
-        match self.log.get(pos as usize) {
+        match self.log.get(pos.get() as usize) {
             Some(e) => check_claim(node, pos, req, e),
             None => match self.claims.insert(pos, req) {
                 Some(other) if other != req => Err(format!(
@@ -153,7 +153,7 @@ impl Checker {
     /// # Errors
     /// If it differs from full replay of the global log up to `m.next`.
     pub fn materialized(&self, node: NodeId, what: &str, m: Materialized) -> Result<(), String> {
-        match self.digests.get(m.next as usize) {
+        match self.digests.get(m.next.get() as usize) {
             Some(d) if *d == m.digest => Ok(()),
             Some(d) => Err(format!(
                 "replay mismatch: node {node} {what} materializer at {} has digest {:#018x}, \

@@ -90,7 +90,7 @@ use net::{Network, Packet, Payload, Profile};
 
 /// The replica set of every run (and of its second epoch).
 const NODES: [NodeId; 3] = [1, 2, 3];
-const SHARD: ShardId = 1;
+const SHARD: ShardId = ShardId(1);
 /// Small segments, so rotation and deletion of trimmed segments happen often.
 const SEGMENT_BYTES: u64 = 4096;
 /// Client ids are `1..=CLIENTS`.
@@ -340,7 +340,7 @@ fn first_epoch() -> Epoch {
     Epoch {
         config_id: 1,
         nodes: NODES.to_vec(),
-        base: 0,
+        base: Position::ZERO,
     }
 }
 
@@ -414,7 +414,7 @@ impl Replica {
             slots: vec![Slot {
                 epoch: first_epoch(),
                 disk: CrashDisk::default(),
-                durable_decided: 0,
+                durable_decided: Position::ZERO,
                 end: None,
             }],
             snapshot: Materialized::EMPTY,
@@ -493,8 +493,8 @@ impl Sim {
             checker: Checker::new(),
             recent: VecDeque::new(),
             client_seq: vec![0; CLIENTS as usize + 1],
-            epoch_bases: BTreeMap::from([(1, 0)]),
-            trim_hi: 0,
+            epoch_bases: BTreeMap::from([(1, Position::ZERO)]),
+            trim_hi: Position::ZERO,
             sabotaged: false,
             stats: Stats::default(),
             events: VecDeque::new(),
@@ -533,7 +533,7 @@ impl Sim {
     fn final_stats(&self) -> Stats {
         let mut s = self.stats.clone();
         s.steps = self.step;
-        s.acknowledged = self.checker.len();
+        s.acknowledged = self.checker.len().get();
         s.messages = self.net.messages;
         s.dropped = self.net.dropped;
         s.duplicated = self.net.duplicated;
@@ -1546,7 +1546,7 @@ impl Sim {
                     )
                 })?;
                 for (j, e) in entries.iter().enumerate() {
-                    let pos = held_from + j as Position;
+                    let pos = held_from + j as u64;
                     if self.checker.entry(pos) != Some(e) {
                         return Err(format!(
                             "agreement violated: node {} holds {e:?} at {pos}, the log has {:?}",
@@ -1572,33 +1572,38 @@ mod tests {
     #[test]
     fn checker_accepts_a_consistent_history() {
         let mut c = Checker::new();
-        c.decided(1, 0, &e(1, 1, b"a")).unwrap();
-        c.decided(2, 0, &e(1, 1, b"a")).unwrap();
-        c.decided(2, 1, &e(1, 2, b"b")).unwrap();
+        c.decided(1, Position(0), &e(1, 1, b"a")).unwrap();
+        c.decided(2, Position(0), &e(1, 1, b"a")).unwrap();
+        c.decided(2, Position(1), &e(1, 2, b"b")).unwrap();
         let mut m = Materialized::EMPTY;
         m.apply(&e(1, 1, b"a"));
         c.materialized(3, "live", m).unwrap();
-        c.claim(1, 1, RequestId { client: 1, seq: 2 }).unwrap();
+        c.claim(1, Position(1), RequestId { client: 1, seq: 2 })
+            .unwrap();
     }
 
     #[test]
     fn checker_rejects_conflicts_gaps_duplicates_and_bad_replay() {
         let mut c = Checker::new();
-        c.decided(1, 0, &e(1, 1, b"a")).unwrap();
-        let err = c.decided(2, 0, &e(1, 1, b"x")).unwrap_err();
+        c.decided(1, Position(0), &e(1, 1, b"a")).unwrap();
+        let err = c.decided(2, Position(0), &e(1, 1, b"x")).unwrap_err();
         assert!(err.contains("agreement"), "{err}");
-        assert!(c.decided(2, 5, &e(1, 2, b"b")).unwrap_err().contains("gap"));
         assert!(c
-            .decided(2, 1, &e(1, 1, b"a"))
+            .decided(2, Position(5), &e(1, 2, b"b"))
+            .unwrap_err()
+            .contains("gap"));
+        assert!(c
+            .decided(2, Position(1), &e(1, 1, b"a"))
             .unwrap_err()
             .contains("dedupe"));
         let mut m = Materialized::EMPTY;
         m.apply(&e(1, 1, b"y"));
         assert!(c.materialized(1, "live", m).unwrap_err().contains("replay"));
         let mut c = Checker::new();
-        c.claim(1, 0, RequestId { client: 9, seq: 9 }).unwrap();
+        c.claim(1, Position(0), RequestId { client: 9, seq: 9 })
+            .unwrap();
         assert!(c
-            .decided(1, 0, &e(1, 1, b"a"))
+            .decided(1, Position(0), &e(1, 1, b"a"))
             .unwrap_err()
             .contains("dedupe"));
     }

@@ -60,7 +60,7 @@ pub(crate) type R2<T> = Result<T, Fail>;
 /// EXDEV (it needs another shard's keys: the proposer runs it as a
 /// cross-shard transaction, see [`crate::tx`]) and EAGAIN (it touches keys
 /// an open transaction holds).
-pub fn apply(txn: &mut Txn<'_>, shard: u32, lop: &LoggedOp) -> Result<ApplyResult, DbError> {
+pub fn apply(txn: &mut Txn<'_>, shard: ShardId, lop: &LoggedOp) -> Result<ApplyResult, DbError> {
     txn.set_owner(Some(shard));
     let outcome_key = (lop.op_id != 0).then(|| keys::outcome(shard, lop.client, lop.op_id));
     if let Some(k) = &outcome_key {
@@ -158,7 +158,7 @@ pub fn plan(
 pub const OUTCOMES_KEPT: u64 = 16_384;
 
 /// Creates the root directory if the shard owning it has none yet.
-pub fn ensure_root(txn: &mut Txn<'_>, shard: u32) -> Result<(), DbError> {
+pub fn ensure_root(txn: &mut Txn<'_>, shard: ShardId) -> Result<(), DbError> {
     if shard != shard_of(ROOT_INO) || txn.get_raw(&keys::inode(ROOT_INO))?.is_some() {
         return Ok(());
     }
@@ -186,7 +186,12 @@ pub fn ensure_root(txn: &mut Txn<'_>, shard: u32) -> Result<(), DbError> {
     Ok(())
 }
 
-fn apply_inner(t: &mut Txn<'_>, shard: u32, lop: &LoggedOp, new_ino: Option<Ino>) -> R2<Applied> {
+fn apply_inner(
+    t: &mut Txn<'_>,
+    shard: ShardId,
+    lop: &LoggedOp,
+    new_ino: Option<Ino>,
+) -> R2<Applied> {
     let c = &lop.creds;
     let now = lop.now;
     if lop.op.shard() != shard {

@@ -15,7 +15,7 @@ use super::{check_name, Fail, LINK_MAX, R2};
 #[allow(clippy::too_many_arguments)]
 pub(super) fn create(
     t: &mut Txn<'_>,
-    shard: u32,
+    shard: ShardId,
     c: &Creds,
     now: Nanos,
     parent: Ino,

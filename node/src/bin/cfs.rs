@@ -335,6 +335,7 @@ async fn bench_log(
     size: usize,
     seconds: u64,
 ) -> anyhow::Result<()> {
+    let shard = cfs_log::ShardId(shard);
     let client = Arc::new(client_for(dir)?);
     // Warm up: find the leader.
     client.propose(shard, vec![0u8; size]).await?;
@@ -576,7 +577,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Append { dir, shard, value } => {
             let rt = tokio::runtime::Runtime::new()?;
             let client = client_for(&dir)?;
-            let p = rt.block_on(client.propose(shard, value.into_bytes()))?;
+            let p = rt.block_on(client.propose(cfs_log::ShardId(shard), value.into_bytes()))?;
             println!("{p}");
         }
         Cmd::BenchLog {

@@ -53,7 +53,7 @@ impl Cluster {
         &self.cfgs[(id - 1) as usize]
     }
 
-    pub async fn leader(&self, shard: u32) -> u64 {
+    pub async fn leader(&self, shard: cfs_log::ShardId) -> u64 {
         let c = self.client();
         let until = Instant::now() + Duration::from_secs(20);
         loop {
