@@ -10,16 +10,31 @@
 //! has been applied (to the kernel too), and it was fetched after the
 //! lease period began.
 //!
+//! Directory entries (a name's inode, or its absence) are cached from
+//! lookup, create and link replies by the same stamp rule, with the
+//! directory's invalidations: a lookup they answer sends nothing.
+//!
+//! Directory listings are cached the same way, by the mount itself: a
+//! listing is kept if no invalidation of its directory (or of an entry in
+//! it) arrived after the request was sent ([`MetaCache::mark`]), and served
+//! while the lease on the directory's shard is valid and every listed
+//! child's attributes are cached and current too.
+//!
 //! A new connection is a new session: everything is dropped (`session`).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use cfs_proto::types::{shard_of, Ino, Inode};
+use cfs_proto::types::{shard_of, DirEntry, Ino, Inode, ShardId};
 
 /// Inodes cached at most; past this the cache starts over.
 pub const ATTRS_MAX: usize = 1 << 20;
+/// Directory entries cached at most; past this the cache starts over.
+pub const DENTRIES_MAX: usize = 1 << 20;
+/// Entries of cached listings at most (over all directories); past this
+/// the listing cache starts over.
+pub const LISTED_ENTRIES_MAX: usize = 1 << 20;
 /// Inodes whose last invalidation is remembered; past this the record
 /// starts over from a floor (older stamps are refused).
 pub const TOMBSTONES_MAX: usize = 1 << 16;
@@ -33,6 +48,34 @@ struct Cached {
 struct Names {
     names: Vec<Vec<u8>>,
     fetched: Instant,
+}
+
+/// A directory's complete listing (without "." and "..").
+struct Listing {
+    entries: Vec<DirEntry>,
+    fetched: Instant,
+}
+
+/// A name in a directory: its inode, or `None` (it does not exist).
+struct Dentry {
+    ino: Option<Ino>,
+    fetched: Instant,
+}
+
+/// What the cache knows of a name, if leases make it current.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Named {
+    /// The name exists; its inode's attributes.
+    Found(Inode),
+    /// The name does not exist.
+    Absent,
+}
+
+/// Where the invalidation stream stood when a request was sent.
+#[derive(Clone, Copy, Debug)]
+pub struct Mark {
+    gen: u64,
+    received: u64,
 }
 
 #[derive(Clone, Copy)]
@@ -56,7 +99,12 @@ struct State {
     floor: u64,
     /// Last invalidation applied (kernel notified).
     applied: u64,
-    leases: HashMap<u32, Lease>,
+    /// Last invalidation received.
+    received: u64,
+    listings: HashMap<Ino, Listing>,
+    listed_entries: usize,
+    dentries: HashMap<(Ino, Vec<u8>), Dentry>,
+    leases: HashMap<ShardId, Lease>,
 }
 
 #[derive(Default)]
@@ -81,26 +129,138 @@ impl MetaCache {
         self.s.lock().expect("cache lock").gen
     }
 
-    /// An invalidation arrived (reader order): `ino` 0 is everything.
-    pub fn invalidated(&self, gen: u64, seq: u64, ino: Ino) {
+    /// See [`MetaCache::invalidated`].
+    pub fn invalidated_entry(&self, gen: u64, seq: u64, ino: Ino, entry: Option<(Ino, &[u8])>) {
+        let parent = entry.map(|(p, _)| p);
         let mut s = self.s.lock().expect("cache lock");
         if s.gen != gen {
             return;
         }
+        s.received = s.received.max(seq);
         if ino == 0 {
             s.attrs.clear();
             s.xattr_names.clear();
             s.tombs.clear();
+            s.listings.clear();
+            s.listed_entries = 0;
+            s.dentries.clear();
             s.floor = s.floor.max(seq);
             return;
         }
         s.attrs.remove(&ino);
         s.xattr_names.remove(&ino);
-        if s.tombs.len() >= TOMBSTONES_MAX {
-            s.tombs.clear();
-            s.floor = s.floor.max(seq);
+        s.tomb(ino, seq);
+        if let Some(dir) = parent {
+            s.tomb(dir, seq);
         }
-        s.tombs.insert(ino, seq);
+        if let Some((dir, name)) = entry {
+            s.dentries.remove(&(dir, name.to_vec()));
+        }
+    }
+
+    /// A reply read with `stamp` said what `name` in `parent` is (`None`:
+    /// nothing). Kept unless `parent` changed after the node read it.
+    pub fn fetched_dentry(&self, gen: u64, stamp: u64, parent: Ino, name: &[u8], ino: Option<Ino>) {
+        let mut s = self.s.lock().expect("cache lock");
+        if s.gen != gen || stamp < s.floor || s.tombs.get(&parent).is_some_and(|t| *t > stamp) {
+            return;
+        }
+        if s.dentries.len() >= DENTRIES_MAX {
+            s.dentries.clear();
+        }
+        s.dentries.insert(
+            (parent, name.to_vec()),
+            Dentry {
+                ino,
+                fetched: Instant::now(),
+            },
+        );
+    }
+
+    /// What `name` in `parent` is, from a cached entry or a cached listing
+    /// of `parent`, if leases make it (and the inode's attributes) current.
+    pub fn lookup(&self, parent: Ino, name: &[u8]) -> Option<Named> {
+        let s = self.s.lock().expect("cache lock");
+        let now = Instant::now();
+        let l = s.current_lease(parent, now)?;
+        let ino = match s.dentries.get(&(parent, name.to_vec())) {
+            Some(d) if d.fetched >= l.start => d.ino,
+            _ => {
+                let listing = s.listings.get(&parent)?;
+                if listing.fetched < l.start {
+                    return None;
+                }
+                listing
+                    .entries
+                    .iter()
+                    .find(|e| e.name == name)
+                    .map(|e| e.ino)
+            }
+        };
+        match ino {
+            None => Some(Named::Absent),
+            Some(i) => s.current_attrs(i, now).map(Named::Found),
+        }
+    }
+
+    /// Where the invalidation stream stands: taken before sending a
+    /// request whose answer may be cached by [`MetaCache::store_listing`].
+    pub fn mark(&self) -> Mark {
+        let s = self.s.lock().expect("cache lock");
+        Mark {
+            gen: s.gen,
+            received: s.received,
+        }
+    }
+
+    /// A complete listing of `dir`, asked for after `mark`: kept unless an
+    /// invalidation of `dir` or of an entry in it arrived since.
+    pub fn store_listing(&self, mark: Mark, dir: Ino, entries: Vec<DirEntry>) {
+        let mut s = self.s.lock().expect("cache lock");
+        if s.gen != mark.gen
+            || s.floor > mark.received
+            || s.tombs.get(&dir).is_some_and(|t| *t > mark.received)
+        {
+            return;
+        }
+        if s.listed_entries + entries.len() > LISTED_ENTRIES_MAX {
+            s.listings.clear();
+            s.listed_entries = 0;
+        }
+        s.listed_entries += entries.len();
+        let old = s.listings.insert(
+            dir,
+            Listing {
+                entries,
+                fetched: Instant::now(),
+            },
+        );
+        if let Some(o) = old {
+            s.listed_entries -= o.entries.len();
+        }
+    }
+
+    /// `dir`'s listing with every entry's attributes, if leases make all
+    /// of it current.
+    pub fn listing(&self, dir: Ino) -> Option<Vec<(DirEntry, Inode)>> {
+        let s = self.s.lock().expect("cache lock");
+        let now = Instant::now();
+        let l = s.current_lease(dir, now)?;
+        let listing = s.listings.get(&dir)?;
+        if listing.fetched < l.start {
+            return None;
+        }
+        listing
+            .entries
+            .iter()
+            .map(|e| Some((e.clone(), s.current_attrs(e.ino, now)?)))
+            .collect()
+    }
+
+    /// An invalidation arrived (reader order): `ino` changed, and so did
+    /// an entry of directory `parent` if given; `ino` 0 is everything.
+    pub fn invalidated(&self, gen: u64, seq: u64, ino: Ino) {
+        self.invalidated_entry(gen, seq, ino, None)
     }
 
     /// A reply read with `stamp` carried these attributes (reader order).
@@ -164,7 +324,7 @@ impl MetaCache {
 
     /// A lease reply for a request sent at `sent`: `shards` are leased for
     /// `valid` from then; the others are not.
-    pub fn leased(&self, gen: u64, sent: Instant, shards: &[u32], valid: Duration, need: u64) {
+    pub fn leased(&self, gen: u64, sent: Instant, shards: &[ShardId], valid: Duration, need: u64) {
         let mut s = self.s.lock().expect("cache lock");
         if s.gen != gen {
             return;
@@ -201,13 +361,7 @@ impl MetaCache {
     /// Cached attributes of `ino`, if a lease makes them current.
     pub fn get(&self, ino: Ino) -> Option<Inode> {
         let s = self.s.lock().expect("cache lock");
-        let l = s.leases.get(&shard_of(ino))?;
-        let now = Instant::now();
-        if l.until <= now || s.applied < l.need {
-            return None;
-        }
-        let c = s.attrs.get(&ino)?;
-        (c.fetched >= l.start).then(|| c.inode.clone())
+        s.current_attrs(ino, Instant::now())
     }
 
     /// Drops what this mount knows of `ino` (its own change, before the
@@ -216,6 +370,38 @@ impl MetaCache {
         let mut s = self.s.lock().expect("cache lock");
         s.attrs.remove(&ino);
         s.xattr_names.remove(&ino);
+        s.drop_listing(ino);
+    }
+}
+
+impl State {
+    /// Records invalidation `seq` of `ino` (its listing, if a directory,
+    /// goes with it).
+    fn tomb(&mut self, ino: Ino, seq: u64) {
+        self.drop_listing(ino);
+        if self.tombs.len() >= TOMBSTONES_MAX {
+            self.tombs.clear();
+            self.floor = self.floor.max(seq);
+        }
+        self.tombs.insert(ino, seq);
+    }
+
+    fn drop_listing(&mut self, dir: Ino) {
+        if let Some(l) = self.listings.remove(&dir) {
+            self.listed_entries -= l.entries.len();
+        }
+    }
+
+    /// The lease covering `ino`, if it can be used now.
+    fn current_lease(&self, ino: Ino, now: Instant) -> Option<Lease> {
+        let l = self.leases.get(&shard_of(ino))?;
+        (l.until > now && self.applied >= l.need).then_some(*l)
+    }
+
+    fn current_attrs(&self, ino: Ino, now: Instant) -> Option<Inode> {
+        let l = self.current_lease(ino, now)?;
+        let c = self.attrs.get(&ino)?;
+        (c.fetched >= l.start).then(|| c.inode.clone())
     }
 }
 
@@ -249,18 +435,18 @@ mod tests {
     fn nothing_is_served_without_a_lease() {
         let c = MetaCache::default();
         let g = c.session();
-        let ino = make_ino(0, 5);
+        let ino = make_ino(ShardId(0), 5);
         c.fetched(g, 0, &inode(ino, 1));
         assert!(c.get(ino).is_none());
         std::thread::sleep(Duration::from_millis(2));
         let sent = Instant::now();
-        c.leased(g, sent, &[0], Duration::from_secs(3), 0);
+        c.leased(g, sent, &[ShardId(0)], Duration::from_secs(3), 0);
         // Fetched before the lease began: not trusted.
         assert!(c.get(ino).is_none());
         c.fetched(g, 0, &inode(ino, 2));
         assert_eq!(c.get(ino).map(|i| i.size), Some(2));
         // Another shard is not leased.
-        let other = make_ino(1, 5);
+        let other = make_ino(ShardId(1), 5);
         c.fetched(g, 0, &inode(other, 1));
         assert!(c.get(other).is_none());
     }
@@ -269,8 +455,8 @@ mod tests {
     fn an_answer_older_than_an_invalidation_is_not_cached() {
         let c = MetaCache::default();
         let g = c.session();
-        let ino = make_ino(0, 5);
-        c.leased(g, Instant::now(), &[0], Duration::from_secs(3), 0);
+        let ino = make_ino(ShardId(0), 5);
+        c.leased(g, Instant::now(), &[ShardId(0)], Duration::from_secs(3), 0);
         c.invalidated(g, 7, ino);
         c.applied(g, 7);
         c.fetched(g, 6, &inode(ino, 1));
@@ -285,8 +471,8 @@ mod tests {
     fn a_lease_waits_for_the_invalidations_queued_before_it() {
         let c = MetaCache::default();
         let g = c.session();
-        let ino = make_ino(0, 5);
-        c.leased(g, Instant::now(), &[0], Duration::from_secs(3), 4);
+        let ino = make_ino(ShardId(0), 5);
+        c.leased(g, Instant::now(), &[ShardId(0)], Duration::from_secs(3), 4);
         c.fetched(g, 9, &inode(ino, 1));
         assert!(c.get(ino).is_none());
         c.applied(g, 4);
@@ -297,20 +483,125 @@ mod tests {
     fn a_new_session_or_an_expired_lease_serves_nothing() {
         let c = MetaCache::default();
         let g = c.session();
-        let ino = make_ino(0, 5);
-        c.leased(g, Instant::now(), &[0], Duration::from_millis(20), 0);
+        let ino = make_ino(ShardId(0), 5);
+        c.leased(
+            g,
+            Instant::now(),
+            &[ShardId(0)],
+            Duration::from_millis(20),
+            0,
+        );
         c.fetched(g, 0, &inode(ino, 1));
         assert!(c.get(ino).is_some());
         std::thread::sleep(Duration::from_millis(30));
         assert!(c.get(ino).is_none());
         let g2 = c.session();
-        c.leased(g, Instant::now(), &[0], Duration::from_secs(3), 0);
+        c.leased(g, Instant::now(), &[ShardId(0)], Duration::from_secs(3), 0);
         assert!(c.lease_left(ino).is_none(), "a grant of the old session");
-        c.leased(g2, Instant::now(), &[0], Duration::from_secs(3), 0);
+        c.leased(g2, Instant::now(), &[ShardId(0)], Duration::from_secs(3), 0);
         assert!(c.get(ino).is_none(), "dropped with the old session");
         // Drop everything: older stamps refused.
         c.invalidated(g2, 3, 0);
         c.fetched(g2, 2, &inode(ino, 1));
         assert!(c.get(ino).is_none());
+    }
+
+    fn entry(name: &str, ino: Ino, cookie: u64) -> DirEntry {
+        DirEntry {
+            name: name.as_bytes().to_vec(),
+            ino,
+            kind: libc::S_IFREG,
+            cookie,
+        }
+    }
+
+    #[test]
+    fn a_listing_is_served_under_a_lease_while_nothing_in_it_changed() {
+        let c = MetaCache::default();
+        let g = c.session();
+        let dir = make_ino(ShardId(0), 2);
+        let (a, b) = (make_ino(ShardId(0), 3), make_ino(ShardId(0), 4));
+        c.leased(g, Instant::now(), &[ShardId(0)], Duration::from_secs(3), 0);
+        let listed = vec![entry("a", a, 3), entry("b", b, 4)];
+        let m = c.mark();
+        c.store_listing(m, dir, listed.clone());
+        assert!(c.listing(dir).is_none(), "children's attributes not cached");
+        c.fetched(g, 0, &inode(a, 1));
+        c.fetched(g, 0, &inode(b, 2));
+        let got = c.listing(dir).expect("served");
+        assert_eq!(
+            got.iter().map(|(e, _)| e.clone()).collect::<Vec<_>>(),
+            listed
+        );
+        assert_eq!(got[1].1.size, 2);
+        // A child changed: its attributes go, so the listing is not served.
+        c.invalidated(g, 1, b);
+        assert!(c.listing(dir).is_none());
+        c.fetched(g, 1, &inode(b, 3));
+        assert_eq!(c.listing(dir).map(|v| v[1].1.size), Some(3));
+        // An entry of the directory changed: the listing is gone.
+        c.invalidated_entry(g, 2, dir, Some((dir, &b"a"[..])));
+        assert!(c.listing(dir).is_none());
+    }
+
+    #[test]
+    fn a_listing_asked_for_before_a_change_of_its_directory_is_not_kept() {
+        let c = MetaCache::default();
+        let g = c.session();
+        let dir = make_ino(ShardId(0), 2);
+        let a = make_ino(ShardId(0), 3);
+        c.leased(g, Instant::now(), &[ShardId(0)], Duration::from_secs(3), 0);
+        c.fetched(g, 0, &inode(a, 1));
+        let m = c.mark();
+        // The directory changes while the request is out.
+        c.invalidated(g, 5, dir);
+        c.applied(g, 5);
+        c.store_listing(m, dir, vec![entry("a", a, 3)]);
+        assert!(c.listing(dir).is_none());
+        // Asked for after the change: kept.
+        let m = c.mark();
+        c.store_listing(m, dir, vec![entry("a", a, 3)]);
+        assert!(c.listing(dir).is_some());
+        // Another session, or no lease: nothing.
+        let m = c.mark();
+        let g2 = c.session();
+        c.leased(g2, Instant::now(), &[ShardId(0)], Duration::from_secs(3), 0);
+        c.fetched(g2, 0, &inode(a, 1));
+        c.store_listing(m, dir, vec![entry("a", a, 3)]);
+        assert!(c.listing(dir).is_none(), "stored in an older session");
+    }
+
+    #[test]
+    fn lookups_are_answered_from_entries_and_listings_under_a_lease() {
+        let c = MetaCache::default();
+        let g = c.session();
+        let dir = make_ino(ShardId(0), 2);
+        let a = make_ino(ShardId(0), 3);
+        c.leased(g, Instant::now(), &[ShardId(0)], Duration::from_secs(3), 0);
+        assert_eq!(c.lookup(dir, b"a"), None);
+        // Our own create: its invalidation of the directory (seq 4) comes
+        // before the reply, whose stamp covers it.
+        c.invalidated_entry(g, 4, dir, Some((dir, &b"a"[..])));
+        c.applied(g, 4);
+        c.fetched(g, 4, &inode(a, 0));
+        c.fetched_dentry(g, 4, dir, b"a", Some(a));
+        assert_eq!(c.lookup(dir, b"a").map(|n| n == Named::Absent), Some(false));
+        c.fetched_dentry(g, 4, dir, b"zz", None);
+        assert_eq!(c.lookup(dir, b"zz"), Some(Named::Absent));
+        // A reply the node read before another change of the directory.
+        c.invalidated_entry(g, 5, dir, Some((dir, &b"b"[..])));
+        c.applied(g, 5);
+        c.fetched_dentry(g, 4, dir, b"b", None);
+        assert_eq!(c.lookup(dir, b"b"), None, "stale negative entry refused");
+        // The entry itself changes: gone.
+        c.invalidated_entry(g, 6, dir, Some((dir, &b"a"[..])));
+        c.applied(g, 6);
+        assert_eq!(c.lookup(dir, b"a"), None);
+        // A complete listing answers for names it has and has not.
+        let m = c.mark();
+        c.store_listing(m, dir, vec![entry("a", a, 3)]);
+        c.fetched(g, 6, &inode(a, 7));
+        assert_eq!(c.lookup(dir, b"a"), Some(Named::Found(inode(a, 7))));
+        assert_eq!(c.lookup(dir, b"nope"), Some(Named::Absent));
     }
 }

@@ -31,7 +31,27 @@ pub struct Invalidation {
     pub acker: mpsc::UnboundedSender<RequestFrame>,
 }
 
-type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<Reply, Errno>>>>>;
+type Pending = Arc<Mutex<HashMap<u64, Waiter>>>;
+
+/// A request waiting for its reply, and the directory entry the reply
+/// answers for (a lookup, or a create or link), so that the reader can
+/// cache it in arrival order with the invalidations (`MetaCache`).
+struct Waiter {
+    tx: oneshot::Sender<Result<Reply, Errno>>,
+    names: Option<(Ino, Vec<u8>)>,
+}
+
+/// The directory entry whose target (or absence) `req`'s reply tells.
+fn names_of(req: &Request) -> Option<(Ino, Vec<u8>)> {
+    match req {
+        Request::Lookup { parent, name } => Some((*parent, name.clone())),
+        Request::Mutate {
+            op: Op::Create { parent, name, .. } | Op::Link { parent, name, .. },
+            ..
+        } => Some((*parent, name.clone())),
+        _ => None,
+    }
+}
 
 struct Conn {
     tx: mpsc::UnboundedSender<RequestFrame>,
@@ -134,10 +154,13 @@ impl MetaClient {
         let acker = tx.clone();
         let welcome_id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (wtx, wrx) = oneshot::channel();
-        pending
-            .lock()
-            .expect("pending lock")
-            .insert(welcome_id, wtx);
+        pending.lock().expect("pending lock").insert(
+            welcome_id,
+            Waiter {
+                tx: wtx,
+                names: None,
+            },
+        );
         tokio::spawn(async move {
             let mut reader = cfs_frame::BodyReader::new(r, MESSAGE_BYTES_MAX);
             loop {
@@ -157,6 +180,18 @@ impl MetaClient {
                 let g = gen2.load(Ordering::SeqCst);
                 match msg {
                     ServerMsg::Reply { id, result, stamp } => {
+                        let waiter = p2.lock().expect("pending lock").remove(&id);
+                        let names = waiter.as_ref().and_then(|w| w.names.as_ref());
+                        match (&result, names) {
+                            (Ok(Reply::Attr(i)), Some((parent, name))) => {
+                                cache.fetched(g, stamp, i);
+                                cache.fetched_dentry(g, stamp, *parent, name, Some(i.ino));
+                            }
+                            (Err(Errno::ENOENT), Some((parent, name))) => {
+                                cache.fetched_dentry(g, stamp, *parent, name, None);
+                            }
+                            _ => {}
+                        }
                         match &result {
                             Ok(Reply::Attr(i)) => cache.fetched(g, stamp, i),
                             Ok(Reply::EntriesPlus(v)) => {
@@ -167,8 +202,8 @@ impl MetaClient {
                             }
                             _ => {}
                         }
-                        if let Some(tx) = p2.lock().expect("pending lock").remove(&id) {
-                            let _ = tx.send(result);
+                        if let Some(w) = waiter {
+                            let _ = w.tx.send(result);
                         }
                     }
                     ServerMsg::Invalidate {
@@ -178,7 +213,12 @@ impl MetaClient {
                         own,
                     } => {
                         stats.invalidation();
-                        cache.invalidated(g, seq, ino);
+                        cache.invalidated_entry(
+                            g,
+                            seq,
+                            ino,
+                            entry.as_ref().map(|(p, n)| (*p, n.as_slice())),
+                        );
                         let _ = inval.send(Invalidation {
                             gen: g,
                             seq,
@@ -387,7 +427,13 @@ impl MetaClient {
                     reached = true;
                     let id = self.next_id.fetch_add(1, Ordering::Relaxed);
                     let (tx, rx) = oneshot::channel();
-                    c.pending.lock().expect("pending lock").insert(id, tx);
+                    c.pending.lock().expect("pending lock").insert(
+                        id,
+                        Waiter {
+                            tx,
+                            names: names_of(&req),
+                        },
+                    );
                     let sent = c.tx.send(RequestFrame {
                         id,
                         fresh,

@@ -58,15 +58,24 @@ pub enum Cache {
     /// Extended attribute names under a lease: absent attributes and
     /// listings without a round trip.
     XattrNames,
+    /// Directory listings under a lease (`cache::MetaCache::listing`).
+    Listings,
+    /// Lookups answered from cached entries or listings under a lease.
+    Names,
 }
 
+/// How many caches [`Cache`] names.
+const CACHES: usize = 7;
+
 impl Cache {
-    const ALL: [Cache; 5] = [
+    const ALL: [Cache; CACHES] = [
         Cache::OpenAttrs,
         Cache::NoCaps,
         Cache::Stripes,
         Cache::Attrs,
         Cache::XattrNames,
+        Cache::Listings,
+        Cache::Names,
     ];
 
     fn name(self) -> &'static str {
@@ -76,6 +85,8 @@ impl Cache {
             Cache::Stripes => "stripes",
             Cache::Attrs => "attrs",
             Cache::XattrNames => "xattr_names",
+            Cache::Listings => "listings",
+            Cache::Names => "names",
         }
     }
 }
@@ -88,8 +99,8 @@ pub struct MountStats {
     meta_round_trips: AtomicU64,
     fresh_reads: AtomicU64,
     segment_round_trips: AtomicU64,
-    hits: [AtomicU64; 5],
-    misses: [AtomicU64; 5],
+    hits: [AtomicU64; CACHES],
+    misses: [AtomicU64; CACHES],
     negative_entries: AtomicU64,
     invalidations: AtomicU64,
 }
@@ -196,7 +207,7 @@ impl MountStats {
             "Fragment requests this mount sent to segment servers.",
             vec![(String::new(), get(&self.segment_round_trips))],
         );
-        let per_cache = |a: &[AtomicU64; 5]| {
+        let per_cache = |a: &[AtomicU64; CACHES]| {
             Cache::ALL
                 .iter()
                 .map(|c| (format!("{{cache=\"{}\"}}", c.name()), get(&a[*c as usize])))

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use cfs_log::ShardId;
 use cfs_node::{cluster, mounts};
 use common::Cluster;
 
@@ -243,8 +244,8 @@ fn dir_name_on(shard: u32, stem: &str) -> String {
             cfs_materializers::tx::place_dir(
                 cfs_materializers::types::ROOT_INO,
                 n.as_bytes(),
-                &[0, 1],
-            ) == shard
+                &[ShardId(0), ShardId(1)],
+            ) == ShardId(shard)
         })
         .unwrap()
 }
@@ -631,7 +632,7 @@ fn a_mount_moves_to_the_node_leading_the_shards() {
     let c = Cluster::start("fs-leader");
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     // The node leading most shards; a tie goes to the higher id.
-    let leader = rt.block_on(async { c.leader(0).await.max(c.leader(1).await) });
+    let leader = rt.block_on(async { c.leader(ShardId(0)).await.max(c.leader(ShardId(1)).await) });
     let other = (1..=3).find(|n| *n != leader).expect("a follower");
     let meta = |n: u64| c.cfg(n).meta_listen.expect("meta").to_string();
     let servers = format!("{},{}", meta(other), meta(leader));
@@ -808,4 +809,114 @@ fn opens_under_a_lease_send_nothing_and_see_other_mounts_changes() {
         "a create elsewhere is seen at once"
     );
     drop((b, d));
+}
+
+/// Drops the kernel's dentry, inode and page caches (as `bench/fs.sh`
+/// does between steps): what follows is answered by the mount.
+fn drop_kernel_caches() {
+    let _ = Command::new("sync").status();
+    std::fs::write("/proc/sys/vm/drop_caches", "3").expect("drop caches (root)");
+}
+
+/// Lists `dir` with every entry's attributes, and reads every file.
+fn walk(dir: &Path) -> Vec<(String, u64, Vec<u8>)> {
+    let mut out: Vec<(String, u64, Vec<u8>)> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            let m = std::fs::symlink_metadata(e.path()).unwrap();
+            let data = std::fs::read(e.path()).unwrap();
+            (e.file_name().to_string_lossy().into_owned(), m.len(), data)
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+#[test]
+fn listings_lookups_and_small_files_under_a_lease_send_nothing_and_see_other_mounts_changes() {
+    let c = Cluster::start("fs-listings");
+    let url_a = c.dir.join("a.metrics-url");
+    let a = Mount::new(
+        &c,
+        "a",
+        &[
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--metrics-url-file",
+            url_a.to_str().expect("utf-8"),
+        ],
+    );
+    let calls = || mount_counter(&url_a, "claudefs_fuse_meta_calls_total");
+    let d = a.path.join("d");
+    std::fs::create_dir(&d).unwrap();
+    for i in 0..10 {
+        std::fs::write(d.join(format!("f{i}")), vec![i as u8; 4096]).unwrap();
+    }
+    let expected = walk(&d);
+    assert_eq!(expected.len(), 10);
+    // Leases come with the first renewals; then a cold walk (the kernel's
+    // caches dropped) of what this mount wrote and listed sends nothing.
+    let until = Instant::now() + Duration::from_secs(20);
+    loop {
+        drop_kernel_caches();
+        let before = calls();
+        assert_eq!(walk(&d), expected);
+        assert!(!d.join("missing").exists());
+        if calls() == before {
+            break;
+        }
+        assert!(
+            Instant::now() < until,
+            "a cold walk never stopped asking a node"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let names = mount_counter(&url_a, "claudefs_fuse_cache_hits_total{cache=\"names\"}");
+    let listings = mount_counter(&url_a, "claudefs_fuse_cache_hits_total{cache=\"listings\"}");
+    assert!(
+        names > 0 && listings > 0,
+        "names {names}, listings {listings}"
+    );
+
+    // Another mount on another node changes the directory: a sees every
+    // change at once, listing and looking up.
+    let log = std::fs::read_to_string(c.dir.join("a.log")).unwrap_or_default();
+    let on = log
+        .lines()
+        .filter(|l| l.contains("connected to metadata service"))
+        .filter_map(|l| l.split("addr=").nth(1)?.split_whitespace().next())
+        .next_back()
+        .expect("a's node in its log")
+        .to_string();
+    let other = (1..=3)
+        .map(|i| c.cfgs[i - 1].meta_listen.expect("meta").to_string())
+        .find(|addr| *addr != on)
+        .expect("a node a is not on");
+    let b = Mount::new(&c, "b", &["--servers", &other, "--follow-leader", "false"]);
+    let bd = b.path.join("d");
+    std::fs::remove_file(bd.join("f0")).unwrap();
+    std::fs::rename(bd.join("f1"), bd.join("g1")).unwrap();
+    std::fs::write(bd.join("f2"), b"changed").unwrap();
+    std::fs::write(bd.join("new"), b"new").unwrap();
+    std::fs::write(bd.join("missing"), b"here now").unwrap();
+    assert!(!d.join("f0").exists(), "unlinked elsewhere");
+    assert!(!d.join("f1").exists(), "renamed away elsewhere");
+    assert_eq!(std::fs::read(d.join("g1")).unwrap(), vec![1u8; 4096]);
+    assert_eq!(std::fs::read(d.join("f2")).unwrap(), b"changed");
+    assert_eq!(std::fs::read(d.join("missing")).unwrap(), b"here now");
+    let mut want: Vec<String> = (2..10).map(|i| format!("f{i}")).collect();
+    want.extend(["g1", "missing", "new"].map(String::from));
+    want.sort();
+    let got: Vec<String> = walk(&d).into_iter().map(|(n, _, _)| n).collect();
+    assert_eq!(got, want, "a's listing after b's changes");
+    drop_kernel_caches();
+    let got: Vec<(String, u64, Vec<u8>)> = walk(&d);
+    assert_eq!(
+        got.iter().map(|(n, _, _)| n.clone()).collect::<Vec<_>>(),
+        want,
+        "cold"
+    );
+    assert!(got.contains(&("f2".to_string(), 7, b"changed".to_vec())));
+    drop((a, b));
 }

@@ -10,6 +10,7 @@ use cfs_proto::types::*;
 use fuser::{FileAttr, FileType, ReplyAttr, ReplyEntry, Request, TimeOrNow};
 
 use super::{creds, late_attrs, name_of, CfsFs, Shared};
+use crate::cache::Named;
 
 fn ts(ns: Nanos) -> SystemTime {
     if ns >= 0 {
@@ -117,7 +118,7 @@ impl Shared {
         let st = self.files.lock().expect("files lock").get(&i.ino).cloned();
         let size = match st {
             Some(st) => {
-                let f = st.inner.lock().await;
+                let f = st.lock().await;
                 let size = f.size.map(|s| s.max(i.size));
                 if let Some(set) = late_attrs::pending(&f) {
                     return attr_of(&late_attrs::overlay(i, set), size);
@@ -205,7 +206,18 @@ impl CfsFs {
             return;
         }
         self.spawn("lookup", async move {
-            let r = sh.meta.rpc(Lookup { parent, name }, sh.strict()).await;
+            let cached = if sh.strict() {
+                None
+            } else {
+                let c = sh.meta.cache.lookup(parent, &name);
+                sh.meta.stats.cache(crate::stats::Cache::Names, c.is_some());
+                c
+            };
+            let r = match cached {
+                Some(Named::Found(i)) => Ok(i),
+                Some(Named::Absent) => Err(Errno::ENOENT),
+                None => sh.meta.rpc(Lookup { parent, name }, sh.strict()).await,
+            };
             let a = match &r {
                 Ok(i) => Some(sh.attr_now(i).await),
                 Err(_) => None,

@@ -7,6 +7,10 @@
 //! the listing ended, the kernel's last call (which finds nothing more) is
 //! answered without asking: a directory of up to 256 entries is listed in
 //! one round trip.
+//!
+//! A complete listing (one batch) is also kept in the mount's cache
+//! (`MetaCache::store_listing`): under a lease, listing the directory again
+//! sends nothing to a node while neither it nor any listed child changed.
 
 use std::collections::{HashMap, VecDeque};
 use std::ffi::OsStr;
@@ -18,12 +22,25 @@ use cfs_proto::types::{DirEntry, EntryPlus, Ino, Inode};
 use fuser::{FileType, ReplyDirectory};
 
 use super::{attr_of, file_type, Shared};
+use crate::stats::Cache;
 
 /// Entries asked of the node per round trip.
 const BATCH: u32 = 256;
 /// Open directories whose fetched entries are kept; past this a listing
 /// just asks again.
 const STREAMS_MAX: usize = 4096;
+/// The cookie entries follow at the start of a listing (after "." and "..").
+const FIRST_COOKIE: u64 = 2;
+
+/// `dir`'s listing from the mount's cache, if leases make it current.
+fn cached_listing(sh: &Shared, dir: Ino) -> Option<Vec<(DirEntry, Inode)>> {
+    if sh.strict() {
+        return None;
+    }
+    let v = sh.meta.cache.listing(dir);
+    sh.meta.stats.cache(Cache::Listings, v.is_some());
+    v
+}
 
 /// What one open directory fetched and has not handed to the kernel.
 #[derive(Default)]
@@ -133,14 +150,25 @@ pub(super) async fn readdir(
             if s.end {
                 break;
             }
+            if s.after == FIRST_COOKIE {
+                if let Some(v) = cached_listing(&sh, ino) {
+                    s.end = true;
+                    s.plain.extend(v.into_iter().map(|(e, _)| e));
+                    continue;
+                }
+            }
             let ask = ReadDir {
                 ino,
                 after: s.after,
                 max: BATCH,
             };
+            let mark = sh.meta.cache.mark();
             match sh.meta.rpc(ask, false).await {
                 Ok(e) => {
                     s.end = e.len() < BATCH as usize;
+                    if s.end && s.after == FIRST_COOKIE {
+                        sh.meta.cache.store_listing(mark, ino, e.clone());
+                    }
                     s.plain.extend(e);
                 }
                 Err(e) => return reply.error(e.0),
@@ -208,14 +236,27 @@ pub(super) async fn readdirplus(
             if s.end {
                 break;
             }
+            if s.after == FIRST_COOKIE {
+                if let Some(v) = cached_listing(&sh, ino) {
+                    s.end = true;
+                    s.plus
+                        .extend(v.into_iter().map(|(e, i)| (e, i, Vec::new())));
+                    continue;
+                }
+            }
             let ask = ReadDirPlus {
                 ino,
                 after: s.after,
                 max: BATCH,
             };
+            let mark = sh.meta.cache.mark();
             match sh.meta.rpc(ask, false).await {
                 Ok(e) => {
                     s.end = e.len() < BATCH as usize;
+                    if s.end && s.after == FIRST_COOKIE {
+                        let entries = e.iter().map(|(d, _, _)| d.clone()).collect();
+                        sh.meta.cache.store_listing(mark, ino, entries);
+                    }
                     s.plus.extend(e);
                 }
                 Err(e) => return reply.error(e.0),

@@ -30,7 +30,7 @@ impl CfsFs {
                     let st = sh.file(ino);
                     st.opens.fetch_add(1, Ordering::SeqCst);
                     {
-                        let mut f = st.inner.lock().await;
+                        let mut f = st.lock().await;
                         if !leased {
                             f.ext.clear();
                         }
@@ -156,7 +156,7 @@ impl CfsFs {
             }
             let r = async {
                 let st = sh.file(ino);
-                let mut f = st.inner.lock().await;
+                let mut f = st.lock().await;
                 sh.flush_locked(ino, &mut f).await?;
                 sh.mutate_attr(
                     Creds::root(),

@@ -3,12 +3,12 @@
 //! stripes with bytes not committed yet, read-ahead, and copy_file_range by
 //! reference.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
 use cfs_proto::ops::{LateAttrs, Op};
-use cfs_proto::rpc::Extents;
+use cfs_proto::rpc::{Extents, Mutated};
 use cfs_proto::types::*;
 use tracing::{debug, Instrument};
 
@@ -22,17 +22,60 @@ const EXT_WINDOW: u64 = 32 << 20;
 /// Windows of extent map kept per open file (2 GiB of file at most).
 const EXT_WINDOWS_MAX: usize = 64;
 
+/// Bytes of small files' content this mount keeps after writing them
+/// (`ExtWindows::keep_written`), over all files; past this, none more.
+pub(super) const KEPT_BYTES_MAX: u64 = 256 << 20;
+
+/// Content bytes counted against [`KEPT_BYTES_MAX`] while held.
+pub(super) struct Kept {
+    bytes: u64,
+    total: Arc<AtomicU64>,
+}
+
+impl Kept {
+    /// `bytes` more, if the budget has room.
+    pub(super) fn take(total: &Arc<AtomicU64>, bytes: u64) -> Option<Kept> {
+        total
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |t| {
+                (t + bytes <= KEPT_BYTES_MAX).then_some(t + bytes)
+            })
+            .ok()?;
+        Some(Kept {
+            bytes,
+            total: total.clone(),
+        })
+    }
+}
+
+impl Drop for Kept {
+    fn drop(&mut self) {
+        self.total.fetch_sub(self.bytes, Ordering::SeqCst);
+    }
+}
+
 /// Extent map windows `[from, to)` fetched from the server, oldest first;
 /// dropped whenever the file may have changed (this mount wrote it, or a
-/// node pushed an invalidation).
+/// node pushed an invalidation), except the one [`ExtWindows::keep_written`]
+/// puts back after this mount's own write.
 #[derive(Default)]
 pub(super) struct ExtWindows {
     windows: Vec<(u64, u64, Vec<ExtentRef>)>,
+    /// The budget the kept window holds (see `keep_written`).
+    kept: Option<Kept>,
 }
 
 impl ExtWindows {
     pub(super) fn clear(&mut self) {
         self.windows.clear();
+        self.kept = None;
+    }
+
+    /// The file is exactly `refs` (inline bytes this mount just wrote,
+    /// `kept` paying for them): one window for the whole of it.
+    fn keep_written(&mut self, refs: Vec<ExtentRef>, kept: Kept) {
+        self.windows.clear();
+        self.windows.push((0, EXT_WINDOW, refs));
+        self.kept = Some(kept);
     }
 
     /// The references overlapping `[off, end)`, if one window covers it.
@@ -54,7 +97,19 @@ impl ExtWindows {
         if self.windows.len() >= EXT_WINDOWS_MAX {
             self.windows.remove(0);
         }
+        if self.kept.is_some() && !self.windows.iter().any(|(f, _, _)| *f == 0) {
+            self.kept = None;
+        }
         self.windows.push((from, to, refs));
+    }
+}
+
+fn inline_extent(offset: u64, data: &[u8]) -> ExtentRef {
+    ExtentRef {
+        offset,
+        len: data.len() as u64,
+        skip: 0,
+        backing: Backing::Inline(data.to_vec()),
     }
 }
 
@@ -68,7 +123,7 @@ impl Shared {
         ino: Ino,
         ranges: &[(u64, Vec<u8>)],
         late: Option<LateAttrs>,
-    ) -> Result<(), Errno> {
+    ) -> Result<Option<Inode>, Errno> {
         let span = tracing::debug_span!("flush", ino, ranges = ranges.len());
         // Bytes below INLINE_BYTES_MAX ride in the commit itself; the rest
         // goes to stripes.
@@ -78,12 +133,7 @@ impl Shared {
             .partition(|(o, d)| o + d.len() as u64 <= INLINE_BYTES_MAX);
         let mut refs: Vec<ExtentRef> = small
             .into_iter()
-            .map(|(o, d)| ExtentRef {
-                offset: *o,
-                len: d.len() as u64,
-                skip: 0,
-                backing: Backing::Inline(d.clone()),
-            })
+            .map(|(o, d)| inline_extent(*o, d))
             .collect();
         if !large.is_empty() {
             let large: Vec<(u64, &[u8])> = large.iter().map(|(o, d)| (*o, d.as_slice())).collect();
@@ -95,7 +145,7 @@ impl Shared {
                 self.mutate(l.creds, Op::SetAttr { ino, set: l.set })
                     .await?;
             }
-            return Ok(());
+            return Ok(None);
         };
         for chunk in first {
             let op = Op::Write {
@@ -121,7 +171,8 @@ impl Shared {
                 self.mutate(Creds::root(), op).await?;
                 Err(e)
             }
-            r => r.map(|_| ()),
+            Ok(Mutated::Attr(i)) => Ok(Some(i)),
+            r => r.map(|_| None),
         }
     }
 
@@ -149,7 +200,7 @@ impl Shared {
             Arc::new(std::mem::take(&mut f.dirty).into_iter().collect());
         f.dirty_bytes = 0;
         let (sh, r2) = (self.clone(), ranges.clone());
-        let h = tokio::spawn(async move { sh.commit_ranges(ino, &r2, None).await });
+        let h = tokio::spawn(async move { sh.commit_ranges(ino, &r2, None).await.map(|_| ()) });
         f.inflight = Some((ranges, h));
         Ok(())
     }
@@ -163,7 +214,8 @@ impl Shared {
         let ranges: Vec<(u64, Vec<u8>)> = std::mem::take(&mut f.dirty).into_iter().collect();
         f.dirty_bytes = 0;
         let late = f.late.take();
-        if let Err(e) = self.commit_ranges(ino, &ranges, late.clone()).await {
+        let committed = self.commit_ranges(ino, &ranges, late.clone()).await;
+        if let Err(e) = committed {
             if e == Errno::EPERM || e == Errno::EACCES {
                 // The bytes were committed; the deferred setattr was
                 // refused and is dropped (its error is this one).
@@ -184,13 +236,23 @@ impl Shared {
         f.size = None;
         f.ext.clear();
         f.opened = None;
+        if let (Ok(Some(i)), [(0, data)]) = (&committed, ranges.as_slice()) {
+            if i.size == data.len() as u64 && i.size <= INLINE_BYTES_MAX {
+                // The whole file is what was just written, inline: a read
+                // back (a small file written then read, as by a build or
+                // an unpack) needs no extent map from the node.
+                if let Some(k) = Kept::take(&self.kept_bytes, i.size) {
+                    f.ext.keep_written(vec![inline_extent(0, data)], k);
+                }
+            }
+        }
         Ok(())
     }
 
     pub(super) async fn flush(&self, ino: Ino) -> Result<(), Errno> {
         let st = self.files.lock().expect("files lock").get(&ino).cloned();
         if let Some(st) = st {
-            let mut f = st.inner.lock().await;
+            let mut f = st.lock().await;
             self.flush_locked(ino, &mut f).await?;
         }
         Ok(())
@@ -239,7 +301,7 @@ impl Shared {
         size: u32,
     ) -> Result<Vec<u8>, Errno> {
         let st = self.file(ino);
-        let mut f = st.inner.lock().await;
+        let mut f = st.lock().await;
         let trusted =
             f.size.is_some() && f.opened.as_ref().is_none_or(|(_, t)| Instant::now() < *t);
         let server = if self.strict() || !trusted {
@@ -344,7 +406,7 @@ impl Shared {
             return Err(Errno::EFBIG);
         }
         let st = self.file(ino);
-        let mut f = st.inner.lock().await;
+        let mut f = st.lock().await;
         if f.late.is_some() {
             // Bytes after a deferred setattr: commit it first (its times
             // and mode precede these bytes).
@@ -504,7 +566,7 @@ impl Shared {
             out.push(p);
         }
         let st = self.file(ino_out);
-        let mut f = st.inner.lock().await;
+        let mut f = st.lock().await;
         let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
         self.mutate(
             Creds::root(),
@@ -542,5 +604,34 @@ impl Shared {
         f.opened = None;
         debug!(ino_in, ino_out, n, "copy_file_range by reference");
         Ok(n as u32)
+    }
+}
+
+#[cfg(test)]
+mod kept_tests {
+    use super::*;
+
+    #[test]
+    fn kept_content_is_bounded_and_released_with_its_window() {
+        let total = Arc::new(AtomicU64::new(0));
+        let a = Kept::take(&total, KEPT_BYTES_MAX - 10).expect("room");
+        assert!(Kept::take(&total, 11).is_none(), "over the budget");
+        let mut w = ExtWindows::default();
+        w.keep_written(
+            vec![inline_extent(0, b"0123456789")],
+            Kept::take(&total, 10).expect("room"),
+        );
+        assert_eq!(total.load(Ordering::SeqCst), KEPT_BYTES_MAX);
+        assert_eq!(w.find(0, 4).map(|v| v.len()), Some(1));
+        // Replaced by a window from the node: the budget comes back.
+        w.insert(0, EXT_WINDOW, Vec::new());
+        assert_eq!(total.load(Ordering::SeqCst), KEPT_BYTES_MAX - 10);
+        drop(a);
+        w.keep_written(
+            vec![inline_extent(0, b"x")],
+            Kept::take(&total, 1).expect("room"),
+        );
+        w.clear();
+        assert_eq!(total.load(Ordering::SeqCst), 0);
     }
 }

@@ -90,7 +90,7 @@ impl Shared {
         set: SetAttr,
     ) -> Result<FileAttr, Errno> {
         let st = self.file(ino);
-        let mut f = st.inner.lock().await;
+        let mut f = st.lock().await;
         let buffered = !f.dirty.is_empty() || f.inflight.is_some() || f.late.is_some();
         if buffered && !self.strict() {
             // The attributes read at open while fresh (ours have not
@@ -128,7 +128,7 @@ impl Shared {
     pub(super) async fn flush_late(&self, ino: Ino) -> Result<(), Errno> {
         let st = self.files.lock().expect("files lock").get(&ino).cloned();
         if let Some(st) = st {
-            let mut f = st.inner.lock().await;
+            let mut f = st.lock().await;
             if f.late.is_some() {
                 self.flush_locked(ino, &mut f).await?;
             }

@@ -69,6 +69,15 @@ struct FileInner {
 }
 
 impl FileInner {
+    /// Drops what another mount's change made stale: the extent map, and
+    /// the size unless this mount has bytes of its own pending.
+    fn forget(&mut self) {
+        self.ext.clear();
+        if self.dirty.is_empty() && self.inflight.is_none() {
+            self.size = None;
+        }
+    }
+
     /// Just opened or created with attributes `i`: unless bytes or a
     /// setattr of this mount are still pending, `i` serves the first read,
     /// write and deferred setattr for `ttl`.
@@ -84,6 +93,30 @@ impl FileInner {
 struct FileState {
     inner: AsyncMutex<FileInner>,
     opens: AtomicU64,
+    /// Another mount changed the file while `inner` was held: the next
+    /// holder drops what is cached (`FileState::lock`).
+    stale: AtomicBool,
+}
+
+impl FileState {
+    /// Locks the file's state, first dropping what an invalidation could
+    /// not drop while the lock was held.
+    async fn lock(&self) -> tokio::sync::MutexGuard<'_, FileInner> {
+        let mut f = self.inner.lock().await;
+        if self.stale.swap(false, Ordering::SeqCst) {
+            f.forget();
+        }
+        f
+    }
+
+    /// Another mount changed the file: drop its cached extents and size
+    /// now, or at the next lock if it is held.
+    fn forget(&self) {
+        match self.inner.try_lock() {
+            Ok(mut f) => f.forget(),
+            Err(_) => self.stale.store(true, Ordering::SeqCst),
+        }
+    }
 }
 
 struct Shared {
@@ -104,6 +137,8 @@ struct Shared {
     /// The kernel agreed to send no opendir (`FUSE_NO_OPENDIR_SUPPORT`).
     no_opendir: AtomicBool,
     next_fh: AtomicU64,
+    /// Bytes of written small files kept as their content (io.rs).
+    kept_bytes: Arc<AtomicU64>,
 }
 
 pub struct CfsFs {
@@ -190,6 +225,7 @@ impl CfsFs {
                 dirs: dir::Streams::default(),
                 no_opendir: AtomicBool::new(false),
                 next_fh: AtomicU64::new(1),
+                kept_bytes: Arc::default(),
             }),
         }
     }

@@ -229,7 +229,7 @@ impl CfsFs {
                     }
                     let st = sh.file(i.ino);
                     st.opens.fetch_add(1, Ordering::SeqCst);
-                    st.inner.lock().await.opened_as(&i, sh.opts.ttl());
+                    st.lock().await.opened_as(&i, sh.opts.ttl());
                     let fh = sh.next_fh.fetch_add(1, Ordering::Relaxed);
                     let a = sh.attr_now(&i).await;
                     reply.created(&sh.opts.ttl(), &a, i.generation, fh, 0)

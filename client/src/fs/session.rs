@@ -34,12 +34,7 @@ impl CfsFs {
             sh.dirs.forget(ino);
             let st = sh.files.lock().expect("files lock").get(&ino).cloned();
             if let Some(st) = st {
-                if let Ok(mut f) = st.inner.try_lock() {
-                    f.ext.clear();
-                    if f.dirty.is_empty() && f.inflight.is_none() {
-                        f.size = None;
-                    }
-                }
+                st.forget();
             }
         })
     }
