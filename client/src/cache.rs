@@ -10,9 +10,15 @@
 //! has been applied (to the kernel too), and it was fetched after the
 //! lease period began.
 //!
-//! Directory entries (a name's inode, or its absence) are cached from
-//! lookup, create and link replies by the same stamp rule, with the
-//! directory's invalidations: a lookup they answer sends nothing.
+//! Directory entries (a name's inode) are cached from lookup, create and
+//! link replies by the same stamp rule, applied per name: an answer older
+//! than an invalidation of that name is not kept, except that a create or
+//! link reply is not refused for the invalidation of its own change (this
+//! session's changes of one name are serialized by the kernel's directory
+//! lock, so an `own` invalidation of the name after the reply's stamp is
+//! that change's). A lookup they answer sends nothing. A name's absence
+//! is only known from a complete listing (a lookup's ENOENT may come from
+//! a cross-shard change half applied on that node).
 //!
 //! Directory listings are cached the same way, by the mount itself: a
 //! listing is kept if no invalidation of its directory (or of an entry in
@@ -56,10 +62,17 @@ struct Listing {
     fetched: Instant,
 }
 
-/// A name in a directory: its inode, or `None` (it does not exist).
+/// A name in a directory and its inode.
 struct Dentry {
-    ino: Option<Ino>,
+    ino: Ino,
     fetched: Instant,
+}
+
+/// The last invalidations of one name: any, and another session's.
+#[derive(Clone, Copy, Default)]
+struct NameTomb {
+    any: u64,
+    foreign: u64,
 }
 
 /// What the cache knows of a name, if leases make it current.
@@ -104,6 +117,8 @@ struct State {
     listings: HashMap<Ino, Listing>,
     listed_entries: usize,
     dentries: HashMap<(Ino, Vec<u8>), Dentry>,
+    /// Last invalidations per name (bounded like `tombs`).
+    name_tombs: HashMap<(Ino, Vec<u8>), NameTomb>,
     leases: HashMap<ShardId, Lease>,
 }
 
@@ -130,7 +145,14 @@ impl MetaCache {
     }
 
     /// See [`MetaCache::invalidated`].
-    pub fn invalidated_entry(&self, gen: u64, seq: u64, ino: Ino, entry: Option<(Ino, &[u8])>) {
+    pub fn invalidated_entry(
+        &self,
+        gen: u64,
+        seq: u64,
+        ino: Ino,
+        entry: Option<(Ino, &[u8])>,
+        own: bool,
+    ) {
         let parent = entry.map(|(p, _)| p);
         let mut s = self.s.lock().expect("cache lock");
         if s.gen != gen {
@@ -144,6 +166,7 @@ impl MetaCache {
             s.listings.clear();
             s.listed_entries = 0;
             s.dentries.clear();
+            s.name_tombs.clear();
             s.floor = s.floor.max(seq);
             return;
         }
@@ -154,22 +177,46 @@ impl MetaCache {
             s.tomb(dir, seq);
         }
         if let Some((dir, name)) = entry {
-            s.dentries.remove(&(dir, name.to_vec()));
+            let key = (dir, name.to_vec());
+            s.dentries.remove(&key);
+            if s.name_tombs.len() >= TOMBSTONES_MAX {
+                s.name_tombs.clear();
+                s.floor = s.floor.max(seq);
+            }
+            let t = s.name_tombs.entry(key).or_default();
+            t.any = seq;
+            if !own {
+                t.foreign = seq;
+            }
         }
     }
 
-    /// A reply read with `stamp` said what `name` in `parent` is (`None`:
-    /// nothing). Kept unless `parent` changed after the node read it.
-    pub fn fetched_dentry(&self, gen: u64, stamp: u64, parent: Ino, name: &[u8], ino: Option<Ino>) {
+    /// A reply read with `stamp` said `name` in `parent` is `ino`; `own`:
+    /// the reply of this session's create or link of that name. Kept unless
+    /// the name changed after the node read the answer.
+    pub fn fetched_dentry(
+        &self,
+        gen: u64,
+        stamp: u64,
+        parent: Ino,
+        name: &[u8],
+        ino: Ino,
+        own: bool,
+    ) {
         let mut s = self.s.lock().expect("cache lock");
-        if s.gen != gen || stamp < s.floor || s.tombs.get(&parent).is_some_and(|t| *t > stamp) {
+        let key = (parent, name.to_vec());
+        let last = s
+            .name_tombs
+            .get(&key)
+            .map_or(0, |t| if own { t.foreign } else { t.any });
+        if s.gen != gen || stamp < s.floor || last > stamp {
             return;
         }
         if s.dentries.len() >= DENTRIES_MAX {
             s.dentries.clear();
         }
         s.dentries.insert(
-            (parent, name.to_vec()),
+            key,
             Dentry {
                 ino,
                 fetched: Instant::now(),
@@ -184,7 +231,7 @@ impl MetaCache {
         let now = Instant::now();
         let l = s.current_lease(parent, now)?;
         let ino = match s.dentries.get(&(parent, name.to_vec())) {
-            Some(d) if d.fetched >= l.start => d.ino,
+            Some(d) if d.fetched >= l.start => Some(d.ino),
             _ => {
                 let listing = s.listings.get(&parent)?;
                 if listing.fetched < l.start {
@@ -227,7 +274,8 @@ impl MetaCache {
             s.listings.clear();
             s.listed_entries = 0;
         }
-        s.listed_entries += entries.len();
+        // An empty directory costs its listing too.
+        s.listed_entries += entries.len() + 1;
         let old = s.listings.insert(
             dir,
             Listing {
@@ -236,7 +284,7 @@ impl MetaCache {
             },
         );
         if let Some(o) = old {
-            s.listed_entries -= o.entries.len();
+            s.listed_entries -= o.entries.len() + 1;
         }
     }
 
@@ -260,7 +308,7 @@ impl MetaCache {
     /// An invalidation arrived (reader order): `ino` changed, and so did
     /// an entry of directory `parent` if given; `ino` 0 is everything.
     pub fn invalidated(&self, gen: u64, seq: u64, ino: Ino) {
-        self.invalidated_entry(gen, seq, ino, None)
+        self.invalidated_entry(gen, seq, ino, None, false)
     }
 
     /// A reply read with `stamp` carried these attributes (reader order).
@@ -388,7 +436,7 @@ impl State {
 
     fn drop_listing(&mut self, dir: Ino) {
         if let Some(l) = self.listings.remove(&dir) {
-            self.listed_entries -= l.entries.len();
+            self.listed_entries -= l.entries.len() + 1;
         }
     }
 
@@ -540,7 +588,7 @@ mod tests {
         c.fetched(g, 1, &inode(b, 3));
         assert_eq!(c.listing(dir).map(|v| v[1].1.size), Some(3));
         // An entry of the directory changed: the listing is gone.
-        c.invalidated_entry(g, 2, dir, Some((dir, &b"a"[..])));
+        c.invalidated_entry(g, 2, dir, Some((dir, &b"a"[..])), false);
         assert!(c.listing(dir).is_none());
     }
 
@@ -579,28 +627,36 @@ mod tests {
         let a = make_ino(ShardId(0), 3);
         c.leased(g, Instant::now(), &[ShardId(0)], Duration::from_secs(3), 0);
         assert_eq!(c.lookup(dir, b"a"), None);
-        // Our own create: its invalidation of the directory (seq 4) comes
-        // before the reply, whose stamp covers it.
-        c.invalidated_entry(g, 4, dir, Some((dir, &b"a"[..])));
+        // Our own create: the node took the reply's stamp (3) before
+        // applying it, and its invalidations (4) come before the reply.
+        c.invalidated_entry(g, 4, dir, Some((dir, &b"a"[..])), true);
         c.applied(g, 4);
-        c.fetched(g, 4, &inode(a, 0));
-        c.fetched_dentry(g, 4, dir, b"a", Some(a));
-        assert_eq!(c.lookup(dir, b"a").map(|n| n == Named::Absent), Some(false));
-        c.fetched_dentry(g, 4, dir, b"zz", None);
-        assert_eq!(c.lookup(dir, b"zz"), Some(Named::Absent));
-        // A reply the node read before another change of the directory.
-        c.invalidated_entry(g, 5, dir, Some((dir, &b"b"[..])));
-        c.applied(g, 5);
-        c.fetched_dentry(g, 4, dir, b"b", None);
-        assert_eq!(c.lookup(dir, b"b"), None, "stale negative entry refused");
-        // The entry itself changes: gone.
-        c.invalidated_entry(g, 6, dir, Some((dir, &b"a"[..])));
+        c.fetched(g, 3, &inode(a, 0));
+        c.fetched_dentry(g, 3, dir, b"a", a, true);
+        assert_eq!(c.lookup(dir, b"a"), Some(Named::Found(inode(a, 0))));
+        // A lookup answer read before another session changed the name is
+        // refused; one read after is kept.
+        let b = make_ino(ShardId(0), 5);
+        c.invalidated_entry(g, 6, dir, Some((dir, &b"b"[..])), false);
         c.applied(g, 6);
+        c.fetched(g, 6, &inode(b, 1));
+        c.fetched_dentry(g, 5, dir, b"b", b, false);
+        assert_eq!(c.lookup(dir, b"b"), None, "stale entry refused");
+        c.fetched_dentry(g, 6, dir, b"b", b, false);
+        assert_eq!(c.lookup(dir, b"b"), Some(Named::Found(inode(b, 1))));
+        // Our own create's reply is refused if another session changed the
+        // name after the node read it.
+        c.invalidated_entry(g, 7, dir, Some((dir, &b"c"[..])), false);
+        c.fetched_dentry(g, 6, dir, b"c", b, true);
+        assert_eq!(c.lookup(dir, b"c"), None);
+        // The entry itself changes: gone.
+        c.invalidated_entry(g, 8, dir, Some((dir, &b"a"[..])), false);
+        c.applied(g, 8);
         assert_eq!(c.lookup(dir, b"a"), None);
         // A complete listing answers for names it has and has not.
         let m = c.mark();
         c.store_listing(m, dir, vec![entry("a", a, 3)]);
-        c.fetched(g, 6, &inode(a, 7));
+        c.fetched(g, 8, &inode(a, 7));
         assert_eq!(c.lookup(dir, b"a"), Some(Named::Found(inode(a, 7))));
         assert_eq!(c.lookup(dir, b"nope"), Some(Named::Absent));
     }

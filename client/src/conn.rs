@@ -33,22 +33,32 @@ pub struct Invalidation {
 
 type Pending = Arc<Mutex<HashMap<u64, Waiter>>>;
 
-/// A request waiting for its reply, and the directory entry the reply
-/// answers for (a lookup, or a create or link), so that the reader can
-/// cache it in arrival order with the invalidations (`MetaCache`).
+/// Lease renewals granting no shard in a row after which a session moves
+/// to the node leading most shards.
+pub const LEADERLESS_RENEWALS: u32 = 10;
+/// Moves of that kind at most this often.
+pub const LEADER_CHASE_EVERY: Duration = Duration::from_secs(30);
+
+/// A request waiting for its reply, and what the reader may cache from
+/// it, in arrival order with the invalidations (`MetaCache`).
 struct Waiter {
     tx: oneshot::Sender<Result<Reply, Errno>>,
-    names: Option<(Ino, Vec<u8>)>,
+    /// The directory entry the reply tells the inode of: a lookup's, or
+    /// (`true`) this session's create or link.
+    names: Option<(Ino, Vec<u8>, bool)>,
+    /// False for a mutation sent again: its reply may be the outcome
+    /// recorded for an earlier attempt, older than its stamp says.
+    cacheable: bool,
 }
 
-/// The directory entry whose target (or absence) `req`'s reply tells.
-fn names_of(req: &Request) -> Option<(Ino, Vec<u8>)> {
+/// The directory entry whose inode `req`'s reply tells.
+fn names_of(req: &Request) -> Option<(Ino, Vec<u8>, bool)> {
     match req {
-        Request::Lookup { parent, name } => Some((*parent, name.clone())),
+        Request::Lookup { parent, name } => Some((*parent, name.clone(), false)),
         Request::Mutate {
             op: Op::Create { parent, name, .. } | Op::Link { parent, name, .. },
             ..
-        } => Some((*parent, name.clone())),
+        } => Some((*parent, name.clone(), true)),
         _ => None,
     }
 }
@@ -159,6 +169,7 @@ impl MetaClient {
             Waiter {
                 tx: wtx,
                 names: None,
+                cacheable: false,
             },
         );
         tokio::spawn(async move {
@@ -181,21 +192,18 @@ impl MetaClient {
                 match msg {
                     ServerMsg::Reply { id, result, stamp } => {
                         let waiter = p2.lock().expect("pending lock").remove(&id);
+                        let cacheable = waiter.as_ref().is_some_and(|w| w.cacheable);
                         let names = waiter.as_ref().and_then(|w| w.names.as_ref());
-                        match (&result, names) {
-                            (Ok(Reply::Attr(i)), Some((parent, name))) => {
-                                cache.fetched(g, stamp, i);
-                                cache.fetched_dentry(g, stamp, *parent, name, Some(i.ino));
-                            }
-                            (Err(Errno::ENOENT), Some((parent, name))) => {
-                                cache.fetched_dentry(g, stamp, *parent, name, None);
-                            }
-                            _ => {}
+                        if let (Ok(Reply::Attr(i)), Some((parent, name, own)), true) =
+                            (&result, names, cacheable)
+                        {
+                            cache.fetched_dentry(g, stamp, *parent, name, i.ino, *own);
                         }
                         match &result {
+                            _ if !cacheable => {}
                             Ok(Reply::Attr(i)) => cache.fetched(g, stamp, i),
-                            Ok(Reply::EntriesPlus(v)) => {
-                                for (_, i, names) in v {
+                            Ok(Reply::EntriesPlus(p)) => {
+                                for (_, i, names) in &p.entries {
                                     cache.fetched(g, stamp, i);
                                     cache.fetched_xattr_names(g, stamp, i.ino, names);
                                 }
@@ -218,6 +226,7 @@ impl MetaClient {
                             seq,
                             ino,
                             entry.as_ref().map(|(p, n)| (*p, n.as_slice())),
+                            own,
                         );
                         let _ = inval.send(Invalidation {
                             gen: g,
@@ -355,6 +364,19 @@ impl MetaClient {
         });
     }
 
+    /// Starts a new session through the server after the current one: its
+    /// welcome names the node leading most shards, which `conn` moves to.
+    async fn chase_leader(&self) {
+        let server = self.conn.lock().await.as_ref().map(|c| c.server);
+        if let Some(s) = server {
+            info!(server = %self.servers[s], "this node leads no shard; looking for the leader");
+            self.drop_conn(s).await;
+            if let Err(e) = self.conn().await {
+                warn!("no metadata server answered: {e}");
+            }
+        }
+    }
+
     /// Releases the current session's leases (unmount).
     pub async fn release_leases(&self) {
         if let Some(c) = self.conn.lock().await.as_ref() {
@@ -385,9 +407,15 @@ impl MetaClient {
     }
 
     /// Renews leases every `lease::RENEW_EVERY` until the runtime stops.
+    /// A session whose node has led no shard for [`LEADERLESS_RENEWALS`]
+    /// renewals in a row (leadership moved after the mount connected)
+    /// moves to the node leading most shards, at most once per
+    /// [`LEADER_CHASE_EVERY`].
     pub fn keep_leases(self: &Arc<Self>) {
         let me = Arc::downgrade(self);
         tokio::spawn(async move {
+            let mut leaderless = 0u32;
+            let mut chased: Option<Instant> = None;
             loop {
                 let Some(c) = me.upgrade() else { return };
                 let gen = c.cache.generation();
@@ -396,6 +424,20 @@ impl MetaClient {
                 if let Ok(g) = r.and_then(Self::typed::<Lease>) {
                     let valid = Duration::from_millis(g.millis as u64);
                     c.cache.leased(gen, sent, &g.shards, valid, g.inval_seq);
+                    leaderless = if g.shards.is_empty() {
+                        leaderless + 1
+                    } else {
+                        0
+                    };
+                }
+                let due = chased.is_none_or(|t| t.elapsed() >= LEADER_CHASE_EVERY);
+                if leaderless >= LEADERLESS_RENEWALS
+                    && due
+                    && c.follow_leader.load(Ordering::Relaxed)
+                {
+                    leaderless = 0;
+                    chased = Some(Instant::now());
+                    c.chase_leader().await;
                 }
                 drop(c);
                 tokio::time::sleep(cfs_proto::lease::RENEW_EVERY).await;
@@ -420,6 +462,7 @@ impl MetaClient {
         };
         let deadline = Instant::now() + self.timeout;
         let mut reached = false;
+        let mut attempts: u32 = 0;
         let mut delay = Duration::from_millis(20);
         loop {
             match self.conn().await {
@@ -427,11 +470,16 @@ impl MetaClient {
                     reached = true;
                     let id = self.next_id.fetch_add(1, Ordering::Relaxed);
                     let (tx, rx) = oneshot::channel();
+                    // A mutation's later attempts may be answered with
+                    // the outcome recorded for an earlier one.
+                    let again = attempts > 0 && matches!(req, Request::Mutate { .. });
+                    attempts += 1;
                     c.pending.lock().expect("pending lock").insert(
                         id,
                         Waiter {
                             tx,
-                            names: names_of(&req),
+                            names: if again { None } else { names_of(&req) },
+                            cacheable: !again,
                         },
                     );
                     let sent = c.tx.send(RequestFrame {

@@ -188,6 +188,10 @@ fn apply_invalidation(
     ino: u64,
     entry: &Option<(u64, Vec<u8>)>,
 ) {
+    if ino == 0 {
+        // The mount's own per-file state of inodes the kernel forgot too.
+        forget(0);
+    }
     let inodes = if ino == 0 { known() } else { vec![ino] };
     for i in inodes {
         forget(i);

@@ -43,6 +43,11 @@ impl NamespaceDb {
 
     /// Entries with cookies greater than `after`, at most `max`.
     pub fn readdir(&self, ino: Ino, after: u64, max: usize) -> Rd<Vec<DirEntry>> {
+        Ok(self.readdir_scan(ino, after, max)?.0)
+    }
+
+    /// [`readdir`](Self::readdir), and whether the scan reached the end.
+    fn readdir_scan(&self, ino: Ino, after: u64, max: usize) -> Rd<(Vec<DirEntry>, bool)> {
         let d = self.inode(ino)?;
         if !d.is_dir() {
             return Err(Errno::ENOTDIR.into());
@@ -50,7 +55,9 @@ impl NamespaceDb {
         let start = keys::cookie(ino, after.saturating_add(1));
         let end = keys::prefix_end(&keys::cookie_prefix(ino));
         let mut out = Vec::new();
-        for (k, name) in self.scan(&start, &end, max)? {
+        let scanned = self.scan(&start, &end, max)?;
+        let at_end = scanned.len() < max;
+        for (k, name) in scanned {
             let (_, cookie) = keys::cookie_of(&k).ok_or_else(|| DbError::Corrupt {
                 key: k.clone(),
                 reason: "malformed cookie key".into(),
@@ -64,23 +71,30 @@ impl NamespaceDb {
                 });
             }
         }
-        Ok(out)
+        Ok((out, at_end))
     }
 
-    /// [`readdir`](Self::readdir) with each entry's inode.
-    pub fn readdir_plus(&self, ino: Ino, after: u64, max: usize) -> Rd<Vec<EntryPlus>> {
-        let mut out = Vec::new();
-        for e in self.readdir(ino, after, max)? {
+    /// [`readdir`](Self::readdir) with each entry's inode. An entry whose
+    /// inode is not here yet (a cross-shard change half applied on this
+    /// node) is left out and the part says so.
+    pub fn readdir_plus(&self, ino: Ino, after: u64, max: usize) -> Rd<ListingPart> {
+        let (found, end) = self.readdir_scan(ino, after, max)?;
+        let mut part = ListingPart {
+            entries: Vec::with_capacity(found.len()),
+            end,
+            skipped: false,
+        };
+        for e in found {
             match self.inode(e.ino) {
                 Ok(i) => {
                     let names = self.listxattr(i.ino)?;
-                    out.push((e, i, names))
+                    part.entries.push((e, i, names))
                 }
-                Err(ReadError::Fs(_)) => {}
+                Err(ReadError::Fs(_)) => part.skipped = true,
                 Err(err) => return Err(err),
             }
         }
-        Ok(out)
+        Ok(part)
     }
 
     pub fn readlink(&self, ino: Ino) -> Rd<Vec<u8>> {

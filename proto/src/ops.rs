@@ -310,7 +310,7 @@ pub enum Reply {
     },
     Attr(Inode),
     Entries(Vec<DirEntry>),
-    EntriesPlus(Vec<EntryPlus>),
+    EntriesPlus(ListingPart),
     Data(Vec<u8>),
     Names(Vec<Vec<u8>>),
     Extents(Vec<ExtentRef>),

@@ -44,7 +44,7 @@ call!(/// The inode a name in a directory refers to.
 call!(/// Up to `max` entries after cookie `after`.
     ReadDir { ino: Ino, after: u64, max: u32 } => ReadDir -> Vec<DirEntry> = Reply::Entries(e) => e);
 call!(/// Entries with their attributes.
-    ReadDirPlus { ino: Ino, after: u64, max: u32 } => ReadDirPlus -> Vec<EntryPlus> = Reply::EntriesPlus(e) => e);
+    ReadDirPlus { ino: Ino, after: u64, max: u32 } => ReadDirPlus -> ListingPart = Reply::EntriesPlus(p) => p);
 call!(/// A symlink's target.
     ReadLink { ino: Ino } => ReadLink -> Vec<u8> = Reply::Data(d) => d);
 call!(/// One extended attribute's value.

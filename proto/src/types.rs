@@ -143,6 +143,18 @@ impl Inode {
 /// returns them.
 pub type EntryPlus = (DirEntry, Inode, Vec<Vec<u8>>);
 
+/// One readdirplus answer: entries, and how the scan that found them ended.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ListingPart {
+    pub entries: Vec<EntryPlus>,
+    /// No entry follows these.
+    pub end: bool,
+    /// Entries were left out: their inodes are not there yet on this node
+    /// (a cross-shard change in progress). The part is not the whole
+    /// directory's state, and a listing built from it must not be kept.
+    pub skipped: bool,
+}
+
 /// One directory entry as readdir returns it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DirEntry {

@@ -68,6 +68,11 @@ impl Streams {
         self.map.lock().expect("streams lock").remove(&key);
     }
 
+    /// Drops every stream.
+    pub(super) fn forget_all(&self) {
+        self.map.lock().expect("streams lock").clear();
+    }
+
     /// Another mount changed the directory: drop what was fetched.
     pub(super) fn forget(&self, ino: Ino) {
         self.map
@@ -251,13 +256,15 @@ pub(super) async fn readdirplus(
             };
             let mark = sh.meta.cache.mark();
             match sh.meta.rpc(ask, false).await {
-                Ok(e) => {
-                    s.end = e.len() < BATCH as usize;
-                    if s.end && s.after == FIRST_COOKIE {
-                        let entries = e.iter().map(|(d, _, _)| d.clone()).collect();
+                Ok(part) => {
+                    // The node says where the directory ends (entries it
+                    // left out make a part shorter than asked for).
+                    s.end = part.end;
+                    if part.end && !part.skipped && s.after == FIRST_COOKIE {
+                        let entries = part.entries.iter().map(|(d, _, _)| d.clone()).collect();
                         sh.meta.cache.store_listing(mark, ino, entries);
                     }
-                    s.plus.extend(e);
+                    s.plus.extend(part.entries);
                 }
                 Err(e) => return reply.error(e.0),
             }

@@ -70,6 +70,13 @@ impl ExtWindows {
         self.kept = None;
     }
 
+    /// Drops the window `keep_written` put, if it is still here.
+    fn drop_kept(&mut self) {
+        if self.kept.take().is_some() {
+            self.windows.retain(|(f, _, _)| *f != 0);
+        }
+    }
+
     /// The file is exactly `refs` (inline bytes this mount just wrote,
     /// `kept` paying for them): one window for the whole of it.
     fn keep_written(&mut self, refs: Vec<ExtentRef>, kept: Kept) {
@@ -241,12 +248,33 @@ impl Shared {
                 // The whole file is what was just written, inline: a read
                 // back (a small file written then read, as by a build or
                 // an unpack) needs no extent map from the node.
-                if let Some(k) = Kept::take(&self.kept_bytes, i.size) {
+                let kept = Kept::take(&self.kept_bytes, i.size).or_else(|| {
+                    // Full: start over (files held right now keep theirs).
+                    self.drop_kept();
+                    Kept::take(&self.kept_bytes, i.size)
+                });
+                if let Some(k) = kept {
                     f.ext.keep_written(vec![inline_extent(0, data)], k);
                 }
             }
         }
         Ok(())
+    }
+
+    /// Drops the content kept of every file not held right now.
+    fn drop_kept(&self) {
+        let files: Vec<Arc<super::FileState>> = self
+            .files
+            .lock()
+            .expect("files lock")
+            .values()
+            .cloned()
+            .collect();
+        for st in files {
+            if let Ok(mut f) = st.inner.try_lock() {
+                f.ext.drop_kept();
+            }
+        }
     }
 
     pub(super) async fn flush(&self, ino: Ino) -> Result<(), Errno> {
@@ -567,6 +595,11 @@ impl Shared {
         }
         let st = self.file(ino_out);
         let mut f = st.lock().await;
+        // Whatever happens below, the destination's cached map and size
+        // may no longer hold.
+        f.size = None;
+        f.ext.clear();
+        f.opened = None;
         let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
         self.mutate(
             Creds::root(),
@@ -599,9 +632,6 @@ impl Shared {
             },
         )
         .await?;
-        f.size = None;
-        f.ext.clear();
-        f.opened = None;
         debug!(ino_in, ino_out, n, "copy_file_range by reference");
         Ok(n as u32)
     }

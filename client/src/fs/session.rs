@@ -27,10 +27,26 @@ impl CfsFs {
         })
     }
 
-    /// Drops this mount's cached state of `ino` (another client changed it).
+    /// Drops this mount's cached state of `ino` (another client changed it;
+    /// 0: everything).
     pub fn forget_cached(&self) -> Arc<dyn Fn(Ino) + Send + Sync> {
         let sh = self.sh.clone();
         Arc::new(move |ino| {
+            if ino == 0 {
+                // Everything (a new session, or changes missed).
+                sh.dirs.forget_all();
+                let files: Vec<_> = sh
+                    .files
+                    .lock()
+                    .expect("files lock")
+                    .values()
+                    .cloned()
+                    .collect();
+                for st in files {
+                    st.forget();
+                }
+                return;
+            }
             sh.dirs.forget(ino);
             let st = sh.files.lock().expect("files lock").get(&ino).cloned();
             if let Some(st) = st {
