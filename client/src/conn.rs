@@ -70,6 +70,34 @@ struct Conn {
     /// Set by the reader when the connection ended: no reply will come,
     /// even though sending may still seem to work.
     dead: Arc<std::sync::atomic::AtomicBool>,
+    /// When the reader last received anything (lease renewals are
+    /// answered every `RENEW_EVERY`): a node still talking is not dead.
+    heard: Arc<Heard>,
+}
+
+/// A monotonic "last heard" time, shared with the connection's reader.
+struct Heard {
+    since: Instant,
+    ms: AtomicU64,
+}
+
+impl Heard {
+    fn new() -> Heard {
+        Heard {
+            since: Instant::now(),
+            ms: AtomicU64::new(0),
+        }
+    }
+
+    fn now(&self) {
+        let ms = self.since.elapsed().as_millis() as u64;
+        self.ms.store(ms, Ordering::Relaxed);
+    }
+
+    fn within(&self, d: Duration) -> bool {
+        let last = Duration::from_millis(self.ms.load(Ordering::Relaxed));
+        self.since.elapsed().saturating_sub(last) < d
+    }
 }
 
 /// What the first node told us.
@@ -154,6 +182,8 @@ impl MetaClient {
         let p2 = pending.clone();
         let dead = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let dead2 = dead.clone();
+        let heard = Arc::new(Heard::new());
+        let heard2 = heard.clone();
         let inval = self.invalidations.clone();
         let stats = self.stats.clone();
         let cache = self.cache.clone();
@@ -188,6 +218,7 @@ impl MetaClient {
                     },
                     Err(_) => break,
                 };
+                heard2.now();
                 let g = gen2.load(Ordering::SeqCst);
                 match msg {
                     ServerMsg::Reply { id, result, stamp } => {
@@ -287,6 +318,7 @@ impl MetaClient {
             pending,
             server: idx,
             dead,
+            heard,
         }))
     }
 
@@ -364,6 +396,37 @@ impl MetaClient {
         });
     }
 
+    /// Waits for the reply on `c` for an attempt; past it, if `patient`,
+    /// keeps waiting (until `deadline`) while the connection is still
+    /// heard from: a
+    /// node answering other requests and lease renewals is slow with this
+    /// one, not dead, and leaving it would start a new session (dropping
+    /// every cache) for nothing.
+    async fn wait_reply(
+        c: &Conn,
+        mut rx: oneshot::Receiver<Result<Reply, Errno>>,
+        attempt: Duration,
+        deadline: Instant,
+        patient: bool,
+    ) -> Result<Result<Result<Reply, Errno>, oneshot::error::RecvError>, tokio::time::error::Elapsed>
+    {
+        loop {
+            let left = deadline
+                .saturating_duration_since(Instant::now())
+                .min(attempt)
+                .max(Duration::from_millis(1));
+            // (A dead connection's reader drops every waiting sender, so
+            // `rx` ends at once.)
+            match tokio::time::timeout(left, &mut rx).await {
+                Err(e) if !patient || Instant::now() >= deadline || !c.heard.within(attempt) => {
+                    return Err(e)
+                }
+                Err(_) => continue,
+                Ok(r) => return Ok(r),
+            }
+        }
+    }
+
     /// Starts a new session through the server after the current one: its
     /// welcome names the node leading most shards, which `conn` moves to.
     async fn chase_leader(&self) {
@@ -424,11 +487,7 @@ impl MetaClient {
                 if let Ok(g) = r.and_then(Self::typed::<Lease>) {
                     let valid = Duration::from_millis(g.millis as u64);
                     c.cache.leased(gen, sent, &g.shards, valid, g.inval_seq);
-                    leaderless = if g.shards.is_empty() {
-                        leaderless + 1
-                    } else {
-                        0
-                    };
+                    leaderless = if g.leading == 0 { leaderless + 1 } else { 0 };
                 }
                 let due = chased.is_none_or(|t| t.elapsed() >= LEADER_CHASE_EVERY);
                 if leaderless >= LEADERLESS_RENEWALS
@@ -503,10 +562,10 @@ impl MetaClient {
                             }
                             _ => ATTEMPT_TIMEOUT,
                         };
-                        let left = deadline
-                            .saturating_duration_since(Instant::now())
-                            .min(attempt);
-                        match tokio::time::timeout(left.max(Duration::from_millis(1)), rx).await {
+                        // A lease renewal is not waited for past its
+                        // attempt: the lease lapses instead.
+                        let patient = !matches!(req, Request::Lease);
+                        match Self::wait_reply(&c, rx, attempt, deadline, patient).await {
                             Ok(Ok(Err(Errno::EIO))) => {
                                 // The node could not get it through the
                                 // log (cut off from the majority, or no

@@ -10,7 +10,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use cfs_log::{Position, ShardId};
 use cfs_proto::lease;
@@ -20,6 +20,9 @@ use tokio::sync::{watch, Notify};
 /// not renewed: they run out within a hold, and with them the need to
 /// keep these (so the queue is bounded by the change rate times a hold).
 pub const PENDING_MAX: usize = 64 * 1024;
+/// An invalidation unacknowledged for this long stops renewals (see
+/// [`Session::congested`]).
+pub const ACK_LAG_MAX: Duration = Duration::from_millis(500);
 
 /// What a session has been sent and has acknowledged.
 #[derive(Default)]
@@ -27,8 +30,10 @@ struct Tracker {
     /// Last invalidation sequence number sent.
     sent: u64,
     acked: u64,
-    /// Invalidations not acknowledged yet: (seq, shard, upto).
+    /// Invalidations not acknowledged yet: (seq, shard, upto), and when
+    /// the oldest of them was sent.
     pending: VecDeque<(u64, ShardId, Position)>,
+    oldest_pending: Option<Instant>,
     /// Per shard: every change below this position was forwarded to the
     /// session (as an invalidation, or skipped as its own).
     forwarded: HashMap<ShardId, Position>,
@@ -76,6 +81,9 @@ impl Session {
         }
         t.forwarded.insert(shard, before.max(upto));
         if let Some(seq) = seq {
+            if t.pending.is_empty() {
+                t.oldest_pending = Some(Instant::now());
+            }
             t.pending.push_back((seq, shard, upto));
         }
         drop(t);
@@ -83,9 +91,19 @@ impl Session {
         self.dirty.notify_one();
     }
 
-    /// Too many invalidations unacknowledged: refuse renewals.
+    /// Too many invalidations unacknowledged, or one for longer than
+    /// [`ACK_LAG_MAX`]: refuse renewals, so that the session's leases run
+    /// out within a hold and stop holding changes back.
+    ///
+    /// A mount cannot always acknowledge at once: the kernel takes a
+    /// directory's lock to drop an entry of it (`notify_inval_entry`),
+    /// and a call of that same mount on that directory may hold the lock
+    /// while it waits for a change that waits for this acknowledgement.
+    /// Letting the lease lapse breaks that cycle within a hold; renewing it
+    /// would hold the change until the mount gave up on its call.
     pub fn congested(&self) -> bool {
-        self.tracker.lock().expect("tracker lock").pending.len() > PENDING_MAX
+        let t = self.tracker.lock().expect("tracker lock");
+        t.pending.len() > PENDING_MAX || t.oldest_pending.is_some_and(|o| o.elapsed() > ACK_LAG_MAX)
     }
 
     /// The next invalidation sequence number.
@@ -102,13 +120,20 @@ impl Session {
             return;
         }
         t.acked = seq;
+        let mut popped = false;
         while let Some(&(s, shard, upto)) = t.pending.front() {
             if s > seq {
                 break;
             }
             t.pending.pop_front();
+            popped = true;
             let th = t.through.entry(shard).or_default();
             *th = (*th).max(upto);
+        }
+        if popped {
+            // The oldest left was sent no earlier than now, as far as the
+            // lag check goes (an acknowledgement is progress).
+            t.oldest_pending = (!t.pending.is_empty()).then(Instant::now);
         }
         drop(t);
         self.progress.send_modify(|n| *n += 1);

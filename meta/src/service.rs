@@ -589,10 +589,12 @@ impl Inner {
         self.counters
             .leases_granted
             .fetch_add(shards.len() as u64, Ordering::Relaxed);
+        let leading = self.log.status().iter().filter(|s| s.is_leader).count() as u32;
         Ok(Reply::Lease {
             shards,
             millis: cfs_proto::lease::LEASE.as_millis() as u32,
             inval_seq: session.sent(),
+            leading,
         })
     }
 

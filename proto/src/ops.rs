@@ -323,6 +323,9 @@ pub enum Reply {
         shards: Vec<ShardId>,
         millis: u32,
         inval_seq: u64,
+        /// How many shards the answering node leads (none: the session
+        /// is better off with the leader).
+        leading: u32,
     },
 }
 

@@ -82,6 +82,8 @@ pub struct LeaseGrant {
     pub shards: Vec<ShardId>,
     pub millis: u32,
     pub inval_seq: u64,
+    /// Shards the answering node leads.
+    pub leading: u32,
 }
 
 /// Asks for (or renews) leases.
@@ -102,10 +104,12 @@ impl Call for Lease {
                 shards,
                 millis,
                 inval_seq,
+                leading,
             } => Some(LeaseGrant {
                 shards,
                 millis,
                 inval_seq,
+                leading,
             }),
             _ => None,
         }
