@@ -89,13 +89,17 @@ impl CfsFs {
     pub(super) fn do_destroy(&self) {
         // Other mounts' changes need not wait for this mount's leases to
         // run out.
+        // (The timer is made inside the runtime: outside, tokio panics.)
         let sh = self.sh.clone();
-        let release = tokio::time::timeout(Duration::from_secs(1), async move {
-            sh.meta.release_leases().await;
-            // Let the writer send it before the runtime goes.
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        });
-        let _ = self.rt.block_on(release);
+        let release = async move {
+            let send = async move {
+                sh.meta.release_leases().await;
+                // Let the writer send it before the runtime goes.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            };
+            let _ = tokio::time::timeout(Duration::from_secs(1), send).await;
+        };
+        self.rt.block_on(release);
     }
 
     pub(super) fn do_statfs(&self, reply: ReplyStatfs) {
