@@ -784,18 +784,7 @@ fn opens_under_a_lease_send_nothing_and_see_other_mounts_changes() {
     );
     // And one on another node: its change waits for a's acknowledgement
     // through the leader's clean position.
-    let log = std::fs::read_to_string(c.dir.join("a.log")).unwrap_or_default();
-    let on = log
-        .lines()
-        .filter(|l| l.contains("connected to metadata service"))
-        .filter_map(|l| l.split("addr=").nth(1)?.split_whitespace().next())
-        .next_back()
-        .expect("a's node in its log")
-        .to_string();
-    let other = (1..=3)
-        .map(|i| c.cfgs[i - 1].meta_listen.expect("meta").to_string())
-        .find(|addr| *addr != on)
-        .expect("a node a is not on");
+    let other = node_not_serving(&c, "a");
     let d = Mount::new(&c, "d", &["--servers", &other, "--follow-leader", "false"]);
     std::fs::write(d.path.join("f"), b"three").unwrap();
     assert_eq!(
@@ -809,6 +798,23 @@ fn opens_under_a_lease_send_nothing_and_see_other_mounts_changes() {
         "a create elsewhere is seen at once"
     );
     drop((b, d));
+}
+
+/// The metadata address of a node the mount named `mount` is not
+/// connected to (from the mount's log).
+fn node_not_serving(c: &Cluster, mount: &str) -> String {
+    let log = std::fs::read_to_string(c.dir.join(format!("{mount}.log"))).unwrap_or_default();
+    let on = log
+        .lines()
+        .filter(|l| l.contains("connected to metadata service"))
+        .filter_map(|l| l.split("addr=").nth(1)?.split_whitespace().next())
+        .next_back()
+        .expect("the mount's node in its log")
+        .to_string();
+    (1..=3)
+        .map(|i| c.cfgs[i - 1].meta_listen.expect("meta").to_string())
+        .find(|addr| *addr != on)
+        .expect("a node the mount is not on")
 }
 
 /// Drops the kernel's dentry, inode and page caches (as `bench/fs.sh`
@@ -881,18 +887,7 @@ fn listings_lookups_and_small_files_under_a_lease_send_nothing_and_see_other_mou
 
     // Another mount on another node changes the directory: a sees every
     // change at once, listing and looking up.
-    let log = std::fs::read_to_string(c.dir.join("a.log")).unwrap_or_default();
-    let on = log
-        .lines()
-        .filter(|l| l.contains("connected to metadata service"))
-        .filter_map(|l| l.split("addr=").nth(1)?.split_whitespace().next())
-        .next_back()
-        .expect("a's node in its log")
-        .to_string();
-    let other = (1..=3)
-        .map(|i| c.cfgs[i - 1].meta_listen.expect("meta").to_string())
-        .find(|addr| *addr != on)
-        .expect("a node a is not on");
+    let other = node_not_serving(&c, "a");
     let b = Mount::new(&c, "b", &["--servers", &other, "--follow-leader", "false"]);
     let bd = b.path.join("d");
     std::fs::remove_file(bd.join("f0")).unwrap();

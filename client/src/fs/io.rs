@@ -263,14 +263,7 @@ impl Shared {
 
     /// Drops the content kept of every file not held right now.
     fn drop_kept(&self) {
-        let files: Vec<Arc<super::FileState>> = self
-            .files
-            .lock()
-            .expect("files lock")
-            .values()
-            .cloned()
-            .collect();
-        for st in files {
+        for st in self.all_files() {
             if let Ok(mut f) = st.inner.try_lock() {
                 f.ext.drop_kept();
             }

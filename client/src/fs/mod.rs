@@ -179,6 +179,16 @@ impl Shared {
             .clone()
     }
 
+    /// Every file's state this mount holds (a snapshot of the map).
+    fn all_files(&self) -> Vec<Arc<FileState>> {
+        self.files
+            .lock()
+            .expect("files lock")
+            .values()
+            .cloned()
+            .collect()
+    }
+
     fn strict(&self) -> bool {
         self.opts.cache_mode == CacheMode::Strict
     }

@@ -35,14 +35,7 @@ impl CfsFs {
             if ino == 0 {
                 // Everything (a new session, or changes missed).
                 sh.dirs.forget_all();
-                let files: Vec<_> = sh
-                    .files
-                    .lock()
-                    .expect("files lock")
-                    .values()
-                    .cloned()
-                    .collect();
-                for st in files {
+                for st in sh.all_files() {
                     st.forget();
                 }
                 return;
