@@ -15,6 +15,8 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
 
+use crate::unsettled::Unsettled;
+
 /// An invalidation to apply to the kernel's caches, then acknowledge.
 pub struct Invalidation {
     /// The session (`MetaCache` generation) it came from.
@@ -127,6 +129,8 @@ pub struct MetaClient {
     pub cache: Arc<crate::cache::MetaCache>,
     /// See `MountOptions::follow_leader`.
     follow_leader: std::sync::atomic::AtomicBool,
+    /// Changes answered early and not settled yet (`crate::unsettled`).
+    pub unsettled: Arc<Unsettled>,
 }
 
 /// Longest wait for one server's answer before trying the next.
@@ -154,6 +158,7 @@ impl MetaClient {
             stats: Arc::default(),
             cache: Arc::default(),
             follow_leader: std::sync::atomic::AtomicBool::new(false),
+            unsettled: Arc::default(),
         };
         (Arc::new(c), rx)
     }
@@ -187,6 +192,7 @@ impl MetaClient {
         let inval = self.invalidations.clone();
         let stats = self.stats.clone();
         let cache = self.cache.clone();
+        let unsettled = self.unsettled.clone();
         // Replies and invalidations of this connection count only once it
         // is the session (see below).
         let gen = Arc::new(AtomicU64::new(u64::MAX));
@@ -243,6 +249,11 @@ impl MetaClient {
                         }
                         if let Some(w) = waiter {
                             let _ = w.tx.send(result);
+                        }
+                    }
+                    ServerMsg::Settled { op_id, failed } => {
+                        if unsettled.settled(op_id, failed) {
+                            warn!(op_id, ?failed, "a change answered early did not apply as answered; the next fsync or close of what it touched reports it");
                         }
                     }
                     ServerMsg::Invalidate {
@@ -338,6 +349,10 @@ impl MetaClient {
             match self.connect_one(idx).await {
                 Ok(c) => {
                     let c = self.prefer_leader(c).await;
+                    if let Err(e) = self.replay(&c).await {
+                        errs.push(e);
+                        continue;
+                    }
                     self.next_server.store(c.server, Ordering::Relaxed);
                     *g = Some(c.clone());
                     return Ok(c);
@@ -346,6 +361,63 @@ impl MetaClient {
             }
         }
         Err(errs.join("; "))
+    }
+
+    /// Sends again, on a new session and before anything else, the changes
+    /// the last session answered early but did not settle (same operation
+    /// ids: the log applies each once), and settles them by their answers.
+    async fn replay(&self, c: &Conn) -> Result<(), String> {
+        let todo = self.unsettled.to_replay();
+        if todo.is_empty() {
+            return Ok(());
+        }
+        info!(
+            changes = todo.len(),
+            "replaying changes answered early but not settled"
+        );
+        let server = self.servers[c.server];
+        for (op_id, req, _) in todo {
+            let req = match req {
+                Request::Mutate {
+                    op_id, creds, op, ..
+                } => Request::Mutate {
+                    op_id,
+                    creds,
+                    op,
+                    early: false,
+                },
+                r => r,
+            };
+            let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+            let (tx, rx) = oneshot::channel();
+            c.pending.lock().expect("pending lock").insert(
+                id,
+                Waiter {
+                    tx,
+                    names: None,
+                    cacheable: false,
+                },
+            );
+            c.tx.send(RequestFrame {
+                id,
+                fresh: false,
+                req,
+            })
+            .map_err(|_| format!("{server}: closed during replay"))?;
+            let wait = ATTEMPT_TIMEOUT + cfs_proto::lease::server_hold();
+            match tokio::time::timeout(wait, rx).await {
+                Ok(Ok(Err(Errno::EIO))) | Ok(Err(_)) | Err(_) => {
+                    c.pending.lock().expect("pending lock").remove(&id);
+                    return Err(format!("{server}: replay not answered"));
+                }
+                Ok(Ok(r)) => {
+                    if self.unsettled.replayed(op_id, &r) {
+                        warn!(op_id, "a replayed change did not apply as first answered");
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Moves to the node leading most shards when the node `c` reached
@@ -512,13 +584,38 @@ impl MetaClient {
                 op_id: 0,
                 creds,
                 op,
+                early,
             } => Request::Mutate {
                 op_id: self.next_op.fetch_add(1, Ordering::Relaxed),
                 creds,
                 op,
+                early,
             },
             r => r,
         };
+        // A change asked to be answered early is kept until settled.
+        let early = match &req {
+            Request::Mutate {
+                op_id, early: true, ..
+            } => {
+                self.unsettled.room().await;
+                self.unsettled.sent(*op_id, &req);
+                Some(*op_id)
+            }
+            _ => None,
+        };
+        let r = self.attempts(req, fresh, count).await;
+        if let Some(op_id) = early {
+            match &r {
+                Ok(_) | Err(Errno::EIO) => self.unsettled.answered(op_id, &r),
+                Err(_) => self.unsettled.abandoned(op_id),
+            }
+        }
+        r
+    }
+
+    /// The attempts of `call_counted` on the current server, then others.
+    async fn attempts(&self, req: Request, fresh: bool, count: bool) -> Result<Reply, Errno> {
         let deadline = Instant::now() + self.timeout;
         let mut reached = false;
         let mut attempts: u32 = 0;

@@ -9,6 +9,7 @@ pub mod metrics_http;
 pub mod mount;
 pub mod options;
 pub mod stats;
+pub mod unsettled;
 
 pub use mount::{mount, unmount, MountError};
 pub use options::{CacheMode, MountOptions};

@@ -53,6 +53,9 @@ pub struct MountOptions {
     pub metrics_listen: Option<SocketAddr>,
     /// Write the metrics URL into this file once it is served.
     pub metrics_url_file: Option<std::path::PathBuf>,
+    /// Every namespace change waits for its log commit instead of being
+    /// answered once the leader ordered it (docs/decisions.md D30).
+    pub sync_namespace: bool,
 }
 
 impl MountOptions {

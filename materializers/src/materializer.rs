@@ -40,6 +40,10 @@ pub struct Change {
 #[derive(Default)]
 pub struct Waiters {
     map: Mutex<HashMap<RequestId, oneshot::Sender<ApplyResult>>>,
+    /// Applied entries nobody here waited for: proposed through another
+    /// node, or given up on (the sequencer rebuilds its overlay when this
+    /// moves, since such an entry changed state it did not foresee).
+    unclaimed: std::sync::atomic::AtomicU64,
 }
 
 impl Waiters {
@@ -52,9 +56,20 @@ impl Waiters {
         self.map.lock().expect("waiters lock").remove(&id);
     }
     fn complete(&self, id: RequestId, r: ApplyResult) {
-        if let Some(tx) = self.map.lock().expect("waiters lock").remove(&id) {
-            let _ = tx.send(r);
+        match self.map.lock().expect("waiters lock").remove(&id) {
+            Some(tx) => {
+                let _ = tx.send(r);
+            }
+            None => {
+                self.unclaimed
+                    .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
         }
+    }
+
+    /// How many applied entries had no waiter here so far.
+    pub fn unclaimed(&self) -> u64 {
+        self.unclaimed.load(std::sync::atomic::Ordering::SeqCst)
     }
 }
 
@@ -80,7 +95,9 @@ pub fn entry(request: RequestId, op: &LoggedOp) -> Entry {
     }
 }
 
-fn changes(op: &LoggedOp, r: &Applied) -> Change {
+/// What applying `op` with result `r` changed that a client may cache
+/// (besides the inodes the entry rewrote, which the caller adds).
+pub fn changes(op: &LoggedOp, r: &Applied) -> Change {
     let mut ch = Change {
         origin: op.client,
         inodes: Vec::new(),

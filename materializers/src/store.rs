@@ -198,6 +198,9 @@ impl NamespaceDb {
 /// [`DbError::NotOwned`].
 pub struct Txn<'a> {
     db: &'a NamespaceDb,
+    /// Changes not in the database yet that reads see under `batch`
+    /// (the sequencer's overlay of answered, undecided entries).
+    overlay: Option<&'a Overlay>,
     batch: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
     entry: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
     owner: Option<ShardId>,
@@ -207,6 +210,9 @@ pub struct Txn<'a> {
     /// Inodes whose records kept entries wrote (for invalidations).
     kept_inodes: Vec<Ino>,
 }
+
+/// Keys changed (`Some`) or deleted (`None`) over the database.
+pub type Overlay = BTreeMap<Vec<u8>, Option<Vec<u8>>>;
 
 /// A scanned range and the live keys the entry saw in it.
 pub use cfs_proto::tx::Scan;
@@ -223,6 +229,7 @@ impl<'a> Txn<'a> {
     pub fn new(db: &'a NamespaceDb) -> Self {
         Txn {
             db,
+            overlay: None,
             batch: BTreeMap::new(),
             entry: BTreeMap::new(),
             owner: None,
@@ -231,6 +238,18 @@ impl<'a> Txn<'a> {
             scans: RefCell::default(),
             kept_inodes: Vec::new(),
         }
+    }
+
+    /// A transaction whose reads see `overlay` over the database.
+    pub fn over(db: &'a NamespaceDb, overlay: &'a Overlay) -> Self {
+        let mut t = Txn::new(db);
+        t.overlay = Some(overlay);
+        t
+    }
+
+    /// The changes the kept entries made (what a commit would write).
+    pub fn into_changes(self) -> Overlay {
+        self.batch
     }
 
     /// Restricts the entries applied from now on to `shard`'s keys.
@@ -251,6 +270,9 @@ impl<'a> Txn<'a> {
     /// The value before the current entry's own writes.
     fn base(&self, key: &[u8]) -> Result<Option<Vec<u8>>, DbError> {
         if let Some(v) = self.batch.get(key) {
+            return Ok(v.clone());
+        }
+        if let Some(v) = self.overlay.and_then(|o| o.get(key)) {
             return Ok(v.clone());
         }
         self.db.get_raw(key)
@@ -324,6 +346,11 @@ impl<'a> Txn<'a> {
             .into_iter()
             .map(|(k, v)| (k, Some(v)))
             .collect();
+        if let Some(o) = self.overlay {
+            for (k, v) in o.range(start.to_vec()..end.to_vec()) {
+                m.insert(k.clone(), v.clone());
+            }
+        }
         for (k, v) in self.batch.range(start.to_vec()..end.to_vec()) {
             m.insert(k.clone(), v.clone());
         }

@@ -418,7 +418,7 @@ pub use cfs_proto::types::DEFAULT_SPREAD_DEPTH;
 /// replica, following parent pointers: a hint, like [`spans_shards`]; any
 /// placement is correct.
 pub fn dir_shard(
-    db: &NamespaceDb,
+    db: &impl crate::read::NsRead,
     parent: Ino,
     name: &[u8],
     shards: &[ShardId],
@@ -433,13 +433,13 @@ pub fn dir_shard(
 
 /// Whether `dir` is fewer than `levels` levels below the root (the root is
 /// at depth 0). An unreadable ancestor counts as deep.
-fn depth_below(db: &NamespaceDb, dir: Ino, levels: u32) -> bool {
+fn depth_below(db: &impl crate::read::NsRead, dir: Ino, levels: u32) -> bool {
     let mut ino = dir;
     for _ in 0..levels {
         if ino == ROOT_INO {
             return true;
         }
-        match db.get::<Inode>(&keys::inode(ino)) {
+        match db.value::<Inode>(&keys::inode(ino)) {
             Ok(Some(i)) if i.is_dir() && i.parent != ino => ino = i.parent,
             _ => return false,
         }

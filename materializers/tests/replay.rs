@@ -5,6 +5,7 @@
 use cfs_log::{Entry, RequestId};
 use cfs_materializers::materializer::{apply_batch, entry, init_shard};
 use cfs_materializers::ops::{LoggedOp, Op};
+use cfs_materializers::read::NsRead;
 use cfs_materializers::types::*;
 use cfs_materializers::NamespaceDb;
 

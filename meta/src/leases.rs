@@ -306,6 +306,16 @@ impl Leases {
         matches!(r, Ok(Ok(_)))
     }
 
+    /// Whether a session of another client than `client` holds a lease on
+    /// `shard` (its cache must let go before a change is answered).
+    pub fn others_hold(&self, shard: ShardId, client: u64, now: Instant) -> bool {
+        self.sessions
+            .lock()
+            .expect("sessions lock")
+            .values()
+            .any(|(s, _)| s.client != client && s.holds(shard, now))
+    }
+
     /// Sessions holding a lease on any shard (for metrics).
     pub fn leased_sessions(&self, now: Instant) -> usize {
         self.sessions

@@ -19,6 +19,8 @@ use cfs_materializers::read::ReadError;
 
 use crate::coordinator;
 use crate::leases::{Leases, Session};
+use crate::sequencer::Sequencer;
+use cfs_materializers::read::NsRead;
 use cfs_materializers::types::*;
 use cfs_materializers::NamespaceDb;
 use tokio::net::{TcpListener, TcpStream};
@@ -74,6 +76,9 @@ struct Inner {
     failpoint: Option<String>,
     /// Client sessions' leases and each shard's clean position.
     leases: Leases,
+    /// Mutations of the shards this node leads, ordered and predicted
+    /// (D30).
+    seq: Sequencer,
 }
 
 #[derive(Default)]
@@ -85,6 +90,9 @@ struct Counters {
     sessions: AtomicU64,
     leases_granted: AtomicU64,
     clean_waits: AtomicU64,
+    sequenced: AtomicU64,
+    early: AtomicU64,
+    mispredicted: AtomicU64,
 }
 
 /// A running metadata service.
@@ -170,6 +178,7 @@ impl MetaService {
                     .ok()
                     .filter(|s| !s.is_empty()),
                 leases: Leases::new(&cfg.shards),
+                seq: Sequencer::new(&cfg.shards),
             }),
         };
         // Leadership terms and clean positions, published to the log so
@@ -278,6 +287,21 @@ impl MetaService {
                 "cfs_meta_clean_waits_total",
                 "Mutations that waited for leased sessions to apply invalidations",
                 &c.clean_waits,
+            ),
+            (
+                "cfs_meta_sequenced_total",
+                "Mutations ordered and predicted by this node's sequencer (D30)",
+                &c.sequenced,
+            ),
+            (
+                "cfs_meta_early_answers_total",
+                "Mutations answered before their entry was decided",
+                &c.early,
+            ),
+            (
+                "cfs_meta_mispredicted_total",
+                "Sequenced mutations whose decided outcome differed from the prediction",
+                &c.mispredicted,
             ),
         ] {
             s += &format!(
@@ -483,7 +507,7 @@ async fn serve_conn(inner: Arc<Inner>, sock: TcpStream) {
             let mutation = matches!(f.req, Request::Mutate { .. });
             let result = match f.req {
                 Request::Lease => inner.grant(&session).await,
-                _ => handle(&inner, client, f).await,
+                _ => handle(&inner, client, f, &tx, &session).await,
             };
             if mutation {
                 // The session's own invalidations go out before the reply,
@@ -655,9 +679,20 @@ impl Inner {
         Ok(())
     }
 
-    /// A client's mutation: on its home shard, or as a cross-shard
-    /// transaction this node coordinates (see `cfs_materializers::tx`).
-    async fn mutate(&self, client: u64, op_id: u64, creds: Creds, op: Op) -> Result<Reply, Errno> {
+    /// A client's mutation: through the sequencer when this node leads
+    /// its shard and the change stays on it, else on its home shard or as
+    /// a cross-shard transaction this node coordinates (see
+    /// `cfs_materializers::tx`) once nothing sequenced is pending.
+    /// `early`: where to send `Settled` if the answer goes out before the
+    /// change is decided.
+    async fn mutate(
+        self: &Arc<Self>,
+        client: u64,
+        op_id: u64,
+        creds: Creds,
+        op: Op,
+        early: Option<(&mpsc::UnboundedSender<ServerMsg>, &Arc<Session>)>,
+    ) -> Result<Reply, Errno> {
         if op.is_tx_step() {
             warn!(
                 client = format_args!("{client:016x}"),
@@ -667,7 +702,29 @@ impl Inner {
         }
         self.check_shard(op.home())?;
         self.counters.mutations.fetch_add(1, Ordering::Relaxed);
-        match coordinator::execute(self, client, op_id, creds, op).await? {
+        let (r, answered_early) = match self.sequenced(client, op_id, &creds, &op, early).await {
+            Ok(Some(r)) => r,
+            Ok(None) => {
+                let _alone = self.seq.exclusive().await;
+                (
+                    coordinator::execute(&**self, client, op_id, creds, op).await,
+                    false,
+                )
+            }
+            Err(e) => (Err(e), false),
+        };
+        if let (Some((tx, _)), false) = (early, answered_early) {
+            // Asked for early and answered once decided: settled already
+            // (sent before the answer, so the client never keeps it).
+            send(
+                tx,
+                ServerMsg::Settled {
+                    op_id,
+                    failed: None,
+                },
+            );
+        }
+        match r? {
             Ok(Applied::Attr(i)) => Ok(Reply::Attr(i)),
             Ok(Applied::Conflict(l)) => Ok(Reply::Lock(Some(l))),
             Ok(Applied::None | Applied::Decision { .. } | Applied::Changed { .. }) => {
@@ -675,6 +732,136 @@ impl Inner {
             }
             Err(e) => Err(e),
         }
+    }
+
+    /// Runs a single-shard mutation through the sequencer (`None`: it is
+    /// not one this node can order: it does not lead the shard, or the
+    /// change reaches another shard). Answered at once when the client
+    /// asked for it and no other client's cache holds a lease on the shard
+    /// (a leased cache must let go first: then the answer waits for the
+    /// decision as before); the outcome is then confirmed later with
+    /// `ServerMsg::Settled`.
+    async fn sequenced(
+        self: &Arc<Self>,
+        client: u64,
+        op_id: u64,
+        creds: &Creds,
+        op: &Op,
+        early: Option<(&mpsc::UnboundedSender<ServerMsg>, &Arc<Session>)>,
+    ) -> Result<Option<(Result<ApplyResult, Errno>, bool)>, Errno> {
+        let shard = op.shard();
+        if op_id == 0 || !self.leads(shard) {
+            return Ok(None);
+        }
+        if let Op::Create {
+            parent, name, mode, ..
+        } = op
+        {
+            if mode & libc::S_IFMT == libc::S_IFDIR {
+                let placed = self.seq.read(&self.db, |r| {
+                    cfs_materializers::tx::dir_shard(
+                        r,
+                        *parent,
+                        name,
+                        &self.shard_list,
+                        self.spread_depth,
+                    )
+                });
+                if placed != shard {
+                    return Ok(None);
+                }
+            }
+        }
+        let lop = LoggedOp {
+            client,
+            op_id,
+            creds: creds.clone(),
+            now: now_ns(),
+            op: op.clone(),
+        };
+        // Fault injection (tests): answer early, never queue the entry,
+        // and die, as a leader that fails before its entries reach a
+        // replica: the mount must replay.
+        let lose = early.is_some() && self.failpoint.as_deref() == Some("early-answer-lost");
+        let hold = self.seq.shared().await;
+        let Some(ticket) =
+            self.seq
+                .sequence(&self.db, &self.log, &self.waiters, shard, &lop, lose)?
+        else {
+            return Ok(None);
+        };
+        drop(hold);
+        self.counters.sequenced.fetch_add(1, Ordering::Relaxed);
+        let early = early.filter(|_| !self.leases.others_hold(shard, client, Instant::now()));
+        if let Some((tx, session)) = early {
+            if lose {
+                tokio::spawn(async {
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    tracing::error!(
+                        "failpoint early-answer-lost reached: aborting (CFS_FAILPOINT)"
+                    );
+                    std::process::abort();
+                });
+            }
+            self.counters.early.fetch_add(1, Ordering::Relaxed);
+            let _ = self.log.answered_early(shard, ticket.seq + 1);
+            // What the change replaced leaves the session's cache before
+            // the answer arrives (the materializer's invalidations come
+            // only once it is applied).
+            let c = &ticket.changed;
+            let entries = c.entries.iter().map(|(p, n)| (*p, Some((*p, n.clone()))));
+            for (ino, entry) in c.inodes.iter().map(|i| (*i, None)).chain(entries) {
+                let seq = session.next_seq();
+                send(
+                    tx,
+                    ServerMsg::Invalidate {
+                        ino,
+                        entry,
+                        seq,
+                        own: true,
+                    },
+                );
+            }
+            let told = ticket.told.clone();
+            let (inner, tx) = (self.clone(), tx.clone());
+            tokio::spawn(async move {
+                let s = inner
+                    .seq
+                    .settle(&inner.db, &inner.log, &inner.waiters, ticket)
+                    .await;
+                let failed = match s.outcome {
+                    _ if s.as_told => None,
+                    Ok(Err(e)) => Some(e),
+                    _ => Some(Errno::EIO),
+                };
+                if failed.is_some() {
+                    inner.counters.mispredicted.fetch_add(1, Ordering::Relaxed);
+                    warn!(
+                        client = format_args!("{client:016x}"),
+                        op_id,
+                        ?failed,
+                        "a change answered early did not apply as answered"
+                    );
+                }
+                send(&tx, ServerMsg::Settled { op_id, failed });
+            });
+            return Ok(Some((Ok(told), true)));
+        }
+        let s = self
+            .seq
+            .settle(&self.db, &self.log, &self.waiters, ticket)
+            .await;
+        if !s.as_told {
+            self.counters.mispredicted.fetch_add(1, Ordering::Relaxed);
+        }
+        if let Some(pos) = s.position {
+            // Leased caches elsewhere must have dropped what this changed
+            // before anyone is told it happened.
+            if let Err(e) = self.wait_clean(shard, pos).await {
+                return Ok(Some((Err(e), false)));
+            }
+        }
+        Ok(Some((s.outcome, false)))
     }
 
     /// The metadata service of the node leading most of this node's
@@ -781,13 +968,30 @@ impl coordinator::Cluster for Inner {
     }
 }
 
-#[tracing::instrument(skip(inner, f), fields(id = f.id))]
-async fn handle(inner: &Inner, client: u64, f: RequestFrame) -> Result<Reply, Errno> {
+#[tracing::instrument(skip(inner, f, tx, session), fields(id = f.id))]
+async fn handle(
+    inner: &Arc<Inner>,
+    client: u64,
+    f: RequestFrame,
+    tx: &mpsc::UnboundedSender<ServerMsg>,
+    session: &Arc<Session>,
+) -> Result<Reply, Errno> {
     let ino = match &f.req {
         Request::Hello { .. } => return Err(Errno::EINVAL),
-        Request::Mutate { op_id, creds, op } => {
+        Request::Mutate {
+            op_id,
+            creds,
+            op,
+            early,
+        } => {
             return inner
-                .mutate(client, *op_id, creds.clone(), op.clone())
+                .mutate(
+                    client,
+                    *op_id,
+                    creds.clone(),
+                    op.clone(),
+                    early.then_some((tx, session)),
+                )
                 .await
         }
         Request::StatFs => return inner.statfs().map(Reply::Stats),
@@ -809,16 +1013,32 @@ async fn handle(inner: &Inner, client: u64, f: RequestFrame) -> Result<Reply, Er
     if f.fresh {
         inner.fresh(shard).await?;
     }
-    let db = &inner.db;
-    let r = match f.req {
-        Request::Lookup { parent, name } => match db.lookup(parent, &name) {
-            // The inode may live on another shard: fresh there too.
-            Ok(i) if f.fresh && shard_of(i.ino) != shard => {
-                inner.fresh(inner.check_shard(i.ino)?).await?;
-                db.inode(i.ino).map(Reply::Attr)
-            }
-            r => r.map(Reply::Attr),
-        },
+    if let Request::GetLock { ino, lock } = &f.req {
+        return inner
+            .db
+            .get_lock(*ino, lock)
+            .map(Reply::Lock)
+            .map_err(read_err);
+    }
+    // What this node answered, decided or not (the sequencer's overlay).
+    let r = inner.seq.read(&inner.db, |db| read(db, &f.req));
+    match (&f.req, r) {
+        // The inode may live on another shard: fresh there too.
+        (Request::Lookup { .. }, Ok(Reply::Attr(i))) if f.fresh && shard_of(i.ino) != shard => {
+            inner.fresh(inner.check_shard(i.ino)?).await?;
+            inner
+                .seq
+                .read(&inner.db, |db| db.inode(i.ino).map(Reply::Attr))
+                .map_err(read_err)
+        }
+        (_, r) => r.map_err(read_err),
+    }
+}
+
+/// Serves a read request from `db`.
+fn read(db: &impl NsRead, req: &Request) -> Result<Reply, ReadError> {
+    match req.clone() {
+        Request::Lookup { parent, name } => db.lookup(parent, &name).map(Reply::Attr),
         Request::GetAttr { ino } => db.inode(ino).map(Reply::Attr),
         Request::ReadDir { ino, after, max } => db
             .readdir(ino, after, max.min(READDIR_MAX) as usize)
@@ -830,13 +1050,12 @@ async fn handle(inner: &Inner, client: u64, f: RequestFrame) -> Result<Reply, Er
         Request::GetXattr { ino, name } => db.getxattr(ino, &name).map(Reply::Data),
         Request::ListXattr { ino } => db.listxattr(ino).map(Reply::Names),
         Request::Extents { ino, offset, len } => db.extents(ino, offset, len).map(Reply::Extents),
-        Request::GetLock { ino, lock } => db.get_lock(ino, &lock).map(Reply::Lock),
-        Request::Hello { .. }
+        Request::GetLock { .. }
+        | Request::Hello { .. }
         | Request::Mutate { .. }
         | Request::StatFs
         | Request::Lease
         | Request::InvalAck { .. }
-        | Request::ReleaseLeases => unreachable!("handled above"),
-    };
-    r.map_err(read_err)
+        | Request::ReleaseLeases => Err(ReadError::Fs(Errno::EINVAL)),
+    }
 }

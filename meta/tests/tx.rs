@@ -16,6 +16,7 @@ use cfs_log::{Entry, RequestId};
 use cfs_materializers::check::check;
 use cfs_materializers::materializer::{apply_batch, entry, init_shard};
 use cfs_materializers::ops::{Applied, ApplyResult, LoggedOp, Op};
+use cfs_materializers::read::NsRead;
 use cfs_materializers::tx::{self, TxId};
 use cfs_materializers::types::*;
 use cfs_materializers::NamespaceDb;

@@ -250,6 +250,58 @@ fn dir_name_on(shard: u32, stem: &str) -> String {
         .unwrap()
 }
 
+/// Changes answered early (D30) by a leader that dies before their entries
+/// reach any replica (a fault-injection point: the entry is never queued,
+/// the node aborts 300 ms later) are replayed by the mount on its next
+/// session, once, and `fsync` returns only when they are decided there.
+#[test]
+fn changes_answered_early_are_replayed_once_after_the_leader_dies() {
+    let c = Cluster::start("fs-replay");
+    for n in 1..=3 {
+        cluster::stop_node(&c.dir, n, libc::SIGTERM, Duration::from_secs(10)).unwrap();
+        cluster::start_node_env(
+            &c.dir,
+            n,
+            &common::bin(),
+            &[("CFS_FAILPOINT", "early-answer-lost")],
+        )
+        .unwrap();
+        cluster::wait_healthy(&c.cfgs, Duration::from_secs(30)).unwrap();
+    }
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    // The root is on shard 0: the mount talks to its leader first.
+    let leader = rt.block_on(c.leader(ShardId(0)));
+    let meta = |n: u64| c.cfg(n).meta_listen.expect("meta").to_string();
+    let mut order = vec![meta(leader)];
+    order.extend((1..=3).filter(|n| *n != leader).map(meta));
+    let servers = order.join(",");
+    let m = Mount::new(
+        &c,
+        "m",
+        &["--servers", &servers, "--follow-leader", "false"],
+    );
+    // The create and the extent commit of `f` are answered by the leader,
+    // which never logs them.
+    std::fs::write(m.path.join("f"), b"replayed").expect("write");
+    std::fs::File::open(m.path.join("f"))
+        .and_then(|f| f.sync_all())
+        .expect("fsync: the changes replayed on the next leader");
+    assert_eq!(std::fs::read(m.path.join("f")).unwrap(), b"replayed");
+    let names: Vec<String> = std::fs::read_dir(&m.path)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names, vec!["f".to_string()]);
+    assert!(
+        c.log_of(leader)
+            .contains("failpoint early-answer-lost reached"),
+        "the leader did not answer early and die"
+    );
+    let mlog = std::fs::read_to_string(c.dir.join("m.log")).expect("mount log");
+    assert!(mlog.contains("replaying changes"), "{mlog}");
+    assert!(!mlog.contains("did not apply as first answered"), "{mlog}");
+}
+
 /// The node a mount talks to is killed (abort at a fault-injection point)
 /// between the phases of a cross-shard operation; the mount fails over,
 /// retries the same operation, recovery completes the abandoned

@@ -217,10 +217,15 @@ pub enum Request {
         cluster_id: String,
         client_id: u64,
     },
+    /// `early`: the client may be answered once the node leading the
+    /// shard has ordered the change, before it is decided; it then keeps
+    /// the change until `ServerMsg::Settled` (or replays it with the same
+    /// `op_id` to another node) (docs/decisions.md D30).
     Mutate {
         op_id: u64,
         creds: Creds,
         op: Op,
+        early: bool,
     },
     Lookup {
         parent: Ino,
@@ -352,6 +357,11 @@ pub enum ServerMsg {
         /// mount's own cache drops the inode.
         own: bool,
     },
+    /// A change answered early (`Request::Mutate::early`) is decided and
+    /// applied: `failed` is `None` when it did what the answer said, or
+    /// why it did not (the mount reports it on the next fsync or close of
+    /// what the change touched).
+    Settled { op_id: u64, failed: Option<Errno> },
 }
 
 /// Largest metadata message (a 4 MiB log entry bounds mutations anyway).

@@ -132,6 +132,8 @@ pub struct Mutate {
     pub op_id: u64,
     pub creds: Creds,
     pub op: Op,
+    /// See `Request::Mutate`.
+    pub early: bool,
 }
 
 impl From<Mutate> for Request {
@@ -140,6 +142,7 @@ impl From<Mutate> for Request {
             op_id: m.op_id,
             creds: m.creds,
             op: m.op,
+            early: m.early,
         }
     }
 }

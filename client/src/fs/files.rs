@@ -81,7 +81,7 @@ impl CfsFs {
     pub(super) fn do_flush(&self, ino: u64, lock_owner: u64, reply: ReplyEmpty) {
         let sh = self.sh.clone();
         self.spawn("flush", async move {
-            let r = sh.flush(ino).await;
+            let r = sh.flush(ino).await.and_then(|_| sh.failed(ino));
             // POSIX: closing any descriptor drops the process' locks.
             if sh.locked.lock().expect("locked lock").contains(&ino) {
                 let client = sh.meta.client_id;
@@ -136,7 +136,11 @@ impl CfsFs {
     pub(super) fn do_fsync(&self, ino: u64, reply: ReplyEmpty) {
         let sh = self.sh.clone();
         self.spawn("fsync", async move {
-            reply_empty(sh.flush(ino).await, reply);
+            let r = match sh.flush(ino).await {
+                Ok(()) => sh.durable(ino).await,
+                Err(e) => Err(e),
+            };
+            reply_empty(r, reply);
         });
     }
 

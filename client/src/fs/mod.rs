@@ -194,12 +194,34 @@ impl Shared {
     }
 
     async fn mutate(&self, creds: Creds, op: Op) -> Result<Mutated, Errno> {
+        // Locks are granted or refused by the log's order itself: their
+        // answer cannot come early.
+        let early =
+            !self.opts.sync_namespace && !matches!(op, Op::Lock { .. } | Op::ReleaseLocks { .. });
         let m = Mutate {
             op_id: 0,
             creds,
             op,
+            early,
         };
         self.meta.rpc(m, false).await
+    }
+
+    /// Waits until every change this mount sent so far is settled in the
+    /// log (early answers, D30), then reports a failed one that touched
+    /// `ino`: what fsync promises.
+    async fn durable(&self, ino: Ino) -> Result<(), Errno> {
+        self.meta.unsettled.settle_all(self.opts.timeout).await?;
+        self.failed(ino)
+    }
+
+    /// EIO, once, if a change answered early that touched `ino` did not
+    /// apply as answered (close and fsync report it).
+    fn failed(&self, ino: Ino) -> Result<(), Errno> {
+        match self.meta.unsettled.take_failure(ino) {
+            Some(_) => Err(Errno::EIO),
+            None => Ok(()),
+        }
     }
 
     /// A mutation whose reply is the inode it made or changed.
@@ -507,14 +529,16 @@ impl Filesystem for CfsFs {
     fn fsyncdir(
         &mut self,
         _req: &Request<'_>,
-        _ino: u64,
+        ino: u64,
         _fh: u64,
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        // Namespace changes are durable in the log when acknowledged.
-        self.sh.meta.stats.request("fsyncdir");
-        reply.ok();
+        // Changes answered early are durable once settled.
+        let sh = self.sh.clone();
+        self.spawn("fsyncdir", async move {
+            reply_empty(sh.durable(ino).await, reply);
+        });
     }
 
     fn statfs(&mut self, _req: &Request<'_>, _ino: u64, reply: ReplyStatfs) {

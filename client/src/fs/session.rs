@@ -85,6 +85,15 @@ impl CfsFs {
         // (The timer is made inside the runtime: outside, tokio panics.)
         let sh = self.sh.clone();
         let release = async move {
+            // Changes answered early settle before the mount goes (a
+            // mount that is killed instead replays nothing: what was not
+            // settled may be lost, as unsynced changes of a local disk).
+            if let Err(e) = sh.meta.unsettled.settle_all(sh.opts.timeout).await {
+                tracing::warn!(
+                    pending = sh.meta.unsettled.len(),
+                    "unmount: changes not settled: {e}"
+                );
+            }
             let send = async move {
                 sh.meta.release_leases().await;
                 // Let the writer send it before the runtime goes.

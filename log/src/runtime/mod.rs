@@ -49,9 +49,11 @@ use crate::wire::{
     LogError, Role, ShardStatus, Wire, FRAME_BYTES_MAX, HELLO_FRAME_BYTES_MAX, PROTOCOL_VERSION,
 };
 
+mod read_gate;
 mod shard_loop;
 mod subscribers;
 
+pub use read_gate::{ReadGate, PARKED_READS_MAX};
 use shard_loop::ShardLoop;
 use subscribers::SubscriberTable;
 pub use subscribers::Subscription;
@@ -236,6 +238,8 @@ enum Input {
         result: Result<ReadPoint, LogError>,
     },
     ReadMsg(NodeId, ReadMsg),
+    /// Nothing: wakes the shard thread to start reads a settle let go.
+    Wake,
     Reconnected(NodeId),
     PeerFloor(NodeId, Position),
     Stop,
@@ -264,6 +268,8 @@ struct ShardHandle {
     fatal: Arc<Mutex<Option<String>>>,
     /// See [`LogNode::set_watermark`].
     watermark: Arc<AtomicU64>,
+    /// See [`LogNode::answered_early`].
+    gate: Arc<ReadGate>,
 }
 
 struct Inner {
@@ -425,6 +431,7 @@ impl LogNode {
                 counters: Arc::new(ShardCounters::default()),
                 fatal: Arc::new(Mutex::new(None)),
                 watermark: Arc::new(AtomicU64::new(0)),
+                gate: Arc::default(),
             };
             starters.push((
                 core,
@@ -433,7 +440,11 @@ impl LogNode {
                 handle.status.clone(),
                 handle.subscribers.clone(),
                 handle.counters.clone(),
-                (handle.fatal.clone(), handle.watermark.clone()),
+                (
+                    handle.fatal.clone(),
+                    handle.watermark.clone(),
+                    handle.gate.clone(),
+                ),
             ));
             shards.insert(shard, handle);
         }
@@ -470,7 +481,7 @@ impl LogNode {
                 .collect(),
             epoch: Instant::now(),
         });
-        for (core, rx, decided_tx, status, subs, counters, (fatal, watermark)) in starters {
+        for (core, rx, decided_tx, status, subs, counters, (fatal, watermark, gate)) in starters {
             let shard = core.shard;
             let weak = Arc::downgrade(&inner);
             let tick = cfg.tick;
@@ -495,6 +506,8 @@ impl LogNode {
                         forwarded: ForwardedReads::default(),
                         next_read: 0,
                         watermark,
+                        gate,
+                        parked: Vec::new(),
                     };
                     if let Err(e) = l.run(tick) {
                         error!("shard stopped: {e}");
@@ -646,6 +659,65 @@ impl LogNode {
     /// the shard, reads it answers carry the value (see [`ReadPoint`]).
     pub fn set_watermark(&self, shard: ShardId, value: u64) -> Result<(), LogError> {
         self.shard(shard)?.watermark.store(value, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Proposes `entry` to `shard` now, in call order with this node's
+    /// other calls (the entry is in the shard's queue when this returns),
+    /// and returns what waits for its decided position. No retries: a
+    /// caller that needs the order kept cannot have the entry re-sent
+    /// later behind others.
+    pub fn propose_now(
+        &self,
+        shard: ShardId,
+        mut entry: Entry,
+    ) -> Result<impl std::future::Future<Output = Result<Position, LogError>>, LogError> {
+        if entry.request.is_none() {
+            entry.request = self.next_request();
+        }
+        let h = self.shard(shard)?;
+        if let Some(f) = h.fatal.lock().expect("fatal lock").clone() {
+            return Err(LogError::Connection(format!("shard failed: {f}")));
+        }
+        let (tx, rx) = oneshot::channel();
+        h.counters.proposals.fetch_add(1, Ordering::Relaxed);
+        h.inbox
+            .try_send(Input::Propose {
+                entry,
+                reply: Some(Reply::Local(tx)),
+                redirect: false,
+            })
+            .map_err(|_| {
+                h.counters.inbox_full.fetch_add(1, Ordering::Relaxed);
+                LogError::NoLeader(shard)
+            })?;
+        let timeout = self.inner.cfg.propose_timeout;
+        Ok(async move {
+            match tokio::time::timeout(timeout, rx).await {
+                Ok(Ok(r)) => r,
+                Ok(Err(_)) => Err(LogError::ShuttingDown),
+                Err(_) => Err(LogError::Timeout),
+            }
+        })
+    }
+
+    /// A layer above answered its callers for changes numbered below
+    /// `upto` before their entries were decided: reads of `shard` that
+    /// followers forward from now on (while this node leads) wait until
+    /// [`LogNode::settled_early`] reaches `upto` (`read_gate`). Reads of
+    /// callers on this node are not held: they read through that layer.
+    pub fn answered_early(&self, shard: ShardId, upto: u64) -> Result<(), LogError> {
+        self.shard(shard)?.gate.answered(upto);
+        Ok(())
+    }
+
+    /// Early answers numbered below `upto` are settled (decided and
+    /// applied, or given up): reads held for them may start.
+    pub fn settled_early(&self, shard: ShardId, upto: u64) -> Result<(), LogError> {
+        let h = self.shard(shard)?;
+        if h.gate.settled(upto) {
+            let _ = h.inbox.try_send(Input::Wake);
+        }
         Ok(())
     }
 

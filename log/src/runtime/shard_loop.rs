@@ -25,6 +25,16 @@ pub(super) struct ShardLoop {
     pub(super) next_read: u64,
     /// See [`LogNode::set_watermark`].
     pub(super) watermark: Arc<AtomicU64>,
+    /// See [`LogNode::answered_early`].
+    pub(super) gate: Arc<ReadGate>,
+    /// Reads waiting for early answers to settle: what they wait for.
+    pub(super) parked: Vec<(u64, Parked)>,
+}
+
+/// A follower's read held back by the [`ReadGate`].
+pub(super) struct Parked {
+    from: NodeId,
+    seq: u64,
 }
 
 impl ShardLoop {
@@ -64,6 +74,7 @@ impl ShardLoop {
                     self.reforward_reads();
                 }
             }
+            self.release_parked();
             self.flush()?;
         }
     }
@@ -115,20 +126,11 @@ impl ShardLoop {
                     r.send(result.map_err(|e| self.refusal(e)));
                 }
             }
+            // A caller here reads through the layer that answered early
+            // (it sees those answers); a follower's does not.
             Input::Read(reply) => self.start_read(reply),
-            Input::ReadForwarded { from, seq } => {
-                let id = ReadId { origin: from, seq };
-                let refused = match self.core.read(id) {
-                    ReadStart::Pending => None,
-                    ReadStart::Busy => Some(LogError::Busy(self.core.shard)),
-                    ReadStart::Forward(_) | ReadStart::NoLeader => {
-                        Some(LogError::NoLeader(self.core.shard))
-                    }
-                };
-                if let Some(e) = refused {
-                    self.send_read_done(id, Err(e));
-                }
-            }
+            Input::ReadForwarded { from, seq } => self.gated(Parked { from, seq }),
+            Input::Wake => {}
             Input::ReadDone { seq, result } => {
                 let origin = self.core.node;
                 self.answer_read(ReadId { origin, seq }, result);
@@ -139,6 +141,57 @@ impl ShardLoop {
             Input::Stop => return false,
         }
         true
+    }
+
+    /// Starts a follower's read now, or parks it behind the early answers
+    /// given before it arrived.
+    fn gated(&mut self, read: Parked) {
+        match self.gate.hold() {
+            Some(_) if self.parked.len() >= PARKED_READS_MAX => {
+                let id = ReadId {
+                    origin: read.from,
+                    seq: read.seq,
+                };
+                self.send_read_done(id, Err(LogError::Busy(self.core.shard)));
+            }
+            Some(upto) => {
+                self.parked.push((upto, read));
+                self.gate.parked.store(true, Ordering::SeqCst);
+            }
+            None => self.start_forwarded_read(read.from, read.seq),
+        }
+    }
+
+    /// Starts the parked reads whose early answers have settled.
+    fn release_parked(&mut self) {
+        if self.parked.is_empty() {
+            return;
+        }
+        let (ready, wait): (Vec<_>, Vec<_>) = std::mem::take(&mut self.parked)
+            .into_iter()
+            .partition(|(upto, _)| self.gate.open_for(*upto));
+        self.parked = wait;
+        self.gate
+            .parked
+            .store(!self.parked.is_empty(), Ordering::SeqCst);
+        for (_, r) in ready {
+            self.start_forwarded_read(r.from, r.seq);
+        }
+    }
+
+    /// Starts a read a follower forwarded (this node should lead).
+    fn start_forwarded_read(&mut self, from: NodeId, seq: u64) {
+        let id = ReadId { origin: from, seq };
+        let refused = match self.core.read(id) {
+            ReadStart::Pending => None,
+            ReadStart::Busy => Some(LogError::Busy(self.core.shard)),
+            ReadStart::Forward(_) | ReadStart::NoLeader => {
+                Some(LogError::NoLeader(self.core.shard))
+            }
+        };
+        if let Some(e) = refused {
+            self.send_read_done(id, Err(e));
+        }
     }
 
     /// Starts a read of a caller on this node: at the leader, or forwarded.

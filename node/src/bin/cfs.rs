@@ -224,6 +224,10 @@ struct MountArgs {
     /// Write the metrics URL to this file.
     #[arg(long)]
     metrics_url_file: Option<PathBuf>,
+    /// Make every namespace change wait for its log commit (no early
+    /// answers: docs/filesystem.md, "When changes are durable").
+    #[arg(long)]
+    sync_namespace: bool,
 }
 
 fn mount_cmd(a: MountArgs) -> anyhow::Result<()> {
@@ -268,6 +272,7 @@ fn mount_cmd(a: MountArgs) -> anyhow::Result<()> {
         follow_leader: a.follow_leader.unwrap_or(a.servers.is_empty()),
         metrics_listen: a.metrics_listen,
         metrics_url_file: a.metrics_url_file,
+        sync_namespace: a.sync_namespace,
     };
     cfs_client::mount(&a.mountpoint, opts)?;
     Ok(())

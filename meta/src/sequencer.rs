@@ -1,0 +1,557 @@
+//! The leader's sequencer (docs/decisions.md D30): a mutation of a shard
+//! this node leads is applied to an in-memory overlay in arrival order and
+//! proposed to the log in that same order, so the outcome computed here is
+//! the one every replica's materializer computes when the entry is
+//! decided. A caller that asked for it is answered with that outcome at
+//! once, before the entry is decided ("early"); it keeps the change until
+//! it is settled and replays it elsewhere if this node fails first.
+//!
+//! What keeps the prediction right:
+//! - One order. Entries go to the log from here in the order they were
+//!   applied to the overlay (`LogNode::propose_now` queues them before
+//!   returning). Cross-shard operations, which the overlay cannot plan,
+//!   run only when nothing is pending, holding [`Sequencer::exclusive`].
+//! - Entries this node did not foresee (proposed through another node, or
+//!   given up here and decided later) are noticed through
+//!   `Waiters::unclaimed`: the overlay is rebuilt over the database.
+//! - A prediction that was still wrong (the entry was decided in another
+//!   order after a leader change) is reported to the caller as a failure
+//!   of that change (`ServerMsg::Settled`), never passed over.
+//!
+//! Readers see what was answered: reads here go through the overlay
+//! ([`Sequencer::read`]), and a read barrier (here, or forwarded by a
+//! follower) waits for the early answers given before it
+//! (`LogNode::answered_early`).
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use cfs_log::LogNode;
+use cfs_materializers::apply::apply;
+use cfs_materializers::materializer::{self, Change, Waiters};
+use cfs_materializers::ops::{ApplyResult, LoggedOp};
+use cfs_materializers::read::Overlaid;
+use cfs_materializers::store::{DbError, Overlay, Txn};
+use cfs_materializers::types::*;
+use cfs_materializers::NamespaceDb;
+use tokio::sync::{oneshot, Notify, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use tracing::warn;
+
+/// Changes ordered but not yet settled, at most; more wait.
+pub const PENDING_MAX: usize = 4096;
+/// Longest wait for a sequenced change to be decided and applied before it
+/// is given up (reported as failed; the log may still decide it, and the
+/// overlay is then rebuilt).
+pub const SETTLE_WAIT: Duration = Duration::from_secs(30);
+
+/// A change applied to the overlay and queued to the log.
+struct Pending {
+    shard: ShardId,
+    lop: LoggedOp,
+    /// Overlay keys it wrote.
+    keys: Vec<Vec<u8>>,
+}
+
+#[derive(Default)]
+struct State {
+    overlay: Overlay,
+    /// The pending change that last wrote each overlay key.
+    writer: HashMap<Vec<u8>, u64>,
+    pending: BTreeMap<u64, Pending>,
+    next: u64,
+    /// `Waiters::unclaimed` when the overlay last matched the database.
+    unclaimed_seen: u64,
+}
+
+impl State {
+    /// Applies `lop` over the overlay; keeps its changes as `seq`'s.
+    fn fold(
+        &mut self,
+        db: &NamespaceDb,
+        seq: u64,
+        shard: ShardId,
+        lop: &LoggedOp,
+    ) -> Result<(ApplyResult, Vec<Vec<u8>>), DbError> {
+        self.fold_seen(db, seq, shard, lop)
+            .map(|(r, keys, _)| (r, keys))
+    }
+
+    /// As [`State::fold`], with the inodes the change rewrote.
+    fn fold_seen(
+        &mut self,
+        db: &NamespaceDb,
+        seq: u64,
+        shard: ShardId,
+        lop: &LoggedOp,
+    ) -> Result<Folded, DbError> {
+        let mut txn = Txn::over(db, &self.overlay);
+        let r = apply(&mut txn, shard, lop)?;
+        let rewritten = txn.take_kept_inodes();
+        let changes = txn.into_changes();
+        let mut keys = Vec::with_capacity(changes.len());
+        for (k, v) in changes {
+            self.writer.insert(k.clone(), seq);
+            keys.push(k.clone());
+            self.overlay.insert(k, v);
+        }
+        Ok((r, keys, rewritten))
+    }
+
+    /// The overlay again from the database and the pending changes (the
+    /// database changed in a way the overlay did not foresee). A pending
+    /// change the database already holds applies as a no-op: its outcome
+    /// is recorded under its operation id.
+    fn rebuild(&mut self, db: &NamespaceDb, unclaimed: u64) -> Result<(), DbError> {
+        self.overlay.clear();
+        self.writer.clear();
+        let seqs: Vec<u64> = self.pending.keys().copied().collect();
+        for seq in seqs {
+            let (shard, lop) = match self.pending.get(&seq) {
+                Some(p) => (p.shard, p.lop.clone()),
+                None => continue,
+            };
+            let (_, keys) = self.fold(db, seq, shard, &lop)?;
+            if let Some(p) = self.pending.get_mut(&seq) {
+                p.keys = keys;
+            }
+        }
+        self.unclaimed_seen = unclaimed;
+        Ok(())
+    }
+
+    /// `seq` is decided and applied (or given up): the database holds
+    /// what it wrote, except keys a later pending change wrote again.
+    fn settled(&mut self, seq: u64) {
+        if let Some(p) = self.pending.remove(&seq) {
+            for k in p.keys {
+                if self.writer.get(&k) == Some(&seq) {
+                    self.writer.remove(&k);
+                    self.overlay.remove(&k);
+                }
+            }
+        }
+    }
+
+    fn lowest_unsettled(&self) -> u64 {
+        self.pending.keys().next().copied().unwrap_or(self.next)
+    }
+}
+
+/// What waits for a sequenced change's decided position.
+pub type Decided = Pin<Box<dyn Future<Output = Result<Position, cfs_log::LogError>> + Send>>;
+
+/// A change applied to the overlay: its outcome, the overlay keys it
+/// wrote and the inodes it rewrote.
+type Folded = (ApplyResult, Vec<Vec<u8>>, Vec<Ino>);
+
+/// A change sequenced here: its predicted outcome, and what settles it.
+pub struct Ticket {
+    pub seq: u64,
+    pub shard: ShardId,
+    pub told: ApplyResult,
+    /// What the change will change for clients' caches (the invalidations
+    /// the materializer will publish when it applies it).
+    pub changed: Change,
+    decided: Decided,
+    outcome: oneshot::Receiver<ApplyResult>,
+    request: cfs_log::RequestId,
+}
+
+/// How a sequenced change ended: the real outcome and its position.
+pub struct Settled {
+    pub outcome: Result<ApplyResult, Errno>,
+    pub position: Option<Position>,
+    /// The real outcome is the one predicted.
+    pub as_told: bool,
+}
+
+pub struct Sequencer {
+    state: Mutex<State>,
+    /// Held shared while a change is sequenced, exclusively by what runs
+    /// outside the sequencer (cross-shard operations) once nothing is
+    /// pending.
+    gate: RwLock<()>,
+    /// Notified whenever a change settles.
+    settled: Notify,
+    shards: Vec<ShardId>,
+}
+
+impl Sequencer {
+    pub fn new(shards: &[ShardId]) -> Sequencer {
+        Sequencer {
+            state: Mutex::new(State {
+                next: 1,
+                ..State::default()
+            }),
+            gate: RwLock::new(()),
+            settled: Notify::new(),
+            shards: shards.to_vec(),
+        }
+    }
+
+    /// Changes ordered and not yet settled.
+    pub fn pending(&self) -> usize {
+        self.state.lock().expect("sequencer lock").pending.len()
+    }
+
+    /// Runs `f` over the namespace as this node answered it: the database
+    /// under the overlay of sequenced, undecided changes.
+    pub fn read<T>(&self, db: &NamespaceDb, f: impl FnOnce(&Overlaid<'_>) -> T) -> T {
+        let st = self.state.lock().expect("sequencer lock");
+        f(&Overlaid {
+            db,
+            overlay: &st.overlay,
+        })
+    }
+
+    /// Shared hold for sequencing one change (waits while a cross-shard
+    /// operation runs).
+    pub async fn shared(&self) -> RwLockReadGuard<'_, ()> {
+        loop {
+            let g = self.gate.read().await;
+            if self.pending() < PENDING_MAX {
+                return g;
+            }
+            drop(g);
+            let _ = tokio::time::timeout(Duration::from_millis(10), self.settled.notified()).await;
+        }
+    }
+
+    /// Exclusive hold once every pending change settled: what runs under
+    /// it sees the database as the overlay would.
+    pub async fn exclusive(&self) -> RwLockWriteGuard<'_, ()> {
+        let g = self.gate.write().await;
+        let deadline = Instant::now() + SETTLE_WAIT + Duration::from_secs(1);
+        while self.pending() > 0 && Instant::now() < deadline {
+            let _ = tokio::time::timeout(Duration::from_millis(10), self.settled.notified()).await;
+        }
+        g
+    }
+
+    /// Applies `lop` to the overlay and queues its entry to the log, under
+    /// a [`Sequencer::shared`] hold. `None`: the change cannot be
+    /// predicted here (it needs another shard: a cross-shard operation;
+    /// or keys an open transaction holds): nothing was queued.
+    ///
+    /// `lose` (a fault-injection point, tests only): the entry is not
+    /// queued, as if this node died before it reached any replica.
+    pub fn sequence(
+        &self,
+        db: &NamespaceDb,
+        log: &LogNode,
+        waiters: &Waiters,
+        shard: ShardId,
+        lop: &LoggedOp,
+        lose: bool,
+    ) -> Result<Option<Ticket>, Errno> {
+        let db_err = |e: DbError| {
+            tracing::error!("sequencer: {e}");
+            Errno::EIO
+        };
+        let mut st = self.state.lock().expect("sequencer lock");
+        let unclaimed = waiters.unclaimed();
+        if unclaimed != st.unclaimed_seen {
+            st.rebuild(db, unclaimed).map_err(db_err)?;
+        }
+        let seq = st.next;
+        let request = log.next_request();
+        let e = materializer::entry(request, lop);
+        if e.payload.len() > cfs_log::entry::ENTRY_PAYLOAD_BYTES_MAX {
+            return Err(Errno::E2BIG);
+        }
+        // A change that cannot be predicted (EXDEV, EAGAIN) is rolled back
+        // by `apply` and leaves the overlay as it was.
+        let (told, keys, rewritten) = st.fold_seen(db, seq, shard, lop).map_err(db_err)?;
+        if matches!(told, Err(Errno::EXDEV) | Err(Errno::EAGAIN)) {
+            tracing::debug!(
+                ?told,
+                "not sequenced: the change reaches another shard or held keys"
+            );
+            return Ok(None);
+        }
+        let outcome = waiters.register(request);
+        let queued = if lose {
+            Ok(None)
+        } else {
+            log.propose_now(shard, e).map(Some)
+        };
+        let decided: Decided = match queued {
+            Ok(None) => Box::pin(std::future::pending()),
+            Ok(Some(f)) => Box::pin(f),
+            Err(err) => {
+                waiters.forget(request);
+                warn!(shard = %shard, "sequenced proposal refused: {err}");
+                st.rebuild(db, unclaimed).map_err(db_err)?;
+                return Err(Errno::EIO);
+            }
+        };
+        st.pending.insert(
+            seq,
+            Pending {
+                shard,
+                lop: lop.clone(),
+                keys,
+            },
+        );
+        st.next += 1;
+        let mut changed = match &told {
+            Ok(a) => materializer::changes(lop, a),
+            Err(_) => materializer::changes(lop, &cfs_materializers::ops::Applied::None),
+        };
+        if told.is_ok() {
+            for i in rewritten {
+                if !changed.inodes.contains(&i) {
+                    changed.inodes.push(i);
+                }
+            }
+        } else {
+            changed.inodes.clear();
+            changed.entries.clear();
+        }
+        changed.shard = shard;
+        Ok(Some(Ticket {
+            seq,
+            shard,
+            told,
+            changed,
+            decided,
+            outcome,
+            request,
+        }))
+    }
+
+    /// Waits for a sequenced change to be decided and applied, compares
+    /// the outcome with the prediction, and drops what the database now
+    /// holds from the overlay. Moves the read gates of every shard.
+    pub async fn settle(
+        &self,
+        db: &NamespaceDb,
+        log: &LogNode,
+        waiters: &Waiters,
+        t: Ticket,
+    ) -> Settled {
+        let (position, outcome) = match t.decided.await {
+            Ok(p) => match tokio::time::timeout(SETTLE_WAIT, t.outcome).await {
+                Ok(Ok(r)) => (Some(p), Ok(r)),
+                _ => {
+                    waiters.forget(t.request);
+                    (Some(p), Err(Errno::EIO))
+                }
+            },
+            Err(e) => {
+                warn!(shard = %t.shard, "sequenced change not decided: {e}");
+                waiters.forget(t.request);
+                (None, Err(Errno::EIO))
+            }
+        };
+        let as_told = outcome.as_ref() == Ok(&t.told);
+        let lowest = {
+            let mut st = self.state.lock().expect("sequencer lock");
+            st.settled(t.seq);
+            if !as_told {
+                // The overlay holds what did not happen (or not yet).
+                let unclaimed = waiters.unclaimed();
+                if let Err(e) = st.rebuild(db, unclaimed) {
+                    tracing::error!("sequencer rebuild: {e}");
+                }
+            }
+            st.lowest_unsettled()
+        };
+        for s in &self.shards {
+            let _ = log.settled_early(*s, lowest);
+        }
+        self.settled.notify_waiters();
+        Settled {
+            outcome,
+            position,
+            as_told,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cfs_log::RequestId;
+    use cfs_materializers::materializer::{apply_batch, entry, init_shard};
+    use cfs_materializers::ops::{Applied, Op};
+    use cfs_materializers::read::NsRead;
+
+    const SHARD: ShardId = ShardId(0);
+
+    fn op(client: u64, op_id: u64, op: Op) -> LoggedOp {
+        LoggedOp {
+            client,
+            op_id,
+            creds: Creds {
+                uid: 0,
+                gid: 0,
+                groups: vec![],
+            },
+            now: 1_000 + op_id as i64,
+            op,
+        }
+    }
+
+    fn create(parent: Ino, name: &str, dir: bool) -> Op {
+        Op::Create {
+            parent,
+            name: name.as_bytes().to_vec(),
+            mode: if dir {
+                libc::S_IFDIR | 0o755
+            } else {
+                libc::S_IFREG | 0o644
+            },
+            rdev: 0,
+            target: None,
+            excl: true,
+        }
+    }
+
+    /// Applies `lops` to the database as decided entries, one batch.
+    fn decide(db: &NamespaceDb, at: &mut u64, lops: &[LoggedOp]) -> Vec<ApplyResult> {
+        let entries: Vec<_> = lops
+            .iter()
+            .map(|l| {
+                *at += 1;
+                (
+                    Position(*at - 1),
+                    entry(
+                        RequestId {
+                            client: 7,
+                            seq: *at,
+                        },
+                        l,
+                    ),
+                )
+            })
+            .collect();
+        let (outcomes, _) = apply_batch(db, SHARD, &entries).expect("apply");
+        outcomes.into_iter().map(|(_, r)| r).collect()
+    }
+
+    #[test]
+    fn predictions_are_what_the_materializer_decides_and_the_overlay_drains() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = NamespaceDb::open(dir.path()).expect("db");
+        init_shard(&db, SHARD).expect("init");
+        let mut st = State {
+            next: 1,
+            ..State::default()
+        };
+        // A directory, files in it, a clash, a rename over, an unlink, a
+        // setattr and a refused rmdir: all predicted before any is decided.
+        let mut lops = vec![op(1, 1, create(ROOT_INO, "a", true))];
+        let (told, _) = st.fold(&db, 1, SHARD, &lops[0]).expect("fold");
+        let a = match &told {
+            Ok(Applied::Attr(i)) => i.ino,
+            other => panic!("mkdir predicted {other:?}"),
+        };
+        let more = vec![
+            create(a, "f", false),
+            create(a, "g", false),
+            create(a, "f", false),
+            Op::Rename {
+                parent: a,
+                name: b"g".to_vec(),
+                newparent: a,
+                newname: b"h".to_vec(),
+                flags: 0,
+                held_open: vec![],
+            },
+            Op::Unlink {
+                parent: a,
+                name: b"f".to_vec(),
+                held_open: vec![],
+            },
+            Op::Rmdir {
+                parent: ROOT_INO,
+                name: b"a".to_vec(),
+            },
+        ];
+        let mut told = vec![told];
+        for (i, o) in more.into_iter().enumerate() {
+            let seq = i as u64 + 2;
+            let l = op(1, seq, o);
+            told.push(st.fold(&db, seq, SHARD, &l).expect("fold").0);
+            st.pending.insert(
+                seq,
+                Pending {
+                    shard: SHARD,
+                    lop: l.clone(),
+                    keys: vec![],
+                },
+            );
+            lops.push(l);
+        }
+        assert_eq!(told[3], Err(Errno::EEXIST));
+        assert_eq!(told[6], Err(Errno::ENOTEMPTY));
+        // Reads through the overlay see the answers; the database nothing.
+        let over = Overlaid {
+            db: &db,
+            overlay: &st.overlay,
+        };
+        assert!(over.lookup(a, b"h").is_ok());
+        assert!(over.lookup(a, b"f").is_err());
+        assert!(db.lookup(ROOT_INO, b"a").is_err());
+        // Decided in the same order: the same outcomes.
+        let mut at = db.applied(SHARD).expect("applied").get();
+        let got = decide(&db, &mut at, &lops);
+        assert_eq!(got, told);
+        // Settled: nothing left in the overlay once every change is.
+        st.pending.insert(
+            1,
+            Pending {
+                shard: SHARD,
+                lop: lops[0].clone(),
+                keys: vec![],
+            },
+        );
+        st.rebuild(&db, 0).expect("rebuild");
+        assert!(
+            st.overlay.is_empty(),
+            "changes already decided apply as no-ops on a rebuild"
+        );
+        for seq in 1..=7 {
+            st.settled(seq);
+        }
+        assert!(st.pending.is_empty() && st.overlay.is_empty() && st.writer.is_empty());
+    }
+
+    #[test]
+    fn an_unforeseen_entry_is_folded_in_by_a_rebuild() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = NamespaceDb::open(dir.path()).expect("db");
+        init_shard(&db, SHARD).expect("init");
+        let mut st = State {
+            next: 1,
+            ..State::default()
+        };
+        let mine = op(1, 1, create(ROOT_INO, "x", false));
+        let (told, keys) = st.fold(&db, 1, SHARD, &mine).expect("fold");
+        assert!(told.is_ok());
+        st.pending.insert(
+            1,
+            Pending {
+                shard: SHARD,
+                lop: mine.clone(),
+                keys,
+            },
+        );
+        // Another node's create of the same name is decided first.
+        let mut at = db.applied(SHARD).expect("applied").get();
+        let theirs = op(2, 1, create(ROOT_INO, "x", false));
+        assert!(decide(&db, &mut at, &[theirs])[0].is_ok());
+        // The rebuilt overlay predicts what the log will now decide for
+        // the pending change, and that differs from what was answered.
+        st.rebuild(&db, 1).expect("rebuild");
+        let again = op(1, 2, create(ROOT_INO, "y", false));
+        assert!(st.fold(&db, 2, SHARD, &again).expect("fold").0.is_ok());
+        let real = decide(&db, &mut at, &[mine]);
+        assert_eq!(real[0], Err(Errno::EEXIST));
+        assert_ne!(real[0], told, "the misprediction is seen (and reported)");
+    }
+}
