@@ -792,7 +792,12 @@ impl Inner {
         };
         drop(hold);
         self.counters.sequenced.fetch_add(1, Ordering::Relaxed);
-        let early = early.filter(|_| !self.leases.others_hold(shard, client, Instant::now()));
+        // Not early from a leader that has not heard from a majority within
+        // a second (it may be cut off and no longer lead): its answers
+        // could not be decided, and the majority's side would not see them.
+        let early = early.filter(|_| {
+            self.log.quorum_recent() && !self.leases.others_hold(shard, client, Instant::now())
+        });
         if let Some((tx, session)) = early {
             if lose {
                 tokio::spawn(async {
