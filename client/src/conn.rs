@@ -51,6 +51,10 @@ struct Waiter {
     /// False for a mutation sent again: its reply may be the outcome
     /// recorded for an earlier attempt, older than its stamp says.
     cacheable: bool,
+    /// A change asked to be answered early (its operation id): the
+    /// reader records the answer before waking the caller, so a replay
+    /// started meanwhile includes it.
+    early_op: Option<u64>,
 }
 
 /// The directory entry whose inode `req`'s reply tells.
@@ -206,6 +210,7 @@ impl MetaClient {
                 tx: wtx,
                 names: None,
                 cacheable: false,
+                early_op: None,
             },
         );
         tokio::spawn(async move {
@@ -248,6 +253,9 @@ impl MetaClient {
                             _ => {}
                         }
                         if let Some(w) = waiter {
+                            if let (Some(op_id), Ok(_)) = (w.early_op, &result) {
+                                unsettled.answered(op_id, &result);
+                            }
                             let _ = w.tx.send(result);
                         }
                     }
@@ -396,6 +404,7 @@ impl MetaClient {
                     tx,
                     names: None,
                     cacheable: false,
+                    early_op: None,
                 },
             );
             c.tx.send(RequestFrame {
@@ -607,7 +616,9 @@ impl MetaClient {
         let r = self.attempts(req, fresh, count).await;
         if let Some(op_id) = early {
             match &r {
-                Ok(_) | Err(Errno::EIO) => self.unsettled.answered(op_id, &r),
+                Ok(_) => self.unsettled.answered(op_id, &r),
+                // An error is the outcome the caller reports (EIO: not
+                // known); such a change is not replayed behind its back.
                 Err(_) => self.unsettled.abandoned(op_id),
             }
         }
@@ -630,12 +641,24 @@ impl MetaClient {
                     // the outcome recorded for an earlier one.
                     let again = attempts > 0 && matches!(req, Request::Mutate { .. });
                     attempts += 1;
+                    let early_op = match &req {
+                        Request::Mutate {
+                            op_id, early: true, ..
+                        } => {
+                            // Kept again for this attempt (a failed one was
+                            // settled by its node before its EIO).
+                            self.unsettled.sent(*op_id, &req);
+                            Some(*op_id)
+                        }
+                        _ => None,
+                    };
                     c.pending.lock().expect("pending lock").insert(
                         id,
                         Waiter {
                             tx,
                             names: if again { None } else { names_of(&req) },
                             cacheable: !again,
+                            early_op,
                         },
                     );
                     let sent = c.tx.send(RequestFrame {

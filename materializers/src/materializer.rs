@@ -40,10 +40,11 @@ pub struct Change {
 #[derive(Default)]
 pub struct Waiters {
     map: Mutex<HashMap<RequestId, oneshot::Sender<ApplyResult>>>,
-    /// Applied entries nobody here waited for: proposed through another
-    /// node, or given up on (the sequencer rebuilds its overlay when this
-    /// moves, since such an entry changed state it did not foresee).
-    unclaimed: std::sync::atomic::AtomicU64,
+    /// Applied entries nobody here waited for, per shard: proposed through
+    /// another node, or given up on (the sequencer rebuilds its overlay
+    /// when this moves on a shard it has changes pending on, since such
+    /// an entry changed state it did not foresee).
+    unclaimed: Mutex<HashMap<ShardId, u64>>,
 }
 
 impl Waiters {
@@ -55,21 +56,30 @@ impl Waiters {
     pub fn forget(&self, id: RequestId) {
         self.map.lock().expect("waiters lock").remove(&id);
     }
-    fn complete(&self, id: RequestId, r: ApplyResult) {
+    fn complete(&self, shard: ShardId, id: RequestId, r: ApplyResult) {
         match self.map.lock().expect("waiters lock").remove(&id) {
             Some(tx) => {
                 let _ = tx.send(r);
             }
             None => {
-                self.unclaimed
-                    .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                *self
+                    .unclaimed
+                    .lock()
+                    .expect("unclaimed lock")
+                    .entry(shard)
+                    .or_default() += 1;
             }
         }
     }
 
-    /// How many applied entries had no waiter here so far.
-    pub fn unclaimed(&self) -> u64 {
-        self.unclaimed.load(std::sync::atomic::Ordering::SeqCst)
+    /// How many applied entries of `shard` had no waiter here so far.
+    pub fn unclaimed(&self, shard: ShardId) -> u64 {
+        self.unclaimed
+            .lock()
+            .expect("unclaimed lock")
+            .get(&shard)
+            .copied()
+            .unwrap_or(0)
     }
 }
 
@@ -253,7 +263,7 @@ pub async fn run_shard(
             };
             applied.send_replace(last + 1);
             for (id, r) in results {
-                waiters.complete(id, r);
+                waiters.complete(shard, id, r);
             }
             if chs.is_empty() {
                 let _ = changes_tx.send(Change {

@@ -306,6 +306,17 @@ impl Leases {
         matches!(r, Ok(Ok(_)))
     }
 
+    /// Whether this node took over `shard`'s leadership less than a
+    /// lease's hold ago: sessions of the previous leader may still serve
+    /// it from their caches (so changes wait for the clean position).
+    pub fn fenced(&self, shard: ShardId, now: Instant) -> bool {
+        self.led_since
+            .lock()
+            .expect("led_since lock")
+            .get(&shard)
+            .is_none_or(|(_, since)| now.duration_since(*since) < lease::server_hold())
+    }
+
     /// Whether a session of another client than `client` holds a lease on
     /// `shard` (its cache must let go before a change is answered).
     pub fn others_hold(&self, shard: ShardId, client: u64, now: Instant) -> bool {

@@ -13,7 +13,8 @@
 //!   run only when nothing is pending, holding [`Sequencer::exclusive`].
 //! - Entries this node did not foresee (proposed through another node, or
 //!   given up here and decided later) are noticed through
-//!   `Waiters::unclaimed`: the overlay is rebuilt over the database.
+//!   `Waiters::unclaimed` (per shard): the overlay is rebuilt over the
+//!   database.
 //! - A prediction that was still wrong (the entry was decided in another
 //!   order after a leader change) is reported to the caller as a failure
 //!   of that change (`ServerMsg::Settled`), never passed over.
@@ -62,8 +63,9 @@ struct State {
     writer: HashMap<Vec<u8>, u64>,
     pending: BTreeMap<u64, Pending>,
     next: u64,
-    /// `Waiters::unclaimed` when the overlay last matched the database.
-    unclaimed_seen: u64,
+    /// `Waiters::unclaimed` per shard when the overlay last matched the
+    /// database.
+    unclaimed_seen: HashMap<ShardId, u64>,
 }
 
 impl State {
@@ -104,7 +106,7 @@ impl State {
     /// database changed in a way the overlay did not foresee). A pending
     /// change the database already holds applies as a no-op: its outcome
     /// is recorded under its operation id.
-    fn rebuild(&mut self, db: &NamespaceDb, unclaimed: u64) -> Result<(), DbError> {
+    fn rebuild(&mut self, db: &NamespaceDb, waiters: &Waiters) -> Result<(), DbError> {
         self.overlay.clear();
         self.writer.clear();
         let seqs: Vec<u64> = self.pending.keys().copied().collect();
@@ -118,8 +120,30 @@ impl State {
                 p.keys = keys;
             }
         }
-        self.unclaimed_seen = unclaimed;
+        for s in self.pending_shards() {
+            self.unclaimed_seen.insert(s, waiters.unclaimed(s));
+        }
         Ok(())
+    }
+
+    fn pending_shards(&self) -> std::collections::BTreeSet<ShardId> {
+        self.pending.values().map(|p| p.shard).collect()
+    }
+
+    /// Whether an entry nobody here waited for was applied on a shard with
+    /// pending changes since the overlay was last built (a shard without
+    /// pending changes has no keys in the overlay: it is only noted).
+    fn stale(&mut self, waiters: &Waiters, shard: ShardId) -> bool {
+        let pending = self.pending_shards();
+        let mut stale = false;
+        for s in std::iter::once(shard).chain(pending.iter().copied()) {
+            let now = waiters.unclaimed(s);
+            if self.unclaimed_seen.get(&s) != Some(&now) {
+                stale |= pending.contains(&s);
+                self.unclaimed_seen.insert(s, now);
+            }
+        }
+        stale
     }
 
     /// `seq` is decided and applied (or given up): the database holds
@@ -201,10 +225,48 @@ impl Sequencer {
     /// under the overlay of sequenced, undecided changes.
     pub fn read<T>(&self, db: &NamespaceDb, f: impl FnOnce(&Overlaid<'_>) -> T) -> T {
         let st = self.state.lock().expect("sequencer lock");
+        if st.overlay.is_empty() {
+            // Nothing answered is undecided: the database alone, without
+            // holding up sequencing for the read. (A change answered
+            // after this point is answered after the read began.)
+            drop(st);
+            let empty = Overlay::new();
+            return f(&Overlaid {
+                db,
+                overlay: &empty,
+            });
+        }
         f(&Overlaid {
             db,
             overlay: &st.overlay,
         })
+    }
+
+    /// The number the next sequenced change will get.
+    pub fn next(&self) -> u64 {
+        self.state.lock().expect("sequencer lock").next
+    }
+
+    /// Waits until every change numbered below `upto` is settled; false
+    /// if `deadline` passed first.
+    pub async fn wait_settled(&self, upto: u64, deadline: Instant) -> bool {
+        loop {
+            let notified = self.settled.notified();
+            if self
+                .state
+                .lock()
+                .expect("sequencer lock")
+                .lowest_unsettled()
+                >= upto
+            {
+                return true;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            let _ = tokio::time::timeout(left.min(Duration::from_millis(10)), notified).await;
+        }
     }
 
     /// Shared hold for sequencing one change (waits while a cross-shard
@@ -252,9 +314,8 @@ impl Sequencer {
             Errno::EIO
         };
         let mut st = self.state.lock().expect("sequencer lock");
-        let unclaimed = waiters.unclaimed();
-        if unclaimed != st.unclaimed_seen {
-            st.rebuild(db, unclaimed).map_err(db_err)?;
+        if st.stale(waiters, shard) {
+            st.rebuild(db, waiters).map_err(db_err)?;
         }
         let seq = st.next;
         let request = log.next_request();
@@ -284,7 +345,7 @@ impl Sequencer {
             Err(err) => {
                 waiters.forget(request);
                 warn!(shard = %shard, "sequenced proposal refused: {err}");
-                st.rebuild(db, unclaimed).map_err(db_err)?;
+                st.rebuild(db, waiters).map_err(db_err)?;
                 return Err(Errno::EIO);
             }
         };
@@ -353,8 +414,7 @@ impl Sequencer {
             st.settled(t.seq);
             if !as_told {
                 // The overlay holds what did not happen (or not yet).
-                let unclaimed = waiters.unclaimed();
-                if let Err(e) = st.rebuild(db, unclaimed) {
+                if let Err(e) = st.rebuild(db, waiters) {
                     tracing::error!("sequencer rebuild: {e}");
                 }
             }
@@ -510,7 +570,7 @@ mod tests {
                 keys: vec![],
             },
         );
-        st.rebuild(&db, 0).expect("rebuild");
+        st.rebuild(&db, &Waiters::default()).expect("rebuild");
         assert!(
             st.overlay.is_empty(),
             "changes already decided apply as no-ops on a rebuild"
@@ -547,7 +607,7 @@ mod tests {
         assert!(decide(&db, &mut at, &[theirs])[0].is_ok());
         // The rebuilt overlay predicts what the log will now decide for
         // the pending change, and that differs from what was answered.
-        st.rebuild(&db, 1).expect("rebuild");
+        st.rebuild(&db, &Waiters::default()).expect("rebuild");
         let again = op(1, 2, create(ROOT_INO, "y", false));
         assert!(st.fold(&db, 2, SHARD, &again).expect("fold").0.is_ok());
         let real = decide(&db, &mut at, &[mine]);

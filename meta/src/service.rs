@@ -600,6 +600,14 @@ impl Inner {
                 if !st.is_leader || self.fresh(st.shard).await.is_err() {
                     continue;
                 }
+                // Marked first, so no change is answered early from now on
+                // (`others_hold`); then the ones answered before settle, so
+                // their invalidations are among those waited for below.
+                session.grant(st.shard, Instant::now());
+                let next = self.seq.next();
+                if !self.seq.wait_settled(next, deadline).await {
+                    continue;
+                }
                 let upto = *self.applied[&st.shard].borrow();
                 if !session.wait_forwarded(st.shard, upto, deadline).await {
                     continue;
@@ -705,7 +713,13 @@ impl Inner {
         let (r, answered_early) = match self.sequenced(client, op_id, &creds, &op, early).await {
             Ok(Some(r)) => r,
             Ok(None) => {
-                let _alone = self.seq.exclusive().await;
+                // Cross-shard work, or a shard another node leads: it must
+                // not overtake changes this node sequenced (if it leads any).
+                let _alone = if self.log.status().iter().any(|s| s.is_leader) {
+                    Some(self.seq.exclusive().await)
+                } else {
+                    None
+                };
                 (
                     coordinator::execute(&**self, client, op_id, creds, op).await,
                     false,
@@ -779,10 +793,20 @@ impl Inner {
             now: now_ns(),
             op: op.clone(),
         };
+        // Not early from a leader that has not heard from a majority within
+        // a second (it may be cut off and no longer lead): its answers
+        // could not be decided, and the majority's side would not see them.
+        // Not while the shard's previous leader's leases may be in use, nor
+        // while another client's cache holds a lease on the shard.
+        let now = Instant::now();
+        let eligible = early.is_some()
+            && self.log.quorum_recent()
+            && !self.leases.fenced(shard, now)
+            && !self.leases.others_hold(shard, client, now);
         // Fault injection (tests): answer early, never queue the entry,
         // and die, as a leader that fails before its entries reach a
         // replica: the mount must replay.
-        let lose = early.is_some() && self.failpoint.as_deref() == Some("early-answer-lost");
+        let lose = eligible && self.failpoint.as_deref() == Some("early-answer-lost");
         let hold = self.seq.shared().await;
         let Some(ticket) =
             self.seq
@@ -795,19 +819,20 @@ impl Inner {
         // Not early from a leader that has not heard from a majority within
         // a second (it may be cut off and no longer lead): its answers
         // could not be decided, and the majority's side would not see them.
-        let early = early.filter(|_| {
-            self.log.quorum_recent() && !self.leases.others_hold(shard, client, Instant::now())
-        });
-        if let Some((tx, session)) = early {
-            if lose {
-                tokio::spawn(async {
+        // Only a success is answered early: an error answer would not be
+        // kept by the client, so a different decision could not reach it.
+        let early = early.filter(|_| eligible && ticket.told.is_ok());
+        if lose {
+            let answered = early.is_some();
+            tokio::spawn(async move {
+                if answered {
                     tokio::time::sleep(Duration::from_millis(300)).await;
-                    tracing::error!(
-                        "failpoint early-answer-lost reached: aborting (CFS_FAILPOINT)"
-                    );
-                    std::process::abort();
-                });
-            }
+                }
+                tracing::error!("failpoint early-answer-lost reached: aborting (CFS_FAILPOINT)");
+                std::process::abort();
+            });
+        }
+        if let Some((tx, session)) = early {
             self.counters.early.fetch_add(1, Ordering::Relaxed);
             let _ = self.log.answered_early(shard, ticket.seq + 1);
             // What the change replaced leaves the session's cache before
@@ -830,10 +855,16 @@ impl Inner {
             let told = ticket.told.clone();
             let (inner, tx) = (self.clone(), tx.clone());
             tokio::spawn(async move {
+                let changed = ticket.changed.clone();
                 let s = inner
                     .seq
                     .settle(&inner.db, &inner.log, &inner.waiters, ticket)
                     .await;
+                if !s.as_told {
+                    // Caches filled from the overlay hold what did not
+                    // happen: every session drops it.
+                    inner.forget_everywhere(changed);
+                }
                 let failed = match s.outcome {
                     _ if s.as_told => None,
                     Ok(Err(e)) => Some(e),
@@ -852,12 +883,14 @@ impl Inner {
             });
             return Ok(Some((Ok(told), true)));
         }
+        let changed = ticket.changed.clone();
         let s = self
             .seq
             .settle(&self.db, &self.log, &self.waiters, ticket)
             .await;
         if !s.as_told {
             self.counters.mispredicted.fetch_add(1, Ordering::Relaxed);
+            self.forget_everywhere(changed);
         }
         if let Some(pos) = s.position {
             // Leased caches elsewhere must have dropped what this changed
@@ -867,6 +900,17 @@ impl Inner {
             }
         }
         Ok(Some((s.outcome, false)))
+    }
+
+    /// Sends invalidations of `c` to every session, as a change nobody
+    /// made (a misprediction's traces in caches filled from the overlay).
+    fn forget_everywhere(&self, mut c: Change) {
+        c.origin = 0;
+        c.upto = self
+            .applied
+            .get(&c.shard)
+            .map_or(Position::ZERO, |r| *r.borrow());
+        let _ = self.changes.send(c);
     }
 
     /// The metadata service of the node leading most of this node's

@@ -269,8 +269,15 @@ fn changes_answered_early_are_replayed_once_after_the_leader_dies() {
         cluster::wait_healthy(&c.cfgs, Duration::from_secs(30)).unwrap();
     }
     let rt = tokio::runtime::Runtime::new().expect("runtime");
-    // The root is on shard 0: the mount talks to its leader first.
+    // The root is on shard 0: the mount talks to its leader first, once
+    // it has led for a lease's hold (no early answers before: D30).
     let leader = rt.block_on(c.leader(ShardId(0)));
+    std::thread::sleep(cfs_proto::lease::server_hold() + Duration::from_millis(500));
+    assert_eq!(
+        rt.block_on(c.leader(ShardId(0))),
+        leader,
+        "leadership moved"
+    );
     let meta = |n: u64| c.cfg(n).meta_listen.expect("meta").to_string();
     let mut order = vec![meta(leader)];
     order.extend((1..=3).filter(|n| *n != leader).map(meta));

@@ -664,9 +664,12 @@ impl LogNode {
 
     /// Proposes `entry` to `shard` now, in call order with this node's
     /// other calls (the entry is in the shard's queue when this returns),
-    /// and returns what waits for its decided position. No retries: a
-    /// caller that needs the order kept cannot have the entry re-sent
-    /// later behind others.
+    /// and returns what waits for its decided position. Unlike
+    /// [`LogNode::propose`] it does not wait out an election and try
+    /// again; the shard's own re-proposal of undecided entries
+    /// (`policy::Proposals`) still applies, so after a leader change the
+    /// decided order may differ from the call order (the sequencer
+    /// detects that when it settles).
     pub fn propose_now(
         &self,
         shard: ShardId,
