@@ -493,15 +493,21 @@ mod tests {
         outcomes.into_iter().map(|(_, r)| r).collect()
     }
 
-    #[test]
-    fn predictions_are_what_the_materializer_decides_and_the_overlay_drains() {
+    /// A namespace with its root, and an empty sequencer state.
+    fn fresh() -> (tempfile::TempDir, NamespaceDb, State) {
         let dir = tempfile::tempdir().expect("tempdir");
         let db = NamespaceDb::open(dir.path()).expect("db");
         init_shard(&db, SHARD).expect("init");
-        let mut st = State {
+        let st = State {
             next: 1,
             ..State::default()
         };
+        (dir, db, st)
+    }
+
+    #[test]
+    fn predictions_are_what_the_materializer_decides_and_the_overlay_drains() {
+        let (_dir, db, mut st) = fresh();
         // A directory, files in it, a clash, a rename over, an unlink, a
         // setattr and a refused rmdir: all predicted before any is decided.
         let mut lops = vec![op(1, 1, create(ROOT_INO, "a", true))];
@@ -583,13 +589,7 @@ mod tests {
 
     #[test]
     fn an_unforeseen_entry_is_folded_in_by_a_rebuild() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let db = NamespaceDb::open(dir.path()).expect("db");
-        init_shard(&db, SHARD).expect("init");
-        let mut st = State {
-            next: 1,
-            ..State::default()
-        };
+        let (_dir, db, mut st) = fresh();
         let mine = op(1, 1, create(ROOT_INO, "x", false));
         let (told, keys) = st.fold(&db, 1, SHARD, &mine).expect("fold");
         assert!(told.is_ok());

@@ -861,9 +861,7 @@ impl Inner {
                     .settle(&inner.db, &inner.log, &inner.waiters, ticket)
                     .await;
                 if !s.as_told {
-                    // Caches filled from the overlay hold what did not
-                    // happen: every session drops it.
-                    inner.forget_everywhere(changed);
+                    inner.mispredicted(changed);
                 }
                 let failed = match s.outcome {
                     _ if s.as_told => None,
@@ -871,7 +869,6 @@ impl Inner {
                     _ => Some(Errno::EIO),
                 };
                 if failed.is_some() {
-                    inner.counters.mispredicted.fetch_add(1, Ordering::Relaxed);
                     warn!(
                         client = format_args!("{client:016x}"),
                         op_id,
@@ -889,8 +886,7 @@ impl Inner {
             .settle(&self.db, &self.log, &self.waiters, ticket)
             .await;
         if !s.as_told {
-            self.counters.mispredicted.fetch_add(1, Ordering::Relaxed);
-            self.forget_everywhere(changed);
+            self.mispredicted(changed);
         }
         if let Some(pos) = s.position {
             // Leased caches elsewhere must have dropped what this changed
@@ -902,9 +898,11 @@ impl Inner {
         Ok(Some((s.outcome, false)))
     }
 
-    /// Sends invalidations of `c` to every session, as a change nobody
-    /// made (a misprediction's traces in caches filled from the overlay).
-    fn forget_everywhere(&self, mut c: Change) {
+    /// A sequenced change was decided otherwise than predicted: counted,
+    /// and caches filled from the overlay hold what did not happen, so
+    /// every session drops what it changed (as a change nobody made).
+    fn mispredicted(&self, mut c: Change) {
+        self.counters.mispredicted.fetch_add(1, Ordering::Relaxed);
         c.origin = 0;
         c.upto = self
             .applied

@@ -564,6 +564,17 @@ impl LogNode {
         entry: Entry,
         redirect: bool,
     ) -> Result<Position, LogError> {
+        self.enqueue(shard, entry, redirect)?.await
+    }
+
+    /// Puts `entry` in `shard`'s queue now; returns what waits (up to the
+    /// propose timeout) for its decided position.
+    fn enqueue(
+        &self,
+        shard: ShardId,
+        entry: Entry,
+        redirect: bool,
+    ) -> Result<impl std::future::Future<Output = Result<Position, LogError>>, LogError> {
         let h = self.shard(shard)?;
         if let Some(f) = h.fatal.lock().expect("fatal lock").clone() {
             return Err(LogError::Connection(format!("shard failed: {f}")));
@@ -580,11 +591,14 @@ impl LogNode {
                 h.counters.inbox_full.fetch_add(1, Ordering::Relaxed);
                 LogError::NoLeader(shard)
             })?;
-        match tokio::time::timeout(self.inner.cfg.propose_timeout, rx).await {
-            Ok(Ok(r)) => r,
-            Ok(Err(_)) => Err(LogError::ShuttingDown),
-            Err(_) => Err(LogError::Timeout),
-        }
+        let timeout = self.inner.cfg.propose_timeout;
+        Ok(async move {
+            match tokio::time::timeout(timeout, rx).await {
+                Ok(Ok(r)) => r,
+                Ok(Err(_)) => Err(LogError::ShuttingDown),
+                Err(_) => Err(LogError::Timeout),
+            }
+        })
     }
 
     /// Proposes `entry` to `shard`; returns its position once decided.
@@ -678,30 +692,7 @@ impl LogNode {
         if entry.request.is_none() {
             entry.request = self.next_request();
         }
-        let h = self.shard(shard)?;
-        if let Some(f) = h.fatal.lock().expect("fatal lock").clone() {
-            return Err(LogError::Connection(format!("shard failed: {f}")));
-        }
-        let (tx, rx) = oneshot::channel();
-        h.counters.proposals.fetch_add(1, Ordering::Relaxed);
-        h.inbox
-            .try_send(Input::Propose {
-                entry,
-                reply: Some(Reply::Local(tx)),
-                redirect: false,
-            })
-            .map_err(|_| {
-                h.counters.inbox_full.fetch_add(1, Ordering::Relaxed);
-                LogError::NoLeader(shard)
-            })?;
-        let timeout = self.inner.cfg.propose_timeout;
-        Ok(async move {
-            match tokio::time::timeout(timeout, rx).await {
-                Ok(Ok(r)) => r,
-                Ok(Err(_)) => Err(LogError::ShuttingDown),
-                Err(_) => Err(LogError::Timeout),
-            }
-        })
+        self.enqueue(shard, entry, false)
     }
 
     /// A layer above answered its callers for changes numbered below
