@@ -13,6 +13,8 @@
 //! | `e` ino offset                        | [`ExtentRef`]         |
 //! | `k` ino flock:u8 client owner start   | [`LockRange`]         |
 //! | `o` ino                               | (orphan: nlink 0)     |
+//! | `h` shard client                      | hold lapses at (Nanos) |
+//! | `O` shard client ino                  | orphan a mount holds open |
 //! | `r` shard client op_id                | outcome of the op     |
 //! | `t` key                               | tx holding `key` (lock) |
 //! | `p` shard tx                          | prepared intent       |
@@ -103,6 +105,48 @@ pub fn orphan(ino: Ino) -> Vec<u8> {
     with(b'o', &[&ino.to_be_bytes()])
 }
 
+/// When `client`'s hold on `shard` lapses (`cfs_proto::hold`).
+pub fn hold(shard: ShardId, client: u64) -> Vec<u8> {
+    with(b'h', &[&shard.to_be_bytes(), &client.to_be_bytes()])
+}
+pub fn hold_prefix(shard: ShardId) -> Vec<u8> {
+    with(b'h', &[&shard.to_be_bytes()])
+}
+/// The client of a [`hold`] key.
+pub fn hold_client_of(key: &[u8]) -> Option<u64> {
+    match key.first() {
+        Some(b'h') if key.len() == 13 => be64_at(key, 5),
+        _ => None,
+    }
+}
+/// An orphan `client` holds open on `shard` (deleted with its hold).
+pub fn held_orphan(shard: ShardId, client: u64, ino: Ino) -> Vec<u8> {
+    with(
+        b'O',
+        &[
+            &shard.to_be_bytes(),
+            &client.to_be_bytes(),
+            &ino.to_be_bytes(),
+        ],
+    )
+}
+pub fn held_orphan_prefix(shard: ShardId, client: u64) -> Vec<u8> {
+    with(b'O', &[&shard.to_be_bytes(), &client.to_be_bytes()])
+}
+/// The inode of a [`held_orphan`] key.
+pub fn held_orphan_ino(key: &[u8]) -> Option<Ino> {
+    match key.first() {
+        Some(b'O') if key.len() == 21 => be64_at(key, 13),
+        _ => None,
+    }
+}
+/// The lock keys of every inode of `shard`: `[from, to)`.
+pub fn shard_locks(shard: ShardId) -> (Vec<u8>, Vec<u8>) {
+    let first = crate::types::make_ino(shard, 0);
+    let last = crate::types::make_ino(shard, u64::MAX);
+    (lock_prefix(first), prefix_end(&lock_prefix(last)))
+}
+
 /// The outcome of a client's operation as `shard` applied it (each shard
 /// records and forgets only its own).
 pub fn outcome(shard: ShardId, client: u64, op_id: u64) -> Vec<u8> {
@@ -175,7 +219,7 @@ pub fn open_intents(shard: ShardId) -> Vec<u8> {
 pub fn is_data(key: &[u8]) -> bool {
     matches!(
         key.first(),
-        Some(b'i' | b'd' | b'c' | b'l' | b'x' | b'e' | b'k' | b'o' | b'n')
+        Some(b'i' | b'd' | b'c' | b'l' | b'x' | b'e' | b'k' | b'o' | b'n' | b'h' | b'O')
     )
 }
 
@@ -185,7 +229,9 @@ pub fn owner(key: &[u8]) -> Option<ShardId> {
         b'i' | b'd' | b'c' | b'l' | b'x' | b'e' | b'k' | b'o' => {
             be64_at(key, 1).map(crate::types::shard_of)
         }
-        b'n' | b'a' | b'p' | b'q' | b'Q' | b'T' | b'r' | b'R' => be32_at(key, 1).map(ShardId),
+        b'n' | b'a' | b'p' | b'q' | b'Q' | b'T' | b'r' | b'R' | b'h' | b'O' => {
+            be32_at(key, 1).map(ShardId)
+        }
         b't' => owner(&key[1..]),
         _ => None,
     }

@@ -171,20 +171,26 @@ fn apply_one(
     creds: Creds,
     op: Op,
 ) -> cfs_materializers::ops::ApplyResult {
+    apply_as(db, pos, 1, pos as i64, creds, op)
+}
+
+/// Applies `op` by `client`, stamped `now`, as the entry at `pos`.
+fn apply_as(
+    db: &NamespaceDb,
+    pos: u64,
+    client: u64,
+    now: i64,
+    creds: Creds,
+    op: Op,
+) -> cfs_materializers::ops::ApplyResult {
     let lop = LoggedOp {
-        client: 1,
+        client,
         op_id: 0,
         creds,
-        now: pos as i64,
+        now,
         op,
     };
-    let e = entry(
-        RequestId {
-            client: 1,
-            seq: pos,
-        },
-        &lop,
-    );
+    let e = entry(RequestId { client, seq: pos }, &lop);
     let (r, _) = apply_batch(db, ShardId(0), &[(Position(pos), e)]).unwrap();
     r[0].1.clone()
 }
@@ -628,4 +634,110 @@ fn a_database_of_another_format_is_refused() {
         Err(e) => panic!("unexpected error {e}"),
         Ok(_) => panic!("a format-1 database was opened"),
     }
+}
+
+/// A mount's locks and the orphans it holds open are released by an
+/// `ExpireHold` only once its hold lapsed; a renewal keeps them; a
+/// renewal after the break says ESTALE; another mount's locks stay.
+#[test]
+fn holds_of_a_vanished_mount_are_broken_once_lapsed() {
+    use cfs_materializers::keys;
+    use cfs_materializers::ops::Applied;
+    let dir = tempfile::tempdir().unwrap();
+    let db = NamespaceDb::open(dir.path()).unwrap();
+    init_shard(&db, ShardId(0)).unwrap();
+    let hold = cfs_proto::hold::HOLD.as_nanos() as i64;
+    let (a, b) = (0xa, 0xb);
+    let mut pos = 0;
+    let mut run = |client: u64, now: i64, op: Op| {
+        pos += 1;
+        apply_as(&db, pos, client, now, Creds::root(), op)
+    };
+    let ino_of = |r: Result<Applied, Errno>| match r {
+        Ok(Applied::Attr(i)) => i.ino,
+        other => panic!("expected an inode, got {other:?}"),
+    };
+    let create = |name: &str| Op::Create {
+        parent: ROOT_INO,
+        name: name.as_bytes().to_vec(),
+        mode: libc::S_IFREG | 0o644,
+        rdev: 0,
+        target: None,
+        excl: true,
+    };
+    let lock = |ino: Ino, client: u64, start: u64| Op::Lock {
+        ino,
+        lock: LockRange {
+            start,
+            end: start + 10,
+            typ: libc::F_WRLCK,
+            client,
+            owner: 7,
+            pid: 1,
+            flock: false,
+        },
+    };
+    let f = ino_of(run(a, 1, create("f")));
+    let g = ino_of(run(a, 1, create("g")));
+    assert_eq!(run(a, 10, lock(f, a, 0)), Ok(Applied::None));
+    assert_eq!(run(b, 30, lock(f, b, 100)), Ok(Applied::None));
+    // `a` unlinks `g` while holding it open: an orphan held for `a`.
+    run(
+        a,
+        10,
+        Op::Unlink {
+            parent: ROOT_INO,
+            name: b"g".to_vec(),
+            held_open: vec![g],
+        },
+    )
+    .unwrap();
+    assert!(db.get_raw(&keys::orphan(g)).unwrap().is_some());
+    let expire = |client| Op::ExpireHold {
+        shard: ShardId(0),
+        client,
+    };
+    let locks_of = |client: u64| {
+        let p = keys::lock_prefix(f);
+        db.scan(&p, &keys::prefix_end(&p), usize::MAX)
+            .unwrap()
+            .into_iter()
+            .filter(|(k, _)| k[10..18] == client.to_be_bytes())
+            .count()
+    };
+    // Not lapsed yet: nothing happens.
+    assert_eq!(run(b, 10 + hold - 1, expire(a)), Ok(Applied::None));
+    assert_eq!(locks_of(a), 1);
+    // Renewed: lasts another hold from the renewal.
+    assert_eq!(
+        run(a, 20, Op::RenewHold { shard: ShardId(0) }),
+        Ok(Applied::None)
+    );
+    assert_eq!(
+        cfs_materializers::apply::lapsed_holds(&db, ShardId(0), 20 + hold - 1, 10).unwrap(),
+        Vec::<u64>::new()
+    );
+    assert_eq!(
+        cfs_materializers::apply::lapsed_holds(&db, ShardId(0), 20 + hold + 1, 10).unwrap(),
+        vec![a]
+    );
+    run(b, 20 + hold - 1, expire(a)).unwrap();
+    assert_eq!(locks_of(a), 1);
+    assert!(db.get_raw(&keys::inode(g)).unwrap().is_some());
+    // Lapsed: `a`'s lock and orphan go, `b`'s lock stays.
+    run(b, 20 + hold + 1, expire(a)).unwrap();
+    assert_eq!(locks_of(a), 0);
+    assert_eq!(locks_of(b), 1);
+    assert_eq!(db.get_raw(&keys::inode(g)).unwrap(), None);
+    assert_eq!(db.get_raw(&keys::orphan(g)).unwrap(), None);
+    assert_eq!(db.get_raw(&keys::hold(ShardId(0), a)).unwrap(), None);
+    let p = keys::held_orphan_prefix(ShardId(0), a);
+    assert!(db.scan(&p, &keys::prefix_end(&p), 10).unwrap().is_empty());
+    // `a` comes back: its hold is gone.
+    assert_eq!(
+        run(a, 20 + hold + 2, Op::RenewHold { shard: ShardId(0) }),
+        Err(Errno::ESTALE)
+    );
+    let report = cfs_materializers::check::check(&db).unwrap();
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
 }

@@ -37,6 +37,8 @@ const READDIR_MAX: u32 = 1024;
 /// Changes queued for the sessions' forwarders before the slowest is
 /// told to drop everything (`Lagged`).
 const CHANGES_QUEUE_MAX: usize = 64 * 1024;
+/// Lapsed holds broken per shard per check (the rest wait for the next).
+const HOLDS_BROKEN_PER_CHECK: usize = 64;
 /// How often leadership terms and clean positions are refreshed.
 const LEASE_TICK: Duration = Duration::from_millis(10);
 /// Longest wait for a leased session's invalidation to be forwarded
@@ -93,6 +95,7 @@ struct Counters {
     sequenced: AtomicU64,
     early: AtomicU64,
     mispredicted: AtomicU64,
+    holds_broken: AtomicU64,
 }
 
 /// A running metadata service.
@@ -213,6 +216,13 @@ impl MetaService {
                 }
             }
         });
+        let holds = svc.inner.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(cfs_proto::hold::CHECK_EVERY).await;
+                holds.break_lapsed_holds().await;
+            }
+        });
         info!(listen = %cfg.listen, "metadata service listening");
         let s2 = svc.clone();
         tokio::spawn(async move {
@@ -302,6 +312,11 @@ impl MetaService {
                 "cfs_meta_mispredicted_total",
                 "Sequenced mutations whose decided outcome differed from the prediction",
                 &c.mispredicted,
+            ),
+            (
+                "cfs_meta_holds_broken_total",
+                "Lapsed mount holds this node broke (locks and orphans of vanished mounts released)",
+                &c.holds_broken,
             ),
         ] {
             s += &format!(
@@ -637,6 +652,52 @@ impl Inner {
             .any(|s| s.shard == shard && s.is_leader)
     }
 
+    /// Breaks the holds of mounts that stopped renewing them on the shards
+    /// this node leads (`cfs_proto::hold`): their locks are released and
+    /// their orphans deleted.
+    async fn break_lapsed_holds(self: &Arc<Self>) {
+        for &shard in &self.shard_list {
+            if !self.leads(shard) {
+                continue;
+            }
+            let clients = match cfs_materializers::apply::lapsed_holds(
+                &self.db,
+                shard,
+                now_ns(),
+                HOLDS_BROKEN_PER_CHECK,
+            ) {
+                Ok(c) => c,
+                Err(e) => {
+                    warn!(shard = %shard, "reading mounts' holds: {e}");
+                    continue;
+                }
+            };
+            for client in clients {
+                let (coordinator, op_id) = coordinator::Cluster::next_id(&**self);
+                let lop = LoggedOp {
+                    client: coordinator,
+                    op_id,
+                    creds: Creds::root(),
+                    now: now_ns(),
+                    op: Op::ExpireHold { shard, client },
+                };
+                // Not past changes this node answered early (D30).
+                let _alone = self.seq.exclusive().await;
+                match coordinator::Cluster::propose(&**self, shard, lop).await {
+                    Ok(_) => {
+                        self.counters.holds_broken.fetch_add(1, Ordering::Relaxed);
+                        info!(
+                            shard = %shard,
+                            client = format_args!("{client:016x}"),
+                            "a mount's hold lapsed: its locks and orphans there are released"
+                        );
+                    }
+                    Err(e) => warn!(shard = %shard, "breaking a lapsed hold: {e}"),
+                }
+            }
+        }
+    }
+
     /// Refreshes leadership terms and clean positions; publishes them.
     fn publish_clean(&self) {
         let now = Instant::now();
@@ -701,10 +762,23 @@ impl Inner {
         op: Op,
         early: Option<(&mpsc::UnboundedSender<ServerMsg>, &Arc<Session>)>,
     ) -> Result<Reply, Errno> {
-        if op.is_tx_step() {
+        if op.is_service_only() {
             warn!(
                 client = format_args!("{client:016x}"),
-                "a client sent a transaction step; refused"
+                "a client sent a step only metadata services may propose; refused"
+            );
+            return Err(Errno::EPERM);
+        }
+        // A mount takes and releases only its own locks.
+        let lock_client = match &op {
+            Op::Lock { lock, .. } => Some(lock.client),
+            Op::ReleaseLocks { client, .. } => Some(*client),
+            _ => None,
+        };
+        if lock_client.is_some_and(|c| c != client) {
+            warn!(
+                client = format_args!("{client:016x}"),
+                "a client sent a lock operation for another client; refused"
             );
             return Err(Errno::EPERM);
         }

@@ -7,6 +7,7 @@
 //! OmniPaxos, no segment store): only `cfs-stripe`'s plain data. The FUSE
 //! client links this, not the materializer.
 
+pub mod hold;
 pub mod lease;
 pub mod ops;
 pub mod rpc;

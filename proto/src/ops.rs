@@ -107,6 +107,20 @@ pub enum Op {
     Reclaim {
         ino: Ino,
     },
+    /// Keeps the proposing mount's hold on `shard` (its locks there and
+    /// the files it has open after their last unlink) for another
+    /// [`crate::hold::HOLD`]. ESTALE when the hold had lapsed and was
+    /// broken: the mount's locks on that shard are gone.
+    RenewHold {
+        shard: ShardId,
+    },
+    /// Breaks `client`'s hold on `shard` if it lapsed (not renewed for
+    /// [`crate::hold::HOLD`] by the entry's time): releases its locks and
+    /// deletes its orphans. Only metadata services propose these.
+    ExpireHold {
+        shard: ShardId,
+        client: u64,
+    },
     /// Cross-shard transaction, phase 1 on each participant `shard`:
     /// checks `part`'s reads against the shard's state and locks its keys.
     /// Only metadata services propose these (clients cannot).
@@ -159,7 +173,9 @@ impl Op {
             | Op::Reclaim { ino } => *ino,
             Op::TxPrepare { shard, .. }
             | Op::TxDecide { shard, .. }
-            | Op::TxFinish { shard, .. } => make_ino(*shard, 1),
+            | Op::TxFinish { shard, .. }
+            | Op::RenewHold { shard }
+            | Op::ExpireHold { shard, .. } => make_ino(*shard, 1),
         }
     }
 
@@ -175,6 +191,12 @@ impl Op {
             self,
             Op::TxPrepare { .. } | Op::TxDecide { .. } | Op::TxFinish { .. }
         )
+    }
+
+    /// Whether only a metadata service may propose this (never a client):
+    /// the cross-shard protocol's steps and breaking another mount's hold.
+    pub fn is_service_only(&self) -> bool {
+        self.is_tx_step() || matches!(self, Op::ExpireHold { .. })
     }
 }
 

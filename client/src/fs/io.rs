@@ -523,6 +523,9 @@ impl Shared {
             .get(&i.ino)
             .is_some_and(|st| st.opens.load(Ordering::SeqCst) > 0);
         if open {
+            // The servers hold the orphan for this mount until it closes
+            // it, or until the mount's hold lapses.
+            self.holds.keep(cfs_proto::types::shard_of(i.ino));
             self.orphans.lock().expect("orphans lock").insert(i.ino);
         } else {
             let _ = self.mutate(Creds::root(), Op::Reclaim { ino: i.ino }).await;

@@ -88,7 +88,12 @@ impl CfsFs {
                         delay = (delay * 2).min(Duration::from_millis(200));
                     }
                     Ok(Mutated::Conflict(_)) => return reply.error(libc::EAGAIN),
-                    Ok(_) => return reply.ok(),
+                    Ok(_) => {
+                        if typ != libc::F_UNLCK {
+                            sh.holds.keep(cfs_proto::types::shard_of(ino));
+                        }
+                        return reply.ok();
+                    }
                     Err(e) => return reply.error(e.0),
                 }
             }

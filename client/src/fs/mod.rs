@@ -6,6 +6,7 @@ mod attrs;
 mod caps;
 mod dir;
 mod files;
+mod holds;
 mod io;
 mod late_attrs;
 mod locks;
@@ -128,6 +129,8 @@ struct Shared {
     orphans: Mutex<HashSet<Ino>>,
     /// Inodes with POSIX locks taken through this mount.
     locked: Mutex<HashSet<Ino>>,
+    /// Shards where this mount holds locks or orphans (holds.rs).
+    holds: holds::Holds,
     /// Inodes the kernel knows (for invalidate-all).
     known: Mutex<HashSet<Ino>>,
     /// Inodes known to have no file capabilities (caps.rs).
@@ -196,8 +199,11 @@ impl Shared {
     async fn mutate(&self, creds: Creds, op: Op) -> Result<Mutated, Errno> {
         // Locks are granted or refused by the log's order itself: their
         // answer cannot come early.
-        let early =
-            !self.opts.sync_namespace && !matches!(op, Op::Lock { .. } | Op::ReleaseLocks { .. });
+        let early = !self.opts.sync_namespace
+            && !matches!(
+                op,
+                Op::Lock { .. } | Op::ReleaseLocks { .. } | Op::RenewHold { .. }
+            );
         let m = Mutate {
             op_id: 0,
             creds,
@@ -243,23 +249,23 @@ impl CfsFs {
         data: Arc<DataPath>,
         opts: MountOptions,
     ) -> Self {
-        CfsFs {
-            rt,
-            sh: Arc::new(Shared {
-                meta,
-                data,
-                opts,
-                files: Mutex::default(),
-                orphans: Mutex::default(),
-                locked: Mutex::default(),
-                known: Mutex::default(),
-                no_caps: caps::NoCaps::default(),
-                dirs: dir::Streams::default(),
-                no_opendir: AtomicBool::new(false),
-                next_fh: AtomicU64::new(1),
-                kept_bytes: Arc::default(),
-            }),
-        }
+        let sh = Arc::new(Shared {
+            meta,
+            data,
+            opts,
+            files: Mutex::default(),
+            orphans: Mutex::default(),
+            locked: Mutex::default(),
+            holds: holds::Holds::default(),
+            known: Mutex::default(),
+            no_caps: caps::NoCaps::default(),
+            dirs: dir::Streams::default(),
+            no_opendir: AtomicBool::new(false),
+            next_fh: AtomicU64::new(1),
+            kept_bytes: Arc::default(),
+        });
+        rt.spawn(holds::renew_forever(Arc::downgrade(&sh)));
+        CfsFs { rt, sh }
     }
 
     fn spawn<F>(&self, name: &'static str, fut: F)

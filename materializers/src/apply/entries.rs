@@ -55,11 +55,26 @@ pub(super) fn touch_dir(d: &mut Inode, now: Nanos) {
     d.ctime = now;
 }
 
+/// The files the mount asking for an unlink or rename holds open, and
+/// which mount that is.
+#[derive(Clone, Copy)]
+pub(super) struct Held<'a> {
+    pub client: u64,
+    pub open: &'a [Ino],
+}
+
+impl Held<'_> {
+    pub const NOTHING: Held<'static> = Held {
+        client: 0,
+        open: &[],
+    };
+}
+
 /// Drops one link of `i` (already removed from its directory); deletes a
 /// directory, and a file with no links left unless the mount that asked
 /// holds it open (`held_open`): then it becomes an orphan that
 /// [`Op::Reclaim`] deletes once closed.
-pub(super) fn drop_link(t: &mut Txn<'_>, i: &mut Inode, now: Nanos, held_open: &[Ino]) -> R2<()> {
+pub(super) fn drop_link(t: &mut Txn<'_>, i: &mut Inode, now: Nanos, held: Held<'_>) -> R2<()> {
     i.ctime = now;
     if i.is_dir() {
         i.nlink = 0;
@@ -68,10 +83,11 @@ pub(super) fn drop_link(t: &mut Txn<'_>, i: &mut Inode, now: Nanos, held_open: &
     }
     i.nlink = i.nlink.saturating_sub(1);
     if i.nlink == 0 {
-        if !held_open.contains(&i.ino) {
+        if !held.open.contains(&i.ino) {
             return delete_inode(t, i);
         }
         t.put(keys::orphan(i.ino), &now);
+        super::holds::keep_orphan(t, held.client, i.ino, now)?;
     }
     put_inode(t, i);
     Ok(())

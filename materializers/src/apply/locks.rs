@@ -29,7 +29,7 @@ pub fn find_conflict(t: &Txn<'_>, ino: Ino, l: &LockRange) -> Result<Option<Lock
     Ok(None)
 }
 
-pub(super) fn set_lock(t: &mut Txn<'_>, ino: Ino, l: &LockRange) -> R2<Applied> {
+pub(super) fn set_lock(t: &mut Txn<'_>, now: Nanos, ino: Ino, l: &LockRange) -> R2<Applied> {
     inode(t, ino)?;
     if l.start >= l.end {
         return Err(Errno::EINVAL.into());
@@ -73,6 +73,7 @@ pub(super) fn set_lock(t: &mut Txn<'_>, ino: Ino, l: &LockRange) -> R2<Applied> 
     }
     if l.typ != libc::F_UNLCK {
         t.put(keys::lock(ino, l.flock, l.client, l.owner, l.start), l);
+        super::holds::extend(t, shard_of(ino), l.client, now)?;
     }
     Ok(Applied::None)
 }

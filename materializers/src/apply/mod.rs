@@ -5,9 +5,11 @@
 mod attrs;
 mod data;
 mod entries;
+mod holds;
 mod locks;
 mod names;
 
+pub use holds::lapsed as lapsed_holds;
 pub use locks::find_conflict;
 
 use crate::keys;
@@ -17,7 +19,7 @@ use crate::types::*;
 
 use attrs::{removexattr, setattr, setxattr};
 use data::{fallocate, write};
-use entries::{delete_inode, get_inode};
+use entries::{delete_inode, get_inode, Held};
 use locks::set_lock;
 use names::{create, link, rename, rmdir, unlink};
 
@@ -223,7 +225,17 @@ fn apply_inner(
             parent,
             name,
             held_open,
-        } => unlink(t, c, now, *parent, name, held_open),
+        } => unlink(
+            t,
+            c,
+            now,
+            *parent,
+            name,
+            Held {
+                client: lop.client,
+                open: held_open,
+            },
+        ),
         Op::Rmdir { parent, name } => rmdir(t, c, now, *parent, name),
         Op::Rename {
             parent,
@@ -233,7 +245,18 @@ fn apply_inner(
             flags,
             held_open,
         } => rename(
-            t, c, now, *parent, name, *newparent, newname, *flags, held_open,
+            t,
+            c,
+            now,
+            *parent,
+            name,
+            *newparent,
+            newname,
+            *flags,
+            Held {
+                client: lop.client,
+                open: held_open,
+            },
         ),
         Op::SetAttr { ino, set } => setattr(t, c, now, *ino, set),
         Op::SetXattr {
@@ -256,7 +279,9 @@ fn apply_inner(
             len,
             mode,
         } => fallocate(t, now, *ino, *offset, *len, *mode),
-        Op::Lock { ino, lock } => set_lock(t, *ino, lock),
+        Op::Lock { ino, lock } => set_lock(t, now, *ino, lock),
+        Op::RenewHold { shard } => holds::renew(t, *shard, lop.client, now),
+        Op::ExpireHold { shard, client } => holds::expire(t, *shard, *client, now),
         Op::ReleaseLocks {
             ino,
             client,

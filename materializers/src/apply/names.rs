@@ -9,6 +9,7 @@ use crate::types::*;
 
 use super::entries::{
     add_dentry, dir, drop_link, get_dentry, get_inode, inode, put_inode, remove_dentry, touch_dir,
+    Held,
 };
 use super::{check_name, Fail, LINK_MAX, R2};
 
@@ -163,7 +164,7 @@ pub(super) fn unlink(
     now: Nanos,
     parent: Ino,
     name: &[u8],
-    held_open: &[Ino],
+    held: Held<'_>,
 ) -> R2<Applied> {
     check_name(name)?;
     let mut p = dir(t, parent)?;
@@ -177,7 +178,7 @@ pub(super) fn unlink(
     remove_dentry(t, &mut p, name, cookie);
     touch_dir(&mut p, now);
     put_inode(t, &p);
-    drop_link(t, &mut i, now, held_open)?;
+    drop_link(t, &mut i, now, held)?;
     Ok(Applied::Attr(i))
 }
 
@@ -210,7 +211,7 @@ pub(super) fn rmdir(
     p.nlink = p.nlink.saturating_sub(1);
     touch_dir(&mut p, now);
     put_inode(t, &p);
-    drop_link(t, &mut i, now, &[])?;
+    drop_link(t, &mut i, now, Held::NOTHING)?;
     Ok(Applied::Attr(i))
 }
 
@@ -238,7 +239,7 @@ pub(super) fn rename(
     newparent: Ino,
     newname: &[u8],
     flags: u32,
-    held_open: &[Ino],
+    held: Held<'_>,
 ) -> R2<Applied> {
     const NOREPLACE: u32 = libc::RENAME_NOREPLACE;
     const EXCHANGE: u32 = libc::RENAME_EXCHANGE;
@@ -354,7 +355,7 @@ pub(super) fn rename(
         if d.is_dir() {
             np.nlink -= 1;
         }
-        drop_link(t, d, now, held_open)?;
+        drop_link(t, d, now, held)?;
     }
     add_dentry(t, &mut np, newname, sino, skind);
     if s.is_dir() && parent != newparent {

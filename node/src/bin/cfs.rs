@@ -295,9 +295,10 @@ fn fsck(dir: &Path, node: u64) -> anyhow::Result<()> {
     let db = cfs_materializers::NamespaceDb::open_read_only(&path)?;
     let r = cfs_materializers::check::check(&db)?;
     println!(
-        "node {node}: {} inodes, {} entries, {} open transaction records, {} problems",
+        "node {node}: {} inodes, {} entries, {} orphans, {} open transaction records, {} problems",
         r.inodes,
         r.entries,
+        r.orphans,
         r.open_transactions,
         r.problems.len()
     );
