@@ -2,7 +2,9 @@
 # Consecutive long Jepsen runs across workloads and nemeses (docs/jepsen.md).
 # Usage: jepsen/long.sh [RUNS] [SECONDS] [FIRST_SEED]   (env: JEPSEN_BIN = a
 # directory holding prebuilt jepsen, cfs and cfs-node; OUT = results dir;
-# WORKLOADS = the rotation, default "log register set bank")
+# WORKLOADS = the rotation, default "log register set bank"; the other
+# file-system workloads, fs-register and fs-ops (early answers, D30), are
+# options: WORKLOADS='log register set bank fs-register fs-ops')
 # Prints one markdown row per run and stops at the first invalid run.
 set -uo pipefail
 cd "$(dirname "$0")/.."

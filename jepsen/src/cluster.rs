@@ -3,6 +3,7 @@
 //! file-system workloads, one real FUSE mount per node.
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Child;
 use std::sync::Arc;
@@ -265,6 +266,81 @@ impl TestCluster {
             let _ = cluster::stop_node(&self.dir, id, libc::SIGTERM, Duration::from_secs(10));
         }
     }
+}
+
+/// Counters from the nodes' `/metrics`, summed over each node's
+/// lifetimes: a node counts from zero again after a restart (the nemesis
+/// kills nodes), so each node is read now and then ([`CounterSums::sample`])
+/// and what it had counted before it restarted is kept. What a node
+/// counted after its last read before a kill is missed.
+pub struct CounterSums {
+    dir: PathBuf,
+    /// (node id, HTTP address) of each node.
+    nodes: Vec<(u64, SocketAddr)>,
+    names: Vec<String>,
+    /// Per node: its pid and each counter's value at its last read.
+    last: Vec<Option<(i32, Vec<u64>)>>,
+    /// Per counter: what nodes counted before they restarted.
+    banked: Vec<u64>,
+}
+
+impl CounterSums {
+    pub fn new(tc: &TestCluster, names: &[&str]) -> CounterSums {
+        CounterSums {
+            dir: tc.dir.clone(),
+            nodes: tc.cfgs.iter().map(|c| (c.node_id, c.http)).collect(),
+            names: names.iter().map(|n| n.to_string()).collect(),
+            last: vec![None; tc.cfgs.len()],
+            banked: vec![0; names.len()],
+        }
+    }
+
+    /// Reads every node's counters once (plain HTTP, blocking). A node
+    /// that is down or paused is skipped.
+    pub fn sample(&mut self) {
+        for (i, (id, addr)) in self.nodes.iter().enumerate() {
+            let Some(pid) = cluster::running_pid(&self.dir, *id) else {
+                continue;
+            };
+            let Ok((200, body)) = cluster::http_get(*addr, "/metrics") else {
+                continue;
+            };
+            // Restarted while being read: whose counters these are is
+            // unclear.
+            if cluster::running_pid(&self.dir, *id) != Some(pid) {
+                continue;
+            }
+            let now: Vec<u64> = self
+                .names
+                .iter()
+                .map(|n| counter(&body, n).unwrap_or(0))
+                .collect();
+            if let Some((was_pid, was)) = &self.last[i] {
+                if *was_pid != pid || now.iter().zip(was).any(|(v, w)| v < w) {
+                    for (b, w) in self.banked.iter_mut().zip(was) {
+                        *b += *w;
+                    }
+                }
+            }
+            self.last[i] = Some((pid, now));
+        }
+    }
+
+    /// Each counter's sum over the nodes and their lifetimes.
+    pub fn totals(&self) -> serde_json::Value {
+        let mut m = serde_json::Map::new();
+        for (k, name) in self.names.iter().enumerate() {
+            let live: u64 = self.last.iter().flatten().map(|(_, v)| v[k]).sum();
+            m.insert(name.clone(), serde_json::json!(self.banked[k] + live));
+        }
+        serde_json::Value::Object(m)
+    }
+}
+
+/// The value of counter `name` in a Prometheus text body.
+fn counter(body: &str, name: &str) -> Option<u64> {
+    body.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
 impl Drop for TestCluster {

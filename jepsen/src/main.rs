@@ -17,6 +17,7 @@ mod stats;
 mod workloads;
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -27,6 +28,10 @@ use serde_json::json;
 use cluster::TestCluster;
 use history::History;
 use workloads::{Checked, Ctx};
+
+/// Times the replicas' namespaces are dumped and compared before they
+/// are reported as different.
+const DUMP_ATTEMPTS: usize = 5;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 enum Workload {
@@ -41,6 +46,10 @@ enum Workload {
     /// Files on the mounts as linearizable registers (rename to write,
     /// POSIX locks for compare-and-set).
     FsRegister,
+    /// Many small namespace changes with fsync points, each client in its
+    /// own directory, read from other mounts; checked against a model
+    /// (early answers, D30).
+    FsOps,
 }
 
 #[derive(Parser, Debug)]
@@ -121,7 +130,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     let mut tc = TestCluster::start(&out.join("cluster"), args.nodes, shards, &args.faults).await?;
     let fs_workload = matches!(
         args.workload,
-        Workload::Set | Workload::Bank | Workload::FsRegister
+        Workload::Set | Workload::Bank | Workload::FsRegister | Workload::FsOps
     );
     if fs_workload {
         tc.mount_all(&args.cache_mode)?;
@@ -129,9 +138,26 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         match args.workload {
             Workload::Set => workloads::set::setup(&first)?,
             Workload::FsRegister => workloads::fsreg::setup(&first)?,
+            Workload::FsOps => workloads::fsops::setup(&first, args.concurrency)?,
             _ => workloads::bank::setup(&first)?,
         }
     }
+    // fs-ops reports how many changes the nodes answered early: their
+    // counters, read through the run (a killed node counts from zero again).
+    let sampler = (args.workload == Workload::FsOps).then(|| {
+        let mut sums = cluster::CounterSums::new(&tc, &workloads::fsops::COUNTERS);
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop2 = stop.clone();
+        let task = tokio::task::spawn_blocking(move || {
+            while !stop2.load(Ordering::Relaxed) {
+                sums.sample();
+                std::thread::sleep(workloads::fsops::SAMPLE_EVERY);
+            }
+            sums.sample();
+            sums
+        });
+        (stop, task)
+    });
     let start = Instant::now();
     let history = Arc::new(History::create(&out.join("history.jsonl"), start)?);
     let timeline = nemesis::Timeline::create(&out.join("timeline.jsonl"))?;
@@ -156,6 +182,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
                 Workload::Set => workloads::set::client(c, slot).await,
                 Workload::Bank => workloads::bank::client(c, slot).await,
                 Workload::FsRegister => workloads::fsreg::client(c, slot).await,
+                Workload::FsOps => workloads::fsops::client(c, slot).await,
             }
         }));
     }
@@ -176,12 +203,19 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     tc.wait_healthy(Duration::from_secs(60)).await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
 
-    let fin = match args.workload {
+    let mut fin = match args.workload {
         Workload::Log | Workload::Register => workloads::log::final_reads(&ctx).await?,
         Workload::Set => workloads::set::final_reads(&ctx).await?,
         Workload::Bank => workloads::bank::final_reads(&ctx).await?,
         Workload::FsRegister => workloads::fsreg::final_reads(&ctx).await?,
+        Workload::FsOps => workloads::fsops::final_reads(&ctx).await?,
     };
+    if let Some((stop, task)) = sampler {
+        stop.store(true, Ordering::Relaxed);
+        if let (Ok(sums), Some(o)) = (task.await, fin.as_object_mut()) {
+            o.insert("node_counters".to_string(), sums.totals());
+        }
+    }
     std::fs::write(out.join("final.json"), serde_json::to_vec_pretty(&fin)?)?;
     tc.unmount_all();
     let converged = !fs_workload || tc.wait_applied_equal(Duration::from_secs(30)).await;
@@ -206,10 +240,10 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         Workload::Set => workloads::set::check(&events, &fin),
         Workload::Bank => workloads::bank::check(&events, &fin),
         Workload::FsRegister => workloads::fsreg::check(&events, &fin),
+        Workload::FsOps => workloads::fsops::check(&events, &fin),
     };
     if fs_workload {
         // Every replica materialized the same, consistent namespace.
-        let mut dumps = Vec::new();
         for id in tc.ids() {
             let o = std::process::Command::new(&tc.cfs_bin)
                 .args(["fsck", "--dir"])
@@ -222,12 +256,25 @@ async fn run(args: Args) -> anyhow::Result<bool> {
                     .anomalies
                     .push(json!({"kind": "fsck", "node": id, "report": text}));
             }
-            let d = std::process::Command::new(&tc.cfs_bin)
-                .args(["ns-dump", "--dir"])
-                .arg(&tc.dir)
-                .args(["--node", &id.to_string()])
-                .output()?;
-            dumps.push(d.stdout);
+        }
+        // The mounts' hold renewals (every few seconds) may land between
+        // two nodes' dumps: then all are taken again, at one position.
+        let mut converged = converged;
+        let mut dumps = Vec::new();
+        for _ in 0..DUMP_ATTEMPTS {
+            dumps.clear();
+            for id in tc.ids() {
+                let d = std::process::Command::new(&tc.cfs_bin)
+                    .args(["ns-dump", "--dir"])
+                    .arg(&tc.dir)
+                    .args(["--node", &id.to_string()])
+                    .output()?;
+                dumps.push(d.stdout);
+            }
+            if !converged || dumps.windows(2).all(|w| w[0] == w[1]) {
+                break;
+            }
+            converged = tc.wait_applied_equal(Duration::from_secs(30)).await;
         }
         if !converged {
             checked

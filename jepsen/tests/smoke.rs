@@ -191,6 +191,23 @@ fn file_registers_with_leases_under_kills_and_partitions() {
     );
 }
 
+/// Many small namespace changes answered early (D30) with fsync points,
+/// checked against a model, read from other mounts.
+#[test]
+fn fs_ops_on_mounts_under_kills_and_partitions() {
+    assert_valid(
+        "fs-ops",
+        &[
+            "--workload",
+            "fs-ops",
+            "--nemesis",
+            "kill,partition",
+            "--seed",
+            "20",
+        ],
+    );
+}
+
 /// Read barriers answered from the node's own state: the linearizability
 /// checker must find stale reads. A stale read needs a partition to cut a
 /// node off while clients read there, which 20 s did not always give (it

@@ -9,7 +9,7 @@ use cfs_proto::rpc::{GetAttr, Lookup};
 use cfs_proto::types::*;
 use fuser::{FileAttr, FileType, ReplyAttr, ReplyEntry, Request, TimeOrNow};
 
-use super::{creds, late_attrs, name_of, CfsFs, Shared};
+use super::{creds, late_attrs, name_of, stale_if_gone, CfsFs, Shared};
 use crate::cache::Named;
 
 fn ts(ns: Nanos) -> SystemTime {
@@ -234,7 +234,7 @@ impl CfsFs {
                     let a = sh.attr_now(&i).await;
                     reply.attr(&sh.kernel_ttl(ino, None), &a)
                 }
-                Err(e) => reply.error(e.0),
+                Err(e) => reply.error(stale_if_gone(e).0),
             }
         });
     }
@@ -266,7 +266,7 @@ impl CfsFs {
             };
             match sh.setattr(c, ino, set).await {
                 Ok(a) => reply.attr(&sh.opts.ttl(), &a),
-                Err(e) => reply.error(e.0),
+                Err(e) => reply.error(stale_if_gone(e).0),
             }
         });
     }

@@ -11,7 +11,7 @@ use fuser::{ReplyData, ReplyEmpty, ReplyOpen, ReplyWrite};
 
 use crate::options::CacheMode;
 
-use super::{reply_empty, CfsFs};
+use super::{reply_empty, stale_if_gone, CfsFs};
 
 impl CfsFs {
     pub(super) fn do_open(&self, ino: u64, flags: i32, reply: ReplyOpen) {
@@ -44,7 +44,7 @@ impl CfsFs {
                     };
                     reply.opened(fh, keep);
                 }
-                Err(e) => reply.error(e.0),
+                Err(e) => reply.error(stale_if_gone(e).0),
             }
         });
     }

@@ -168,6 +168,19 @@ fn creds(req: &Request<'_>) -> Creds {
     }
 }
 
+/// The answer to a call on an inode (not a name) that no longer exists:
+/// ESTALE, not ENOENT. The kernel may still map a name to an inode another
+/// mount deleted (a rename over it, an unlink); on ESTALE it looks the
+/// name up again and retries the call on what the name now holds, so that
+/// a rename over a file is atomic for readers on every mount.
+fn stale_if_gone(e: Errno) -> Errno {
+    if e == Errno::ENOENT {
+        Errno::ESTALE
+    } else {
+        e
+    }
+}
+
 fn name_of(n: &OsStr) -> Vec<u8> {
     n.as_bytes().to_vec()
 }

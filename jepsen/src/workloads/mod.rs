@@ -2,6 +2,7 @@
 //! history is checked.
 
 pub mod bank;
+pub mod fsops;
 pub mod fsreg;
 pub mod log;
 pub mod register;
