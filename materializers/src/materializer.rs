@@ -145,12 +145,11 @@ pub fn changes(op: &LoggedOp, r: &Applied) -> Change {
         | Op::RemoveXattr { ino, .. }
         | Op::Write { ino, .. }
         | Op::Fallocate { ino, .. } => ch.inodes.push(*ino),
-        Op::Lock { .. }
-        | Op::ReleaseLocks { .. }
-        | Op::Reclaim { .. }
-        | Op::RenewHold { .. }
-        | Op::ExpireHold { .. } => {}
-        Op::TxPrepare { .. } | Op::TxDecide { .. } | Op::TxFinish { .. } => {
+        Op::Lock { .. } | Op::ReleaseLocks { .. } | Op::Reclaim { .. } | Op::RenewHold { .. } => {}
+        Op::ExpireHold { .. }
+        | Op::TxPrepare { .. }
+        | Op::TxDecide { .. }
+        | Op::TxFinish { .. } => {
             if let Applied::Changed { inodes, entries } = r {
                 ch.inodes.extend(inodes);
                 ch.entries.extend(entries.iter().cloned());

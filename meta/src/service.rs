@@ -684,13 +684,21 @@ impl Inner {
                 // Not past changes this node answered early (D30).
                 let _alone = self.seq.exclusive().await;
                 match coordinator::Cluster::propose(&**self, shard, lop).await {
-                    Ok(_) => {
+                    Ok(Ok(Applied::Changed { inodes, .. })) => {
                         self.counters.holds_broken.fetch_add(1, Ordering::Relaxed);
                         info!(
                             shard = %shard,
                             client = format_args!("{client:016x}"),
+                            inodes = inodes.len(),
                             "a mount's hold lapsed: its locks and orphans there are released"
                         );
+                    }
+                    // Lapsed with nothing left to hold (a mount that
+                    // unlocked and left), or renewed meanwhile.
+                    Ok(Ok(_)) => {}
+                    // EAGAIN (an open transaction): tried at the next check.
+                    Ok(Err(e)) => {
+                        tracing::debug!(shard = %shard, "breaking a lapsed hold: {e}")
                     }
                     Err(e) => warn!(shard = %shard, "breaking a lapsed hold: {e}"),
                 }

@@ -527,6 +527,9 @@ fn two_mounts_see_each_other() {
         );
     }
     std::fs::write(a.path.join("dir/moved"), b"short now").unwrap();
+    // Before any lock: a mount holding one renews its hold with an entry
+    // every few seconds, which this check's entry count would see.
+    tar_like_attributes_ride_with_the_data(&c, &a, &b);
     // POSIX locks hold across mounts.
     use std::os::unix::io::AsRawFd;
     let fa = std::fs::OpenOptions::new()
@@ -559,7 +562,6 @@ fn two_mounts_see_each_other() {
         "lock after the holder closed"
     );
     drop(fb);
-    tar_like_attributes_ride_with_the_data(&c, &a, &b);
 }
 
 /// Every namespace entry applied so far, over all shards (node 1).

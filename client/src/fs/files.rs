@@ -124,6 +124,10 @@ impl CfsFs {
             let st = sh.file(ino);
             if st.opens.fetch_sub(1, Ordering::SeqCst) <= 1 {
                 st.opens.store(0, Ordering::SeqCst);
+                // Its POSIX locks went with the flushes and this release
+                // (an OFD lock left by a closed description is unreachable
+                // anyway): nothing to hold for it any more.
+                sh.locked.lock().expect("locked lock").remove(&ino);
                 let orphan = sh.orphans.lock().expect("orphans lock").remove(&ino);
                 if orphan {
                     let _ = sh.mutate(Creds::root(), Op::Reclaim { ino }).await;

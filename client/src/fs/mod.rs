@@ -346,7 +346,7 @@ impl Filesystem for CfsFs {
         self.spawn("readlink", async move {
             match sh.meta.rpc(ReadLink { ino }, sh.strict()).await {
                 Ok(d) => reply.data(&d),
-                Err(e) => reply.error(e.0),
+                Err(e) => reply.error(stale_if_gone(e).0),
             }
         });
     }
@@ -504,7 +504,7 @@ impl Filesystem for CfsFs {
             {
                 Ok(i) if !i.is_dir() => reply.error(libc::ENOTDIR),
                 Ok(_) => reply.opened(sh.next_fh.fetch_add(1, Ordering::Relaxed), 0),
-                Err(e) => reply.error(e.0),
+                Err(e) => reply.error(stale_if_gone(e).0),
             }
         });
     }

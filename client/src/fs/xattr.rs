@@ -80,7 +80,7 @@ pub(super) async fn getxattr(
                 reply.data(&d)
             }
         }
-        Err(e) => reply.error(e.0),
+        Err(e) => reply.error(super::stale_if_gone(e).0),
     }
 }
 
@@ -112,7 +112,7 @@ pub(super) async fn listxattr(sh: Arc<Shared>, ino: u64, size: u32, reply: Reply
                 reply.data(&d)
             }
         }
-        Err(e) => reply.error(e.0),
+        Err(e) => reply.error(super::stale_if_gone(e).0),
     }
 }
 

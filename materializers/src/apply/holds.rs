@@ -43,8 +43,9 @@ pub(super) fn renew(t: &mut Txn<'_>, shard: ShardId, client: u64, now: Nanos) ->
 }
 
 /// Breaks `client`'s hold on `shard` if it lapsed by `now`: deletes its
-/// locks and the orphans it held open. A hold renewed since the proposal
-/// stays (the entry changes nothing).
+/// locks and the orphans it held open, and returns the inodes that had
+/// them (`Applied::Changed`; `Applied::None` if nothing was held). A hold
+/// renewed since the proposal stays (the entry changes nothing).
 pub(super) fn expire(t: &mut Txn<'_>, shard: ShardId, client: u64, now: Nanos) -> R2<Applied> {
     let key = keys::hold(shard, client);
     match t.get::<Nanos>(&key)? {
@@ -52,11 +53,17 @@ pub(super) fn expire(t: &mut Txn<'_>, shard: ShardId, client: u64, now: Nanos) -
         _ => return Ok(Applied::None),
     }
     t.delete(key);
+    let mut released = std::collections::BTreeSet::new();
     let (from, to) = keys::shard_locks(shard);
     for (k, v) in t.scan(&from, &to)? {
         let l: LockRange = crate::store::decode(&k, &v)?;
         if l.client == client {
-            t.delete(k);
+            t.delete(k.clone());
+            released.extend(
+                keys::inode_scope(&k)
+                    .and_then(|s| s.get(1..9))
+                    .and_then(|b| <[u8; 8]>::try_from(b).ok().map(Ino::from_be_bytes)),
+            );
         }
     }
     let p = keys::held_orphan_prefix(shard, client);
@@ -65,12 +72,19 @@ pub(super) fn expire(t: &mut Txn<'_>, shard: ShardId, client: u64, now: Nanos) -
             if let Some(i) = get_inode(t, ino)? {
                 if i.nlink == 0 && t.get_raw(&keys::orphan(ino))?.is_some() {
                     delete_inode(t, &i)?;
+                    released.insert(ino);
                 }
             }
         }
         t.delete(k);
     }
-    Ok(Applied::None)
+    if released.is_empty() {
+        return Ok(Applied::None);
+    }
+    Ok(Applied::Changed {
+        inodes: released.into_iter().collect(),
+        entries: Vec::new(),
+    })
 }
 
 /// The clients whose hold on `shard` lapsed before `now` (at most

@@ -300,6 +300,7 @@ fn apply_inner(
             Ok(Applied::None)
         }
         Op::Reclaim { ino } => {
+            t.delete(keys::held_orphan(shard_of(*ino), lop.client, *ino));
             if let Some(i) = get_inode(t, *ino)? {
                 if i.nlink == 0 {
                     delete_inode(t, &i)?;
