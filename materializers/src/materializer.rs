@@ -29,6 +29,10 @@ pub const SUBSCRIBER: &str = "namespace";
 pub struct Change {
     /// Client whose operation it was (it updates its own cache).
     pub origin: u64,
+    /// The cross-shard transaction whose step made the change (`origin`
+    /// is then its coordinator; the metadata service knows which client
+    /// asked for it).
+    pub tx: Option<cfs_proto::tx::TxId>,
     pub inodes: Vec<Ino>,
     pub entries: Vec<(Ino, Vec<u8>)>,
     pub shard: ShardId,
@@ -108,8 +112,13 @@ pub fn entry(request: RequestId, op: &LoggedOp) -> Entry {
 /// What applying `op` with result `r` changed that a client may cache
 /// (besides the inodes the entry rewrote, which the caller adds).
 pub fn changes(op: &LoggedOp, r: &Applied) -> Change {
+    let tx = match &op.op {
+        Op::TxPrepare { tx, .. } | Op::TxDecide { tx, .. } | Op::TxFinish { tx, .. } => Some(*tx),
+        _ => None,
+    };
     let mut ch = Change {
         origin: op.client,
+        tx,
         inodes: Vec::new(),
         entries: Vec::new(),
         shard: ShardId(0),
@@ -271,6 +280,7 @@ pub async fn run_shard(
             if chs.is_empty() {
                 let _ = changes_tx.send(Change {
                     origin: 0,
+                    tx: None,
                     inodes: Vec::new(),
                     entries: Vec::new(),
                     shard,

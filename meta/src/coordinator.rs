@@ -39,6 +39,9 @@ pub trait Cluster: Sync {
     fn now(&self) -> Nanos;
     /// A named point of the protocol, for fault injection in tests.
     fn failpoint(&self, _name: &str) {}
+    /// `tx` runs on behalf of `client` (`None`: it ended): the changes its
+    /// steps make are that client's own, as a single-shard change's are.
+    fn on_behalf(&self, _tx: TxId, _client: Option<u64>) {}
 }
 
 /// How long an operation keeps retrying conflicts before giving up.
@@ -133,9 +136,22 @@ async fn run_cross<C: Cluster>(
     lop: LoggedOp,
     placement: Option<ShardId>,
 ) -> Result<Option<ApplyResult>, Errno> {
-    let home = lop.op.shard();
     let (coordinator, seq) = c.next_id();
     let tx = TxId::new(coordinator, seq);
+    c.on_behalf(tx, Some(lop.client));
+    let r = run_cross_as(c, tx, lop, placement).await;
+    c.on_behalf(tx, None);
+    r
+}
+
+/// [`run_cross`] as transaction `tx`.
+async fn run_cross_as<C: Cluster>(
+    c: &C,
+    tx: TxId,
+    lop: LoggedOp,
+    placement: Option<ShardId>,
+) -> Result<Option<ApplyResult>, Errno> {
+    let home = lop.op.shard();
     let new_ino = placement.map(|s| tx_ino(s, tx));
     let db_err = |e: DbError| {
         tracing::error!("planning a cross-shard operation: {e}");

@@ -37,6 +37,8 @@ const READDIR_MAX: u32 = 1024;
 /// Changes queued for the sessions' forwarders before the slowest is
 /// told to drop everything (`Lagged`).
 const CHANGES_QUEUE_MAX: usize = 64 * 1024;
+/// Cross-shard transactions remembered with the client they run for.
+const TX_REQUESTERS_MAX: usize = 4096;
 /// Lapsed holds broken per shard per check (the rest wait for the next).
 const HOLDS_BROKEN_PER_CHECK: usize = 64;
 /// How often leadership terms and clean positions are refreshed.
@@ -81,6 +83,9 @@ struct Inner {
     /// Mutations of the shards this node leads, ordered and predicted
     /// (D30).
     seq: Sequencer,
+    /// Cross-shard transactions this node coordinates, and the client
+    /// each runs for: their changes are that client's own.
+    tx_requesters: std::sync::Mutex<HashMap<cfs_proto::tx::TxId, u64>>,
 }
 
 #[derive(Default)]
@@ -96,6 +101,7 @@ struct Counters {
     early: AtomicU64,
     mispredicted: AtomicU64,
     holds_broken: AtomicU64,
+    lease_refusals: AtomicU64,
 }
 
 /// A running metadata service.
@@ -182,6 +188,7 @@ impl MetaService {
                     .filter(|s| !s.is_empty()),
                 leases: Leases::new(&cfg.shards),
                 seq: Sequencer::new(&cfg.shards),
+                tx_requesters: std::sync::Mutex::default(),
             }),
         };
         // Leadership terms and clean positions, published to the log so
@@ -314,6 +321,11 @@ impl MetaService {
                 &c.mispredicted,
             ),
             (
+                "cfs_meta_lease_refusals_total",
+                "Lease renewals refused because the session's invalidation acknowledgements lagged (D29)",
+                &c.lease_refusals,
+            ),
+            (
                 "cfs_meta_holds_broken_total",
                 "Lapsed mount holds this node broke (locks and orphans of vanished mounts released)",
                 &c.holds_broken,
@@ -440,8 +452,21 @@ async fn serve_conn(inner: Arc<Inner>, sock: TcpStream) {
                 }
                 Ok(c) => {
                     // The session's own changes are sent too (its cache
-                    // drops them) but nothing waits for their ack.
-                    let own = c.origin == client;
+                    // drops them) but nothing waits for their ack: its
+                    // own answer carries them. A cross-shard operation's
+                    // steps are its client's own too: waiting for the
+                    // client's ack could deadlock with the kernel, which
+                    // holds the directory's lock for the call in progress
+                    // while the mount applies the invalidation.
+                    let own = c.origin == client
+                        || c.tx.is_some_and(|t| {
+                            inner2
+                                .tx_requesters
+                                .lock()
+                                .expect("tx requesters lock")
+                                .get(&t)
+                                == Some(&client)
+                        });
                     let mut last = 0;
                     let entries = c.entries.into_iter().map(|(p, n)| (p, Some((p, n))));
                     for (ino, entry) in c.inodes.into_iter().map(|i| (i, None)).chain(entries) {
@@ -610,7 +635,9 @@ impl Inner {
         // One deadline for all shards: a grant answers in time even when
         // the session's invalidations lag (those shards are left out).
         let deadline = Instant::now() + GRANT_WAIT;
-        if !session.congested() {
+        if session.congested() {
+            self.counters.lease_refusals.fetch_add(1, Ordering::Relaxed);
+        } else {
             for st in self.log.status() {
                 if !st.is_leader || self.fresh(st.shard).await.is_err() {
                     continue;
@@ -1087,6 +1114,22 @@ impl coordinator::Cluster for Inner {
 
     fn now(&self) -> Nanos {
         now_ns()
+    }
+
+    fn on_behalf(&self, tx: cfs_proto::tx::TxId, client: Option<u64>) {
+        let mut m = self.tx_requesters.lock().expect("tx requesters lock");
+        match client {
+            // Past the bound, a transaction's changes are foreign to its
+            // client too (its session then acknowledges them: slower, not
+            // wrong).
+            Some(c) if m.len() < TX_REQUESTERS_MAX => {
+                m.insert(tx, c);
+            }
+            Some(_) => {}
+            None => {
+                m.remove(&tx);
+            }
+        }
     }
 
     fn failpoint(&self, name: &str) {

@@ -1111,3 +1111,37 @@ fn a_killed_mount_loses_only_unsynced_changes_and_its_holds_lapse() {
         assert!(out.contains(" 0 orphans,"), "node {n}: {out}");
     }
 }
+
+/// Cross-shard operations (directories near the root are spread over the
+/// shards) right after many early-answered creates in the same directory:
+/// the transaction's changes are the asking mount's own, so the node never
+/// waits for that mount to acknowledge them (the mount's kernel holds the
+/// directory's lock for the very call: waiting stalled such calls until
+/// the mount's lease was refused and ran out, ~2 s; D29).
+#[test]
+fn cross_shard_operations_never_wait_for_the_asking_mount() {
+    let c = Cluster::start("fs-xshard-own");
+    let m = Mount::new(&c, "m", &[]);
+    let d = m.path.join("w");
+    std::fs::create_dir(&d).unwrap();
+    for i in 0..200 {
+        std::fs::write(d.join(format!("f{i}")), b"x").unwrap();
+    }
+    for i in 0..120 {
+        std::fs::create_dir(d.join(format!("d{i}"))).unwrap();
+    }
+    for i in 0..120 {
+        std::fs::remove_dir(d.join(format!("d{i}"))).unwrap();
+    }
+    let refusals: u64 = (1..=3)
+        .map(|n| c.metric(n, "cfs_meta_lease_refusals_total"))
+        .sum();
+    let sequenced: u64 = (1..=3)
+        .map(|n| c.metric(n, "cfs_meta_sequenced_total"))
+        .sum();
+    assert!(
+        sequenced >= 200,
+        "the creates were not sequenced: {sequenced}"
+    );
+    assert_eq!(refusals, 0, "a session's acknowledgements lagged");
+}
