@@ -39,6 +39,10 @@ const READDIR_MAX: u32 = 1024;
 const CHANGES_QUEUE_MAX: usize = 64 * 1024;
 /// Cross-shard transactions remembered with the client they run for.
 const TX_REQUESTERS_MAX: usize = 4096;
+/// How long a transaction's client is remembered after its coordinator
+/// returned: longer than the reply waits for its session's forwarding.
+const TX_REQUESTER_GRACE: Duration = Duration::from_secs(2);
+const _: () = assert!(TX_REQUESTER_GRACE.as_millis() > GRANT_WAIT.as_millis());
 /// Lapsed holds broken per shard per check (the rest wait for the next).
 const HOLDS_BROKEN_PER_CHECK: usize = 64;
 /// How often leadership terms and clean positions are refreshed.
@@ -85,7 +89,7 @@ struct Inner {
     seq: Sequencer,
     /// Cross-shard transactions this node coordinates, and the client
     /// each runs for: their changes are that client's own.
-    tx_requesters: std::sync::Mutex<HashMap<cfs_proto::tx::TxId, u64>>,
+    tx_requesters: Arc<std::sync::Mutex<HashMap<cfs_proto::tx::TxId, u64>>>,
 }
 
 #[derive(Default)]
@@ -188,7 +192,7 @@ impl MetaService {
                     .filter(|s| !s.is_empty()),
                 leases: Leases::new(&cfg.shards),
                 seq: Sequencer::new(&cfg.shards),
-                tx_requesters: std::sync::Mutex::default(),
+                tx_requesters: Arc::default(),
             }),
         };
         // Leadership terms and clean positions, published to the log so
@@ -1119,15 +1123,25 @@ impl coordinator::Cluster for Inner {
     fn on_behalf(&self, tx: cfs_proto::tx::TxId, client: Option<u64>) {
         let mut m = self.tx_requesters.lock().expect("tx requesters lock");
         match client {
-            // Past the bound, a transaction's changes are foreign to its
-            // client too (its session then acknowledges them: slower, not
-            // wrong).
             Some(c) if m.len() < TX_REQUESTERS_MAX => {
                 m.insert(tx, c);
             }
-            Some(_) => {}
+            // Past the bound, a transaction's changes are foreign to its
+            // client too (its session then acknowledges them: slower, not
+            // wrong).
+            Some(_) => warn!(
+                ?tx,
+                "too many cross-shard operations in flight to remember their clients"
+            ),
+            // Kept a little longer: the session may forward the last
+            // steps' changes after the coordinator returned (the reply
+            // waits for that forwarding, at most GRANT_WAIT).
             None => {
-                m.remove(&tx);
+                let requesters = self.tx_requesters.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(TX_REQUESTER_GRACE).await;
+                    requesters.lock().expect("tx requesters lock").remove(&tx);
+                });
             }
         }
     }

@@ -1260,6 +1260,42 @@ pub fn check(events: &[Event], fin: &Value) -> Checked {
 
     let none: Vec<&Op> = Vec::new();
     let mut anomalies = Vec::new();
+    // A file whose inode vanished under a reader's open descriptor is the
+    // known gap only if its owner renamed or unlinked that name while the
+    // read ran; otherwise an inode vanished that nothing removed.
+    for (key, reads) in &readers {
+        let own = owners.get(key).unwrap_or(&none);
+        for r in reads {
+            let Some(c) = &r.complete else { continue };
+            let Some(gone) = c.value["reclaimed_while_open"].as_array() else {
+                continue;
+            };
+            for name in gone.iter().filter_map(Value::as_str) {
+                let removed_meanwhile = own.iter().any(|o| {
+                    let v = &o.invoke.value;
+                    let touches = match o.f.as_str() {
+                        "rename" => v["from"] == name || v["to"] == name,
+                        "unlink" => v["name"] == name,
+                        _ => false,
+                    };
+                    touches
+                        && o.invoke.time <= c.time
+                        && o.complete
+                            .as_ref()
+                            .is_none_or(|oc| oc.time >= r.invoke.time)
+                });
+                if !removed_meanwhile {
+                    anomalies.push(json!({
+                        "kind": "inode-vanished",
+                        "dir": key,
+                        "read": r.invoke.index,
+                        "name": name,
+                        "why": "opened, then its inode was gone, and no rename or unlink of the name overlapped the read",
+                    }));
+                }
+            }
+        }
+    }
     let mut unknown = false;
     let mut undecided = Vec::new();
     let mut entries = serde_json::Map::new();
