@@ -274,11 +274,15 @@ impl Sequencer {
     pub async fn shared(&self) -> RwLockReadGuard<'_, ()> {
         loop {
             let g = self.gate.read().await;
+            // Registered before the check: a settle in between wakes it.
+            let notified = self.settled.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
             if self.pending() < PENDING_MAX {
                 return g;
             }
             drop(g);
-            let _ = tokio::time::timeout(Duration::from_millis(10), self.settled.notified()).await;
+            let _ = tokio::time::timeout(Duration::from_millis(10), notified).await;
         }
     }
 
@@ -287,10 +291,17 @@ impl Sequencer {
     pub async fn exclusive(&self) -> RwLockWriteGuard<'_, ()> {
         let g = self.gate.write().await;
         let deadline = Instant::now() + SETTLE_WAIT + Duration::from_secs(1);
-        while self.pending() > 0 && Instant::now() < deadline {
-            let _ = tokio::time::timeout(Duration::from_millis(10), self.settled.notified()).await;
+        loop {
+            // Registered before the check: a settle in between wakes it
+            // (`notify_waiters` wakes only futures already enabled).
+            let notified = self.settled.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.pending() == 0 || Instant::now() >= deadline {
+                return g;
+            }
+            let _ = tokio::time::timeout(Duration::from_millis(10), notified).await;
         }
-        g
     }
 
     /// Applies `lop` to the overlay and queues its entry to the log, under
