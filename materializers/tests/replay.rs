@@ -174,6 +174,26 @@ fn apply_one(
     apply_as(db, pos, 1, pos as i64, creds, op)
 }
 
+/// A regular file `name` in the root, created exclusively.
+fn create(name: &str) -> Op {
+    Op::Create {
+        parent: ROOT_INO,
+        name: name.as_bytes().to_vec(),
+        mode: libc::S_IFREG | 0o644,
+        rdev: 0,
+        target: None,
+        excl: true,
+    }
+}
+
+/// The inode an operation answered with.
+fn ino_of(r: cfs_materializers::ops::ApplyResult) -> Ino {
+    match r {
+        Ok(cfs_materializers::ops::Applied::Attr(i)) => i.ino,
+        other => panic!("expected an inode, got {other:?}"),
+    }
+}
+
 /// Applies `op` by `client`, stamped `now`, as the entry at `pos`.
 fn apply_as(
     db: &NamespaceDb,
@@ -343,22 +363,10 @@ fn unlink_deletes_a_file_in_the_same_entry_unless_held_open() {
         n += 1;
         apply_one(&db, n, Creds::root(), op)
     };
-    let create = |name: &str| Op::Create {
-        parent: ROOT_INO,
-        name: name.as_bytes().to_vec(),
-        mode: libc::S_IFREG | 0o644,
-        rdev: 0,
-        target: None,
-        excl: true,
-    };
     let unlink = |name: &str, held_open: Vec<Ino>| Op::Unlink {
         parent: ROOT_INO,
         name: name.as_bytes().to_vec(),
         held_open,
-    };
-    let ino_of = |r: Result<Applied, Errno>| match r {
-        Ok(Applied::Attr(i)) => i.ino,
-        other => panic!("expected an inode, got {other:?}"),
     };
     use cfs_materializers::keys;
     use cfs_materializers::ops::Applied;
@@ -652,18 +660,6 @@ fn holds_of_a_vanished_mount_are_broken_once_lapsed() {
     let mut run = |client: u64, now: i64, op: Op| {
         pos += 1;
         apply_as(&db, pos, client, now, Creds::root(), op)
-    };
-    let ino_of = |r: Result<Applied, Errno>| match r {
-        Ok(Applied::Attr(i)) => i.ino,
-        other => panic!("expected an inode, got {other:?}"),
-    };
-    let create = |name: &str| Op::Create {
-        parent: ROOT_INO,
-        name: name.as_bytes().to_vec(),
-        mode: libc::S_IFREG | 0o644,
-        rdev: 0,
-        target: None,
-        excl: true,
     };
     let lock = |ino: Ino, client: u64, start: u64| Op::Lock {
         ino,

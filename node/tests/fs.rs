@@ -204,7 +204,7 @@ fn posix_suite_integrity_and_replay() {
         d1.lines().count() > 100,
         "namespace too small to be meaningful"
     );
-    fsck_clean(&c);
+    let _ = fsck_clean(&c);
     same_namespace(&c, 1, 3);
 
     // Rebuilt from scratch by replaying the log, it is the same again.
@@ -235,8 +235,10 @@ fn same_namespace(c: &Cluster, x: u64, y: u64) -> String {
     a
 }
 
-/// `cfs fsck` passes on every node, with no transaction left open.
-fn fsck_clean(c: &Cluster) {
+/// `cfs fsck` passes on every node, with no transaction left open;
+/// returns each node's report.
+fn fsck_clean(c: &Cluster) -> Vec<String> {
+    let mut reports = Vec::new();
     for n in 1..=3u64 {
         let out = run_cfs(&[
             "fsck",
@@ -249,7 +251,9 @@ fn fsck_clean(c: &Cluster) {
             out.contains(" 0 open transaction records, 0 problems"),
             "node {n}: {out}"
         );
+        reports.push(out);
     }
+    reports
 }
 
 /// A name that places a new directory in the root on `shard`.
@@ -405,7 +409,7 @@ fn coordinator_crash_between_phases() {
         std::thread::sleep(Duration::from_millis(200));
         wait_applied_equal(&c);
     }
-    fsck_clean(&c);
+    let _ = fsck_clean(&c);
 }
 
 /// Writes `n` files with fsync under `dir`, recording the ones whose fsync
@@ -1099,16 +1103,8 @@ fn a_killed_mount_loses_only_unsynced_changes_and_its_holds_lapse() {
     drop(lb);
     drop(b);
     wait_applied_equal(&c);
-    fsck_clean(&c);
-    for n in 1..=3u64 {
-        let out = run_cfs(&[
-            "fsck",
-            "--dir",
-            c.dir.to_str().unwrap(),
-            "--node",
-            &n.to_string(),
-        ]);
-        assert!(out.contains(" 0 orphans,"), "node {n}: {out}");
+    for out in fsck_clean(&c) {
+        assert!(out.contains(" 0 orphans,"), "{out}");
     }
 }
 
