@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 use crate::entry::{Entry, EntryKind, RequestId};
 use crate::shard::{Position, ShardId};
 use crate::transport::{dial, Identity};
-use crate::wire::{LogError, Role, ShardStatus, Wire};
+use crate::wire::{LogError, Role, ShardStatus, Wire, PROPOSE_BATCH_MAX};
 
 /// Per-attempt wait before a proposal is retried (same request id).
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -41,7 +41,7 @@ impl Conn {
             .map_err(|e| LogError::Connection(e.to_string()))?;
         let (tx, rx) = mpsc::unbounded_channel::<Wire>();
         let pending: Pending = Arc::new(Mutex::new(HashMap::new()));
-        tokio::spawn(crate::frame::write_batched(w, rx, Wire::encode_frame));
+        tokio::spawn(write_requests(w, rx));
         let p2 = pending.clone();
         tokio::spawn(async move {
             while let Ok(m) = reader.next().await {
@@ -85,6 +85,88 @@ impl Conn {
 
     fn is_closed(&self) -> bool {
         self.tx.is_closed()
+    }
+}
+
+/// Writes a connection's requests. What is queued when the writer wakes
+/// goes out in one write of up to [`crate::frame::WRITE_BATCH_BYTES`], and
+/// the proposals among it as one [`Wire::ProposeBatch`] frame per shard
+/// (at most [`PROPOSE_BATCH_MAX`] each): the node decodes one frame and
+/// wakes its shard thread once for all of them. Other requests keep their
+/// place after the proposals queued before them.
+async fn write_requests<W>(mut w: W, mut rx: mpsc::UnboundedReceiver<Wire>)
+where
+    W: tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::AsyncWriteExt;
+    let mut buf = Vec::new();
+    let mut batches = ProposalBatches::default();
+    while let Some(first) = rx.recv().await {
+        buf.clear();
+        let mut next = Some(first);
+        while let Some(m) = next {
+            match m {
+                Wire::Propose { id, shard, entry } => batches.push(shard, id, entry, &mut buf),
+                other => {
+                    batches.flush(&mut buf);
+                    other.encode_frame(&mut buf);
+                }
+            }
+            if buf.len() + batches.bytes >= crate::frame::WRITE_BATCH_BYTES {
+                break;
+            }
+            next = rx.try_recv().ok();
+        }
+        batches.flush(&mut buf);
+        if w.write_all(&buf).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Proposals gathered per shard before they are encoded.
+#[derive(Default)]
+struct ProposalBatches {
+    by_shard: Vec<(ShardId, Vec<(u64, Entry)>)>,
+    /// Payload bytes gathered.
+    bytes: usize,
+}
+
+impl ProposalBatches {
+    fn push(&mut self, shard: ShardId, id: u64, entry: Entry, out: &mut Vec<u8>) {
+        self.bytes += entry.payload.len();
+        let i = match self.by_shard.iter().position(|(s, _)| *s == shard) {
+            Some(i) => i,
+            None => {
+                self.by_shard.push((shard, Vec::new()));
+                self.by_shard.len() - 1
+            }
+        };
+        self.by_shard[i].1.push((id, entry));
+        if self.by_shard[i].1.len() >= PROPOSE_BATCH_MAX {
+            let (shard, proposals) = self.by_shard.swap_remove(i);
+            self.bytes -= proposals
+                .iter()
+                .map(|(_, e)| e.payload.len())
+                .sum::<usize>();
+            Self::encode(shard, proposals, out);
+        }
+    }
+
+    fn flush(&mut self, out: &mut Vec<u8>) {
+        for (shard, proposals) in self.by_shard.drain(..) {
+            Self::encode(shard, proposals, out);
+        }
+        self.bytes = 0;
+    }
+
+    fn encode(shard: ShardId, mut proposals: Vec<(u64, Entry)>, out: &mut Vec<u8>) {
+        if proposals.len() == 1 {
+            let (id, entry) = proposals.remove(0);
+            Wire::Propose { id, shard, entry }.encode_frame(out);
+        } else {
+            Wire::ProposeBatch { shard, proposals }.encode_frame(out);
+        }
     }
 }
 

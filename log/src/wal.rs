@@ -11,14 +11,24 @@
 //! * Every record is one frame (`frame`): length, crc32c, payload. A record is
 //!   applied on recovery only if its checksum holds, so a multi-op record
 //!   (`Atomic`) is all-or-nothing, as OmniPaxos' `write_atomically` needs.
-//! * Segments are pre-zeroed (`Disk::create_zeroed`), so a zero length marks
-//!   the end of written data, and writes never grow the file (fdatasync then
-//!   flushes data only).
+//! * Segment files are written in place, never grown (fdatasync then flushes
+//!   data only): a new one is zero-filled (`Disk::create_zeroed`, in the
+//!   background), or, once trimming frees one, an old segment file is
+//!   recycled as is (renamed to `spare-*.wal`, then to the next segment), so
+//!   a loaded log does not write every byte twice.
+//! * Every record's payload starts with a [`RecordTag`]: the segment id its
+//!   file has now and that segment's random salt. A record of the file's
+//!   earlier use, however good its checksum, names another segment or salt:
+//!   the end of data, like zeros. A user's entry bytes cannot forge the
+//!   tag of a segment that does not exist yet (its salt is drawn when it
+//!   starts).
 //! * Each segment starts with a `Checkpoint` of all metadata, so whole old
 //!   segments can be deleted once every entry in them is trimmed.
-//! * Recovery: a bad record in the last segment followed only by zeros is a
-//!   torn tail (the last, unacknowledged write) and is cut off; any other bad
-//!   record is corruption, reported with file and offset, and start-up fails.
+//! * Recovery: a bad record in the last segment after which no record of
+//!   this segment's tag follows is a torn tail (the last, unacknowledged
+//!   write) and is cut off; a bad record elsewhere, or one followed by
+//!   records of the same tag, is corruption, reported with file and offset,
+//!   and start-up fails.
 //!
 //! Durability contract: nothing appended is durable until [`Wal::sync`]
 //! returns. The shard loop calls `sync` once per batch of inputs, before it
@@ -206,7 +216,16 @@ impl<D: Disk + Clone> RecordSource for DiskRecords<D> {
         let (payload, _) = frame::decode(&bytes, RECORD_BYTES_MAX)
             .map_err(|e| format!("{} at {offset}: {e}", self.disk.describe(&name)))?
             .ok_or_else(|| format!("{} at {offset}: short record", self.disk.describe(&name)))?;
-        let op = WalOp::decode(payload)
+        let body = match RecordTag::split(payload) {
+            Some((tag, body)) if tag.segment == segment => body,
+            _ => {
+                return Err(format!(
+                    "{} at {offset}: not a record of this segment",
+                    self.disk.describe(&name)
+                ))
+            }
+        };
+        let op = WalOp::decode(body)
             .map_err(|e| format!("{} at {offset}: {e}", self.disk.describe(&name)))?;
         let mut out = Vec::new();
         collect_appended(&op, &mut out);
@@ -689,6 +708,65 @@ fn parse_segment_name(name: &str) -> Option<u64> {
 
 const PREALLOC_NAME: &str = "prealloc.tmp";
 
+/// Trimmed segment files kept for reuse, beyond which they are deleted.
+pub const RECYCLED_SPARES_MAX: usize = 2;
+
+fn spare_name(id: u64) -> String {
+    format!("spare-{id:016x}.wal")
+}
+
+fn is_spare_name(name: &str) -> bool {
+    name.starts_with("spare-") && name.ends_with(".wal")
+}
+
+/// What starts every record's payload: which use of a file the record
+/// belongs to. See the module doc.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct RecordTag {
+    segment: u64,
+    salt: u64,
+}
+
+impl RecordTag {
+    const BYTES: usize = 16;
+
+    fn put(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.segment.to_le_bytes());
+        out.extend_from_slice(&self.salt.to_le_bytes());
+    }
+
+    /// The tag and the op bytes after it.
+    fn split(payload: &[u8]) -> Option<(RecordTag, &[u8])> {
+        if payload.len() < Self::BYTES {
+            return None;
+        }
+        let segment = u64::from_le_bytes(payload[..8].try_into().ok()?);
+        let salt = u64::from_le_bytes(payload[8..16].try_into().ok()?);
+        Some((RecordTag { segment, salt }, &payload[Self::BYTES..]))
+    }
+}
+
+/// The offset of the first good record at or after `from` whose tag names
+/// `segment` (and `salt`, if known): proof that data of this use of the
+/// file lies beyond a bad spot, which is then corruption, not a torn tail.
+fn find_tagged_record(bytes: &[u8], from: usize, segment: u64, salt: Option<u64>) -> Option<usize> {
+    let id = segment.to_le_bytes();
+    let salt = salt.map(u64::to_le_bytes);
+    let h = frame::FRAME_HEADER_BYTES;
+    let last = bytes.len().checked_sub(h + RecordTag::BYTES)?;
+    if from > last {
+        return None;
+    }
+    // Candidates: where the segment id stands as a tag would (a SIMD
+    // search: the rest of a zero-filled 64 MiB file costs milliseconds).
+    memchr::memmem::find_iter(&bytes[from + h..last + h + 8], &id)
+        .map(|at| from + at)
+        .find(|&off| {
+            salt.is_none_or(|s| bytes[off + h + 8..off + h + 16] == s)
+                && matches!(frame::decode(&bytes[off..], RECORD_BYTES_MAX), Ok(Some(_)))
+        })
+}
+
 struct SegmentMeta {
     id: u64,
     /// Largest log end while this segment was active: every entry it holds
@@ -704,6 +782,9 @@ pub struct WalStats {
     pub records: u64,
     /// A torn tail was cut off at start-up.
     pub torn_tail_truncated: bool,
+    /// Segments started in a recycled file / in a zero-filled one.
+    pub segments_recycled: u64,
+    pub segments_zero_filled: u64,
 }
 
 /// A write-ahead log over one [`Disk`] directory.
@@ -711,6 +792,11 @@ pub struct Wal<D: Disk + Clone> {
     disk: D,
     config: WalConfig,
     segments: Vec<SegmentMeta>,
+    /// Salt of the active segment's records.
+    salt: u64,
+    /// Trimmed segment files waiting to be reused (at most
+    /// [`RECYCLED_SPARES_MAX`]).
+    spares: Vec<String>,
     active: D::File,
     /// Bytes of the active segment already written to the file.
     active_written: u64,
@@ -733,102 +819,133 @@ struct ScanResult {
     /// Offset just past the last non-zero byte of a torn tail (`end` if
     /// none): the bytes to zero so the next scan sees a clean end.
     torn_end: u64,
+    /// The salt of the segment's records (none if it has none).
+    salt: Option<u64>,
+    /// The segment's end record was found: no record may be added to it.
+    ended: bool,
 }
 
-fn scan_segment(bytes: &[u8], file: &str, is_last: bool) -> Result<ScanResult, WalError> {
+/// Bytes of the record that closes a segment (a tag and no op): written
+/// before rotating, so a segment that is not the last must end with one,
+/// and whatever follows it is the file's earlier use.
+const END_RECORD_BYTES: u64 = (frame::FRAME_HEADER_BYTES + RecordTag::BYTES) as u64;
+
+/// Why a scan stopped before the end of a segment file.
+enum Stop {
+    /// The segment's end record.
+    Ended,
+    /// A zero length: never-written (zero-filled) space.
+    Zeros,
+    /// A good record of the file's earlier use (another tag).
+    Stale,
+    /// A record whose checksum or length fails.
+    Bad,
+}
+
+/// Reads the records of segment `segment` from its file's bytes: every
+/// record tagged with this segment up to the first thing that is not one.
+fn scan_segment(
+    bytes: &[u8],
+    segment: u64,
+    file: &str,
+    is_last: bool,
+) -> Result<ScanResult, WalError> {
     let mut ops = Vec::new();
+    let mut salt: Option<u64> = None;
     let mut pos = 0usize;
-    loop {
+    let corrupt = |offset: usize, reason: String| WalError::Corrupt {
+        file: file.to_string(),
+        offset: offset as u64,
+        reason,
+    };
+    let stop = loop {
         let rest = &bytes[pos..];
         if rest.len() < frame::FRAME_HEADER_BYTES || rest[..4] == [0, 0, 0, 0] {
-            // End of written data: everything after must be zeros.
-            if let Some(nz) = rest.iter().position(|b| *b != 0) {
-                if !is_last {
-                    return Err(WalError::Corrupt {
-                        file: file.to_string(),
-                        offset: (pos + nz) as u64,
-                        reason: "non-zero bytes after the end of records".into(),
-                    });
-                }
-                let r = torn_or_corrupt(bytes, pos, file, "non-zero bytes after a zero header")?;
-                return Ok(ScanResult { ops, ..r });
-            }
-            return Ok(ScanResult {
-                ops,
-                end: pos as u64,
-                torn: false,
-                torn_end: pos as u64,
-            });
+            break Stop::Zeros;
         }
         match frame::decode(rest, RECORD_BYTES_MAX) {
-            Ok(Some((payload, used))) => match WalOp::decode(payload) {
-                Ok(op) => {
+            Ok(Some((payload, used))) => match RecordTag::split(payload) {
+                Some((tag, body))
+                    if tag.segment == segment
+                        && salt.is_none_or(|s| s == tag.salt)
+                        && body.is_empty() =>
+                {
+                    pos += used;
+                    break Stop::Ended;
+                }
+                Some((tag, body))
+                    if tag.segment == segment && salt.is_none_or(|s| s == tag.salt) =>
+                {
+                    // Checksum and tag held but the content is not a record:
+                    // never torn.
+                    let op = WalOp::decode(body).map_err(|r| corrupt(pos, r))?;
+                    salt = Some(tag.salt);
                     ops.push((op, pos as u64, used as u32));
                     pos += used;
                 }
-                Err(reason) => {
-                    // Checksum held but the content is not a record: never torn.
-                    return Err(WalError::Corrupt {
-                        file: file.to_string(),
-                        offset: pos as u64,
-                        reason,
-                    });
-                }
+                _ => break Stop::Stale,
             },
-            Ok(None) | Err(_) if is_last => {
-                let r = torn_or_corrupt(bytes, pos, file, "bad or incomplete record")?;
-                return Ok(ScanResult { ops, ..r });
-            }
-            Ok(None) => {
-                return Err(WalError::Corrupt {
-                    file: file.to_string(),
-                    offset: pos as u64,
-                    reason: "record runs past the end of the segment".into(),
-                })
-            }
-            Err(e) => {
-                return Err(WalError::Corrupt {
-                    file: file.to_string(),
-                    offset: pos as u64,
-                    reason: e.to_string(),
-                })
-            }
+            Ok(None) | Err(_) => break Stop::Bad,
         }
-    }
-}
-
-/// A bad record at `pos` of the last segment: a torn tail if nothing but
-/// zeros follows the span its header claims, corruption otherwise.
-fn torn_or_corrupt(
-    bytes: &[u8],
-    pos: usize,
-    file: &str,
-    what: &str,
-) -> Result<ScanResult, WalError> {
-    let rest = &bytes[pos..];
-    let claimed = if rest.len() >= 4 {
-        u32::from_le_bytes(rest[..4].try_into().expect("4")) as usize
-    } else {
-        0
     };
-    let span_end = pos
-        .saturating_add(frame::FRAME_HEADER_BYTES)
-        .saturating_add(claimed)
-        .min(bytes.len());
-    if bytes[span_end..].iter().all(|b| *b == 0) {
-        let dirty = bytes[pos..span_end].iter().rposition(|b| *b != 0);
-        Ok(ScanResult {
-            ops: Vec::new(),
-            end: pos as u64,
-            torn: true,
-            torn_end: dirty.map_or(pos, |d| pos + d + 1) as u64,
-        })
+    let what = match stop {
+        Stop::Ended => "the segment's end record",
+        Stop::Zeros => "end of records (zeros)",
+        Stop::Stale => "end of records (an earlier use of the file)",
+        Stop::Bad => "bad or incomplete record",
+    };
+    // Past the end record, or past the thing that is not a record here.
+    let after = if matches!(stop, Stop::Ended) {
+        pos
     } else {
-        Err(WalError::Corrupt {
-            file: file.to_string(),
-            offset: pos as u64,
-            reason: format!("{what}, followed by more data (not a torn tail)"),
-        })
+        pos + 1
+    };
+    if let Some(at) = find_tagged_record(bytes, after, segment, salt) {
+        return Err(corrupt(
+            pos,
+            format!(
+                "{what}, yet a record of this segment follows at offset {at} (not a torn tail)"
+            ),
+        ));
+    }
+    let clean = ScanResult {
+        ops,
+        end: pos as u64,
+        torn: false,
+        torn_end: pos as u64,
+        salt,
+        ended: matches!(stop, Stop::Ended),
+    };
+    match stop {
+        Stop::Ended => Ok(clean),
+        Stop::Zeros | Stop::Stale if is_last => Ok(clean),
+        Stop::Zeros | Stop::Stale => Err(corrupt(
+            pos,
+            format!("{what} before the segment's end record (a segment that is not the last)"),
+        )),
+        Stop::Bad if is_last => {
+            // A torn tail: zero the span its header claims (bounded by the
+            // file), so the next records written here leave no remnant.
+            let rest = &bytes[pos..];
+            let claimed = match rest.get(..4) {
+                Some(b) => u32::from_le_bytes(b.try_into().expect("4 bytes")) as usize,
+                None => 0,
+            };
+            let span_end = pos
+                .saturating_add(frame::FRAME_HEADER_BYTES)
+                .saturating_add(claimed.min(APPEND_RECORD_BYTES_MAX * 2))
+                .min(bytes.len());
+            let dirty = bytes[pos..span_end].iter().rposition(|b| *b != 0);
+            Ok(ScanResult {
+                torn: true,
+                torn_end: dirty.map_or(pos, |d| pos + d + 1) as u64,
+                ..clean
+            })
+        }
+        Stop::Bad => Err(corrupt(
+            pos,
+            "bad record in a segment that is not the last".into(),
+        )),
     }
 }
 
@@ -844,6 +961,11 @@ impl<D: Disk + Clone> Wal<D> {
         if names.iter().any(|n| n == PREALLOC_NAME) {
             disk.remove(PREALLOC_NAME)
                 .map_err(io_err(&disk, PREALLOC_NAME))?;
+        }
+        let mut spares: Vec<String> = names.iter().filter(|n| is_spare_name(n)).cloned().collect();
+        spares.sort();
+        for extra in spares.split_off(spares.len().min(RECYCLED_SPARES_MAX)) {
+            disk.remove(&extra).map_err(io_err(&disk, &extra))?;
         }
         let mut ids: Vec<u64> = names.iter().filter_map(|n| parse_segment_name(n)).collect();
         ids.sort_unstable();
@@ -868,11 +990,13 @@ impl<D: Disk + Clone> Wal<D> {
         let mut stats = WalStats::default();
         let mut last_end = 0u64;
         let mut last_torn_end = 0u64;
+        let mut last_salt = None;
+        let mut last_ended = false;
         for (i, id) in ids.iter().enumerate() {
             let name = segment_name(*id);
             let bytes = disk.read_all(&name).map_err(io_err(&disk, &name))?;
             let is_last = i + 1 == ids.len();
-            let scan = scan_segment(&bytes, &disk.describe(&name), is_last)?;
+            let scan = scan_segment(&bytes, *id, &disk.describe(&name), is_last)?;
             if scan.torn {
                 tracing::warn!(file = %disk.describe(&name), offset = scan.end,
                     "torn tail record cut off (an unacknowledged write interrupted by a crash)");
@@ -929,6 +1053,8 @@ impl<D: Disk + Clone> Wal<D> {
             segments.push(SegmentMeta { id: *id, max_end });
             last_end = scan.end;
             last_torn_end = scan.torn_end;
+            last_salt = scan.salt;
+            last_ended = scan.ended;
         }
         if state.entries_start > state.trimmed && state.entries_start > 0 {
             return Err(WalError::Missing(format!(
@@ -939,15 +1065,24 @@ impl<D: Disk + Clone> Wal<D> {
             )));
         }
         let (active, active_written) = match segments.last() {
-            Some(s) => {
+            Some(s) if !last_ended => {
                 let name = segment_name(s.id);
                 (disk.open(&name).map_err(io_err(&disk, &name))?, last_end)
             }
-            None => {
-                let id = ids.last().copied().unwrap_or(0);
+            // No segment, or the last one was closed by a rotation that
+            // crashed before the next one was durable: start the next.
+            last => {
+                let id = match last {
+                    Some(s) => s.id + 1,
+                    None => ids.last().copied().unwrap_or(0),
+                };
+                last_salt = None;
                 let name = segment_name(id);
-                disk.create_zeroed(&name, config.segment_bytes)
-                    .map_err(io_err(&disk, &name))?;
+                match spares.pop() {
+                    Some(spare) => disk.rename(&spare, &name),
+                    None => disk.create_zeroed(&name, config.segment_bytes),
+                }
+                .map_err(io_err(&disk, &name))?;
                 disk.sync_dir().map_err(io_err(&disk, "."))?;
                 segments.push(SegmentMeta {
                     id,
@@ -960,6 +1095,8 @@ impl<D: Disk + Clone> Wal<D> {
             disk,
             config,
             segments,
+            salt: last_salt.unwrap_or_else(rand::random),
+            spares,
             active,
             active_written,
             pending: Vec::new(),
@@ -986,7 +1123,9 @@ impl<D: Disk + Clone> Wal<D> {
                 .map_err(io_err(&wal.disk, &name))?;
         }
         wal.state.evict(wal.config.memory_bytes_max);
-        wal.start_prealloc();
+        if wal.spares.is_empty() {
+            wal.start_prealloc();
+        }
         Ok(wal)
     }
 
@@ -1010,8 +1149,17 @@ impl<D: Disk + Clone> Wal<D> {
         }
     }
 
+    /// The tag of records written now (to the active segment).
+    fn tag(&self) -> RecordTag {
+        RecordTag {
+            segment: self.segments.last().expect("active segment").id,
+            salt: self.salt,
+        }
+    }
+
     fn encode_record(&mut self, op: &WalOp) {
         let mut payload = Vec::with_capacity(64);
+        self.tag().put(&mut payload);
         op.encode_into(&mut payload);
         frame::encode_into(&mut self.pending, &payload);
         self.stats.records += 1;
@@ -1071,13 +1219,16 @@ impl<D: Disk + Clone> Wal<D> {
     }
 
     fn append_one(&mut self, op: WalOp) -> Result<(), WalError> {
-        let mut payload = Vec::new();
-        op.encode_into(&mut payload);
-        let record_len = (frame::FRAME_HEADER_BYTES + payload.len()) as u64;
+        let mut body = Vec::new();
+        op.encode_into(&mut body);
+        let record_len = (frame::FRAME_HEADER_BYTES + RecordTag::BYTES + body.len()) as u64;
         let used = self.active_written + self.pending.len() as u64;
-        if used + record_len > self.config.segment_bytes && used > 0 {
+        if used + record_len + END_RECORD_BYTES > self.config.segment_bytes && used > 0 {
             self.rotate()?;
         }
+        let mut payload = Vec::with_capacity(RecordTag::BYTES + body.len());
+        self.tag().put(&mut payload);
+        payload.extend_from_slice(&body);
         let pos = RecordPos {
             segment: self.segments.last().expect("active segment").id,
             offset: self.active_written + self.pending.len() as u64,
@@ -1145,41 +1296,66 @@ impl<D: Disk + Clone> Wal<D> {
     }
 
     fn rotate(&mut self) -> Result<(), WalError> {
-        // The old segment must be durable before the new one can be: replay
-        // reads segments in order and a hole would lose acknowledged data.
+        // The old segment, closed by its end record, must be durable before
+        // the new one can be: replay reads segments in order and a hole
+        // would lose acknowledged data.
+        let mut end = Vec::with_capacity(RecordTag::BYTES);
+        self.tag().put(&mut end);
+        frame::encode_into(&mut self.pending, &end);
         self.sync()?;
         let id = self.segments.last().expect("segment").id + 1;
         let name = segment_name(id);
-        let ready = match self.prealloc.take() {
-            Some(rx) => matches!(rx.recv(), Ok(Ok(()))),
-            None => false,
-        };
-        let r = if ready {
-            self.disk.rename(PREALLOC_NAME, &name)
+        // A recycled file first (no zero-filling at all), then the one
+        // zero-filled in the background, then zero-filling here.
+        let r = if let Some(spare) = self.spares.pop() {
+            self.stats.segments_recycled += 1;
+            self.disk.rename(&spare, &name)
         } else {
-            self.disk.create_zeroed(&name, self.config.segment_bytes)
+            self.stats.segments_zero_filled += 1;
+            let ready = match self.prealloc.take() {
+                Some(rx) => matches!(rx.recv(), Ok(Ok(()))),
+                None => false,
+            };
+            if ready {
+                self.disk.rename(PREALLOC_NAME, &name)
+            } else {
+                self.disk.create_zeroed(&name, self.config.segment_bytes)
+            }
         };
         r.and_then(|_| self.disk.sync_dir())
             .map_err(io_err(&self.disk, &name))?;
         self.active = self.disk.open(&name).map_err(io_err(&self.disk, &name))?;
         self.active_written = 0;
+        self.salt = rand::random();
         self.segments.push(SegmentMeta {
             id,
             max_end: self.state.end(),
         });
         let ck = WalOp::Checkpoint(self.checkpoint());
         self.encode_record(&ck);
-        self.start_prealloc();
+        if self.spares.is_empty() {
+            self.start_prealloc();
+        }
         Ok(())
     }
 
-    /// Deletes the oldest segments whose entries are all trimmed. Called
+    /// Retires the oldest segments whose entries are all trimmed: kept as
+    /// spares to recycle (up to [`RECYCLED_SPARES_MAX`]) or deleted. Called
     /// after a sync, so the trim that allows it is durable.
     fn delete_trimmed_segments(&mut self) -> Result<(), WalError> {
         let mut removed = false;
         while self.segments.len() > 1 && self.segments[0].max_end <= self.state.entries_start {
-            let name = segment_name(self.segments[0].id);
-            self.disk.remove(&name).map_err(io_err(&self.disk, &name))?;
+            let id = self.segments[0].id;
+            let name = segment_name(id);
+            if self.spares.len() < RECYCLED_SPARES_MAX {
+                let spare = spare_name(id);
+                self.disk
+                    .rename(&name, &spare)
+                    .map_err(io_err(&self.disk, &name))?;
+                self.spares.insert(0, spare);
+            } else {
+                self.disk.remove(&name).map_err(io_err(&self.disk, &name))?;
+            }
             self.segments.remove(0);
             removed = true;
         }
@@ -1295,6 +1471,137 @@ mod tests {
                 assert_eq!(w2.state().get(i, i + 1).unwrap()[0], e(i));
             }
         }
+    }
+
+    /// Trims as the log grows, so most new segments start in a recycled
+    /// file full of good records of its earlier use.
+    fn append_trimming(w: &mut Wal<SimDisk>, rounds: u64) {
+        for _ in 0..rounds {
+            append(w, 4);
+            let keep_from = w.state().end().saturating_sub(40);
+            if keep_from > w.state().trimmed {
+                w.append(WalOp::Atomic(vec![
+                    WalOp::Trim(keep_from),
+                    WalOp::Compacted(keep_from),
+                ]))
+                .unwrap();
+            }
+            w.sync().unwrap();
+        }
+    }
+
+    #[test]
+    fn trimmed_segments_are_recycled_and_their_old_records_never_replayed() {
+        let d = SimDisk::new();
+        let mut w = Wal::open(d.clone(), cfg(2048)).unwrap();
+        append_trimming(&mut w, 300);
+        let st = w.stats();
+        assert!(st.segments_recycled > 10, "{st:?}");
+        assert!(st.segments_recycled > 5 * st.segments_zero_filled, "{st:?}");
+        let files = d.list().unwrap();
+        assert!(files.iter().filter(|n| is_spare_name(n)).count() <= RECYCLED_SPARES_MAX);
+        let live = w.state().clone();
+        drop(w);
+        let w2 = Wal::open(d.clone(), cfg(2048)).unwrap();
+        assert_eq!(w2.state(), &live);
+        let end = live.end();
+        for i in live.entries_start..end {
+            assert_eq!(w2.state().get(i, i + 1).unwrap()[0], e(i));
+        }
+    }
+
+    #[test]
+    fn crash_in_recycled_segments_loses_only_unsynced() {
+        for seed in 0..200 {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+            let d = SimDisk::new();
+            let mut w = Wal::open(d.clone(), cfg(1024)).unwrap();
+            append_trimming(&mut w, 60);
+            assert!(w.stats().segments_recycled > 0);
+            let mut synced_end = w.state().end();
+            for round in 0..20 {
+                append(&mut w, 2);
+                if round % 3 != 2 {
+                    w.sync().unwrap();
+                    synced_end = w.state().end();
+                }
+            }
+            let unsynced_end = w.state().end();
+            drop(w);
+            d.crash(&mut rng);
+            let w2 = Wal::open(d.clone(), cfg(1024)).unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+            let end = w2.state().end();
+            assert!(end >= synced_end && end <= unsynced_end, "seed {seed}");
+            for i in w2.state().entries_start..end {
+                assert_eq!(w2.state().get(i, i + 1).unwrap()[0], e(i), "seed {seed}");
+            }
+        }
+    }
+
+    fn record(tag: RecordTag, op: &WalOp, out: &mut Vec<u8>) {
+        let mut body = Vec::new();
+        tag.put(&mut body);
+        op.encode_into(&mut body);
+        frame::encode_into(out, &body);
+    }
+
+    #[test]
+    fn a_good_record_with_another_salt_ends_the_segment() {
+        // What a recycled file may hold right after the last record: a
+        // well-formed record of an earlier use, or one a client forged into
+        // an entry's bytes naming the segment id the file will get. Either
+        // way its salt is not the one drawn when the segment started.
+        let mine = RecordTag {
+            segment: 5,
+            salt: 0x5eed,
+        };
+        let mut bytes = Vec::new();
+        record(mine, &WalOp::Decided(3), &mut bytes);
+        let end = bytes.len();
+        let forged = RecordTag { salt: 999, ..mine };
+        record(forged, &WalOp::Decided(1_000_000), &mut bytes);
+        record(
+            RecordTag { segment: 4, ..mine },
+            &WalOp::Decided(7),
+            &mut bytes,
+        );
+        bytes.resize(4096, 0xa5);
+        let scan = scan_segment(&bytes, 5, "seg", true).unwrap();
+        assert_eq!(scan.ops.len(), 1);
+        assert_eq!(scan.end, end as u64);
+        assert!(!scan.torn && !scan.ended);
+        // A segment that is not the last must have been closed by its end
+        // record; with it, what follows is the file's earlier use.
+        let err = scan_segment(&bytes, 5, "seg", false)
+            .err()
+            .expect("not closed");
+        assert!(err.to_string().contains("end record"), "{err}");
+        let mut closed = Vec::new();
+        record(mine, &WalOp::Decided(3), &mut closed);
+        let mut end_record = Vec::new();
+        mine.put(&mut end_record);
+        frame::encode_into(&mut closed, &end_record);
+        let closed_end = closed.len();
+        let mut reopened = closed.clone();
+        closed.extend_from_slice(&bytes[end..]);
+        let scan = scan_segment(&closed, 5, "seg", false).unwrap();
+        assert_eq!(scan.ops.len(), 1);
+        assert_eq!(scan.end, closed_end as u64);
+        assert!(scan.ended);
+        // A record of the segment after its end record is corruption.
+        record(mine, &WalOp::Decided(4), &mut reopened);
+        assert!(scan_segment(&reopened, 5, "seg", false).is_err());
+        // A record of this segment after a bad one is corruption, wherever
+        // the bad one is.
+        let mut hole = Vec::new();
+        record(mine, &WalOp::Decided(3), &mut hole);
+        let bad_at = hole.len();
+        record(mine, &WalOp::Decided(4), &mut hole);
+        hole[bad_at + 9] ^= 1;
+        record(mine, &WalOp::Decided(5), &mut hole);
+        hole.resize(4096, 0);
+        let err = scan_segment(&hole, 5, "seg", true).err().expect("corrupt");
+        assert!(err.to_string().contains("follows at offset"), "{err}");
     }
 
     #[test]

@@ -14,13 +14,16 @@ use crate::entry::Entry;
 use crate::shard::{Position, ShardId};
 
 /// Protocol version; a peer speaking another is refused.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 /// Largest frame before the handshake completes.
 pub const HELLO_FRAME_BYTES_MAX: usize = 64 << 10;
 /// Largest frame after it. OmniPaxos sends a lagging follower its whole
 /// missing suffix in one message; trimming bounds that suffix, and this
 /// bounds memory per connection.
 pub const FRAME_BYTES_MAX: usize = 256 << 20;
+/// Most proposals a client puts in one [`Wire::ProposeBatch`] frame (and
+/// a node hands its shard thread in one input).
+pub const PROPOSE_BATCH_MAX: usize = 1024;
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Role {
@@ -128,6 +131,13 @@ pub enum Wire {
         id: u64,
         shard: ShardId,
         entry: Entry,
+    },
+    /// Several proposals to one shard in one frame: what a client had
+    /// queued on its connection when it wrote (at most
+    /// [`PROPOSE_BATCH_MAX`]). Each is answered on its own (`Decided`).
+    ProposeBatch {
+        shard: ShardId,
+        proposals: Vec<(u64, Entry)>,
     },
     ReadBarrier {
         id: u64,

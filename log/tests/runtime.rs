@@ -25,7 +25,10 @@ fn free_addr() -> SocketAddr {
         .unwrap()
 }
 
-async fn start_cluster(dir: &std::path::Path, segment_bytes: u64) -> Vec<LogNode> {
+async fn start_cluster(
+    dir: &std::path::Path,
+    segment_bytes: u64,
+) -> (Vec<LogNode>, Vec<SocketAddr>) {
     let nodes: BTreeMap<u64, SocketAddr> = (1..=3).map(|i| (i, free_addr())).collect();
     let mut out = Vec::new();
     for (&id, &addr) in &nodes {
@@ -51,7 +54,7 @@ async fn start_cluster(dir: &std::path::Path, segment_bytes: u64) -> Vec<LogNode
         };
         out.push(LogNode::start(cfg).await.unwrap());
     }
-    out
+    (out, nodes.values().copied().collect())
 }
 
 async fn wait_leader(nodes: &[LogNode]) -> usize {
@@ -81,7 +84,7 @@ async fn forward_subscribe_trim() {
         .try_init();
     let dir = std::env::temp_dir().join(format!("cfs-rt-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let nodes = start_cluster(&dir, 64 << 10).await;
+    let (nodes, _) = start_cluster(&dir, 64 << 10).await;
     let leader = wait_leader(&nodes).await;
     let follower = (leader + 1) % 3;
 
@@ -201,4 +204,99 @@ fn start_is_trimmed(n: &LogNode) -> bool {
             )
         })
     })
+}
+
+/// Remote clients: many proposals in flight on one connection go to the
+/// node as `ProposeBatch` frames, each answered on its own; a frame mixing
+/// a bad proposal with good ones refuses only the bad one; a frame over
+/// the batch limit closes the connection without deciding any of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remote_proposals_batched_per_connection() {
+    use cfs_log::client::LogClient;
+    use cfs_log::transport::{dial, write_msg, Identity};
+    use cfs_log::wire::{Role, Wire, PROPOSE_BATCH_MAX};
+    use std::sync::Arc;
+
+    let dir = std::env::temp_dir().join(format!("cfs-rt-batch-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let (nodes, addrs) = start_cluster(&dir, 1 << 20).await;
+    let leader = wait_leader(&nodes).await;
+
+    let client = Arc::new(LogClient::new("rt", addrs.clone()));
+    client.propose(ShardId(0), b"warm".to_vec()).await.unwrap();
+    let tasks: Vec<_> = (0..600)
+        .map(|i| {
+            let c = client.clone();
+            tokio::spawn(async move { c.propose(ShardId(0), format!("e{i}").into_bytes()).await })
+        })
+        .collect();
+    let mut positions = Vec::new();
+    for t in tasks {
+        positions.push(t.await.unwrap().unwrap());
+    }
+    positions.sort();
+    positions.dedup();
+    assert_eq!(positions.len(), 600, "every proposal decided once");
+
+    // A hand-made frame to the leader: good, bad (no request id), good.
+    // (Asked again if leadership moved since the cluster settled.)
+    let me = Identity {
+        cluster_id: "rt".into(),
+        node_id: 0,
+        incarnation: 1,
+    };
+    let req = |seq| cfs_log::RequestId { client: 77, seq };
+    let good = |seq| Entry::new(EntryKind::DATA, req(seq), b"ok".to_vec());
+    let mut leader = leader;
+    let mut attempts = 0;
+    let answers = loop {
+        attempts += 1;
+        assert!(attempts <= 20, "no stable leader to take the frame");
+        let bad = Entry::new(EntryKind::DATA, Default::default(), b"no id".to_vec());
+        let (mut reader, mut w, _) = dial(addrs[leader], &me, Role::Client).await.unwrap();
+        let frame = Wire::ProposeBatch {
+            shard: ShardId(0),
+            proposals: vec![(1, good(1)), (2, bad), (3, good(2))],
+        };
+        write_msg(&mut w, &frame).await.unwrap();
+        let mut answers = BTreeMap::new();
+        while answers.len() < 3 {
+            match reader.next().await.unwrap() {
+                Wire::Decided { id, result } => {
+                    answers.insert(id, result);
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        if matches!(answers[&1], Err(LogError::NotLeader { .. })) {
+            leader = wait_leader(&nodes).await;
+            continue;
+        }
+        break answers;
+    };
+    assert!(answers[&1].is_ok() && answers[&3].is_ok(), "{answers:?}");
+    assert!(
+        matches!(answers[&2], Err(LogError::Invalid(_))),
+        "{answers:?}"
+    );
+
+    // Over the limit: the connection is closed, nothing decided.
+    let before = nodes[leader].status()[0].decided;
+    let (mut reader, mut w, _) = dial(addrs[leader], &me, Role::Client).await.unwrap();
+    let proposals = (0..=PROPOSE_BATCH_MAX as u64)
+        .map(|i| (i, good(1000 + i)))
+        .collect();
+    let frame = Wire::ProposeBatch {
+        shard: ShardId(0),
+        proposals,
+    };
+    write_msg(&mut w, &frame).await.unwrap();
+    assert!(reader.next().await.is_err(), "connection closed");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(nodes[leader].status()[0].decided, before);
+
+    for n in &nodes {
+        n.shutdown().await;
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -68,6 +68,7 @@ fn many_seeds() {
         assert!(total.partitions > 0 && total.dropped > 0 && total.delayed > 0);
         assert!(total.duplicated > 0 && total.retries > 0 && total.deduplicated > 0);
         assert!(total.trims > 0 && total.segments_deleted > 0 && total.epochs_joined > 0);
+        assert!(total.segments_recycled > 0, "{total:?}");
         // Waiters answered by the runtime's own `policy::Proposals`, most
         // of the new requests (the rest were refused or lost with a crash).
         assert!(total.answered * 2 > total.proposals, "{total:?}");

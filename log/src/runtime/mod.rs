@@ -46,7 +46,8 @@ use crate::storage::SharedWal;
 use crate::transport::{write_msg, FrameReader, Identity, PeerLinks, HANDSHAKE_TIMEOUT};
 use crate::wal::WalConfig;
 use crate::wire::{
-    LogError, Role, ShardStatus, Wire, FRAME_BYTES_MAX, HELLO_FRAME_BYTES_MAX, PROTOCOL_VERSION,
+    LogError, Role, ShardStatus, Wire, FRAME_BYTES_MAX, HELLO_FRAME_BYTES_MAX, PROPOSE_BATCH_MAX,
+    PROTOCOL_VERSION,
 };
 
 mod read_gate;
@@ -223,6 +224,12 @@ enum Input {
     Propose {
         entry: Entry,
         reply: Option<Reply>,
+        redirect: bool,
+    },
+    /// Proposals that arrived in one frame (a client's `ProposeBatch`, a
+    /// peer's `Forward`): one wake-up of the shard thread for all of them.
+    ProposeMany {
+        proposals: Vec<(Entry, Option<Reply>)>,
         redirect: bool,
     },
     /// A linearizable read of a caller on this node.
@@ -1075,12 +1082,15 @@ impl LogNode {
                     let h = self
                         .shard(shard)
                         .map_err(|e| format!("from node {peer}: {e}"))?;
-                    for entry in entries {
-                        let _ = h.inbox.try_send(Input::Propose {
-                            entry,
-                            reply: None,
+                    let proposals = entries.into_iter().map(|e| (e, None)).collect();
+                    if h.inbox
+                        .try_send(Input::ProposeMany {
+                            proposals,
                             redirect: true,
-                        });
+                        })
+                        .is_err()
+                    {
+                        h.counters.inbox_full.fetch_add(1, Ordering::Relaxed);
                     }
                 }
                 Wire::Persisted { shard, floor } => {
@@ -1142,7 +1152,25 @@ impl LogNode {
                         let _ = tx.send(Wire::Decided { id, result: Err(e) }).await;
                         continue;
                     }
-                    self.submit_remote(shard, entry, id, &tx).await;
+                    self.submit_remote(shard, vec![(id, entry)], &tx).await;
+                }
+                Wire::ProposeBatch { shard, proposals } => {
+                    if proposals.len() > PROPOSE_BATCH_MAX {
+                        break Err(format!(
+                            "client sent {} proposals in one frame (at most {PROPOSE_BATCH_MAX})",
+                            proposals.len()
+                        ));
+                    }
+                    let mut valid = Vec::with_capacity(proposals.len());
+                    for (id, entry) in proposals {
+                        match validate_client_entry(&entry) {
+                            Ok(()) => valid.push((id, entry)),
+                            Err(e) => {
+                                let _ = tx.send(Wire::Decided { id, result: Err(e) }).await;
+                            }
+                        }
+                    }
+                    self.submit_remote(shard, valid, &tx).await;
                 }
                 Wire::ReadBarrier { id, shard } if self.inner.cfg.faults.stale_reads => {
                     let result = self.stale_read_point(shard);
@@ -1204,47 +1232,53 @@ impl LogNode {
 }
 
 impl LogNode {
-    /// Queues a remote client's proposal; the shard thread answers on `conn`.
+    /// Queues a remote client's proposals (one frame's worth) as one input;
+    /// the shard thread answers each on `conn`.
     async fn submit_remote(
         &self,
         shard: ShardId,
-        entry: Entry,
-        id: u64,
+        proposals: Vec<(u64, Entry)>,
         conn: &mpsc::Sender<Wire>,
     ) {
-        let h = match self.shard(shard) {
-            Ok(h) => h,
-            Err(e) => {
-                let _ = conn.send(Wire::Decided { id, result: Err(e) }).await;
-                return;
-            }
-        };
-        if !self.quorum_recent() {
-            let _ = conn
-                .send(Wire::Decided {
-                    id,
-                    result: Err(LogError::NoLeader(shard)),
-                })
-                .await;
+        if proposals.is_empty() {
             return;
         }
-        h.counters.proposals.fetch_add(1, Ordering::Relaxed);
-        let input = Input::Propose {
-            entry,
-            reply: Some(Reply::Remote {
-                id,
-                conn: conn.clone(),
-            }),
+        let refuse = |proposals: Vec<(u64, Entry)>, e: LogError| async move {
+            for (id, _) in proposals {
+                let result = Err(e.clone());
+                let _ = conn.send(Wire::Decided { id, result }).await;
+            }
+        };
+        let h = match self.shard(shard) {
+            Ok(h) => h,
+            Err(e) => return refuse(proposals, e).await,
+        };
+        if !self.quorum_recent() {
+            return refuse(proposals, LogError::NoLeader(shard)).await;
+        }
+        h.counters
+            .proposals
+            .fetch_add(proposals.len() as u64, Ordering::Relaxed);
+        let ids: Vec<u64> = proposals.iter().map(|(id, _)| *id).collect();
+        let input = Input::ProposeMany {
+            proposals: proposals
+                .into_iter()
+                .map(|(id, entry)| {
+                    let reply = Reply::Remote {
+                        id,
+                        conn: conn.clone(),
+                    };
+                    (entry, Some(reply))
+                })
+                .collect(),
             redirect: true,
         };
         if h.inbox.try_send(input).is_err() {
             h.counters.inbox_full.fetch_add(1, Ordering::Relaxed);
-            let _ = conn
-                .send(Wire::Decided {
-                    id,
-                    result: Err(LogError::NoLeader(shard)),
-                })
-                .await;
+            for id in ids {
+                let result = Err(LogError::NoLeader(shard));
+                let _ = conn.send(Wire::Decided { id, result }).await;
+            }
         }
     }
 }

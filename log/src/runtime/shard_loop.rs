@@ -106,6 +106,30 @@ impl ShardLoop {
         }
     }
 
+    /// Submits proposals that arrived together; those this replica cannot
+    /// take go to the leader in one `Forward` per leader.
+    fn propose(&mut self, proposals: Vec<(Entry, Option<Reply>)>, redirect: bool) {
+        let now = self.ticks.now();
+        let mut forward: Vec<(NodeId, Vec<Entry>)> = Vec::new();
+        for (entry, reply) in proposals {
+            let done = self
+                .proposals
+                .submit(&mut self.core, entry.clone(), reply, redirect, now);
+            if let Some(leader) = done.forward {
+                match forward.iter_mut().find(|(l, _)| *l == leader) {
+                    Some((_, entries)) => entries.push(entry),
+                    None => forward.push((leader, vec![entry])),
+                }
+            }
+            if let Some((r, result)) = done.answer {
+                r.send(result.map_err(|e| self.refusal(e)));
+            }
+        }
+        for (leader, entries) in forward {
+            self.send_forward(leader, entries);
+        }
+    }
+
     /// Applies one input; false means stop.
     fn apply(&mut self, input: Input) -> bool {
         match input {
@@ -114,18 +138,11 @@ impl ShardLoop {
                 entry,
                 reply,
                 redirect,
-            } => {
-                let now = self.ticks.now();
-                let done =
-                    self.proposals
-                        .submit(&mut self.core, entry.clone(), reply, redirect, now);
-                if let Some(leader) = done.forward {
-                    self.send_forward(leader, vec![entry]);
-                }
-                if let Some((r, result)) = done.answer {
-                    r.send(result.map_err(|e| self.refusal(e)));
-                }
-            }
+            } => self.propose(vec![(entry, reply)], redirect),
+            Input::ProposeMany {
+                proposals,
+                redirect,
+            } => self.propose(proposals, redirect),
             // A caller here reads through the layer that answered early
             // (it sees those answers); a follower's does not.
             Input::Read(reply) => self.start_read(reply),

@@ -160,6 +160,8 @@ pub struct Stats {
     pub max_trim: Position,
     /// WAL segments deleted after trims (seen as a drop in segment count).
     pub segments_deleted: u64,
+    /// WAL segments started in a recycled (trimmed) file.
+    pub segments_recycled: u64,
     pub reconfig_requests: u64,
     /// Epochs opened beyond the first, over all replicas.
     pub epochs_joined: u64,
@@ -196,6 +198,7 @@ impl Stats {
         self.trims += o.trims;
         self.max_trim = self.max_trim.max(o.max_trim);
         self.segments_deleted += o.segments_deleted;
+        self.segments_recycled += o.segments_recycled;
         self.reconfig_requests += o.reconfig_requests;
         self.epochs_joined += o.epochs_joined;
         self.settle_steps += o.settle_steps;
@@ -371,6 +374,8 @@ struct Live {
     seen_decided: Vec<Position>,
     /// WAL segment count of each core at its last check.
     seen_segments: Vec<usize>,
+    /// Per core: segments its WAL started in recycled files, as last seen.
+    seen_recycled: Vec<u64>,
     /// The materializer, fed by every core's `ready().decided`.
     mat: Materialized,
     /// The runtime's rules around each core (`policy`), one per core.
@@ -699,6 +704,7 @@ impl Sim {
         let mut cores = Vec::new();
         let mut seen_decided = Vec::new();
         let mut seen_segments = Vec::new();
+        let mut seen_recycled = Vec::new();
         for (k, s) in r.slots.iter().enumerate() {
             let from = mat.next.min(s.end.unwrap_or(Position::MAX)) + skip;
             let core = ShardCore::open(
@@ -751,6 +757,7 @@ impl Sim {
             }
             seen_decided.push(core.decided());
             seen_segments.push(core.wal().lock().segment_count());
+            seen_recycled.push(core.wal().lock().stats().segments_recycled);
             cores.push(core);
         }
         let id = r.id;
@@ -759,6 +766,7 @@ impl Sim {
             cores,
             seen_decided,
             seen_segments,
+            seen_recycled,
             mat,
             policies,
         });
@@ -1322,6 +1330,9 @@ impl Sim {
         let deleted = live.seen_segments[k].saturating_sub(segments);
         self.stats.segments_deleted += deleted as u64;
         live.seen_segments[k] = segments;
+        let recycled = core.wal().lock().stats().segments_recycled;
+        self.stats.segments_recycled += recycled.saturating_sub(live.seen_recycled[k]);
+        live.seen_recycled[k] = recycled;
         let slot = &mut r.slots[k];
         slot.durable_decided = slot.durable_decided.max(decided);
         let (delivered, mat) = (core.delivered(), live.mat);
@@ -1410,6 +1421,8 @@ impl Sim {
         if let Some(live) = r.live.as_mut() {
             live.seen_decided.push(core.decided());
             live.seen_segments.push(core.wal().lock().segment_count());
+            live.seen_recycled
+                .push(core.wal().lock().stats().segments_recycled);
             live.cores.push(core);
             live.policies.push(CorePolicy::new());
         }
