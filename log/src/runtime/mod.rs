@@ -259,6 +259,8 @@ pub struct ShardCounters {
     pub decided_entries: AtomicU64,
     pub wal_syncs: AtomicU64,
     pub wal_bytes: AtomicU64,
+    pub wal_segments_recycled: AtomicU64,
+    pub wal_segments_zero_filled: AtomicU64,
     pub batches: AtomicU64,
     pub inbox_full: AtomicU64,
 }
@@ -795,7 +797,7 @@ impl LogNode {
             s.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
         };
         type Getter = fn(&ShardHandle) -> u64;
-        let series: [(&str, &str, &str, Getter); 8] = [
+        let series: [(&str, &str, &str, Getter); 10] = [
             (
                 "cfs_log_decided_position",
                 "One past the last decided position.",
@@ -831,6 +833,18 @@ impl LogNode {
                 "Bytes written to the shard WAL.",
                 "counter",
                 |h| h.counters.wal_bytes.load(Ordering::Relaxed),
+            ),
+            (
+                "cfs_log_wal_segments_recycled_total",
+                "WAL segments started in a trimmed segment's file (no zero-fill).",
+                "counter",
+                |h| h.counters.wal_segments_recycled.load(Ordering::Relaxed),
+            ),
+            (
+                "cfs_log_wal_segments_zero_filled_total",
+                "WAL segments started in a zero-filled file (no trimmed one to reuse).",
+                "counter",
+                |h| h.counters.wal_segments_zero_filled.load(Ordering::Relaxed),
             ),
             (
                 "cfs_log_batches_total",

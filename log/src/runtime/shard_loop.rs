@@ -315,6 +315,12 @@ impl ShardLoop {
             self.counters
                 .wal_bytes
                 .store(st.bytes_written, Ordering::Relaxed);
+            self.counters
+                .wal_segments_recycled
+                .store(st.segments_recycled, Ordering::Relaxed);
+            self.counters
+                .wal_segments_zero_filled
+                .store(st.segments_zero_filled, Ordering::Relaxed);
         }
         if !ready.decided.is_empty() {
             self.counters
