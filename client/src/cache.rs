@@ -38,6 +38,13 @@ use cfs_proto::types::{shard_of, DirEntry, Ino, Inode, ShardId};
 pub const ATTRS_MAX: usize = 1 << 20;
 /// Directory entries cached at most; past this the cache starts over.
 pub const DENTRIES_MAX: usize = 1 << 20;
+/// How long own invalidations in the directories of a change whose outcome
+/// is unknown still go to the kernel: longer than a metadata service keeps
+/// a failed cross-shard operation's steps its client's own
+/// (`TX_REQUESTER_GRACE`, 2 s).
+pub const UNKNOWN_OUTCOME_WATCH: Duration = Duration::from_secs(5);
+/// Directories watched so at most (the oldest go first).
+pub const UNKNOWN_OUTCOMES_MAX: usize = 1024;
 /// Entries of cached listings at most (over all directories); past this
 /// the listing cache starts over.
 pub const LISTED_ENTRIES_MAX: usize = 1 << 20;
@@ -120,6 +127,9 @@ struct State {
     /// Last invalidations per name (bounded like `tombs`).
     name_tombs: HashMap<(Ino, Vec<u8>), NameTomb>,
     leases: HashMap<ShardId, Lease>,
+    /// Directories of changes whose outcome their caller did not learn,
+    /// until when (see [`MetaCache::watch_unknown_outcome`]).
+    unknown_outcomes: std::collections::VecDeque<(Instant, Ino)>,
 }
 
 #[derive(Default)]
@@ -412,6 +422,36 @@ impl MetaCache {
         s.current_attrs(ino, Instant::now())
     }
 
+    /// A change of this mount touching the directories `dirs` failed with
+    /// its outcome unknown (EIO, ENOTCONN): part of it may have applied,
+    /// and its own invalidations, which its answer was to carry to the
+    /// kernel, must reach the kernel instead ([`MetaCache::watched`]) for
+    /// [`UNKNOWN_OUTCOME_WATCH`].
+    pub fn watch_unknown_outcome(&self, dirs: &[Ino]) {
+        let mut s = self.s.lock().expect("cache lock");
+        let until = Instant::now() + UNKNOWN_OUTCOME_WATCH;
+        for d in dirs {
+            if s.unknown_outcomes.len() >= UNKNOWN_OUTCOMES_MAX {
+                s.unknown_outcomes.pop_front();
+            }
+            s.unknown_outcomes.push_back((until, *d));
+        }
+    }
+
+    /// Whether an own invalidation of `ino` (or of an entry of directory
+    /// `ino`) concerns a change whose outcome its caller did not learn.
+    pub fn watched(&self, ino: Ino, entry: &Option<(Ino, Vec<u8>)>) -> bool {
+        let mut s = self.s.lock().expect("cache lock");
+        let now = Instant::now();
+        while s.unknown_outcomes.front().is_some_and(|(t, _)| *t <= now) {
+            s.unknown_outcomes.pop_front();
+        }
+        let dir = entry.as_ref().map_or(ino, |(p, _)| *p);
+        s.unknown_outcomes
+            .iter()
+            .any(|(_, d)| *d == dir || *d == ino)
+    }
+
     /// Drops what this mount knows of `ino` (its own change, before the
     /// node's invalidation arrives).
     pub fn forget(&self, ino: Ino) {
@@ -477,6 +517,25 @@ mod tests {
             next_cookie: 0,
             entries: 0,
         }
+    }
+
+    #[test]
+    fn own_invalidations_in_directories_of_an_unknown_outcome_are_watched() {
+        let c = MetaCache::default();
+        c.session();
+        let (dir, other) = (make_ino(ShardId(0), 7), make_ino(ShardId(1), 9));
+        assert!(!c.watched(dir, &None));
+        c.watch_unknown_outcome(&[dir]);
+        assert!(c.watched(dir, &None));
+        assert!(c.watched(other, &Some((dir, b"a".to_vec()))));
+        assert!(!c.watched(other, &None));
+        assert!(!c.watched(dir + 1, &Some((other, b"a".to_vec()))));
+        // Bounded: the oldest go first.
+        for i in 0..UNKNOWN_OUTCOMES_MAX as u64 {
+            c.watch_unknown_outcome(&[make_ino(ShardId(2), 100 + i)]);
+        }
+        assert!(!c.watched(dir, &None));
+        assert!(c.watched(make_ino(ShardId(2), 100), &None));
     }
 
     #[test]

@@ -167,6 +167,31 @@ impl MetaClient {
         (Arc::new(c), rx)
     }
 
+    /// A change failed with its outcome unknown to the caller (EIO,
+    /// ENOTCONN): some of it may have applied, while the kernel, told of an
+    /// error, did not update its entries. Drops the kernel's entries for
+    /// `names` and its caches of the directories `dirs` now (after every
+    /// invalidation already queued), and sends the change's own
+    /// invalidations that are still to come to the kernel too.
+    pub fn outcome_unknown(&self, dirs: &[Ino], names: &[(Ino, &[u8])]) {
+        self.cache.watch_unknown_outcome(dirs);
+        let gen = self.cache.generation();
+        // Nothing to acknowledge (sequence 0): these come from the mount.
+        let (acker, _) = mpsc::unbounded_channel();
+        let entries = names.iter().map(|(p, n)| (*p, Some((*p, n.to_vec()))));
+        for (ino, entry) in dirs.iter().map(|d| (*d, None)).chain(entries) {
+            self.cache.forget(ino);
+            let _ = self.invalidations.send(Invalidation {
+                gen,
+                seq: 0,
+                ino,
+                entry,
+                own: false,
+                acker: acker.clone(),
+            });
+        }
+    }
+
     pub fn set_follow_leader(&self, on: bool) {
         self.follow_leader.store(on, Ordering::Relaxed);
     }
@@ -723,5 +748,33 @@ impl MetaClient {
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(Duration::from_millis(500));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn an_unknown_outcome_reaches_the_kernel_as_foreign_invalidations() {
+        let (c, mut rx) = MetaClient::new(Vec::new(), "t".into(), Duration::from_secs(1));
+        let (dir, newdir) = (5, 6);
+        c.outcome_unknown(&[dir, newdir], &[(dir, b"old"), (newdir, b"new")]);
+        let mut got = Vec::new();
+        while let Ok(m) = rx.try_recv() {
+            assert!(!m.own && m.seq == 0);
+            got.push((m.ino, m.entry));
+        }
+        assert_eq!(
+            got,
+            vec![
+                (dir, None),
+                (newdir, None),
+                (dir, Some((dir, b"old".to_vec()))),
+                (newdir, Some((newdir, b"new".to_vec()))),
+            ]
+        );
+        // The change's own invalidations still to come go to the kernel too.
+        assert!(c.cache.watched(7, &Some((newdir, b"new".to_vec()))));
     }
 }

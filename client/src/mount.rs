@@ -155,7 +155,7 @@ fn invalidate_loop(
         let mut acks: Vec<(u64, u64, tokio::sync::mpsc::UnboundedSender<RequestFrame>)> =
             Vec::new();
         for m in batch {
-            if !m.own {
+            if !m.own || cache.watched(m.ino, &m.entry) {
                 apply_invalidation(&notifier, &known, &forget, m.ino, &m.entry);
             }
             cache.applied(m.gen, m.seq);

@@ -78,6 +78,8 @@ pub enum WalError {
     Missing(String),
     #[error("the log failed earlier and refuses further writes: {0}")]
     Poisoned(String),
+    #[error("{0}")]
+    Format(String),
 }
 
 fn io_err(disk: &impl Disk, name: &str) -> impl FnOnce(std::io::Error) -> WalError {
@@ -708,6 +710,48 @@ fn parse_segment_name(name: &str) -> Option<u64> {
 
 const PREALLOC_NAME: &str = "prealloc.tmp";
 
+/// Names the record format of a WAL directory: written before its first
+/// segment, checked before reading any. Format 2: records tagged with
+/// their segment (recycled segment files).
+const FORMAT_NAME: &str = "FORMAT";
+const FORMAT_STAMP: &[u8] = b"cfs-wal 2\n";
+
+/// Refuses a directory whose segments another record format wrote, and
+/// stamps a new one.
+fn check_format<D: Disk>(disk: &D, names: &[String]) -> Result<(), WalError> {
+    let has_segments = names.iter().any(|n| parse_segment_name(n).is_some());
+    if names.iter().any(|n| n == FORMAT_NAME) {
+        let stamp = disk
+            .read_all(FORMAT_NAME)
+            .map_err(io_err(disk, FORMAT_NAME))?;
+        if stamp != FORMAT_STAMP {
+            return Err(WalError::Format(format!(
+                "{} says {:?}; this version reads {:?}",
+                disk.describe(FORMAT_NAME),
+                String::from_utf8_lossy(&stamp).trim(),
+                String::from_utf8_lossy(FORMAT_STAMP).trim()
+            )));
+        }
+        return Ok(());
+    }
+    if has_segments {
+        return Err(WalError::Format(format!(
+            "{} holds log segments but no {FORMAT_NAME} stamp: written by a version \
+             before WAL format 2 (records without segment tags), which this version \
+             cannot read; start this replica from an empty directory and let it catch up",
+            disk.describe(".")
+        )));
+    }
+    disk.create_zeroed(FORMAT_NAME, FORMAT_STAMP.len() as u64)
+        .and_then(|_| disk.open(FORMAT_NAME))
+        .and_then(|mut f| {
+            f.write_at(0, FORMAT_STAMP)?;
+            f.sync_data()
+        })
+        .and_then(|_| disk.sync_dir())
+        .map_err(io_err(disk, FORMAT_NAME))
+}
+
 /// Trimmed segment files kept for reuse, beyond which they are deleted.
 pub const RECYCLED_SPARES_MAX: usize = 2;
 
@@ -746,25 +790,40 @@ impl RecordTag {
     }
 }
 
-/// The offset of the first good record at or after `from` whose tag names
-/// `segment` (and `salt`, if known): proof that data of this use of the
-/// file lies beyond a bad spot, which is then corruption, not a torn tail.
-fn find_tagged_record(bytes: &[u8], from: usize, segment: u64, salt: Option<u64>) -> Option<usize> {
-    let id = segment.to_le_bytes();
-    let salt = salt.map(u64::to_le_bytes);
+/// The offset of the first good record at or after `from` tagged with
+/// `tag`: proof that data of this use of the file lies beyond a bad spot,
+/// which is then corruption, not a torn tail.
+fn find_tagged_record(bytes: &[u8], from: usize, tag: RecordTag) -> Option<usize> {
+    let id = tag.segment.to_le_bytes();
     let h = frame::FRAME_HEADER_BYTES;
     let last = bytes.len().checked_sub(h + RecordTag::BYTES)?;
-    if from > last {
-        return None;
-    }
     // Candidates: where the segment id stands as a tag would (a SIMD
     // search: the rest of a zero-filled 64 MiB file costs milliseconds).
-    memchr::memmem::find_iter(&bytes[from + h..last + h + 8], &id)
-        .map(|at| from + at)
-        .find(|&off| {
-            salt.is_none_or(|s| bytes[off + h + 8..off + h + 16] == s)
-                && matches!(frame::decode(&bytes[off..], RECORD_BYTES_MAX), Ok(Some(_)))
-        })
+    // Overlapping hits count (an id of zeros next to a zero byte).
+    let finder = memchr::memmem::Finder::new(&id);
+    let mut at = from;
+    while at <= last {
+        if tag.segment == 0 {
+            // The id is eight zeros, found all over zero-filled space: a
+            // record's length (its first four bytes) is not zero, so skip
+            // to just before the next non-zero byte.
+            let nz = bytes[at..].iter().position(|b| *b != 0)?;
+            at += nz.saturating_sub(3);
+            if at > last {
+                return None;
+            }
+        }
+        let hit = at + finder.find(&bytes[at + h..last + h + 8])?;
+        let is_record = match frame::decode(&bytes[hit..], RECORD_BYTES_MAX) {
+            Ok(Some((payload, _))) => RecordTag::split(payload).is_some_and(|(t, _)| t == tag),
+            _ => false,
+        };
+        if is_record {
+            return Some(hit);
+        }
+        at = hit + 1;
+    }
+    None
 }
 
 struct SegmentMeta {
@@ -785,6 +844,9 @@ pub struct WalStats {
     /// Segments started in a recycled file / in a zero-filled one.
     pub segments_recycled: u64,
     pub segments_zero_filled: u64,
+    /// At start-up the last segment was closed (a rotation cut short
+    /// before the next segment was durable): a new one was started.
+    pub resumed_after_end: bool,
 }
 
 /// A write-ahead log over one [`Disk`] directory.
@@ -900,7 +962,10 @@ fn scan_segment(
     } else {
         pos + 1
     };
-    if let Some(at) = find_tagged_record(bytes, after, segment, salt) {
+    // Without a good first record (no salt), nothing of this segment was
+    // ever synced: its first write was cut short.
+    let found = salt.and_then(|salt| find_tagged_record(bytes, after, RecordTag { segment, salt }));
+    if let Some(at) = found {
         return Err(corrupt(
             pos,
             format!(
@@ -958,6 +1023,7 @@ impl<D: Disk + Clone> Wal<D> {
     /// is not a torn tail; [`WalError::Missing`] reports a gap in segments.
     pub fn open(disk: D, config: WalConfig) -> Result<Self, WalError> {
         let names = disk.list().map_err(io_err(&disk, "."))?;
+        check_format(&disk, &names)?;
         if names.iter().any(|n| n == PREALLOC_NAME) {
             disk.remove(PREALLOC_NAME)
                 .map_err(io_err(&disk, PREALLOC_NAME))?;
@@ -1072,17 +1138,18 @@ impl<D: Disk + Clone> Wal<D> {
             // No segment, or the last one was closed by a rotation that
             // crashed before the next one was durable: start the next.
             last => {
+                stats.resumed_after_end = last.is_some();
                 let id = match last {
                     Some(s) => s.id + 1,
                     None => ids.last().copied().unwrap_or(0),
                 };
                 last_salt = None;
                 let name = segment_name(id);
-                match spares.pop() {
-                    Some(spare) => disk.rename(&spare, &name),
-                    None => disk.create_zeroed(&name, config.segment_bytes),
-                }
-                .map_err(io_err(&disk, &name))?;
+                // Zero-filled, never a spare: with no segment left to
+                // compare, a spare that once had this id would offer its
+                // old records as this segment's.
+                disk.create_zeroed(&name, config.segment_bytes)
+                    .map_err(io_err(&disk, &name))?;
                 disk.sync_dir().map_err(io_err(&disk, "."))?;
                 segments.push(SegmentMeta {
                     id,
@@ -1296,6 +1363,20 @@ impl<D: Disk + Clone> Wal<D> {
     }
 
     fn rotate(&mut self) -> Result<(), WalError> {
+        // Once the end record is queued the active segment takes no more
+        // records: a rotation that fails half-way cannot be retried (a
+        // second end record, or records after the first, read back as
+        // corruption), only replayed by a restart.
+        let r = self.rotate_once();
+        if let Err(e) = &r {
+            if self.poisoned.is_none() {
+                self.poisoned = Some(format!("segment rotation failed: {e}"));
+            }
+        }
+        r
+    }
+
+    fn rotate_once(&mut self) -> Result<(), WalError> {
         // The old segment, closed by its end record, must be durable before
         // the new one can be: replay reads segments in order and a hole
         // would lose acknowledged data.
@@ -1601,6 +1682,87 @@ mod tests {
         record(mine, &WalOp::Decided(5), &mut hole);
         hole.resize(4096, 0);
         let err = scan_segment(&hole, 5, "seg", true).err().expect("corrupt");
+        assert!(err.to_string().contains("follows at offset"), "{err}");
+    }
+
+    #[test]
+    fn a_rotation_cut_short_resumes_in_a_new_segment() {
+        let mut resumed = 0;
+        for seed in 0..100 {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+            let d = SimDisk::new();
+            let mut w = Wal::open(d.clone(), cfg(1024)).unwrap();
+            append_trimming(&mut w, 20);
+            let synced_end = w.state().end();
+            // Appends until one rotates, then a crash before any sync:
+            // the closed segment is durable, the next one's checkpoint
+            // may not be.
+            let active = w.segments.last().unwrap().id;
+            while w.segments.last().unwrap().id == active {
+                append(&mut w, 1);
+            }
+            let unsynced_end = w.state().end();
+            drop(w);
+            d.crash(&mut rng);
+            let mut w2 =
+                Wal::open(d.clone(), cfg(1024)).unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+            let end = w2.state().end();
+            assert!(end >= synced_end && end <= unsynced_end, "seed {seed}");
+            resumed += w2.stats().resumed_after_end as u32;
+            // It goes on: more records, another restart.
+            append(&mut w2, 3);
+            w2.sync().unwrap();
+            let live = w2.state().clone();
+            drop(w2);
+            let w3 = Wal::open(d, cfg(1024)).unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+            assert_eq!(w3.state(), &live, "seed {seed}");
+        }
+        assert!(resumed > 0, "no seed cut a rotation short");
+    }
+
+    #[test]
+    fn a_directory_of_another_format_is_refused() {
+        let d = SimDisk::new();
+        let mut w = Wal::open(d.clone(), cfg(4096)).unwrap();
+        append(&mut w, 2);
+        w.sync().unwrap();
+        drop(w);
+        d.remove(FORMAT_NAME).unwrap();
+        let err = Wal::open(d.clone(), cfg(4096)).err().expect("refused");
+        assert!(err.to_string().contains("no FORMAT stamp"), "{err}");
+        // A stamp of another format.
+        d.create_zeroed(FORMAT_NAME, 10).unwrap();
+        let mut f = d.open(FORMAT_NAME).unwrap();
+        f.write_at(0, b"cfs-wal 1\n").unwrap();
+        let err = Wal::open(d, cfg(4096)).err().expect("refused");
+        assert!(err.to_string().contains("cfs-wal 1"), "{err}");
+    }
+
+    #[test]
+    fn a_record_after_a_bad_one_in_segment_zero_is_found() {
+        // Segment 0's id is eight zero bytes: the search must not let a
+        // match one byte early (a zero byte before the tag) hide the real
+        // one. Find a salt whose record's checksum ends in a zero.
+        let salt = (1u64..)
+            .find(|salt| {
+                let mut b = Vec::new();
+                let tag = RecordTag {
+                    segment: 0,
+                    salt: *salt,
+                };
+                record(tag, &WalOp::Decided(4), &mut b);
+                b[7] == 0
+            })
+            .unwrap();
+        let mine = RecordTag { segment: 0, salt };
+        let mut bytes = Vec::new();
+        record(mine, &WalOp::Decided(3), &mut bytes);
+        let bad_at = bytes.len();
+        record(mine, &WalOp::Decided(9), &mut bytes);
+        bytes[bad_at + 20] ^= 1;
+        record(mine, &WalOp::Decided(4), &mut bytes);
+        bytes.resize(8192, 0);
+        let err = scan_segment(&bytes, 0, "seg", true).err().expect("corrupt");
         assert!(err.to_string().contains("follows at offset"), "{err}");
     }
 

@@ -313,3 +313,92 @@ async fn isolated_leader_cannot_serve_a_read_barrier() {
     let c2 = cl.client();
     c2.read_barrier(shard).await.unwrap();
 }
+
+/// A mount may not propose what only metadata services may (transaction
+/// steps, breaking a lapsed hold), nor take or release another client's
+/// locks: each is refused with EPERM, and nothing reaches the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn service_only_steps_and_other_clients_locks_are_refused() {
+    use cfs_client::conn::MetaClient;
+    use cfs_proto::ops::{Op, Request};
+    use cfs_proto::tx::TxId;
+    use cfs_proto::types::{Creds, Errno, LockRange, ROOT_INO};
+
+    let cl = Cluster::start("refused-ops");
+    let (meta, _inval) = MetaClient::new(
+        cluster::meta_servers(&cl.cfgs),
+        cl.cfgs[0].cluster_id.clone(),
+        Duration::from_secs(20),
+    );
+    let creds = Creds {
+        uid: 0,
+        gid: 0,
+        groups: Vec::new(),
+    };
+    // A first call opens the session.
+    meta.call(Request::StatFs, true).await.unwrap();
+    let log = cl.client();
+    let shards = [ShardId(0), ShardId(1)];
+    let mut before = Vec::new();
+    for s in shards {
+        before.push(log.propose(s, b"before".to_vec()).await.unwrap());
+    }
+
+    let other = meta.client_id ^ 0x10;
+    let lock = LockRange {
+        start: 0,
+        end: u64::MAX,
+        typ: libc::F_WRLCK,
+        client: other,
+        owner: 1,
+        pid: 1,
+        flock: false,
+    };
+    let refused = [
+        Op::Lock {
+            ino: ROOT_INO,
+            lock,
+        },
+        Op::ReleaseLocks {
+            ino: ROOT_INO,
+            client: other,
+            owner: 1,
+            flock: false,
+        },
+        Op::ExpireHold {
+            shard: ShardId(0),
+            client: other,
+        },
+        Op::TxFinish {
+            tx: TxId::new(other, 1),
+            shard: ShardId(1),
+            commit: true,
+        },
+    ];
+    for op in refused {
+        let what = format!("{op:?}");
+        for early in [false, true] {
+            let r = meta
+                .call(
+                    Request::Mutate {
+                        op_id: 0,
+                        creds: creds.clone(),
+                        op: op.clone(),
+                        early,
+                    },
+                    true,
+                )
+                .await;
+            assert_eq!(r.err(), Some(Errno::EPERM), "{what} (early {early})");
+        }
+    }
+    // Nothing reached the log: the next entry of each shard follows
+    // directly.
+    for (s, p0) in shards.into_iter().zip(before) {
+        let p1 = log.propose(s, b"after".to_vec()).await.unwrap();
+        assert_eq!(p1, p0 + 1, "shard {s}");
+    }
+    let logged = cl.log_of(1) + &cl.log_of(2) + &cl.log_of(3);
+    assert!(logged.contains("only metadata services may propose"));
+    assert!(logged.contains("a lock operation for another client"));
+}

@@ -179,6 +179,25 @@ impl Op {
         }
     }
 
+    /// The directory entries (parent, name) this operation makes, removes
+    /// or replaces.
+    pub fn names_changed(&self) -> Vec<(Ino, &[u8])> {
+        match self {
+            Op::Create { parent, name, .. }
+            | Op::Unlink { parent, name, .. }
+            | Op::Rmdir { parent, name }
+            | Op::Link { parent, name, .. } => vec![(*parent, name.as_slice())],
+            Op::Rename {
+                parent,
+                name,
+                newparent,
+                newname,
+                ..
+            } => vec![(*parent, name.as_slice()), (*newparent, newname.as_slice())],
+            _ => Vec::new(),
+        }
+    }
+
     /// Shard whose log carries this operation.
     pub fn shard(&self) -> ShardId {
         shard_of(self.home())

@@ -217,13 +217,31 @@ impl Shared {
                 op,
                 Op::Lock { .. } | Op::ReleaseLocks { .. } | Op::RenewHold { .. }
             );
+        // What to tell the kernel if the outcome stays unknown (copied
+        // before the op moves; small: a name or two).
+        let mut dirs = vec![op.home()];
+        if let Op::Rename { newparent, .. } = &op {
+            dirs.push(*newparent);
+        }
+        let names: Vec<(Ino, Vec<u8>)> = op
+            .names_changed()
+            .into_iter()
+            .map(|(p, n)| (p, n.to_vec()))
+            .collect();
         let m = Mutate {
             op_id: 0,
             creds,
             op,
             early,
         };
-        self.meta.rpc(m, false).await
+        let r = self.meta.rpc(m, false).await;
+        // EIO and ENOTCONN are what a change whose attempts all failed
+        // ends with (`MetaClient::call`): it may have applied.
+        if matches!(r, Err(e) if e == Errno::EIO || e.0 == libc::ENOTCONN) {
+            let names: Vec<(Ino, &[u8])> = names.iter().map(|(p, n)| (*p, n.as_slice())).collect();
+            self.meta.outcome_unknown(&dirs, &names);
+        }
+        r
     }
 
     /// Waits until every change this mount sent so far is settled in the

@@ -1096,15 +1096,22 @@ impl LogNode {
                     let h = self
                         .shard(shard)
                         .map_err(|e| format!("from node {peer}: {e}"))?;
-                    let proposals = entries.into_iter().map(|e| (e, None)).collect();
-                    if h.inbox
-                        .try_send(Input::ProposeMany {
+                    // One input per PROPOSE_BATCH_MAX, as for a client's
+                    // frame: bounded work per input.
+                    let mut entries = entries.into_iter().peekable();
+                    while entries.peek().is_some() {
+                        let proposals = entries
+                            .by_ref()
+                            .take(PROPOSE_BATCH_MAX)
+                            .map(|e| (e, None))
+                            .collect();
+                        let input = Input::ProposeMany {
                             proposals,
                             redirect: true,
-                        })
-                        .is_err()
-                    {
-                        h.counters.inbox_full.fetch_add(1, Ordering::Relaxed);
+                        };
+                        if h.inbox.try_send(input).is_err() {
+                            h.counters.inbox_full.fetch_add(1, Ordering::Relaxed);
+                        }
                     }
                 }
                 Wire::Persisted { shard, floor } => {

@@ -50,10 +50,14 @@ impl ShardLoop {
             let mut n = 0;
             let mut next = first;
             while let Some(input) = next {
+                // A batch of proposals counts as what it holds.
+                n += match &input {
+                    Input::ProposeMany { proposals, .. } => proposals.len().max(1),
+                    _ => 1,
+                };
                 if !self.apply(input) {
                     return Ok(());
                 }
-                n += 1;
                 if n >= SHARD_BATCH_INPUTS_MAX {
                     break;
                 }
