@@ -581,16 +581,18 @@ fn entries_applied(c: &Cluster) -> u64 {
 /// close. The three attribute changes wait for the buffered bytes and
 /// ride in their commit (two log entries for the file, not five), and the
 /// time set by futimens survives the flush of the bytes written before it.
-fn tar_like_attributes_ride_with_the_data(c: &Cluster, a: &Mount, b: &Mount) {
+/// Creates `path` as `tar -x` does (create, write, futimens, fchown,
+/// fchmod, close), checks its attributes, and returns how many log entries
+/// the cluster applied meanwhile.
+fn tar_like_file(c: &Cluster, path: &std::path::Path) -> u64 {
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
     use std::os::unix::io::AsRawFd;
-    let path = a.path.join("from-tar");
     wait_applied_equal(c);
     let before = entries_applied(c);
     let f = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
-        .open(&path)
+        .open(path)
         .unwrap();
     std::io::Write::write_all(&mut &f, b"archived bytes").unwrap();
     let when = libc::timespec {
@@ -616,18 +618,50 @@ fn tar_like_attributes_ride_with_the_data(c: &Cluster, a: &Mount, b: &Mount) {
         (978_307_200, 1000, 0o640)
     );
     drop(f);
-    let m = std::fs::metadata(&path).unwrap();
+    let m = std::fs::metadata(path).unwrap();
     assert_eq!(
         (m.mtime(), m.uid(), m.gid(), m.mode() & 0o7777, m.len()),
         (978_307_200, 1000, 1000, 0o640, 14),
         "attributes after close"
     );
     wait_applied_equal(c);
-    let entries = entries_applied(c) - before;
+    entries_applied(c) - before
+}
+
+fn tar_like_attributes_ride_with_the_data(c: &Cluster, a: &Mount, b: &Mount) {
+    use std::os::unix::fs::MetadataExt;
+    use std::os::unix::io::AsRawFd;
+    let path = a.path.join("from-tar");
+    // The count is of every entry the cluster applied meanwhile: the other
+    // mount's kernel may release a file it read in the rounds before (a
+    // reclaim, a hold renewal) inside the window. Another file is measured
+    // then, up to three; the attributes not riding with the data would
+    // cost three more entries every time.
+    let mut counts = Vec::new();
+    for attempt in 0..3 {
+        let path = match attempt {
+            0 => path.clone(),
+            n => a.path.join(format!("from-tar-{n}")),
+        };
+        counts.push(tar_like_file(c, &path));
+        if counts.last().is_some_and(|n| *n <= 2) {
+            break;
+        }
+    }
     assert!(
-        entries <= 2,
-        "create + write with attributes: {entries} entries"
+        counts.last().is_some_and(|n| *n <= 2),
+        "create + write with attributes: entries per attempt {counts:?}"
     );
+    let times = [
+        libc::timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_OMIT,
+        },
+        libc::timespec {
+            tv_sec: 978_307_200,
+            tv_nsec: 0,
+        },
+    ];
     // The other mount sees the file whole, with its attributes.
     let m = std::fs::metadata(b.path.join("from-tar")).unwrap();
     assert_eq!(
