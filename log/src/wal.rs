@@ -724,6 +724,18 @@ fn check_format<D: Disk>(disk: &D, names: &[String]) -> Result<(), WalError> {
         let stamp = disk
             .read_all(FORMAT_NAME)
             .map_err(io_err(disk, FORMAT_NAME))?;
+        if stamp.len() == FORMAT_STAMP.len() && stamp.iter().all(|b| *b == 0) {
+            // Created by this version (only it writes the file) but its
+            // stamp lost to a power cut on a disk whose fsync lied: stamp
+            // it again.
+            return disk
+                .open(FORMAT_NAME)
+                .and_then(|mut f| {
+                    f.write_at(0, FORMAT_STAMP)?;
+                    f.sync_data()
+                })
+                .map_err(io_err(disk, FORMAT_NAME));
+        }
         if stamp != FORMAT_STAMP {
             return Err(WalError::Format(format!(
                 "{} says {:?}; this version reads {:?}",
@@ -1730,7 +1742,14 @@ mod tests {
         d.remove(FORMAT_NAME).unwrap();
         let err = Wal::open(d.clone(), cfg(4096)).err().expect("refused");
         assert!(err.to_string().contains("no FORMAT stamp"), "{err}");
+        // A stamp lost to a power cut (the file zero-filled, the write
+        // gone) is written again.
+        d.create_zeroed(FORMAT_NAME, FORMAT_STAMP.len() as u64)
+            .unwrap();
+        Wal::open(d.clone(), cfg(4096)).unwrap();
+        assert_eq!(d.read_all(FORMAT_NAME).unwrap(), FORMAT_STAMP);
         // A stamp of another format.
+        d.remove(FORMAT_NAME).unwrap();
         d.create_zeroed(FORMAT_NAME, 10).unwrap();
         let mut f = d.open(FORMAT_NAME).unwrap();
         f.write_at(0, b"cfs-wal 1\n").unwrap();
