@@ -188,6 +188,15 @@ impl<D: Disk + Clone> ShardCore<D> {
         matches!(self.paxos.get_current_leader(), Some((l, true)) if l == self.node)
     }
 
+    /// Starts an election with a ballot above every one promised, unless
+    /// this replica leads already (OmniPaxos' manual leader change; safety
+    /// never depends on who leads).
+    pub fn campaign(&mut self) {
+        if !self.is_leader() {
+            self.paxos.try_become_leader();
+        }
+    }
+
     /// Round of the ballot this replica promised.
     pub fn ballot(&self) -> u32 {
         self.paxos.get_promise().n

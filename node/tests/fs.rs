@@ -1151,6 +1151,9 @@ fn a_killed_mount_loses_only_unsynced_changes_and_its_holds_lapse() {
 #[test]
 fn cross_shard_operations_never_wait_for_the_asking_mount() {
     let c = Cluster::start("fs-xshard-own");
+    // One node leads both shards (D34), and the mount moves to it: every
+    // change in `w` can be answered early, whichever shard holds it.
+    c.wait_leaders_together();
     let m = Mount::new(&c, "m", &[]);
     let d = m.path.join("w");
     std::fs::create_dir(&d).unwrap();

@@ -50,6 +50,7 @@ use crate::wire::{
     PROTOCOL_VERSION,
 };
 
+mod affinity;
 mod read_gate;
 mod shard_loop;
 mod subscribers;
@@ -249,6 +250,8 @@ enum Input {
     Wake,
     Reconnected(NodeId),
     PeerFloor(NodeId, Position),
+    /// Take the lead of this shard (leader affinity, `affinity`).
+    Campaign,
     Stop,
 }
 
@@ -263,6 +266,8 @@ pub struct ShardCounters {
     pub wal_segments_zero_filled: AtomicU64,
     pub batches: AtomicU64,
     pub inbox_full: AtomicU64,
+    /// Elections this node started to lead every shard (`affinity`).
+    pub campaigns: AtomicU64,
 }
 
 struct ShardHandle {
@@ -529,12 +534,37 @@ impl LogNode {
         let node = LogNode { inner };
         let acceptor = node.clone();
         tokio::spawn(async move { acceptor.accept_loop(listener).await });
+        tokio::spawn(Self::keep_leaders_together(Arc::downgrade(&node.inner)));
         info!(node = cfg.node_id, listen = %cfg.listen, shards = ?cfg.shards, "log node started");
         Ok(node)
     }
 
     pub fn node_id(&self) -> NodeId {
         self.inner.cfg.node_id
+    }
+
+    /// Every [`affinity::LEADER_AFFINITY_EVERY`], campaigns for the shards
+    /// [`affinity::campaign_for`] names, while this node hears from a
+    /// majority; ends with the node.
+    async fn keep_leaders_together(inner: std::sync::Weak<Inner>) {
+        loop {
+            tokio::time::sleep(affinity::LEADER_AFFINITY_EVERY).await;
+            let Some(inner) = inner.upgrade() else { return };
+            if inner.stopping.load(Ordering::SeqCst) {
+                return;
+            }
+            let node = LogNode { inner };
+            if !node.quorum_recent() {
+                continue;
+            }
+            for shard in affinity::campaign_for(node.node_id(), &node.status()) {
+                let Ok(h) = node.shard(shard) else { continue };
+                if h.inbox.try_send(Input::Campaign).is_ok() {
+                    h.counters.campaigns.fetch_add(1, Ordering::Relaxed);
+                    info!(?shard, "taking the lead so one node leads every shard");
+                }
+            }
+        }
     }
 
     fn shard(&self, shard: ShardId) -> Result<&ShardHandle, LogError> {
@@ -797,7 +827,7 @@ impl LogNode {
             s.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
         };
         type Getter = fn(&ShardHandle) -> u64;
-        let series: [(&str, &str, &str, Getter); 10] = [
+        let series: [(&str, &str, &str, Getter); 11] = [
             (
                 "cfs_log_decided_position",
                 "One past the last decided position.",
@@ -851,6 +881,12 @@ impl LogNode {
                 "Input batches (one fsync at most each).",
                 "counter",
                 |h| h.counters.batches.load(Ordering::Relaxed),
+            ),
+            (
+                "cfs_log_leader_campaigns_total",
+                "Elections this node started so one node leads every shard.",
+                "counter",
+                |h| h.counters.campaigns.load(Ordering::Relaxed),
             ),
             (
                 "cfs_log_inbox_full_total",

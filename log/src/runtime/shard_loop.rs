@@ -159,6 +159,7 @@ impl ShardLoop {
             Input::ReadMsg(from, msg) => self.core.handle_read(from, msg),
             Input::Reconnected(p) => self.core.reconnected(p),
             Input::PeerFloor(p, f) => self.floors.peer(p, f),
+            Input::Campaign => self.core.campaign(),
             Input::Stop => return false,
         }
         true

@@ -69,6 +69,31 @@ impl Cluster {
         }
     }
 
+    /// Waits (up to 20 s) until one node leads every shard (leader
+    /// affinity, D34); returns its id.
+    pub fn wait_leaders_together(&self) -> u64 {
+        let until = Instant::now() + Duration::from_secs(20);
+        loop {
+            let mut led = Vec::new();
+            for c in &self.cfgs {
+                let Ok((_, body)) = cluster::http_get(c.http, "/metrics") else {
+                    continue;
+                };
+                let gauges: Vec<&str> = body
+                    .lines()
+                    .filter(|l| l.starts_with("cfs_log_is_leader{"))
+                    .collect();
+                let leading = gauges.iter().filter(|l| l.ends_with(" 1")).count();
+                led.push((c.node_id, leading, gauges.len()));
+            }
+            if let Some((id, _, _)) = led.iter().find(|(_, n, all)| *all > 0 && n == all) {
+                return *id;
+            }
+            assert!(Instant::now() < until, "leaders stayed apart: {led:?}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     pub fn log_of(&self, id: u64) -> String {
         std::fs::read_to_string(cluster::node_dir(&self.dir, id).join("node.log"))
             .unwrap_or_default()
