@@ -2,7 +2,8 @@
 //! entry in shard 0's log (the test API on the log). Each client
 //! materializes the log itself, in order: a write is an append; a
 //! compare-and-set is an append whose result is decided by the state just
-//! before its position; a read takes a read barrier and returns the state
+//! before its position; a read takes a read barrier (odd client slots at
+//! one fixed node, even ones wherever they last got answers) and returns the state
 //! at it. Checked per key for linearizability (Wing–Gong/Lowe search).
 
 use std::collections::HashMap;
@@ -79,6 +80,17 @@ pub async fn client(ctx: Arc<Ctx>, slot: u64) {
     let mut rng = rand::rngs::StdRng::seed_from_u64(ctx.seed.wrapping_add(slot * 104_729));
     let mut p = Process::new(slot, ctx.concurrency);
     let mut c = ctx.log_client();
+    // Odd slots read through one node, as a client reading from its
+    // nearest replica: the read protocol must make that linearizable too
+    // (a follower asks the leader), and a broken one is caught in quiet
+    // periods as well, not only when a partition happens to cut off the
+    // node the clients settled on.
+    let pinned = (slot % 2 == 1 && !ctx.nodes.is_empty()).then(|| {
+        let node = ctx.nodes[(slot / 2) as usize % ctx.nodes.len()];
+        let mut r = cfs_log::client::LogClient::new(&ctx.cluster_id, vec![node]);
+        r.timeout = std::time::Duration::from_secs(5);
+        r
+    });
     let mut rep = Replica {
         applied: Position::ZERO,
         map: HashMap::new(),
@@ -90,7 +102,7 @@ pub async fn client(ctx: Arc<Ctx>, slot: u64) {
         if roll < 2 {
             h.invoke(p.id, "read", Some(&k), Value::Null);
             let r = async {
-                let at = c.read_barrier(SHARD).await?;
+                let at = pinned.as_ref().unwrap_or(&c).read_barrier(SHARD).await?;
                 rep.catch_up(&ctx, &mut rng, at).await?;
                 Ok::<_, LogError>(rep.map.get(&k).copied())
             }
