@@ -21,6 +21,17 @@ use crate::wire::ShardStatus;
 /// (a few ms) and fences the metadata leases of the shard moved.
 pub const LEADER_AFFINITY_EVERY: Duration = Duration::from_secs(3);
 
+/// How long a starting node reports split leadership as a problem
+/// (`LogNode::problems`): two rounds of [`LEADER_AFFINITY_EVERY`] and their
+/// elections.
+pub const LEADERS_SETTLE_MAX: Duration = Duration::from_secs(10);
+
+/// Whether one node leads every shard in `status`.
+pub fn led_by_one(status: &[ShardStatus]) -> bool {
+    let first = status.first().and_then(|s| s.leader);
+    first.is_some() && status.iter().all(|s| s.leader == first)
+}
+
 /// Shards node `me` should campaign for: those it does not lead, when it is
 /// the node leading the most shards (ties to the highest id) and every
 /// shard has a leader (no election under way). Empty otherwise.
@@ -83,5 +94,8 @@ mod tests {
         assert!(campaign_for(3, &electing).is_empty());
         let together = [st(0, Some(3)), st(1, Some(3))];
         assert!(campaign_for(3, &together).is_empty());
+        assert!(led_by_one(&together));
+        assert!(!led_by_one(&electing));
+        assert!(!led_by_one(&[st(0, Some(3)), st(1, Some(2))]));
     }
 }

@@ -302,6 +302,8 @@ struct Inner {
     /// When each peer was last heard from (ms since `epoch`).
     heard: HashMap<NodeId, AtomicU64>,
     epoch: Instant,
+    /// One node led every shard once since start (see `problems`).
+    leaders_settled: AtomicBool,
 }
 
 /// A node that has not heard from a majority (itself included) for this
@@ -494,6 +496,7 @@ impl LogNode {
                 .map(|id| (*id, AtomicU64::new(0)))
                 .collect(),
             epoch: Instant::now(),
+            leaders_settled: AtomicBool::new(false),
         });
         for (core, rx, decided_tx, status, subs, counters, (fatal, watermark, gate)) in starters {
             let shard = core.shard;
@@ -805,6 +808,12 @@ impl LogNode {
     }
 
     /// Problems that make this node unhealthy (empty when healthy).
+    /// While the node starts (up to [`affinity::LEADERS_SETTLE_MAX`]),
+    /// shards led by different nodes count as a problem too, so that a
+    /// cluster reports healthy once leader affinity has brought them
+    /// together: the move is a leader change, during which a change
+    /// answered early may be unseen by other mounts for a moment (D30),
+    /// and it then happens before anyone mounts.
     pub fn problems(&self) -> Vec<String> {
         let mut p = Vec::new();
         for (id, h) in &self.inner.shards {
@@ -812,6 +821,15 @@ impl LogNode {
                 p.push(format!("shard {id} failed: {f}"));
             } else if h.status.lock().expect("status lock").leader.is_none() {
                 p.push(format!("shard {id} has no leader"));
+            }
+        }
+        if p.is_empty() && !self.inner.leaders_settled.load(Ordering::Relaxed) {
+            let status = self.status();
+            let together = affinity::led_by_one(&status);
+            if together || self.inner.epoch.elapsed() >= affinity::LEADERS_SETTLE_MAX {
+                self.inner.leaders_settled.store(true, Ordering::Relaxed);
+            } else {
+                p.push("starting: shards are led by different nodes until leader affinity brings them together".into());
             }
         }
         p.sort();
