@@ -72,6 +72,7 @@ pub fn mount(mountpoint: &Path, opts: MountOptions) -> Result<(), MountError> {
     let fs = CfsFs::new(rt.handle().clone(), meta.clone(), data, opts.clone());
     let known = fs.known();
     let forget = fs.forget_cached();
+    let kernel = fs.kernel_slot();
     let options = vec![
         MountOption::FSName("cfs".into()),
         MountOption::Subtype("cfs".into()),
@@ -89,6 +90,7 @@ pub fn mount(mountpoint: &Path, opts: MountOptions) -> Result<(), MountError> {
         })?;
     info!(mountpoint = %mountpoint.display(), node = welcome.node_id, "mounted");
     let notifier = session.notifier();
+    let _ = kernel.set(notifier.clone());
     let cache = meta.cache.clone();
     std::thread::Builder::new()
         .name("cfs-invalidate".into())

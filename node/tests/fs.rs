@@ -493,8 +493,32 @@ fn two_mounts_see_each_other() {
     let b = Mount::new(&c, "b", &["--servers", &servers]);
     // Close-to-open: written and closed on a, read whole on b.
     let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+    let same = |got: Vec<u8>, what: &str| {
+        assert!(
+            got == data,
+            "{what}: read {} bytes on b, {} written on a",
+            got.len(),
+            data.len()
+        )
+    };
     std::fs::write(a.path.join("shared"), &data).unwrap();
-    assert_eq!(std::fs::read(b.path.join("shared")).unwrap(), data);
+    same(std::fs::read(b.path.join("shared")).unwrap(), "new file");
+    // Even when b's kernel holds the attributes of an older version: b
+    // (on a follower, without leases) saw the file empty, and its open
+    // after a's close must not read up to that old size.
+    std::fs::write(a.path.join("grown"), b"").unwrap();
+    let until = Instant::now() + Duration::from_secs(3);
+    while std::fs::metadata(b.path.join("grown")).is_err() {
+        assert!(Instant::now() < until, "create not visible on b");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Small, so b opens it well within the attribute TTL of its stat.
+    std::fs::write(a.path.join("grown"), b"grown since").unwrap();
+    assert_eq!(
+        std::fs::read(b.path.join("grown")).unwrap(),
+        b"grown since",
+        "b read up to the size its kernel had cached"
+    );
     // Overwritten on b, seen on a at the next open.
     std::fs::write(b.path.join("shared"), b"short now").unwrap();
     assert_eq!(std::fs::read(a.path.join("shared")).unwrap(), b"short now");

@@ -27,6 +27,18 @@ impl CfsFs {
                     reply.error(libc::EISDIR)
                 }
                 Ok((i, leased)) => {
+                    if fresh && !leased {
+                        // The kernel's attributes came from a lookup that
+                        // may predate the last close elsewhere (a node's
+                        // own state, read without a barrier); the ones
+                        // just read are current. Dropped before the open
+                        // returns, so the size a read stops at, and
+                        // fstat, come from them (NFS revalidates at open
+                        // the same way).
+                        if let Some(k) = sh.kernel.get() {
+                            let _ = k.inval_inode(ino, -1, 0);
+                        }
+                    }
                     let st = sh.file(ino);
                     st.opens.fetch_add(1, Ordering::SeqCst);
                     {

@@ -142,6 +142,8 @@ struct Shared {
     next_fh: AtomicU64,
     /// Bytes of written small files kept as their content (io.rs).
     kept_bytes: Arc<AtomicU64>,
+    /// The kernel's side of the session, once mounted (`session.rs`).
+    kernel: Arc<std::sync::OnceLock<fuser::Notifier>>,
 }
 
 pub struct CfsFs {
@@ -294,6 +296,7 @@ impl CfsFs {
             no_opendir: AtomicBool::new(false),
             next_fh: AtomicU64::new(1),
             kept_bytes: Arc::default(),
+            kernel: Arc::default(),
         });
         rt.spawn(holds::renew_forever(Arc::downgrade(&sh)));
         CfsFs { rt, sh }

@@ -27,6 +27,12 @@ impl CfsFs {
         })
     }
 
+    /// Where the mount puts the kernel's side of the FUSE session once
+    /// mounted, for the attribute invalidations an open needs (`files.rs`).
+    pub fn kernel_slot(&self) -> Arc<std::sync::OnceLock<fuser::Notifier>> {
+        self.sh.kernel.clone()
+    }
+
     /// Drops this mount's cached state of `ino` (another client changed it;
     /// 0: everything).
     pub fn forget_cached(&self) -> Arc<dyn Fn(Ino) + Send + Sync> {
