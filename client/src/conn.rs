@@ -284,6 +284,11 @@ impl MetaClient {
                             let _ = w.tx.send(result);
                         }
                     }
+                    ServerMsg::Current { inodes, stamp } => {
+                        for i in &inodes {
+                            cache.fetched(g, stamp, i);
+                        }
+                    }
                     ServerMsg::Settled { op_id, failed } => {
                         if unsettled.settled(op_id, failed) {
                             warn!(op_id, ?failed, "a change answered early did not apply as answered; the next fsync or close of what it touched reports it");

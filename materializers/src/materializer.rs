@@ -33,6 +33,9 @@ pub struct Change {
     /// is then its coordinator; the metadata service knows which client
     /// asked for it).
     pub tx: Option<cfs_proto::tx::TxId>,
+    /// The client's operation id (0: none), so the node can tell a change
+    /// it answered early, whose invalidations went out with the answer.
+    pub op_id: u64,
     pub inodes: Vec<Ino>,
     pub entries: Vec<(Ino, Vec<u8>)>,
     pub shard: ShardId,
@@ -119,6 +122,7 @@ pub fn changes(op: &LoggedOp, r: &Applied) -> Change {
     let mut ch = Change {
         origin: op.client,
         tx,
+        op_id: op.op_id,
         inodes: Vec::new(),
         entries: Vec::new(),
         shard: ShardId(0),
@@ -281,6 +285,7 @@ pub async fn run_shard(
                 let _ = changes_tx.send(Change {
                     origin: 0,
                     tx: None,
+                    op_id: 0,
                     inodes: Vec::new(),
                     entries: Vec::new(),
                     shard,

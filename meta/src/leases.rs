@@ -7,7 +7,7 @@
 //! publishes its clean position through the log (`LogNode::set_watermark`)
 //! so that a change acknowledged by any node first waits for it.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -65,9 +65,33 @@ pub struct Session {
     progress: watch::Sender<u64>,
     /// Shared with [`Leases`]: something may have moved a clean position.
     dirty: Arc<Notify>,
+    /// Operations answered early to this session, whose invalidations went
+    /// out before the answer: their apply needs none again (at most
+    /// [`EARLY_OPS_MAX`]; past that they are sent again, as before).
+    early_ops: Mutex<HashSet<u64>>,
 }
 
+/// Operations remembered per session as answered early (see
+/// `Session::expect_early`).
+pub const EARLY_OPS_MAX: usize = 1 << 16;
+
 impl Session {
+    /// Operation `op_id` is answered early with its invalidations: its
+    /// apply sends this session none (false: too many remembered; it will).
+    pub fn expect_early(&self, op_id: u64) -> bool {
+        let mut s = self.early_ops.lock().expect("early ops lock");
+        s.len() < EARLY_OPS_MAX && s.insert(op_id)
+    }
+
+    /// Whether `op_id` was answered early (forgotten here: asked once, at
+    /// its apply or when its answer was not sent after all).
+    pub fn take_early(&self, op_id: u64) -> bool {
+        self.early_ops
+            .lock()
+            .expect("early ops lock")
+            .remove(&op_id)
+    }
+
     /// Records that the changes of `shard` below `upto` have been
     /// forwarded, the last of them as invalidation `seq` (if any).
     pub fn forwarded(&self, shard: ShardId, upto: Position, seq: Option<u64>) {
@@ -237,6 +261,7 @@ impl Leases {
             leases: Mutex::default(),
             progress: watch::channel(0).0,
             dirty: self.dirty.clone(),
+            early_ops: Mutex::default(),
         });
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         self.sessions

@@ -311,6 +311,7 @@ impl Sequencer {
     ///
     /// `lose` (a fault-injection point, tests only): the entry is not
     /// queued, as if this node died before it reached any replica.
+    #[allow(clippy::too_many_arguments)]
     pub fn sequence(
         &self,
         db: &NamespaceDb,
@@ -319,6 +320,7 @@ impl Sequencer {
         shard: ShardId,
         lop: &LoggedOp,
         lose: bool,
+        before_proposed: impl FnOnce(&Result<cfs_materializers::ops::Applied, Errno>),
     ) -> Result<Option<Ticket>, Errno> {
         let db_err = |e: DbError| {
             tracing::error!("sequencer: {e}");
@@ -344,6 +346,8 @@ impl Sequencer {
             );
             return Ok(None);
         }
+        // Before the entry can be decided and applied.
+        before_proposed(&told);
         let outcome = waiters.register(request);
         let queued = if lose {
             Ok(None)

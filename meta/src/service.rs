@@ -45,6 +45,10 @@ const TX_REQUESTER_GRACE: Duration = Duration::from_secs(2);
 const _: () = assert!(TX_REQUESTER_GRACE.as_millis() > GRANT_WAIT.as_millis());
 /// Lapsed holds broken per shard per check (the rest wait for the next).
 const HOLDS_BROKEN_PER_CHECK: usize = 64;
+/// Inodes whose attributes go with an early answer at most
+/// (`ServerMsg::Current`; a change touches a few).
+const CURRENT_INODES_MAX: usize = 8;
+
 /// How often leadership terms and clean positions are refreshed.
 const LEASE_TICK: Duration = Duration::from_millis(10);
 /// Longest wait for a leased session's invalidation to be forwarded
@@ -471,6 +475,13 @@ async fn serve_conn(inner: Arc<Inner>, sock: TcpStream) {
                                 .get(&t)
                                 == Some(&client)
                         });
+                    // Answered early with its invalidations: sent already
+                    // (a change decided other than answered is sent again
+                    // to every session, as not anyone's own).
+                    if c.origin == client && c.op_id != 0 && sess2.take_early(c.op_id) {
+                        sess2.forwarded(c.shard, c.upto, None);
+                        continue;
+                    }
                     let mut last = 0;
                     let entries = c.entries.into_iter().map(|(p, n)| (p, Some((p, n))));
                     for (ino, entry) in c.inodes.into_iter().map(|i| (i, None)).chain(entries) {
@@ -921,11 +932,39 @@ impl Inner {
         // replica: the mount must replay.
         let lose = eligible && self.failpoint.as_deref() == Some("early-answer-lost");
         let hold = self.seq.shared().await;
-        let Some(ticket) =
-            self.seq
-                .sequence(&self.db, &self.log, &self.waiters, shard, &lop, lose)?
-        else {
-            return Ok(None);
+        // Registered before the entry can be applied: its apply then sends
+        // this session no invalidations (they go with the answer), so what
+        // the answer tells the mount's cache is not dropped by its own
+        // change.
+        let mut remembered = false;
+        let sequenced = self.seq.sequence(
+            &self.db,
+            &self.log,
+            &self.waiters,
+            shard,
+            &lop,
+            lose,
+            |told| {
+                if let (true, Ok(_), Some((_, session))) = (eligible, told, early) {
+                    remembered = session.expect_early(op_id);
+                }
+            },
+        );
+        let forget = |remembered: bool| {
+            if let (true, Some((_, session))) = (remembered, early) {
+                session.take_early(op_id);
+            }
+        };
+        let ticket = match sequenced {
+            Ok(Some(t)) => t,
+            Ok(None) => {
+                forget(remembered);
+                return Ok(None);
+            }
+            Err(e) => {
+                forget(remembered);
+                return Err(e);
+            }
         };
         drop(hold);
         self.counters.sequenced.fetch_add(1, Ordering::Relaxed);
@@ -964,6 +1003,20 @@ impl Inner {
                         own: true,
                     },
                 );
+            }
+            // And what the change made of them (a directory's times and
+            // link count): the kernel asks for a directory's attributes
+            // again after every change in it, which the mount's cache then
+            // answers. Read from the overlay, which holds this change.
+            let inodes: Vec<Inode> = c
+                .inodes
+                .iter()
+                .take(CURRENT_INODES_MAX)
+                .filter_map(|i| self.seq.read(&self.db, |db| db.inode(*i)).ok())
+                .collect();
+            if !inodes.is_empty() {
+                let stamp = session.sent();
+                send(tx, ServerMsg::Current { inodes, stamp });
             }
             let told = ticket.told.clone();
             let (inner, tx) = (self.clone(), tx.clone());

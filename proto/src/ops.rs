@@ -403,6 +403,10 @@ pub enum ServerMsg {
     /// why it did not (the mount reports it on the next fsync or close of
     /// what the change touched).
     Settled { op_id: u64, failed: Option<Errno> },
+    /// The attributes of inodes the session's own change just touched
+    /// (sent after its invalidations, before its early answer), current
+    /// as of invalidation `stamp`: cached by the same rule as a reply's.
+    Current { inodes: Vec<Inode>, stamp: u64 },
 }
 
 /// Largest metadata message (a 4 MiB log entry bounds mutations anyway).
