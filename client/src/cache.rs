@@ -67,6 +67,27 @@ struct Names {
 struct Listing {
     entries: Vec<DirEntry>,
     fetched: Instant,
+    /// Names this session's own changes touched since: not known from
+    /// `entries` any more (the kernel serializes one mount's changes in a
+    /// directory; another mount's change drops the listing). While any,
+    /// the listing still tells which other names are absent, but is no
+    /// longer served as a listing.
+    touched: std::collections::HashSet<Vec<u8>>,
+}
+
+impl Listing {
+    fn new(entries: Vec<DirEntry>) -> Listing {
+        Listing {
+            entries,
+            fetched: Instant::now(),
+            touched: Default::default(),
+        }
+    }
+
+    /// What it counts against [`LISTED_ENTRIES_MAX`].
+    fn weight(&self) -> usize {
+        self.entries.len() + self.touched.len() + 1
+    }
 }
 
 /// A name in a directory and its inode.
@@ -114,6 +135,9 @@ struct State {
     xattr_names: HashMap<Ino, Names>,
     /// Last invalidation received per inode.
     tombs: HashMap<Ino, u64>,
+    /// Last invalidation per inode from another session's change (cleared
+    /// with `tombs`).
+    foreign_tombs: HashMap<Ino, u64>,
     /// Stamps below this are refused (a "drop everything", or tombstones
     /// forgotten).
     floor: u64,
@@ -173,6 +197,7 @@ impl MetaCache {
             s.attrs.clear();
             s.xattr_names.clear();
             s.tombs.clear();
+            s.foreign_tombs.clear();
             s.listings.clear();
             s.listed_entries = 0;
             s.dentries.clear();
@@ -182,9 +207,14 @@ impl MetaCache {
         }
         s.attrs.remove(&ino);
         s.xattr_names.remove(&ino);
-        s.tomb(ino, seq);
+        // This session's own change keeps the directory's listing, minus
+        // the name it touched (see `Listing::touched`).
+        s.tomb(ino, seq, own);
         if let Some(dir) = parent {
-            s.tomb(dir, seq);
+            s.tomb(dir, seq, own);
+        }
+        if let (true, Some((dir, name))) = (own, entry) {
+            s.touched(dir, name);
         }
         if let Some((dir, name)) = entry {
             let key = (dir, name.to_vec());
@@ -244,7 +274,7 @@ impl MetaCache {
             Some(d) if d.fetched >= l.start => Some(d.ino),
             _ => {
                 let listing = s.listings.get(&parent)?;
-                if listing.fetched < l.start {
+                if listing.fetched < l.start || listing.touched.contains(name) {
                     return None;
                 }
                 listing
@@ -284,17 +314,35 @@ impl MetaCache {
             s.listings.clear();
             s.listed_entries = 0;
         }
+        let l = Listing::new(entries);
         // An empty directory costs its listing too.
-        s.listed_entries += entries.len() + 1;
-        let old = s.listings.insert(
-            dir,
-            Listing {
-                entries,
-                fetched: Instant::now(),
-            },
-        );
-        if let Some(o) = old {
-            s.listed_entries -= o.entries.len() + 1;
+        s.listed_entries += l.weight();
+        if let Some(o) = s.listings.insert(dir, l) {
+            s.listed_entries -= o.weight();
+        }
+    }
+
+    /// This session's mkdir made `dir` (its reply, read with `stamp`): an
+    /// empty directory, whose listing is known until another mount
+    /// changes it; so are the names absent from it (a `tar -x` or `cp -r`
+    /// then creates its files without asking the node about each name).
+    /// Own invalidations of `dir` after `stamp` are its creation's (the
+    /// kernel cannot change in it before it knows it); another session's
+    /// refuse it.
+    pub fn created_dir(&self, gen: u64, stamp: u64, dir: Ino) {
+        let mut s = self.s.lock().expect("cache lock");
+        if s.gen != gen || stamp < s.floor || s.foreign_tombs.get(&dir).is_some_and(|t| *t > stamp)
+        {
+            return;
+        }
+        if s.listed_entries + 1 > LISTED_ENTRIES_MAX {
+            s.listings.clear();
+            s.listed_entries = 0;
+        }
+        let l = Listing::new(Vec::new());
+        s.listed_entries += l.weight();
+        if let Some(o) = s.listings.insert(dir, l) {
+            s.listed_entries -= o.weight();
         }
     }
 
@@ -305,7 +353,7 @@ impl MetaCache {
         let now = Instant::now();
         let l = s.current_lease(dir, now)?;
         let listing = s.listings.get(&dir)?;
-        if listing.fetched < l.start {
+        if listing.fetched < l.start || !listing.touched.is_empty() {
             return None;
         }
         listing
@@ -464,19 +512,39 @@ impl MetaCache {
 
 impl State {
     /// Records invalidation `seq` of `ino` (its listing, if a directory,
-    /// goes with it).
-    fn tomb(&mut self, ino: Ino, seq: u64) {
-        self.drop_listing(ino);
+    /// goes with it unless the change is this session's own).
+    fn tomb(&mut self, ino: Ino, seq: u64, own: bool) {
+        if !own {
+            self.drop_listing(ino);
+        }
         if self.tombs.len() >= TOMBSTONES_MAX {
             self.tombs.clear();
+            self.foreign_tombs.clear();
             self.floor = self.floor.max(seq);
         }
         self.tombs.insert(ino, seq);
+        if !own {
+            self.foreign_tombs.insert(ino, seq);
+        }
     }
 
     fn drop_listing(&mut self, dir: Ino) {
         if let Some(l) = self.listings.remove(&dir) {
-            self.listed_entries -= l.entries.len() + 1;
+            self.listed_entries -= l.weight();
+        }
+    }
+
+    /// This session changed `name` in `dir`: its listing no longer tells
+    /// about that name (dropped whole when the bound is reached).
+    fn touched(&mut self, dir: Ino, name: &[u8]) {
+        if self.listed_entries + 1 > LISTED_ENTRIES_MAX {
+            self.drop_listing(dir);
+            return;
+        }
+        if let Some(l) = self.listings.get_mut(&dir) {
+            if l.touched.insert(name.to_vec()) {
+                self.listed_entries += 1;
+            }
         }
     }
 
@@ -718,5 +786,46 @@ mod tests {
         c.fetched(g, 8, &inode(a, 7));
         assert_eq!(c.lookup(dir, b"a"), Some(Named::Found(inode(a, 7))));
         assert_eq!(c.lookup(dir, b"nope"), Some(Named::Absent));
+    }
+
+    #[test]
+    fn a_directory_this_session_made_answers_for_absent_names_through_its_own_changes() {
+        let c = MetaCache::default();
+        let g = c.session();
+        let dir = make_ino(ShardId(0), 2);
+        let (a, b) = (make_ino(ShardId(0), 3), make_ino(ShardId(0), 4));
+        c.leased(g, Instant::now(), &[ShardId(0)], Duration::from_secs(3), 0);
+        // Refused when the directory changed after the reply was read.
+        c.invalidated(g, 2, dir);
+        c.applied(g, 2);
+        c.created_dir(g, 1, dir);
+        assert_eq!(c.lookup(dir, b"x"), None);
+        c.created_dir(g, 2, dir);
+        assert_eq!(c.lookup(dir, b"x"), Some(Named::Absent));
+        assert_eq!(c.listing(dir), Some(Vec::new()), "empty");
+        // Our own create of "a": that name is no longer known from the
+        // listing, other names still are; the listing is not served.
+        c.invalidated_entry(g, 3, dir, None, true);
+        c.invalidated_entry(g, 4, dir, Some((dir, &b"a"[..])), true);
+        c.applied(g, 4);
+        assert_eq!(c.lookup(dir, b"a"), None);
+        assert_eq!(c.lookup(dir, b"y"), Some(Named::Absent));
+        assert!(c.listing(dir).is_none());
+        c.fetched(g, 4, &inode(a, 0));
+        c.fetched_dentry(g, 4, dir, b"a", a, true);
+        assert_eq!(c.lookup(dir, b"a"), Some(Named::Found(inode(a, 0))));
+        // Another session's change in it: nothing is known any more.
+        c.invalidated_entry(g, 5, dir, Some((dir, &b"b"[..])), false);
+        c.applied(g, 5);
+        c.fetched(g, 5, &inode(b, 0));
+        assert_eq!(c.lookup(dir, b"y"), None);
+        assert_eq!(c.lookup(dir, b"b"), None);
+        // The mkdir's own invalidations, numbered after its reply's stamp
+        // (an early answer's), do not refuse it.
+        let dir2 = make_ino(ShardId(0), 9);
+        c.invalidated_entry(g, 10, dir2, None, true);
+        c.applied(g, 10);
+        c.created_dir(g, 9, dir2);
+        assert_eq!(c.lookup(dir2, b"x"), Some(Named::Absent));
     }
 }

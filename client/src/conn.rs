@@ -265,6 +265,11 @@ impl MetaClient {
                             (&result, names, cacheable)
                         {
                             cache.fetched_dentry(g, stamp, *parent, name, i.ino, *own);
+                            if *own && i.is_dir() {
+                                // This session's mkdir (a create of a
+                                // name that exists fails): empty.
+                                cache.created_dir(g, stamp, i.ino);
+                            }
                         }
                         match &result {
                             _ if !cacheable => {}
