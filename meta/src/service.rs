@@ -1007,7 +1007,11 @@ impl Inner {
             // And what the change made of them (a directory's times and
             // link count): the kernel asks for a directory's attributes
             // again after every change in it, which the mount's cache then
-            // answers. Read from the overlay, which holds this change.
+            // answers. Read from the overlay, which holds this change. The
+            // stamp is taken first: a change whose invalidation is sent
+            // after it may be missing from the read, and the mount then
+            // refuses the read for that inode.
+            let stamp = session.sent();
             let inodes: Vec<Inode> = c
                 .inodes
                 .iter()
@@ -1015,7 +1019,6 @@ impl Inner {
                 .filter_map(|i| self.seq.read(&self.db, |db| db.inode(*i)).ok())
                 .collect();
             if !inodes.is_empty() {
-                let stamp = session.sent();
                 send(tx, ServerMsg::Current { inodes, stamp });
             }
             let told = ticket.told.clone();
