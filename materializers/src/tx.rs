@@ -327,7 +327,24 @@ pub struct Planned {
 
 /// Plans `lop` on this node's replica of every shard (see [`crate::apply::plan`]).
 pub fn plan(db: &NamespaceDb, lop: &LoggedOp, new_ino: Option<Ino>) -> Result<Planned, DbError> {
-    let mut t = Txn::new(db);
+    plan_over(db, &crate::store::Overlay::new(), lop, new_ino)
+}
+
+/// As [`plan`], over `overlay`: changes this node ordered ahead of the
+/// transaction's steps in the shards' logs (a leader's sequenced, not yet
+/// decided changes, D37). The prepares compare what the plan read with
+/// what their shards hold when they apply, so a change of the overlay
+/// that comes out otherwise fails the prepare (ESTALE) instead of being
+/// built upon.
+pub fn plan_over(
+    db: &NamespaceDb,
+    overlay: &crate::store::Overlay,
+    lop: &LoggedOp,
+    new_ino: Option<Ino>,
+) -> Result<Planned, DbError> {
+    use crate::read::NsRead;
+    let view = crate::read::Overlaid { db, overlay };
+    let mut t = Txn::over(db, overlay);
     let outcome = crate::apply::plan(&mut t, lop, new_ino)?;
     let fp = t.footprint();
     let mut parts: BTreeMap<ShardId, Part> = BTreeMap::new();
@@ -352,14 +369,14 @@ pub fn plan(db: &NamespaceDb, lop: &LoggedOp, new_ino: Option<Ino>) -> Result<Pl
     let mut locked = false;
     'parts: for part in parts.values() {
         for k in part.keys() {
-            if db.get_raw(&keys::tx_lock(k))?.is_some() {
+            if view.raw(&keys::tx_lock(k))?.is_some() {
                 locked = true;
                 break 'parts;
             }
         }
         for (start, end, _) in &part.scans {
             let (s, e) = (keys::tx_lock(start), keys::tx_lock(end));
-            if !db.scan(&s, &e, 1)?.is_empty() {
+            if !view.range(&s, &e, 1)?.is_empty() {
                 locked = true;
                 break 'parts;
             }

@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 
 use cfs_materializers::keys;
 use cfs_materializers::ops::{Applied, ApplyResult, LoggedOp, Op};
-use cfs_materializers::store::{DbError, NamespaceDb};
+use cfs_materializers::read::Overlaid;
+use cfs_materializers::store::{DbError, NamespaceDb, Overlay};
 use cfs_materializers::tx::*;
 use cfs_materializers::types::*;
 use tracing::Instrument;
@@ -26,6 +27,18 @@ pub trait Cluster: Sync {
     /// Waits until this node applied everything decided on `shard` so far.
     fn barrier(&self, shard: ShardId) -> impl Future<Output = Result<(), Errno>> + Send;
     fn db(&self) -> &NamespaceDb;
+    /// Runs `f` over the namespace as this node answers it: the database
+    /// and the changes it ordered ahead of anything proposed from now on
+    /// (D37). By default the database alone.
+    fn view<T>(&self, f: impl FnOnce(&NamespaceDb, &Overlay) -> T) -> T {
+        f(self.db(), &Overlay::new())
+    }
+    /// Waits until no change this node ordered is undecided, before a
+    /// proposal that writes namespace keys without being ordered with
+    /// them (which the view would otherwise hide). By default nothing.
+    fn quiesce(&self) -> impl Future<Output = ()> + Send {
+        async {}
+    }
     /// The shards of the cluster.
     fn shards(&self) -> &[ShardId];
     /// Levels below the root whose new directories spread over the shards
@@ -42,6 +55,41 @@ pub trait Cluster: Sync {
     /// `tx` runs on behalf of `client` (`None`: it ended): the changes its
     /// steps make are that client's own, as a single-shard change's are.
     fn on_behalf(&self, _tx: TxId, _client: Option<u64>) {}
+    /// Proposes a finish step of a transaction whose commit decision is
+    /// decided. For a `requester` that takes answers before they are
+    /// decided (D30), a node may instead order the step and return the
+    /// outcome it will have (D37): the decision and every prepare are in
+    /// the log already, so nothing can make the step come out otherwise,
+    /// and the requester is told once it is decided. By default it waits
+    /// for the decision, as [`Cluster::propose`].
+    /// `by`: who finishes it (a recovery runs outside the sequencer).
+    fn propose_finish(
+        &self,
+        shard: ShardId,
+        lop: LoggedOp,
+        by: Finisher,
+    ) -> impl Future<Output = Result<ApplyResult, Errno>> + Send {
+        let _ = by;
+        self.propose(shard, lop)
+    }
+}
+
+/// Who finishes a transaction.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Finisher {
+    /// Its coordinator, for a client that takes answers given before its
+    /// changes are decided (`Some`) or not.
+    Coordinator(Option<Requester>),
+    /// Recovery of a transaction its coordinator left open.
+    Recovery,
+}
+
+/// The client operation a transaction runs for, when that client takes
+/// answers given before its changes are decided.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Requester {
+    pub client: u64,
+    pub op_id: u64,
 }
 
 /// How long an operation keeps retrying conflicts before giving up.
@@ -49,30 +97,35 @@ pub const EXECUTE_WAIT: Duration = Duration::from_secs(30);
 
 /// Runs a client's operation: on its home shard when it stays there, as a
 /// cross-shard transaction otherwise. Retries conflicts with open
-/// transactions (with backoff) for up to [`EXECUTE_WAIT`].
+/// transactions (with backoff) for up to [`EXECUTE_WAIT`]. `early`: the
+/// client takes answers before its changes are decided (a committed
+/// transaction's finish steps may then be answered once ordered, D37).
 pub async fn execute<C: Cluster>(
     c: &C,
     client: u64,
     op_id: u64,
     creds: Creds,
     op: Op,
+    early: bool,
 ) -> Result<ApplyResult, Errno> {
     let home = op.shard();
     let placement = match &op {
         Op::Create {
             parent, name, mode, ..
-        } if mode & libc::S_IFMT == libc::S_IFDIR => Some(dir_shard(
-            c.db(),
-            *parent,
-            name,
-            c.shards(),
-            c.spread_depth(),
-        ))
+        } if mode & libc::S_IFMT == libc::S_IFDIR => Some(c.view(|db, overlay| {
+            dir_shard(
+                &Overlaid { db, overlay },
+                *parent,
+                name,
+                c.shards(),
+                c.spread_depth(),
+            )
+        }))
         .filter(|s| *s != home),
         _ => None,
     };
     let deadline = Instant::now() + EXECUTE_WAIT;
-    let mut cross = placement.is_some() || spans_shards(c.db(), client, &creds, &op, home);
+    let mut cross = placement.is_some() || spans_shards(c, client, &creds, &op, home);
     let mut backoff = Duration::from_millis(1);
     loop {
         let lop = LoggedOp {
@@ -84,10 +137,12 @@ pub async fn execute<C: Cluster>(
         };
         if cross {
             let span = tracing::debug_span!("cross_shard", home = %home);
-            if let Some(r) = run_cross(c, lop, placement).instrument(span).await? {
+            if let Some(r) = run_cross(c, lop, placement, early).instrument(span).await? {
                 return Ok(r);
             }
         } else {
+            // Written without the sequencer: after what it ordered.
+            c.quiesce().await;
             match c.propose(home, lop).await? {
                 Err(Errno::EXDEV) => {
                     cross = true;
@@ -112,7 +167,7 @@ pub async fn execute<C: Cluster>(
 /// the cross-shard path instead of first failing on its home shard with
 /// EXDEV (one log commit less). Only a hint: a lagging replica's wrong
 /// guess costs that commit, never correctness.
-fn spans_shards(db: &NamespaceDb, client: u64, creds: &Creds, op: &Op, home: ShardId) -> bool {
+fn spans_shards(c: &impl Cluster, client: u64, creds: &Creds, op: &Op, home: ShardId) -> bool {
     if !matches!(
         op,
         Op::Unlink { .. } | Op::Rmdir { .. } | Op::Rename { .. } | Op::Link { .. }
@@ -126,7 +181,8 @@ fn spans_shards(db: &NamespaceDb, client: u64, creds: &Creds, op: &Op, home: Sha
         now: 0,
         op: op.clone(),
     };
-    plan(db, &lop, None).is_ok_and(|p| p.parts.keys().any(|s| *s != home))
+    c.view(|db, overlay| plan_over(db, overlay, &lop, None))
+        .is_ok_and(|p| p.parts.keys().any(|s| *s != home))
 }
 
 /// One attempt of a cross-shard operation: `None` if it lost a conflict
@@ -135,11 +191,12 @@ async fn run_cross<C: Cluster>(
     c: &C,
     lop: LoggedOp,
     placement: Option<ShardId>,
+    early: bool,
 ) -> Result<Option<ApplyResult>, Errno> {
     let (coordinator, seq) = c.next_id();
     let tx = TxId::new(coordinator, seq);
     c.on_behalf(tx, Some(lop.client));
-    let r = run_cross_as(c, tx, lop, placement).await;
+    let r = run_cross_as(c, tx, lop, placement, early).await;
     c.on_behalf(tx, None);
     r
 }
@@ -150,6 +207,7 @@ async fn run_cross_as<C: Cluster>(
     tx: TxId,
     lop: LoggedOp,
     placement: Option<ShardId>,
+    early: bool,
 ) -> Result<Option<ApplyResult>, Errno> {
     let home = lop.op.shard();
     let new_ino = placement.map(|s| tx_ino(s, tx));
@@ -157,7 +215,9 @@ async fn run_cross_as<C: Cluster>(
         tracing::error!("planning a cross-shard operation: {e}");
         Errno::EIO
     };
-    let planned = plan(c.db(), &lop, new_ino).map_err(db_err)?;
+    let planned = c
+        .view(|db, overlay| plan_over(db, overlay, &lop, new_ino))
+        .map_err(db_err)?;
     if planned.locked {
         return Ok(None);
     }
@@ -172,11 +232,19 @@ async fn run_cross_as<C: Cluster>(
             }
             let k = keys::outcome(home, lop.client, lop.op_id);
             if lop.op_id != 0 {
-                if let Some(r) = c.db().get::<ApplyResult>(&k).map_err(db_err)? {
+                let recorded = c.view(|db, overlay| {
+                    cfs_materializers::read::NsRead::value::<ApplyResult>(
+                        &Overlaid { db, overlay },
+                        &k,
+                    )
+                });
+                if let Some(r) = recorded.map_err(db_err)? {
                     return Ok(Some(r));
                 }
             }
-            let again = plan(c.db(), &lop, new_ino).map_err(db_err)?;
+            let again = c
+                .view(|db, overlay| plan_over(db, overlay, &lop, new_ino))
+                .map_err(db_err)?;
             match again.outcome {
                 Err(e2) if e2 == e && !again.locked => return Ok(Some(Err(e))),
                 _ => return Ok(None),
@@ -189,13 +257,28 @@ async fn run_cross_as<C: Cluster>(
         for s in planned.parts.keys() {
             c.barrier(*s).await?;
         }
-        let again = plan(c.db(), &lop, new_ino).map_err(db_err)?;
+        let again = c
+            .view(|db, overlay| plan_over(db, overlay, &lop, new_ino))
+            .map_err(db_err)?;
         let same = !again.locked
             && again.outcome == Ok(applied.clone())
             && again.parts.values().all(|p| p.writes.is_empty());
         return Ok(same.then_some(Ok(applied)));
     }
-    let end = run_tx(c, tx, home, planned.parts, &lop, Ok(applied.clone())).await?;
+    let requester = (early && lop.op_id != 0).then_some(Requester {
+        client: lop.client,
+        op_id: lop.op_id,
+    });
+    let end = run_tx(
+        c,
+        tx,
+        home,
+        planned.parts,
+        &lop,
+        Ok(applied.clone()),
+        requester,
+    )
+    .await?;
     match end {
         TxEnd::Committed => Ok(Some(Ok(applied))),
         TxEnd::Recorded(r) => Ok(Some(r)),
@@ -236,6 +319,9 @@ fn step(c: &impl Cluster, now: Nanos, op: Op) -> LoggedOp {
 
 /// Prepare, decide and finish transaction `tx` of operation `lop`. A
 /// failed proposal returns the error and leaves the rest to [`recover`].
+/// The caller waits for two commit rounds (the prepares, in parallel; the
+/// decision); a committed transaction's finishes may be answered once
+/// ordered, for a `requester` that takes such answers (D37).
 pub async fn run_tx<C: Cluster>(
     c: &C,
     tx: TxId,
@@ -243,6 +329,7 @@ pub async fn run_tx<C: Cluster>(
     parts: BTreeMap<ShardId, Part>,
     lop: &LoggedOp,
     outcome: ApplyResult,
+    requester: Option<Requester>,
 ) -> Result<TxEnd, Errno> {
     let participants: Vec<ShardId> = parts.keys().copied().collect();
     let now = c.now();
@@ -291,7 +378,18 @@ pub async fn run_tx<C: Cluster>(
         }
     };
     c.failpoint("tx-after-decide");
-    finish_all(c, tx, home, &participants, commit).await?;
+    // An abort is finished before the retry plans again (it reads the
+    // database, where the locks must be gone).
+    let requester = requester.filter(|_| commit);
+    finish_all(
+        c,
+        tx,
+        home,
+        &participants,
+        commit,
+        Finisher::Coordinator(requester),
+    )
+    .await?;
     if let (Some(e), false) = (invalid, commit) {
         tracing::error!(?tx, ?lop, "a participant refused the plan as invalid: {e}");
         return Err(Errno::EIO);
@@ -311,6 +409,7 @@ pub async fn finish_all<C: Cluster>(
     home: ShardId,
     participants: &[ShardId],
     commit: bool,
+    by: Finisher,
 ) -> Result<(), Errno> {
     let now = c.now();
     let others = participants.iter().filter(|s| **s != home).map(|s| {
@@ -319,7 +418,7 @@ pub async fn finish_all<C: Cluster>(
             shard: *s,
             commit,
         };
-        c.propose(*s, step(c, now, op))
+        c.propose_finish(*s, step(c, now, op), by)
     });
     for r in futures::future::join_all(others).await {
         if let Err(e) = r? {
@@ -333,7 +432,7 @@ pub async fn finish_all<C: Cluster>(
         shard: home,
         commit,
     };
-    if let Err(e) = c.propose(home, step(c, now, op)).await? {
+    if let Err(e) = c.propose_finish(home, step(c, now, op), by).await? {
         tracing::error!(?tx, "finish refused: {e}");
         return Err(Errno::EIO);
     }
@@ -393,7 +492,7 @@ pub async fn recover<C: Cluster>(c: &C, older_than: Duration) -> Result<usize, E
                 commit,
                 "recovering a transaction its coordinator left open"
             );
-            finish_all(c, tx, home, &participants, commit).await
+            finish_all(c, tx, home, &participants, commit, Finisher::Recovery).await
         }
         .await;
         match r {

@@ -290,6 +290,21 @@ impl Sequencer {
     /// it sees the database as the overlay would.
     pub async fn exclusive(&self) -> RwLockWriteGuard<'_, ()> {
         let g = self.gate.write().await;
+        self.drain().await;
+        g
+    }
+
+    /// Exclusive hold at once, pending changes or not: what runs under it
+    /// (a cross-shard transaction, D37) reads through the overlay, orders
+    /// its own changes after the pending ones, and calls
+    /// [`Sequencer::drain`] before writing anything the overlay does not
+    /// hold.
+    pub async fn alone(&self) -> RwLockWriteGuard<'_, ()> {
+        self.gate.write().await
+    }
+
+    /// Waits until every pending change settled (or they had their time).
+    pub async fn drain(&self) {
         let deadline = Instant::now() + SETTLE_WAIT + Duration::from_secs(1);
         loop {
             // Registered before the check: a settle in between wakes it
@@ -298,7 +313,7 @@ impl Sequencer {
             tokio::pin!(notified);
             notified.as_mut().enable();
             if self.pending() == 0 || Instant::now() >= deadline {
-                return g;
+                return;
             }
             let _ = tokio::time::timeout(Duration::from_millis(10), notified).await;
         }

@@ -19,7 +19,7 @@ use cfs_materializers::read::ReadError;
 
 use crate::coordinator;
 use crate::leases::{Leases, Session};
-use crate::sequencer::Sequencer;
+use crate::sequencer::{Sequencer, Ticket};
 use cfs_materializers::read::NsRead;
 use cfs_materializers::types::*;
 use cfs_materializers::NamespaceDb;
@@ -93,7 +93,20 @@ struct Inner {
     seq: Sequencer,
     /// Cross-shard transactions this node coordinates, and the client
     /// each runs for: their changes are that client's own.
-    tx_requesters: Arc<std::sync::Mutex<HashMap<cfs_proto::tx::TxId, u64>>>,
+    tx_requesters: Arc<std::sync::Mutex<HashMap<cfs_proto::tx::TxId, TxRequester>>>,
+    /// Finish steps ordered but not yet decided (D37), by the client
+    /// operation they were answered for; `mutate` takes them when the
+    /// coordinator returns.
+    finishing: std::sync::Mutex<HashMap<coordinator::Requester, Vec<Ticket>>>,
+}
+
+/// The client a cross-shard transaction runs for.
+struct TxRequester {
+    client: u64,
+    /// Its finish steps (operation ids of this coordinator) answered
+    /// before they were decided: their invalidations went with the
+    /// answer, so their apply sends that client nothing.
+    early_steps: Vec<u64>,
 }
 
 #[derive(Default)]
@@ -108,6 +121,7 @@ struct Counters {
     sequenced: AtomicU64,
     early: AtomicU64,
     mispredicted: AtomicU64,
+    finishes_early: AtomicU64,
     holds_broken: AtomicU64,
     lease_refusals: AtomicU64,
 }
@@ -197,6 +211,7 @@ impl MetaService {
                 leases: Leases::new(&cfg.shards),
                 seq: Sequencer::new(&cfg.shards),
                 tx_requesters: Arc::default(),
+                finishing: Default::default(),
             }),
         };
         // Leadership terms and clean positions, published to the log so
@@ -322,6 +337,11 @@ impl MetaService {
                 "cfs_meta_early_answers_total",
                 "Mutations answered before their entry was decided",
                 &c.early,
+            ),
+            (
+                "cfs_meta_tx_finishes_early_total",
+                "Cross-shard finish steps answered once ordered, before they were decided (D37)",
+                &c.finishes_early,
             ),
             (
                 "cfs_meta_mispredicted_total",
@@ -466,19 +486,22 @@ async fn serve_conn(inner: Arc<Inner>, sock: TcpStream) {
                     // client's ack could deadlock with the kernel, which
                     // holds the directory's lock for the call in progress
                     // while the mount applies the invalidation.
-                    let own = c.origin == client
-                        || c.tx.is_some_and(|t| {
-                            inner2
-                                .tx_requesters
-                                .lock()
-                                .expect("tx requesters lock")
-                                .get(&t)
-                                == Some(&client)
-                        });
+                    let (tx_own, tx_early) = c.tx.map_or((false, false), |t| {
+                        let m = inner2.tx_requesters.lock().expect("tx requesters lock");
+                        m.get(&t)
+                            .filter(|r| r.client == client)
+                            .map_or((false, false), |r| {
+                                let early = c.origin == inner2.coordinator_id
+                                    && r.early_steps.contains(&c.op_id);
+                                (true, early)
+                            })
+                    });
+                    let own = c.origin == client || tx_own;
                     // Answered early with its invalidations: sent already
                     // (a change decided other than answered is sent again
                     // to every session, as not anyone's own).
-                    if c.origin == client && c.op_id != 0 && sess2.take_early(c.op_id) {
+                    if tx_early || (c.origin == client && c.op_id != 0 && sess2.take_early(c.op_id))
+                    {
                         sess2.forwarded(c.shard, c.upto, None);
                         continue;
                     }
@@ -839,15 +862,46 @@ impl Inner {
             Ok(None) => {
                 // Cross-shard work, or a shard another node leads: it must
                 // not overtake changes this node sequenced (if it leads any).
-                let _alone = if self.log.status().iter().any(|s| s.is_leader) {
-                    Some(self.seq.exclusive().await)
+                // A cross-shard transaction reads through the overlay and
+                // its steps are queued after what it holds (D37); anything
+                // else waits until what was sequenced is decided
+                // (`Cluster::quiesce`).
+                let leading = self.log.status().iter().any(|s| s.is_leader);
+                let _alone = if leading {
+                    Some(self.seq.alone().await)
                 } else {
                     None
                 };
-                (
-                    coordinator::execute(&**self, client, op_id, creds, op).await,
-                    false,
-                )
+                let r =
+                    coordinator::execute(&**self, client, op_id, creds, op, early.is_some()).await;
+                let finishing = self
+                    .finishing
+                    .lock()
+                    .expect("finishing lock")
+                    .remove(&coordinator::Requester { client, op_id })
+                    .unwrap_or_default();
+                if leading && !matches!(r, Ok(Ok(_))) {
+                    // A transaction that failed part way may have left
+                    // locks the overlay's pending changes hide: nothing
+                    // more is sequenced over them until those are decided.
+                    self.seq.drain().await;
+                }
+                let answered_early = match early {
+                    // Only a success is answered early (an error answer
+                    // is not kept by the client).
+                    Some((tx, session)) if !finishing.is_empty() && matches!(r, Ok(Ok(_))) => {
+                        self.answer_early(client, op_id, tx, session, finishing);
+                        true
+                    }
+                    _ => {
+                        // Not taken early: settled before the answer.
+                        for t in finishing {
+                            self.settle_told(t).await;
+                        }
+                        false
+                    }
+                };
+                (r, answered_early)
             }
             Err(e) => (Err(e), false),
         };
@@ -985,68 +1039,8 @@ impl Inner {
             });
         }
         if let Some((tx, session)) = early {
-            self.counters.early.fetch_add(1, Ordering::Relaxed);
-            let _ = self.log.answered_early(shard, ticket.seq + 1);
-            // What the change replaced leaves the session's cache before
-            // the answer arrives (the materializer's invalidations come
-            // only once it is applied).
-            let c = &ticket.changed;
-            let entries = c.entries.iter().map(|(p, n)| (*p, Some((*p, n.clone()))));
-            for (ino, entry) in c.inodes.iter().map(|i| (*i, None)).chain(entries) {
-                let seq = session.next_seq();
-                send(
-                    tx,
-                    ServerMsg::Invalidate {
-                        ino,
-                        entry,
-                        seq,
-                        own: true,
-                    },
-                );
-            }
-            // And what the change made of them (a directory's times and
-            // link count): the kernel asks for a directory's attributes
-            // again after every change in it, which the mount's cache then
-            // answers. Read from the overlay, which holds this change. The
-            // stamp is taken first: a change whose invalidation is sent
-            // after it may be missing from the read, and the mount then
-            // refuses the read for that inode.
-            let stamp = session.sent();
-            let inodes: Vec<Inode> = c
-                .inodes
-                .iter()
-                .take(CURRENT_INODES_MAX)
-                .filter_map(|i| self.seq.read(&self.db, |db| db.inode(*i)).ok())
-                .collect();
-            if !inodes.is_empty() {
-                send(tx, ServerMsg::Current { inodes, stamp });
-            }
             let told = ticket.told.clone();
-            let (inner, tx) = (self.clone(), tx.clone());
-            tokio::spawn(async move {
-                let changed = ticket.changed.clone();
-                let s = inner
-                    .seq
-                    .settle(&inner.db, &inner.log, &inner.waiters, ticket)
-                    .await;
-                if !s.as_told {
-                    inner.mispredicted(changed);
-                }
-                let failed = match s.outcome {
-                    _ if s.as_told => None,
-                    Ok(Err(e)) => Some(e),
-                    _ => Some(Errno::EIO),
-                };
-                if failed.is_some() {
-                    warn!(
-                        client = format_args!("{client:016x}"),
-                        op_id,
-                        ?failed,
-                        "a change answered early did not apply as answered"
-                    );
-                }
-                send(&tx, ServerMsg::Settled { op_id, failed });
-            });
+            self.answer_early(client, op_id, tx, session, vec![ticket]);
             return Ok(Some((Ok(told), true)));
         }
         let changed = ticket.changed.clone();
@@ -1065,6 +1059,97 @@ impl Inner {
             }
         }
         Ok(Some((s.outcome, false)))
+    }
+
+    /// Answers `op_id` of `client` before its sequenced changes
+    /// (`tickets`) are decided: what they replaced leaves the session's
+    /// cache and what they made goes to it before the answer; once all
+    /// are decided the session is told `Settled` (with the failure if one
+    /// did not come out as answered).
+    fn answer_early(
+        self: &Arc<Self>,
+        client: u64,
+        op_id: u64,
+        tx: &mpsc::UnboundedSender<ServerMsg>,
+        session: &Arc<Session>,
+        tickets: Vec<Ticket>,
+    ) {
+        self.counters.early.fetch_add(1, Ordering::Relaxed);
+        for t in &tickets {
+            let _ = self.log.answered_early(t.shard, t.seq + 1);
+            // What the change replaced leaves the session's cache before
+            // the answer arrives (the materializer's invalidations come
+            // only once it is applied).
+            let c = &t.changed;
+            let entries = c.entries.iter().map(|(p, n)| (*p, Some((*p, n.clone()))));
+            for (ino, entry) in c.inodes.iter().map(|i| (*i, None)).chain(entries) {
+                let seq = session.next_seq();
+                send(
+                    tx,
+                    ServerMsg::Invalidate {
+                        ino,
+                        entry,
+                        seq,
+                        own: true,
+                    },
+                );
+            }
+        }
+        // And what the changes made of them (a directory's times and link
+        // count): the kernel asks for a directory's attributes again
+        // after every change in it, which the mount's cache then answers.
+        // Read from the overlay, which holds the changes. The stamp is
+        // taken first: a change whose invalidation is sent after it may
+        // be missing from the read, and the mount then refuses the read
+        // for that inode.
+        let stamp = session.sent();
+        let mut touched: Vec<Ino> = Vec::new();
+        for i in tickets.iter().flat_map(|t| t.changed.inodes.iter()) {
+            if !touched.contains(i) && touched.len() < CURRENT_INODES_MAX {
+                touched.push(*i);
+            }
+        }
+        let inodes: Vec<Inode> = touched
+            .iter()
+            .filter_map(|i| self.seq.read(&self.db, |db| db.inode(*i)).ok())
+            .collect();
+        if !inodes.is_empty() {
+            send(tx, ServerMsg::Current { inodes, stamp });
+        }
+        let (inner, tx) = (self.clone(), tx.clone());
+        tokio::spawn(async move {
+            let mut failed = None;
+            for t in tickets {
+                if let Some(e) = inner.settle_told(t).await {
+                    failed.get_or_insert(e);
+                }
+            }
+            if failed.is_some() {
+                warn!(
+                    client = format_args!("{client:016x}"),
+                    op_id,
+                    ?failed,
+                    "a change answered early did not apply as answered"
+                );
+            }
+            send(&tx, ServerMsg::Settled { op_id, failed });
+        });
+    }
+
+    /// Waits for a sequenced change to be decided: `None` if it came out
+    /// as predicted, else why not (every session then drops what it
+    /// changed).
+    async fn settle_told(&self, t: Ticket) -> Option<Errno> {
+        let changed = t.changed.clone();
+        let s = self.seq.settle(&self.db, &self.log, &self.waiters, t).await;
+        if !s.as_told {
+            self.mispredicted(changed);
+        }
+        match s.outcome {
+            _ if s.as_told => None,
+            Ok(Err(e)) => Some(e),
+            _ => Some(Errno::EIO),
+        }
     }
 
     /// A sequenced change was decided otherwise than predicted: counted,
@@ -1153,6 +1238,124 @@ impl coordinator::Cluster for Inner {
         self.fresh(shard).await
     }
 
+    fn view<T>(&self, f: impl FnOnce(&NamespaceDb, &cfs_materializers::store::Overlay) -> T) -> T {
+        self.seq.read(&self.db, |r| f(r.db, r.overlay))
+    }
+
+    async fn quiesce(&self) {
+        self.seq.drain().await
+    }
+
+    async fn propose_finish(
+        &self,
+        shard: ShardId,
+        lop: LoggedOp,
+        by: coordinator::Finisher,
+    ) -> Result<ApplyResult, Errno> {
+        let requester = match by {
+            coordinator::Finisher::Recovery => {
+                // Its keys are locked, and what was sequenced before its
+                // prepares settled long ago.
+                return self.propose(shard, lop).await;
+            }
+            coordinator::Finisher::Coordinator(r) => r,
+        };
+        let tx = match &lop.op {
+            Op::TxFinish { tx, .. } => Some(*tx),
+            _ => None,
+        };
+        let now = Instant::now();
+        // As an early answer (`sequenced`): from the leader, heard from a
+        // majority lately, past the previous leader's leases, with no
+        // other client's cache leasing the shard. The caller holds the
+        // sequencer exclusively (it runs cross-shard work), so this is
+        // ordered after everything sequenced before it.
+        let early = requester.filter(|r| {
+            self.leads(shard)
+                && self.log.quorum_recent()
+                && !self.leases.fenced(shard, now)
+                && !self.leases.others_hold(shard, r.client, now)
+        });
+        let (Some(r), Some(tx)) = (early, tx) else {
+            // Written behind the overlay's back: after what it holds.
+            self.seq.drain().await;
+            return self.propose(shard, lop).await;
+        };
+        // Registered before the step can be applied: its apply then sends
+        // the requester nothing (the answer carries its changes).
+        let registered = {
+            let mut m = self.tx_requesters.lock().expect("tx requesters lock");
+            match m.get_mut(&tx) {
+                Some(t) if t.client == r.client => {
+                    t.early_steps.push(lop.op_id);
+                    true
+                }
+                _ => false,
+            }
+        };
+        let unregister = || {
+            if registered {
+                if let Some(t) = self
+                    .tx_requesters
+                    .lock()
+                    .expect("tx requesters lock")
+                    .get_mut(&tx)
+                {
+                    t.early_steps.retain(|s| *s != lop.op_id);
+                }
+            }
+        };
+        // Fault injection (tests): order the finish and answer, never
+        // queue it, and die, as a leader that fails before its finishes
+        // reach a replica: recovery must complete the transaction.
+        let lose = self.failpoint.as_deref() == Some("tx-finish-lost");
+        let ticket = match self.seq.sequence(
+            &self.db,
+            &self.log,
+            &self.waiters,
+            shard,
+            &lop,
+            lose,
+            |_| {},
+        ) {
+            Ok(Some(t)) => t,
+            Ok(None) => {
+                unregister();
+                self.seq.drain().await;
+                return self.propose(shard, lop).await;
+            }
+            Err(e) => {
+                unregister();
+                return Err(e);
+            }
+        };
+        self.counters.sequenced.fetch_add(1, Ordering::Relaxed);
+        let told = ticket.told.clone();
+        if told.is_err() {
+            // Not what a decided transaction's finish does: wait for it.
+            unregister();
+            return match self.settle_told(ticket).await {
+                None => Ok(told),
+                Some(e) => Err(e),
+            };
+        }
+        self.counters.finishes_early.fetch_add(1, Ordering::Relaxed);
+        if lose {
+            tokio::spawn(async {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                tracing::error!("failpoint tx-finish-lost reached: aborting (CFS_FAILPOINT)");
+                std::process::abort();
+            });
+        }
+        self.finishing
+            .lock()
+            .expect("finishing lock")
+            .entry(r)
+            .or_default()
+            .push(ticket);
+        Ok(told)
+    }
+
     fn db(&self) -> &NamespaceDb {
         &self.db
     }
@@ -1180,7 +1383,13 @@ impl coordinator::Cluster for Inner {
         let mut m = self.tx_requesters.lock().expect("tx requesters lock");
         match client {
             Some(c) if m.len() < TX_REQUESTERS_MAX => {
-                m.insert(tx, c);
+                m.insert(
+                    tx,
+                    TxRequester {
+                        client: c,
+                        early_steps: Vec::new(),
+                    },
+                );
             }
             // Past the bound, a transaction's changes are foreign to its
             // client too (its session then acknowledges them: slower, not

@@ -81,7 +81,7 @@ impl Sim {
             gid: 0,
             groups: vec![],
         };
-        coord::execute(self, CLIENT, op_id, creds, op).await
+        coord::execute(self, CLIENT, op_id, creds, op, false).await
     }
 }
 
@@ -507,6 +507,7 @@ async fn rmdir_of_an_inode_number_ending_in_ff() {
         planned.parts,
         &lop,
         planned.outcome,
+        None,
     )
     .await
     .unwrap();
@@ -610,9 +611,16 @@ async fn a_slow_coordinator_cannot_commit_after_recovery_aborted() {
             Ok(Applied::Decision { commit, .. }) => assert!(!commit, "late commit won"),
             other => panic!("{other:?}"),
         }
-        coord::finish_all(&sim, tx, ShardId(0), &participants, false)
-            .await
-            .unwrap();
+        coord::finish_all(
+            &sim,
+            tx,
+            ShardId(0),
+            &participants,
+            false,
+            coord::Finisher::Recovery,
+        )
+        .await
+        .unwrap();
         assert!(
             sim.db.lookup(ROOT_INO, name.as_bytes()).is_err(),
             "half-made mkdir"

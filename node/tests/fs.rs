@@ -329,6 +329,88 @@ fn changes_answered_early_are_replayed_once_after_the_leader_dies() {
     assert!(!mlog.contains("did not apply as first answered"), "{mlog}");
 }
 
+/// A cross-shard mkdir answered once its finishes were ordered (D37), by
+/// a leader that dies before they reach any replica (a fault-injection
+/// point: the finishes are never queued, the node aborts 300 ms later):
+/// the decision is in the log, recovery finishes the transaction, and
+/// the mount's replay of the mkdir gets its recorded outcome; the
+/// directory is there once, usable, and every replica passes fsck.
+#[test]
+fn early_finishes_lost_with_their_leader_are_completed_by_recovery() {
+    let c = Cluster::start("fs-finish-lost");
+    for n in 1..=3 {
+        cluster::stop_node(&c.dir, n, libc::SIGTERM, Duration::from_secs(10)).unwrap();
+        cluster::start_node_env(
+            &c.dir,
+            n,
+            &common::bin(),
+            &[("CFS_FAILPOINT", "tx-finish-lost")],
+        )
+        .unwrap();
+        cluster::wait_healthy(&c.cfgs, Duration::from_secs(30)).unwrap();
+    }
+    let leader = c.wait_leaders_together();
+    // Past the new leader's fence (no early answers before it: D30).
+    std::thread::sleep(cfs_proto::lease::server_hold() + Duration::from_millis(500));
+    assert_eq!(c.wait_leaders_together(), leader, "leadership moved");
+    let meta = |n: u64| c.cfg(n).meta_listen.expect("meta").to_string();
+    let mut order = vec![meta(leader)];
+    order.extend((1..=3).filter(|n| *n != leader).map(meta));
+    let servers = order.join(",");
+    let m = Mount::new(
+        &c,
+        "m",
+        &["--servers", &servers, "--follow-leader", "false"],
+    );
+    let remote = dir_name_on(1, "lost");
+    std::fs::create_dir(m.path.join(&remote)).expect("mkdir across shards");
+    std::fs::File::open(&m.path)
+        .and_then(|f| f.sync_all())
+        .expect("fsync: the mkdir decided on the next leader");
+    std::fs::write(m.path.join(&remote).join("f"), b"inside").unwrap();
+    assert_eq!(
+        std::fs::read(m.path.join(&remote).join("f")).unwrap(),
+        b"inside"
+    );
+    let names: Vec<String> = std::fs::read_dir(&m.path)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names, vec![remote.clone()]);
+    assert!(
+        c.log_of(leader)
+            .contains("failpoint tx-finish-lost reached"),
+        "the leader did not answer early and die"
+    );
+    let mlog = std::fs::read_to_string(c.dir.join("m.log")).expect("mount log");
+    assert!(mlog.contains("replaying changes"), "{mlog}");
+    assert!(!mlog.contains("did not apply as first answered"), "{mlog}");
+    drop(m);
+    // The dead leader back (without the fault), so fsck sees every replica.
+    cluster::start_node_env(&c.dir, leader, &common::bin(), &[]).unwrap();
+    cluster::wait_healthy(&c.cfgs, Duration::from_secs(30)).unwrap();
+    let until = Instant::now() + Duration::from_secs(20);
+    loop {
+        // Recovery may still be finishing on a replica: asked again.
+        let clean = (1..=3u64).all(|n| {
+            Command::new(cfs())
+                .args(["fsck", "--dir", c.dir.to_str().unwrap()])
+                .args(["--node", &n.to_string()])
+                .output()
+                .is_ok_and(|o| {
+                    o.status.success()
+                        && String::from_utf8_lossy(&o.stdout)
+                            .contains(" 0 open transaction records, 0 problems")
+                })
+        });
+        if clean {
+            break;
+        }
+        assert!(Instant::now() < until, "fsck never came out clean");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
 /// The node a mount talks to is killed (abort at a fault-injection point)
 /// between the phases of a cross-shard operation; the mount fails over,
 /// retries the same operation, recovery completes the abandoned
@@ -1230,4 +1312,96 @@ fn cross_shard_operations_never_wait_for_the_asking_mount() {
         "the creates were not sequenced: {sequenced}"
     );
     assert_eq!(refusals, 0, "a session's acknowledgements lagged");
+}
+
+/// Cross-shard changes wait for two commit rounds (the prepares, then the
+/// decision) and are answered once their finish steps are ordered (D37):
+/// the asking mount then works inside a directory whose finish is not yet
+/// decided (the sequencer's overlay holds it), and another mount that
+/// looks right after the answer sees the change (a read on another node
+/// waits for what was answered early). The tree is right on every
+/// replica, and `cfs fsck` finds nothing.
+#[test]
+fn cross_shard_changes_are_answered_once_their_finishes_are_ordered() {
+    let c = Cluster::start("fs-xshard-early");
+    c.wait_leaders_together();
+    let a = Mount::new(&c, "a", &[]);
+    // In the root, on the other shard than the root's: cross-shard.
+    let names: Vec<String> = (0..)
+        .map(|i| format!("d{i}"))
+        .filter(|n| {
+            cfs_materializers::tx::place_dir(
+                cfs_materializers::types::ROOT_INO,
+                n.as_bytes(),
+                &[ShardId(0), ShardId(1)],
+            ) == ShardId(1)
+        })
+        .take(41)
+        .collect();
+    let mut made = Vec::new();
+    for (i, name) in names.iter().enumerate().take(40) {
+        let d = a.path.join(name);
+        std::fs::create_dir(&d).unwrap();
+        // Straight into it, while its finish may still be undecided.
+        std::fs::write(d.join("f"), format!("in {i}")).unwrap();
+        std::fs::create_dir(d.join("sub")).unwrap();
+        made.push(i);
+    }
+    for i in (0..40).step_by(4) {
+        let d = a.path.join(&names[i]);
+        std::fs::remove_file(d.join("f")).unwrap();
+        std::fs::remove_dir(d.join("sub")).unwrap();
+        std::fs::remove_dir(&d).unwrap();
+        made.retain(|m| *m != i);
+    }
+    let early: u64 = (1..=3)
+        .map(|n| c.metric(n, "cfs_meta_tx_finishes_early_total"))
+        .sum();
+    let mispredicted: u64 = (1..=3)
+        .map(|n| c.metric(n, "cfs_meta_mispredicted_total"))
+        .sum();
+    assert!(
+        early >= 40,
+        "cross-shard changes were not answered once ordered: {early} finishes early"
+    );
+    assert_eq!(mispredicted, 0);
+
+    // A mount on another node, holding no lease yet: its first look comes
+    // right after an answer given before the finish was decided.
+    let other = node_not_serving(&c, "a");
+    let b = Mount::new(&c, "b", &["--servers", &other, "--follow-leader", "false"]);
+    let early_sum = || -> u64 {
+        (1..=3)
+            .map(|n| c.metric(n, "cfs_meta_tx_finishes_early_total"))
+            .sum()
+    };
+    let before = early_sum();
+    let late = a.path.join(&names[40]);
+    std::fs::create_dir(&late).unwrap();
+    std::fs::write(late.join("x"), b"x").unwrap();
+    let after = early_sum();
+    assert!(after > before, "the last mkdir was not answered early");
+    assert_eq!(
+        std::fs::read(b.path.join(&names[40]).join("x")).unwrap(),
+        b"x"
+    );
+    let mut want: Vec<String> = made.iter().map(|i| names[*i].clone()).collect();
+    want.push(names[40].clone());
+    want.sort();
+    let mut got: Vec<String> = std::fs::read_dir(&b.path)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    got.sort();
+    assert_eq!(got, want, "the other mount's listing");
+    for i in &made {
+        let d = b.path.join(&names[*i]);
+        assert_eq!(
+            std::fs::read(d.join("f")).unwrap(),
+            format!("in {i}").as_bytes()
+        );
+        assert!(d.join("sub").is_dir());
+    }
+    drop((a, b));
+    let _ = fsck_clean(&c);
 }
