@@ -9,7 +9,7 @@ use cfs_proto::rpc::{GetAttr, Lookup};
 use cfs_proto::types::*;
 use fuser::{FileAttr, FileType, ReplyAttr, ReplyEntry, Request, TimeOrNow};
 
-use super::{creds, late_attrs, name_of, stale_if_gone, CfsFs, Shared};
+use super::{late_attrs, name_of, stale_if_gone, CfsFs, Shared};
 use crate::cache::Named;
 
 fn ts(ns: Nanos) -> SystemTime {
@@ -253,7 +253,7 @@ impl CfsFs {
         ctime: Option<SystemTime>,
         reply: ReplyAttr,
     ) {
-        let (sh, c) = (self.sh.clone(), creds(req));
+        let (sh, c) = (self.sh.clone(), self.sh.groups.creds(req));
         self.spawn("setattr", async move {
             let set = SetAttr {
                 mode,

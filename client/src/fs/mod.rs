@@ -4,6 +4,7 @@
 
 mod attrs;
 mod caps;
+mod creds;
 mod dir;
 mod files;
 mod holds;
@@ -144,30 +145,13 @@ struct Shared {
     kept_bytes: Arc<AtomicU64>,
     /// The kernel's side of the session, once mounted (`session.rs`).
     kernel: Arc<std::sync::OnceLock<fuser::Notifier>>,
+    /// Callers' supplementary groups (creds.rs).
+    groups: creds::Groups,
 }
 
 pub struct CfsFs {
     rt: tokio::runtime::Handle,
     sh: Arc<Shared>,
-}
-
-/// The caller's credentials: ids from the request, supplementary groups
-/// from `/proc` (FUSE does not pass them).
-fn creds(req: &Request<'_>) -> Creds {
-    let mut groups = Vec::new();
-    if let Ok(s) = std::fs::read_to_string(format!("/proc/{}/status", req.pid())) {
-        if let Some(line) = s.lines().find(|l| l.starts_with("Groups:")) {
-            groups = line[7..]
-                .split_whitespace()
-                .filter_map(|g| g.parse().ok())
-                .collect();
-        }
-    }
-    Creds {
-        uid: req.uid(),
-        gid: req.gid(),
-        groups,
-    }
 }
 
 /// The answer to a call on an inode (not a name) that no longer exists:
@@ -292,6 +276,7 @@ impl CfsFs {
             holds: holds::Holds::default(),
             known: Mutex::default(),
             no_caps: caps::NoCaps::default(),
+            groups: creds::Groups::default(),
             dirs: dir::Streams::default(),
             no_opendir: AtomicBool::new(false),
             next_fh: AtomicU64::new(1),
@@ -595,7 +580,12 @@ impl Filesystem for CfsFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        let (sh, c, name, value) = (self.sh.clone(), creds(req), name_of(name), value.to_vec());
+        let (sh, c, name, value) = (
+            self.sh.clone(),
+            self.sh.groups.creds(req),
+            name_of(name),
+            value.to_vec(),
+        );
         self.spawn(
             "setxattr",
             xattr::setxattr(sh, c, ino, name, value, flags, reply),
@@ -620,7 +610,7 @@ impl Filesystem for CfsFs {
     }
 
     fn removexattr(&mut self, req: &Request<'_>, ino: u64, name: &OsStr, reply: ReplyEmpty) {
-        let (sh, c, name) = (self.sh.clone(), creds(req), name_of(name));
+        let (sh, c, name) = (self.sh.clone(), self.sh.groups.creds(req), name_of(name));
         self.spawn("removexattr", xattr::removexattr(sh, c, ino, name, reply));
     }
 

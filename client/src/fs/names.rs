@@ -9,7 +9,7 @@ use cfs_proto::ops::Op;
 use cfs_proto::rpc::Lookup;
 use fuser::{ReplyCreate, ReplyEmpty, ReplyEntry, Request};
 
-use super::{creds, name_of, reply_empty, CfsFs};
+use super::{name_of, reply_empty, CfsFs};
 
 impl CfsFs {
     #[allow(clippy::too_many_arguments)]
@@ -23,7 +23,7 @@ impl CfsFs {
         target: Option<Vec<u8>>,
         reply: ReplyEntry,
     ) {
-        let (sh, c, name) = (self.sh.clone(), creds(req), name_of(name));
+        let (sh, c, name) = (self.sh.clone(), self.sh.groups.creds(req), name_of(name));
         self.spawn("create_node", async move {
             let r = sh
                 .mutate_attr(
@@ -88,7 +88,7 @@ impl CfsFs {
         name: &OsStr,
         reply: ReplyEmpty,
     ) {
-        let (sh, c, name) = (self.sh.clone(), creds(req), name_of(name));
+        let (sh, c, name) = (self.sh.clone(), self.sh.groups.creds(req), name_of(name));
         self.spawn("unlink", async move {
             let held_open = sh.held_open();
             let op = Op::Unlink {
@@ -105,7 +105,7 @@ impl CfsFs {
     }
 
     pub(super) fn do_rmdir(&self, req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEmpty) {
-        let (sh, c, name) = (self.sh.clone(), creds(req), name_of(name));
+        let (sh, c, name) = (self.sh.clone(), self.sh.groups.creds(req), name_of(name));
         self.spawn("rmdir", async move {
             let r = sh.mutate(c, Op::Rmdir { parent, name }).await;
             reply_empty(r.map(|_| ()), reply);
@@ -123,7 +123,7 @@ impl CfsFs {
         flags: u32,
         reply: ReplyEmpty,
     ) {
-        let (sh, c) = (self.sh.clone(), creds(req));
+        let (sh, c) = (self.sh.clone(), self.sh.groups.creds(req));
         let (name, newname) = (name_of(name), name_of(newname));
         self.spawn("rename", async move {
             // A replaced file that loses its last link is deleted by the
@@ -175,7 +175,7 @@ impl CfsFs {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
-        let (sh, c, name) = (self.sh.clone(), creds(req), name_of(newname));
+        let (sh, c, name) = (self.sh.clone(), self.sh.groups.creds(req), name_of(newname));
         self.spawn("link", async move {
             let r = sh
                 .mutate_attr(
@@ -204,7 +204,7 @@ impl CfsFs {
         flags: i32,
         reply: ReplyCreate,
     ) {
-        let (sh, c, name) = (self.sh.clone(), creds(req), name_of(name));
+        let (sh, c, name) = (self.sh.clone(), self.sh.groups.creds(req), name_of(name));
         self.spawn("create", async move {
             let r = sh
                 .mutate_attr(
