@@ -18,10 +18,13 @@ pub const GROUPS_TTL: Duration = Duration::from_secs(1);
 /// Processes whose groups are kept at most (the table starts over past it).
 pub const GROUPS_CACHED_MAX: usize = 4096;
 
+/// A caller as the kernel names it: (pid, uid, gid).
+type Caller = (u32, u32, u32);
+
 #[derive(Default)]
 pub struct Groups {
-    /// (pid, uid, gid) -> (groups, read at).
-    by_process: Mutex<HashMap<(u32, u32, u32), (Vec<u32>, Instant)>>,
+    /// Each caller's groups and when they were read.
+    by_process: Mutex<HashMap<Caller, (Vec<u32>, Instant)>>,
 }
 
 impl Groups {
