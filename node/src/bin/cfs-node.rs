@@ -1,5 +1,11 @@
 //! The ClaudeFS node daemon: `cfs-node --config FILE`.
 
+
+/// mimalloc instead of glibc's malloc: the daemons and the mount allocate
+/// per message and per entry from several threads (docs/decisions.md D38).
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::path::PathBuf;
 
 use anyhow::Context;

@@ -1,5 +1,11 @@
 //! `cfs`: the ClaudeFS command-line tool.
 
+
+/// mimalloc instead of glibc's malloc: the daemons and the mount allocate
+/// per message and per entry from several threads (docs/decisions.md D38).
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
