@@ -54,30 +54,34 @@ def role(p):
     return 'mount' if 'mount' in cmd else 'node ' + next((c.split('/node-')[1].split('/')[0] for c in cmd if '/node-' in c), '?')
 def selfcpu():
     r = os.times(); return r.user + r.system
-w = f'{D}/m/w'; os.mkdir(w)
-res = {}
-for phase in ['create', 'unlink', 'mkdir', 'rmdir']:
-    ps = pids(); c0 = cpu(ps); s0 = selfcpu(); t0 = time.time()
-    th0 = {p: by_thread(p) for p in ps}
-    for i in range(n):
-        if phase == 'create':
-            with open(f'{w}/f{i}', 'wb') as f: f.write(b'x' * 1024)
-        elif phase == 'unlink': os.unlink(f'{w}/f{i}')
-        elif phase == 'mkdir': os.mkdir(f'{D}/m/d{i}')
-        else: os.rmdir(f'{D}/m/d{i}')
-    el = time.time() - t0
-    os.sync(); time.sleep(1.0)
-    c1 = cpu(ps); s1 = selfcpu()
-    print(f'{phase}: {n/el:.0f} ops/s, cfs CPU {1e6*(c1-c0)/n:.0f} us/op, caller {1e6*(s1-s0)/n:.0f} us/op', flush=True)
-    if split:
-        tck = os.sysconf('SC_CLK_TCK')
-        for p in ps:
-            th1 = by_thread(p)
-            agg = {}
-            for (comm, t), v in th0[p].items():
-                agg[comm] = agg.get(comm, 0) + th1.get((comm, t), v) - v
-            total = sum(agg.values())
-            parts = ', '.join(f'{c} {1e6*v/tck/n:.0f}' for c, v in sorted(agg.items(), key=lambda x: -x[1]) if v > 0)
-            print(f'  {role(p)}: {1e6*total/tck/n:.0f} us/op ({parts})', flush=True)
-subprocess.run([cfs, 'down', '--dir', f'{D}/c'], stdout=subprocess.DEVNULL)
-shutil.rmtree(D, ignore_errors=True)
+try:
+    w = f'{D}/m/w'; os.mkdir(w)
+    res = {}
+    for phase in ['create', 'unlink', 'mkdir', 'rmdir']:
+        ps = pids(); c0 = cpu(ps); s0 = selfcpu(); t0 = time.time()
+        th0 = {p: by_thread(p) for p in ps}
+        for i in range(n):
+            if phase == 'create':
+                with open(f'{w}/f{i}', 'wb') as f: f.write(b'x' * 1024)
+            elif phase == 'unlink': os.unlink(f'{w}/f{i}')
+            elif phase == 'mkdir': os.mkdir(f'{D}/m/d{i}')
+            else: os.rmdir(f'{D}/m/d{i}')
+        el = time.time() - t0
+        os.sync(); time.sleep(1.0)
+        c1 = cpu(ps); s1 = selfcpu()
+        print(f'{phase}: {n/el:.0f} ops/s, cfs CPU {1e6*(c1-c0)/n:.0f} us/op, caller {1e6*(s1-s0)/n:.0f} us/op', flush=True)
+        if split:
+            tck = os.sysconf('SC_CLK_TCK')
+            for p in ps:
+                th1 = by_thread(p)
+                agg = {}
+                for (comm, t), v in th0[p].items():
+                    agg[comm] = agg.get(comm, 0) + th1.get((comm, t), v) - v
+                total = sum(agg.values())
+                parts = ', '.join(f'{c} {1e6*v/tck/n:.0f}' for c, v in sorted(agg.items(), key=lambda x: -x[1]) if v > 0)
+                print(f'  {role(p)}: {1e6*total/tck/n:.0f} us/op ({parts})', flush=True)
+finally:
+    # Always stopped, even when the output pipe closes early.
+    subprocess.run([cfs, 'down', '--dir', f'{D}/c'], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(['umount', '-l', f'{D}/m'], stderr=subprocess.DEVNULL)
+    shutil.rmtree(D, ignore_errors=True)
