@@ -1,6 +1,5 @@
 //! The ClaudeFS node daemon: `cfs-node --config FILE`.
 
-
 /// mimalloc instead of glibc's malloc: the daemons and the mount allocate
 /// per message and per entry from several threads (docs/decisions.md D38).
 #[global_allocator]

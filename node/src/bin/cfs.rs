@@ -1,6 +1,5 @@
 //! `cfs`: the ClaudeFS command-line tool.
 
-
 /// mimalloc instead of glibc's malloc: the daemons and the mount allocate
 /// per message and per entry from several threads (docs/decisions.md D38).
 #[global_allocator]
