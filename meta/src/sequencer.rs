@@ -201,6 +201,8 @@ pub struct Sequencer {
     /// Notified whenever a change settles.
     settled: Notify,
     shards: Vec<ShardId>,
+    /// The number the next change had when the last `alone` hold began.
+    alone_from: std::sync::atomic::AtomicU64,
 }
 
 impl Sequencer {
@@ -213,6 +215,7 @@ impl Sequencer {
             gate: RwLock::new(()),
             settled: Notify::new(),
             shards: shards.to_vec(),
+            alone_from: std::sync::atomic::AtomicU64::new(1),
         }
     }
 
@@ -300,7 +303,20 @@ impl Sequencer {
     /// [`Sequencer::drain`] before writing anything the overlay does not
     /// hold.
     pub async fn alone(&self) -> RwLockWriteGuard<'_, ()> {
-        self.gate.write().await
+        let g = self.gate.write().await;
+        let next = self.next();
+        self.alone_from
+            .store(next, std::sync::atomic::Ordering::Relaxed);
+        g
+    }
+
+    /// Waits until every change sequenced before the last [`Sequencer::alone`]
+    /// hold began settled (not those its holder sequenced since: they
+    /// settle only after it returns).
+    pub async fn drain_before_alone(&self) {
+        let upto = self.alone_from.load(std::sync::atomic::Ordering::Relaxed);
+        let deadline = Instant::now() + SETTLE_WAIT + Duration::from_secs(1);
+        self.wait_settled(upto, deadline).await;
     }
 
     /// Waits until every pending change settled (or they had their time).
@@ -533,6 +549,43 @@ mod tests {
             ..State::default()
         };
         (dir, db, st)
+    }
+
+    /// A cross-shard operation waits for the changes sequenced before it
+    /// began, never for its own (they settle only after it returns:
+    /// waiting for them held the operation for the whole settle bound).
+    #[tokio::test]
+    async fn a_cross_shard_operation_waits_only_for_what_was_sequenced_before_it() {
+        let seq = Sequencer::new(&[SHARD]);
+        let pend = |seq_no: u64| {
+            let mut st = seq.state.lock().expect("lock");
+            st.pending.insert(
+                seq_no,
+                Pending {
+                    shard: SHARD,
+                    lop: op(1, seq_no, create(ROOT_INO, "x", false)),
+                    keys: Vec::new(),
+                },
+            );
+            st.next = seq_no + 1;
+        };
+        let settle = |seq_no: u64| {
+            seq.state.lock().expect("lock").settled(seq_no);
+            seq.settled.notify_waiters();
+        };
+        pend(1);
+        let _alone = seq.alone().await;
+        // The holder's own change, sequenced after the hold began.
+        pend(2);
+        let early = tokio::time::timeout(Duration::from_millis(100), seq.drain_before_alone());
+        assert!(early.await.is_err(), "returned while change 1 was pending");
+        settle(1);
+        let after = tokio::time::timeout(Duration::from_millis(500), seq.drain_before_alone());
+        assert!(after.await.is_ok(), "waited for the holder's own change");
+        let all = tokio::time::timeout(Duration::from_millis(100), seq.drain());
+        assert!(all.await.is_err(), "drain() waits for every change");
+        settle(2);
+        assert_eq!(seq.pending(), 0);
     }
 
     #[test]

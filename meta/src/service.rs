@@ -880,12 +880,6 @@ impl Inner {
                     .expect("finishing lock")
                     .remove(&coordinator::Requester { client, op_id })
                     .unwrap_or_default();
-                if leading && !matches!(r, Ok(Ok(_))) {
-                    // A transaction that failed part way may have left
-                    // locks the overlay's pending changes hide: nothing
-                    // more is sequenced over them until those are decided.
-                    self.seq.drain().await;
-                }
                 let answered_early = match early {
                     // Only a success is answered early (an error answer
                     // is not kept by the client).
@@ -901,6 +895,15 @@ impl Inner {
                         false
                     }
                 };
+                if leading && r.is_err() {
+                    // A transaction that failed part way may have left
+                    // locks the overlay's pending changes hide: nothing
+                    // more is sequenced over them until those are decided
+                    // (its own finishes are settled above: waiting for
+                    // them here, before they are settled, would wait out
+                    // the whole settle bound).
+                    self.seq.drain().await;
+                }
                 (r, answered_early)
             }
             Err(e) => (Err(e), false),
@@ -1243,7 +1246,7 @@ impl coordinator::Cluster for Inner {
     }
 
     async fn quiesce(&self) {
-        self.seq.drain().await
+        self.seq.drain_before_alone().await
     }
 
     async fn propose_finish(
@@ -1277,8 +1280,10 @@ impl coordinator::Cluster for Inner {
                 && !self.leases.others_hold(shard, r.client, now)
         });
         let (Some(r), Some(tx)) = (early, tx) else {
-            // Written behind the overlay's back: after what it holds.
-            self.seq.drain().await;
+            // Written behind the overlay's back: after what it held when
+            // the transaction began (not this transaction's own finishes,
+            // which settle only once it returns).
+            self.seq.drain_before_alone().await;
             return self.propose(shard, lop).await;
         };
         // Registered before the step can be applied: its apply then sends
@@ -1321,7 +1326,7 @@ impl coordinator::Cluster for Inner {
             Ok(Some(t)) => t,
             Ok(None) => {
                 unregister();
-                self.seq.drain().await;
+                self.seq.drain_before_alone().await;
                 return self.propose(shard, lop).await;
             }
             Err(e) => {
