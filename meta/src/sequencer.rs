@@ -182,6 +182,10 @@ pub struct Ticket {
     decided: Decided,
     outcome: oneshot::Receiver<ApplyResult>,
     request: cfs_log::RequestId,
+    /// A committed transaction's finish step (D37): one that finds its
+    /// transaction already finished (by recovery, after a leader change
+    /// delayed it) changes nothing, and that is as told.
+    finish: bool,
 }
 
 /// How a sequenced change ended: the real outcome and its position.
@@ -427,6 +431,7 @@ impl Sequencer {
             decided,
             outcome,
             request,
+            finish: matches!(lop.op, cfs_materializers::ops::Op::TxFinish { .. }),
         }))
     }
 
@@ -454,7 +459,10 @@ impl Sequencer {
                 (None, Err(Errno::EIO))
             }
         };
-        let as_told = outcome.as_ref() == Ok(&t.told);
+        let as_told = outcome.as_ref() == Ok(&t.told)
+            || (t.finish
+                && t.told.is_ok()
+                && outcome == Ok(Ok(cfs_materializers::ops::Applied::None)));
         let lowest = {
             let mut st = self.state.lock().expect("sequencer lock");
             st.settled(t.seq);
