@@ -43,6 +43,8 @@ const TX_REQUESTERS_MAX: usize = 4096;
 /// returned: longer than the reply waits for its session's forwarding.
 const TX_REQUESTER_GRACE: Duration = Duration::from_secs(2);
 const _: () = assert!(TX_REQUESTER_GRACE.as_millis() > GRANT_WAIT.as_millis());
+/// Applied changes one clean-position publication covers at most.
+const CLEAN_COALESCE_MAX: usize = 1024;
 /// Lapsed holds broken per shard per check (the rest wait for the next).
 const HOLDS_BROKEN_PER_CHECK: usize = 64;
 /// Inodes whose attributes go with an early answer at most
@@ -227,6 +229,14 @@ impl MetaService {
                         if matches!(r, Err(broadcast::error::RecvError::Closed)) {
                             return;
                         }
+                    }
+                }
+                // One publication covers every change applied meanwhile
+                // (under load, many per wake-up).
+                for _ in 0..CLEAN_COALESCE_MAX {
+                    match applied_changes.try_recv() {
+                        Ok(_) | Err(broadcast::error::TryRecvError::Lagged(_)) => {}
+                        Err(_) => break,
                     }
                 }
                 lw.publish_clean();
