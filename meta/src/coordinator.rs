@@ -226,7 +226,10 @@ async fn run_cross_as<C: Cluster>(
         Err(e) => {
             // Decide on fresh state: an earlier attempt of this very
             // operation may have committed (its outcome is recorded on
-            // the home shard), or this replica may lag.
+            // the home shard), or this replica may lag. Not over changes
+            // answered early and still undecided: an error is answered
+            // only from decided state (D30).
+            c.quiesce().await;
             for s in planned.parts.keys() {
                 c.barrier(*s).await?;
             }
@@ -253,7 +256,9 @@ async fn run_cross_as<C: Cluster>(
     };
     if planned.parts.values().all(|p| p.writes.is_empty()) {
         // Nothing to commit, so nothing validates the plan's reads: answer
-        // only from state that is current on every shard it read.
+        // only from state that is current on every shard it read, and
+        // decided.
+        c.quiesce().await;
         for s in planned.parts.keys() {
             c.barrier(*s).await?;
         }

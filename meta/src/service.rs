@@ -99,7 +99,17 @@ struct Inner {
     /// Finish steps ordered but not yet decided (D37), by the client
     /// operation they were answered for; `mutate` takes them when the
     /// coordinator returns.
-    finishing: std::sync::Mutex<HashMap<coordinator::Requester, Vec<Ticket>>>,
+    finishing: std::sync::Mutex<HashMap<coordinator::Requester, Vec<Settling>>>,
+}
+
+/// A change answered before it was decided, to settle.
+struct Settling {
+    ticket: Ticket,
+    /// For a committed transaction's finish step (D37): the step, its
+    /// shard and transaction. The decision is in the log, so a step this
+    /// node could not get decided (it lost the lead) is proposed again
+    /// rather than reported as failed.
+    finish: Option<(ShardId, LoggedOp, cfs_proto::tx::TxId)>,
 }
 
 /// The client a cross-shard transaction runs for.
@@ -882,8 +892,10 @@ impl Inner {
                 } else {
                     None
                 };
+                // Finishes are ordered early only under the hold.
+                let early_finishes = early.is_some() && _alone.is_some();
                 let r =
-                    coordinator::execute(&**self, client, op_id, creds, op, early.is_some()).await;
+                    coordinator::execute(&**self, client, op_id, creds, op, early_finishes).await;
                 let finishing = self
                     .finishing
                     .lock()
@@ -899,8 +911,8 @@ impl Inner {
                     }
                     _ => {
                         // Not taken early: settled before the answer.
-                        for t in finishing {
-                            self.settle_told(t).await;
+                        for f in finishing {
+                            self.settle_early(f).await;
                         }
                         false
                     }
@@ -1053,7 +1065,16 @@ impl Inner {
         }
         if let Some((tx, session)) = early {
             let told = ticket.told.clone();
-            self.answer_early(client, op_id, tx, session, vec![ticket]);
+            self.answer_early(
+                client,
+                op_id,
+                tx,
+                session,
+                vec![Settling {
+                    ticket,
+                    finish: None,
+                }],
+            );
             return Ok(Some((Ok(told), true)));
         }
         let changed = ticket.changed.clone();
@@ -1085,10 +1106,10 @@ impl Inner {
         op_id: u64,
         tx: &mpsc::UnboundedSender<ServerMsg>,
         session: &Arc<Session>,
-        tickets: Vec<Ticket>,
+        settling: Vec<Settling>,
     ) {
         self.counters.early.fetch_add(1, Ordering::Relaxed);
-        for t in &tickets {
+        for t in settling.iter().map(|s| &s.ticket) {
             let _ = self.log.answered_early(t.shard, t.seq + 1);
             // What the change replaced leaves the session's cache before
             // the answer arrives (the materializer's invalidations come
@@ -1117,7 +1138,7 @@ impl Inner {
         // for that inode.
         let stamp = session.sent();
         let mut touched: Vec<Ino> = Vec::new();
-        for i in tickets.iter().flat_map(|t| t.changed.inodes.iter()) {
+        for i in settling.iter().flat_map(|s| s.ticket.changed.inodes.iter()) {
             if !touched.contains(i) && touched.len() < CURRENT_INODES_MAX {
                 touched.push(*i);
             }
@@ -1132,8 +1153,8 @@ impl Inner {
         let (inner, tx) = (self.clone(), tx.clone());
         tokio::spawn(async move {
             let mut failed = None;
-            for t in tickets {
-                if let Some(e) = inner.settle_told(t).await {
+            for f in settling {
+                if let Some(e) = inner.settle_early(f).await {
                     failed.get_or_insert(e);
                 }
             }
@@ -1147,6 +1168,36 @@ impl Inner {
             }
             send(&tx, ServerMsg::Settled { op_id, failed });
         });
+    }
+
+    /// [`Inner::settle_told`] for a change answered early. A finish step
+    /// that was not decided here (this node lost the lead, or its
+    /// proposal timed out) is proposed again: its transaction's decision
+    /// is in the log, so it comes out as answered, or changes nothing
+    /// when recovery finished the transaction first. Its transaction's
+    /// client is forgotten only after it settled (its apply's changes are
+    /// that client's own until then).
+    async fn settle_early(&self, f: Settling) -> Option<Errno> {
+        let told = f.ticket.told.clone();
+        let mut failed = self.settle_told(f.ticket).await;
+        if let Some((shard, lop, tx)) = f.finish {
+            if failed.is_some() {
+                failed = match coordinator::Cluster::propose(self, shard, lop).await {
+                    Ok(r) if r == told || r == Ok(Applied::None) => None,
+                    Ok(Err(e)) => Some(e),
+                    _ => Some(Errno::EIO),
+                };
+                if failed.is_none() {
+                    info!(?tx, shard = %shard, "a finish answered early was decided once proposed again");
+                }
+            }
+            let requesters = self.tx_requesters.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(TX_REQUESTER_GRACE).await;
+                requesters.lock().expect("tx requesters lock").remove(&tx);
+            });
+        }
+        failed
     }
 
     /// Waits for a sequenced change to be decided: `None` if it came out
@@ -1296,6 +1347,12 @@ impl coordinator::Cluster for Inner {
             self.seq.drain_before_alone().await;
             return self.propose(shard, lop).await;
         };
+        // Ordered after what was sequenced before the hold: those entries
+        // precede this transaction's prepares in the logs, so they are
+        // decided already, and settling them takes out of the overlay
+        // what the prepares have since changed (the count of open
+        // intents) before this step is folded over it.
+        self.seq.drain_before_alone().await;
         // Registered before the step can be applied: its apply then sends
         // the requester nothing (the answer carries its changes).
         let registered = {
@@ -1367,7 +1424,10 @@ impl coordinator::Cluster for Inner {
             .expect("finishing lock")
             .entry(r)
             .or_default()
-            .push(ticket);
+            .push(Settling {
+                ticket,
+                finish: Some((shard, lop, tx)),
+            });
         Ok(told)
     }
 
@@ -1420,7 +1480,12 @@ impl coordinator::Cluster for Inner {
                 let requesters = self.tx_requesters.clone();
                 tokio::spawn(async move {
                     tokio::time::sleep(TX_REQUESTER_GRACE).await;
-                    requesters.lock().expect("tx requesters lock").remove(&tx);
+                    // One with finishes answered early is forgotten once
+                    // they settled (`Inner::settle_early`).
+                    let mut m = requesters.lock().expect("tx requesters lock");
+                    if m.get(&tx).is_some_and(|r| r.early_steps.is_empty()) {
+                        m.remove(&tx);
+                    }
                 });
             }
         }
