@@ -730,6 +730,19 @@ impl Inner {
         })
     }
 
+    /// Whether a change of `client` on `shard` may be answered before it
+    /// is decided. Not from a leader that has not heard from a majority
+    /// within a second (it may be cut off and no longer lead): its answers
+    /// could not be decided, and the majority's side would not see them.
+    /// Not while the shard's previous leader's leases may be in use, nor
+    /// while another client's cache holds a lease on the shard.
+    fn may_answer_early(&self, shard: ShardId, client: u64) -> bool {
+        let now = Instant::now();
+        self.log.quorum_recent()
+            && !self.leases.fenced(shard, now)
+            && !self.leases.others_hold(shard, client, now)
+    }
+
     fn leads(&self, shard: ShardId) -> bool {
         self.log
             .status()
@@ -996,16 +1009,7 @@ impl Inner {
             now: now_ns(),
             op: op.clone(),
         };
-        // Not early from a leader that has not heard from a majority within
-        // a second (it may be cut off and no longer lead): its answers
-        // could not be decided, and the majority's side would not see them.
-        // Not while the shard's previous leader's leases may be in use, nor
-        // while another client's cache holds a lease on the shard.
-        let now = Instant::now();
-        let eligible = early.is_some()
-            && self.log.quorum_recent()
-            && !self.leases.fenced(shard, now)
-            && !self.leases.others_hold(shard, client, now);
+        let eligible = early.is_some() && self.may_answer_early(shard, client);
         // Fault injection (tests): answer early, never queue the entry,
         // and die, as a leader that fails before its entries reach a
         // replica: the mount must replay.
@@ -1328,18 +1332,11 @@ impl coordinator::Cluster for Inner {
             Op::TxFinish { tx, .. } => Some(*tx),
             _ => None,
         };
-        let now = Instant::now();
-        // As an early answer (`sequenced`): from the leader, heard from a
-        // majority lately, past the previous leader's leases, with no
-        // other client's cache leasing the shard. The caller holds the
-        // sequencer exclusively (it runs cross-shard work), so this is
-        // ordered after everything sequenced before it.
-        let early = requester.filter(|r| {
-            self.leads(shard)
-                && self.log.quorum_recent()
-                && !self.leases.fenced(shard, now)
-                && !self.leases.others_hold(shard, r.client, now)
-        });
+        // As an early answer (`sequenced`), from the shard's leader. The
+        // caller holds the sequencer exclusively (it runs cross-shard
+        // work), so this is ordered after everything sequenced before it.
+        let early =
+            requester.filter(|r| self.leads(shard) && self.may_answer_early(shard, r.client));
         let (Some(r), Some(tx)) = (early, tx) else {
             // Written behind the overlay's back: after what it held when
             // the transaction began (not this transaction's own finishes,

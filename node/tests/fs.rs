@@ -270,6 +270,30 @@ fn dir_name_on(shard: u32, stem: &str) -> String {
         .unwrap()
 }
 
+/// Restarts every node with fault-injection point `failpoint` set.
+fn restart_all_with_failpoint(c: &Cluster, failpoint: &str) {
+    for n in 1..=3 {
+        cluster::stop_node(&c.dir, n, libc::SIGTERM, Duration::from_secs(10)).unwrap();
+        cluster::start_node_env(&c.dir, n, &common::bin(), &[("CFS_FAILPOINT", failpoint)])
+            .unwrap();
+        cluster::wait_healthy(&c.cfgs, Duration::from_secs(30)).unwrap();
+    }
+}
+
+/// A mount that talks to node `first` and stays there while it answers
+/// (the others only as failover).
+fn mount_on_first(c: &Cluster, first: u64, name: &str) -> Mount {
+    let meta = |n: u64| c.cfg(n).meta_listen.expect("meta").to_string();
+    let mut order = vec![meta(first)];
+    order.extend((1..=3).filter(|n| *n != first).map(meta));
+    let servers = order.join(",");
+    Mount::new(
+        c,
+        name,
+        &["--servers", &servers, "--follow-leader", "false"],
+    )
+}
+
 /// Changes answered early (D30) by a leader that dies before their entries
 /// reach any replica (a fault-injection point: the entry is never queued,
 /// the node aborts 300 ms later) are replayed by the mount on its next
@@ -277,17 +301,7 @@ fn dir_name_on(shard: u32, stem: &str) -> String {
 #[test]
 fn changes_answered_early_are_replayed_once_after_the_leader_dies() {
     let c = Cluster::start("fs-replay");
-    for n in 1..=3 {
-        cluster::stop_node(&c.dir, n, libc::SIGTERM, Duration::from_secs(10)).unwrap();
-        cluster::start_node_env(
-            &c.dir,
-            n,
-            &common::bin(),
-            &[("CFS_FAILPOINT", "early-answer-lost")],
-        )
-        .unwrap();
-        cluster::wait_healthy(&c.cfgs, Duration::from_secs(30)).unwrap();
-    }
+    restart_all_with_failpoint(&c, "early-answer-lost");
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     // The root is on shard 0: the mount talks to its leader first, once
     // it has led for a lease's hold (no early answers before: D30).
@@ -298,15 +312,7 @@ fn changes_answered_early_are_replayed_once_after_the_leader_dies() {
         leader,
         "leadership moved"
     );
-    let meta = |n: u64| c.cfg(n).meta_listen.expect("meta").to_string();
-    let mut order = vec![meta(leader)];
-    order.extend((1..=3).filter(|n| *n != leader).map(meta));
-    let servers = order.join(",");
-    let m = Mount::new(
-        &c,
-        "m",
-        &["--servers", &servers, "--follow-leader", "false"],
-    );
+    let m = mount_on_first(&c, leader, "m");
     // The create and the extent commit of `f` are answered by the leader,
     // which never logs them.
     std::fs::write(m.path.join("f"), b"replayed").expect("write");
@@ -338,30 +344,12 @@ fn changes_answered_early_are_replayed_once_after_the_leader_dies() {
 #[test]
 fn early_finishes_lost_with_their_leader_are_completed_by_recovery() {
     let c = Cluster::start("fs-finish-lost");
-    for n in 1..=3 {
-        cluster::stop_node(&c.dir, n, libc::SIGTERM, Duration::from_secs(10)).unwrap();
-        cluster::start_node_env(
-            &c.dir,
-            n,
-            &common::bin(),
-            &[("CFS_FAILPOINT", "tx-finish-lost")],
-        )
-        .unwrap();
-        cluster::wait_healthy(&c.cfgs, Duration::from_secs(30)).unwrap();
-    }
+    restart_all_with_failpoint(&c, "tx-finish-lost");
     let leader = c.wait_leaders_together();
     // Past the new leader's fence (no early answers before it: D30).
     std::thread::sleep(cfs_proto::lease::server_hold() + Duration::from_millis(500));
     assert_eq!(c.wait_leaders_together(), leader, "leadership moved");
-    let meta = |n: u64| c.cfg(n).meta_listen.expect("meta").to_string();
-    let mut order = vec![meta(leader)];
-    order.extend((1..=3).filter(|n| *n != leader).map(meta));
-    let servers = order.join(",");
-    let m = Mount::new(
-        &c,
-        "m",
-        &["--servers", &servers, "--follow-leader", "false"],
-    );
+    let m = mount_on_first(&c, leader, "m");
     let remote = dir_name_on(1, "lost");
     std::fs::create_dir(m.path.join(&remote)).expect("mkdir across shards");
     std::fs::File::open(&m.path)
