@@ -119,7 +119,8 @@ pub struct ShardCore<D: Disk + Clone> {
 }
 
 impl<D: Disk + Clone> ShardCore<D> {
-    /// Opens (recovering) the replica whose WAL lives in `disk`.
+    /// Opens (recovering) the replica whose log is `wal` (its stream of
+    /// the node's WAL).
     ///
     /// `deliver_from` is the position of the first decided entry the caller
     /// wants from `ready` (e.g. 0 on a fresh start, or where subscribers
@@ -128,12 +129,10 @@ impl<D: Disk + Clone> ShardCore<D> {
         shard: ShardId,
         node: NodeId,
         epoch: Epoch,
-        disk: D,
-        wal_config: crate::wal::WalConfig,
+        wal: Wal<D>,
         timing: &Timing,
         deliver_from: Position,
     ) -> Result<Self, ShardError> {
-        let wal = Wal::open(disk, wal_config)?;
         let start = wal.state().compacted;
         let shared = SharedWal::new(wal);
         let config = OmniPaxosConfig {

@@ -1,11 +1,12 @@
-//! The write-ahead log under one OmniPaxos replica: segment files of
-//! checksummed records, group commit, torn-tail recovery.
+//! The write-ahead log of a node: segment files of checksummed records,
+//! shared by every shard replica on the node (each a *stream*), group
+//! commit across them, torn-tail recovery.
 //!
 //! ```text
-//! Storage call ─► WalOp ─► encoded record in `pending` ─► applied to LogState
-//!                                   │ sync(): one write + one fdatasync
+//! Storage call ─► WalOp ─► record tagged with its stream, queued ─► applied to the stream's LogState
+//!                                   │ sync(): one write + one fdatasync for every stream's queued records
 //!                                   ▼
-//!             seg-<id>.wal: [Checkpoint][Append][Decided][Atomic{..}]...000
+//!             seg-<id>.wal: [Start: every stream's Checkpoint][s1 Append][s2 Append][s1 Decided]...000
 //! ```
 //!
 //! * Every record is one frame (`frame`): length, crc32c, payload. A record is
@@ -22,8 +23,9 @@
 //!   the end of data, like zeros. A user's entry bytes cannot forge the
 //!   tag of a segment that does not exist yet (its salt is drawn when it
 //!   starts).
-//! * Each segment starts with a `Checkpoint` of all metadata, so whole old
-//!   segments can be deleted once every entry in them is trimmed.
+//! * Each segment starts with one record holding every stream's
+//!   `Checkpoint`, so whole old segments can be retired once every stream
+//!   has trimmed every entry it has in them (see `node`).
 //! * Recovery: a bad record in the last segment after which no record of
 //!   this segment's tag follows is a torn tail (the last, unacknowledged
 //!   write) and is cut off; a bad record elsewhere, or one followed by
@@ -35,7 +37,6 @@
 //! sends any message or acknowledges any client (group commit).
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 
 use omnipaxos::ballot_leader_election::Ballot;
@@ -80,6 +81,8 @@ pub enum WalError {
     Poisoned(String),
     #[error("{0}")]
     Format(String),
+    #[error("{0}")]
+    Stream(String),
 }
 
 fn io_err(disk: &impl Disk, name: &str) -> impl FnOnce(std::io::Error) -> WalError {
@@ -185,6 +188,7 @@ type CachedRecord = ((u64, u64), Arc<Vec<Entry>>);
 /// (readers go forward through the log).
 struct DiskRecords<D: Disk + Clone> {
     disk: D,
+    stream: StreamId,
     last: Mutex<Option<CachedRecord>>,
 }
 
@@ -227,8 +231,17 @@ impl<D: Disk + Clone> RecordSource for DiskRecords<D> {
                 ))
             }
         };
-        let op = WalOp::decode(body)
-            .map_err(|e| format!("{} at {offset}: {e}", self.disk.describe(&name)))?;
+        let op = match decode_record(body) {
+            Ok(Record::Op(s, op)) if s == self.stream => op,
+            Ok(_) => {
+                return Err(format!(
+                    "{} at {offset}: not a record of {}",
+                    self.disk.describe(&name),
+                    self.stream
+                ))
+            }
+            Err(e) => return Err(format!("{} at {offset}: {e}", self.disk.describe(&name))),
+        };
         let mut out = Vec::new();
         collect_appended(&op, &mut out);
         let out = Arc::new(out);
@@ -714,7 +727,7 @@ const PREALLOC_NAME: &str = "prealloc.tmp";
 /// segment, checked before reading any. Format 2: records tagged with
 /// their segment (recycled segment files).
 const FORMAT_NAME: &str = "FORMAT";
-const FORMAT_STAMP: &[u8] = b"cfs-wal 2\n";
+const FORMAT_STAMP: &[u8] = b"cfs-wal 3\n";
 
 /// Refuses a directory whose segments another record format wrote, and
 /// stamps a new one.
@@ -838,13 +851,6 @@ fn find_tagged_record(bytes: &[u8], from: usize, tag: RecordTag) -> Option<usize
     None
 }
 
-struct SegmentMeta {
-    id: u64,
-    /// Largest log end while this segment was active: every entry it holds
-    /// has an index below this.
-    max_end: u64,
-}
-
 /// Statistics for metrics and tests.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct WalStats {
@@ -861,32 +867,9 @@ pub struct WalStats {
     pub resumed_after_end: bool,
 }
 
-/// A write-ahead log over one [`Disk`] directory.
-pub struct Wal<D: Disk + Clone> {
-    disk: D,
-    config: WalConfig,
-    segments: Vec<SegmentMeta>,
-    /// Salt of the active segment's records.
-    salt: u64,
-    /// Trimmed segment files waiting to be reused (at most
-    /// [`RECYCLED_SPARES_MAX`]).
-    spares: Vec<String>,
-    active: D::File,
-    /// Bytes of the active segment already written to the file.
-    active_written: u64,
-    /// Encoded records not yet written.
-    pending: Vec<u8>,
-    /// Records written but not yet synced.
-    unsynced: bool,
-    state: LogState,
-    prealloc: Option<mpsc::Receiver<Result<(), std::io::Error>>>,
-    poisoned: Option<String>,
-    stats: WalStats,
-}
-
 struct ScanResult {
     /// Each good record's op, offset and length.
-    ops: Vec<(WalOp, u64, u32)>,
+    ops: Vec<(Record, u64, u32)>,
     /// Offset just past the last good record.
     end: u64,
     torn: bool,
@@ -952,7 +935,7 @@ fn scan_segment(
                 {
                     // Checksum and tag held but the content is not a record:
                     // never torn.
-                    let op = WalOp::decode(body).map_err(|r| corrupt(pos, r))?;
+                    let op = decode_record(body).map_err(|r| corrupt(pos, r))?;
                     salt = Some(tag.salt);
                     ops.push((op, pos as u64, used as u32));
                     pos += used;
@@ -1026,443 +1009,10 @@ fn scan_segment(
     }
 }
 
-impl<D: Disk + Clone> Wal<D> {
-    /// Opens the WAL in `disk`, replaying and verifying every segment, or
-    /// creates an empty one.
-    ///
-    /// # Errors
-    /// [`WalError::Corrupt`] names the file and offset of a bad record that
-    /// is not a torn tail; [`WalError::Missing`] reports a gap in segments.
-    pub fn open(disk: D, config: WalConfig) -> Result<Self, WalError> {
-        let names = disk.list().map_err(io_err(&disk, "."))?;
-        check_format(&disk, &names)?;
-        if names.iter().any(|n| n == PREALLOC_NAME) {
-            disk.remove(PREALLOC_NAME)
-                .map_err(io_err(&disk, PREALLOC_NAME))?;
-        }
-        let mut spares: Vec<String> = names.iter().filter(|n| is_spare_name(n)).cloned().collect();
-        spares.sort();
-        for extra in spares.split_off(spares.len().min(RECYCLED_SPARES_MAX)) {
-            disk.remove(&extra).map_err(io_err(&disk, &extra))?;
-        }
-        let mut ids: Vec<u64> = names.iter().filter_map(|n| parse_segment_name(n)).collect();
-        ids.sort_unstable();
-        for w in ids.windows(2) {
-            if w[1] != w[0] + 1 {
-                return Err(WalError::Missing(format!(
-                    "segment {} is followed by {} in {}",
-                    segment_name(w[0]),
-                    segment_name(w[1]),
-                    disk.describe(".")
-                )));
-            }
-        }
-        let mut state = LogState {
-            source: Some(Arc::new(DiskRecords {
-                disk: disk.clone(),
-                last: Mutex::new(None),
-            })),
-            ..LogState::default()
-        };
-        let mut segments = Vec::new();
-        let mut stats = WalStats::default();
-        let mut last_end = 0u64;
-        let mut last_torn_end = 0u64;
-        let mut last_salt = None;
-        let mut last_ended = false;
-        for (i, id) in ids.iter().enumerate() {
-            let name = segment_name(*id);
-            let bytes = disk.read_all(&name).map_err(io_err(&disk, &name))?;
-            let is_last = i + 1 == ids.len();
-            let scan = scan_segment(&bytes, *id, &disk.describe(&name), is_last)?;
-            if scan.torn {
-                tracing::warn!(file = %disk.describe(&name), offset = scan.end,
-                    "torn tail record cut off (an unacknowledged write interrupted by a crash)");
-                stats.torn_tail_truncated = true;
-            }
-            let corrupt = |offset: u64, reason: String| WalError::Corrupt {
-                file: disk.describe(&name),
-                offset,
-                reason,
-            };
-            let mut ops = scan.ops.into_iter();
-            match ops.next().map(|(op, _, _)| op) {
-                Some(WalOp::Checkpoint(c)) => {
-                    if i == 0 {
-                        // Older segments were deleted after trimming: the
-                        // log resumes where this one began.
-                        state.entries_start = c.log_end;
-                    }
-                    state
-                        .apply(&WalOp::Checkpoint(c))
-                        .map_err(|r| corrupt(0, r))?;
-                }
-                Some(_) => {
-                    return Err(corrupt(
-                        0,
-                        "segment does not start with a checkpoint".into(),
-                    ))
-                }
-                None if is_last => {
-                    // Rotation crashed before the checkpoint hit the disk:
-                    // recreate the segment below. The removal must be
-                    // durable before the previous segment is written again,
-                    // or a crash brings this one back behind it and that
-                    // segment's torn tail reads as corruption (found by the
-                    // simulation).
-                    disk.remove(&name).map_err(io_err(&disk, &name))?;
-                    disk.sync_dir().map_err(io_err(&disk, "."))?;
-                    break;
-                }
-                None => return Err(corrupt(0, "empty segment in the middle of the log".into())),
-            }
-            let mut max_end = state.end();
-            for (op, offset, len) in ops {
-                let pos = RecordPos {
-                    segment: *id,
-                    offset,
-                    len,
-                };
-                state
-                    .apply_at(&op, Some(pos), &mut 0)
-                    .map_err(|r| corrupt(offset, r))?;
-                max_end = max_end.max(state.end());
-            }
-            segments.push(SegmentMeta { id: *id, max_end });
-            last_end = scan.end;
-            last_torn_end = scan.torn_end;
-            last_salt = scan.salt;
-            last_ended = scan.ended;
-        }
-        if state.entries_start > state.trimmed && state.entries_start > 0 {
-            return Err(WalError::Missing(format!(
-                "entries from {} to {} are neither present nor trimmed in {}",
-                state.trimmed,
-                state.entries_start,
-                disk.describe(".")
-            )));
-        }
-        let (active, active_written) = match segments.last() {
-            Some(s) if !last_ended => {
-                let name = segment_name(s.id);
-                (disk.open(&name).map_err(io_err(&disk, &name))?, last_end)
-            }
-            // No segment, or the last one was closed by a rotation that
-            // crashed before the next one was durable: start the next.
-            last => {
-                stats.resumed_after_end = last.is_some();
-                let id = match last {
-                    Some(s) => s.id + 1,
-                    None => ids.last().copied().unwrap_or(0),
-                };
-                last_salt = None;
-                let name = segment_name(id);
-                // Zero-filled, never a spare: with no segment left to
-                // compare, a spare that once had this id would offer its
-                // old records as this segment's.
-                disk.create_zeroed(&name, config.segment_bytes)
-                    .map_err(io_err(&disk, &name))?;
-                disk.sync_dir().map_err(io_err(&disk, "."))?;
-                segments.push(SegmentMeta {
-                    id,
-                    max_end: state.end(),
-                });
-                (disk.open(&name).map_err(io_err(&disk, &name))?, 0)
-            }
-        };
-        let mut wal = Wal {
-            disk,
-            config,
-            segments,
-            salt: last_salt.unwrap_or_else(rand::random),
-            spares,
-            active,
-            active_written,
-            pending: Vec::new(),
-            unsynced: false,
-            state,
-            prealloc: None,
-            poisoned: None,
-            stats,
-        };
-        if wal.active_written == 0 {
-            let ck = WalOp::Checkpoint(wal.checkpoint());
-            wal.encode_record(&ck);
-            wal.sync()?;
-        } else if wal.stats.torn_tail_truncated && last_torn_end > wal.active_written {
-            // Zero all the torn bytes, not just the header: a later scan must
-            // find only zeros after the last good record even if the records
-            // written next are shorter than the torn one (found by the
-            // simulation: a second crash made the segment "corrupt").
-            let zeros = vec![0u8; (last_torn_end - wal.active_written) as usize];
-            let name = segment_name(wal.segments.last().expect("segment").id);
-            wal.active
-                .write_at(wal.active_written, &zeros)
-                .and_then(|_| wal.active.sync_data())
-                .map_err(io_err(&wal.disk, &name))?;
-        }
-        wal.state.evict(wal.config.memory_bytes_max);
-        if wal.spares.is_empty() {
-            wal.start_prealloc();
-        }
-        Ok(wal)
-    }
+mod node;
 
-    pub fn state(&self) -> &LogState {
-        &self.state
-    }
-
-    pub fn stats(&self) -> WalStats {
-        self.stats
-    }
-
-    fn checkpoint(&self) -> Checkpoint {
-        Checkpoint {
-            log_end: self.state.end(),
-            trimmed: self.state.trimmed,
-            compacted: self.state.compacted,
-            decided: self.state.decided,
-            promise: self.state.promise,
-            accepted_round: self.state.accepted_round,
-            stopsign: self.state.stopsign.clone(),
-        }
-    }
-
-    /// The tag of records written now (to the active segment).
-    fn tag(&self) -> RecordTag {
-        RecordTag {
-            segment: self.segments.last().expect("active segment").id,
-            salt: self.salt,
-        }
-    }
-
-    fn encode_record(&mut self, op: &WalOp) {
-        let mut payload = Vec::with_capacity(64);
-        self.tag().put(&mut payload);
-        op.encode_into(&mut payload);
-        frame::encode_into(&mut self.pending, &payload);
-        self.stats.records += 1;
-    }
-
-    fn start_prealloc(&mut self) {
-        if !self.config.background_prealloc || self.prealloc.is_some() {
-            return;
-        }
-        let (tx, rx) = mpsc::channel();
-        let disk = self.disk.clone();
-        let len = self.config.segment_bytes;
-        std::thread::Builder::new()
-            .name("wal-prealloc".into())
-            .spawn(move || {
-                let _ = tx.send(disk.create_zeroed(PREALLOC_NAME, len));
-            })
-            .map(|_| ())
-            .unwrap_or_else(|e| tracing::warn!("cannot start preallocation thread: {e}"));
-        self.prealloc = Some(rx);
-    }
-
-    /// Applies `op` to the in-memory state and queues its record. Durable
-    /// only after [`Wal::sync`].
-    pub fn append(&mut self, op: WalOp) -> Result<(), WalError> {
-        if let Some(p) = &self.poisoned {
-            return Err(WalError::Poisoned(p.clone()));
-        }
-        match op {
-            WalOp::Append { first_idx, entries } if entries.len() > 1 => {
-                // Split large appends into bounded records.
-                let mut chunk = Vec::new();
-                let mut bytes = 0usize;
-                let mut idx = first_idx;
-                for e in entries {
-                    let n = e.encoded_len();
-                    if !chunk.is_empty() && bytes + n > APPEND_RECORD_BYTES_MAX {
-                        let c = std::mem::take(&mut chunk);
-                        let len = c.len() as u64;
-                        self.append_one(WalOp::Append {
-                            first_idx: idx,
-                            entries: c,
-                        })?;
-                        idx += len;
-                        bytes = 0;
-                    }
-                    bytes += n;
-                    chunk.push(e);
-                }
-                self.append_one(WalOp::Append {
-                    first_idx: idx,
-                    entries: chunk,
-                })
-            }
-            op => self.append_one(op),
-        }
-    }
-
-    fn append_one(&mut self, op: WalOp) -> Result<(), WalError> {
-        let mut body = Vec::new();
-        op.encode_into(&mut body);
-        let record_len = (frame::FRAME_HEADER_BYTES + RecordTag::BYTES + body.len()) as u64;
-        let used = self.active_written + self.pending.len() as u64;
-        if used + record_len + END_RECORD_BYTES > self.config.segment_bytes && used > 0 {
-            self.rotate()?;
-        }
-        let mut payload = Vec::with_capacity(RecordTag::BYTES + body.len());
-        self.tag().put(&mut payload);
-        payload.extend_from_slice(&body);
-        let pos = RecordPos {
-            segment: self.segments.last().expect("active segment").id,
-            offset: self.active_written + self.pending.len() as u64,
-            len: record_len as u32,
-        };
-        // Programming error if OmniPaxos asks for an impossible change.
-        if let Err(e) = self.state.apply_at(&op, Some(pos), &mut 0) {
-            panic!("invalid storage operation {op:?}: {e}");
-        }
-        frame::encode_into(&mut self.pending, &payload);
-        self.stats.records += 1;
-        let end = self.state.end();
-        let seg = self.segments.last_mut().expect("active segment");
-        seg.max_end = seg.max_end.max(end);
-        Ok(())
-    }
-
-    /// Writes queued records to the active segment (no sync).
-    fn write_pending(&mut self) -> Result<(), WalError> {
-        if self.pending.is_empty() {
-            return Ok(());
-        }
-        let name = segment_name(self.segments.last().expect("segment").id);
-        if let Err(e) = self.active.write_at(self.active_written, &self.pending) {
-            self.poisoned = Some(format!("write to {name} failed: {e}"));
-            return Err(io_err(&self.disk, &name)(e));
-        }
-        self.active_written += self.pending.len() as u64;
-        self.stats.bytes_written += self.pending.len() as u64;
-        self.pending.clear();
-        self.unsynced = true;
-        Ok(())
-    }
-
-    /// Makes every appended op durable with one write and one fdatasync.
-    ///
-    /// # Errors
-    /// An I/O error poisons the WAL: after a failed fsync the kernel may have
-    /// dropped the dirty pages, so the only safe continuation is a restart
-    /// that replays what is really on disk.
-    pub fn sync(&mut self) -> Result<(), WalError> {
-        if let Some(p) = &self.poisoned {
-            return Err(WalError::Poisoned(p.clone()));
-        }
-        self.write_pending()?;
-        if !self.unsynced {
-            return Ok(());
-        }
-        let name = segment_name(self.segments.last().expect("segment").id);
-        if let Err(e) = self.active.sync_data() {
-            self.poisoned = Some(format!("fdatasync of {name} failed: {e}"));
-            return Err(io_err(&self.disk, &name)(e));
-        }
-        self.unsynced = false;
-        // Every record is written now: old entries may leave memory.
-        self.state.evict(self.config.memory_bytes_max);
-        self.stats.syncs += 1;
-        self.delete_trimmed_segments()?;
-        Ok(())
-    }
-
-    /// True if appended ops are not yet durable.
-    pub fn needs_sync(&self) -> bool {
-        self.unsynced || !self.pending.is_empty()
-    }
-
-    fn rotate(&mut self) -> Result<(), WalError> {
-        // Once the end record is queued the active segment takes no more
-        // records: a rotation that fails half-way cannot be retried (a
-        // second end record, or records after the first, read back as
-        // corruption), only replayed by a restart.
-        let r = self.rotate_once();
-        if let Err(e) = &r {
-            if self.poisoned.is_none() {
-                self.poisoned = Some(format!("segment rotation failed: {e}"));
-            }
-        }
-        r
-    }
-
-    fn rotate_once(&mut self) -> Result<(), WalError> {
-        // The old segment, closed by its end record, must be durable before
-        // the new one can be: replay reads segments in order and a hole
-        // would lose acknowledged data.
-        let mut end = Vec::with_capacity(RecordTag::BYTES);
-        self.tag().put(&mut end);
-        frame::encode_into(&mut self.pending, &end);
-        self.sync()?;
-        let id = self.segments.last().expect("segment").id + 1;
-        let name = segment_name(id);
-        // A recycled file first (no zero-filling at all), then the one
-        // zero-filled in the background, then zero-filling here.
-        let r = if let Some(spare) = self.spares.pop() {
-            self.stats.segments_recycled += 1;
-            self.disk.rename(&spare, &name)
-        } else {
-            self.stats.segments_zero_filled += 1;
-            let ready = match self.prealloc.take() {
-                Some(rx) => matches!(rx.recv(), Ok(Ok(()))),
-                None => false,
-            };
-            if ready {
-                self.disk.rename(PREALLOC_NAME, &name)
-            } else {
-                self.disk.create_zeroed(&name, self.config.segment_bytes)
-            }
-        };
-        r.and_then(|_| self.disk.sync_dir())
-            .map_err(io_err(&self.disk, &name))?;
-        self.active = self.disk.open(&name).map_err(io_err(&self.disk, &name))?;
-        self.active_written = 0;
-        self.salt = rand::random();
-        self.segments.push(SegmentMeta {
-            id,
-            max_end: self.state.end(),
-        });
-        let ck = WalOp::Checkpoint(self.checkpoint());
-        self.encode_record(&ck);
-        if self.spares.is_empty() {
-            self.start_prealloc();
-        }
-        Ok(())
-    }
-
-    /// Retires the oldest segments whose entries are all trimmed: kept as
-    /// spares to recycle (up to [`RECYCLED_SPARES_MAX`]) or deleted. Called
-    /// after a sync, so the trim that allows it is durable.
-    fn delete_trimmed_segments(&mut self) -> Result<(), WalError> {
-        let mut removed = false;
-        while self.segments.len() > 1 && self.segments[0].max_end <= self.state.entries_start {
-            let id = self.segments[0].id;
-            let name = segment_name(id);
-            if self.spares.len() < RECYCLED_SPARES_MAX {
-                let spare = spare_name(id);
-                self.disk
-                    .rename(&name, &spare)
-                    .map_err(io_err(&self.disk, &name))?;
-                self.spares.insert(0, spare);
-            } else {
-                self.disk.remove(&name).map_err(io_err(&self.disk, &name))?;
-            }
-            self.segments.remove(0);
-            removed = true;
-        }
-        if removed {
-            self.disk.sync_dir().map_err(io_err(&self.disk, "."))?;
-        }
-        Ok(())
-    }
-
-    /// Number of segment files in use.
-    pub fn segment_count(&self) -> usize {
-        self.segments.len()
-    }
-}
+use node::{decode_record, Record};
+pub use node::{NodeWal, StreamId, Wal};
 
 #[cfg(test)]
 mod tests {
@@ -1622,6 +1172,7 @@ mod tests {
     fn record(tag: RecordTag, op: &WalOp, out: &mut Vec<u8>) {
         let mut body = Vec::new();
         tag.put(&mut body);
+        body.extend_from_slice(&0u64.to_le_bytes());
         op.encode_into(&mut body);
         frame::encode_into(out, &body);
     }
@@ -1694,14 +1245,16 @@ mod tests {
             let mut w = Wal::open(d.clone(), cfg(1024)).unwrap();
             append_trimming(&mut w, 20);
             let synced_end = w.state().end();
-            // Appends until one rotates, then a crash before any sync:
-            // the closed segment is durable, the next one's checkpoint
-            // may not be.
-            let active = w.segments.last().unwrap().id;
-            while w.segments.last().unwrap().id == active {
+            // Appends until one rotates, then a crash in the flush: after
+            // the closed segment is durable, before the next file exists
+            // or before its start record is durable.
+            let active = w.active_segment();
+            while w.active_segment() == active {
                 append(&mut w, 1);
             }
             let unsynced_end = w.state().end();
+            w.cut_next_rotation(1 + (seed % 2) as u8);
+            assert!(w.sync().is_err());
             drop(w);
             d.crash(&mut rng);
             let mut w2 =
@@ -1717,7 +1270,10 @@ mod tests {
             let w3 = Wal::open(d, cfg(1024)).unwrap_or_else(|e| panic!("seed {seed}: {e}"));
             assert_eq!(w3.state(), &live, "seed {seed}");
         }
-        assert!(resumed > 0, "no seed cut a rotation short");
+        assert_eq!(
+            resumed, 100,
+            "every cut rotation resumes after its end record"
+        );
     }
 
     #[test]
@@ -1820,6 +1376,172 @@ mod tests {
             w.state().get(5, 11).unwrap(),
             vec![e(5), e(6), e(7), e(8), e(9), e(99)]
         );
+    }
+
+    fn append_to(w: &mut Wal<SimDisk>, n: u64) {
+        let first = w.state().end();
+        let tag = w.id().0 << 32;
+        let entries = (first..first + n).map(|i| e(tag | i)).collect();
+        w.append(WalOp::Append {
+            first_idx: first,
+            entries,
+        })
+        .unwrap();
+    }
+
+    fn entry_of(w: &Wal<SimDisk>, i: u64) -> Entry {
+        e((w.id().0 << 32) | i)
+    }
+
+    #[test]
+    fn streams_share_one_fdatasync_and_replay_apart() {
+        let d = SimDisk::new();
+        let node = NodeWal::open(d.clone(), cfg(1 << 20)).unwrap();
+        let mut ws: Vec<Wal<SimDisk>> = (1..=3)
+            .map(|s| node.stream(StreamId::replica(s, 1)).unwrap())
+            .collect();
+        assert!(
+            node.stream(StreamId::replica(1, 1)).is_err(),
+            "opened twice"
+        );
+        let before = d.sync_count();
+        for w in &mut ws {
+            append_to(w, 5);
+            w.append(WalOp::Decided(3)).unwrap();
+        }
+        ws[1].sync().unwrap();
+        assert_eq!(d.sync_count() - before, 1, "one fdatasync for every stream");
+        assert!(ws.iter().all(|w| !w.needs_sync()));
+        for w in &mut ws {
+            w.sync().unwrap();
+        }
+        assert_eq!(d.sync_count() - before, 1, "already covered");
+        let live: Vec<LogState> = ws.iter().map(|w| w.state().clone()).collect();
+        drop(ws);
+        drop(node);
+        let node = NodeWal::open(d.clone(), cfg(1 << 20)).unwrap();
+        assert_eq!(node.unopened().len(), 3);
+        for (k, s) in (1..=3).enumerate() {
+            let w = node.stream(StreamId::replica(s, 1)).unwrap();
+            assert_eq!(w.state(), &live[k], "stream {s}");
+            assert_eq!(w.state().get(4, 5).unwrap()[0], entry_of(&w, 4));
+        }
+        assert!(node.unopened().is_empty());
+    }
+
+    #[test]
+    fn a_segment_is_retired_only_once_every_stream_trimmed_past_it() {
+        let d = SimDisk::new();
+        let node = NodeWal::open(d.clone(), cfg(2048)).unwrap();
+        let mut busy = node.stream(StreamId::replica(1, 1)).unwrap();
+        let mut idle = node.stream(StreamId::replica(2, 1)).unwrap();
+        append_to(&mut idle, 3);
+        idle.sync().unwrap();
+        append_trimming(&mut busy, 100);
+        let held = busy.segment_count();
+        assert!(
+            held > 5,
+            "the idle stream's untrimmed entries hold segments: {held}"
+        );
+        idle.append(WalOp::Trim(3)).unwrap();
+        idle.sync().unwrap();
+        append_trimming(&mut busy, 2);
+        assert!(busy.segment_count() < 4, "{}", busy.segment_count());
+        let live = (busy.state().clone(), idle.state().clone());
+        drop((busy, idle, node));
+        let node = NodeWal::open(d, cfg(2048)).unwrap();
+        let busy = node.stream(StreamId::replica(1, 1)).unwrap();
+        let idle = node.stream(StreamId::replica(2, 1)).unwrap();
+        assert_eq!((busy.state(), idle.state()), (&live.0, &live.1));
+    }
+
+    /// For 200 seeds: three streams append, trim and sync in a random
+    /// order over small segments, then a crash: every stream keeps what
+    /// any sync covered and nothing past what it appended.
+    #[test]
+    fn a_crash_keeps_every_streams_synced_entries() {
+        use rand::Rng;
+        for seed in 0..200 {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+            let d = SimDisk::new();
+            let node = NodeWal::open(d.clone(), cfg(1024)).unwrap();
+            let mut ws: Vec<Wal<SimDisk>> = (1..=3)
+                .map(|s| node.stream(StreamId::replica(s, 1)).unwrap())
+                .collect();
+            let mut synced = [0u64; 3];
+            for _ in 0..60 {
+                let k = rng.gen_range(0..3);
+                append_to(&mut ws[k], rng.gen_range(1..4));
+                if rng.gen_bool(0.2) {
+                    let keep_from = ws[k].state().end().saturating_sub(10);
+                    if keep_from > ws[k].state().trimmed {
+                        ws[k].append(WalOp::Trim(keep_from)).unwrap();
+                    }
+                }
+                if rng.gen_bool(0.6) {
+                    let j = rng.gen_range(0..3);
+                    ws[j].sync().unwrap();
+                    // One flush covers every stream's queued records.
+                    for (i, w) in ws.iter().enumerate() {
+                        if !w.needs_sync() {
+                            synced[i] = w.state().end();
+                        }
+                    }
+                }
+            }
+            let unsynced: Vec<u64> = ws.iter().map(|w| w.state().end()).collect();
+            drop(ws);
+            drop(node);
+            d.crash(&mut rng);
+            let node =
+                NodeWal::open(d.clone(), cfg(1024)).unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+            for (i, s) in (1..=3).enumerate() {
+                let w = node.stream(StreamId::replica(s, 1)).unwrap();
+                let end = w.state().end();
+                assert!(
+                    end >= synced[i] && end <= unsynced[i],
+                    "seed {seed} stream {s}: {end} not in {}..={}",
+                    synced[i],
+                    unsynced[i]
+                );
+                for j in w.state().entries_start..end {
+                    assert_eq!(
+                        w.state().get(j, j + 1).unwrap()[0],
+                        entry_of(&w, j),
+                        "seed {seed}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// Shard threads appending and syncing at once over small segments:
+    /// every stream replays as it was.
+    #[test]
+    fn concurrent_streams_replay_as_written() {
+        let d = SimDisk::new();
+        let node = NodeWal::open(d.clone(), cfg(64 << 10)).unwrap();
+        let threads: Vec<_> = (1..=4)
+            .map(|s| {
+                let mut w = node.stream(StreamId::replica(s, 1)).unwrap();
+                std::thread::spawn(move || {
+                    for _ in 0..300 {
+                        append_to(&mut w, 2);
+                        w.sync().unwrap();
+                    }
+                    w
+                })
+            })
+            .collect();
+        let ws: Vec<Wal<SimDisk>> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+        let live: Vec<LogState> = ws.iter().map(|w| w.state().clone()).collect();
+        drop((ws, node));
+        let node = NodeWal::open(d, cfg(64 << 10)).unwrap();
+        for (k, s) in (1..=4).enumerate() {
+            let w = node.stream(StreamId::replica(s, 1)).unwrap();
+            assert_eq!(w.state(), &live[k]);
+            assert_eq!(w.state().end(), 600);
+        }
     }
 
     #[test]

@@ -174,7 +174,7 @@ async fn forward_subscribe_trim() {
     assert_eq!(s.next_batch(1).await.unwrap()[0].0, Position(300));
     // Whole WAL segments below the trim point are gone.
     for id in 1..=3 {
-        let wal_dir = dir.join(format!("n{id}/shard-0/epoch-1"));
+        let wal_dir = dir.join(format!("n{id}/wal"));
         let first = std::fs::read_dir(&wal_dir)
             .unwrap()
             .filter_map(|e| e.ok()?.file_name().into_string().ok())

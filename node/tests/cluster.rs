@@ -247,10 +247,7 @@ async fn corrupt_log_file_is_reported_at_start() {
             .unwrap();
     }
     cluster::stop_node(&cl.dir, 3, libc::SIGTERM, Duration::from_secs(10)).unwrap();
-    let seg = cl
-        .cfg(3)
-        .data_dir
-        .join("log/shard-1/epoch-1/seg-0000000000000000.wal");
+    let seg = cl.cfg(3).data_dir.join("log/wal/seg-0000000000000000.wal");
     flip_byte(&seg, 200);
     let out = std::process::Command::new(bin())
         .arg("--config")

@@ -44,7 +44,7 @@ use crate::read_index::{ReadFailed, ReadId, ReadMsg, ReadStart};
 use crate::shard::{Epoch, Position, ShardCore, ShardId, Timing};
 use crate::storage::SharedWal;
 use crate::transport::{write_msg, FrameReader, Identity, PeerLinks, HANDSHAKE_TIMEOUT};
-use crate::wal::WalConfig;
+use crate::wal::{NodeWal, StreamId, WalConfig};
 use crate::wire::{
     LogError, Role, ShardStatus, Wire, FRAME_BYTES_MAX, HELLO_FRAME_BYTES_MAX, PROPOSE_BATCH_MAX,
     PROTOCOL_VERSION,
@@ -130,6 +130,12 @@ pub enum StartError {
     Config(String),
     #[error("data directory {dir}: {reason}")]
     DataDir { dir: String, reason: String },
+    #[error("the node's log ({dir}): {source}")]
+    Wal {
+        dir: String,
+        #[source]
+        source: crate::wal::WalError,
+    },
     #[error("shard {shard}: {source}")]
     Shard {
         shard: ShardId,
@@ -260,10 +266,6 @@ enum Input {
 pub struct ShardCounters {
     pub proposals: AtomicU64,
     pub decided_entries: AtomicU64,
-    pub wal_syncs: AtomicU64,
-    pub wal_bytes: AtomicU64,
-    pub wal_segments_recycled: AtomicU64,
-    pub wal_segments_zero_filled: AtomicU64,
     pub batches: AtomicU64,
     pub inbox_full: AtomicU64,
     /// Elections this node started to lead every shard (`affinity`).
@@ -289,6 +291,8 @@ struct ShardHandle {
 struct Inner {
     cfg: LogNodeConfig,
     shards: HashMap<ShardId, ShardHandle>,
+    /// The node's WAL (every shard's stream), for its statistics.
+    wal: NodeWal<FsDisk>,
     links: PeerLinks,
     /// Request ids for proposals made through this node's API.
     client_id: u64,
@@ -330,6 +334,49 @@ fn random_nonzero() -> u64 {
 
 /// Checks (or creates) the identity file that binds a data directory to one
 /// node of one cluster, so a misconfigured node cannot reuse another's log.
+/// Opens the node's WAL, `<data_dir>/wal`: one for every shard (D39).
+/// Refuses a data directory holding per-shard WALs of an older version.
+fn open_node_wal(cfg: &LogNodeConfig) -> Result<NodeWal<FsDisk>, StartError> {
+    let dir = cfg.data_dir.join("wal");
+    let data_dir = |reason: String| StartError::DataDir {
+        dir: cfg.data_dir.display().to_string(),
+        reason,
+    };
+    for shard in &cfg.shards {
+        let old = cfg.data_dir.join(format!("shard-{shard}")).join("epoch-1");
+        let has_segments = std::fs::read_dir(&old).is_ok_and(|mut d| {
+            d.any(|e| e.is_ok_and(|e| e.file_name().to_string_lossy().starts_with("seg-")))
+        });
+        if has_segments {
+            return Err(data_dir(format!(
+                "{} holds a per-shard log written by an older version (before one WAL per \
+                 node); this version cannot read it: start this node from an empty data \
+                 directory and let it catch up from the others",
+                old.display()
+            )));
+        }
+    }
+    let faults = crate::disk::DiskFaults {
+        lose_unsynced: cfg.faults.lose_unsynced || cfg.faults.fsync_lies,
+        fsync_lies: cfg.faults.fsync_lies,
+    };
+    let disk = FsDisk::with_faults(&dir, faults).map_err(|e| data_dir(e.to_string()))?;
+    let wal = NodeWal::open(disk, cfg.wal.clone()).map_err(|source| StartError::Wal {
+        dir: dir.display().to_string(),
+        source,
+    })?;
+    let known: Vec<StreamId> = cfg
+        .shards
+        .iter()
+        .map(|s| StreamId::replica(s.get(), 1))
+        .collect();
+    for s in wal.unopened().into_iter().filter(|s| !known.contains(s)) {
+        tracing::warn!(stream = %s, "the node's WAL holds a log this configuration does not \
+            run: its untrimmed entries keep old segments on disk");
+    }
+    Ok(wal)
+}
+
 fn check_identity(dir: &Path, cluster_id: &str, node_id: NodeId) -> Result<(), StartError> {
     let err = |reason: String| StartError::DataDir {
         dir: dir.display().to_string(),
@@ -389,6 +436,7 @@ impl LogNode {
                     source,
                 })?;
         let node_ids: Vec<NodeId> = cfg.nodes.keys().copied().collect();
+        let wal = open_node_wal(&cfg)?;
         let mut shards = HashMap::new();
         let mut starters = Vec::new();
         for &shard in &cfg.shards {
@@ -398,15 +446,16 @@ impl LogNode {
                 nodes: node_ids.clone(),
                 base: Position::ZERO,
             };
-            let faults = crate::disk::DiskFaults {
-                lose_unsynced: cfg.faults.lose_unsynced || cfg.faults.fsync_lies,
-                fsync_lies: cfg.faults.fsync_lies,
-            };
-            let disk = FsDisk::with_faults(dir.join(format!("epoch-{}", epoch.config_id)), faults)
-                .map_err(|e| StartError::DataDir {
-                    dir: dir.display().to_string(),
-                    reason: e.to_string(),
+            let stream = wal
+                .stream(StreamId::replica(shard.get(), epoch.config_id))
+                .map_err(|e| StartError::Shard {
+                    shard,
+                    source: e.into(),
                 })?;
+            std::fs::create_dir_all(&dir).map_err(|e| StartError::DataDir {
+                dir: dir.display().to_string(),
+                reason: e.to_string(),
+            })?;
             let subscribers = SubscriberTable::load(dir.join("subscribers")).map_err(|reason| {
                 StartError::DataDir {
                     dir: dir.display().to_string(),
@@ -417,8 +466,7 @@ impl LogNode {
                 shard,
                 cfg.node_id,
                 epoch.clone(),
-                disk,
-                cfg.wal.clone(),
+                stream,
                 &cfg.timing,
                 Position::ZERO,
             )
@@ -482,6 +530,7 @@ impl LogNode {
         let inner = Arc::new(Inner {
             cfg: cfg.clone(),
             shards,
+            wal,
             links,
             client_id: random_nonzero(),
             seq: AtomicU64::new(1),
@@ -845,7 +894,7 @@ impl LogNode {
             s.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
         };
         type Getter = fn(&ShardHandle) -> u64;
-        let series: [(&str, &str, &str, Getter); 11] = [
+        let series: [(&str, &str, &str, Getter); 7] = [
             (
                 "cfs_log_decided_position",
                 "One past the last decided position.",
@@ -869,30 +918,6 @@ impl LogNode {
                 "Entries decided since start.",
                 "counter",
                 |h| h.counters.decided_entries.load(Ordering::Relaxed),
-            ),
-            (
-                "cfs_log_wal_syncs_total",
-                "fdatasync calls of the shard WAL.",
-                "counter",
-                |h| h.counters.wal_syncs.load(Ordering::Relaxed),
-            ),
-            (
-                "cfs_log_wal_bytes_total",
-                "Bytes written to the shard WAL.",
-                "counter",
-                |h| h.counters.wal_bytes.load(Ordering::Relaxed),
-            ),
-            (
-                "cfs_log_wal_segments_recycled_total",
-                "WAL segments started in a trimmed segment's file (no zero-fill).",
-                "counter",
-                |h| h.counters.wal_segments_recycled.load(Ordering::Relaxed),
-            ),
-            (
-                "cfs_log_wal_segments_zero_filled_total",
-                "WAL segments started in a zero-filled file (no trimmed one to reuse).",
-                "counter",
-                |h| h.counters.wal_segments_zero_filled.load(Ordering::Relaxed),
             ),
             (
                 "cfs_log_batches_total",
@@ -921,7 +946,28 @@ impl LogNode {
             }
         }
         let st = &self.inner.links.stats;
+        let wal = self.inner.wal.stats();
         for (name, help, v) in [
+            (
+                "cfs_log_wal_syncs_total",
+                "fdatasync calls of the node's WAL (one covers every shard's batch).",
+                wal.syncs,
+            ),
+            (
+                "cfs_log_wal_bytes_total",
+                "Bytes written to the node's WAL.",
+                wal.bytes_written,
+            ),
+            (
+                "cfs_log_wal_segments_recycled_total",
+                "WAL segments started in a trimmed segment's file (no zero-fill).",
+                wal.segments_recycled,
+            ),
+            (
+                "cfs_log_wal_segments_zero_filled_total",
+                "WAL segments started in a zero-filled file (no trimmed one to reuse).",
+                wal.segments_zero_filled,
+            ),
             (
                 "cfs_log_messages_sent_total",
                 "Messages queued to peers.",

@@ -313,20 +313,6 @@ impl ShardLoop {
             self.send_read_done(id, r);
         }
         self.counters.batches.fetch_add(1, Ordering::Relaxed);
-        {
-            let w = self.core.wal().lock();
-            let st = w.stats();
-            self.counters.wal_syncs.store(st.syncs, Ordering::Relaxed);
-            self.counters
-                .wal_bytes
-                .store(st.bytes_written, Ordering::Relaxed);
-            self.counters
-                .wal_segments_recycled
-                .store(st.segments_recycled, Ordering::Relaxed);
-            self.counters
-                .wal_segments_zero_filled
-                .store(st.segments_zero_filled, Ordering::Relaxed);
-        }
         if !ready.decided.is_empty() {
             self.counters
                 .decided_entries

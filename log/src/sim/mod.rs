@@ -77,7 +77,7 @@ use crate::entry::{Entry, EntryKind, RequestId};
 use crate::policy::{ForwardedReads, Proposals, Refused, Ticks, TrimFloors};
 use crate::read_index::{ReadId, ReadMsg, ReadStart};
 use crate::shard::{Epoch, Position, Proposed, Ready, ShardCore, ShardId, Timing};
-use crate::wal::WalConfig;
+use crate::wal::{NodeWal, StreamId, WalConfig};
 
 mod checker;
 mod disk;
@@ -355,10 +355,9 @@ fn index_of(node: NodeId) -> usize {
 }
 
 /// One epoch a replica has joined. Survives crashes, like the node's record
-/// of its memberships and the WAL directory on its disk.
+/// of its memberships and its stream in the node's WAL.
 struct Slot {
     epoch: Epoch,
-    disk: CrashDisk,
     /// Highest `decided()` seen right after a `ready` (which had synced the
     /// WAL): no restart may come back below it.
     durable_decided: Position,
@@ -368,6 +367,8 @@ struct Slot {
 
 /// A running incarnation of a replica.
 struct Live {
+    /// The node's WAL: one stream per core.
+    wal: NodeWal<CrashDisk>,
     /// One core per slot, oldest epoch first.
     cores: Vec<ShardCore<CrashDisk>>,
     /// `decided()` of each core at its last check in this incarnation.
@@ -404,6 +405,8 @@ impl CorePolicy {
 
 struct Replica {
     id: NodeId,
+    /// The node's disk: its WAL holds every epoch's stream.
+    disk: CrashDisk,
     slots: Vec<Slot>,
     /// The materializer's persisted snapshot: survives crashes.
     snapshot: Materialized,
@@ -416,9 +419,9 @@ impl Replica {
     fn new(id: NodeId) -> Replica {
         Replica {
             id,
+            disk: CrashDisk::default(),
             slots: vec![Slot {
                 epoch: first_epoch(),
-                disk: CrashDisk::default(),
                 durable_decided: Position::ZERO,
                 end: None,
             }],
@@ -597,9 +600,7 @@ impl Sim {
             }
         }
         r.live = None;
-        for s in &r.slots {
-            s.disk.crash(&mut self.rng);
-        }
+        r.disk.crash(&mut self.rng);
         r.restart_at = self.step + self.rng.gen_range(5..=80);
         let (id, at) = (r.id, r.restart_at);
         self.stats.crashes += 1;
@@ -705,23 +706,29 @@ impl Sim {
         let mut seen_decided = Vec::new();
         let mut seen_segments = Vec::new();
         let mut seen_recycled = Vec::new();
+        let wal = NodeWal::open(r.disk.clone(), wal_config())
+            .map_err(|e| format!("recovery: node {} cannot reopen its WAL: {e}", r.id))?;
         for (k, s) in r.slots.iter().enumerate() {
             let from = mat.next.min(s.end.unwrap_or(Position::MAX)) + skip;
-            let core = ShardCore::open(
-                SHARD,
-                r.id,
-                s.epoch.clone(),
-                s.disk.clone(),
-                wal_config(),
-                &Timing::default(),
-                from,
-            )
-            .map_err(|e| {
-                format!(
-                    "recovery: node {} cannot reopen epoch {}: {e}",
-                    r.id, s.epoch.config_id
-                )
-            })?;
+            let core = wal
+                .stream(StreamId::replica(SHARD.get(), s.epoch.config_id))
+                .map_err(crate::shard::ShardError::from)
+                .and_then(|stream| {
+                    ShardCore::open(
+                        SHARD,
+                        r.id,
+                        s.epoch.clone(),
+                        stream,
+                        &Timing::default(),
+                        from,
+                    )
+                })
+                .map_err(|e| {
+                    format!(
+                        "recovery: node {} cannot reopen epoch {}: {e}",
+                        r.id, s.epoch.config_id
+                    )
+                })?;
             if core.decided() < s.durable_decided {
                 return Err(format!(
                     "durability: node {} reopened epoch {} at decided {}, below the {} it had \
@@ -763,6 +770,7 @@ impl Sim {
         let id = r.id;
         let policies = cores.iter().map(|_| CorePolicy::new()).collect();
         self.replicas[i].live = Some(Live {
+            wal,
             cores,
             seen_decided,
             seen_segments,
@@ -1196,7 +1204,7 @@ impl Sim {
             if k >= live.cores.len() {
                 break;
             }
-            let disk = r.slots[k].disk.clone();
+            let disk = r.disk.clone();
             let fault = failing.filter(|(f, _)| *f == k).map(|(_, power)| power);
             disk.inject(fault);
             // As the runtime does: the leader's leading AcceptDecides leave
@@ -1326,12 +1334,15 @@ impl Sim {
             ));
         }
         live.seen_decided[k] = decided;
+        // Segments are the node WAL's (shared by its cores): counted once.
         let segments = core.wal().lock().segment_count();
-        let deleted = live.seen_segments[k].saturating_sub(segments);
-        self.stats.segments_deleted += deleted as u64;
-        live.seen_segments[k] = segments;
         let recycled = core.wal().lock().stats().segments_recycled;
-        self.stats.segments_recycled += recycled.saturating_sub(live.seen_recycled[k]);
+        if k == 0 {
+            let deleted = live.seen_segments[k].saturating_sub(segments);
+            self.stats.segments_deleted += deleted as u64;
+            self.stats.segments_recycled += recycled.saturating_sub(live.seen_recycled[k]);
+        }
+        live.seen_segments[k] = segments;
         live.seen_recycled[k] = recycled;
         let slot = &mut r.slots[k];
         slot.durable_decided = slot.durable_decided.max(decided);
@@ -1400,32 +1411,40 @@ impl Sim {
             nodes,
             base,
         };
-        let disk = CrashDisk::default();
-        let core = ShardCore::open(
-            SHARD,
-            id,
-            epoch.clone(),
-            disk.clone(),
-            wal_config(),
-            &Timing::default(),
-            base,
-        )
-        .map_err(|e| format!("epochs: node {id} cannot open epoch {config_id}: {e}"))?;
         let r = &mut self.replicas[i];
+        // A new stream in the node's WAL. A node that is down opens it
+        // (empty) when it restarts.
+        let Some(live) = r.live.as_mut() else {
+            r.slots.push(Slot {
+                epoch,
+                durable_decided: base,
+                end: None,
+            });
+            self.stats.epochs_joined += 1;
+            self.note(format!(
+                "node {id} (down) joined epoch {config_id} at base {base}"
+            ));
+            return Ok(());
+        };
+        let core = live
+            .wal
+            .stream(StreamId::replica(SHARD.get(), config_id))
+            .map_err(crate::shard::ShardError::from)
+            .and_then(|stream| {
+                ShardCore::open(SHARD, id, epoch.clone(), stream, &Timing::default(), base)
+            })
+            .map_err(|e| format!("epochs: node {id} cannot open epoch {config_id}: {e}"))?;
         r.slots.push(Slot {
             epoch,
-            disk,
             durable_decided: core.decided(),
             end: None,
         });
-        if let Some(live) = r.live.as_mut() {
-            live.seen_decided.push(core.decided());
-            live.seen_segments.push(core.wal().lock().segment_count());
-            live.seen_recycled
-                .push(core.wal().lock().stats().segments_recycled);
-            live.cores.push(core);
-            live.policies.push(CorePolicy::new());
-        }
+        live.seen_decided.push(core.decided());
+        live.seen_segments.push(core.wal().lock().segment_count());
+        live.seen_recycled
+            .push(core.wal().lock().stats().segments_recycled);
+        live.cores.push(core);
+        live.policies.push(CorePolicy::new());
         self.stats.epochs_joined += 1;
         self.note(format!("node {id} joined epoch {config_id} at base {base}"));
         Ok(())
