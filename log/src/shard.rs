@@ -206,6 +206,13 @@ impl<D: Disk + Clone> ShardCore<D> {
         self.epoch.base + self.paxos.get_decided_idx() as u64
     }
 
+    /// The decided position no crash can bring back below: the decided
+    /// index is written lazily (D39), so after a crash a replica may
+    /// restart below `decided()` and learn the rest from the leader.
+    pub fn durable_decided(&self) -> Position {
+        self.epoch.base + self.wal.lock().durable_decided()
+    }
+
     /// Position one past the last entry `ready` has returned.
     pub fn delivered(&self) -> Position {
         self.epoch.base + self.delivered_idx

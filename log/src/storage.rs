@@ -4,7 +4,8 @@
 //! WAL (to `sync` once per batch, to read decided entries for subscribers),
 //! so both hold a [`SharedWal`]. Every write here only queues a record; the
 //! shard loop's `sync` makes the batch durable before anything leaves the
-//! node (see `shard::ShardCore::ready`).
+//! node (see `shard::ShardCore::ready`), except the decided index, which it
+//! does not wait for (`Wal::append_lazy`, D39).
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -81,6 +82,10 @@ fn to_op(op: StorageOp<Entry>, end: &mut u64) -> WalOp {
 impl<D: Disk + Clone> Storage<Entry> for SharedWal<D> {
     fn write_atomically(&mut self, ops: Vec<StorageOp<Entry>>) -> StorageResult<()> {
         let mut w = self.lock();
+        if let [StorageOp::SetDecidedIndex(i)] = ops[..] {
+            w.append_lazy(WalOp::Decided(i as u64))?;
+            return Ok(());
+        }
         let mut end = w.state().end();
         let ops: Vec<WalOp> = ops.into_iter().map(|o| to_op(o, &mut end)).collect();
         w.append(WalOp::Atomic(ops))?;
@@ -117,7 +122,8 @@ impl<D: Disk + Clone> Storage<Entry> for SharedWal<D> {
     }
 
     fn set_decided_idx(&mut self, ld: usize) -> StorageResult<()> {
-        self.lock().append(WalOp::Decided(ld as u64))?;
+        // Lazy (D39): not waited for by the shard's sync.
+        self.lock().append_lazy(WalOp::Decided(ld as u64))?;
         Ok(())
     }
 

@@ -1545,6 +1545,45 @@ mod tests {
     }
 
     #[test]
+    fn the_decided_index_is_written_lazily() {
+        let d = SimDisk::new();
+        let mut w = Wal::open(d.clone(), cfg(1 << 20)).unwrap();
+        append(&mut w, 5);
+        w.sync().unwrap();
+        let before = d.sync_count();
+        w.append_lazy(WalOp::Decided(3)).unwrap();
+        assert!(!w.needs_sync());
+        w.sync().unwrap();
+        assert_eq!(d.sync_count(), before, "not waited for");
+        assert_eq!((w.state().decided, w.durable_decided()), (3, 0));
+        drop(w);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+        d.crash(&mut rng);
+        let mut w = Wal::open(d.clone(), cfg(1 << 20)).unwrap();
+        assert_eq!(
+            (w.state().end(), w.state().decided),
+            (5, 0),
+            "lost in the crash"
+        );
+        // The next strict record carries it.
+        w.append_lazy(WalOp::Decided(4)).unwrap();
+        append(&mut w, 1);
+        assert!(w.needs_sync());
+        w.sync().unwrap();
+        assert_eq!(w.durable_decided(), 4);
+        drop(w);
+        d.crash(&mut rng);
+        let mut w = Wal::open(d.clone(), cfg(1 << 20)).unwrap();
+        assert_eq!(w.state().decided, 4);
+        // A clean shutdown flushes it.
+        w.append_lazy(WalOp::Decided(6)).unwrap();
+        w.flush().unwrap();
+        drop(w);
+        d.crash(&mut rng);
+        assert_eq!(Wal::open(d, cfg(1 << 20)).unwrap().state().decided, 6);
+    }
+
+    #[test]
     fn group_commit_one_sync_per_batch() {
         let d = SimDisk::new();
         let mut w = Wal::open(d.clone(), cfg(1 << 20)).unwrap();

@@ -575,9 +575,17 @@ impl LogNode {
                         gate,
                         parked: Vec::new(),
                     };
-                    if let Err(e) = l.run(tick) {
-                        error!("shard stopped: {e}");
-                        *fatal.lock().expect("fatal lock") = Some(e);
+                    match l.run(tick) {
+                        Err(e) => {
+                            error!("shard stopped: {e}");
+                            *fatal.lock().expect("fatal lock") = Some(e);
+                        }
+                        // A clean stop: the lazily written decided index too.
+                        Ok(()) => {
+                            if let Err(e) = l.core.wal().lock().flush() {
+                                warn!("cannot flush the log at shutdown: {e}");
+                            }
+                        }
                     }
                 })
                 .map_err(|e| StartError::Config(format!("cannot start shard thread: {e}")))?;

@@ -373,6 +373,10 @@ struct Live {
     cores: Vec<ShardCore<CrashDisk>>,
     /// `decided()` of each core at its last check in this incarnation.
     seen_decided: Vec<Position>,
+    /// `delivered()` of each core when it was opened: its materializer's
+    /// position, which may be past the decided index it recovered (the
+    /// decided index is written lazily, D39) until it learns it again.
+    opened_at: Vec<Position>,
     /// WAL segment count of each core at its last check.
     seen_segments: Vec<usize>,
     /// Per core: segments its WAL started in recycled files, as last seen.
@@ -704,6 +708,7 @@ impl Sim {
         let mat = r.snapshot;
         let mut cores = Vec::new();
         let mut seen_decided = Vec::new();
+        let mut opened_at = Vec::new();
         let mut seen_segments = Vec::new();
         let mut seen_recycled = Vec::new();
         let wal = NodeWal::open(r.disk.clone(), wal_config())
@@ -763,6 +768,7 @@ impl Sim {
                 self.stats.torn_tails += 1;
             }
             seen_decided.push(core.decided());
+            opened_at.push(core.delivered());
             seen_segments.push(core.wal().lock().segment_count());
             seen_recycled.push(core.wal().lock().stats().segments_recycled);
             cores.push(core);
@@ -773,6 +779,7 @@ impl Sim {
             wal,
             cores,
             seen_decided,
+            opened_at,
             seen_segments,
             seen_recycled,
             mat,
@@ -1345,7 +1352,7 @@ impl Sim {
         live.seen_segments[k] = segments;
         live.seen_recycled[k] = recycled;
         let slot = &mut r.slots[k];
-        slot.durable_decided = slot.durable_decided.max(decided);
+        slot.durable_decided = slot.durable_decided.max(core.durable_decided());
         let (delivered, mat) = (core.delivered(), live.mat);
         let expect = r.expected_delivered(k, mat);
         if delivered != expect {
@@ -1440,6 +1447,7 @@ impl Sim {
             end: None,
         });
         live.seen_decided.push(core.decided());
+        live.opened_at.push(core.delivered());
         live.seen_segments.push(core.wal().lock().segment_count());
         live.seen_recycled
             .push(core.wal().lock().stats().segments_recycled);
@@ -1483,7 +1491,7 @@ impl Sim {
                         c.decided()
                     ));
                 }
-                if c.delivered() > c.decided() {
+                if c.delivered() > c.decided() && c.delivered() != live.opened_at[k] {
                     return Err(format!(
                         "delivery: node {} epoch {}: delivered {} past decided {}",
                         r.id,

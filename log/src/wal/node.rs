@@ -701,6 +701,12 @@ impl<D: Disk + Clone> NodeWal<D> {
             shared: self.shared.clone(),
             state: state.unwrap_or_else(|| empty_state(&self.shared.disk, id)),
             last_pushed: 0,
+            last_strict: 0,
+            durable_decided: 0,
+        })
+        .map(|mut w| {
+            w.durable_decided = w.state.decided;
+            w
         })
     }
 
@@ -722,6 +728,12 @@ pub struct Wal<D: Disk + Clone> {
     state: LogState,
     /// `Queue::pushed` after this stream's last record.
     last_pushed: u64,
+    /// `Queue::pushed` after its last record that `sync` must wait for
+    /// (all but [`Wal::append_lazy`]'s).
+    last_strict: u64,
+    /// The decided index as of this stream's last record known durable:
+    /// no crash brings it back below this.
+    durable_decided: u64,
 }
 
 impl<D: Disk + Clone> Wal<D> {
@@ -750,6 +762,12 @@ impl<D: Disk + Clone> Wal<D> {
     /// Applies `op` to the in-memory state and queues its record. Durable
     /// only after [`Wal::sync`].
     pub fn append(&mut self, op: WalOp) -> Result<(), WalError> {
+        self.append_split(op)?;
+        self.last_strict = self.last_pushed;
+        Ok(())
+    }
+
+    fn append_split(&mut self, op: WalOp) -> Result<(), WalError> {
         match op {
             WalOp::Append { first_idx, entries } if entries.len() > 1 => {
                 // Split large appends into bounded records.
@@ -778,6 +796,19 @@ impl<D: Disk + Clone> Wal<D> {
             }
             op => self.append_one(op),
         }
+    }
+
+    /// Queues `op` like [`Wal::append`], but [`Wal::sync`] does not wait
+    /// for it: it becomes durable with the next flush of any stream, and
+    /// a crash before that loses it. For the decided index only (D39):
+    /// OmniPaxos learns it again from the leader, and everything it
+    /// covers was accepted durably by a majority.
+    pub fn append_lazy(&mut self, op: WalOp) -> Result<(), WalError> {
+        debug_assert!(
+            matches!(op, WalOp::Decided(_)),
+            "only the decided index is lazy"
+        );
+        self.append_one(op)
     }
 
     fn append_one(&mut self, op: WalOp) -> Result<(), WalError> {
@@ -834,14 +865,40 @@ impl<D: Disk + Clone> Wal<D> {
         } else if let Some(p) = &lock(&self.shared.queue).poisoned {
             return Err(WalError::Poisoned(p.clone()));
         }
-        // Every record is written now: old entries may leave memory.
-        self.state.evict(self.shared.config.memory_bytes_max);
+        self.synced();
         Ok(())
     }
 
-    /// True if appended ops are not yet durable.
+    /// Makes every record of this stream durable, lazy ones included
+    /// (a clean shutdown).
+    ///
+    /// # Errors
+    /// As [`Wal::sync`].
+    pub fn flush(&mut self) -> Result<(), WalError> {
+        self.shared.flush_through(self.last_pushed)?;
+        self.synced();
+        Ok(())
+    }
+
+    fn synced(&mut self) {
+        if self.last_pushed <= self.shared.synced.load(Ordering::Acquire) {
+            self.durable_decided = self.state.decided;
+        }
+        // Every strict record is written now: old entries may leave
+        // memory (lazy records hold none).
+        self.state.evict(self.shared.config.memory_bytes_max);
+    }
+
+    /// True if appended ops that [`Wal::sync`] waits for are not yet
+    /// durable.
     pub fn needs_sync(&self) -> bool {
-        self.last_pushed > self.shared.synced.load(Ordering::Acquire)
+        self.last_strict > self.shared.synced.load(Ordering::Acquire)
+    }
+
+    /// The decided index no crash can bring back below (see
+    /// [`Wal::append_lazy`]).
+    pub fn durable_decided(&self) -> u64 {
+        self.durable_decided
     }
 
     /// Number of segment files in use (by every stream).
