@@ -213,6 +213,23 @@ impl<D: Disk + Clone> ShardCore<D> {
         self.epoch.base + self.wal.lock().durable_decided()
     }
 
+    /// The trim floor this replica may report to the leader: its
+    /// materializer's `floor`, never past the decided position a crash
+    /// cannot take back. A replica that restarted below another's trim
+    /// point would be sent an empty suffix for the trimmed range and
+    /// truncate chosen entries (found by review of D39). So when the
+    /// floor is past it, the lazily written decided index is flushed
+    /// first (at most one fdatasync per housekeeping round).
+    ///
+    /// # Errors
+    /// A failed flush (the WAL is then poisoned).
+    pub fn reportable_floor(&mut self, floor: Position) -> Result<Position, ShardError> {
+        if floor > self.durable_decided() {
+            self.wal.lock().flush()?;
+        }
+        Ok(floor.min(self.durable_decided()))
+    }
+
     /// Position one past the last entry `ready` has returned.
     pub fn delivered(&self) -> Position {
         self.epoch.base + self.delivered_idx

@@ -198,6 +198,27 @@ fn resuming_past_the_snapshot_is_caught() {
 }
 
 #[test]
+fn trimming_past_a_durable_decided_position_is_caught() {
+    // Floors reported past the lazily written decided index (D39 without
+    // `reportable_floor`): some seed must trim past a replica's durable
+    // decided position.
+    let caught = (0..40).find_map(|seed| {
+        let opts = Options {
+            steps: 800,
+            sabotage: Some(Sabotage::FloorPastDurable),
+            ..Options::default()
+        };
+        sim::run_with(seed, &opts)
+            .err()
+            .filter(|e| e.contains("trim:"))
+    });
+    assert!(
+        caught.is_some(),
+        "no seed caught a trim past a durable decided position"
+    );
+}
+
+#[test]
 fn stale_reads_are_caught() {
     // Reads answered from a replica's own position: some seed (with
     // partitions and crashes) must catch one behind the decided log.

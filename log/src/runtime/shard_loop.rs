@@ -390,6 +390,13 @@ impl ShardLoop {
             }
             t.floor()
         };
+        let floor = match self.core.reportable_floor(floor) {
+            Ok(f) => f,
+            Err(e) => {
+                warn!("cannot make the decided index durable: {e}");
+                return;
+            }
+        };
         let Some(inner) = self.links.upgrade() else {
             return;
         };

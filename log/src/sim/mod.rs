@@ -123,6 +123,9 @@ pub enum Sabotage {
     /// Replicas answer reads from their own delivered position instead of
     /// a round through the leader (what the Jepsen `stale-reads` build does).
     StaleReads,
+    /// Replicas report their materializer's floor even past the decided
+    /// index a crash can take back (D39 without `reportable_floor`).
+    FloorPastDurable,
 }
 
 /// What a run exercised. Equal seeds give equal stats.
@@ -1095,7 +1098,7 @@ impl Sim {
         }
         for (i, k, d) in due {
             if d.housekeeping {
-                self.housekeeping(i, k);
+                self.housekeeping(i, k)?;
             }
             if d.retry {
                 self.retry(i, k)?;
@@ -1145,13 +1148,30 @@ impl Sim {
     /// As the runtime's housekeeping: report this replica's floor (its
     /// persisted snapshot) to the others, and trim if it leads and every
     /// replica has reported.
-    fn housekeeping(&mut self, i: usize, k: usize) {
+    fn housekeeping(&mut self, i: usize, k: usize) -> Result<(), String> {
         let r = &mut self.replicas[i];
         let (id, floor) = (r.id, r.snapshot.next);
         let Some(live) = r.live.as_mut() else {
-            return;
+            return Ok(());
         };
         let core = &mut live.cores[k];
+        // Never past what a crash cannot take back (D39).
+        let floor = if self.opts.sabotage == Some(Sabotage::FloorPastDurable) {
+            floor
+        } else {
+            match core.reportable_floor(floor) {
+                Ok(f) => f,
+                Err(_) => return Ok(()),
+            }
+        };
+        // What the trim rests on: a reported floor never passes what the
+        // reporter keeps across a crash.
+        if floor > core.durable_decided() {
+            return Err(format!(
+                "trim: node {id} reports floor {floor} past its durable decided position {}",
+                core.durable_decided()
+            ));
+        }
         let config = core.epoch().config_id;
         let peers: Vec<NodeId> = core
             .epoch()
@@ -1182,8 +1202,36 @@ impl Sim {
             if ok {
                 self.stats.trims += 1;
                 self.stats.max_trim = self.stats.max_trim.max(upto);
+                self.check_trim(config, upto)?;
             }
         }
+        Ok(())
+    }
+
+    /// Nothing is trimmed that a replica could need after a crash: a
+    /// replica restarts at or above its durable decided position (D39),
+    /// and one restarting below a trim point would be sent an empty
+    /// suffix for the trimmed range.
+    fn check_trim(&self, config: u32, upto: Position) -> Result<(), String> {
+        for r in &self.replicas {
+            for (k, slot) in r.slots.iter().enumerate() {
+                if slot.epoch.config_id != config || slot.end.is_some() {
+                    continue;
+                }
+                let live = r.live.as_ref().and_then(|l| l.cores.get(k));
+                let durable = live.map_or(slot.durable_decided, |c| {
+                    c.durable_decided().max(slot.durable_decided)
+                });
+                if upto > durable {
+                    return Err(format!(
+                        "trim: epoch {config} trimmed below {upto}, past node {}'s durable \
+                         decided position {durable}",
+                        r.id
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 
     // --- ready ------------------------------------------------------------
