@@ -73,13 +73,24 @@ pub fn mount(mountpoint: &Path, opts: MountOptions) -> Result<(), MountError> {
     let known = fs.known();
     let forget = fs.forget_cached();
     let kernel = fs.kernel_slot();
+    // nosuid and nodev unless asked: a file system shared over the network
+    // must not let whoever can write to it plant a setuid-root program or
+    // a device node on this machine.
     let options = vec![
         MountOption::FSName("cfs".into()),
         MountOption::Subtype("cfs".into()),
         MountOption::DefaultPermissions,
         MountOption::AllowOther,
-        MountOption::Dev,
-        MountOption::Suid,
+        if opts.allow_dev {
+            MountOption::Dev
+        } else {
+            MountOption::NoDev
+        },
+        if opts.allow_suid {
+            MountOption::Suid
+        } else {
+            MountOption::NoSuid
+        },
         MountOption::RW,
         MountOption::Async,
     ];

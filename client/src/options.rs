@@ -56,6 +56,12 @@ pub struct MountOptions {
     /// Every namespace change waits for its log commit instead of being
     /// answered once the leader ordered it (docs/decisions.md D30).
     pub sync_namespace: bool,
+    /// Honour set-user-ID and set-group-ID bits when executing files from
+    /// this mount (`--suid`; default off: the mount is `nosuid`).
+    pub allow_suid: bool,
+    /// Let device files on this mount be opened (`--dev`; default off:
+    /// the mount is `nodev`).
+    pub allow_dev: bool,
 }
 
 impl MountOptions {

@@ -56,6 +56,16 @@ const LEASE_TICK: Duration = Duration::from_millis(10);
 /// Longest wait for a leased session's invalidation to be forwarded
 /// before a lease is granted.
 const GRANT_WAIT: Duration = Duration::from_secs(1);
+/// A connection must send its `Hello` within this (a slow-loris peer
+/// holding sockets and tasks is closed).
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Messages queued to one session (replies, invalidations, settlements):
+/// past this the client has stopped reading, and its session is closed
+/// rather than growing the node's memory.
+pub const SESSION_OUTBOX_MAX: usize = 64 * 1024;
+/// Requests of one session being served at once; the next waits (the
+/// session's reader stops reading) until one finishes.
+pub const SESSION_INFLIGHT_MAX: usize = 1024;
 
 struct Barrier {
     /// Arrival tickets; a barrier started after ticket `t` was issued
@@ -392,21 +402,53 @@ impl MetaService {
     }
 }
 
-fn send(tx: &mpsc::UnboundedSender<ServerMsg>, m: ServerMsg) -> bool {
-    tx.send(m).is_ok()
+/// The queue of messages to one session's client.
+#[derive(Clone)]
+struct Outbox {
+    tx: mpsc::Sender<ServerMsg>,
+    /// Set once the queue was full: the session is being closed.
+    overflowed: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// Queues `m` for the session's client. False if the session is gone or
+/// its client stopped reading (the session is then closed).
+fn send(out: &Outbox, m: ServerMsg) -> bool {
+    match out.tx.try_send(m) {
+        Ok(()) => true,
+        Err(mpsc::error::TrySendError::Full(_)) => {
+            if !out.overflowed.swap(true, Ordering::SeqCst) {
+                warn!(
+                    queued = SESSION_OUTBOX_MAX,
+                    "client stopped reading its replies; closing its session"
+                );
+            }
+            false
+        }
+        Err(mpsc::error::TrySendError::Closed(_)) => false,
+    }
 }
 
 async fn serve_conn(inner: Arc<Inner>, sock: TcpStream) {
     let (r, w) = sock.into_split();
     let mut reader = cfs_frame::BodyReader::new(r, MESSAGE_BYTES_MAX);
-    let (tx, rx) = mpsc::unbounded_channel::<ServerMsg>();
+    let (sender, rx) = mpsc::channel::<ServerMsg>(SESSION_OUTBOX_MAX);
+    let tx = Outbox {
+        tx: sender,
+        overflowed: Arc::default(),
+    };
     tokio::spawn(cfs_frame::write_batched(w, rx, |m: &ServerMsg, out| {
         let _ = cfs_frame::encode_with(out, |o| bincode::serialize_into(o, m));
     }));
-    // The first frame must be a Hello of this cluster.
-    let first = reader
-        .next_with(|b| cfs_frame::decode_body::<RequestFrame>(b, MESSAGE_BYTES_MAX))
-        .await;
+    // The first frame must be a Hello of this cluster, soon.
+    let first = tokio::time::timeout(
+        HANDSHAKE_TIMEOUT,
+        reader.next_with(|b| cfs_frame::decode_body::<RequestFrame>(b, MESSAGE_BYTES_MAX)),
+    )
+    .await;
+    let Ok(first) = first else {
+        warn!("no Hello within {HANDSHAKE_TIMEOUT:?}; closed");
+        return;
+    };
     let client = match first {
         Ok(decoded) => match decoded {
             Ok(RequestFrame {
@@ -568,7 +610,11 @@ async fn serve_conn(inner: Arc<Inner>, sock: TcpStream) {
             }
         }
     });
+    let inflight = Arc::new(tokio::sync::Semaphore::new(SESSION_INFLIGHT_MAX));
     loop {
+        if tx.overflowed.load(Ordering::SeqCst) {
+            break;
+        }
         let decoded = match reader
             .next_with(|b| cfs_frame::decode_body::<RequestFrame>(b, MESSAGE_BYTES_MAX))
             .await
@@ -598,8 +644,12 @@ async fn serve_conn(inner: Arc<Inner>, sock: TcpStream) {
             }
             _ => {}
         }
+        let Ok(permit) = inflight.clone().acquire_owned().await else {
+            break;
+        };
         let (inner, tx, session) = (inner.clone(), tx.clone(), session.clone());
         tokio::spawn(async move {
+            let _permit = permit;
             let id = f.id;
             let stamp = session.sent();
             let mutation = matches!(f.req, Request::Mutate { .. });
@@ -866,7 +916,7 @@ impl Inner {
         op_id: u64,
         creds: Creds,
         op: Op,
-        early: Option<(&mpsc::UnboundedSender<ServerMsg>, &Arc<Session>)>,
+        early: Option<(&Outbox, &Arc<Session>)>,
     ) -> Result<Reply, Errno> {
         if op.is_service_only() {
             warn!(
@@ -977,7 +1027,7 @@ impl Inner {
         op_id: u64,
         creds: &Creds,
         op: &Op,
-        early: Option<(&mpsc::UnboundedSender<ServerMsg>, &Arc<Session>)>,
+        early: Option<(&Outbox, &Arc<Session>)>,
     ) -> Result<Option<(Result<ApplyResult, Errno>, bool)>, Errno> {
         let shard = op.shard();
         if op_id == 0 || !self.leads(shard) {
@@ -1108,7 +1158,7 @@ impl Inner {
         self: &Arc<Self>,
         client: u64,
         op_id: u64,
-        tx: &mpsc::UnboundedSender<ServerMsg>,
+        tx: &Outbox,
         session: &Arc<Session>,
         settling: Vec<Settling>,
     ) {
@@ -1501,7 +1551,7 @@ async fn handle(
     inner: &Arc<Inner>,
     client: u64,
     f: RequestFrame,
-    tx: &mpsc::UnboundedSender<ServerMsg>,
+    tx: &Outbox,
     session: &Arc<Session>,
 ) -> Result<Reply, Errno> {
     let ino = match &f.req {

@@ -209,6 +209,19 @@ async fn bad_input_is_refused_and_changes_nothing() {
         client.propose_entry(ShardId(0), bad).await,
         Err(cfs_log::LogError::Invalid(_))
     ));
+    // So does one proposing a raw namespace or transaction entry: those
+    // come only from the metadata service inside a node.
+    for kind in [
+        cfs_log::entry::KIND_USER_MIN,
+        cfs_log::entry::KIND_USER_MIN + 1,
+        0x1ff,
+    ] {
+        let raw = cfs_log::Entry::new(cfs_log::EntryKind(kind), client.next_request(), vec![1; 16]);
+        match client.propose_entry(ShardId(0), raw).await {
+            Err(cfs_log::LogError::Invalid(m)) => assert!(m.contains("inside a node"), "{m}"),
+            other => panic!("kind {kind:#x} from a remote client: {other:?}"),
+        }
+    }
 
     assert!(
         cl.metric_at_least(1, "cfs_log_rejected_connections_total", rejected_before + 7)
@@ -233,6 +246,63 @@ fn flip_byte(path: &Path, offset: u64) {
     f.read_exact_at(&mut b, offset).unwrap();
     b[0] ^= 0x40;
     f.write_all_at(&b, offset).unwrap();
+}
+
+/// A node whose log disk fills stops its shards and says so on /health
+/// (503 naming them) instead of staying healthy; the other two go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_log_disk_fails_the_node_visibly() {
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
+        }
+    }
+    let mounted = std::cell::RefCell::new(None);
+    let cl = Cluster::start_with("walfull", |cfg| {
+        cfg.wal_segment_mib = 1;
+        if cfg.node_id == 3 {
+            let wal = cfg.data_dir.join("log/wal");
+            std::fs::create_dir_all(&wal).unwrap();
+            let ok = std::process::Command::new("mount")
+                .args(["-t", "tmpfs", "-o", "size=3m", "tmpfs"])
+                .arg(&wal)
+                .status()
+                .is_ok_and(|s| s.success());
+            assert!(ok, "mounting a tmpfs needs root");
+            *mounted.borrow_mut() = Some(Unmount(wal));
+        }
+    });
+    let _unmount = mounted.take();
+    let client = cl.client();
+    let payload = vec![5u8; 1024];
+    let until = Instant::now() + Duration::from_secs(120);
+    let mut failed = String::new();
+    let mut n = 0;
+    while failed.is_empty() {
+        assert!(
+            Instant::now() < until,
+            "node 3 never reported its full log disk"
+        );
+        for _ in 0..200 {
+            client.propose(ShardId(0), payload.clone()).await.unwrap();
+            n += 1;
+        }
+        let (code, body) = cluster::http_get(cl.cfg(3).http, "/health").unwrap();
+        if code == 503 && body.contains("failed") {
+            failed = body;
+        }
+    }
+    eprintln!("after {n} entries node 3 says: {failed}");
+    assert!(failed.contains("shard 0 failed"), "{failed}");
+    assert!(failed.contains("No space left"), "{failed}");
+    // The majority goes on.
+    client.propose(ShardId(0), b"after".to_vec()).await.unwrap();
+    let (code, body) = cluster::http_get(cl.cfg(1).http, "/health").unwrap();
+    assert_eq!(code, 200, "{body}");
 }
 
 /// A corrupt log file is detected at start, naming the file and offset.
@@ -398,4 +468,77 @@ async fn service_only_steps_and_other_clients_locks_are_refused() {
     let logged = cl.log_of(1) + &cl.log_of(2) + &cl.log_of(3);
     assert!(logged.contains("only metadata services may propose"));
     assert!(logged.contains("a lock operation for another client"));
+}
+
+/// The metadata port plays safe with peers that hold a connection without
+/// a Hello (slow loris) or that send requests and never read the replies:
+/// both are closed, and the node stays healthy for everyone else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metadata_sessions_are_bounded() {
+    use cfs_proto::ops::{Request, RequestFrame};
+    let cl = Cluster::start("meta-bounds");
+    let addr = cl.cfg(1).meta_listen.expect("metadata service");
+    // Slow loris: connected, nothing sent. Closed within the handshake
+    // timeout (5 s).
+    let started = Instant::now();
+    let mut idle = TcpStream::connect(addr).unwrap();
+    idle.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut buf = [0u8; 64];
+    let n = idle.read(&mut buf).unwrap_or(0);
+    assert_eq!(n, 0, "closed without an answer");
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // A client that floods requests and never reads: its session is
+    // closed once a bounded number of messages is queued for it.
+    let mut s = TcpStream::connect(addr).unwrap();
+    let frame = |id: u64, req: Request| {
+        let mut out = Vec::new();
+        cfs_frame::encode_with(&mut out, |o| {
+            bincode::serialize_into(
+                o,
+                &RequestFrame {
+                    id,
+                    fresh: false,
+                    req,
+                },
+            )
+        })
+        .unwrap();
+        out
+    };
+    let hello = Request::Hello {
+        cluster_id: cl.cfgs[0].cluster_id.clone(),
+        client_id: 0xbad,
+    };
+    s.write_all(&frame(1, hello)).unwrap();
+    let mut batch = Vec::new();
+    for id in 2..1_002u64 {
+        batch.extend(frame(id, Request::GetAttr { ino: 1 }));
+    }
+    s.set_write_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut sent = 0u64;
+    let closed = loop {
+        if s.write_all(&batch).is_err() {
+            break true;
+        }
+        sent += 1000;
+        if sent >= 2_000_000 {
+            break false;
+        }
+    };
+    assert!(
+        closed,
+        "the node kept a session that read none of {sent} replies"
+    );
+    assert!(
+        cl.log_of(1).contains("client stopped reading its replies"),
+        "the reason is logged"
+    );
+    eprintln!("closed after {sent} requests");
+    cluster::wait_healthy(&cl.cfgs, Duration::from_secs(10)).unwrap();
 }

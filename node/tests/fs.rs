@@ -850,6 +850,92 @@ fn full_devices_give_enospc() {
     let e = r.expect_err("64 MiB cannot fit in 3 × 16 MiB at 2+1");
     assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "got {e}");
     assert_eq!(std::fs::read(m.path.join("small")).unwrap(), b"fits");
+
+    // A background flush that fails keeps its bytes: once there is room
+    // again the next fsync reports the failure (once), the bytes are
+    // written, and close reports it too.
+    use std::os::fd::IntoRawFd;
+    // Every device full (a 2+1 stripe is written as long as two are not).
+    for d in &dirs {
+        let used = std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().metadata().unwrap().len())
+            .sum::<u64>();
+        let ok = Command::new("mount")
+            .args(["-o", &format!("remount,size={}", used.max(4096))])
+            .arg(d)
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "shrinking the tmpfs to what it holds");
+    }
+    let kept = m.path.join("kept");
+    let mut f = std::fs::File::create(&kept).unwrap();
+    let pattern: Vec<u8> = (0..9u32 << 20).map(|i| (i % 251) as u8).collect();
+    for chunk in pattern.chunks(1 << 20) {
+        // The 8th MiB fills the write buffer: it is flushed behind, and
+        // fails (the devices are full).
+        f.write_all(chunk).unwrap();
+    }
+    // The kernel holds written pages (writeback cache): push them to the
+    // mount now, without an fsync.
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: a valid descriptor; range 0..0 means the whole file.
+        let rc = unsafe {
+            libc::sync_file_range(
+                f.as_raw_fd(),
+                0,
+                0,
+                libc::SYNC_FILE_RANGE_WRITE | libc::SYNC_FILE_RANGE_WAIT_AFTER,
+            )
+        };
+        assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    // Room again. With mount(2), not mount(8): a child process would
+    // inherit the descriptor and its exec would close it, which the file
+    // system sees as a close (and reports the error to).
+    for d in &dirs {
+        use std::os::unix::ffi::OsStrExt;
+        let target = std::ffi::CString::new(d.as_os_str().as_bytes()).unwrap();
+        let (src, fstype) = (c"tmpfs", c"tmpfs");
+        let data = c"size=96m";
+        // SAFETY: valid C strings; remounting a tmpfs this test mounted.
+        let rc = unsafe {
+            libc::mount(
+                src.as_ptr(),
+                target.as_ptr(),
+                fstype.as_ptr(),
+                libc::MS_REMOUNT,
+                data.as_ptr().cast(),
+            )
+        };
+        assert_eq!(
+            rc,
+            0,
+            "growing the tmpfs: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    let e = f
+        .sync_all()
+        .expect_err("the failed background flush is reported");
+    assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "got {e}");
+    f.sync_all()
+        .expect("reported once; the kept bytes are written now");
+    let fd = f.into_raw_fd();
+    // SAFETY: closing the descriptor just taken from the File.
+    let rc = unsafe { libc::close(fd) };
+    assert_eq!(
+        (rc, std::io::Error::last_os_error().raw_os_error()),
+        (-1, Some(libc::ENOSPC)),
+        "close reports it too"
+    );
+    drop_kernel_caches();
+    assert!(
+        std::fs::read(&kept).unwrap() == pattern,
+        "no byte was dropped"
+    );
 }
 
 /// A mount that first reaches a node not leading the shards moves to the
@@ -939,6 +1025,27 @@ fn file_capabilities_are_dropped_on_write() {
         "a write drops capabilities"
     );
     assert_eq!(std::fs::read(&p).unwrap(), b"first second third");
+
+    // Mounts are nosuid,nodev unless asked (--suid, --dev): whoever can
+    // write to the cluster cannot plant a setuid program or a device node
+    // on this machine.
+    let trusting = Mount::new(&c, "trusting", &["--suid", "--dev"]);
+    let flags = |path: &Path| {
+        let path = path.canonicalize().unwrap();
+        let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let line = info
+            .lines()
+            .find(|l| l.split(' ').nth(4) == Some(path.to_str().unwrap()))
+            .unwrap_or_else(|| panic!("{} not in mountinfo", path.display()))
+            .to_string();
+        let opts = line.split(' ').nth(5).unwrap_or("").to_string();
+        (
+            opts.split(',').any(|o| o == "nosuid"),
+            opts.split(',').any(|o| o == "nodev"),
+        )
+    };
+    assert_eq!(flags(&m.path), (true, true), "default mount");
+    assert_eq!(flags(&trusting.path), (false, false), "--suid --dev");
 }
 
 /// A counter of a mount's `/metrics` (summed over its label sets).

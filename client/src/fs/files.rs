@@ -11,7 +11,7 @@ use fuser::{ReplyData, ReplyEmpty, ReplyOpen, ReplyWrite};
 
 use crate::options::CacheMode;
 
-use super::{reply_empty, stale_if_gone, CfsFs};
+use super::{reply_empty, stale_if_gone, CfsFs, FlushFor};
 
 impl CfsFs {
     pub(super) fn do_open(&self, ino: u64, flags: i32, reply: ReplyOpen) {
@@ -93,7 +93,10 @@ impl CfsFs {
     pub(super) fn do_flush(&self, ino: u64, lock_owner: u64, reply: ReplyEmpty) {
         let sh = self.sh.clone();
         self.spawn("flush", async move {
-            let r = sh.flush(ino).await.and_then(|_| sh.failed(ino));
+            let r = sh
+                .flush(ino, FlushFor::Close)
+                .await
+                .and_then(|_| sh.failed(ino));
             // POSIX: closing any descriptor drops the process' locks.
             if sh.locked.lock().expect("locked lock").contains(&ino) {
                 let client = sh.meta.client_id;
@@ -116,7 +119,7 @@ impl CfsFs {
     pub(super) fn do_release(&self, ino: u64, lock_owner: Option<u64>, reply: ReplyEmpty) {
         let sh = self.sh.clone();
         self.spawn("release", async move {
-            let r = sh.flush(ino).await;
+            let r = sh.flush(ino, FlushFor::Other).await;
             if let Some(owner) = lock_owner {
                 if sh.locked.lock().expect("locked lock").contains(&ino) {
                     let client = sh.meta.client_id;
@@ -152,7 +155,7 @@ impl CfsFs {
     pub(super) fn do_fsync(&self, ino: u64, reply: ReplyEmpty) {
         let sh = self.sh.clone();
         self.spawn("fsync", async move {
-            let r = match sh.flush(ino).await {
+            let r = match sh.flush(ino, FlushFor::Fsync).await {
                 Ok(()) => sh.durable(ino).await,
                 Err(e) => Err(e),
             };

@@ -12,7 +12,7 @@ use cfs_proto::rpc::{Extents, Mutated};
 use cfs_proto::types::*;
 use tracing::{debug, Instrument};
 
-use super::{FileInner, Shared};
+use super::{FileInner, FlushFor, Shared};
 
 /// Reads at most this long that do not follow the previous read fetch
 /// only what they cover.
@@ -184,15 +184,51 @@ impl Shared {
     }
 
     /// Waits for the background flush of this inode, if any.
+    ///
+    /// A failed one keeps its bytes: they go back into the dirty map under
+    /// any written since (to be retried by the next flush), and the error
+    /// is kept for the next fsync and close (`FileInner::bg_error`).
     pub(super) async fn join_inflight(&self, f: &mut FileInner) -> Result<(), Errno> {
-        if let Some((_, h)) = f.inflight.take() {
+        if let Some((ranges, h)) = f.inflight.take() {
             f.ext.clear();
-            match h.await {
-                Ok(r) => r?,
-                Err(_) => return Err(Errno::EIO),
+            let r = h.await.unwrap_or(Err(Errno::EIO));
+            if let Err(errno) = r {
+                tracing::warn!(%errno, bytes = ranges.iter().map(|(_, d)| d.len()).sum::<usize>(),
+                    "a background flush failed: its bytes are kept and retried");
+                let newer = std::mem::take(&mut f.dirty);
+                f.dirty_bytes = 0;
+                for (o, d) in ranges.iter() {
+                    insert_dirty(f, *o, d.clone());
+                }
+                for (o, d) in newer {
+                    insert_dirty(f, o, d);
+                }
+                if f.bg_error.is_none() {
+                    f.bg_error = Some(super::BgError {
+                        errno,
+                        fsync_told: false,
+                    });
+                }
+                return Err(errno);
             }
         }
         Ok(())
+    }
+
+    /// The error of a failed background flush, for `why` (see
+    /// `FileInner::bg_error`): once to an fsync, once to a close.
+    fn report_bg_error(f: &mut FileInner, why: FlushFor) -> Result<(), Errno> {
+        match why {
+            FlushFor::Close => f.bg_error.take().map_or(Ok(()), |e| Err(e.errno)),
+            FlushFor::Fsync => match f.bg_error.as_mut() {
+                Some(e) if !e.fsync_told => {
+                    e.fsync_told = true;
+                    Err(e.errno)
+                }
+                _ => Ok(()),
+            },
+            FlushFor::Other => Ok(()),
+        }
     }
 
     /// Starts writing the full buffer in the background (after the
@@ -214,7 +250,9 @@ impl Shared {
 
     /// Writes this inode's buffered bytes and commits their extents.
     pub(super) async fn flush_locked(&self, ino: Ino, f: &mut FileInner) -> Result<(), Errno> {
-        self.join_inflight(f).await?;
+        // A failed background flush put its bytes back and kept its error
+        // for the next fsync and close (`flush`): retry them now.
+        let _ = self.join_inflight(f).await;
         if f.dirty.is_empty() && f.late.is_none() {
             return Ok(());
         }
@@ -270,11 +308,15 @@ impl Shared {
         }
     }
 
-    pub(super) async fn flush(&self, ino: Ino) -> Result<(), Errno> {
+    pub(super) async fn flush(&self, ino: Ino, why: FlushFor) -> Result<(), Errno> {
         let st = self.files.lock().expect("files lock").get(&ino).cloned();
         if let Some(st) = st {
             let mut f = st.lock().await;
-            self.flush_locked(ino, &mut f).await?;
+            let r = self.flush_locked(ino, &mut f).await;
+            // The background failure is this caller's error whatever the
+            // retry did (it was kept for it); else the retry's own.
+            Self::report_bg_error(&mut f, why)?;
+            r?;
         }
         Ok(())
     }
@@ -548,8 +590,8 @@ impl Shared {
         }
         let (off_in, off_out) = (off_in as u64, off_out as u64);
         let len = len.min(u32::MAX as u64 >> 1);
-        self.flush(ino_in).await?;
-        self.flush(ino_out).await?;
+        self.flush(ino_in, FlushFor::Other).await?;
+        self.flush(ino_out, FlushFor::Other).await?;
         let src = self.getattr(ino_in, true).await?;
         if !src.is_reg() {
             return Err(Errno::EINVAL);

@@ -68,6 +68,27 @@ struct FileInner {
     /// reads, and the task. Joined (and its error reported) by the next
     /// flush, fsync or close.
     inflight: Option<(Ranges, tokio::task::JoinHandle<Result<(), Errno>>)>,
+    /// A background flush failed: its bytes went back into `dirty` (to be
+    /// retried) and its error is reported by the next fsync and by the
+    /// next close, even if the retry succeeds.
+    bg_error: Option<BgError>,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct BgError {
+    errno: Errno,
+    /// An fsync reported it already (a close still will).
+    fsync_told: bool,
+}
+
+/// Why dirty bytes are flushed: which caller a failed background flush
+/// is reported to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum FlushFor {
+    Fsync,
+    Close,
+    /// Another operation that needs the bytes committed first.
+    Other,
 }
 
 impl FileInner {

@@ -575,7 +575,13 @@ impl LogNode {
                         gate,
                         parked: Vec::new(),
                     };
-                    match l.run(tick) {
+                    // A panic (OmniPaxos stops on a storage error it cannot
+                    // handle, e.g. a write to a poisoned WAL) fails the shard
+                    // visibly: `/health` names it instead of staying 200.
+                    let run =
+                        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| l.run(tick)));
+                    let run = run.unwrap_or_else(|p| Err(format!("panicked: {}", panic_text(&*p))));
+                    match run {
                         Err(e) => {
                             error!("shard stopped: {e}");
                             *fatal.lock().expect("fatal lock") = Some(e);
@@ -1412,15 +1418,35 @@ impl LogNode {
     }
 }
 
+/// The message of a caught panic.
+fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = p.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = p.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "(no message)".to_string()
+    }
+}
+
 fn validate_client_entry(e: &Entry) -> Result<(), LogError> {
     if e.request.is_none() {
         return Err(LogError::Invalid(
             "a request id (client != 0) is required".into(),
         ));
     }
-    if e.kind != EntryKind::DATA && e.kind.0 < KIND_USER_MIN {
+    if e.kind.0 < KIND_USER_MIN && e.kind != EntryKind::DATA {
         return Err(LogError::Invalid(format!(
             "entry kind {} is reserved for the log",
+            e.kind.0
+        )));
+    }
+    // The layers above the log (namespace, transactions) propose inside
+    // the node, after checking the caller; a remote client reaching the
+    // log port directly may not bypass them.
+    if e.kind != EntryKind::DATA {
+        return Err(LogError::Invalid(format!(
+            "entry kind {} is proposed only inside a node, not by remote clients",
             e.kind.0
         )));
     }

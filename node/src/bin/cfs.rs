@@ -233,6 +233,13 @@ struct MountArgs {
     /// answers: docs/filesystem.md, "When changes are durable").
     #[arg(long)]
     sync_namespace: bool,
+    /// Honour setuid/setgid bits of files run from this mount (default:
+    /// the mount is nosuid).
+    #[arg(long)]
+    suid: bool,
+    /// Allow opening device files on this mount (default: nodev).
+    #[arg(long)]
+    dev: bool,
 }
 
 fn mount_cmd(a: MountArgs) -> anyhow::Result<()> {
@@ -278,6 +285,8 @@ fn mount_cmd(a: MountArgs) -> anyhow::Result<()> {
         metrics_listen: a.metrics_listen,
         metrics_url_file: a.metrics_url_file,
         sync_namespace: a.sync_namespace,
+        allow_suid: a.suid,
+        allow_dev: a.dev,
     };
     cfs_client::mount(&a.mountpoint, opts)?;
     Ok(())
