@@ -103,6 +103,9 @@ pub struct MountStats {
     misses: [AtomicU64; CACHES],
     negative_entries: AtomicU64,
     invalidations: AtomicU64,
+    /// Background (write-behind) flushes that failed; their bytes were
+    /// kept (client/src/fs/io.rs).
+    flush_failures: AtomicU64,
 }
 
 impl Default for MountStats {
@@ -117,6 +120,7 @@ impl Default for MountStats {
             misses: Default::default(),
             negative_entries: AtomicU64::new(0),
             invalidations: AtomicU64::new(0),
+            flush_failures: AtomicU64::new(0),
         }
     }
 }
@@ -159,6 +163,10 @@ impl MountStats {
 
     pub fn invalidation(&self) {
         self.invalidations.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn flush_failure(&self) {
+        self.flush_failures.fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn round_trips(&self) -> u64 {
@@ -232,6 +240,11 @@ impl MountStats {
             "claudefs_fuse_invalidations_total",
             "Invalidations received from nodes (another mount changed something).",
             vec![(String::new(), get(&self.invalidations))],
+        );
+        family(
+            "claudefs_fuse_background_flush_failures_total",
+            "Write-behind flushes that failed (their bytes were kept and retried).",
+            vec![(String::new(), get(&self.flush_failures))],
         );
         s
     }

@@ -43,6 +43,21 @@ pub trait DiskFile: Send + 'static {
     fn sync_data(&mut self) -> io::Result<()>;
 }
 
+/// Bytes an unprivileged writer may still use on the file system that
+/// holds `dir` (`statvfs`: `f_bavail` × `f_frsize`).
+pub fn free_bytes(dir: &Path) -> io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a path with a NUL byte"))?;
+    // SAFETY: `c` is a valid NUL-terminated path and `st` a properly sized
+    // out-parameter that statvfs fills.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(st.f_bavail.saturating_mul(st.f_frsize))
+}
+
 /// Real files in one directory.
 #[derive(Clone, Debug)]
 pub struct FsDisk {

@@ -58,6 +58,10 @@ pub enum LogError {
     ShuttingDown,
     #[error("connection failed: {0}")]
     Connection(String),
+    /// The node's log disk is below its free-space headroom: it takes no
+    /// new proposals (ENOSPC) until space comes back.
+    #[error("no space for the log: {0}")]
+    NoSpace(String),
 }
 
 /// Status of one shard on one node.

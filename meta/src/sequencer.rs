@@ -396,7 +396,7 @@ impl Sequencer {
                 waiters.forget(request);
                 warn!(shard = %shard, "sequenced proposal refused: {err}");
                 st.rebuild(db, waiters).map_err(db_err)?;
-                return Err(Errno::EIO);
+                return Err(crate::service::log_errno(&err));
             }
         };
         st.pending.insert(

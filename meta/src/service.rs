@@ -680,6 +680,15 @@ async fn serve_conn(inner: Arc<Inner>, sock: TcpStream) {
     );
 }
 
+/// What a refused proposal means to the caller: ENOSPC when the log's
+/// disk is below its headroom, else EIO.
+pub(crate) fn log_errno(e: &cfs_log::LogError) -> Errno {
+    match e {
+        cfs_log::LogError::NoSpace(_) => Errno::ENOSPC,
+        _ => Errno::EIO,
+    }
+}
+
 fn now_ns() -> Nanos {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -1336,7 +1345,7 @@ impl coordinator::Cluster for Inner {
             Err(err) => {
                 self.waiters.forget(id);
                 warn!(shard = %shard, "namespace proposal failed: {err}");
-                return Err(Errno::EIO);
+                return Err(log_errno(&err));
             }
         };
         let r = match tokio::time::timeout(APPLY_WAIT, rx).await {

@@ -836,7 +836,19 @@ fn full_devices_give_enospc() {
     let c = Cluster::start_with("fs-enospc", |cfg| {
         cfg.segments_dir = Some(dirs[(cfg.node_id - 1) as usize].clone());
     });
-    let m = Mount::new(&c, "mnt", &["--timeout", "10"]);
+    let url_file = c.dir.join("mnt-metrics-url");
+    let m = Mount::new(
+        &c,
+        "mnt",
+        &[
+            "--timeout",
+            "10",
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--metrics-url-file",
+            url_file.to_str().unwrap(),
+        ],
+    );
     std::fs::write(m.path.join("small"), b"fits").unwrap();
     use std::io::Write;
     let big = vec![7u8; 1 << 20];
@@ -857,10 +869,16 @@ fn full_devices_give_enospc() {
     use std::os::fd::IntoRawFd;
     // Every device full (a 2+1 stripe is written as long as two are not).
     for d in &dirs {
-        let used = std::fs::read_dir(d)
-            .unwrap()
-            .map(|e| e.unwrap().metadata().unwrap().len())
-            .sum::<u64>();
+        let df = Command::new("df")
+            .args(["--output=used", "-B1"])
+            .arg(d)
+            .output()
+            .unwrap();
+        let used: u64 = String::from_utf8_lossy(&df.stdout)
+            .lines()
+            .nth(1)
+            .and_then(|l| l.trim().parse().ok())
+            .expect("df --output=used");
         let ok = Command::new("mount")
             .args(["-o", &format!("remount,size={}", used.max(4096))])
             .arg(d)
@@ -868,6 +886,8 @@ fn full_devices_give_enospc() {
             .is_ok_and(|s| s.success());
         assert!(ok, "shrinking the tmpfs to what it holds");
     }
+    const FAILURES: &str = "claudefs_fuse_background_flush_failures_total";
+    let failed_before = mount_counter(&url_file, FAILURES);
     let kept = m.path.join("kept");
     let mut f = std::fs::File::create(&kept).unwrap();
     let pattern: Vec<u8> = (0..9u32 << 20).map(|i| (i % 251) as u8).collect();
@@ -891,7 +911,11 @@ fn full_devices_give_enospc() {
         };
         assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
     }
-    std::thread::sleep(Duration::from_secs(3));
+    let until = Instant::now() + Duration::from_secs(60);
+    while mount_counter(&url_file, FAILURES) == failed_before {
+        assert!(Instant::now() < until, "the background flush never failed");
+        std::thread::sleep(Duration::from_millis(100));
+    }
     // Room again. With mount(2), not mount(8): a child process would
     // inherit the descriptor and its exec would close it, which the file
     // system sees as a close (and reports the error to).
@@ -935,6 +959,66 @@ fn full_devices_give_enospc() {
     assert!(
         std::fs::read(&kept).unwrap() == pattern,
         "no byte was dropped"
+    );
+}
+
+/// A node whose log disk runs low refuses new changes with ENOSPC before
+/// the disk is full: the application sees ENOSPC, no shard fails, and
+/// `/health` says why.
+#[test]
+fn a_log_disk_low_on_space_refuses_changes_with_enospc() {
+    struct Unmount(Vec<PathBuf>);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            for m in &self.0 {
+                let _ = Command::new("umount").arg("-l").arg(m).status();
+            }
+        }
+    }
+    let mounted = std::cell::RefCell::new(Unmount(Vec::new()));
+    let c = Cluster::start_with("fs-logfull", |cfg| {
+        cfg.wal_segment_mib = 1;
+        let wal = cfg.data_dir.join("log/wal");
+        std::fs::create_dir_all(&wal).unwrap();
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=6m", "tmpfs"])
+            .arg(&wal)
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "mounting a tmpfs needs root");
+        mounted.borrow_mut().0.push(wal);
+    });
+    let _unmount = mounted.into_inner();
+    let m = Mount::new(&c, "mnt", &["--timeout", "10"]);
+    let body = vec![3u8; 1024];
+    let mut made = 0;
+    let err = loop {
+        assert!(made < 20_000, "never refused");
+        match std::fs::write(m.path.join(format!("f{made}")), &body) {
+            Ok(()) => made += 1,
+            Err(e) => break e,
+        }
+    };
+    eprintln!("refused after {made} files: {err}");
+    assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "got {err}");
+    // What was made stays.
+    assert_eq!(std::fs::read(m.path.join("f0")).unwrap(), body);
+    for cfg in &c.cfgs {
+        let (code, health) = cluster::http_get(cfg.http, "/health").expect("health");
+        assert!(!health.contains("failed"), "node {}: {health}", cfg.node_id);
+        if health.contains("log disk low") {
+            assert_eq!(code, 503, "{health}");
+        }
+    }
+    let (_, leader_health) = c
+        .cfgs
+        .iter()
+        .map(|cfg| cluster::http_get(cfg.http, "/health").expect("health"))
+        .find(|(_, h)| h.contains("log disk low"))
+        .expect("a node says its log disk is low");
+    assert!(
+        leader_health.contains("refused with ENOSPC"),
+        "{leader_health}"
     );
 }
 

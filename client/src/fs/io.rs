@@ -243,7 +243,13 @@ impl Shared {
             Arc::new(std::mem::take(&mut f.dirty).into_iter().collect());
         f.dirty_bytes = 0;
         let (sh, r2) = (self.clone(), ranges.clone());
-        let h = tokio::spawn(async move { sh.commit_ranges(ino, &r2, None).await.map(|_| ()) });
+        let h = tokio::spawn(async move {
+            let r = sh.commit_ranges(ino, &r2, None).await.map(|_| ());
+            if r.is_err() {
+                sh.meta.stats.flush_failure();
+            }
+            r
+        });
         f.inflight = Some((ranges, h));
         Ok(())
     }

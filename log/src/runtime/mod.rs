@@ -62,6 +62,12 @@ pub use subscribers::Subscription;
 
 /// Inputs queued per shard thread before new ones are refused.
 pub const SHARD_INBOX_MAX: usize = 64 * 1024;
+/// Free space (in WAL segments) below which a node refuses new proposals
+/// with ENOSPC: room for the next segment, its preallocation, and what is
+/// already in flight.
+pub const WAL_HEADROOM_SEGMENTS: u64 = 3;
+/// How often the WAL's free space is read.
+const SPACE_CHECK_EVERY: Duration = Duration::from_millis(100);
 /// Inputs applied between two `ready` calls at most, so one burst cannot
 /// delay the fsync (and every acknowledgement) without bound.
 pub const SHARD_BATCH_INPUTS_MAX: usize = 8 * 1024;
@@ -293,6 +299,9 @@ struct Inner {
     shards: HashMap<ShardId, ShardHandle>,
     /// The node's WAL (every shard's stream), for its statistics.
     wal: NodeWal<FsDisk>,
+    /// Set while the WAL's disk is below its headroom (`watch_space`):
+    /// why new proposals are refused.
+    low_space: Mutex<Option<String>>,
     links: PeerLinks,
     /// Request ids for proposals made through this node's API.
     client_id: u64,
@@ -531,6 +540,7 @@ impl LogNode {
             cfg: cfg.clone(),
             shards,
             wal,
+            low_space: Mutex::new(None),
             links,
             client_id: random_nonzero(),
             seq: AtomicU64::new(1),
@@ -601,6 +611,7 @@ impl LogNode {
         let acceptor = node.clone();
         tokio::spawn(async move { acceptor.accept_loop(listener).await });
         tokio::spawn(Self::keep_leaders_together(Arc::downgrade(&node.inner)));
+        tokio::spawn(Self::watch_space(Arc::downgrade(&node.inner)));
         info!(node = cfg.node_id, listen = %cfg.listen, shards = ?cfg.shards, "log node started");
         Ok(node)
     }
@@ -684,6 +695,7 @@ impl LogNode {
         if let Some(f) = h.fatal.lock().expect("fatal lock").clone() {
             return Err(LogError::Connection(format!("shard failed: {f}")));
         }
+        self.check_space()?;
         let (tx, rx) = oneshot::channel();
         h.counters.proposals.fetch_add(1, Ordering::Relaxed);
         h.inbox
@@ -704,6 +716,58 @@ impl LogNode {
                 Err(_) => Err(LogError::Timeout),
             }
         })
+    }
+
+    /// Refuses new proposals while the WAL's disk is below its headroom.
+    fn check_space(&self) -> Result<(), LogError> {
+        match self
+            .inner
+            .low_space
+            .lock()
+            .expect("low space lock")
+            .as_ref()
+        {
+            Some(m) => Err(LogError::NoSpace(m.clone())),
+            None => Ok(()),
+        }
+    }
+
+    /// Every [`SPACE_CHECK_EVERY`], compares the free space of the WAL's
+    /// file system with [`WAL_HEADROOM_SEGMENTS`] segments: below it, new
+    /// proposals are refused (ENOSPC) before the disk is full, so the
+    /// entries already accepted, a rotation and the trims that free space
+    /// still fit.
+    async fn watch_space(inner: std::sync::Weak<Inner>) {
+        loop {
+            tokio::time::sleep(SPACE_CHECK_EVERY).await;
+            let Some(inner) = inner.upgrade() else {
+                return;
+            };
+            if inner.stopping.load(Ordering::SeqCst) {
+                return;
+            }
+            let dir = inner.cfg.data_dir.join("wal");
+            let headroom = WAL_HEADROOM_SEGMENTS * inner.cfg.wal.segment_bytes;
+            let low = match crate::disk::free_bytes(&dir) {
+                Ok(free) if free < headroom => Some(format!(
+                    "log disk low: {free} bytes free under {} (headroom of \
+                     {WAL_HEADROOM_SEGMENTS} WAL segments); new proposals refused with ENOSPC",
+                    dir.display()
+                )),
+                Ok(_) => None,
+                Err(e) => {
+                    warn!("cannot read the free space of {}: {e}", dir.display());
+                    continue;
+                }
+            };
+            let mut cur = inner.low_space.lock().expect("low space lock");
+            match (&*cur, &low) {
+                (None, Some(m)) => warn!("{m}"),
+                (Some(_), None) => info!("log disk has room again: proposals accepted"),
+                _ => {}
+            }
+            *cur = low;
+        }
     }
 
     /// Proposes `entry` to `shard`; returns its position once decided.
@@ -879,6 +943,15 @@ impl LogNode {
     /// and it then happens before anyone mounts.
     pub fn problems(&self) -> Vec<String> {
         let mut p = Vec::new();
+        if let Some(m) = self
+            .inner
+            .low_space
+            .lock()
+            .expect("low space lock")
+            .as_ref()
+        {
+            p.push(m.clone());
+        }
         for (id, h) in &self.inner.shards {
             if let Some(f) = h.fatal.lock().expect("fatal lock").as_ref() {
                 p.push(format!("shard {id} failed: {f}"));
@@ -1390,6 +1463,9 @@ impl LogNode {
         };
         if !self.quorum_recent() {
             return refuse(proposals, LogError::NoLeader(shard)).await;
+        }
+        if let Err(e) = self.check_space() {
+            return refuse(proposals, e).await;
         }
         h.counters
             .proposals
