@@ -10,6 +10,7 @@
 //! spread_depth = 2               # directory levels spread over shards
 //! tick_ms = 10                   # OmniPaxos clock
 //! log_format = "console"         # or "json"
+//! connections_per_peer = 1024    # per listener and remote address
 //!
 //! [[nodes]]
 //! id = 1
@@ -71,6 +72,10 @@ pub struct NodeConfig {
     /// (docs/filesystem.md). Set the same on every node.
     #[serde(default = "default_spread_depth")]
     pub spread_depth: u32,
+    /// Open connections one remote address may keep on each listener
+    /// (log, segments, metadata); more are closed at once.
+    #[serde(default = "default_connections_per_peer")]
+    pub connections_per_peer: usize,
     pub nodes: Vec<NodeAddr>,
     /// Dial these addresses for peers instead of their `nodes` address
     /// (the Jepsen suite's fault-injecting proxies).
@@ -120,6 +125,9 @@ fn default_election_ticks() -> u64 {
 }
 fn default_propose_timeout_ms() -> u64 {
     5000
+}
+fn default_connections_per_peer() -> usize {
+    cfs_frame::peers::CONNECTIONS_PER_PEER_DEFAULT
 }
 fn default_wal_memory_mib() -> u64 {
     64
@@ -178,6 +186,7 @@ impl NodeConfig {
                 .clone()
                 .unwrap_or_else(|| self.data_dir.join("segments")),
             io_uring: self.segments_io_uring,
+            connections_per_peer: self.connections_per_peer,
         })
     }
 
@@ -203,6 +212,7 @@ impl NodeConfig {
             retain_entries: self.log_retain_entries,
             dial: self.dial.iter().map(|n| (n.id, n.addr)).collect(),
             faults: Default::default(),
+            connections_per_peer: self.connections_per_peer,
         }
     }
 }

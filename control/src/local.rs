@@ -107,6 +107,7 @@ pub fn ensure_configs(dir: &Path, nodes: u64, shards: u32) -> anyhow::Result<Vec
             segments_listen: a.segments,
             meta_listen: a.meta,
             spread_depth: cfs_proto::types::DEFAULT_SPREAD_DEPTH,
+            connections_per_peer: cfs_frame::peers::CONNECTIONS_PER_PEER_DEFAULT,
             segments_dir: None,
             segments_io_uring: true,
             nodes: addrs.clone(),

@@ -9,6 +9,8 @@
 //! A zero `len` never appears in a valid frame; in a pre-zeroed WAL segment it
 //! marks the end of written data.
 
+pub mod peers;
+
 /// Header bytes before each frame's payload.
 pub const FRAME_HEADER_BYTES: usize = 8;
 

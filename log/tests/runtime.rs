@@ -39,6 +39,7 @@ async fn start_cluster(
             nodes: nodes.clone(),
             data_dir: dir.join(format!("n{id}")),
             shards: vec![ShardId(0)],
+            connections_per_peer: 64,
             tick: Duration::from_millis(10),
             timing: Timing::default(),
             propose_timeout: Duration::from_secs(5),

@@ -166,6 +166,8 @@ pub struct MetaConfig {
     pub nodes: u64,
     /// See [`cfs_materializers::tx::dir_shard`].
     pub spread_depth: u32,
+    /// Open sessions one remote address may keep; more are closed at once.
+    pub connections_per_peer: usize,
 }
 
 impl MetaService {
@@ -285,15 +287,24 @@ impl MetaService {
         });
         info!(listen = %cfg.listen, "metadata service listening");
         let s2 = svc.clone();
+        let peers = cfs_frame::peers::PeerLimiter::new(cfg.connections_per_peer);
         tokio::spawn(async move {
             loop {
                 match listener.accept().await {
                     Ok((sock, peer)) => {
+                        let Some(slot) = peers.admit(peer.ip()) else {
+                            warn!(%peer, max = peers.max(),
+                                "metadata connection closed: too many open from this address");
+                            continue;
+                        };
                         let _ = sock.set_nodelay(true);
                         let inner = s2.inner.clone();
                         tokio::spawn(
-                            serve_conn(inner, sock)
-                                .instrument(tracing::info_span!("meta_session", %peer)),
+                            async move {
+                                let _slot = slot;
+                                serve_conn(inner, sock).await
+                            }
+                            .instrument(tracing::info_span!("meta_session", %peer)),
                         );
                     }
                     Err(e) => {

@@ -249,7 +249,9 @@ fn flip_byte(path: &Path, offset: u64) {
 }
 
 /// A node whose log disk fills stops its shards and says so on /health
-/// (503 naming them) instead of staying healthy; the other two go on.
+/// (503 naming them) instead of staying healthy; the other two go on. (A
+/// follower cannot refuse what the leader replicates: its headroom only
+/// stops proposals made through it.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_log_disk_fails_the_node_visibly() {
     struct Unmount(std::path::PathBuf);
@@ -268,7 +270,7 @@ async fn a_full_log_disk_fails_the_node_visibly() {
             let wal = cfg.data_dir.join("log/wal");
             std::fs::create_dir_all(&wal).unwrap();
             let ok = std::process::Command::new("mount")
-                .args(["-t", "tmpfs", "-o", "size=3m", "tmpfs"])
+                .args(["-t", "tmpfs", "-o", "size=6m", "tmpfs"])
                 .arg(&wal)
                 .status()
                 .is_ok_and(|s| s.success());
@@ -541,4 +543,51 @@ async fn metadata_sessions_are_bounded() {
     );
     eprintln!("closed after {sent} requests");
     cluster::wait_healthy(&cl.cfgs, Duration::from_secs(10)).unwrap();
+}
+
+/// One address cannot hold more than `connections_per_peer` connections
+/// on any listener: the rest are closed at once, and the node serves
+/// everyone again once they are gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_per_address_are_bounded() {
+    const MAX: usize = 16;
+    let cl = Cluster::start_with("conn-limit", |cfg| cfg.connections_per_peer = MAX);
+    let c = cl.cfg(1);
+    let ports = [
+        ("log", c.listen),
+        ("segments", c.segments_listen.expect("segment server")),
+        ("metadata", c.meta_listen.expect("metadata service")),
+    ];
+    for (what, addr) in ports {
+        let conns: Vec<TcpStream> = (0..MAX + 24)
+            .map(|_| TcpStream::connect(addr).unwrap())
+            .collect();
+        let (mut open, mut closed) = (0, 0);
+        for mut s in conns.iter() {
+            s.set_read_timeout(Some(Duration::from_millis(300)))
+                .unwrap();
+            let mut b = [0u8; 16];
+            match s.read(&mut b) {
+                Ok(0) => closed += 1,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => open += 1,
+                Err(e) if e.kind() == std::io::ErrorKind::TimedOut => open += 1,
+                // A reset counts as closed too.
+                Err(_) => closed += 1,
+                Ok(_) => panic!("{what}: the node spoke first"),
+            }
+        }
+        eprintln!("{what}: {open} open, {closed} closed");
+        assert!(
+            open <= MAX,
+            "{what}: {open} connections kept from one address"
+        );
+        assert!(closed >= 24, "{what}: only {closed} refused");
+        drop(conns);
+    }
+    assert!(cl.log_of(1).contains("too many open from this address"));
+    cluster::wait_healthy(&cl.cfgs, Duration::from_secs(20)).unwrap();
+    cl.client()
+        .propose(ShardId(0), b"after".to_vec())
+        .await
+        .unwrap();
 }

@@ -40,6 +40,9 @@ pub struct SegmentServerConfig {
     pub dir: PathBuf,
     /// False forces plain pread/pwrite (io_uring is still probed if true).
     pub io_uring: bool,
+    /// Open connections one remote address may keep; more are closed at
+    /// once.
+    pub connections_per_peer: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -108,15 +111,23 @@ impl SegmentServer {
         info!(listen = %cfg.listen, io_mode = %server.stat().io_mode, "segment server started");
         let s = server.clone();
         let cluster_id = cfg.cluster_id.clone();
+        let peers = cfs_frame::peers::PeerLimiter::new(cfg.connections_per_peer);
         tokio::spawn(async move {
             loop {
                 match listener.accept().await {
                     Ok((sock, addr)) => {
+                        let Some(slot) = peers.admit(addr.ip()) else {
+                            s.rejected.fetch_add(1, Ordering::Relaxed);
+                            warn!(peer = %addr, max = peers.max(),
+                                "closing segment connection: too many open from this address");
+                            continue;
+                        };
                         let _ = sock.set_nodelay(true);
                         let s = s.clone();
                         let cid = cluster_id.clone();
                         tokio::spawn(
                             async move {
+                                let _slot = slot;
                                 if let Err(reason) = s.serve(sock, &cid, node_id).await {
                                     s.rejected.fetch_add(1, Ordering::Relaxed);
                                     warn!("closing segment connection: {reason}");

@@ -96,6 +96,9 @@ pub struct LogNodeConfig {
     pub dial: BTreeMap<NodeId, SocketAddr>,
     /// Injected faults and deliberate bugs (tests only).
     pub faults: Faults,
+    /// Open connections one remote address may keep on the log port
+    /// (peers and clients alike); more are closed at once.
+    pub connections_per_peer: usize,
 }
 
 /// Faults a node can be started with, for the Jepsen suite: a
@@ -302,6 +305,8 @@ struct Inner {
     /// Set while the WAL's disk is below its headroom (`watch_space`):
     /// why new proposals are refused.
     low_space: Mutex<Option<String>>,
+    /// Open connections per remote address on the log port.
+    peers: cfs_frame::peers::PeerLimiter,
     links: PeerLinks,
     /// Request ids for proposals made through this node's API.
     client_id: u64,
@@ -556,6 +561,7 @@ impl LogNode {
                 .collect(),
             epoch: Instant::now(),
             leaders_settled: AtomicBool::new(false),
+            peers: cfs_frame::peers::PeerLimiter::new(cfg.connections_per_peer),
         });
         for (core, rx, decided_tx, status, subs, counters, (fatal, watermark, gate)) in starters {
             let shard = core.shard;
@@ -1111,10 +1117,19 @@ impl LogNode {
             }
             match listener.accept().await {
                 Ok((s, addr)) => {
+                    let Some(slot) = self.inner.peers.admit(addr.ip()) else {
+                        self.inner
+                            .rejected_connections
+                            .fetch_add(1, Ordering::Relaxed);
+                        warn!(peer = %addr, max = self.inner.peers.max(),
+                            "closing connection: too many open from this address");
+                        continue;
+                    };
                     let _ = s.set_nodelay(true);
                     let me = self.clone();
                     tokio::spawn(
                         async move {
+                            let _slot = slot;
                             if let Err(reason) = me.serve_connection(s).await {
                                 me.inner
                                     .rejected_connections

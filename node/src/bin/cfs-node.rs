@@ -74,6 +74,7 @@ async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
                         .collect(),
                     nodes: cfg.nodes.len() as u64,
                     spread_depth: cfg.spread_depth,
+                    connections_per_peer: cfg.connections_per_peer,
                 },
                 node.clone(),
             )
