@@ -28,11 +28,14 @@ impl Cluster {
             let path = cluster::node_dir(&dir, c.node_id).join("config.toml");
             std::fs::write(path, toml::to_string(c).expect("toml")).expect("write config");
         }
-        for c in &cfgs {
-            cluster::start_node(&dir, c.node_id, &bin()).expect("start");
+        // Built first, so the nodes are stopped (Drop) even if they never
+        // become healthy.
+        let cl = Cluster { dir, cfgs };
+        for c in &cl.cfgs {
+            cluster::start_node(&cl.dir, c.node_id, &bin()).expect("start");
         }
-        cluster::wait_healthy(&cfgs, Duration::from_secs(30)).expect("healthy");
-        Cluster { dir, cfgs }
+        cluster::wait_healthy(&cl.cfgs, Duration::from_secs(30)).expect("healthy");
+        cl
     }
 
     pub fn client(&self) -> LogClient {
