@@ -591,3 +591,48 @@ async fn connections_per_address_are_bounded() {
         .await
         .unwrap();
 }
+
+/// A log client cannot open subscriptions without end on one connection:
+/// past the bound each is refused with a message, and the first ones keep
+/// streaming.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscriptions_per_connection_are_bounded() {
+    use cfs_log::runtime::SUBSCRIPTIONS_PER_CONNECTION_MAX as MAX;
+    let cl = Cluster::start("sub-limit");
+    let client = cl.client();
+    client.propose(ShardId(0), b"one".to_vec()).await.unwrap();
+    let mut s = TcpStream::connect(cl.cfg(1).listen).unwrap();
+    send_frame(&mut s, &hello(&cl.cfgs[0].cluster_id, Role::Client, 0));
+    for id in 0..(MAX as u64 + 8) {
+        send_frame(
+            &mut s,
+            &Wire::Subscribe {
+                id,
+                shard: ShardId(0),
+                from: Position(0),
+            },
+        );
+    }
+    s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let msgs = read_all(&mut s);
+    let refused: Vec<u64> = msgs
+        .iter()
+        .filter_map(|m| match m {
+            Wire::Entries {
+                id,
+                result: Err(cfs_log::LogError::Invalid(e)),
+            } if e.contains("too many subscriptions") => Some(*id),
+            _ => None,
+        })
+        .collect();
+    let streaming = msgs
+        .iter()
+        .filter(|m| matches!(m, Wire::Entries { result: Ok(_), .. }))
+        .count();
+    assert_eq!(refused.len(), 8, "{refused:?}");
+    assert!(refused.iter().all(|id| *id >= MAX as u64), "{refused:?}");
+    assert!(
+        streaming >= MAX,
+        "the first {MAX} stream ({streaming} batches)"
+    );
+}

@@ -73,6 +73,8 @@ const SPACE_CHECK_EVERY: Duration = Duration::from_millis(100);
 pub const SHARD_BATCH_INPUTS_MAX: usize = 8 * 1024;
 /// Entries returned by one subscription read.
 pub const SUBSCRIBE_BATCH_MAX: usize = 4096;
+/// Live subscriptions one client connection may hold; more are refused.
+pub const SUBSCRIPTIONS_PER_CONNECTION_MAX: usize = 64;
 
 #[derive(Clone, Debug)]
 pub struct LogNodeConfig {
@@ -1362,6 +1364,10 @@ impl LogNode {
     ) -> Result<(), String> {
         let (tx, rx) = mpsc::channel::<Wire>(CLIENT_REPLY_QUEUE_MAX);
         let writer = tokio::spawn(crate::frame::write_batched(w, rx, Wire::encode_frame));
+        // Each live subscription holds one permit.
+        let subscriptions = Arc::new(tokio::sync::Semaphore::new(
+            SUBSCRIPTIONS_PER_CONNECTION_MAX,
+        ));
         let result = loop {
             let msg = match reader.next().await {
                 Ok(m) => m,
@@ -1427,8 +1433,21 @@ impl LogNode {
                         .await;
                 }
                 Wire::Subscribe { id, shard, from } => {
+                    let Ok(permit) = subscriptions.clone().try_acquire_owned() else {
+                        warn!(
+                            "client refused a subscription: \
+                            {SUBSCRIPTIONS_PER_CONNECTION_MAX} live on its connection"
+                        );
+                        let e = LogError::Invalid(format!(
+                            "too many subscriptions on this connection (at most \
+                             {SUBSCRIPTIONS_PER_CONNECTION_MAX})"
+                        ));
+                        let _ = tx.send(Wire::Entries { id, result: Err(e) }).await;
+                        continue;
+                    };
                     let sub = self.subscribe(shard, from, None);
                     tokio::spawn(async move {
+                        let _permit = permit;
                         let mut sub = match sub {
                             Ok(s) => s,
                             Err(e) => {
