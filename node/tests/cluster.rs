@@ -254,6 +254,8 @@ fn flip_byte(path: &Path, offset: u64) {
 /// stops proposals made through it.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_log_disk_fails_the_node_visibly() {
+    // Node 1: the lowest id loses leader-affinity ties.
+    const SMALL: u64 = 1;
     struct Unmount(std::path::PathBuf);
     impl Drop for Unmount {
         fn drop(&mut self) {
@@ -266,7 +268,8 @@ async fn a_full_log_disk_fails_the_node_visibly() {
     let mounted = std::cell::RefCell::new(None);
     let cl = Cluster::start_with("walfull", |cfg| {
         cfg.wal_segment_mib = 1;
-        if cfg.node_id == 3 {
+        if cfg.node_id == SMALL {
+            cfg.election_ticks *= 10;
             let wal = cfg.data_dir.join("log/wal");
             std::fs::create_dir_all(&wal).unwrap();
             let ok = std::process::Command::new("mount")
@@ -279,31 +282,45 @@ async fn a_full_log_disk_fails_the_node_visibly() {
         }
     });
     let _unmount = mounted.take();
-    let client = cl.client();
+    // The small node must be a follower: a leader low on log space refuses new
+    // proposals before its disk fills (a_log_disk_low_on_space_… in
+    // fs.rs). Its long election timeout (above) leaves the first
+    // elections to the others, and leader affinity never moves the
+    // shards to a node low on log space.
+    let leader = cl.wait_leaders_together();
+    assert_ne!(leader, SMALL);
+    let client = LogClient::new(&cl.cfgs[0].cluster_id, vec![cl.cfg(leader).listen]);
     let payload = vec![5u8; 1024];
     let until = Instant::now() + Duration::from_secs(120);
     let mut failed = String::new();
-    let mut n = 0;
+    let (mut n, mut errors) = (0, 0);
     while failed.is_empty() {
         assert!(
             Instant::now() < until,
-            "node 3 never reported its full log disk"
+            "the small node never reported its full log disk"
         );
         for _ in 0..200 {
-            client.propose(ShardId(0), payload.clone()).await.unwrap();
-            n += 1;
+            // A leader change (affinity) may time a proposal out: retried.
+            match client.propose(ShardId(0), payload.clone()).await {
+                Ok(_) => n += 1,
+                Err(e) => {
+                    errors += 1;
+                    assert!(errors < 20, "after {n} entries: {e}");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
         }
-        let (code, body) = cluster::http_get(cl.cfg(3).http, "/health").unwrap();
+        let (code, body) = cluster::http_get(cl.cfg(SMALL).http, "/health").unwrap();
         if code == 503 && body.contains("failed") {
             failed = body;
         }
     }
-    eprintln!("after {n} entries node 3 says: {failed}");
+    eprintln!("after {n} entries node {SMALL} says: {failed}");
     assert!(failed.contains("shard 0 failed"), "{failed}");
     assert!(failed.contains("No space left"), "{failed}");
     // The majority goes on.
     client.propose(ShardId(0), b"after".to_vec()).await.unwrap();
-    let (code, body) = cluster::http_get(cl.cfg(1).http, "/health").unwrap();
+    let (code, body) = cluster::http_get(cl.cfg(leader).http, "/health").unwrap();
     assert_eq!(code, 200, "{body}");
 }
 

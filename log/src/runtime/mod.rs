@@ -642,6 +642,11 @@ impl LogNode {
             if !node.quorum_recent() {
                 continue;
             }
+            // A node low on log space takes no proposals: it must not
+            // pull the leadership of every shard to itself.
+            if node.check_space().is_err() {
+                continue;
+            }
             for shard in affinity::campaign_for(node.node_id(), &node.status()) {
                 let Ok(h) = node.shard(shard) else { continue };
                 if h.inbox.try_send(Input::Campaign).is_ok() {
