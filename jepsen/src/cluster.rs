@@ -29,6 +29,32 @@ pub struct TestCluster {
     pub mounts: Vec<Mount>,
 }
 
+/// A node that declared one of its shards failed.
+#[derive(Debug, Clone)]
+pub struct FailedNode {
+    pub node: u64,
+    pub listen: SocketAddr,
+    /// The `/health` problems naming failed shards.
+    pub problems: Vec<String>,
+}
+
+/// The "shard N failed: ..." problems of a `/health` body.
+fn failed_shards(body: &str) -> Vec<String> {
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(body) else {
+        return Vec::new();
+    };
+    v["problems"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|p| p.as_str())
+                .filter(|p| p.starts_with("shard ") && p.contains(" failed"))
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 pub struct Mount {
     pub path: PathBuf,
     child: Child,
@@ -171,6 +197,52 @@ impl TestCluster {
         let cfgs = self.cfgs.clone();
         tokio::task::spawn_blocking(move || cluster::wait_healthy(&cfgs, timeout)).await??;
         Ok(())
+    }
+
+    /// After healing: waits until every node is healthy, except nodes that
+    /// declare a shard failed (`/health` 503 with "shard N failed: ..."),
+    /// which never heal on their own. Returns those nodes with their
+    /// problems: evidence for the verdict (e.g. a replica that found the
+    /// cluster about to overwrite entries it had decided), not a harness
+    /// error. A node unhealthy for another reason after `timeout` is one.
+    pub async fn wait_healthy_or_failed(
+        &self,
+        timeout: Duration,
+    ) -> anyhow::Result<Vec<FailedNode>> {
+        let cfgs = self.cfgs.clone();
+        tokio::task::spawn_blocking(move || {
+            let until = Instant::now() + timeout;
+            let mut failed = Vec::new();
+            for c in &cfgs {
+                loop {
+                    let r = cluster::http_get(c.http, "/health");
+                    if let Ok((200, _)) = r {
+                        break;
+                    }
+                    if let Ok((_, body)) = &r {
+                        let problems = failed_shards(body);
+                        if !problems.is_empty() {
+                            failed.push(FailedNode {
+                                node: c.node_id,
+                                listen: c.listen,
+                                problems,
+                            });
+                            break;
+                        }
+                    }
+                    if Instant::now() > until {
+                        let detail = match r {
+                            Ok((code, body)) => format!("HTTP {code}: {body}"),
+                            Err(e) => e.to_string(),
+                        };
+                        bail!("node {} not healthy after {timeout:?}: {detail}", c.node_id);
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+            Ok(failed)
+        })
+        .await?
     }
 
     /// Mounts the file system once per node, each preferring its own node,

@@ -171,6 +171,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         until,
         seed,
         concurrency: args.concurrency,
+        failed_nodes: Default::default(),
     });
     let mut clients = Vec::new();
     for slot in 0..args.concurrency {
@@ -200,7 +201,9 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     }
     let ended = history.now();
     nemesis::heal_all(&tc, &timeline, ended).await?;
-    tc.wait_healthy(Duration::from_secs(60)).await?;
+    let failed = tc.wait_healthy_or_failed(Duration::from_secs(60)).await?;
+    *ctx.failed_nodes.lock().expect("failed nodes lock") =
+        failed.iter().map(|f| f.listen).collect();
     tokio::time::sleep(Duration::from_secs(2)).await;
 
     let mut fin = match args.workload {
@@ -287,6 +290,14 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         }
         checked.valid = checked.anomalies.is_empty() && !checked.unknown;
     }
+    // A replica that stopped a shard rather than let decided entries be
+    // overwritten caught the cluster losing durability: invalid.
+    for f in &failed {
+        checked
+            .anomalies
+            .push(json!({"kind": "shard-failed", "node": f.node, "problems": f.problems}));
+    }
+    checked.valid = checked.valid && failed.is_empty();
     let ops = history::pair(&events);
     let windows = stats::windows(&ops, &timeline.windows.lock().expect("windows lock"), ended);
     let verdict = json!({

@@ -150,8 +150,14 @@ pub async fn final_reads(ctx: &Ctx) -> anyhow::Result<Value> {
         let at =
             at.ok_or_else(|| anyhow::anyhow!("no read barrier on shard {shard} after healing"))?;
         let mut replicas = Vec::new();
+        let failed = ctx.failed_nodes.lock().expect("failed nodes lock").clone();
         for &node in &ctx.nodes {
             let mut got = None;
+            if failed.contains(&node) {
+                // Reported as "shard-failed"; its shards do not answer.
+                replicas.push(json!({"node": node.to_string(), "entries": null, "failed": true}));
+                continue;
+            }
             for _ in 0..10 {
                 if let Ok(v) = read(
                     ctx,

@@ -28,6 +28,9 @@ pub struct Ctx {
     pub until: u64,
     pub seed: u64,
     pub concurrency: u64,
+    /// Nodes that declared a shard failed after healing (set before the
+    /// final reads, which do not wait for them).
+    pub failed_nodes: std::sync::Mutex<Vec<SocketAddr>>,
 }
 
 impl Ctx {
