@@ -4,7 +4,9 @@
 # prints a markdown table of medians (min-max).
 #
 # Usage: bench/fs.sh [-r ROUNDS] [TARGET...]
-#   TARGET: cfs (a 3-node cluster on loopback, mounted), local (a directory
+#   TARGET: cfs (a 3-node cluster on loopback, mounted, mutual TLS),
+#   cfs-plaintext (the same made with --insecure-plaintext: the cost of
+#   TLS is the ratio of the two), local (a directory
 #   on this disk), bindfs (a bindfs mount of it: the FUSE ceiling here),
 #   moosefs (master + 3 chunkservers, goal 3: bench/moosefs.sh), glusterfs
 #   (replica-3 volume, FUSE: bench/glusterfs.sh), or any directory path.
@@ -34,12 +36,13 @@ W=${BENCH_DIR:-/var/tmp/cfs-bench}
 
 dir_of() {
   case $1 in
-    cfs) echo "$W/mnt" ;; local) echo "$W/local" ;; bindfs) echo "$W/bindfs" ;;
+    cfs) echo "$W/mnt" ;; cfs-plaintext) echo "$W/mnt-plain" ;; local) echo "$W/local" ;; bindfs) echo "$W/bindfs" ;;
     moosefs) echo "$W/mfs-mnt" ;; glusterfs) echo "$W/gl-mnt" ;; *) echo "$1" ;;
   esac
 }
 cleanup() {
   "$CFS" down --dir "$W/cluster" >/dev/null 2>&1 || true
+  "$CFS" down --dir "$W/cluster-plain" >/dev/null 2>&1 || true
   fusermount3 -u -z "$W/bindfs" >/dev/null 2>&1 || true
   bash bench/moosefs.sh down "$W/moosefs" "$W/mfs-mnt" >/dev/null 2>&1 || true
   bash bench/glusterfs.sh down "$W/gluster" "$W/gl-mnt" >/dev/null 2>&1 || true
@@ -51,6 +54,7 @@ mkdir -p "$W/local" "$W/results"
 for t in "${TARGETS[@]}"; do
   case $t in
     cfs) "$CFS" up --dir "$W/cluster" --mount "$W/mnt" >/dev/null ;;
+    cfs-plaintext) "$CFS" up --insecure-plaintext --dir "$W/cluster-plain" --mount "$W/mnt-plain" >/dev/null ;;
     local) ;;
     bindfs) mkdir -p "$W/bindfs"; bindfs "$W/local" "$W/bindfs" ;;
     moosefs) bash bench/moosefs.sh up "$W/moosefs" "$W/mfs-mnt" >/dev/null 2>&1 ;;
@@ -106,6 +110,7 @@ for r in $(seq 1 "$ROUNDS"); do
       if [ "$TREE" != 0 ]; then
         metrics=
         [ "$t" != cfs ] || metrics=$W/cluster/mount/metrics-url
+        [ "$t" != cfs-plaintext ] || metrics=$W/cluster-plain/mount/metrics-url
         tree_run "$d" "$W/tree.tar" "$TREE_N" "$metrics"
       fi
     } > "$W/results/$name.$r"

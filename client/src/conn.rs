@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 use cfs_proto::ops::*;
 use cfs_proto::rpc::{Call, Lease};
 use cfs_proto::types::*;
-use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
 
@@ -118,6 +117,7 @@ pub struct Welcome {
 pub struct MetaClient {
     servers: Vec<SocketAddr>,
     cluster_id: String,
+    security: cfs_net::Security,
     pub client_id: u64,
     conn: tokio::sync::Mutex<Option<Arc<Conn>>>,
     next_server: AtomicUsize,
@@ -145,12 +145,14 @@ impl MetaClient {
     pub fn new(
         servers: Vec<SocketAddr>,
         cluster_id: String,
+        security: cfs_net::Security,
         timeout: Duration,
     ) -> (Arc<Self>, mpsc::UnboundedReceiver<Invalidation>) {
         let (tx, rx) = mpsc::unbounded_channel();
         let c = MetaClient {
             servers,
             cluster_id,
+            security,
             client_id: rand::random::<u64>() | 1,
             conn: tokio::sync::Mutex::new(None),
             next_server: AtomicUsize::new(0),
@@ -202,12 +204,12 @@ impl MetaClient {
 
     async fn connect_one(&self, idx: usize) -> Result<Arc<Conn>, String> {
         let addr = self.servers[idx];
-        let sock = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+        let conn = self
+            .security
+            .connect(addr, CONNECT_TIMEOUT)
             .await
-            .map_err(|_| format!("{addr}: connect timed out"))?
             .map_err(|e| format!("{addr}: {e}"))?;
-        let _ = sock.set_nodelay(true);
-        let (r, w) = sock.into_split();
+        let (r, w) = (conn.reader, conn.writer);
         let (tx, rx) = mpsc::unbounded_channel::<RequestFrame>();
         tokio::spawn(cfs_frame::write_batched(w, rx, |m: &RequestFrame, out| {
             let _ = cfs_frame::encode_with(out, |o| bincode::serialize_into(o, m));
@@ -767,7 +769,12 @@ mod tests {
 
     #[tokio::test]
     async fn an_unknown_outcome_reaches_the_kernel_as_foreign_invalidations() {
-        let (c, mut rx) = MetaClient::new(Vec::new(), "t".into(), Duration::from_secs(1));
+        let (c, mut rx) = MetaClient::new(
+            Vec::new(),
+            "t".into(),
+            cfs_net::Security::plaintext(),
+            Duration::from_secs(1),
+        );
         let (dir, newdir) = (5, 6);
         c.outcome_unknown(&[dir, newdir], &[(dir, b"old"), (newdir, b"new")]);
         let mut got = Vec::new();

@@ -88,6 +88,7 @@ fn write_err(e: ClientError) -> Errno {
 impl DataPath {
     pub fn new(
         cluster_id: &str,
+        security: cfs_net::Security,
         servers: &[(u64, String)],
         cache_bytes: usize,
         stats: Arc<MountStats>,
@@ -107,7 +108,7 @@ impl DataPath {
         }
         let layout = Layout::for_cluster(map.len());
         let nodes: Vec<u64> = map.keys().copied().collect();
-        let client = SegmentClient::new(cluster_id, map);
+        let client = SegmentClient::new(cluster_id, map, security);
         Ok(DataPath {
             reader: StripeReader::new(client.clone()),
             client,

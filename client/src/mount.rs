@@ -36,8 +36,12 @@ pub fn mount(mountpoint: &Path, opts: MountOptions) -> Result<(), MountError> {
         .thread_name("cfs-client")
         .build()
         .map_err(MountError::Runtime)?;
-    let (meta, inval_rx) =
-        MetaClient::new(opts.servers.clone(), opts.cluster_id.clone(), opts.timeout);
+    let (meta, inval_rx) = MetaClient::new(
+        opts.servers.clone(),
+        opts.cluster_id.clone(),
+        opts.security.clone(),
+        opts.timeout,
+    );
     meta.set_follow_leader(opts.follow_leader);
     if let Some(addr) = opts.metrics_listen {
         let bound = rt
@@ -59,6 +63,7 @@ pub fn mount(mountpoint: &Path, opts: MountOptions) -> Result<(), MountError> {
     let data = Arc::new(
         DataPath::new(
             &opts.cluster_id,
+            opts.security.clone(),
             &welcome.segment_servers,
             opts.cache_bytes,
             meta.stats.clone(),

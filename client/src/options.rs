@@ -35,6 +35,8 @@ impl std::str::FromStr for CacheMode {
 pub struct MountOptions {
     pub servers: Vec<SocketAddr>,
     pub cluster_id: String,
+    /// The mount's certificate (mutual TLS) or the development plaintext.
+    pub security: cfs_net::Security,
     pub cache_mode: CacheMode,
     /// Dirty bytes buffered per file before they are flushed.
     pub write_buffer: usize,

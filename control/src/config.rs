@@ -12,6 +12,12 @@
 //! log_format = "console"         # or "json"
 //! connections_per_peer = 1024    # per listener and remote address
 //!
+//! [tls]                          # mutual TLS on every listener
+//! ca = "/etc/cfs/ca.crt"         # the cluster CA (`cfs ca init`)
+//! cert = "/etc/cfs/node-1.crt"   # this node's (`cfs ca issue --node 1`)
+//! key = "/etc/cfs/node-1.key"
+//! # insecure_plaintext = true    # instead of [tls]: development only
+//!
 //! [[nodes]]
 //! id = 1
 //! addr = "127.0.0.1:7401"
@@ -76,11 +82,36 @@ pub struct NodeConfig {
     /// (log, segments, metadata); more are closed at once.
     #[serde(default = "default_connections_per_peer")]
     pub connections_per_peer: usize,
+    /// No TLS and no authentication: a development cluster only.
+    #[serde(default)]
+    pub insecure_plaintext: bool,
+    /// Mutual TLS material; required unless `insecure_plaintext`.
+    #[serde(default)]
+    pub tls: Option<TlsSection>,
     pub nodes: Vec<NodeAddr>,
     /// Dial these addresses for peers instead of their `nodes` address
     /// (the Jepsen suite's fault-injecting proxies).
     #[serde(default)]
     pub dial: Vec<NodeAddr>,
+}
+
+/// Where a node's TLS material lives.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl TlsSection {
+    pub fn files(&self) -> cfs_net::TlsFiles {
+        cfs_net::TlsFiles {
+            ca: self.ca.clone(),
+            cert: self.cert.clone(),
+            key: self.key.clone(),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -172,11 +203,41 @@ impl NodeConfig {
         if self.tick_ms == 0 || self.election_ticks < 2 {
             bail!("tick_ms must be > 0 and election_ticks >= 2");
         }
+        match (&self.tls, self.insecure_plaintext) {
+            (None, false) => bail!(
+                "no [tls] section: give the node its certificate (`cfs ca issue --node {}`), \
+                 or set insecure_plaintext = true for a development cluster",
+                self.node_id
+            ),
+            (Some(_), true) => bail!("both [tls] and insecure_plaintext are set"),
+            _ => {}
+        }
         Ok(())
     }
 
+    /// This node's connections: its certificate, checked to be the
+    /// certificate of this node id, or the development plaintext.
+    pub fn security(&self) -> anyhow::Result<cfs_net::Security> {
+        let Some(tls) = &self.tls else {
+            return Ok(cfs_net::Security::plaintext());
+        };
+        let s = cfs_net::Security::load(&tls.files()).context("loading the node's TLS files")?;
+        if s.me() != Some(&cfs_net::Principal::Node(self.node_id)) {
+            bail!(
+                "{} is not a certificate of node {} (it names {:?})",
+                tls.cert.display(),
+                self.node_id,
+                s.me()
+            );
+        }
+        Ok(s)
+    }
+
     /// The segment server's configuration, if this node runs one.
-    pub fn segments_config(&self) -> Option<cfs_segments::server::SegmentServerConfig> {
+    pub fn segments_config(
+        &self,
+        security: &cfs_net::Security,
+    ) -> Option<cfs_segments::server::SegmentServerConfig> {
         Some(cfs_segments::server::SegmentServerConfig {
             node_id: self.node_id,
             cluster_id: self.cluster_id.clone(),
@@ -187,10 +248,11 @@ impl NodeConfig {
                 .unwrap_or_else(|| self.data_dir.join("segments")),
             io_uring: self.segments_io_uring,
             connections_per_peer: self.connections_per_peer,
+            security: security.clone(),
         })
     }
 
-    pub fn log_config(&self) -> LogNodeConfig {
+    pub fn log_config(&self, security: &cfs_net::Security) -> LogNodeConfig {
         LogNodeConfig {
             node_id: self.node_id,
             cluster_id: self.cluster_id.clone(),
@@ -213,6 +275,7 @@ impl NodeConfig {
             dial: self.dial.iter().map(|n| (n.id, n.addr)).collect(),
             faults: Default::default(),
             connections_per_peer: self.connections_per_peer,
+            security: security.clone(),
         }
     }
 }
@@ -229,6 +292,7 @@ listen = "127.0.0.1:1"
 http = "127.0.0.1:2"
 data_dir = "/tmp/x"
 shards = [0]
+insecure_plaintext = true
 [[nodes]]
 id = 1
 addr = "127.0.0.1:1"
@@ -260,5 +324,13 @@ addr = "127.0.0.1:3"
         let missing = sample().replace("node_id = 1", "node_id = 9");
         let c: NodeConfig = toml::from_str(&missing).unwrap();
         assert!(c.validate().is_err());
+        // Neither TLS nor the explicit development flag: refused.
+        let open = sample().replace("insecure_plaintext = true\n", "");
+        let c: NodeConfig = toml::from_str(&open).unwrap();
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("no [tls] section"));
     }
 }

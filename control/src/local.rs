@@ -59,8 +59,80 @@ fn free_port_inner(taken: &mut std::collections::BTreeSet<u16>) -> anyhow::Resul
     Ok(port)
 }
 
+/// How a new local cluster's connections are secured.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transport {
+    /// A cluster CA in `DIR/tls` and certificates for every node, the
+    /// administrator (`cfs` commands with `--dir`) and the local mount.
+    Tls,
+    /// No TLS, no authentication (`cfs up --insecure-plaintext`).
+    InsecurePlaintext,
+}
+
+/// Where a local cluster keeps its CA and certificates.
+pub fn tls_dir(dir: &Path) -> PathBuf {
+    dir.join("tls")
+}
+
+/// The administrator's connections to the local cluster in `dir`.
+pub fn admin_security(dir: &Path) -> anyhow::Result<cfs_net::Security> {
+    local_security(dir, "admin")
+}
+
+/// The local mount's connections (`cfs mount --dir`): a client
+/// certificate trusted with root, since its user runs the cluster.
+pub fn mount_security(dir: &Path) -> anyhow::Result<cfs_net::Security> {
+    local_security(dir, "mount")
+}
+
+fn local_security(dir: &Path, stem: &str) -> anyhow::Result<cfs_net::Security> {
+    let cfgs = load_configs(dir)?;
+    let Some(c) = cfgs.first() else {
+        bail!("no cluster in {}", dir.display());
+    };
+    if c.insecure_plaintext {
+        return Ok(cfs_net::Security::plaintext());
+    }
+    cfs_net::Security::load(&cfs_net::TlsFiles::in_dir(&tls_dir(dir), stem))
+        .with_context(|| format!("loading the {stem} certificate of {}", dir.display()))
+}
+
+/// Makes the CA and the certificates of a new local cluster.
+fn make_certificates(dir: &Path, cluster_id: &str, nodes: u64) -> anyhow::Result<()> {
+    use cfs_net::ca::{Ca, CERT_VALID_DAYS};
+    use cfs_net::{ClientPolicy, Principal};
+    let td = tls_dir(dir);
+    let ca = Ca::generate(cluster_id)?;
+    ca.save(&td)?;
+    for id in 1..=nodes {
+        ca.issue_files(
+            &Principal::Node(id),
+            CERT_VALID_DAYS,
+            &td,
+            &format!("node-{id}"),
+        )?;
+    }
+    ca.issue_files(
+        &Principal::Admin("local".into()),
+        CERT_VALID_DAYS,
+        &td,
+        "admin",
+    )?;
+    let mount = Principal::Client {
+        name: "local".into(),
+        policy: ClientPolicy::trusted(),
+    };
+    ca.issue_files(&mount, CERT_VALID_DAYS, &td, "mount")?;
+    Ok(())
+}
+
 /// Writes the configs of a new cluster, or loads the existing ones.
-pub fn ensure_configs(dir: &Path, nodes: u64, shards: u32) -> anyhow::Result<Vec<NodeConfig>> {
+pub fn ensure_configs(
+    dir: &Path,
+    nodes: u64,
+    shards: u32,
+    transport: Transport,
+) -> anyhow::Result<Vec<NodeConfig>> {
     let existing = load_configs(dir)?;
     if !existing.is_empty() {
         if existing.len() as u64 != nodes {
@@ -86,6 +158,10 @@ pub fn ensure_configs(dir: &Path, nodes: u64, shards: u32) -> anyhow::Result<Vec
         });
     }
     let cluster_id = format!("cfs-{:08x}", rand::random::<u32>());
+    if transport == Transport::Tls {
+        make_certificates(dir, &cluster_id, nodes)?;
+    }
+    let td = std::path::absolute(tls_dir(dir))?;
     let mut out = Vec::new();
     for a in &addrs {
         let nd = node_dir(dir, a.id);
@@ -110,6 +186,12 @@ pub fn ensure_configs(dir: &Path, nodes: u64, shards: u32) -> anyhow::Result<Vec
             connections_per_peer: cfs_frame::peers::CONNECTIONS_PER_PEER_DEFAULT,
             segments_dir: None,
             segments_io_uring: true,
+            insecure_plaintext: transport == Transport::InsecurePlaintext,
+            tls: (transport == Transport::Tls).then(|| crate::config::TlsSection {
+                ca: td.join("ca.crt"),
+                cert: td.join(format!("node-{}.crt", a.id)),
+                key: td.join(format!("node-{}.key", a.id)),
+            }),
             nodes: addrs.clone(),
             dial: Vec::new(),
         };

@@ -27,6 +27,8 @@ pub struct TestCluster {
     pub node_bin: PathBuf,
     pub cfs_bin: PathBuf,
     pub mounts: Vec<Mount>,
+    /// The administrator's certificate (log clients, segment tools).
+    pub admin: cfs_net::Security,
 }
 
 /// A node that declared one of its shards failed.
@@ -86,7 +88,7 @@ impl TestCluster {
         faults: &str,
     ) -> anyhow::Result<TestCluster> {
         let _ = std::fs::remove_dir_all(dir);
-        let mut cfgs = cluster::ensure_configs(dir, nodes, shards)?;
+        let mut cfgs = cluster::ensure_configs(dir, nodes, shards, cluster::Transport::Tls)?;
         let mut links = BTreeMap::new();
         for i in 0..cfgs.len() {
             for j in 0..cfgs.len() {
@@ -118,6 +120,7 @@ impl TestCluster {
             node_bin: sibling("cfs-node")?,
             cfs_bin: sibling("cfs")?,
             mounts: Vec::new(),
+            admin: cluster::admin_security(dir)?,
         };
         for c in &tc.cfgs {
             tc.start_node(c.node_id)?;
@@ -173,6 +176,7 @@ impl TestCluster {
         let mut c = LogClient::new(
             &self.cfgs[0].cluster_id,
             self.cfgs.iter().map(|c| c.listen).collect(),
+            self.admin.clone(),
         );
         c.timeout = Duration::from_secs(5);
         c

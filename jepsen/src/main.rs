@@ -164,6 +164,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     let until = args.time_limit * 1_000_000_000;
     let ctx = Arc::new(Ctx {
         cluster_id: tc.cfgs[0].cluster_id.clone(),
+        security: tc.admin.clone(),
         nodes: tc.cfgs.iter().map(|c| c.listen).collect(),
         mounts: tc.mounts.iter().map(|m| m.path.clone()).collect(),
         shards: (0..shards).map(cfs_log::ShardId).collect(),

@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use cfs_net::Security;
 use tokio::sync::mpsc;
 
 use crate::entry::{Entry, EntryKind, RequestId};
@@ -30,11 +31,16 @@ struct Conn {
 }
 
 impl Conn {
-    async fn open(addr: SocketAddr, cluster_id: &str) -> Result<Arc<Conn>, LogError> {
+    async fn open(
+        addr: SocketAddr,
+        cluster_id: &str,
+        security: &Security,
+    ) -> Result<Arc<Conn>, LogError> {
         let me = Identity {
             cluster_id: cluster_id.to_string(),
             node_id: 0,
             incarnation: rand::random(),
+            security: security.clone(),
         };
         let (mut reader, w, _) = dial(addr, &me, Role::Client)
             .await
@@ -173,6 +179,7 @@ impl ProposalBatches {
 /// A client of a cluster's log API.
 pub struct LogClient {
     cluster_id: String,
+    security: Security,
     addrs: Vec<SocketAddr>,
     conns: tokio::sync::Mutex<HashMap<SocketAddr, Arc<Conn>>>,
     leader: Mutex<HashMap<ShardId, SocketAddr>>,
@@ -183,9 +190,13 @@ pub struct LogClient {
 }
 
 impl LogClient {
-    pub fn new(cluster_id: &str, addrs: Vec<SocketAddr>) -> Self {
+    /// A client of the nodes at `addrs`. With TLS, `security` must hold
+    /// a node or administrator certificate: nodes refuse log clients with
+    /// a mount's.
+    pub fn new(cluster_id: &str, addrs: Vec<SocketAddr>, security: Security) -> Self {
         LogClient {
             cluster_id: cluster_id.to_string(),
+            security,
             addrs,
             conns: tokio::sync::Mutex::new(HashMap::new()),
             leader: Mutex::new(HashMap::new()),
@@ -208,7 +219,7 @@ impl LogClient {
                 return Ok(c.clone());
             }
         }
-        let c = Conn::open(addr, &self.cluster_id).await?;
+        let c = Conn::open(addr, &self.cluster_id, &self.security).await?;
         conns.insert(addr, c.clone());
         Ok(c)
     }

@@ -11,9 +11,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use cfs_net::{BoxRead, BoxWrite, Security};
 use omnipaxos::util::NodeId;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn, Instrument};
 
@@ -92,7 +92,10 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     }
 }
 
-pub async fn write_msg<W: AsyncWrite + Unpin>(w: &mut W, msg: &Wire) -> Result<(), TransportError> {
+pub async fn write_msg<W: AsyncWrite + Unpin + ?Sized>(
+    w: &mut W,
+    msg: &Wire,
+) -> Result<(), TransportError> {
     let mut out = Vec::new();
     msg.encode_frame(&mut out);
     w.write_all(&out).await?;
@@ -105,6 +108,8 @@ pub struct Identity {
     pub cluster_id: String,
     pub node_id: NodeId,
     pub incarnation: u64,
+    /// TLS (or the development plaintext) for every connection.
+    pub security: Security,
 }
 
 impl Identity {
@@ -119,30 +124,28 @@ impl Identity {
     }
 }
 
-/// Dials `addr`, says hello, waits for the welcome.
+/// Dials `addr`, says hello, waits for the welcome. With TLS, the node
+/// that welcomes us must hold that node's certificate.
 pub async fn dial(
     addr: SocketAddr,
     me: &Identity,
     role: Role,
-) -> Result<
-    (
-        FrameReader<tokio::net::tcp::OwnedReadHalf>,
-        tokio::net::tcp::OwnedWriteHalf,
-        NodeId,
-    ),
-    TransportError,
-> {
-    let s = tokio::time::timeout(HANDSHAKE_TIMEOUT, TcpStream::connect(addr))
+) -> Result<(FrameReader<BoxRead>, BoxWrite, NodeId), TransportError> {
+    let conn = me
+        .security
+        .connect(addr, HANDSHAKE_TIMEOUT)
         .await
-        .map_err(|_| TransportError::Protocol(format!("connect to {addr} timed out")))??;
-    s.set_nodelay(true)?;
-    let (r, mut w) = s.into_split();
+        .map_err(|e| TransportError::Protocol(e.to_string()))?;
+    let (r, mut w, server) = (conn.reader, conn.writer, conn.peer);
     write_msg(&mut w, &me.hello(role)).await?;
     let mut reader = FrameReader::new(r, HELLO_FRAME_BYTES_MAX);
     let reply = tokio::time::timeout(HANDSHAKE_TIMEOUT, reader.next())
         .await
         .map_err(|_| TransportError::Protocol(format!("handshake with {addr} timed out")))??;
     match reply {
+        Wire::Welcome { node_id } if !server.is_node(node_id) => Err(TransportError::Protocol(
+            format!("{addr} answered as node {node_id} with the certificate of {server}"),
+        )),
         Wire::Welcome { node_id } => {
             reader.max = FRAME_BYTES_MAX;
             Ok((reader, w, node_id))

@@ -40,6 +40,7 @@ async fn start_cluster(
             data_dir: dir.join(format!("n{id}")),
             shards: vec![ShardId(0)],
             connections_per_peer: 64,
+            security: cfs_net::Security::plaintext(),
             tick: Duration::from_millis(10),
             timing: Timing::default(),
             propose_timeout: Duration::from_secs(5),
@@ -223,7 +224,11 @@ async fn remote_proposals_batched_per_connection() {
     let (nodes, addrs) = start_cluster(&dir, 1 << 20).await;
     let leader = wait_leader(&nodes).await;
 
-    let client = Arc::new(LogClient::new("rt", addrs.clone()));
+    let client = Arc::new(LogClient::new(
+        "rt",
+        addrs.clone(),
+        cfs_net::Security::plaintext(),
+    ));
     client.propose(ShardId(0), b"warm".to_vec()).await.unwrap();
     let tasks: Vec<_> = (0..600)
         .map(|i| {
@@ -245,6 +250,7 @@ async fn remote_proposals_batched_per_connection() {
         cluster_id: "rt".into(),
         node_id: 0,
         incarnation: 1,
+        security: cfs_net::Security::plaintext(),
     };
     let req = |seq| cfs_log::RequestId { client: 77, seq };
     let good = |seq| Entry::new(EntryKind::DATA, req(seq), b"ok".to_vec());

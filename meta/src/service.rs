@@ -23,7 +23,7 @@ use crate::sequencer::{Sequencer, Ticket};
 use cfs_materializers::read::NsRead;
 use cfs_materializers::types::*;
 use cfs_materializers::NamespaceDb;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::{broadcast, mpsc, watch};
 use tracing::{info, warn, Instrument};
 
@@ -168,6 +168,9 @@ pub struct MetaConfig {
     pub spread_depth: u32,
     /// Open sessions one remote address may keep; more are closed at once.
     pub connections_per_peer: usize,
+    /// Mutual TLS (or the development plaintext). A mount's certificate
+    /// sets how its uids and gids map (root squash by default).
+    pub security: cfs_net::Security,
 }
 
 impl MetaService {
@@ -288,6 +291,7 @@ impl MetaService {
         info!(listen = %cfg.listen, "metadata service listening");
         let s2 = svc.clone();
         let peers = cfs_frame::peers::PeerLimiter::new(cfg.connections_per_peer);
+        let security = cfg.security.clone();
         tokio::spawn(async move {
             loop {
                 match listener.accept().await {
@@ -297,12 +301,15 @@ impl MetaService {
                                 "metadata connection closed: too many open from this address");
                             continue;
                         };
-                        let _ = sock.set_nodelay(true);
                         let inner = s2.inner.clone();
+                        let security = security.clone();
                         tokio::spawn(
                             async move {
                                 let _slot = slot;
-                                serve_conn(inner, sock).await
+                                match security.accept(sock).await {
+                                    Ok(conn) => serve_conn(inner, conn).await,
+                                    Err(e) => warn!("metadata connection refused: {e}"),
+                                }
                             }
                             .instrument(tracing::info_span!("meta_session", %peer)),
                         );
@@ -439,8 +446,21 @@ fn send(out: &Outbox, m: ServerMsg) -> bool {
     }
 }
 
-async fn serve_conn(inner: Arc<Inner>, sock: TcpStream) {
-    let (r, w) = sock.into_split();
+/// The cluster's identity for a mount's caller: mapped, then root
+/// squashed unless the mount is trusted with root.
+fn map_creds(policy: &cfs_net::ClientPolicy, c: &mut Creds) {
+    c.uid = policy.uid(c.uid);
+    c.gid = policy.gid(c.gid);
+    for g in c.groups.iter_mut() {
+        *g = policy.gid(*g);
+    }
+}
+
+async fn serve_conn(inner: Arc<Inner>, conn: cfs_net::Conn) {
+    let (r, w) = (conn.reader, conn.writer);
+    // Every uid and gid the mount sends goes through its policy (root
+    // squash unless its certificate trusts root; per-mount maps).
+    let policy = conn.peer.client_policy();
     let mut reader = cfs_frame::BodyReader::new(r, MESSAGE_BYTES_MAX);
     let (sender, rx) = mpsc::channel::<ServerMsg>(SESSION_OUTBOX_MAX);
     let tx = Outbox {
@@ -472,7 +492,7 @@ async fn serve_conn(inner: Arc<Inner>, sock: TcpStream) {
                 ..
             }) => {
                 if cluster_id != inner.cluster_id {
-                    warn!(%cluster_id, "client of another cluster refused");
+                    warn!(%cluster_id, peer = %conn.peer, "client of another cluster refused");
                     send(
                         &tx,
                         ServerMsg::Reply {
@@ -644,6 +664,10 @@ async fn serve_conn(inner: Arc<Inner>, sock: TcpStream) {
                 break;
             }
         };
+        let mut f = f;
+        if let Request::Mutate { creds, .. } = &mut f.req {
+            map_creds(&policy, creds);
+        }
         match f.req {
             Request::InvalAck { seq } => {
                 session.acked(seq);

@@ -21,7 +21,7 @@ pub fn connect(dir: &Path) -> anyhow::Result<(Arc<SegmentClient>, Layout, Vec<u6
     let layout = Layout::for_cluster(servers.len());
     let nodes: Vec<u64> = servers.keys().copied().take(layout.width()).collect();
     Ok((
-        SegmentClient::new(&cfgs[0].cluster_id, servers),
+        SegmentClient::new(&cfgs[0].cluster_id, servers, cluster::admin_security(dir)?),
         layout,
         nodes,
     ))

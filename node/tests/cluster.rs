@@ -112,20 +112,25 @@ async fn kill_leader_mid_load_loses_nothing_acknowledged() {
     assert!(cl.log_of(leader).contains("log node started"));
 }
 
-fn raw_connect(addr: std::net::SocketAddr) -> TcpStream {
-    let s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+/// A connection with `sec`'s certificate, for writing raw frames.
+fn raw_connect(sec: &cfs_net::Security, addr: std::net::SocketAddr) -> cfs_net::BlockingConn {
+    let s = sec
+        .connect_blocking(addr, Duration::from_secs(5))
+        .expect("TLS connection");
+    s.tcp()
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
     s
 }
 
-fn send_frame(s: &mut TcpStream, w: &Wire) {
+fn send_frame(s: &mut impl Write, w: &Wire) {
     let mut b = Vec::new();
     w.encode_frame(&mut b);
     s.write_all(&b).unwrap();
 }
 
 /// Reads until EOF; returns the decoded messages.
-fn read_all(s: &mut TcpStream) -> Vec<Wire> {
+fn read_all(s: &mut impl Read) -> Vec<Wire> {
     let mut buf = Vec::new();
     let _ = s.read_to_end(&mut buf);
     let mut out = Vec::new();
@@ -169,40 +174,61 @@ async fn bad_input_is_refused_and_changes_nothing() {
         .await
         .unwrap();
     let rejected_before = cl.metric(1, "cfs_log_rejected_connections_total");
+    let admin = cl.admin();
 
-    // Garbage bytes.
-    let mut s = raw_connect(target.listen);
+    // Garbage bytes, without TLS: refused at the handshake.
+    let mut s = TcpStream::connect(target.listen).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\n\r\nnot a frame at all")
+        .unwrap();
+    assert!(read_all(&mut s).is_empty());
+    // Garbage bytes inside TLS.
+    let mut s = raw_connect(&admin, target.listen);
     s.write_all(b"GET / HTTP/1.1\r\n\r\nnot a frame at all")
         .unwrap();
     assert!(read_all(&mut s).is_empty());
     // A frame whose checksum fails.
-    let mut s = raw_connect(target.listen);
+    let mut s = raw_connect(&admin, target.listen);
     let mut b = Vec::new();
     hello(&id, Role::Client, 0).encode_frame(&mut b);
     b[6] ^= 0xff;
     s.write_all(&b).unwrap();
     assert!(read_all(&mut s).is_empty());
     // An oversized frame before the handshake.
-    let mut s = raw_connect(target.listen);
+    let mut s = raw_connect(&admin, target.listen);
     s.write_all(&(100u32 << 20).to_le_bytes()).unwrap();
     s.write_all(&[0u8; 4]).unwrap();
     assert!(read_all(&mut s).is_empty());
-    // Wrong cluster id.
-    let mut s = raw_connect(target.listen);
+    // Wrong cluster id: refused without naming this cluster's.
+    let node2 = cl.issue(cfs_net::Principal::Node(2), "node-2-copy");
+    let mut s = raw_connect(&node2, target.listen);
     send_frame(&mut s, &hello("someone-else", Role::Peer, 2));
-    assert!(refusal(&read_all(&mut s)).contains("wrong cluster id"));
-    // A peer claiming the target's own id.
-    let mut s = raw_connect(target.listen);
+    let r = refusal(&read_all(&mut s));
+    assert!(r.contains("wrong cluster id") && !r.contains(&id), "{r}");
+    // A peer claiming the target's own id (with that node's certificate).
+    let node1 = cl.issue(cfs_net::Principal::Node(1), "node-1-copy");
+    let mut s = raw_connect(&node1, target.listen);
     send_frame(&mut s, &hello(&id, Role::Peer, 1));
     assert!(refusal(&read_all(&mut s)).contains("duplicate node id"));
     // A second process claiming node 2 while node 2 is connected.
-    let mut s = raw_connect(target.listen);
+    let mut s = raw_connect(&node2, target.listen);
     send_frame(&mut s, &hello(&id, Role::Peer, 2));
     assert!(refusal(&read_all(&mut s)).contains("duplicate node id"));
-    // A stranger.
-    let mut s = raw_connect(target.listen);
+    // A stranger with a node certificate of this CA.
+    let node99 = cl.issue(cfs_net::Principal::Node(99), "node-99");
+    let mut s = raw_connect(&node99, target.listen);
     send_frame(&mut s, &hello(&id, Role::Peer, 99));
     assert!(refusal(&read_all(&mut s)).contains("not a member"));
+    // A node certificate used with another node id.
+    let mut s = raw_connect(&node2, target.listen);
+    send_frame(&mut s, &hello(&id, Role::Peer, 3));
+    let r = refusal(&read_all(&mut s));
+    assert!(r.contains("node 2 claimed to be node 3"), "{r}");
+    // An administrator posing as a peer.
+    let mut s = raw_connect(&admin, target.listen);
+    send_frame(&mut s, &hello(&id, Role::Peer, 3));
+    let r = refusal(&read_all(&mut s));
+    assert!(r.contains("claimed to be node 3"), "{r}");
     // A client proposing a reserved kind gets an error, not a decision.
     let bad = cfs_log::Entry::new(cfs_log::EntryKind(1), client.next_request(), Vec::new());
     assert!(matches!(
@@ -289,7 +315,11 @@ async fn a_full_log_disk_fails_the_node_visibly() {
     // shards to a node low on log space.
     let leader = cl.wait_leaders_together();
     assert_ne!(leader, SMALL);
-    let client = LogClient::new(&cl.cfgs[0].cluster_id, vec![cl.cfg(leader).listen]);
+    let client = LogClient::new(
+        &cl.cfgs[0].cluster_id,
+        vec![cl.cfg(leader).listen],
+        cl.admin(),
+    );
     let payload = vec![5u8; 1024];
     let until = Instant::now() + Duration::from_secs(120);
     let mut failed = String::new();
@@ -359,7 +389,11 @@ async fn isolated_leader_cannot_serve_a_read_barrier() {
     let cl = Cluster::start("lease");
     let shard = ShardId(0);
     let leader = cl.leader(shard).await;
-    let mut client = LogClient::new(&cl.cfgs[0].cluster_id, vec![cl.cfg(leader).listen]);
+    let mut client = LogClient::new(
+        &cl.cfgs[0].cluster_id,
+        vec![cl.cfg(leader).listen],
+        cl.admin(),
+    );
     client.timeout = Duration::from_secs(3);
     let p0 = client.read_barrier(shard).await.unwrap();
     eprintln!("leader {leader} barrier at {p0}");
@@ -414,6 +448,7 @@ async fn service_only_steps_and_other_clients_locks_are_refused() {
     let (meta, _inval) = MetaClient::new(
         cluster::meta_servers(&cl.cfgs),
         cl.cfgs[0].cluster_id.clone(),
+        cluster::mount_security(&cl.dir).unwrap(),
         Duration::from_secs(20),
     );
     let creds = Creds {
@@ -514,7 +549,7 @@ async fn metadata_sessions_are_bounded() {
 
     // A client that floods requests and never reads: its session is
     // closed once a bounded number of messages is queued for it.
-    let mut s = TcpStream::connect(addr).unwrap();
+    let mut s = raw_connect(&cluster::mount_security(&cl.dir).unwrap(), addr);
     let frame = |id: u64, req: Request| {
         let mut out = Vec::new();
         cfs_frame::encode_with(&mut out, |o| {
@@ -539,7 +574,9 @@ async fn metadata_sessions_are_bounded() {
     for id in 2..1_002u64 {
         batch.extend(frame(id, Request::GetAttr { ino: 1 }));
     }
-    s.set_write_timeout(Some(Duration::from_secs(30))).unwrap();
+    s.tcp()
+        .set_write_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
     let mut sent = 0u64;
     let closed = loop {
         if s.write_all(&batch).is_err() {
@@ -618,7 +655,7 @@ async fn subscriptions_per_connection_are_bounded() {
     let cl = Cluster::start("sub-limit");
     let client = cl.client();
     client.propose(ShardId(0), b"one".to_vec()).await.unwrap();
-    let mut s = TcpStream::connect(cl.cfg(1).listen).unwrap();
+    let mut s = raw_connect(&cl.admin(), cl.cfg(1).listen);
     send_frame(&mut s, &hello(&cl.cfgs[0].cluster_id, Role::Client, 0));
     for id in 0..(MAX as u64 + 8) {
         send_frame(
@@ -630,7 +667,9 @@ async fn subscriptions_per_connection_are_bounded() {
             },
         );
     }
-    s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    s.tcp()
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .unwrap();
     let msgs = read_all(&mut s);
     let refused: Vec<u64> = msgs
         .iter()
@@ -652,4 +691,201 @@ async fn subscriptions_per_connection_are_bounded() {
         streaming >= MAX,
         "the first {MAX} stream ({streaming} batches)"
     );
+}
+
+/// Every listener refuses a peer without a certificate of this cluster's
+/// CA (no certificate, another cluster's); a mount's certificate gets
+/// neither the log nor the administrative segment calls. Each refusal is
+/// an error naming the reason, logged with the peer, and changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peers_without_the_right_certificate_are_refused() {
+    use cfs_client::conn::MetaClient;
+    use cfs_proto::ops::Request;
+    use cfs_segments::client::{ClientError, SegmentClient};
+    use cfs_segments::store::StoreError;
+
+    let cl = Cluster::start("tls-refusals");
+    let id = cl.cfgs[0].cluster_id.clone();
+    let log = cl.client();
+    let p0 = log.propose(ShardId(0), b"before".to_vec()).await.unwrap();
+    let other_ca = tempfile::tempdir().unwrap();
+    let stranger = {
+        let ca = cfs_net::ca::Ca::generate("other").unwrap();
+        let who = cfs_net::Principal::Admin("local".into());
+        ca.issue_files(&who, 1, other_ca.path(), "admin").unwrap();
+        cfs_net::Security::load(&cfs_net::TlsFiles::in_dir(other_ca.path(), "admin")).unwrap()
+    };
+    for (what, sec) in [
+        ("no certificate", cfs_net::Security::plaintext()),
+        ("another cluster's certificate", stranger),
+    ] {
+        let mut c = LogClient::new(&id, vec![cl.cfg(1).listen], sec.clone());
+        c.timeout = Duration::from_secs(3);
+        assert!(c.status(cl.cfg(1).listen).await.is_err(), "log, {what}");
+        let s = SegmentClient::new(&id, cluster::segment_servers(&cl.cfgs), sec.clone());
+        let r = s.stat(1).await;
+        assert!(
+            matches!(r, Err(ClientError::Unreachable { .. })),
+            "segments, {what}: {r:?}"
+        );
+        let (m, _inval) = MetaClient::new(
+            vec![cl.cfg(1).meta_listen.unwrap()],
+            id.clone(),
+            sec,
+            Duration::from_secs(3),
+        );
+        assert!(
+            m.call(Request::StatFs, true).await.is_err(),
+            "metadata, {what}"
+        );
+    }
+    // A mount's certificate: no log access, no administrative calls, but
+    // the rest of the segment protocol.
+    let mount = cluster::mount_security(&cl.dir).unwrap();
+    let mut c = LogClient::new(&id, vec![cl.cfg(1).listen], mount.clone());
+    c.timeout = Duration::from_secs(3);
+    match c.status(cl.cfg(1).listen).await {
+        Err(e) => assert!(e.to_string().contains("may not use the log"), "{e}"),
+        Ok(s) => panic!("a mount read the log's status: {s:?}"),
+    }
+    let s = SegmentClient::new(&id, cluster::segment_servers(&cl.cfgs), mount);
+    s.stat(1).await.unwrap();
+    let r = s.list(1).await;
+    assert!(
+        matches!(
+            r,
+            Err(ClientError::Store {
+                error: StoreError::Denied(_),
+                ..
+            })
+        ),
+        "{r:?}"
+    );
+    let logged = cl.log_of(1);
+    for reason in [
+        "tls handshake",
+        "may not use the log",
+        "administrative segment request refused",
+    ] {
+        assert!(logged.contains(reason), "{reason:?} not logged");
+    }
+    // Nothing changed: the next entry follows directly.
+    let p1 = log.propose(ShardId(0), b"after".to_vec()).await.unwrap();
+    assert_eq!(p1, p0 + 1);
+    cluster::wait_healthy(&cl.cfgs, Duration::from_secs(5)).unwrap();
+}
+
+/// A mount's identities are the cluster's as its certificate grants:
+/// root is squashed to 65534 unless the certificate trusts root, and its
+/// uid maps apply, whatever uid the mount claims.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mounts_root_is_squashed_unless_its_certificate_trusts_root() {
+    use cfs_client::conn::MetaClient;
+    use cfs_proto::ops::Reply;
+    use cfs_proto::ops::{Op, Request};
+    use cfs_proto::types::{Creds, Errno, SetAttr, ROOT_INO};
+
+    let cl = Cluster::start("squash");
+    let id = cl.cfgs[0].cluster_id.clone();
+    let metas = cluster::meta_servers(&cl.cfgs);
+    let session = |sec: cfs_net::Security| {
+        MetaClient::new(metas.clone(), id.clone(), sec, Duration::from_secs(20)).0
+    };
+    let trusted = session(cluster::mount_security(&cl.dir).unwrap());
+    let squashed = session(cl.issue(
+        cfs_net::Principal::Client {
+            name: "sq".into(),
+            policy: cfs_net::ClientPolicy {
+                trust_root: false,
+                uid_map: vec![(1000, 4242)],
+                gid_map: vec![],
+            },
+        },
+        "client-sq",
+    ));
+    let as_uid = |uid: u32| Creds {
+        uid,
+        gid: uid,
+        groups: Vec::new(),
+    };
+    let create = |parent: u64, name: &str, mode: u32| Op::Create {
+        parent,
+        name: name.as_bytes().to_vec(),
+        mode,
+        rdev: 0,
+        target: None,
+        excl: true,
+    };
+    let mutate = |m: &Arc<MetaClient>, creds: Creds, op: Op| {
+        let m = m.clone();
+        async move {
+            m.call(
+                Request::Mutate {
+                    op_id: 0,
+                    creds,
+                    op,
+                    early: false,
+                },
+                true,
+            )
+            .await
+        }
+    };
+    let attr = |r: Result<Reply, Errno>| match r {
+        Ok(Reply::Attr(i)) => i,
+        other => panic!("expected attributes, got {other:?}"),
+    };
+    let open = attr(
+        mutate(
+            &trusted,
+            as_uid(0),
+            create(ROOT_INO, "open", libc::S_IFDIR | 0o777),
+        )
+        .await,
+    );
+    assert_eq!(open.uid, 0, "a trusted mount's root stays root");
+    // The squashed mount's root cannot write the root directory (0755,
+    // owned by root) ...
+    let r = mutate(
+        &squashed,
+        as_uid(0),
+        create(ROOT_INO, "planted", libc::S_IFREG | 0o4755),
+    )
+    .await;
+    assert_eq!(r.err(), Some(Errno::EACCES));
+    // ... creates as 65534 where anyone may ...
+    let f = attr(
+        mutate(
+            &squashed,
+            as_uid(0),
+            create(open.ino, "f", libc::S_IFREG | 0o644),
+        )
+        .await,
+    );
+    assert_eq!(
+        (f.uid, f.gid),
+        (cfs_net::principal::NOBODY, cfs_net::principal::NOBODY)
+    );
+    // ... cannot give a file to root ...
+    let chown = Op::SetAttr {
+        ino: f.ino,
+        set: SetAttr {
+            uid: Some(0),
+            ..Default::default()
+        },
+    };
+    assert_eq!(
+        mutate(&squashed, as_uid(0), chown).await.err(),
+        Some(Errno::EPERM)
+    );
+    // ... and its uid 1000 is the cluster's 4242.
+    let g = attr(
+        mutate(
+            &squashed,
+            as_uid(1000),
+            create(open.ino, "g", libc::S_IFREG | 0o644),
+        )
+        .await,
+    );
+    assert_eq!(g.uid, 4242);
 }

@@ -1036,15 +1036,33 @@ fn a_log_disk_low_on_space_refuses_changes_with_enospc() {
 fn a_mount_moves_to_the_node_leading_the_shards() {
     let c = Cluster::start("fs-leader");
     let rt = tokio::runtime::Runtime::new().expect("runtime");
-    // The node leading most shards; a tie goes to the higher id.
-    let leader = rt.block_on(async { c.leader(ShardId(0)).await.max(c.leader(ShardId(1)).await) });
+    // Leader affinity gathers the shards on one node: wait for that, so
+    // the leader the mount should find does not change under the test.
+    let until = Instant::now() + Duration::from_secs(30);
+    let leader = loop {
+        let (a, b) =
+            rt.block_on(async { (c.leader(ShardId(0)).await, c.leader(ShardId(1)).await) });
+        if a == b {
+            break a;
+        }
+        assert!(Instant::now() < until, "shards led by {a} and {b}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
     let other = (1..=3).find(|n| *n != leader).expect("a follower");
     let meta = |n: u64| c.cfg(n).meta_listen.expect("meta").to_string();
     let servers = format!("{},{}", meta(other), meta(leader));
     let m = Mount::new(&c, "m", &["--servers", &servers, "--follow-leader", "true"]);
     std::fs::write(m.path.join("f"), b"hello").expect("write");
     assert_eq!(std::fs::read(m.path.join("f")).expect("read"), b"hello");
-    let log = std::fs::read_to_string(c.dir.join("m.log")).expect("mount log");
+    // The move happens in the background after the first session.
+    let until = Instant::now() + Duration::from_secs(20);
+    let log = loop {
+        let log = std::fs::read_to_string(c.dir.join("m.log")).expect("mount log");
+        if log.contains("moved to the node leading the shards") || Instant::now() > until {
+            break log;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
     assert!(
         log.contains("moved to the node leading the shards"),
         "{log}"

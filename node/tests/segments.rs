@@ -165,6 +165,7 @@ async fn bad_requests_get_clear_errors() {
     let stranger = cfs_segments::client::SegmentClient::new(
         "not-this-cluster",
         cluster::segment_servers(&cl.cfgs),
+        cl.admin(),
     );
     let r = stranger.list(2).await;
     assert!(

@@ -76,14 +76,24 @@ struct Conn {
 }
 
 impl Conn {
-    async fn open(addr: SocketAddr, cluster_id: &str, node: u64) -> Result<Arc<Conn>, ClientError> {
+    async fn open(
+        addr: SocketAddr,
+        cluster_id: &str,
+        node: u64,
+        security: &cfs_net::Security,
+    ) -> Result<Arc<Conn>, ClientError> {
         let err = |reason: String| ClientError::Unreachable { node, reason };
-        let s = tokio::time::timeout(Duration::from_secs(3), tokio::net::TcpStream::connect(addr))
+        let conn = security
+            .connect(addr, Duration::from_secs(3))
             .await
-            .map_err(|_| err(format!("connect to {addr} timed out")))?
-            .map_err(|e| err(format!("connect to {addr}: {e}")))?;
-        let _ = s.set_nodelay(true);
-        let (r, mut w) = s.into_split();
+            .map_err(|e| err(e.to_string()))?;
+        if !conn.peer.is_node(node) {
+            return Err(err(format!(
+                "{addr} holds the certificate of {}, not node {node}",
+                conn.peer
+            )));
+        }
+        let (r, mut w) = (conn.reader, conn.writer);
         let mut buf = Vec::new();
         proto::encode(
             &Envelope {
@@ -134,6 +144,7 @@ impl Conn {
 /// Connections to every segment server of a cluster.
 pub struct SegmentClient {
     cluster_id: String,
+    security: cfs_net::Security,
     servers: proto::ServerMap,
     conns: tokio::sync::Mutex<HashMap<u64, Arc<Conn>>>,
     /// Nodes that just failed, and until when calls to them fail at once
@@ -146,9 +157,17 @@ pub struct SegmentClient {
 pub const DOWN_RETRY_INTERVAL: Duration = Duration::from_millis(500);
 
 impl SegmentClient {
-    pub fn new(cluster_id: &str, servers: proto::ServerMap) -> Arc<Self> {
+    /// A client of `servers`. With TLS, `security` holds this process's
+    /// certificate; administrative calls need a node's or an
+    /// administrator's.
+    pub fn new(
+        cluster_id: &str,
+        servers: proto::ServerMap,
+        security: cfs_net::Security,
+    ) -> Arc<Self> {
         Arc::new(SegmentClient {
             cluster_id: cluster_id.to_string(),
+            security,
             servers,
             conns: tokio::sync::Mutex::new(HashMap::new()),
             down_until: Mutex::new(HashMap::new()),
@@ -188,7 +207,7 @@ impl SegmentClient {
                 node,
                 reason: "unknown node".into(),
             })?;
-        match Conn::open(addr, &self.cluster_id, node).await {
+        match Conn::open(addr, &self.cluster_id, node, &self.security).await {
             Ok(c) => {
                 conns.insert(node, c.clone());
                 self.down_until.lock().expect("down lock").remove(&node);

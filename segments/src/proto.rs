@@ -64,6 +64,16 @@ pub enum Request {
     Stat,
 }
 
+impl Request {
+    /// Calls only nodes and administrators may make.
+    pub fn is_administrative(&self) -> bool {
+        matches!(
+            self,
+            Request::Free { .. } | Request::MarkDead { .. } | Request::List
+        )
+    }
+}
+
 /// A node's segment store, as `/health` and `cfs` report it.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct StatInfo {

@@ -43,6 +43,8 @@ pub struct SegmentServerConfig {
     /// Open connections one remote address may keep; more are closed at
     /// once.
     pub connections_per_peer: usize,
+    /// Mutual TLS (or the development plaintext).
+    pub security: cfs_net::Security,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -111,6 +113,7 @@ impl SegmentServer {
         info!(listen = %cfg.listen, io_mode = %server.stat().io_mode, "segment server started");
         let s = server.clone();
         let cluster_id = cfg.cluster_id.clone();
+        let security = cfg.security.clone();
         let peers = cfs_frame::peers::PeerLimiter::new(cfg.connections_per_peer);
         tokio::spawn(async move {
             loop {
@@ -125,10 +128,15 @@ impl SegmentServer {
                         let _ = sock.set_nodelay(true);
                         let s = s.clone();
                         let cid = cluster_id.clone();
+                        let security = security.clone();
                         tokio::spawn(
                             async move {
                                 let _slot = slot;
-                                if let Err(reason) = s.serve(sock, &cid, node_id).await {
+                                let served = match security.accept(sock).await {
+                                    Ok(conn) => s.serve(conn, &cid, node_id).await,
+                                    Err(e) => Err(e.to_string()),
+                                };
+                                if let Err(reason) = served {
                                     s.rejected.fetch_add(1, Ordering::Relaxed);
                                     warn!("closing segment connection: {reason}");
                                 }
@@ -249,11 +257,11 @@ impl SegmentServer {
 
     async fn serve(
         &self,
-        sock: tokio::net::TcpStream,
+        conn: cfs_net::Conn,
         cluster_id: &str,
         node_id: u64,
     ) -> Result<(), String> {
-        let (r, mut w) = sock.into_split();
+        let (r, mut w, peer) = (conn.reader, conn.writer, conn.peer);
         let mut reader = FrameReader::new(r, HELLO_FRAME_BYTES_MAX);
         let hello: Envelope<Request> =
             match tokio::time::timeout(HANDSHAKE_TIMEOUT, reader.next()).await {
@@ -266,7 +274,7 @@ impl SegmentServer {
                 "protocol {protocol} not supported (this node speaks {PROTOCOL_VERSION})"
             )),
             Request::Hello { cluster_id: c, .. } if c != cluster_id => {
-                Err(format!("wrong cluster id {c:?} (this is {cluster_id:?})"))
+                Err(format!("wrong cluster id {c:?}"))
             }
             Request::Hello { .. } => Ok(()),
             _ => Err("first message is not a hello".into()),
@@ -299,6 +307,25 @@ impl SegmentServer {
             };
             if matches!(msg.body, Request::Hello { .. }) {
                 break Err("second hello".into());
+            }
+            // Freeing, marking dead and listing fragments are for nodes
+            // and administrators (repair, compaction), never mounts.
+            if msg.body.is_administrative() && !peer.is_admin() {
+                warn!(%peer, "administrative segment request refused");
+                let denied = Response::Error(StoreError::Denied(format!(
+                    "{peer} may not free, mark dead or list fragments"
+                )));
+                if tx
+                    .send(Envelope {
+                        id: msg.id,
+                        body: denied,
+                    })
+                    .await
+                    .is_err()
+                {
+                    break Ok(());
+                }
+                continue;
             }
             let (otx, orx) = oneshot::channel();
             let id = msg.id;

@@ -61,6 +61,8 @@ pub enum StoreError {
     NoSpace(String),
     #[error("i/o error: {0}")]
     Io(String),
+    #[error("permission denied: {0}")]
+    Denied(String),
 }
 
 fn io_error(what: String, e: std::io::Error) -> StoreError {

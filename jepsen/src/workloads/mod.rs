@@ -20,6 +20,8 @@ use crate::history::History;
 /// What clients need: the nodes' addresses and the mounts.
 pub struct Ctx {
     pub cluster_id: String,
+    /// The administrator's certificate, for log clients.
+    pub security: cfs_net::Security,
     pub nodes: Vec<SocketAddr>,
     pub mounts: Vec<PathBuf>,
     pub shards: Vec<ShardId>,
@@ -35,7 +37,11 @@ pub struct Ctx {
 
 impl Ctx {
     pub fn log_client(&self) -> cfs_log::client::LogClient {
-        let mut c = cfs_log::client::LogClient::new(&self.cluster_id, self.nodes.clone());
+        let mut c = cfs_log::client::LogClient::new(
+            &self.cluster_id,
+            self.nodes.clone(),
+            self.security.clone(),
+        );
         c.timeout = std::time::Duration::from_secs(5);
         c
     }

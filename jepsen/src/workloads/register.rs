@@ -87,7 +87,8 @@ pub async fn client(ctx: Arc<Ctx>, slot: u64) {
     // node the clients settled on.
     let pinned = (slot % 2 == 1 && !ctx.nodes.is_empty()).then(|| {
         let node = ctx.nodes[(slot / 2) as usize % ctx.nodes.len()];
-        let mut r = cfs_log::client::LogClient::new(&ctx.cluster_id, vec![node]);
+        let mut r =
+            cfs_log::client::LogClient::new(&ctx.cluster_id, vec![node], ctx.security.clone());
         r.timeout = std::time::Duration::from_secs(5);
         r
     });

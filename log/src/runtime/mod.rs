@@ -101,6 +101,9 @@ pub struct LogNodeConfig {
     /// Open connections one remote address may keep on the log port
     /// (peers and clients alike); more are closed at once.
     pub connections_per_peer: usize,
+    /// Mutual TLS for every connection in and out (or the development
+    /// plaintext).
+    pub security: cfs_net::Security,
 }
 
 /// Faults a node can be started with, for the Jepsen suite: a
@@ -443,6 +446,7 @@ impl LogNode {
             cluster_id: cfg.cluster_id.clone(),
             node_id: cfg.node_id,
             incarnation: random_nonzero(),
+            security: cfg.security.clone(),
         };
         let listener =
             TcpListener::bind(cfg.listen)
@@ -1158,27 +1162,26 @@ impl LogNode {
     /// Handshake, then either peer traffic or client requests. Returns an
     /// error string when the connection is closed for bad input.
     async fn serve_connection(&self, s: tokio::net::TcpStream) -> Result<(), String> {
-        let (r, mut w) = s.into_split();
+        let conn = self
+            .inner
+            .cfg
+            .security
+            .accept(s)
+            .await
+            .map_err(|e| e.to_string())?;
+        let (r, mut w, peer) = (conn.reader, conn.writer, conn.peer);
         let mut reader = FrameReader::new(r, HELLO_FRAME_BYTES_MAX);
         let hello = match tokio::time::timeout(HANDSHAKE_TIMEOUT, reader.next()).await {
             Err(_) => return Err("no hello within the handshake timeout".into()),
             Ok(Err(e)) => return Err(format!("bad hello: {e}")),
             Ok(Ok(h)) => h,
         };
-        let Wire::Hello {
-            protocol,
-            cluster_id,
-            role,
-            node_id,
-            incarnation,
-        } = hello
-        else {
-            return Err("first message is not a hello".into());
+        let (role, node_id) = match &hello {
+            Wire::Hello { role, node_id, .. } => (*role, *node_id),
+            _ => return Err("first message is not a hello".into()),
         };
         let alive = Arc::new(AtomicBool::new(true));
-        if let Err(reason) =
-            self.check_hello(protocol, &cluster_id, role, node_id, incarnation, &alive)
-        {
+        if let Err(reason) = self.check_hello(&hello, &alive, &peer) {
             let _ = write_msg(
                 &mut w,
                 &Wire::Refused {
@@ -1219,26 +1222,42 @@ impl LogNode {
     /// Validates a hello; for peers, registers the link as `alive`.
     fn check_hello(
         &self,
-        protocol: u32,
-        cluster_id: &str,
-        role: Role,
-        node_id: NodeId,
-        incarnation: u64,
+        hello: &Wire,
         alive: &Arc<AtomicBool>,
+        peer: &cfs_net::Peer,
     ) -> Result<(), String> {
+        let Wire::Hello {
+            protocol,
+            cluster_id,
+            role,
+            node_id,
+            incarnation,
+        } = hello
+        else {
+            return Err("first message is not a hello".into());
+        };
+        let (protocol, role, node_id, incarnation) = (*protocol, *role, *node_id, *incarnation);
         if protocol != PROTOCOL_VERSION {
             return Err(format!(
                 "protocol {protocol} not supported (this node speaks {PROTOCOL_VERSION})"
             ));
         }
-        if cluster_id != self.inner.cfg.cluster_id {
-            return Err(format!(
-                "wrong cluster id {cluster_id:?} (this is {:?})",
-                self.inner.cfg.cluster_id
-            ));
+        if *cluster_id != self.inner.cfg.cluster_id {
+            // The refusal never names this cluster's id.
+            return Err(format!("wrong cluster id {cluster_id:?}"));
         }
         if role == Role::Client {
+            // Log clients read every entry (file data inline): nodes and
+            // administrators only, never a mount.
+            if !peer.is_admin() {
+                return Err(format!(
+                    "{peer} may not use the log: it needs a node or administrator certificate"
+                ));
+            }
             return Ok(());
+        }
+        if !peer.is_node(node_id) {
+            return Err(format!("{peer} claimed to be node {node_id}"));
         }
         if node_id == self.inner.cfg.node_id {
             return Err(format!(
@@ -1263,7 +1282,7 @@ impl LogNode {
     async fn serve_peer(
         &self,
         peer: NodeId,
-        mut reader: FrameReader<tokio::net::tcp::OwnedReadHalf>,
+        mut reader: FrameReader<cfs_net::BoxRead>,
     ) -> Result<(), String> {
         loop {
             let msg = match reader.next().await {
@@ -1364,8 +1383,8 @@ impl LogNode {
 
     async fn serve_client(
         &self,
-        mut reader: FrameReader<tokio::net::tcp::OwnedReadHalf>,
-        w: tokio::net::tcp::OwnedWriteHalf,
+        mut reader: FrameReader<cfs_net::BoxRead>,
+        w: cfs_net::BoxWrite,
     ) -> Result<(), String> {
         let (tx, rx) = mpsc::channel::<Wire>(CLIENT_REPLY_QUEUE_MAX);
         let writer = tokio::spawn(crate::frame::write_batched(w, rx, Wire::encode_frame));

@@ -33,7 +33,11 @@ fn init_logging(format: LogFormat) {
 }
 
 async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
-    let mut log_cfg = cfg.log_config();
+    let security = cfg.security()?;
+    if !security.is_tls() {
+        tracing::warn!("insecure_plaintext: no TLS, no authentication (development only)");
+    }
+    let mut log_cfg = cfg.log_config(&security);
     // Fault injection for the Jepsen suite (never set in production).
     if let Ok(f) = std::env::var("CFS_FAULTS") {
         log_cfg.faults =
@@ -45,7 +49,7 @@ async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
     let node = cfs_log::LogNode::start(log_cfg)
         .await
         .context("starting the log")?;
-    let segments = match cfg.segments_config() {
+    let segments = match cfg.segments_config(&security) {
         Some(sc) => Some(
             cfs_segments::server::SegmentServer::start(sc)
                 .await
@@ -75,6 +79,7 @@ async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
                     nodes: cfg.nodes.len() as u64,
                     spread_depth: cfg.spread_depth,
                     connections_per_peer: cfg.connections_per_peer,
+                    security: security.clone(),
                 },
                 node.clone(),
             )

@@ -40,7 +40,15 @@ enum Cmd {
         /// Options passed to `cfs mount` (e.g. `--cache-mode=strict`).
         #[arg(long = "mount-opt", allow_hyphen_values = true)]
         mount_opts: Vec<String>,
+        /// A new cluster without TLS or authentication (development only;
+        /// by default `cfs up` makes a cluster CA and certificates in
+        /// DIR/tls).
+        #[arg(long)]
+        insecure_plaintext: bool,
     },
+    /// The cluster CA: make one, issue certificates under it.
+    #[command(subcommand)]
+    Ca(CaCmd),
     /// Mount the file system (foreground; SIGTERM or `fusermount3 -u` ends it).
     Mount(MountArgs),
     /// Print a node's namespace database (node stopped or not), one
@@ -193,6 +201,108 @@ enum Cmd {
     },
 }
 
+#[derive(Subcommand)]
+enum CaCmd {
+    /// Make a new cluster CA in DIR (`ca.crt`, and `ca.key`, mode 0600:
+    /// keep it off the nodes you can).
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+        /// The cluster's name, for people reading the certificate.
+        #[arg(long)]
+        cluster_id: String,
+    },
+    /// Issue a certificate signed by the CA in CA_DIR, written to
+    /// OUT/STEM.crt and OUT/STEM.key (with OUT/ca.crt beside them).
+    Issue {
+        #[arg(long)]
+        ca_dir: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        /// File name stem (default: node-N, admin or client-NAME).
+        #[arg(long)]
+        stem: Option<String>,
+        /// A node certificate for this node id.
+        #[arg(long, conflicts_with_all = ["admin", "client"])]
+        node: Option<u64>,
+        /// An administrator certificate (tools, repair, log clients).
+        #[arg(long, conflicts_with = "client")]
+        admin: Option<String>,
+        /// A mount's certificate.
+        #[arg(long)]
+        client: Option<String>,
+        /// The mount's root stays root (default: squashed to 65534).
+        #[arg(long, requires = "client")]
+        trust_root: bool,
+        /// Map the mount's uid FROM to the cluster's uid TO (FROM:TO; repeat).
+        #[arg(long, requires = "client", value_parser = parse_id_map)]
+        map_uid: Vec<(u32, u32)>,
+        /// Map the mount's gid FROM to the cluster's gid TO (FROM:TO; repeat).
+        #[arg(long, requires = "client", value_parser = parse_id_map)]
+        map_gid: Vec<(u32, u32)>,
+        #[arg(long, default_value_t = cfs_net::ca::CERT_VALID_DAYS)]
+        days: i64,
+    },
+}
+
+fn parse_id_map(s: &str) -> Result<(u32, u32), String> {
+    let (a, b) = s
+        .split_once(':')
+        .ok_or_else(|| format!("{s:?}: expected FROM:TO"))?;
+    let n = |x: &str| x.parse::<u32>().map_err(|e| format!("{x:?}: {e}"));
+    Ok((n(a)?, n(b)?))
+}
+
+fn ca_cmd(c: CaCmd) -> anyhow::Result<()> {
+    use cfs_net::ca::Ca;
+    use cfs_net::{ClientPolicy, Principal};
+    match c {
+        CaCmd::Init { dir, cluster_id } => {
+            if dir.join("ca.key").exists() {
+                bail!("{} already holds a CA", dir.display());
+            }
+            Ca::generate(&cluster_id)?.save(&dir)?;
+            println!("CA written to {}/ca.crt and ca.key", dir.display());
+        }
+        CaCmd::Issue {
+            ca_dir,
+            out,
+            stem,
+            node,
+            admin,
+            client,
+            trust_root,
+            map_uid,
+            map_gid,
+            days,
+        } => {
+            let (who, default_stem) = match (node, admin, client) {
+                (Some(id), None, None) => (Principal::Node(id), format!("node-{id}")),
+                (None, Some(n), None) => (Principal::Admin(n), "admin".to_string()),
+                (None, None, Some(name)) => (
+                    Principal::Client {
+                        name: name.clone(),
+                        policy: ClientPolicy {
+                            trust_root,
+                            uid_map: map_uid,
+                            gid_map: map_gid,
+                        },
+                    },
+                    format!("client-{name}"),
+                ),
+                _ => bail!("give one of --node, --admin, --client"),
+            };
+            let stem = stem.unwrap_or(default_stem);
+            Ca::load(&ca_dir)?.issue_files(&who, days, &out, &stem)?;
+            println!(
+                "{who}: {}/{stem}.crt and {stem}.key (valid {days} days)",
+                out.display()
+            );
+        }
+    }
+    Ok(())
+}
+
 #[derive(clap::Args)]
 struct MountArgs {
     mountpoint: PathBuf,
@@ -204,6 +314,17 @@ struct MountArgs {
     servers: Vec<std::net::SocketAddr>,
     #[arg(long)]
     cluster_id: Option<String>,
+    /// Directory with this mount's TLS files: ca.crt, and STEM.crt and
+    /// STEM.key (`cfs ca issue --client NAME`); needed with --servers.
+    #[arg(long)]
+    tls_dir: Option<PathBuf>,
+    /// The certificate's file name stem in --tls-dir.
+    #[arg(long, default_value = "mount")]
+    tls_stem: String,
+    /// Connect without TLS (only to a cluster made with
+    /// --insecure-plaintext).
+    #[arg(long)]
+    insecure_plaintext: bool,
     /// strict | close-to-open | session
     #[arg(long, default_value = "close-to-open")]
     cache_mode: cfs_client::CacheMode,
@@ -266,6 +387,16 @@ fn mount_cmd(a: MountArgs) -> anyhow::Result<()> {
     if servers.is_empty() {
         bail!("no metadata servers: give --dir or --servers");
     }
+    let security = match (&a.tls_dir, &a.dir, a.insecure_plaintext) {
+        (Some(t), _, false) => cfs_net::Security::load(&cfs_net::TlsFiles::in_dir(t, &a.tls_stem))
+            .context("loading the mount's TLS files")?,
+        (None, Some(d), false) => cluster::mount_security(d)?,
+        (None, _, true) => cfs_net::Security::plaintext(),
+        (Some(_), _, true) => bail!("--tls-dir and --insecure-plaintext exclude each other"),
+        (None, None, false) => bail!(
+            "--tls-dir is needed with --servers (or --insecure-plaintext for a development cluster)"
+        ),
+    };
     let filter = tracing_subscriber::EnvFilter::try_from_env("CFS_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt()
@@ -276,6 +407,7 @@ fn mount_cmd(a: MountArgs) -> anyhow::Result<()> {
     let opts = cfs_client::MountOptions {
         servers,
         cluster_id,
+        security,
         cache_mode: a.cache_mode,
         write_buffer: a.write_buffer.max(1) << 20,
         read_ahead: a.read_ahead << 20,
@@ -337,6 +469,7 @@ fn client_for(dir: &Path) -> anyhow::Result<LogClient> {
     Ok(LogClient::new(
         &cfgs[0].cluster_id,
         cfgs.iter().map(|c| c.listen).collect(),
+        cluster::admin_security(dir)?,
     ))
 }
 
@@ -502,10 +635,16 @@ fn main() -> anyhow::Result<()> {
             wait,
             mount,
             mount_opts,
+            insecure_plaintext,
         } => {
             std::fs::create_dir_all(&dir)?;
             let dir = dir.canonicalize()?;
-            let cfgs = cluster::ensure_configs(&dir, nodes, shards)?;
+            let transport = if insecure_plaintext {
+                cluster::Transport::InsecurePlaintext
+            } else {
+                cluster::Transport::Tls
+            };
+            let cfgs = cluster::ensure_configs(&dir, nodes, shards, transport)?;
             let bin = cluster::node_binary()?;
             for c in &cfgs {
                 cluster::start_node(&dir, c.node_id, &bin)?;
@@ -528,6 +667,7 @@ fn main() -> anyhow::Result<()> {
                 println!("mounted at {}", mnt.canonicalize()?.display());
             }
         }
+        Cmd::Ca(c) => ca_cmd(c)?,
         Cmd::Mount(a) => mount_cmd(a)?,
         Cmd::Fsbench {
             dir,

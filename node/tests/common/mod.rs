@@ -22,7 +22,8 @@ impl Cluster {
     pub fn start_with(name: &str, tweak: impl Fn(&mut NodeConfig)) -> Cluster {
         let dir = std::env::temp_dir().join(format!("cfs-test-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        let mut cfgs = cluster::ensure_configs(&dir, 3, 2).expect("configs");
+        let mut cfgs =
+            cluster::ensure_configs(&dir, 3, 2, cluster::Transport::Tls).expect("configs");
         for c in cfgs.iter_mut() {
             tweak(c);
             let path = cluster::node_dir(&dir, c.node_id).join("config.toml");
@@ -38,10 +39,24 @@ impl Cluster {
         cl
     }
 
+    /// A new certificate for `who` from the cluster's CA, as `stem`.
+    pub fn issue(&self, who: cfs_net::Principal, stem: &str) -> cfs_net::Security {
+        let td = cluster::tls_dir(&self.dir);
+        let ca = cfs_net::ca::Ca::load(&td).expect("cluster CA");
+        ca.issue_files(&who, 1, &td, stem).expect("issue");
+        cfs_net::Security::load(&cfs_net::TlsFiles::in_dir(&td, stem)).expect("load")
+    }
+
+    /// The administrator's certificate `cfs up` made.
+    pub fn admin(&self) -> cfs_net::Security {
+        cluster::admin_security(&self.dir).expect("admin certificate")
+    }
+
     pub fn client(&self) -> LogClient {
         LogClient::new(
             &self.cfgs[0].cluster_id,
             self.cfgs.iter().map(|c| c.listen).collect(),
+            self.admin(),
         )
     }
 
@@ -49,6 +64,7 @@ impl Cluster {
         cfs_segments::client::SegmentClient::new(
             &self.cfgs[0].cluster_id,
             cluster::segment_servers(&self.cfgs),
+            self.admin(),
         )
     }
 
