@@ -82,6 +82,11 @@ pub struct NodeConfig {
     /// (log, segments, metadata); more are closed at once.
     #[serde(default = "default_connections_per_peer")]
     pub connections_per_peer: usize,
+    /// A mount idle this long has its exactly-once outcome tables
+    /// forgotten (a retry of one of its old operations then gets ESTALE).
+    /// Keep it longer than any mount's `--timeout`.
+    #[serde(default = "default_forget_idle_clients_s")]
+    pub forget_idle_clients_s: u64,
     /// No TLS and no authentication: a development cluster only.
     #[serde(default)]
     pub insecure_plaintext: bool,
@@ -159,6 +164,9 @@ fn default_propose_timeout_ms() -> u64 {
 }
 fn default_connections_per_peer() -> usize {
     cfs_frame::peers::CONNECTIONS_PER_PEER_DEFAULT
+}
+fn default_forget_idle_clients_s() -> u64 {
+    3600
 }
 fn default_wal_memory_mib() -> u64 {
     64

@@ -186,6 +186,7 @@ pub fn ensure_configs(
             connections_per_peer: cfs_frame::peers::CONNECTIONS_PER_PEER_DEFAULT,
             segments_dir: None,
             segments_io_uring: true,
+            forget_idle_clients_s: 3600,
             insecure_plaintext: transport == Transport::InsecurePlaintext,
             tls: (transport == Transport::Tls).then(|| crate::config::TlsSection {
                 ca: td.join("ca.crt"),

@@ -166,6 +166,31 @@ pub fn outcomes_low(shard: ShardId, client: u64) -> Vec<u8> {
     with(b'R', &[&shard.to_be_bytes(), &client.to_be_bytes()])
 }
 
+/// When `client` last had an outcome recorded on `shard`, and its
+/// highest operation id there ([`ClientSeen`]).
+pub fn client_seen(shard: ShardId, client: u64) -> Vec<u8> {
+    with(b'S', &[&shard.to_be_bytes(), &client.to_be_bytes()])
+}
+pub fn client_seen_prefix(shard: ShardId) -> Vec<u8> {
+    with(b'S', &[&shard.to_be_bytes()])
+}
+/// The client of a [`client_seen`] key.
+pub fn client_seen_of(key: &[u8]) -> Option<u64> {
+    match key.first() {
+        Some(b'S') if key.len() == 13 => be64_at(key, 5),
+        _ => None,
+    }
+}
+/// A client whose outcomes on `shard` were forgotten: the highest
+/// operation id it had there (a retry at or below it gets ESTALE).
+pub fn client_forgotten(shard: ShardId, client: u64) -> Vec<u8> {
+    with(b'G', &[&shard.to_be_bytes(), &client.to_be_bytes()])
+}
+/// Every outcome of `client` on `shard`.
+pub fn outcomes_of(shard: ShardId, client: u64) -> Vec<u8> {
+    with(b'r', &[&shard.to_be_bytes(), &client.to_be_bytes()])
+}
+
 pub fn tx_lock(key: &[u8]) -> Vec<u8> {
     with(b't', &[key])
 }
@@ -229,7 +254,7 @@ pub fn owner(key: &[u8]) -> Option<ShardId> {
         b'i' | b'd' | b'c' | b'l' | b'x' | b'e' | b'k' | b'o' => {
             be64_at(key, 1).map(crate::types::shard_of)
         }
-        b'n' | b'a' | b'p' | b'q' | b'Q' | b'T' | b'r' | b'R' | b'h' | b'O' => {
+        b'n' | b'a' | b'p' | b'q' | b'Q' | b'T' | b'r' | b'R' | b'h' | b'O' | b'S' | b'G' => {
             be32_at(key, 1).map(ShardId)
         }
         b't' => owner(&key[1..]),

@@ -158,7 +158,11 @@ pub fn changes(op: &LoggedOp, r: &Applied) -> Change {
         | Op::RemoveXattr { ino, .. }
         | Op::Write { ino, .. }
         | Op::Fallocate { ino, .. } => ch.inodes.push(*ino),
-        Op::Lock { .. } | Op::ReleaseLocks { .. } | Op::Reclaim { .. } | Op::RenewHold { .. } => {}
+        Op::Lock { .. }
+        | Op::ReleaseLocks { .. }
+        | Op::Reclaim { .. }
+        | Op::RenewHold { .. }
+        | Op::ForgetIdleClients { .. } => {}
         Op::ExpireHold { .. }
         | Op::TxPrepare { .. }
         | Op::TxDecide { .. }

@@ -743,3 +743,73 @@ fn holds_of_a_vanished_mount_are_broken_once_lapsed() {
     let report = cfs_materializers::check::check(&db).unwrap();
     assert!(report.problems.is_empty(), "{:?}", report.problems);
 }
+
+/// A client idle since before `idle_before` has its outcome tables
+/// forgotten by `ForgetIdleClients`; a retry of one of its old operations
+/// then gets ESTALE (it may have applied: it must not apply twice), while
+/// its new operations and other clients are unaffected.
+#[test]
+fn idle_clients_outcome_tables_are_forgotten() {
+    use cfs_materializers::apply::idle_clients;
+    use cfs_materializers::keys;
+    let dir = tempfile::tempdir().unwrap();
+    let db = NamespaceDb::open(dir.path()).unwrap();
+    let s = ShardId(0);
+    init_shard(&db, s).unwrap();
+    let mut pos = 0u64;
+    let mut run = |client: u64, op_id: u64, now: i64, op: Op| {
+        let lop = LoggedOp {
+            client,
+            op_id,
+            creds: Creds::root(),
+            now,
+            op,
+        };
+        let e = entry(RequestId { client, seq: op_id }, &lop);
+        let (mut out, _) = apply_batch(&db, s, &[(Position(pos), e)]).unwrap();
+        pos += 1;
+        out.pop().map(|(_, r)| r)
+    };
+    let mkdir = |name: &str| Op::Create {
+        parent: ROOT_INO,
+        name: name.as_bytes().to_vec(),
+        mode: libc::S_IFDIR | 0o755,
+        rdev: 0,
+        target: None,
+        excl: true,
+    };
+    // Client 7 works at times 10..13, client 8 at time 1000.
+    for (i, n) in ["a", "b", "c"].iter().enumerate() {
+        assert!(run(7, i as u64 + 1, 10 + i as i64, mkdir(n))
+            .unwrap()
+            .is_ok());
+    }
+    assert!(run(8, 1, 1000, mkdir("d")).unwrap().is_ok());
+    // A retry of op 2 returns its recorded outcome, not EEXIST.
+    assert!(run(7, 2, 20, mkdir("b")).unwrap().is_ok());
+    assert_eq!(idle_clients(&db, s, 500, 10).unwrap(), vec![7]);
+
+    let forget = Op::ForgetIdleClients {
+        shard: s,
+        idle_before: 500,
+    };
+    assert!(run(99, 1, 1001, forget).unwrap().is_ok());
+    let outcomes = |c: u64| {
+        db.scan(
+            &keys::outcome(s, c, 0),
+            &keys::outcome(s, c, u64::MAX),
+            usize::MAX,
+        )
+        .unwrap()
+        .len()
+    };
+    assert_eq!(outcomes(7), 0, "client 7 forgotten");
+    assert_eq!(outcomes(8), 1, "client 8 kept");
+    assert!(idle_clients(&db, s, 500, 10).unwrap().is_empty());
+    // An old operation of client 7 retried: ESTALE, nothing applied.
+    assert_eq!(run(7, 3, 1002, mkdir("c2")).unwrap(), Err(Errno::ESTALE));
+    assert!(db.lookup(ROOT_INO, b"c2").is_err(), "nothing applied");
+    // A new operation of client 7 applies.
+    assert!(run(7, 4, 1003, mkdir("e")).unwrap().is_ok());
+    assert_eq!(outcomes(7), 1);
+}

@@ -47,6 +47,8 @@ const _: () = assert!(TX_REQUESTER_GRACE.as_millis() > GRANT_WAIT.as_millis());
 const CLEAN_COALESCE_MAX: usize = 1024;
 /// Lapsed holds broken per shard per check (the rest wait for the next).
 const HOLDS_BROKEN_PER_CHECK: usize = 64;
+/// Longest interval between two checks for idle clients.
+const FORGET_CHECK_MAX: Duration = Duration::from_secs(60);
 /// Inodes whose attributes go with an early answer at most
 /// (`ServerMsg::Current`; a change touches a few).
 const CURRENT_INODES_MAX: usize = 8;
@@ -145,6 +147,7 @@ struct Counters {
     mispredicted: AtomicU64,
     finishes_early: AtomicU64,
     holds_broken: AtomicU64,
+    clients_forgotten: AtomicU64,
     lease_refusals: AtomicU64,
 }
 
@@ -171,6 +174,10 @@ pub struct MetaConfig {
     /// Mutual TLS (or the development plaintext). A mount's certificate
     /// sets how its uids and gids map (root squash by default).
     pub security: cfs_net::Security,
+    /// A client (mount) with no operation for this long has its
+    /// exactly-once outcome tables forgotten; a retry of one of its old
+    /// operations then gets ESTALE. Longer than any mount's `--timeout`.
+    pub forget_idle_clients: Duration,
 }
 
 impl MetaService {
@@ -279,6 +286,15 @@ impl MetaService {
                     Ok(n) => info!(transactions = n, "recovered abandoned transactions"),
                     Err(e) => warn!("transaction recovery: {e}"),
                 }
+            }
+        });
+        let forget = svc.inner.clone();
+        let idle = cfg.forget_idle_clients;
+        tokio::spawn(async move {
+            let every = (idle / 4).clamp(Duration::from_millis(200), FORGET_CHECK_MAX);
+            loop {
+                tokio::time::sleep(every).await;
+                forget.forget_idle_clients(idle).await;
             }
         });
         let holds = svc.inner.clone();
@@ -405,6 +421,11 @@ impl MetaService {
                 "cfs_meta_holds_broken_total",
                 "Lapsed mount holds this node broke (locks and orphans of vanished mounts released)",
                 &c.holds_broken,
+            ),
+            (
+                "cfs_meta_idle_clients_forgotten_total",
+                "Entries this node proposed that forgot idle clients' outcome tables",
+                &c.clients_forgotten,
             ),
         ] {
             s += &format!(
@@ -842,6 +863,44 @@ impl Inner {
             .status()
             .iter()
             .any(|s| s.shard == shard && s.is_leader)
+    }
+
+    /// Forgets the outcome tables of clients idle for `idle` on the shards
+    /// this node leads (one entry per shard and check, each bounded).
+    async fn forget_idle_clients(self: &Arc<Self>, idle: Duration) {
+        let idle_before = now_ns().saturating_sub(i64::try_from(idle.as_nanos()).unwrap_or(i64::MAX));
+        for &shard in &self.shard_list {
+            if !self.leads(shard) {
+                continue;
+            }
+            match cfs_materializers::apply::idle_clients(&self.db, shard, idle_before, 1) {
+                Ok(c) if c.is_empty() => continue,
+                Ok(_) => {}
+                Err(e) => {
+                    warn!(shard = %shard, "reading idle clients: {e}");
+                    continue;
+                }
+            }
+            let (coordinator, op_id) = coordinator::Cluster::next_id(&**self);
+            let lop = LoggedOp {
+                client: coordinator,
+                op_id,
+                creds: Creds::root(),
+                now: now_ns(),
+                op: Op::ForgetIdleClients { shard, idle_before },
+            };
+            let _alone = self.seq.exclusive().await;
+            match coordinator::Cluster::propose(&**self, shard, lop).await {
+                Ok(Ok(_)) => {
+                    self.counters
+                        .clients_forgotten
+                        .fetch_add(1, Ordering::Relaxed);
+                    info!(shard = %shard, idle_s = idle.as_secs(), "forgot idle clients' outcome tables");
+                }
+                Ok(Err(e)) => tracing::debug!(shard = %shard, "forgetting idle clients: {e}"),
+                Err(e) => warn!(shard = %shard, "forgetting idle clients: {e}"),
+            }
+        }
     }
 
     /// Breaks the holds of mounts that stopped renewing them on the shards

@@ -889,3 +889,48 @@ async fn a_mounts_root_is_squashed_unless_its_certificate_trusts_root() {
     );
     assert_eq!(g.uid, 4242);
 }
+
+/// The leader's metadata service forgets the outcome tables of a mount
+/// idle for `forget_idle_clients_s`: the per-client state a departed
+/// mount leaves is bounded in time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_mounts_outcome_tables_are_forgotten() {
+    use cfs_client::conn::MetaClient;
+    use cfs_proto::ops::{Op, Request};
+    use cfs_proto::types::{Creds, ROOT_INO};
+
+    let cl = Cluster::start_with("forget-idle", |c| c.forget_idle_clients_s = 2);
+    let (meta, _inval) = MetaClient::new(
+        cluster::meta_servers(&cl.cfgs),
+        cl.cfgs[0].cluster_id.clone(),
+        cluster::mount_security(&cl.dir).unwrap(),
+        Duration::from_secs(20),
+    );
+    meta.call(
+        Request::Mutate {
+            op_id: 0,
+            creds: Creds::root(),
+            op: Op::Create {
+                parent: ROOT_INO,
+                name: b"once".to_vec(),
+                mode: libc::S_IFREG | 0o644,
+                rdev: 0,
+                target: None,
+                excl: true,
+            },
+            early: false,
+        },
+        true,
+    )
+    .await
+    .unwrap();
+    drop(meta);
+    let forgotten = |id: u64| cl.metric(id, "cfs_meta_idle_clients_forgotten_total");
+    let until = Instant::now() + Duration::from_secs(30);
+    while (1..=3).map(forgotten).sum::<u64>() == 0 {
+        assert!(Instant::now() < until, "no idle client forgotten");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let logged = cl.log_of(1) + &cl.log_of(2) + &cl.log_of(3);
+    assert!(logged.contains("forgot idle clients' outcome tables"));
+}

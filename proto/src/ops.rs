@@ -152,7 +152,21 @@ pub enum Op {
         shard: ShardId,
         commit: bool,
     },
+    /// (Last: variants keep their encoding.) Forgets the outcome tables (kept for exactly-once retries) of the
+    /// clients whose last operation on `shard` is older than
+    /// `idle_before`, at most [`FORGET_CLIENTS_MAX`] per entry; each is
+    /// remembered as forgotten with its highest operation id, so that a
+    /// retry of one of its old operations gets ESTALE instead of applying
+    /// twice. Only metadata services propose these.
+    ForgetIdleClients {
+        shard: ShardId,
+        idle_before: Nanos,
+    },
 }
+
+/// Clients forgotten per [`Op::ForgetIdleClients`] entry (bounds the
+/// entry's work; the next one takes the rest).
+pub const FORGET_CLIENTS_MAX: usize = 256;
 
 impl Op {
     /// Inode whose shard applies this operation.
@@ -175,7 +189,8 @@ impl Op {
             | Op::TxDecide { shard, .. }
             | Op::TxFinish { shard, .. }
             | Op::RenewHold { shard }
-            | Op::ExpireHold { shard, .. } => make_ino(*shard, 1),
+            | Op::ExpireHold { shard, .. }
+            | Op::ForgetIdleClients { shard, .. } => make_ino(*shard, 1),
         }
     }
 
@@ -215,7 +230,7 @@ impl Op {
     /// Whether only a metadata service may propose this (never a client):
     /// the cross-shard protocol's steps and breaking another mount's hold.
     pub fn is_service_only(&self) -> bool {
-        self.is_tx_step() || matches!(self, Op::ExpireHold { .. })
+        self.is_tx_step() || matches!(self, Op::ExpireHold { .. } | Op::ForgetIdleClients { .. })
     }
 }
 

@@ -69,6 +69,12 @@ pub fn apply(txn: &mut Txn<'_>, shard: ShardId, lop: &LoggedOp) -> Result<ApplyR
         if let Some(r) = txn.get::<ApplyResult>(k)? {
             return Ok(r);
         }
+        // A retry of an operation whose outcome was forgotten with its
+        // idle client: it may have applied, so it must not apply again.
+        let forgotten = txn.get::<u64>(&keys::client_forgotten(shard, lop.client))?;
+        if forgotten.is_some_and(|high| lop.op_id <= high) {
+            return Ok(Err(Errno::ESTALE));
+        }
     }
     let res = match &lop.op {
         Op::TxPrepare { .. } | Op::TxDecide { .. } | Op::TxFinish { .. } => {
@@ -113,6 +119,17 @@ pub fn apply(txn: &mut Txn<'_>, shard: ShardId, lop: &LoggedOp) -> Result<ApplyR
     };
     if let Some(k) = outcome_key {
         txn.put(k, &r);
+        let seen_key = keys::client_seen(shard, lop.client);
+        let high = txn
+            .get::<ClientSeen>(&seen_key)?
+            .map_or(lop.op_id, |s| s.high_op.max(lop.op_id));
+        txn.put(
+            seen_key,
+            &ClientSeen {
+                at: lop.now,
+                high_op: high,
+            },
+        );
         if lop.op_id > OUTCOMES_KEPT {
             // Forget this client's outcomes on this shard that are too old
             // to be retried (op ids of a client spread over the shards, so
@@ -158,6 +175,67 @@ pub fn plan(
 /// Outcomes remembered per client for retries: a client never has more
 /// operations than this outstanding.
 pub const OUTCOMES_KEPT: u64 = 16_384;
+
+/// What a shard remembers of a client with outcomes there.
+#[derive(Clone, Copy, Debug, serde::Serialize, serde::Deserialize)]
+pub struct ClientSeen {
+    /// Log time of its last recorded outcome.
+    pub at: Nanos,
+    /// Its highest operation id recorded here.
+    pub high_op: u64,
+}
+
+/// The clients of `shard` whose last outcome is older than
+/// `idle_before`, at most `limit`: what [`Op::ForgetIdleClients`] would
+/// forget (the metadata service proposes one when this is not empty).
+pub fn idle_clients(
+    db: &crate::store::NamespaceDb,
+    shard: ShardId,
+    idle_before: Nanos,
+    limit: usize,
+) -> Result<Vec<u64>, DbError> {
+    let p = keys::client_seen_prefix(shard);
+    let mut out = Vec::new();
+    for (k, v) in db.scan(&p, &keys::prefix_end(&p), usize::MAX)? {
+        if out.len() >= limit {
+            break;
+        }
+        let seen: ClientSeen = crate::store::decode(&k, &v)?;
+        if let (true, Some(c)) = (seen.at < idle_before, keys::client_seen_of(&k)) {
+            out.push(c);
+        }
+    }
+    Ok(out)
+}
+
+/// Forgets the outcome tables of the clients idle on `shard` since before
+/// `idle_before` (at most [`cfs_proto::ops::FORGET_CLIENTS_MAX`]),
+/// remembering each as forgotten with its highest operation id.
+fn forget_idle(t: &mut Txn<'_>, shard: ShardId, idle_before: Nanos) -> R2<Applied> {
+    let p = keys::client_seen_prefix(shard);
+    let mut idle = Vec::new();
+    for (k, v) in t.scan(&p, &keys::prefix_end(&p))? {
+        if idle.len() >= cfs_proto::ops::FORGET_CLIENTS_MAX {
+            break;
+        }
+        let seen: ClientSeen = crate::store::decode(&k, &v)?;
+        if let (true, Some(c)) = (seen.at < idle_before, keys::client_seen_of(&k)) {
+            idle.push((k, c, seen.high_op));
+        }
+    }
+    for (seen_key, client, high) in idle {
+        let low_key = keys::outcomes_low(shard, client);
+        let low = t.get::<u64>(&low_key)?.unwrap_or(0);
+        let all = keys::outcomes_of(shard, client);
+        for (k, _) in t.scan(&keys::outcome(shard, client, low), &keys::prefix_end(&all))? {
+            t.delete(k);
+        }
+        t.delete(low_key);
+        t.delete(seen_key);
+        t.put(keys::client_forgotten(shard, client), &high);
+    }
+    Ok(Applied::None)
+}
 
 /// Creates the root directory if the shard owning it has none yet.
 pub fn ensure_root(txn: &mut Txn<'_>, shard: ShardId) -> Result<(), DbError> {
@@ -282,6 +360,7 @@ fn apply_inner(
         Op::Lock { ino, lock } => set_lock(t, now, *ino, lock),
         Op::RenewHold { shard } => holds::renew(t, *shard, lop.client, now),
         Op::ExpireHold { shard, client } => holds::expire(t, *shard, *client, now),
+        Op::ForgetIdleClients { shard, idle_before } => forget_idle(t, *shard, *idle_before),
         Op::ReleaseLocks {
             ino,
             client,

@@ -80,6 +80,9 @@ async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
                     spread_depth: cfg.spread_depth,
                     connections_per_peer: cfg.connections_per_peer,
                     security: security.clone(),
+                    forget_idle_clients: std::time::Duration::from_secs(
+                        cfg.forget_idle_clients_s.max(1),
+                    ),
                 },
                 node.clone(),
             )
