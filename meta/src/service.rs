@@ -868,7 +868,8 @@ impl Inner {
     /// Forgets the outcome tables of clients idle for `idle` on the shards
     /// this node leads (one entry per shard and check, each bounded).
     async fn forget_idle_clients(self: &Arc<Self>, idle: Duration) {
-        let idle_before = now_ns().saturating_sub(i64::try_from(idle.as_nanos()).unwrap_or(i64::MAX));
+        let idle_before =
+            now_ns().saturating_sub(i64::try_from(idle.as_nanos()).unwrap_or(i64::MAX));
         for &shard in &self.shard_list {
             if !self.leads(shard) {
                 continue;
