@@ -80,6 +80,10 @@ struct Args {
     /// Output directory (default /var/tmp/cfs-jepsen/WORKLOAD-SEED).
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Run only the checker (of --workload fs-ops) again on a saved run's
+    /// history.jsonl and final.json in this directory; prints the verdict.
+    #[arg(long)]
+    recheck: Option<PathBuf>,
     /// Cache mode of the mounts (file system workloads): strict (every
     /// read through a barrier) or close-to-open (leases: opens and stats
     /// answered by the mount; other mounts' changes recalled first).
@@ -107,7 +111,37 @@ async fn main() {
     }
 }
 
+/// The checker of `workload` on a saved run (history and final reads).
+fn recheck(workload: Workload, dir: &std::path::Path) -> anyhow::Result<bool> {
+    let text = std::fs::read_to_string(dir.join("history.jsonl"))
+        .with_context(|| format!("reading {}/history.jsonl", dir.display()))?;
+    let events: Vec<history::Event> = text
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()
+        .context("parsing history.jsonl")?;
+    let fin: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("final.json"))?)?;
+    let checked = match workload {
+        Workload::FsOps => workloads::fsops::check(&events, &fin),
+        other => anyhow::bail!("--recheck supports --workload fs-ops, not {other:?}"),
+    };
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&json!({
+            "valid": checked.valid,
+            "unknown": checked.unknown,
+            "anomalies": checked.anomalies,
+            "summary": checked.summary,
+        }))?
+    );
+    Ok(checked.valid)
+}
+
 async fn run(args: Args) -> anyhow::Result<bool> {
+    if let Some(dir) = &args.recheck {
+        return recheck(args.workload, dir);
+    }
     let kinds = nemesis::Kind::parse_list(&args.nemesis).map_err(anyhow::Error::msg)?;
     cfs_log::Faults::parse(&args.faults).map_err(anyhow::Error::msg)?;
     let seed = args.seed.unwrap_or_else(rand::random);
