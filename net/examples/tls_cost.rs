@@ -87,7 +87,8 @@ fn median(mut v: Vec<f64>) -> f64 {
 async fn main() {
     let dir = std::env::temp_dir().join(format!("cfs-tls-cost-{}", std::process::id()));
     let ca = Ca::generate("bench").expect("CA");
-    ca.issue_files(&Principal::Node(1), 1, &dir, "node").expect("node");
+    ca.issue_files(&Principal::Node(1), 1, &dir, "node")
+        .expect("node");
     ca.issue_files(&Principal::Admin("bench".into()), 1, &dir, "admin")
         .expect("admin");
     let node = Security::load(&TlsFiles::in_dir(&dir, "node")).expect("node tls");
