@@ -13,6 +13,7 @@ static SERIAL: Mutex<()> = Mutex::new(());
 const SECONDS: &str = "20";
 
 struct Run {
+    out: PathBuf,
     code: i32,
     verdict: serde_json::Value,
     output: String,
@@ -45,15 +46,14 @@ fn jepsen_for(name: &str, args: &[&str], seconds: &str) -> Run {
         );
     }
     let run = Run {
+        out,
         code: o.status.code().unwrap_or(-1),
         verdict,
         output,
     };
-    // Keep what a failed check ran on (the cluster's data, for ns-dump
-    // and fsck); the broken-build runs are expected to fail.
-    let expected_failure = args.iter().any(|a| a.starts_with("--faults"));
-    if run.code == 0 || expected_failure {
-        let _ = std::fs::remove_dir_all(&out);
+    // The broken-build runs are expected to fail: nothing to keep.
+    if args.iter().any(|a| a.starts_with("--faults")) {
+        let _ = std::fs::remove_dir_all(&run.out);
     }
     run
 }
@@ -67,6 +67,9 @@ fn assert_valid(name: &str, args: &[&str]) {
         "{name}: too few operations\n{}",
         r.output
     );
+    // Kept when a check above failed (the cluster's data and logs, for
+    // ns-dump, fsck and the mounts' logs).
+    let _ = std::fs::remove_dir_all(&r.out);
 }
 
 fn anomaly_kinds(r: &Run) -> Vec<String> {
