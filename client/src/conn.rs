@@ -57,6 +57,35 @@ struct Waiter {
 }
 
 /// The directory entry whose inode `req`'s reply tells.
+/// A change to replay as it was answered: a create keeps the inode
+/// number it was given (the new term kept it free for it, D41), so what
+/// the kernel and this mount already know of the file stays true.
+fn as_answered(op: Op, told: &Result<Reply, Errno>) -> Op {
+    match (op, told) {
+        (
+            Op::Create {
+                parent,
+                name,
+                mode,
+                rdev,
+                target,
+                excl,
+                ino: None,
+            },
+            Ok(Reply::Attr(i)),
+        ) => Op::Create {
+            parent,
+            name,
+            mode,
+            rdev,
+            target,
+            excl,
+            ino: Some(i.ino),
+        },
+        (op, _) => op,
+    }
+}
+
 fn names_of(req: &Request) -> Option<(Ino, Vec<u8>, bool)> {
     match req {
         Request::Lookup { parent, name } => Some((*parent, name.clone(), false)),
@@ -421,14 +450,14 @@ impl MetaClient {
             "replaying changes answered early but not settled"
         );
         let server = self.servers[c.server];
-        for (op_id, req, _) in todo {
+        for (op_id, req, told) in todo {
             let req = match req {
                 Request::Mutate {
                     op_id, creds, op, ..
                 } => Request::Mutate {
                     op_id,
                     creds,
-                    op,
+                    op: as_answered(op, &told),
                     early: false,
                 },
                 r => r,

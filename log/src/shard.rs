@@ -116,6 +116,9 @@ pub struct ShardCore<D: Disk + Clone> {
     /// Linearizable reads without log entries.
     reads: ReadIndex,
     resend_ticks: u64,
+    /// The ballot this replica leads with and the position of the barrier
+    /// it appended as that term's first entry (see [`ShardCore::term_start`]).
+    term: Option<(Ballot, Position)>,
 }
 
 impl<D: Disk + Clone> ShardCore<D> {
@@ -166,6 +169,7 @@ impl<D: Disk + Clone> ShardCore<D> {
             early_out: Vec::new(),
             reads: ReadIndex::default(),
             resend_ticks: timing.resend_ticks,
+            term: None,
         })
     }
 
@@ -193,6 +197,34 @@ impl<D: Disk + Clone> ShardCore<D> {
     pub fn campaign(&mut self) {
         if !self.is_leader() {
             self.paxos.try_become_leader();
+        }
+    }
+
+    /// Where this replica's current leadership term begins: the position
+    /// of the barrier entry it appended before anything else it appends as
+    /// leader (`None` while it does not lead). Every entry a previous
+    /// leader got into the log lies below it, so a layer above can tell
+    /// "decided before this term" from "ordered by this leader" (the
+    /// namespace moves its inode counter past anything an earlier leader
+    /// may have promised but not decided, docs/decisions.md D41).
+    pub fn term_start(&self) -> Option<Position> {
+        let (ballot, at) = self.term?;
+        (self.is_leader() && self.paxos.get_promise() == ballot).then_some(at)
+    }
+
+    /// Appends this term's barrier if this replica leads and has not yet
+    /// (a no-op otherwise). Called before every append and every `ready`.
+    fn open_term(&mut self) {
+        if !self.is_leader() {
+            return;
+        }
+        let ballot = self.paxos.get_promise();
+        if self.term.is_some_and(|(b, _)| b == ballot) {
+            return;
+        }
+        let at = self.epoch.base + self.wal.lock().state().end();
+        if self.paxos.append(Entry::barrier()).is_ok() {
+            self.term = Some((ballot, at));
         }
     }
 
@@ -394,6 +426,7 @@ impl<D: Disk + Clone> ShardCore<D> {
                 return Proposed::Duplicate(decided.then_some(self.epoch.base + *idx));
             }
         }
+        self.open_term();
         match self.paxos.get_current_leader() {
             Some((l, true)) if l == self.node => match self.paxos.append(entry) {
                 Ok(()) => Proposed::Appended,
@@ -453,6 +486,7 @@ impl<D: Disk + Clone> ShardCore<D> {
         &mut self,
         send_early: impl FnOnce(Vec<Message<Entry>>),
     ) -> Result<Ready, ShardError> {
+        self.open_term();
         let mut msgs = std::mem::take(&mut self.early_out);
         self.paxos.take_outgoing_messages(&mut msgs);
         let split = msgs

@@ -76,6 +76,9 @@ pub struct ShardStatus {
     /// Round of the ballot this replica promised (a new leadership term
     /// has a higher one).
     pub ballot: u32,
+    /// While this replica leads: where its term begins (the barrier it
+    /// appended first, `ShardCore::term_start`).
+    pub term_start: Option<Position>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -89,6 +89,11 @@ async fn forward_subscribe_trim() {
     let (nodes, _) = start_cluster(&dir, 64 << 10).await;
     let leader = wait_leader(&nodes).await;
     let follower = (leader + 1) % 3;
+    // The leader's term begins with its barrier; followers have none.
+    let term_start = nodes[leader].status()[0]
+        .term_start
+        .expect("a leader's term start");
+    assert_eq!(nodes[follower].status()[0].term_start, None);
 
     // Durable subscribers on every node, registered before any entry.
     let mut subs: Vec<_> = nodes
@@ -145,6 +150,9 @@ async fn forward_subscribe_trim() {
     }
     assert_eq!(seen[0], seen[1]);
     assert_eq!(seen[0], seen[2]);
+    let (at, first) = &seen[0][term_start.get() as usize];
+    assert_eq!((*at, first.kind), (term_start, EntryKind::BARRIER));
+    assert!(positions.iter().all(|p| *p > term_start));
 
     // A read barrier orders after everything acknowledged.
     let b = nodes[follower].read_barrier(ShardId(0)).await.unwrap();

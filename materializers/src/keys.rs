@@ -5,6 +5,8 @@
 //! |---------------------------------------|-----------------------|
 //! | `a` shard:u32                         | applied position u64  |
 //! | `n` shard:u32                         | next inode counter    |
+//! | `N` shard:u32                         | inode numbers skipped at leader changes |
+//! | `N` shard:u32 end_block:u64           | first number of a skipped range |
 //! | `i` ino                               | [`Inode`]             |
 //! | `d` parent name                       | (ino, kind, cookie)   |
 //! | `c` parent cookie                     | name                  |
@@ -51,6 +53,16 @@ pub fn applied(shard: ShardId) -> Vec<u8> {
 }
 pub fn next_ino(shard: ShardId) -> Vec<u8> {
     with(b'n', &[&shard.to_be_bytes()])
+}
+/// Inode numbers the counter skipped at leadership terms (D41), so that
+/// the count of inodes allocated leaves them out.
+pub fn ino_skipped(shard: ShardId) -> Vec<u8> {
+    with(b'N', &[&shard.to_be_bytes()])
+}
+/// A range of inode numbers a new term skipped, by the block of
+/// `TERM_INO_SKIP` numbers it ends at: its first number.
+pub fn term_skip(shard: ShardId, end_block: u64) -> Vec<u8> {
+    with(b'N', &[&shard.to_be_bytes(), &end_block.to_be_bytes()])
 }
 pub fn inode(ino: Ino) -> Vec<u8> {
     with(b'i', &[&ino.to_be_bytes()])
@@ -254,9 +266,8 @@ pub fn owner(key: &[u8]) -> Option<ShardId> {
         b'i' | b'd' | b'c' | b'l' | b'x' | b'e' | b'k' | b'o' => {
             be64_at(key, 1).map(crate::types::shard_of)
         }
-        b'n' | b'a' | b'p' | b'q' | b'Q' | b'T' | b'r' | b'R' | b'h' | b'O' | b'S' | b'G' => {
-            be32_at(key, 1).map(ShardId)
-        }
+        b'n' | b'N' | b'a' | b'p' | b'q' | b'Q' | b'T' | b'r' | b'R' | b'h' | b'O' | b'S'
+        | b'G' => be32_at(key, 1).map(ShardId),
         b't' => owner(&key[1..]),
         _ => None,
     }

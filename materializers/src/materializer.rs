@@ -201,6 +201,13 @@ pub fn apply_batch(
         return Ok((results, chs));
     };
     for (pos, e) in entries {
+        if e.kind == cfs_log::EntryKind::BARRIER {
+            crate::apply::new_term(&mut txn, shard)?;
+            // Unforeseen by any sequencer: one with changes pending
+            // rebuilds its overlay (`Waiters::unclaimed`).
+            results.push((e.request, Ok(Applied::None)));
+            continue;
+        }
         if e.kind.0 != KIND_NAMESPACE {
             continue;
         }

@@ -217,7 +217,9 @@ impl NamespaceDb {
     pub fn files(&self, shards: &[ShardId]) -> Rd<u64> {
         let mut n = 0;
         for s in shards {
-            n += self.get::<u64>(&keys::next_ino(*s))?.unwrap_or(2) - 2;
+            let next = self.get::<u64>(&keys::next_ino(*s))?.unwrap_or(2);
+            let skipped = self.get::<u64>(&keys::ino_skipped(*s))?.unwrap_or(0);
+            n += next.saturating_sub(2 + skipped);
         }
         Ok(n)
     }

@@ -24,6 +24,10 @@ fn ops(n: usize, mut seed: u64) -> Vec<Entry> {
         .collect();
     let mut out = Vec::new();
     for i in 0..n {
+        // A new leadership term (its barrier) in the middle of the run.
+        if i == n * 3 / 4 {
+            out.push(Entry::barrier());
+        }
         let r = rng(&mut seed);
         let ino = make_ino(ShardId(0), 1 + rng(&mut seed) % 12);
         let parent = if r.is_multiple_of(3) {
@@ -40,6 +44,7 @@ fn ops(n: usize, mut seed: u64) -> Vec<Entry> {
                 rdev: 0,
                 target: None,
                 excl: true,
+                ino: None,
             },
             1 | 2 => Op::Create {
                 parent,
@@ -48,6 +53,10 @@ fn ops(n: usize, mut seed: u64) -> Vec<Entry> {
                 rdev: 0,
                 target: None,
                 excl: r.is_multiple_of(2),
+                // Now and then a replay's number, mostly refused.
+                ino: r
+                    .is_multiple_of(7)
+                    .then(|| make_ino(ShardId(0), rng(&mut seed) % (1 << 18))),
             },
             3 => Op::Unlink {
                 parent,
@@ -183,6 +192,7 @@ fn create(name: &str) -> Op {
         rdev: 0,
         target: None,
         excl: true,
+        ino: None,
     }
 }
 
@@ -237,6 +247,7 @@ fn posix_errors_are_decided_at_apply() {
         rdev: 0,
         target: None,
         excl: true,
+        ino: None,
     };
     assert!(run(0, mk("d", libc::S_IFDIR | 0o1777)).is_ok());
     assert_eq!(run(0, mk("d", libc::S_IFREG | 0o644)), Err(Errno::EEXIST));
@@ -282,7 +293,8 @@ fn posix_errors_are_decided_at_apply() {
             mode: libc::S_IFREG | 0o644,
             rdev: 0,
             target: None,
-            excl: true
+            excl: true,
+            ino: None,
         }
     )
     .is_ok());
@@ -318,7 +330,8 @@ fn posix_errors_are_decided_at_apply() {
             mode: libc::S_IFDIR | 0o755,
             rdev: 0,
             target: None,
-            excl: true
+            excl: true,
+            ino: None,
         }
     )
     .is_ok());
@@ -499,6 +512,7 @@ fn pieces_follow_writes_truncates_and_punches() {
         rdev: 0,
         target: None,
         excl: true,
+        ino: None,
     }) {
         Ok(Applied::Attr(i)) => i.ino,
         other => panic!("create: {other:?}"),
@@ -777,6 +791,7 @@ fn idle_clients_outcome_tables_are_forgotten() {
         rdev: 0,
         target: None,
         excl: true,
+        ino: None,
     };
     // Client 7 works at times 10..13, client 8 at time 1000.
     for (i, n) in ["a", "b", "c"].iter().enumerate() {
@@ -812,4 +827,73 @@ fn idle_clients_outcome_tables_are_forgotten() {
     // A new operation of client 7 applies.
     assert!(run(7, 4, 1003, mkdir("e")).unwrap().is_ok());
     assert_eq!(outcomes(7), 1);
+}
+
+/// A new leadership term (the log's barrier entry, D41) moves the inode
+/// counter past every number the last leader may have promised; a replayed
+/// create gets the number it was answered with only if it is one of those,
+/// and nothing else is given such a number.
+#[test]
+fn a_new_term_keeps_promised_inode_numbers_for_their_replays() {
+    use cfs_materializers::apply::TERM_INO_SKIP;
+    let dir = tempfile::tempdir().unwrap();
+    let db = NamespaceDb::open(dir.path()).unwrap();
+    init_shard(&db, ShardId(0)).unwrap();
+    let root = Creds {
+        uid: 0,
+        gid: 0,
+        groups: vec![],
+    };
+    let first = ino_of(apply_one(&db, 0, root.clone(), create("a")));
+    // What the old leader answered for the next create, never decided.
+    let promised = first + 1;
+    let (r, _) = apply_batch(&db, ShardId(0), &[(Position(1), Entry::barrier())]).unwrap();
+    assert_eq!(r.len(), 1, "a barrier completes (unclaimed) like any entry");
+    // The next create of this term comes from past the skipped range.
+    let fresh = ino_of(apply_one(&db, 2, root.clone(), create("b")));
+    assert!(
+        fresh >= first + TERM_INO_SKIP,
+        "{fresh:#x} after {first:#x}"
+    );
+    assert_eq!(fresh % TERM_INO_SKIP, 0, "terms begin on a block");
+    let replay = |name: &str, ino: Ino| match create(name) {
+        Op::Create {
+            parent,
+            name,
+            mode,
+            rdev,
+            target,
+            excl,
+            ..
+        } => Op::Create {
+            parent,
+            name,
+            mode,
+            rdev,
+            target,
+            excl,
+            ino: Some(ino),
+        },
+        _ => unreachable!(),
+    };
+    // A number nobody was promised: refused, nothing changes.
+    for wrong in [first, fresh + 5, make_ino(ShardId(1), promised & 0xffff)] {
+        assert_eq!(
+            apply_one(&db, 3, root.clone(), replay("c", wrong)),
+            Err(Errno::EINVAL),
+            "{wrong:#x}"
+        );
+    }
+    assert!(db.lookup(ROOT_INO, b"c").is_err());
+    // The promised one: given, once.
+    assert_eq!(
+        ino_of(apply_one(&db, 4, root.clone(), replay("c", promised))),
+        promised
+    );
+    assert_eq!(
+        apply_one(&db, 5, root.clone(), replay("d", promised)),
+        Err(Errno::EEXIST)
+    );
+    // Skipped numbers are not counted as files; the replayed one is.
+    assert_eq!(db.files(&[ShardId(0)]).unwrap(), 3);
 }

@@ -43,6 +43,9 @@ use tracing::warn;
 
 /// Changes ordered but not yet settled, at most; more wait.
 pub const PENDING_MAX: usize = 4096;
+// Each pending change promises at most one inode number beyond what the
+// database holds; a new term skips more than that (D41).
+const _: () = assert!(PENDING_MAX as u64 <= cfs_materializers::apply::PROMISED_AHEAD_MAX);
 /// Longest wait for a sequenced change to be decided and applied before it
 /// is given up (reported as failed; the log may still decide it, and the
 /// overlay is then rebuilt).
@@ -522,6 +525,7 @@ mod tests {
             rdev: 0,
             target: None,
             excl: true,
+            ino: None,
         }
     }
 

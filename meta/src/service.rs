@@ -865,6 +865,25 @@ impl Inner {
             .any(|s| s.shard == shard && s.is_leader)
     }
 
+    /// True if this node leads `shard` and has applied the barrier its
+    /// term began with (D41): only then does the database hold the inode
+    /// counter past every number an earlier leader may have promised, so
+    /// the sequencer's predictions are this term's own.
+    fn may_sequence(&self, shard: ShardId) -> bool {
+        let Some(start) = self
+            .log
+            .status()
+            .iter()
+            .find(|s| s.shard == shard && s.is_leader)
+            .and_then(|s| s.term_start)
+        else {
+            return false;
+        };
+        self.applied
+            .get(&shard)
+            .is_some_and(|a| *a.borrow() > start)
+    }
+
     /// Forgets the outcome tables of clients idle for `idle` on the shards
     /// this node leads (one entry per shard and check, each bounded).
     async fn forget_idle_clients(self: &Arc<Self>, idle: Duration) {
@@ -1134,7 +1153,7 @@ impl Inner {
         early: Option<(&Outbox, &Arc<Session>)>,
     ) -> Result<Option<(Result<ApplyResult, Errno>, bool)>, Errno> {
         let shard = op.shard();
-        if op_id == 0 || !self.leads(shard) {
+        if op_id == 0 || !self.may_sequence(shard) {
             return Ok(None);
         }
         if let Op::Create {

@@ -130,6 +130,7 @@ fn dir(parent: Ino, name: &str) -> Op {
         rdev: 0,
         target: None,
         excl: true,
+        ino: None,
     }
 }
 
@@ -141,6 +142,7 @@ fn file(parent: Ino, name: &str) -> Op {
         rdev: 0,
         target: None,
         excl: true,
+        ino: None,
     }
 }
 

@@ -815,6 +815,7 @@ async fn a_mounts_root_is_squashed_unless_its_certificate_trusts_root() {
         rdev: 0,
         target: None,
         excl: true,
+        ino: None,
     };
     let mutate = |m: &Arc<MetaClient>, creds: Creds, op: Op| {
         let m = m.clone();
@@ -917,6 +918,7 @@ async fn idle_mounts_outcome_tables_are_forgotten() {
                 rdev: 0,
                 target: None,
                 excl: true,
+                ino: None,
             },
             early: false,
         },

@@ -27,6 +27,11 @@ pub enum Op {
     /// Creates a file, directory, symlink (`target`), fifo, socket or device.
     /// With `excl == false` an existing regular file is returned instead of
     /// EEXIST (open with O_CREAT without O_EXCL).
+    ///
+    /// `ino` is `None` except when a mount replays a create a leader
+    /// answered early but never got decided (D41): the number it was
+    /// answered with, which the new term kept free for it. Refused
+    /// (EINVAL) unless it is such a number.
     Create {
         parent: Ino,
         name: Vec<u8>,
@@ -34,6 +39,7 @@ pub enum Op {
         rdev: u32,
         target: Option<Vec<u8>>,
         excl: bool,
+        ino: Option<Ino>,
     },
     Link {
         ino: Ino,

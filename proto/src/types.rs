@@ -14,6 +14,8 @@ pub use cfs_ids::{Position, ShardId};
 
 pub const ROOT_INO: Ino = 1;
 const SHARD_SHIFT: u32 = 48;
+/// The bits of an inode number that count within its shard.
+pub const INO_COUNTER_MASK: u64 = (1 << SHARD_SHIFT) - 1;
 
 /// Shard that owns `ino`.
 pub fn shard_of(ino: Ino) -> ShardId {
@@ -22,7 +24,7 @@ pub fn shard_of(ino: Ino) -> ShardId {
 
 /// The `n`th inode of `shard`.
 pub fn make_ino(shard: ShardId, n: u64) -> Ino {
-    (u64::from(shard.get()) << SHARD_SHIFT) | (n & ((1 << SHARD_SHIFT) - 1))
+    (u64::from(shard.get()) << SHARD_SHIFT) | (n & INO_COUNTER_MASK)
 }
 
 /// Longest name component (bytes), as Linux.

@@ -35,6 +35,7 @@ impl CfsFs {
                         rdev,
                         target,
                         excl: true,
+                        ino: None,
                     },
                 )
                 .await;
@@ -216,6 +217,7 @@ impl CfsFs {
                         rdev: 0,
                         target: None,
                         excl: flags & libc::O_EXCL != 0,
+                        ino: None,
                     },
                 )
                 .await;

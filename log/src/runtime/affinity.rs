@@ -70,6 +70,7 @@ mod tests {
             decided: Position::ZERO,
             config_id: 1,
             ballot: 1,
+            term_start: None,
         }
     }
 

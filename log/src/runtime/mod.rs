@@ -503,6 +503,7 @@ impl LogNode {
                 decided,
                 config_id: epoch.config_id,
                 ballot: 0,
+                term_start: None,
             }));
             let handle = ShardHandle {
                 inbox: inbox_tx,

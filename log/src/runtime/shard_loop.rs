@@ -336,6 +336,7 @@ impl ShardLoop {
         st.leader = self.core.leader();
         st.is_leader = self.core.is_leader();
         st.ballot = self.core.ballot();
+        st.term_start = self.core.term_start();
         st.decided = self.core.delivered();
         Ok(())
     }

@@ -266,6 +266,55 @@ pub fn ensure_root(txn: &mut Txn<'_>, shard: ShardId) -> Result<(), DbError> {
     Ok(())
 }
 
+/// Inode numbers a shard's counter skips when a new leadership term
+/// begins: more than any leader may have promised beyond what was decided
+/// (one per sequenced change, [`PROMISED_AHEAD_MAX`] of them at most).
+pub const TERM_INO_SKIP: u64 = 1 << 16;
+/// Changes a leader orders ahead of what its database applied, at most
+/// (the sequencer's bound, meta's `PENDING_MAX`, must stay below it).
+pub const PROMISED_AHEAD_MAX: u64 = 1 << 14;
+const _: () = assert!(PROMISED_AHEAD_MAX < TERM_INO_SKIP);
+
+/// A new leadership term begins on `shard` (the log's barrier entry,
+/// docs/decisions.md D41): the inode counter moves past every number an
+/// earlier leader may have answered for a create that was never decided,
+/// so no inode number ever names two files, even for a moment in a
+/// mount's cache.
+///
+/// The counter moves to a multiple of [`TERM_INO_SKIP`] at least that far
+/// on, and the skipped range is recorded under the block it ends at, so a
+/// replayed create's number is checked with two point reads
+/// ([`promised_in_a_past_term`]).
+pub fn new_term(txn: &mut Txn<'_>, shard: ShardId) -> Result<(), DbError> {
+    txn.set_owner(Some(shard));
+    let next: u64 = txn.get(&keys::next_ino(shard))?.unwrap_or(2);
+    let skipped: u64 = txn.get(&keys::ino_skipped(shard))?.unwrap_or(0);
+    let end = (next + TERM_INO_SKIP).next_multiple_of(TERM_INO_SKIP);
+    txn.put(keys::next_ino(shard), &end);
+    txn.put(keys::ino_skipped(shard), &(skipped + (end - next)));
+    txn.put(keys::term_skip(shard, end / TERM_INO_SKIP), &next);
+    txn.keep();
+    Ok(())
+}
+
+/// True if `n` (an inode counter value of `shard`) lies in a range a new
+/// term skipped: a number an earlier leader may have answered for a create
+/// that was never decided, and that nothing else is ever given.
+pub(crate) fn promised_in_a_past_term(
+    t: &Txn<'_>,
+    shard: ShardId,
+    n: u64,
+) -> Result<bool, DbError> {
+    for block in [n / TERM_INO_SKIP + 1, n / TERM_INO_SKIP + 2] {
+        if let Some(start) = t.get::<u64>(&keys::term_skip(shard, block))? {
+            if start <= n && n < block * TERM_INO_SKIP {
+                return Ok(true);
+            }
+        }
+    }
+    Ok(false)
+}
+
 fn apply_inner(
     t: &mut Txn<'_>,
     shard: ShardId,
@@ -285,6 +334,7 @@ fn apply_inner(
             rdev,
             target,
             excl,
+            ino,
         } => create(
             t,
             shard,
@@ -296,7 +346,11 @@ fn apply_inner(
             *rdev,
             target.as_deref(),
             *excl,
-            new_ino,
+            match (new_ino, ino) {
+                (Some(placed), _) => names::NewIno::Placed(placed),
+                (None, Some(told)) => names::NewIno::Replayed(*told),
+                (None, None) => names::NewIno::Counter,
+            },
         ),
         Op::Link { ino, parent, name } => link(t, c, now, *ino, *parent, name),
         Op::Unlink {

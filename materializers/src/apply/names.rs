@@ -13,6 +13,16 @@ use super::entries::{
 };
 use super::{check_name, Fail, LINK_MAX, R2};
 
+/// Where a created inode's number comes from.
+pub(super) enum NewIno {
+    /// The shard's counter.
+    Counter,
+    /// Chosen by a coordinator (a directory placed on another shard).
+    Placed(Ino),
+    /// A replayed create's answered number (D41).
+    Replayed(Ino),
+}
+
 #[allow(clippy::too_many_arguments)]
 pub(super) fn create(
     t: &mut Txn<'_>,
@@ -25,7 +35,7 @@ pub(super) fn create(
     rdev: u32,
     target: Option<&[u8]>,
     excl: bool,
-    new_ino: Option<Ino>,
+    new_ino: NewIno,
 ) -> R2<Applied> {
     check_name(name)?;
     let mut p = dir(t, parent)?;
@@ -63,13 +73,26 @@ pub(super) fn create(
         return Err(Errno::EMLINK.into());
     }
     let (ino, n) = match new_ino {
-        Some(ino) => {
+        NewIno::Placed(ino) => {
             if get_inode(t, ino)?.is_some() {
                 return Err(Errno::EEXIST.into());
             }
             (ino, ino & 0xffff_ffff)
         }
-        None => {
+        NewIno::Replayed(ino) => {
+            let n = ino & INO_COUNTER_MASK;
+            if shard_of(ino) != shard || !super::promised_in_a_past_term(t, shard, n)? {
+                return Err(Errno::EINVAL.into());
+            }
+            if get_inode(t, ino)?.is_some() {
+                return Err(Errno::EEXIST.into());
+            }
+            // Counted as allocated again.
+            let skipped: u64 = t.get(&keys::ino_skipped(shard))?.unwrap_or(0);
+            t.put(keys::ino_skipped(shard), &skipped.saturating_sub(1));
+            (ino, n)
+        }
+        NewIno::Counter => {
             let n: u64 = t.get(&keys::next_ino(shard))?.unwrap_or(2);
             t.put(keys::next_ino(shard), &(n + 1));
             (make_ino(shard, n), n)
