@@ -783,7 +783,7 @@ async fn a_mounts_root_is_squashed_unless_its_certificate_trusts_root() {
     use cfs_client::conn::MetaClient;
     use cfs_proto::ops::Reply;
     use cfs_proto::ops::{Op, Request};
-    use cfs_proto::types::{Creds, Errno, SetAttr, ROOT_INO};
+    use cfs_proto::types::{Backing, Creds, Errno, ExtentRef, SetAttr, ROOT_INO};
 
     let cl = Cluster::start("squash");
     let id = cl.cfgs[0].cluster_id.clone();
@@ -889,6 +889,73 @@ async fn a_mounts_root_is_squashed_unless_its_certificate_trusts_root() {
         .await,
     );
     assert_eq!(g.uid, 4242);
+
+    // Bytes are checked on the server too (D42): the squashed root
+    // cannot write or fallocate a root-owned file it could not open ...
+    let write = |ino: u64| Op::Write {
+        ino,
+        extents: vec![ExtentRef {
+            offset: 0,
+            len: 1,
+            skip: 0,
+            backing: Backing::Inline(b"x".to_vec()),
+        }],
+        then: None,
+    };
+    let rootfile = attr(
+        mutate(
+            &trusted,
+            as_uid(0),
+            create(open.ino, "rootfile", libc::S_IFREG | 0o644),
+        )
+        .await,
+    );
+    assert_eq!(
+        mutate(&squashed, as_uid(0), write(rootfile.ino))
+            .await
+            .err(),
+        Some(Errno::EACCES)
+    );
+    let fallocate = Op::Fallocate {
+        ino: rootfile.ino,
+        offset: 0,
+        len: 4096,
+        mode: 0,
+    };
+    assert_eq!(
+        mutate(&squashed, as_uid(0), fallocate).await.err(),
+        Some(Errno::EACCES)
+    );
+    // ... a user who may write a set-user-ID file writes it, and the bit
+    // goes, as on a local file system ...
+    let setuid = attr(
+        mutate(
+            &trusted,
+            as_uid(0),
+            create(open.ino, "setuid", libc::S_IFREG | 0o4777),
+        )
+        .await,
+    );
+    let written = attr(mutate(&squashed, as_uid(1000), write(setuid.ino)).await);
+    assert_eq!(written.mode & 0o7777, 0o777, "set-user-ID dropped");
+    // ... and an owner writes its own read-only file (opened for writing
+    // before it was made read-only, as `cp -p` does).
+    let ro = attr(
+        mutate(
+            &trusted,
+            as_uid(7),
+            create(open.ino, "ro", libc::S_IFREG | 0o444),
+        )
+        .await,
+    );
+    assert_eq!(
+        attr(mutate(&trusted, as_uid(7), write(ro.ino)).await).size,
+        1
+    );
+    assert_eq!(
+        mutate(&trusted, as_uid(8), write(ro.ino)).await.err(),
+        Some(Errno::EACCES)
+    );
 }
 
 /// The leader's metadata service forgets the outcome tables of a mount

@@ -1136,6 +1136,42 @@ fn file_capabilities_are_dropped_on_write() {
     );
     assert_eq!(std::fs::read(&p).unwrap(), b"first second third");
 
+    // A write by another user drops set-user-ID (and a setgid
+    // executable's set-group-ID) on the server, which takes the writer's
+    // identity from the open file handle (D42); a user who may not write
+    // is refused there too.
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    let sbin = m.path.join("suid");
+    std::fs::write(&sbin, b"#!/bin/sh\n").unwrap();
+    std::fs::set_permissions(&sbin, std::fs::Permissions::from_mode(0o6777)).unwrap();
+    let append_as = |uid: u32, path: &Path| {
+        std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!("echo x >> '{}'", path.display()))
+            .uid(uid)
+            .gid(uid)
+            .output()
+            .map(|o| {
+                (
+                    o.status.success(),
+                    String::from_utf8_lossy(&o.stderr).into_owned(),
+                )
+            })
+            .unwrap()
+    };
+    let (ok, err) = append_as(1000, &sbin);
+    assert!(ok, "uid 1000 appends to a 0o6777 file: {err}");
+    let mode = std::fs::metadata(&sbin).unwrap().permissions().mode();
+    assert_eq!(mode & 0o7777, 0o777, "set-user-ID and set-group-ID dropped");
+    let private = m.path.join("private");
+    std::fs::write(&private, b"root's").unwrap();
+    assert!(
+        !append_as(1000, &private).0,
+        "uid 1000 may not write a 0644 file"
+    );
+    assert_eq!(std::fs::read(&private).unwrap(), b"root's");
+
     // Mounts are nosuid,nodev unless asked (--suid, --dev): whoever can
     // write to the cluster cannot plant a setuid program or a device node
     // on this machine.

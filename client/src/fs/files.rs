@@ -14,7 +14,7 @@ use crate::options::CacheMode;
 use super::{reply_empty, stale_if_gone, CfsFs, FlushFor};
 
 impl CfsFs {
-    pub(super) fn do_open(&self, ino: u64, flags: i32, reply: ReplyOpen) {
+    pub(super) fn do_open(&self, c: Creds, ino: u64, flags: i32, reply: ReplyOpen) {
         let sh = self.sh.clone();
         self.spawn("open", async move {
             // Close-to-open: see what the last close anywhere wrote. Under
@@ -48,7 +48,7 @@ impl CfsFs {
                         }
                         f.opened_as(&i, sh.opts.ttl());
                     }
-                    let fh = sh.next_fh.fetch_add(1, Ordering::Relaxed);
+                    let fh = sh.open_handle(c);
                     let keep = if leased || sh.opts.cache_mode == CacheMode::Session {
                         fuser::consts::FOPEN_KEEP_CACHE
                     } else {
@@ -75,7 +75,7 @@ impl CfsFs {
         });
     }
 
-    pub(super) fn do_write(&self, ino: u64, offset: i64, data: &[u8], reply: ReplyWrite) {
+    pub(super) fn do_write(&self, ino: u64, fh: u64, offset: i64, data: &[u8], reply: ReplyWrite) {
         let sh = self.sh.clone();
         let data = data.to_vec();
         self.spawn("write", async move {
@@ -83,7 +83,8 @@ impl CfsFs {
                 reply.error(libc::EINVAL);
                 return;
             }
-            match sh.write(ino, offset as u64, data).await {
+            let c = sh.handle_creds(fh);
+            match sh.write(ino, offset as u64, data, c).await {
                 Ok(n) => reply.written(n),
                 Err(e) => reply.error(e.0),
             }
@@ -116,10 +117,11 @@ impl CfsFs {
         });
     }
 
-    pub(super) fn do_release(&self, ino: u64, lock_owner: Option<u64>, reply: ReplyEmpty) {
+    pub(super) fn do_release(&self, ino: u64, fh: u64, lock_owner: Option<u64>, reply: ReplyEmpty) {
         let sh = self.sh.clone();
         self.spawn("release", async move {
             let r = sh.flush(ino, FlushFor::Other).await;
+            sh.handles.lock().expect("handles lock").remove(&fh);
             if let Some(owner) = lock_owner {
                 if sh.locked.lock().expect("locked lock").contains(&ino) {
                     let client = sh.meta.client_id;
@@ -165,6 +167,7 @@ impl CfsFs {
 
     pub(super) fn do_fallocate(
         &self,
+        c: Creds,
         ino: u64,
         offset: i64,
         length: i64,
@@ -182,7 +185,7 @@ impl CfsFs {
                 let mut f = st.lock().await;
                 sh.flush_locked(ino, &mut f).await?;
                 sh.mutate_attr(
-                    Creds::root(),
+                    c,
                     Op::Fallocate {
                         ino,
                         offset: offset as u64,
@@ -201,8 +204,10 @@ impl CfsFs {
         });
     }
 
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn do_copy_file_range(
         &self,
+        c: Creds,
         ino_in: u64,
         offset_in: i64,
         ino_out: u64,
@@ -213,7 +218,7 @@ impl CfsFs {
         let sh = self.sh.clone();
         self.spawn("copy_file_range", async move {
             match sh
-                .copy_range(ino_in, offset_in, ino_out, offset_out, len)
+                .copy_range(c, ino_in, offset_in, ino_out, offset_out, len)
                 .await
             {
                 Ok(n) => reply.written(n),

@@ -128,6 +128,7 @@ impl Shared {
     pub(super) async fn commit_ranges(
         &self,
         ino: Ino,
+        writer: &Creds,
         ranges: &[(u64, Vec<u8>)],
         late: Option<LateAttrs>,
     ) -> Result<Option<Inode>, Errno> {
@@ -160,7 +161,7 @@ impl Shared {
                 extents: chunk.to_vec(),
                 then: None,
             };
-            self.mutate(Creds::root(), op).await?;
+            self.mutate(writer.clone(), op).await?;
         }
         let refused = late.is_some();
         let op = Op::Write {
@@ -168,14 +169,14 @@ impl Shared {
             extents: last.to_vec(),
             then: late,
         };
-        match self.mutate(Creds::root(), op).await {
+        match self.mutate(writer.clone(), op).await {
             Err(e) if refused && (e == Errno::EPERM || e == Errno::EACCES) => {
                 let op = Op::Write {
                     ino,
                     extents: last.to_vec(),
                     then: None,
                 };
-                self.mutate(Creds::root(), op).await?;
+                self.mutate(writer.clone(), op).await?;
                 Err(e)
             }
             Ok(Mutated::Attr(i)) => Ok(Some(i)),
@@ -242,9 +243,10 @@ impl Shared {
         let ranges: Arc<Vec<(u64, Vec<u8>)>> =
             Arc::new(std::mem::take(&mut f.dirty).into_iter().collect());
         f.dirty_bytes = 0;
+        let writer = f.writer.clone().unwrap_or_else(Creds::root);
         let (sh, r2) = (self.clone(), ranges.clone());
         let h = tokio::spawn(async move {
-            let r = sh.commit_ranges(ino, &r2, None).await.map(|_| ());
+            let r = sh.commit_ranges(ino, &writer, &r2, None).await.map(|_| ());
             if r.is_err() {
                 sh.meta.stats.flush_failure();
             }
@@ -265,7 +267,10 @@ impl Shared {
         let ranges: Vec<(u64, Vec<u8>)> = std::mem::take(&mut f.dirty).into_iter().collect();
         f.dirty_bytes = 0;
         let late = f.late.take();
-        let committed = self.commit_ranges(ino, &ranges, late.clone()).await;
+        let writer = f.writer.clone().unwrap_or_else(Creds::root);
+        let committed = self
+            .commit_ranges(ino, &writer, &ranges, late.clone())
+            .await;
         if let Err(e) = committed {
             if e == Errno::EPERM || e == Errno::EACCES {
                 // The bytes were committed; the deferred setattr was
@@ -468,6 +473,7 @@ impl Shared {
         ino: Ino,
         off: u64,
         data: Vec<u8>,
+        writer: Creds,
     ) -> Result<u32, Errno> {
         let n = data.len() as u32;
         let end = off.checked_add(data.len() as u64).ok_or(Errno::EFBIG)?;
@@ -486,6 +492,7 @@ impl Shared {
             f.size = Some(i.size);
         }
         insert_dirty(&mut f, off, data);
+        f.writer = Some(writer);
         f.size = Some(f.size.unwrap_or(0).max(end));
         if f.dirty_bytes >= self.opts.write_buffer {
             self.flush_behind(ino, &mut f).await?;
@@ -539,6 +546,24 @@ pub(super) fn insert_dirty(f: &mut FileInner, off: u64, data: Vec<u8>) {
 }
 
 impl Shared {
+    /// A new file handle opened by `c`.
+    pub(super) fn open_handle(&self, c: Creds) -> u64 {
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.handles.lock().expect("handles lock").insert(fh, c);
+        fh
+    }
+
+    /// Who opened handle `fh` (root for a handle this mount does not
+    /// know, which the kernel never sends).
+    pub(super) fn handle_creds(&self, fh: u64) -> Creds {
+        self.handles
+            .lock()
+            .expect("handles lock")
+            .get(&fh)
+            .cloned()
+            .unwrap_or_else(Creds::root)
+    }
+
     /// The inodes this mount holds open, sent with unlink and rename so a
     /// file losing its last link is deleted in the same log entry unless
     /// it is open here (one commit instead of unlink + reclaim).
@@ -585,6 +610,7 @@ impl Shared {
     /// stripes; no data moves.
     pub(super) async fn copy_range(
         &self,
+        c: Creds,
         ino_in: Ino,
         off_in: i64,
         ino_out: Ino,
@@ -646,7 +672,7 @@ impl Shared {
         f.opened = None;
         let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
         self.mutate(
-            Creds::root(),
+            c.clone(),
             Op::Fallocate {
                 ino: ino_out,
                 offset: off_out,
@@ -657,7 +683,7 @@ impl Shared {
         .await?;
         for chunk in out.chunks(1024) {
             self.mutate(
-                Creds::root(),
+                c.clone(),
                 Op::Write {
                     ino: ino_out,
                     extents: chunk.to_vec(),
@@ -667,7 +693,7 @@ impl Shared {
             .await?;
         }
         self.mutate(
-            Creds::root(),
+            c.clone(),
             Op::Fallocate {
                 ino: ino_out,
                 offset: off_out,

@@ -63,6 +63,9 @@ struct FileInner {
     /// A setattr made after the dirty bytes, committed with them
     /// (late_attrs.rs).
     late: Option<cfs_proto::ops::LateAttrs>,
+    /// Who wrote the dirty bytes (the opener of the handle of the last
+    /// write): their commit runs as them.
+    writer: Option<Creds>,
     /// A full buffer being written in the background (at most one per
     /// inode, so commits stay in write order): its bytes, still visible to
     /// reads, and the task. Joined (and its error reported) by the next
@@ -162,6 +165,10 @@ struct Shared {
     /// The kernel agreed to send no opendir (`FUSE_NO_OPENDIR_SUPPORT`).
     no_opendir: AtomicBool,
     next_fh: AtomicU64,
+    /// Who opened each file handle: the writes through it commit as that
+    /// caller (the server checks them, D42), also when the kernel sends
+    /// them from its own thread (a shared mapping's pages).
+    handles: Mutex<HashMap<u64, Creds>>,
     /// Bytes of written small files kept as their content (io.rs).
     kept_bytes: Arc<AtomicU64>,
     /// The kernel's side of the session, once mounted (`session.rs`).
@@ -301,6 +308,7 @@ impl CfsFs {
             dirs: dir::Streams::default(),
             no_opendir: AtomicBool::new(false),
             next_fh: AtomicU64::new(1),
+            handles: Mutex::default(),
             kept_bytes: Arc::default(),
             kernel: Arc::default(),
         });
@@ -446,8 +454,9 @@ impl Filesystem for CfsFs {
         self.do_link(req, ino, newparent, newname, reply);
     }
 
-    fn open(&mut self, _req: &Request<'_>, ino: u64, flags: i32, reply: ReplyOpen) {
-        self.do_open(ino, flags, reply);
+    fn open(&mut self, req: &Request<'_>, ino: u64, flags: i32, reply: ReplyOpen) {
+        let c = self.sh.groups.creds(req);
+        self.do_open(c, ino, flags, reply);
     }
 
     fn read(
@@ -468,7 +477,7 @@ impl Filesystem for CfsFs {
         &mut self,
         _req: &Request<'_>,
         ino: u64,
-        _fh: u64,
+        fh: u64,
         offset: i64,
         data: &[u8],
         _wf: u32,
@@ -476,7 +485,7 @@ impl Filesystem for CfsFs {
         _lock: Option<u64>,
         reply: ReplyWrite,
     ) {
-        self.do_write(ino, offset, data, reply);
+        self.do_write(ino, fh, offset, data, reply);
     }
 
     fn flush(
@@ -494,13 +503,13 @@ impl Filesystem for CfsFs {
         &mut self,
         _req: &Request<'_>,
         ino: u64,
-        _fh: u64,
+        fh: u64,
         _flags: i32,
         lock_owner: Option<u64>,
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        self.do_release(ino, lock_owner, reply);
+        self.do_release(ino, fh, lock_owner, reply);
     }
 
     fn fsync(
@@ -687,7 +696,7 @@ impl Filesystem for CfsFs {
 
     fn fallocate(
         &mut self,
-        _req: &Request<'_>,
+        req: &Request<'_>,
         ino: u64,
         _fh: u64,
         offset: i64,
@@ -695,12 +704,13 @@ impl Filesystem for CfsFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        self.do_fallocate(ino, offset, length, mode, reply);
+        let c = self.sh.groups.creds(req);
+        self.do_fallocate(c, ino, offset, length, mode, reply);
     }
 
     fn copy_file_range(
         &mut self,
-        _req: &Request<'_>,
+        req: &Request<'_>,
         ino_in: u64,
         _fh_in: u64,
         offset_in: i64,
@@ -711,6 +721,7 @@ impl Filesystem for CfsFs {
         _flags: u32,
         reply: ReplyWrite,
     ) {
-        self.do_copy_file_range(ino_in, offset_in, ino_out, offset_out, len, reply);
+        let c = self.sh.groups.creds(req);
+        self.do_copy_file_range(c, ino_in, offset_in, ino_out, offset_out, len, reply);
     }
 }

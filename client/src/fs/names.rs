@@ -209,7 +209,7 @@ impl CfsFs {
         self.spawn("create", async move {
             let r = sh
                 .mutate_attr(
-                    c,
+                    c.clone(),
                     Op::Create {
                         parent,
                         name,
@@ -232,7 +232,7 @@ impl CfsFs {
                     let st = sh.file(i.ino);
                     st.opens.fetch_add(1, Ordering::SeqCst);
                     st.lock().await.opened_as(&i, sh.opts.ttl());
-                    let fh = sh.next_fh.fetch_add(1, Ordering::Relaxed);
+                    let fh = sh.open_handle(c.clone());
                     let a = sh.attr_now(&i).await;
                     reply.created(&sh.opts.ttl(), &a, i.generation, fh, 0)
                 }

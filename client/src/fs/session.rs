@@ -67,10 +67,14 @@ impl CfsFs {
         // Directory listings carry attributes (one round trip fills the
         // kernel's dentry and attribute caches for `ls -l`, `find`, `du`);
         // symlink targets are cached like pages.
+        // The nodes drop set-user-ID on a write, truncate or chown by
+        // anyone but root (D42): the kernel's own attempt is a chmod by
+        // the writer, which the nodes refuse to a non-owner.
         for flag in [
             FUSE_DO_READDIRPLUS,
             FUSE_READDIRPLUS_AUTO,
             FUSE_CACHE_SYMLINKS,
+            FUSE_HANDLE_KILLPRIV,
         ] {
             let _ = config.add_capabilities(flag);
         }

@@ -50,11 +50,24 @@ pub(super) fn setattr(
         if size > FILE_SIZE_MAX {
             return Err(Errno::EFBIG.into());
         }
+        // Checked here too, not only by the kernel; the owner may always
+        // (its descriptor was opened for writing before a chmod, D42).
+        if !owner && !perm::allowed(&i, c, W) {
+            return Err(Errno::EACCES.into());
+        }
     }
     let mut changed = false;
     if let Some(size) = set.size {
         if size < i.size {
             punch(t, &mut i, size, u64::MAX - size)?;
+        }
+        // As a write: anyone but root drops set-user-ID (the mount asks
+        // the kernel to leave this to the file system, FUSE_HANDLE_KILLPRIV).
+        if c.uid != 0 && set.mode.is_none() {
+            i.mode &= !libc::S_ISUID;
+            if i.mode & libc::S_IXGRP != 0 {
+                i.mode &= !libc::S_ISGID;
+            }
         }
         i.size = size;
         i.mtime = now;

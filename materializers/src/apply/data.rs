@@ -59,26 +59,47 @@ pub(super) fn write(
     if !extents.iter().all(|e| e.valid(EXTENT_LEN_MAX)) {
         return Err(Errno::EINVAL.into());
     }
+    may_write(&i, c)?;
     for e in extents {
         punch(t, &mut i, e.offset, e.len)?;
         t.put(keys::extent(ino, e.offset), e);
         i.allocated += e.len;
         i.size = i.size.max(e.offset + e.len);
     }
-    if c.uid != 0 {
-        i.mode &= !libc::S_ISUID;
-        if i.mode & libc::S_IXGRP != 0 {
-            i.mode &= !libc::S_ISGID;
-        }
-    }
+    drop_privileges(&mut i, c);
     i.mtime = now;
     i.ctime = now;
     put_inode(t, &i);
     Ok(Applied::Attr(i))
 }
 
+/// Whether `c` may change `i`'s bytes. The kernel checked the file's mode
+/// when the writer opened it; this checks again on the server, so a mount
+/// cannot write what its users could not open. As knfsd does, the owner
+/// may always write (a file opened for writing and then made read-only,
+/// as `cp -p` and tar do, keeps taking its bytes).
+fn may_write(i: &Inode, c: &Creds) -> R2<()> {
+    if c.uid == i.uid {
+        return Ok(());
+    }
+    Ok(crate::perm::check(i, c, crate::perm::W)?)
+}
+
+/// A change of the bytes by anyone but root drops set-user-ID, and
+/// set-group-ID where it means "setgid executable" (group-execute set),
+/// as every local file system does (`file_remove_privs`).
+fn drop_privileges(i: &mut Inode, c: &Creds) {
+    if c.uid != 0 {
+        i.mode &= !libc::S_ISUID;
+        if i.mode & libc::S_IXGRP != 0 {
+            i.mode &= !libc::S_ISGID;
+        }
+    }
+}
+
 pub(super) fn fallocate(
     t: &mut Txn<'_>,
+    c: &Creds,
     now: Nanos,
     ino: Ino,
     offset: u64,
@@ -95,6 +116,7 @@ pub(super) fn fallocate(
     if len == 0 {
         return Err(Errno::EINVAL.into());
     }
+    may_write(&i, c)?;
     let end = offset
         .checked_add(len)
         .filter(|e| *e <= FILE_SIZE_MAX)
@@ -109,6 +131,7 @@ pub(super) fn fallocate(
     if !keep && end > i.size {
         i.size = end;
     }
+    drop_privileges(&mut i, c);
     i.mtime = now;
     i.ctime = now;
     put_inode(t, &i);

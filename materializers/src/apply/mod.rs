@@ -410,7 +410,7 @@ fn apply_inner(
             offset,
             len,
             mode,
-        } => fallocate(t, now, *ino, *offset, *len, *mode),
+        } => fallocate(t, c, now, *ino, *offset, *len, *mode),
         Op::Lock { ino, lock } => set_lock(t, now, *ino, lock),
         Op::RenewHold { shard } => holds::renew(t, *shard, lop.client, now),
         Op::ExpireHold { shard, client } => holds::expire(t, *shard, *client, now),
