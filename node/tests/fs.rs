@@ -1170,6 +1170,17 @@ fn file_capabilities_are_dropped_on_write() {
         !append_as(1000, &private).0,
         "uid 1000 may not write a 0644 file"
     );
+    let truncated = std::process::Command::new("truncate")
+        .args(["-s", "0"])
+        .arg(&private)
+        .uid(1000)
+        .gid(1000)
+        .status()
+        .unwrap();
+    assert!(
+        !truncated.success(),
+        "uid 1000 may not truncate a 0644 file"
+    );
     assert_eq!(std::fs::read(&private).unwrap(), b"root's");
 
     // Mounts are nosuid,nodev unless asked (--suid, --dev): whoever can
