@@ -1680,3 +1680,98 @@ fn cross_shard_changes_are_answered_once_their_finishes_are_ordered() {
     drop((a, b));
     let _ = fsck_clean(&c);
 }
+
+/// `cfs ca`, as an administrator uses it: a second `init` over an existing
+/// CA is refused, `issue` needs one role and well-formed id maps, the key
+/// is private, and a mount started with the issued certificate
+/// (`--tls-dir`, `--tls-stem`) gets the policy it carries: root squashed
+/// to 65534 by default, uid 1000 mapped to 4242.
+#[test]
+fn ca_commands_issue_a_certificate_a_mount_is_held_to() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    use std::os::unix::process::CommandExt;
+    let c = Cluster::start("fs-ca-cli");
+    let ca_dir = cluster::tls_dir(&c.dir);
+    let ca_dir = ca_dir.to_str().unwrap();
+    let out = c.dir.join("issued");
+    let out_s = out.to_str().unwrap();
+    let fails = |args: &[&str]| {
+        let o = Command::new(cfs()).args(args).output().expect("run cfs");
+        assert!(!o.status.success(), "cfs {args:?} succeeded");
+        String::from_utf8_lossy(&o.stderr).into_owned()
+    };
+    let e = fails(&["ca", "init", "--dir", ca_dir, "--cluster-id", "other"]);
+    assert!(e.contains("already holds a CA"), "{e}");
+    let e = fails(&["ca", "issue", "--ca-dir", ca_dir, "--out", out_s]);
+    assert!(e.contains("give one of"), "{e}");
+    let e = fails(&[
+        "ca",
+        "issue",
+        "--ca-dir",
+        ca_dir,
+        "--out",
+        out_s,
+        "--client",
+        "gpu",
+        "--map-uid",
+        "1000-4242",
+    ]);
+    assert!(e.contains("expected FROM:TO"), "{e}");
+    run_cfs(&[
+        "ca",
+        "issue",
+        "--ca-dir",
+        ca_dir,
+        "--out",
+        out_s,
+        "--client",
+        "gpu",
+        "--map-uid",
+        "1000:4242",
+    ]);
+    let key = std::fs::metadata(out.join("client-gpu.key")).unwrap();
+    assert_eq!(
+        key.permissions().mode() & 0o777,
+        0o600,
+        "the key is private"
+    );
+
+    // A directory anyone may write, made through the cluster's own mount
+    // (its certificate trusts root).
+    let admin = Mount::new(&c, "admin", &[]);
+    std::fs::create_dir(admin.path.join("open")).unwrap();
+    std::fs::set_permissions(
+        admin.path.join("open"),
+        std::fs::Permissions::from_mode(0o777),
+    )
+    .unwrap();
+    let m = Mount::new(&c, "m", &["--tls-dir", out_s, "--tls-stem", "client-gpu"]);
+    // Root is squashed: it may not create in `/` (root's 0755) ...
+    assert!(std::fs::write(m.path.join("planted"), b"r").is_err());
+    assert!(!admin.path.join("planted").exists());
+    // ... and what it creates in a 0777 directory is 65534's.
+    std::fs::write(m.path.join("open/by-root"), b"r").unwrap();
+    let owner = |name: &str| {
+        std::fs::metadata(admin.path.join("open").join(name))
+            .unwrap()
+            .uid()
+    };
+    assert_eq!(owner("by-root"), 65534);
+    // Its uid 1000 is the cluster's 4242.
+    let made = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "echo u > '{}'",
+            m.path.join("open/by-1000").display()
+        ))
+        .uid(1000)
+        .gid(1000)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    assert_eq!(owner("by-1000"), 4242);
+    assert_eq!(
+        std::fs::read(admin.path.join("open/by-1000")).unwrap(),
+        b"u\n"
+    );
+}
