@@ -60,30 +60,17 @@ struct Waiter {
 /// A change to replay as it was answered: a create keeps the inode
 /// number it was given (the new term kept it free for it, D41), so what
 /// the kernel and this mount already know of the file stays true.
-fn as_answered(op: Op, told: &Result<Reply, Errno>) -> Op {
-    match (op, told) {
-        (
-            Op::Create {
-                parent,
-                name,
-                mode,
-                rdev,
-                target,
-                excl,
-                ino: None,
-            },
-            Ok(Reply::Attr(i)),
-        ) => Op::Create {
-            parent,
-            name,
-            mode,
-            rdev,
-            target,
-            excl,
-            ino: Some(i.ino),
+fn as_answered(mut op: Op, told: &Result<Reply, Errno>) -> Op {
+    if let (
+        Op::Create {
+            ino: slot @ None, ..
         },
-        (op, _) => op,
+        Ok(Reply::Attr(i)),
+    ) = (&mut op, told)
+    {
+        *slot = Some(i.ino);
     }
+    op
 }
 
 fn names_of(req: &Request) -> Option<(Ino, Vec<u8>, bool)> {

@@ -258,16 +258,7 @@ async fn bad_input_is_refused_and_changes_nothing() {
     // Nothing changed: the next entry follows directly, or after the
     // barriers of new leaders' terms (D41) if leadership moved meanwhile.
     let p1 = client.propose(ShardId(0), b"after".to_vec()).await.unwrap();
-    let between = client
-        .read_range(cl.cfg(1).listen, ShardId(0), p0 + 1, p1)
-        .await
-        .unwrap();
-    assert!(
-        between
-            .iter()
-            .all(|(_, e)| e.kind == cfs_log::EntryKind::BARRIER && e.request.is_none()),
-        "{between:?}"
-    );
+    only_barriers_between(&cl, &client, p0, p1).await;
     cluster::wait_healthy(&cl.cfgs, Duration::from_secs(5)).unwrap();
 }
 
@@ -782,16 +773,7 @@ async fn peers_without_the_right_certificate_are_refused() {
     // Nothing changed: the next entry follows directly, or after the
     // barriers of new leaders' terms (D41) if leadership moved meanwhile.
     let p1 = log.propose(ShardId(0), b"after".to_vec()).await.unwrap();
-    let between = log
-        .read_range(cl.cfg(1).listen, ShardId(0), p0 + 1, p1)
-        .await
-        .unwrap();
-    assert!(
-        between
-            .iter()
-            .all(|(_, e)| e.kind == cfs_log::EntryKind::BARRIER && e.request.is_none()),
-        "{between:?}"
-    );
+    only_barriers_between(&cl, &log, p0, p1).await;
     cluster::wait_healthy(&cl.cfgs, Duration::from_secs(5)).unwrap();
 }
 
@@ -1022,4 +1004,19 @@ async fn idle_mounts_outcome_tables_are_forgotten() {
     }
     let logged = cl.log_of(1) + &cl.log_of(2) + &cl.log_of(3);
     assert!(logged.contains("forgot idle clients' outcome tables"));
+}
+
+/// Asserts that node 1 holds nothing but term barriers (D41) strictly
+/// between positions `p0` and `p1` of shard 0: nothing else was decided.
+async fn only_barriers_between(cl: &Cluster, client: &LogClient, p0: Position, p1: Position) {
+    let between = client
+        .read_range(cl.cfg(1).listen, ShardId(0), p0 + 1, p1)
+        .await
+        .unwrap();
+    assert!(
+        between
+            .iter()
+            .all(|(_, e)| e.kind == cfs_log::EntryKind::BARRIER && e.request.is_none()),
+        "{between:?}"
+    );
 }

@@ -1704,31 +1704,17 @@ fn ca_commands_issue_a_certificate_a_mount_is_held_to() {
     assert!(e.contains("already holds a CA"), "{e}");
     let e = fails(&["ca", "issue", "--ca-dir", ca_dir, "--out", out_s]);
     assert!(e.contains("give one of"), "{e}");
-    let e = fails(&[
-        "ca",
-        "issue",
-        "--ca-dir",
-        ca_dir,
-        "--out",
-        out_s,
-        "--client",
-        "gpu",
-        "--map-uid",
-        "1000-4242",
-    ]);
+    let issue_client = |map: &str| {
+        let mut a = vec!["ca", "issue", "--ca-dir", ca_dir, "--out", out_s];
+        a.extend(["--client", "gpu", "--map-uid"]);
+        a.push(map);
+        a.iter().map(|s| s.to_string()).collect::<Vec<_>>()
+    };
+    let bad = issue_client("1000-4242");
+    let e = fails(&bad.iter().map(String::as_str).collect::<Vec<_>>());
     assert!(e.contains("expected FROM:TO"), "{e}");
-    run_cfs(&[
-        "ca",
-        "issue",
-        "--ca-dir",
-        ca_dir,
-        "--out",
-        out_s,
-        "--client",
-        "gpu",
-        "--map-uid",
-        "1000:4242",
-    ]);
+    let good = issue_client("1000:4242");
+    run_cfs(&good.iter().map(String::as_str).collect::<Vec<_>>());
     let key = std::fs::metadata(out.join("client-gpu.key")).unwrap();
     assert_eq!(
         key.permissions().mode() & 0o777,
