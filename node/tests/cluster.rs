@@ -258,7 +258,7 @@ async fn bad_input_is_refused_and_changes_nothing() {
     // Nothing changed: the next entry follows directly, or after the
     // barriers of new leaders' terms (D41) if leadership moved meanwhile.
     let p1 = client.propose(ShardId(0), b"after".to_vec()).await.unwrap();
-    only_barriers_between(&cl, &client, p0, p1).await;
+    only_barriers_between(&cl, &client, ShardId(0), p0, p1).await;
     cluster::wait_healthy(&cl.cfgs, Duration::from_secs(5)).unwrap();
 }
 
@@ -518,7 +518,7 @@ async fn service_only_steps_and_other_clients_locks_are_refused() {
     // directly.
     for (s, p0) in shards.into_iter().zip(before) {
         let p1 = log.propose(s, b"after".to_vec()).await.unwrap();
-        assert_eq!(p1, p0 + 1, "shard {s}");
+        only_barriers_between(&cl, &log, s, p0, p1).await;
     }
     let logged = cl.log_of(1) + &cl.log_of(2) + &cl.log_of(3);
     assert!(logged.contains("only metadata services may propose"));
@@ -773,7 +773,7 @@ async fn peers_without_the_right_certificate_are_refused() {
     // Nothing changed: the next entry follows directly, or after the
     // barriers of new leaders' terms (D41) if leadership moved meanwhile.
     let p1 = log.propose(ShardId(0), b"after".to_vec()).await.unwrap();
-    only_barriers_between(&cl, &log, p0, p1).await;
+    only_barriers_between(&cl, &log, ShardId(0), p0, p1).await;
     cluster::wait_healthy(&cl.cfgs, Duration::from_secs(5)).unwrap();
 }
 
@@ -1007,10 +1007,16 @@ async fn idle_mounts_outcome_tables_are_forgotten() {
 }
 
 /// Asserts that node 1 holds nothing but term barriers (D41) strictly
-/// between positions `p0` and `p1` of shard 0: nothing else was decided.
-async fn only_barriers_between(cl: &Cluster, client: &LogClient, p0: Position, p1: Position) {
+/// between positions `p0` and `p1` of `shard`: nothing else was decided.
+async fn only_barriers_between(
+    cl: &Cluster,
+    client: &LogClient,
+    shard: ShardId,
+    p0: Position,
+    p1: Position,
+) {
     let between = client
-        .read_range(cl.cfg(1).listen, ShardId(0), p0 + 1, p1)
+        .read_range(cl.cfg(1).listen, shard, p0 + 1, p1)
         .await
         .unwrap();
     assert!(
