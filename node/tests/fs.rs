@@ -8,50 +8,9 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use cfs_log::ShardId;
-use cfs_node::{cluster, mounts};
+use cfs_node::cluster;
+use common::fuse::{cfs, drop_kernel_caches, mount_counter, Mount};
 use common::Cluster;
-
-fn cfs() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_cfs"))
-}
-
-/// A `cfs mount` process serving `path`; unmounted on drop.
-struct Mount {
-    path: PathBuf,
-    child: std::process::Child,
-}
-
-impl Mount {
-    fn new(c: &Cluster, name: &str, extra: &[&str]) -> Mount {
-        let path = c.dir.join(name);
-        std::fs::create_dir_all(&path).expect("mountpoint");
-        let log = std::fs::File::create(c.dir.join(format!("{name}.log"))).expect("log");
-        let child = Command::new(cfs())
-            .arg("mount")
-            .arg(&path)
-            .arg("--dir")
-            .arg(&c.dir)
-            .args(extra)
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .spawn()
-            .expect("cfs mount");
-        let until = Instant::now() + Duration::from_secs(30);
-        while !mounts::is_mounted(&path) {
-            assert!(Instant::now() < until, "mount did not appear");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Mount { path, child }
-    }
-}
-
-impl Drop for Mount {
-    fn drop(&mut self) {
-        cfs_client::unmount(&self.path);
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn run_cfs(args: &[&str]) -> String {
     let out = Command::new(cfs()).args(args).output().expect("run cfs");
@@ -809,167 +768,6 @@ fn bad_input_and_unreachable_servers() {
 
 /// Full segment devices reach the application as ENOSPC (not EIO), and
 /// what was written before stays readable.
-#[test]
-fn full_devices_give_enospc() {
-    let base = std::env::temp_dir().join(format!("cfs-test-fs-enospc-{}", std::process::id()));
-    let mut dirs = Vec::new();
-    for i in 1..=3 {
-        let m = base.join(format!("n{i}"));
-        std::fs::create_dir_all(&m).unwrap();
-        let ok = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", "size=16m", "tmpfs"])
-            .arg(&m)
-            .status()
-            .is_ok_and(|s| s.success());
-        assert!(ok, "mounting a tmpfs needs root");
-        dirs.push(m);
-    }
-    struct Unmount(Vec<PathBuf>);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            for m in &self.0 {
-                let _ = Command::new("umount").arg("-l").arg(m).status();
-            }
-        }
-    }
-    let _u = Unmount(dirs.clone());
-    let c = Cluster::start_with("fs-enospc", |cfg| {
-        cfg.segments_dir = Some(dirs[(cfg.node_id - 1) as usize].clone());
-    });
-    let url_file = c.dir.join("mnt-metrics-url");
-    let m = Mount::new(
-        &c,
-        "mnt",
-        &[
-            "--timeout",
-            "10",
-            "--metrics-listen",
-            "127.0.0.1:0",
-            "--metrics-url-file",
-            url_file.to_str().unwrap(),
-        ],
-    );
-    std::fs::write(m.path.join("small"), b"fits").unwrap();
-    use std::io::Write;
-    let big = vec![7u8; 1 << 20];
-    let r = (|| -> std::io::Result<()> {
-        let mut f = std::fs::File::create(m.path.join("big"))?;
-        for _ in 0..64 {
-            f.write_all(&big)?;
-        }
-        f.sync_all()
-    })();
-    let e = r.expect_err("64 MiB cannot fit in 3 × 16 MiB at 2+1");
-    assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "got {e}");
-    assert_eq!(std::fs::read(m.path.join("small")).unwrap(), b"fits");
-
-    // A background flush that fails keeps its bytes: once there is room
-    // again the next fsync reports the failure (once), the bytes are
-    // written, and close reports it too.
-    use std::os::fd::IntoRawFd;
-    // Every device full (a 2+1 stripe is written as long as two are not):
-    // each tmpfs shrunk to what it holds plus less than one fragment
-    // (256 KiB), retried if a write in flight grew it meanwhile.
-    for d in &dirs {
-        let shrunk = (0..10).any(|_| {
-            let df = Command::new("df")
-                .args(["--output=used", "-B1"])
-                .arg(d)
-                .output()
-                .unwrap();
-            let used: u64 = String::from_utf8_lossy(&df.stdout)
-                .lines()
-                .nth(1)
-                .and_then(|l| l.trim().parse().ok())
-                .expect("df --output=used");
-            let ok = Command::new("mount")
-                .args(["-o", &format!("remount,size={}", used + (64 << 10))])
-                .arg(d)
-                .status()
-                .is_ok_and(|s| s.success());
-            if !ok {
-                std::thread::sleep(Duration::from_millis(200));
-            }
-            ok
-        });
-        assert!(shrunk, "shrinking the tmpfs to what it holds");
-    }
-    const FAILURES: &str = "claudefs_fuse_background_flush_failures_total";
-    let failed_before = mount_counter(&url_file, FAILURES);
-    let kept = m.path.join("kept");
-    let mut f = std::fs::File::create(&kept).unwrap();
-    let pattern: Vec<u8> = (0..9u32 << 20).map(|i| (i % 251) as u8).collect();
-    for chunk in pattern.chunks(1 << 20) {
-        // The 8th MiB fills the write buffer: it is flushed behind, and
-        // fails (the devices are full).
-        f.write_all(chunk).unwrap();
-    }
-    // The kernel holds written pages (writeback cache): push them to the
-    // mount now, without an fsync.
-    {
-        use std::os::fd::AsRawFd;
-        // SAFETY: a valid descriptor; range 0..0 means the whole file.
-        let rc = unsafe {
-            libc::sync_file_range(
-                f.as_raw_fd(),
-                0,
-                0,
-                libc::SYNC_FILE_RANGE_WRITE | libc::SYNC_FILE_RANGE_WAIT_AFTER,
-            )
-        };
-        assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
-    }
-    let until = Instant::now() + Duration::from_secs(60);
-    while mount_counter(&url_file, FAILURES) == failed_before {
-        assert!(Instant::now() < until, "the background flush never failed");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    // Room again. With mount(2), not mount(8): a child process would
-    // inherit the descriptor and its exec would close it, which the file
-    // system sees as a close (and reports the error to).
-    for d in &dirs {
-        use std::os::unix::ffi::OsStrExt;
-        let target = std::ffi::CString::new(d.as_os_str().as_bytes()).unwrap();
-        let (src, fstype) = (c"tmpfs", c"tmpfs");
-        let data = c"size=96m";
-        // SAFETY: valid C strings; remounting a tmpfs this test mounted.
-        let rc = unsafe {
-            libc::mount(
-                src.as_ptr(),
-                target.as_ptr(),
-                fstype.as_ptr(),
-                libc::MS_REMOUNT,
-                data.as_ptr().cast(),
-            )
-        };
-        assert_eq!(
-            rc,
-            0,
-            "growing the tmpfs: {}",
-            std::io::Error::last_os_error()
-        );
-    }
-    let e = f
-        .sync_all()
-        .expect_err("the failed background flush is reported");
-    assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "got {e}");
-    f.sync_all()
-        .expect("reported once; the kept bytes are written now");
-    let fd = f.into_raw_fd();
-    // SAFETY: closing the descriptor just taken from the File.
-    let rc = unsafe { libc::close(fd) };
-    assert_eq!(
-        (rc, std::io::Error::last_os_error().raw_os_error()),
-        (-1, Some(libc::ENOSPC)),
-        "close reports it too"
-    );
-    drop_kernel_caches();
-    assert!(
-        std::fs::read(&kept).unwrap() == pattern,
-        "no byte was dropped"
-    );
-}
-
 /// A node whose log disk runs low refuses new changes with ENOSPC before
 /// the disk is full: the application sees ENOSPC, no shard fails, and
 /// `/health` says why.
@@ -1205,23 +1003,6 @@ fn file_capabilities_are_dropped_on_write() {
     assert_eq!(flags(&trusting.path), (false, false), "--suid --dev");
 }
 
-/// A counter of a mount's `/metrics` (summed over its label sets).
-fn mount_counter(url_file: &Path, name: &str) -> u64 {
-    let url = std::fs::read_to_string(url_file).expect("metrics url");
-    let addr = url
-        .trim()
-        .trim_start_matches("http://")
-        .trim_end_matches("/metrics")
-        .parse()
-        .expect("metrics address");
-    let (_, body) = cluster::http_get(addr, "/metrics").expect("mount metrics");
-    body.lines()
-        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
-        .filter(|l| l[name.len()..].starts_with(['{', ' ']))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-        .sum()
-}
-
 /// Under a lease, an open of an unchanged file and a stat send nothing
 /// to a node; a change on another mount (on the same node, and through
 /// another node) is seen by the very next open, with no waiting.
@@ -1335,13 +1116,6 @@ fn node_not_serving(c: &Cluster, mount: &str) -> String {
         .map(|i| c.cfgs[i - 1].meta_listen.expect("meta").to_string())
         .find(|addr| *addr != on)
         .expect("a node the mount is not on")
-}
-
-/// Drops the kernel's dentry, inode and page caches (as `bench/fs.sh`
-/// does between steps): what follows is answered by the mount.
-fn drop_kernel_caches() {
-    let _ = Command::new("sync").status();
-    std::fs::write("/proc/sys/vm/drop_caches", "3").expect("drop caches (root)");
 }
 
 /// Lists `dir` with every entry's attributes, and reads every file.

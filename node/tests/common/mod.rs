@@ -1,6 +1,8 @@
 //! A real multi-process cluster for end-to-end tests.
 #![allow(dead_code)]
 
+pub mod fuse;
+
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
