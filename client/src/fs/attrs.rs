@@ -213,10 +213,18 @@ impl CfsFs {
                 sh.meta.stats.cache(crate::stats::Cache::Names, c.is_some());
                 c
             };
+            // Without a lease on the directory's shard the node's own state
+            // may lag what another mount already closed (a follower, or
+            // the leader behind a change answered through another node):
+            // the lookup passes a read barrier, so that close-to-open
+            // holds for a name made elsewhere, as for the file's bytes.
             let r = match cached {
                 Some(Named::Found(i)) => Ok(i),
                 Some(Named::Absent) => Err(Errno::ENOENT),
-                None => sh.meta.rpc(Lookup { parent, name }, sh.strict()).await,
+                None => {
+                    let fresh = sh.strict() || sh.meta.cache.lease_left(parent).is_none();
+                    sh.meta.rpc(Lookup { parent, name }, fresh).await
+                }
             };
             let a = match &r {
                 Ok(i) => Some(sh.attr_now(i).await),
