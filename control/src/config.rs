@@ -107,6 +107,13 @@ pub struct TlsSection {
     pub ca: PathBuf,
     pub cert: PathBuf,
     pub key: PathBuf,
+    /// The CA's directory (`ca.crt`, `ca.key`): with it this node trades
+    /// one-time mount tokens (`cfs admin token create`) for client
+    /// certificates on its metadata listener. Without it, it does not.
+    /// A node holding the CA key can issue any certificate: give it to
+    /// the nodes that must enroll mounts only.
+    #[serde(default)]
+    pub enroll_ca_dir: Option<PathBuf>,
 }
 
 impl TlsSection {

@@ -192,6 +192,7 @@ pub fn ensure_configs(
                 ca: td.join("ca.crt"),
                 cert: td.join(format!("node-{}.crt", a.id)),
                 key: td.join(format!("node-{}.key", a.id)),
+                enroll_ca_dir: Some(td.clone()),
             }),
             nodes: addrs.clone(),
             dial: Vec::new(),

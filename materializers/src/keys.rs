@@ -195,6 +195,21 @@ pub fn client_seen_of(key: &[u8]) -> Option<u64> {
 }
 /// A client whose outcomes on `shard` were forgotten: the highest
 /// operation id it had there (a retry at or below it gets ESTALE).
+/// A used mount token, by expiry (Unix nanoseconds) then id.
+pub fn token_used(shard: ShardId, expires: u64, id: u128) -> Vec<u8> {
+    with(
+        b'U',
+        &[
+            &shard.to_be_bytes(),
+            &expires.to_be_bytes(),
+            &id.to_be_bytes(),
+        ],
+    )
+}
+pub fn token_used_prefix(shard: ShardId) -> Vec<u8> {
+    with(b'U', &[&shard.to_be_bytes()])
+}
+
 pub fn client_forgotten(shard: ShardId, client: u64) -> Vec<u8> {
     with(b'G', &[&shard.to_be_bytes(), &client.to_be_bytes()])
 }
@@ -267,7 +282,7 @@ pub fn owner(key: &[u8]) -> Option<ShardId> {
             be64_at(key, 1).map(crate::types::shard_of)
         }
         b'n' | b'N' | b'a' | b'p' | b'q' | b'Q' | b'T' | b'r' | b'R' | b'h' | b'O' | b'S'
-        | b'G' => be32_at(key, 1).map(ShardId),
+        | b'G' | b'U' => be32_at(key, 1).map(ShardId),
         b't' => owner(&key[1..]),
         _ => None,
     }

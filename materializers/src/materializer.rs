@@ -162,7 +162,8 @@ pub fn changes(op: &LoggedOp, r: &Applied) -> Change {
         | Op::ReleaseLocks { .. }
         | Op::Reclaim { .. }
         | Op::RenewHold { .. }
-        | Op::ForgetIdleClients { .. } => {}
+        | Op::ForgetIdleClients { .. }
+        | Op::ConsumeToken { .. } => {}
         Op::ExpireHold { .. }
         | Op::TxPrepare { .. }
         | Op::TxDecide { .. }

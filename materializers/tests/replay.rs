@@ -829,6 +829,58 @@ fn idle_clients_outcome_tables_are_forgotten() {
     assert_eq!(outcomes(7), 1);
 }
 
+/// A mount token is recorded used once (EEXIST the second time, under
+/// another operation id); records of expired tokens are dropped by a
+/// later use, and `cfs fsck` finds nothing wrong with them.
+#[test]
+fn a_mount_token_is_consumed_once_and_forgotten_after_it_expires() {
+    use cfs_materializers::keys;
+    let dir = tempfile::tempdir().unwrap();
+    let db = NamespaceDb::open(dir.path()).unwrap();
+    let s = ShardId(0);
+    init_shard(&db, s).unwrap();
+    let mut pos = 0u64;
+    let mut run = |op_id: u64, now: i64, id: u128, expires: i64| {
+        let lop = LoggedOp {
+            client: 99,
+            op_id,
+            creds: Creds::root(),
+            now,
+            op: Op::ConsumeToken {
+                shard: s,
+                id,
+                expires,
+            },
+        };
+        let e = entry(
+            RequestId {
+                client: 99,
+                seq: op_id,
+            },
+            &lop,
+        );
+        let (mut out, _) = apply_batch(&db, s, &[(Position(pos), e)]).unwrap();
+        pos += 1;
+        out.pop().map(|(_, r)| r).unwrap()
+    };
+    let used = || {
+        let p = keys::token_used_prefix(s);
+        db.scan(&p, &keys::prefix_end(&p), usize::MAX)
+            .unwrap()
+            .len()
+    };
+    assert!(run(1, 10, 0xabc, 100).is_ok());
+    assert_eq!(run(2, 20, 0xabc, 100), Err(Errno::EEXIST));
+    assert!(run(3, 30, 0xdef, 500).is_ok());
+    assert_eq!(used(), 2);
+    // At time 200 the first has expired: its record goes.
+    assert!(run(4, 200, 0x123, 900).is_ok());
+    assert_eq!(used(), 2);
+    assert_eq!(run(5, 210, 0xdef, 500), Err(Errno::EEXIST));
+    let report = cfs_materializers::check::check(&db).unwrap();
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+}
+
 /// A new leadership term (the log's barrier entry, D41) moves the inode
 /// counter past every number the last leader may have promised; a replayed
 /// create gets the number it was answered with only if it is one of those,

@@ -79,6 +79,8 @@ struct Barrier {
 struct Inner {
     cluster_id: String,
     node_id: u64,
+    /// Trades mount tokens for certificates (`MetaConfig::enroll`).
+    enroll: Option<Enroller>,
     log: LogNode,
     db: Arc<NamespaceDb>,
     waiters: Arc<Waiters>,
@@ -178,6 +180,15 @@ pub struct MetaConfig {
     /// exactly-once outcome tables forgotten; a retry of one of its old
     /// operations then gets ESTALE. Longer than any mount's `--timeout`.
     pub forget_idle_clients: Duration,
+    /// The cluster CA, on a node that trades one-time mount tokens for
+    /// client certificates (`cfs mount --token`); `None`: it does not.
+    pub enroll: Option<Arc<cfs_net::ca::Ca>>,
+}
+
+/// What a node that enrolls mounts holds.
+struct Enroller {
+    ca: Arc<cfs_net::ca::Ca>,
+    key: cfs_net::token::TokenKey,
 }
 
 impl MetaService {
@@ -223,6 +234,10 @@ impl MetaService {
             inner: Arc::new(Inner {
                 cluster_id: cfg.cluster_id,
                 node_id: cfg.node_id,
+                enroll: cfg.enroll.map(|ca| Enroller {
+                    key: ca.token_key(),
+                    ca,
+                }),
                 log,
                 db,
                 waiters,
@@ -308,6 +323,7 @@ impl MetaService {
         let s2 = svc.clone();
         let peers = cfs_frame::peers::PeerLimiter::new(cfg.connections_per_peer);
         let security = cfg.security.clone();
+        let enrolling = s2.inner.enroll.is_some();
         tokio::spawn(async move {
             loop {
                 match listener.accept().await {
@@ -322,7 +338,12 @@ impl MetaService {
                         tokio::spawn(
                             async move {
                                 let _slot = slot;
-                                match security.accept(sock).await {
+                                let accepted = if enrolling {
+                                    security.accept_enrolling(sock).await
+                                } else {
+                                    security.accept(sock).await
+                                };
+                                match accepted {
                                     Ok(conn) => serve_conn(inner, conn).await,
                                     Err(e) => warn!("metadata connection refused: {e}"),
                                 }
@@ -501,6 +522,28 @@ async fn serve_conn(inner: Arc<Inner>, conn: cfs_net::Conn) {
         warn!("no Hello within {HANDSHAKE_TIMEOUT:?}; closed");
         return;
     };
+    if conn.peer == cfs_net::Peer::Anonymous {
+        // No certificate: a mount trading a token, nothing else.
+        match first {
+            Ok(Ok(RequestFrame {
+                id,
+                req: Request::Enroll { token, csr_der },
+                ..
+            })) => {
+                let result = inner.enroll_mount(&token, &csr_der).await;
+                send(
+                    &tx,
+                    ServerMsg::Reply {
+                        id,
+                        result,
+                        stamp: 0,
+                    },
+                );
+            }
+            _ => warn!("a peer without a certificate asked for more than a mount token; closed"),
+        }
+        return;
+    }
     let client = match first {
         Ok(decoded) => match decoded {
             Ok(RequestFrame {
@@ -763,6 +806,73 @@ fn read_err(e: ReadError) -> Errno {
 }
 
 impl Inner {
+    /// Trades a one-time mount token for a certificate for the key of
+    /// `csr_der`: the token must be signed by the cluster CA and not
+    /// expired, and its use is recorded in the log first, so that it is
+    /// traded once in the whole cluster. Refusals say why in the node's
+    /// log, never the token; the peer gets EACCES.
+    async fn enroll_mount(self: &Arc<Self>, token: &str, csr_der: &[u8]) -> Result<Reply, Errno> {
+        let Some(e) = &self.enroll else {
+            warn!("a mount token was offered to a node that does not enroll mounts");
+            return Err(Errno::EPERM);
+        };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let t = e.key.verify(token, now).map_err(|err| {
+            warn!("mount token refused: {err}");
+            Errno::EACCES
+        })?;
+        let expires =
+            i64::try_from(t.expires_unix.saturating_mul(1_000_000_000)).unwrap_or(i64::MAX);
+        let shard = shard_of(cfs_materializers::types::ROOT_INO);
+        let (coordinator, op_id) = coordinator::Cluster::next_id(&**self);
+        let lop = LoggedOp {
+            client: coordinator,
+            op_id,
+            creds: Creds::root(),
+            now: now_ns(),
+            op: Op::ConsumeToken {
+                shard,
+                id: t.id,
+                expires,
+            },
+        };
+        let used = {
+            let _alone = self.seq.exclusive().await;
+            coordinator::Cluster::propose(&**self, shard, lop).await
+        };
+        match used {
+            Ok(Ok(_)) => {}
+            Ok(Err(Errno::EEXIST)) => {
+                warn!(
+                    token = format_args!("{:032x}", t.id),
+                    "mount token used already; refused"
+                );
+                return Err(Errno::EACCES);
+            }
+            Ok(Err(err)) | Err(err) => {
+                warn!(
+                    token = format_args!("{:032x}", t.id),
+                    "recording a mount token's use: {err}"
+                );
+                return Err(Errno::EIO);
+            }
+        }
+        let cert_pem =
+            e.ca.sign_request(csr_der, &t.client, cfs_net::ca::CERT_VALID_DAYS)
+                .map_err(|err| {
+                    warn!("mount token: bad certificate request: {err}");
+                    Errno::EINVAL
+                })?;
+        info!(
+            token = format_args!("{:032x}", t.id),
+            client = %t.client,
+            "mount token used: client certificate issued"
+        );
+        Ok(Reply::Enrolled { cert_pem })
+    }
+
     fn check_shard(&self, ino: Ino) -> Result<ShardId, Errno> {
         let s = shard_of(ino);
         if ino == 0 || !self.applied.contains_key(&s) {
@@ -1696,9 +1806,10 @@ async fn handle(
                 .await
         }
         Request::StatFs => return inner.statfs().map(Reply::Stats),
-        Request::Lease | Request::InvalAck { .. } | Request::ReleaseLeases => {
-            return Err(Errno::EINVAL)
-        }
+        Request::Lease
+        | Request::InvalAck { .. }
+        | Request::ReleaseLeases
+        | Request::Enroll { .. } => return Err(Errno::EINVAL),
         Request::Lookup { parent, .. } => *parent,
         Request::GetAttr { ino }
         | Request::ReadDir { ino, .. }
@@ -1757,6 +1868,7 @@ fn read(db: &impl NsRead, req: &Request) -> Result<Reply, ReadError> {
         | Request::StatFs
         | Request::Lease
         | Request::InvalAck { .. }
-        | Request::ReleaseLeases => Err(ReadError::Fs(Errno::EINVAL)),
+        | Request::ReleaseLeases
+        | Request::Enroll { .. } => Err(ReadError::Fs(Errno::EINVAL)),
     }
 }

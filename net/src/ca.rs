@@ -27,6 +27,19 @@ pub struct Ca {
     cert_pem: String,
 }
 
+/// A certificate request for a mount named `name` (the CA decides what
+/// the certificate says): the request DER and the new private key, PEM.
+pub fn mount_request(name: &str) -> Result<(Vec<u8>, String), NetError> {
+    crate::principal::check_label(name).map_err(|e| NetError::Certificate(e.to_string()))?;
+    let key = KeyPair::generate().map_err(rc)?;
+    let mut p = CertificateParams::new(vec![format!("client-{name}.{}", crate::principal::DOMAIN)])
+        .map_err(rc)?;
+    p.distinguished_name
+        .push(DnType::CommonName, format!("client {name}"));
+    let csr = p.serialize_request(&key).map_err(rc)?;
+    Ok((csr.der().to_vec(), key.serialize_pem()))
+}
+
 /// A certificate and its key, PEM.
 pub struct Issued {
     pub cert_pem: String,
@@ -99,12 +112,43 @@ impl Ca {
         &self.cert_pem
     }
 
+    /// The key mount tokens are signed and checked with.
+    pub fn token_key(&self) -> crate::token::TokenKey {
+        crate::token::TokenKey::from_ca_key(&self.key.serialize_der())
+    }
+
     /// A certificate for `who`, valid `days`.
     pub fn issue(&self, who: &Principal, days: i64) -> Result<Issued, NetError> {
+        let key = KeyPair::generate().map_err(rc)?;
+        let cert = Self::params(who, days)?
+            .signed_by(&key, &self.cert, &self.key)
+            .map_err(rc)?;
+        Ok(Issued {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
+    }
+
+    /// A certificate for `who`, valid `days`, for the public key of the
+    /// certificate signing request `csr_der` (whose own names and
+    /// extensions are ignored: `who` is what the CA grants). The request's
+    /// signature proves its sender holds the key.
+    pub fn sign_request(
+        &self,
+        csr_der: &[u8],
+        who: &Principal,
+        days: i64,
+    ) -> Result<String, NetError> {
+        let der = rustls_pki_types::CertificateSigningRequestDer::from(csr_der);
+        let mut csr = rcgen::CertificateSigningRequestParams::from_der(&der).map_err(rc)?;
+        csr.params = Self::params(who, days)?;
+        Ok(csr.signed_by(&self.cert, &self.key).map_err(rc)?.pem())
+    }
+
+    fn params(who: &Principal, days: i64) -> Result<CertificateParams, NetError> {
         let names = who
             .names()
             .map_err(|e| NetError::Certificate(e.to_string()))?;
-        let key = KeyPair::generate().map_err(rc)?;
         let mut p = CertificateParams::new(names).map_err(rc)?;
         p.distinguished_name
             .push(DnType::CommonName, who.to_string());
@@ -119,11 +163,7 @@ impl Ca {
         let now = time::OffsetDateTime::now_utc();
         p.not_before = now - time::Duration::hours(1);
         p.not_after = now + time::Duration::days(days);
-        let cert = p.signed_by(&key, &self.cert, &self.key).map_err(rc)?;
-        Ok(Issued {
-            cert_pem: cert.pem(),
-            key_pem: key.serialize_pem(),
-        })
+        Ok(p)
     }
 
     /// Issues a certificate for `who` into `dir/<stem>.crt` and
@@ -155,7 +195,7 @@ impl Ca {
 }
 
 /// Writes `bytes` to a new file at `path` (replacing it) with `mode`.
-fn write_file(path: &Path, bytes: &[u8], mode: u32) -> Result<(), NetError> {
+pub fn write_file(path: &Path, bytes: &[u8], mode: u32) -> Result<(), NetError> {
     let err = |e: std::io::Error| NetError::File {
         path: path.to_path_buf(),
         error: e.to_string(),

@@ -13,6 +13,7 @@
 
 pub mod ca;
 pub mod principal;
+pub mod token;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -58,6 +59,10 @@ pub enum Peer {
     /// A development cluster without TLS: nothing is proven.
     Plaintext,
     Cert(Principal),
+    /// TLS without a client certificate, accepted only where a mount
+    /// trades a token for one ([`Security::accept_enrolling`]): it may do
+    /// nothing else.
+    Anonymous,
 }
 
 impl Peer {
@@ -67,6 +72,7 @@ impl Peer {
         match self {
             Peer::Plaintext => true,
             Peer::Cert(p) => *p == Principal::Node(id),
+            Peer::Anonymous => false,
         }
     }
 
@@ -84,6 +90,8 @@ impl Peer {
     pub fn client_policy(&self) -> ClientPolicy {
         match self {
             Peer::Cert(Principal::Client { policy, .. }) => policy.clone(),
+            // Never serves file-system requests; squashed regardless.
+            Peer::Anonymous => ClientPolicy::default(),
             _ => ClientPolicy::trusted(),
         }
     }
@@ -94,6 +102,7 @@ impl std::fmt::Display for Peer {
         match self {
             Peer::Plaintext => f.write_str("plaintext peer"),
             Peer::Cert(p) => p.fmt(f),
+            Peer::Anonymous => f.write_str("peer without a certificate"),
         }
     }
 }
@@ -131,12 +140,21 @@ pub struct Security(Arc<Mode>);
 
 enum Mode {
     Plaintext,
+    Anonymous(AnonymousClient),
     Tls {
         acceptor: TlsAcceptor,
+        /// Also accepts a client without a certificate (`Peer::Anonymous`).
+        enroll_acceptor: TlsAcceptor,
         connector: TlsConnector,
         client: Arc<rustls::ClientConfig>,
         me: Principal,
     },
+}
+
+/// A client without a certificate of its own, checking servers against
+/// the CA: a mount trading a token for its certificate.
+struct AnonymousClient {
+    connector: TlsConnector,
 }
 
 /// A connection made without an async runtime ([`Security::connect_blocking`]):
@@ -184,6 +202,7 @@ impl std::fmt::Debug for Security {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match &*self.0 {
             Mode::Plaintext => f.write_str("Security::Plaintext"),
+            Mode::Anonymous(_) => f.write_str("Security::Anonymous"),
             Mode::Tls { me, .. } => write!(f, "Security::Tls({me})"),
         }
     }
@@ -241,6 +260,27 @@ impl Security {
         Security(Arc::new(Mode::Plaintext))
     }
 
+    /// TLS without a certificate of this process's own, servers checked
+    /// against the CA certificate(s) in `ca`: only to dial a node and trade
+    /// a mount token ([`Security::accept_enrolling`] on its side).
+    pub fn anonymous(ca: &Path) -> Result<Self, NetError> {
+        let mut roots = rustls::RootCertStore::empty();
+        for c in certs(ca)? {
+            roots
+                .add(c)
+                .map_err(|e| NetError::Config(format!("CA certificate: {e}")))?;
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let client = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| NetError::Config(e.to_string()))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        Ok(Security(Arc::new(Mode::Anonymous(AnonymousClient {
+            connector: TlsConnector::from(Arc::new(client)),
+        }))))
+    }
+
     /// Mutual TLS with the certificate, key and CA in `files`.
     pub fn load(files: &TlsFiles) -> Result<Self, NetError> {
         let ca = certs(&files.ca)?;
@@ -266,12 +306,23 @@ impl Security {
         )
         .build()
         .map_err(|e| NetError::Config(e.to_string()))?;
-        let server = rustls::ServerConfig::builder_with_provider(provider.clone())
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .map_err(cfg)?
-            .with_client_cert_verifier(verifier)
-            .with_single_cert(chain.clone(), key.clone_key())
-            .map_err(cfg)?;
+        let server_with = |v| {
+            rustls::ServerConfig::builder_with_provider(provider.clone())
+                .with_protocol_versions(&[&rustls::version::TLS13])
+                .map_err(cfg)?
+                .with_client_cert_verifier(v)
+                .with_single_cert(chain.clone(), key.clone_key())
+                .map_err(cfg)
+        };
+        let server = server_with(verifier)?;
+        let enroll_verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            roots.clone(),
+            provider.clone(),
+        )
+        .allow_unauthenticated()
+        .build()
+        .map_err(|e| NetError::Config(e.to_string()))?;
+        let enroll_server = server_with(enroll_verifier)?;
         let client = rustls::ClientConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(cfg)?
@@ -280,6 +331,7 @@ impl Security {
             .map_err(cfg)?;
         let client = Arc::new(client);
         Ok(Security(Arc::new(Mode::Tls {
+            enroll_acceptor: TlsAcceptor::from(Arc::new(enroll_server)),
             acceptor: TlsAcceptor::from(Arc::new(server)),
             connector: TlsConnector::from(client.clone()),
             client,
@@ -298,8 +350,14 @@ impl Security {
         let mut sock =
             std::net::TcpStream::connect_timeout(&addr, timeout).map_err(|e| err(e.to_string()))?;
         let _ = sock.set_nodelay(true);
-        let Mode::Tls { client, .. } = &*self.0 else {
-            return Ok(BlockingConn::Plain(sock));
+        let client = match &*self.0 {
+            Mode::Plaintext => return Ok(BlockingConn::Plain(sock)),
+            Mode::Anonymous(_) => {
+                return Err(NetError::Config(
+                    "an anonymous client only trades a mount token".into(),
+                ))
+            }
+            Mode::Tls { client, .. } => client,
         };
         let name = ServerName::try_from(principal::ANY_NODE)
             .map_err(|e| NetError::Config(e.to_string()))?;
@@ -325,13 +383,13 @@ impl Security {
     }
 
     pub fn is_tls(&self) -> bool {
-        matches!(&*self.0, Mode::Tls { .. })
+        !matches!(&*self.0, Mode::Plaintext)
     }
 
     /// This process's own principal (`None` without TLS).
     pub fn me(&self) -> Option<&Principal> {
         match &*self.0 {
-            Mode::Plaintext => None,
+            Mode::Plaintext | Mode::Anonymous(_) => None,
             Mode::Tls { me, .. } => Some(me),
         }
     }
@@ -339,8 +397,22 @@ impl Security {
     /// Completes an accepted connection: the TLS handshake (bounded by
     /// [`TLS_HANDSHAKE_TIMEOUT`]) and the client's certificate.
     pub async fn accept(&self, sock: TcpStream) -> Result<Conn, NetError> {
+        self.accept_as(sock, false).await
+    }
+
+    /// [`Security::accept`], also admitting a client without a
+    /// certificate as [`Peer::Anonymous`] (the caller lets it do nothing
+    /// but trade a mount token).
+    pub async fn accept_enrolling(&self, sock: TcpStream) -> Result<Conn, NetError> {
+        self.accept_as(sock, true).await
+    }
+
+    async fn accept_as(&self, sock: TcpStream, enrolling: bool) -> Result<Conn, NetError> {
         let _ = sock.set_nodelay(true);
         match &*self.0 {
+            Mode::Anonymous(_) => Err(NetError::Config(
+                "an anonymous client accepts no connections".into(),
+            )),
             Mode::Plaintext => {
                 let (r, w) = sock.into_split();
                 Ok(Conn {
@@ -349,12 +421,22 @@ impl Security {
                     writer: Box::new(w),
                 })
             }
-            Mode::Tls { acceptor, .. } => {
+            Mode::Tls {
+                acceptor,
+                enroll_acceptor,
+                ..
+            } => {
+                let acceptor = if enrolling { enroll_acceptor } else { acceptor };
                 let s = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(sock))
                     .await
                     .map_err(|_| NetError::HandshakeTimeout)?
                     .map_err(|e| NetError::Handshake(e.to_string()))?;
-                let peer = peer_of(s.get_ref().1.peer_certificates())?;
+                let certs = s.get_ref().1.peer_certificates();
+                let peer = if enrolling && certs.is_none_or(|c| c.is_empty()) {
+                    Peer::Anonymous
+                } else {
+                    peer_of(certs)?
+                };
                 let (r, w) = tokio::io::split(s);
                 Ok(Conn {
                     peer,
@@ -383,7 +465,7 @@ impl Security {
                     writer: Box::new(w),
                 })
             }
-            Mode::Tls { connector, .. } => {
+            Mode::Tls { connector, .. } | Mode::Anonymous(AnonymousClient { connector }) => {
                 let name = ServerName::try_from(principal::ANY_NODE)
                     .map_err(|e| NetError::Config(e.to_string()))?;
                 let s = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, connector.connect(name, sock))

@@ -8,7 +8,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use cfs_log::ShardId;
-use cfs_node::cluster;
+use cfs_node::{cluster, mounts};
 use common::fuse::{cfs, drop_kernel_caches, mount_counter, Mount};
 use common::Cluster;
 
@@ -1534,4 +1534,167 @@ fn ca_commands_issue_a_certificate_a_mount_is_held_to() {
         std::fs::read(admin.path.join("open/by-1000")).unwrap(),
         b"u\n"
     );
+}
+
+/// `cfs admin token create` and `cfs mount --token`: the token is traded
+/// once for a certificate carrying the policy it was minted with (root
+/// squashed, uid 1000 mapped to 4242), whose key stays private on the
+/// mount; the same token again, an altered one and an expired one are
+/// refused and change nothing; the refusal names no secret; a peer
+/// without a certificate gets nothing but the trade.
+#[test]
+fn a_mount_token_is_traded_once_for_its_certificate() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    use std::os::unix::process::CommandExt;
+    let c = Cluster::start("fs-token");
+    let dir = c.dir.to_str().unwrap();
+    let token_for = |ttl: &str| {
+        run_cfs(&[
+            "admin",
+            "token",
+            "create",
+            "--dir",
+            dir,
+            "--client",
+            "lab",
+            "--map-uid",
+            "1000:4242",
+            "--ttl",
+            ttl,
+        ])
+        .lines()
+        .find(|l| l.starts_with("cfs1."))
+        .expect("a token printed")
+        .to_string()
+    };
+    let token = token_for("10m");
+    let tls_for = |name: &str| {
+        let t = c.dir.join(name);
+        std::fs::create_dir_all(&t).unwrap();
+        std::fs::copy(cluster::tls_dir(&c.dir).join("ca.crt"), t.join("ca.crt")).unwrap();
+        t
+    };
+    let admin = Mount::new(&c, "admin", &[]);
+    std::fs::create_dir(admin.path.join("open")).unwrap();
+    std::fs::set_permissions(
+        admin.path.join("open"),
+        std::fs::Permissions::from_mode(0o777),
+    )
+    .unwrap();
+    let mount_fails = |tls: &Path, token: &str| {
+        let mp = c.dir.join("refused");
+        std::fs::create_dir_all(&mp).unwrap();
+        let o = Command::new(cfs())
+            .arg("mount")
+            .arg(&mp)
+            .args([
+                "--dir",
+                dir,
+                "--tls-dir",
+                tls.to_str().unwrap(),
+                "--token",
+                token,
+            ])
+            .output()
+            .expect("run cfs mount");
+        assert!(!o.status.success(), "a mount with a bad token started");
+        assert!(!mounts::is_mounted(&mp));
+        assert!(!tls.join("mount.crt").exists(), "no certificate kept");
+        String::from_utf8_lossy(&o.stderr).into_owned()
+    };
+
+    let t1 = tls_for("tls-1");
+    let m = Mount::new(
+        &c,
+        "m",
+        &["--tls-dir", t1.to_str().unwrap(), "--token", &token],
+    );
+    let key = std::fs::metadata(t1.join("mount.key")).unwrap();
+    assert_eq!(
+        key.permissions().mode() & 0o777,
+        0o600,
+        "the key is private"
+    );
+    // Root is squashed: nothing planted in `/`; 65534 in a 0777 directory.
+    assert!(std::fs::write(m.path.join("planted"), b"r").is_err());
+    std::fs::write(m.path.join("open/by-root"), b"r").unwrap();
+    let owner = |name: &str| {
+        std::fs::metadata(admin.path.join("open").join(name))
+            .unwrap()
+            .uid()
+    };
+    assert_eq!(owner("by-root"), 65534);
+    let made = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "echo u > '{}'",
+            m.path.join("open/by-1000").display()
+        ))
+        .uid(1000)
+        .gid(1000)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    assert_eq!(owner("by-1000"), 4242, "the token's uid map");
+    drop(m);
+    // The kept certificate mounts again without a token.
+    let again = Mount::new(&c, "again", &["--tls-dir", t1.to_str().unwrap()]);
+    assert!(again.path.join("open/by-1000").exists());
+    drop(again);
+
+    // Used once: refused (whichever node is asked), into a fresh dir.
+    let e = mount_fails(&tls_for("tls-2"), &token);
+    assert!(e.contains("refused the token"), "{e}");
+    assert!(!e.contains(&token), "the refusal repeats the token");
+    // Altered (the policy rewritten to trust root), and expired.
+    let mut parts: Vec<String> = token.split('.').map(str::to_string).collect();
+    parts[1].insert_str(0, "dHJ1c3Qtcm9vdAoK");
+    let e = mount_fails(&tls_for("tls-3"), &parts.join("."));
+    assert!(e.contains("refused the token"), "{e}");
+    let short = token_for("1s");
+    std::thread::sleep(Duration::from_millis(2100));
+    let e = mount_fails(&tls_for("tls-4"), &short);
+    assert!(e.contains("refused the token"), "{e}");
+    let logs: String = (1..=3)
+        .map(|n| std::fs::read_to_string(cluster::node_dir(&c.dir, n).join("node.log")).unwrap())
+        .collect();
+    assert!(logs.contains("mount token used already; refused"), "{logs}");
+    assert!(
+        logs.contains("the token's signature does not match"),
+        "{logs}"
+    );
+    assert!(logs.contains("the token expired"), "{logs}");
+    assert_eq!(logs.matches("client certificate issued").count(), 1);
+    assert!(!logs.contains(&token[20..60]), "a node logged the token");
+
+    // Without a certificate, a Hello (a session) is closed unanswered.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let ca = cluster::tls_dir(&c.dir).join("ca.crt");
+    let meta = cluster::meta_servers(&cluster::load_configs(&c.dir).unwrap())[0];
+    rt.block_on(async {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let sec = cfs_net::Security::anonymous(&ca).unwrap();
+        let mut conn = sec.connect(meta, Duration::from_secs(5)).await.unwrap();
+        let hello = cfs_proto::ops::RequestFrame {
+            id: 1,
+            fresh: false,
+            req: cfs_proto::ops::Request::Hello {
+                cluster_id: c.cfgs[0].cluster_id.clone(),
+                client_id: 7,
+            },
+        };
+        let mut out = Vec::new();
+        cfs_frame::encode_with(&mut out, |o| bincode::serialize_into(o, &hello)).unwrap();
+        conn.writer.write_all(&out).await.unwrap();
+        conn.writer.flush().await.unwrap();
+        let mut buf = [0u8; 64];
+        let n = tokio::time::timeout(Duration::from_secs(10), conn.reader.read(&mut buf))
+            .await
+            .expect("closed, not left hanging")
+            .unwrap_or(0);
+        assert_eq!(n, 0, "a session without a certificate was answered");
+    });
 }

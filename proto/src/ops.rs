@@ -168,7 +168,20 @@ pub enum Op {
         shard: ShardId,
         idle_before: Nanos,
     },
+    /// A one-time mount token (`cfs_net::token`) is used: refused with
+    /// EEXIST if it was already; the record is kept until it expires
+    /// (`expires`, checked against the entry's time), and up to
+    /// [`TOKENS_FORGOTTEN_MAX`] expired records are dropped per entry.
+    /// Only metadata services propose these.
+    ConsumeToken {
+        shard: ShardId,
+        id: u128,
+        expires: Nanos,
+    },
 }
+
+/// Expired token records dropped per [`Op::ConsumeToken`] entry.
+pub const TOKENS_FORGOTTEN_MAX: usize = 64;
 
 /// Clients forgotten per [`Op::ForgetIdleClients`] entry (bounds the
 /// entry's work; the next one takes the rest).
@@ -196,7 +209,8 @@ impl Op {
             | Op::TxFinish { shard, .. }
             | Op::RenewHold { shard }
             | Op::ExpireHold { shard, .. }
-            | Op::ForgetIdleClients { shard, .. } => make_ino(*shard, 1),
+            | Op::ForgetIdleClients { shard, .. }
+            | Op::ConsumeToken { shard, .. } => make_ino(*shard, 1),
         }
     }
 
@@ -236,7 +250,11 @@ impl Op {
     /// Whether only a metadata service may propose this (never a client):
     /// the cross-shard protocol's steps and breaking another mount's hold.
     pub fn is_service_only(&self) -> bool {
-        self.is_tx_step() || matches!(self, Op::ExpireHold { .. } | Op::ForgetIdleClients { .. })
+        self.is_tx_step()
+            || matches!(
+                self,
+                Op::ExpireHold { .. } | Op::ForgetIdleClients { .. } | Op::ConsumeToken { .. }
+            )
     }
 }
 
@@ -338,6 +356,13 @@ pub enum Request {
     /// The client no longer uses this session's cache: its leases end now
     /// (no reply).
     ReleaseLeases,
+    /// The only request of a connection without a client certificate:
+    /// trades a one-time mount token for a certificate for the key of
+    /// the request `csr_der` (`Reply::Enrolled`).
+    Enroll {
+        token: String,
+        csr_der: Vec<u8>,
+    },
 }
 
 impl Request {
@@ -348,6 +373,7 @@ impl Request {
                 | Request::Hello { .. }
                 | Request::InvalAck { .. }
                 | Request::ReleaseLeases
+                | Request::Enroll { .. }
         )
     }
 }
@@ -393,6 +419,10 @@ pub enum Reply {
         /// How many shards the answering node leads (none: the session
         /// is better off with the leader).
         leading: u32,
+    },
+    /// A mount token traded: the mount's certificate, PEM.
+    Enrolled {
+        cert_pem: String,
     },
 }
 

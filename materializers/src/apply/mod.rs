@@ -237,6 +237,33 @@ fn forget_idle(t: &mut Txn<'_>, shard: ShardId, idle_before: Nanos) -> R2<Applie
     Ok(Applied::None)
 }
 
+/// Records mount token `id` as used (EEXIST if it was), and forgets up
+/// to [`cfs_proto::ops::TOKENS_FORGOTTEN_MAX`] records of tokens expired
+/// at `now` (refused by their expiry from then on).
+fn consume_token(
+    t: &mut Txn<'_>,
+    shard: ShardId,
+    now: Nanos,
+    id: u128,
+    expires: Nanos,
+) -> R2<Applied> {
+    let at = |n: Nanos| u64::try_from(n).unwrap_or(0);
+    let key = keys::token_used(shard, at(expires), id);
+    if t.get_raw(&key)?.is_some() {
+        return Err(Fail::Fs(Errno::EEXIST));
+    }
+    let p = keys::token_used_prefix(shard);
+    let expired = t.scan(&p, &keys::token_used(shard, at(now), 0))?;
+    for (k, _) in expired
+        .into_iter()
+        .take(cfs_proto::ops::TOKENS_FORGOTTEN_MAX)
+    {
+        t.delete(k);
+    }
+    t.put(key, &expires);
+    Ok(Applied::None)
+}
+
 /// Creates the root directory if the shard owning it has none yet.
 pub fn ensure_root(txn: &mut Txn<'_>, shard: ShardId) -> Result<(), DbError> {
     if shard != shard_of(ROOT_INO) || txn.get_raw(&keys::inode(ROOT_INO))?.is_some() {
@@ -415,6 +442,7 @@ fn apply_inner(
         Op::RenewHold { shard } => holds::renew(t, *shard, lop.client, now),
         Op::ExpireHold { shard, client } => holds::expire(t, *shard, *client, now),
         Op::ForgetIdleClients { shard, idle_before } => forget_idle(t, *shard, *idle_before),
+        Op::ConsumeToken { shard, id, expires } => consume_token(t, *shard, now, *id, *expires),
         Op::ReleaseLocks {
             ino,
             client,

@@ -83,6 +83,12 @@ async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
                     forget_idle_clients: std::time::Duration::from_secs(
                         cfg.forget_idle_clients_s.max(1),
                     ),
+                    enroll: match cfg.tls.as_ref().and_then(|t| t.enroll_ca_dir.as_ref()) {
+                        Some(d) => Some(std::sync::Arc::new(
+                            cfs_net::ca::Ca::load(d).context("loading the enrolling CA")?,
+                        )),
+                        None => None,
+                    },
                 },
                 node.clone(),
             )

@@ -49,6 +49,9 @@ enum Cmd {
     /// The cluster CA: make one, issue certificates under it.
     #[command(subcommand)]
     Ca(CaCmd),
+    /// Administration: mount tokens.
+    #[command(subcommand)]
+    Admin(AdminCmd),
     /// Mount the file system (foreground; SIGTERM or `fusermount3 -u` ends it).
     Mount(MountArgs),
     /// Print a node's namespace database (node stopped or not), one
@@ -245,6 +248,102 @@ enum CaCmd {
     },
 }
 
+#[derive(Subcommand)]
+enum AdminCmd {
+    /// One-time mount tokens.
+    #[command(subcommand)]
+    Token(TokenCmd),
+}
+
+#[derive(Subcommand)]
+enum TokenCmd {
+    /// Print a one-time token that `cfs mount --token` trades at a node
+    /// for a client certificate with this name and policy. Signed with
+    /// the CA key (from --ca-dir, or the local cluster's in --dir);
+    /// usable once, within --ttl; its use is recorded in the log.
+    Create {
+        /// The CA directory (ca.crt, ca.key).
+        #[arg(long, conflicts_with = "dir")]
+        ca_dir: Option<PathBuf>,
+        /// A local cluster made by `cfs up` (its CA is DIR/tls).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// How long the token may be traded: seconds, or with a unit
+        /// (30m, 12h, 7d; at most 7 days).
+        #[arg(long, default_value = "1h", value_parser = parse_ttl)]
+        ttl: u64,
+        /// The mount's name in its certificate.
+        #[arg(long)]
+        client: String,
+        /// The mount's root stays root (default: squashed to 65534).
+        #[arg(long)]
+        trust_root: bool,
+        /// Map the mount's uid FROM to the cluster's uid TO (FROM:TO; repeat).
+        #[arg(long, value_parser = parse_id_map)]
+        map_uid: Vec<(u32, u32)>,
+        /// Map the mount's gid FROM to the cluster's gid TO (FROM:TO; repeat).
+        #[arg(long, value_parser = parse_id_map)]
+        map_gid: Vec<(u32, u32)>,
+    },
+}
+
+fn parse_ttl(s: &str) -> Result<u64, String> {
+    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: u64 = num.parse().map_err(|e| format!("{s:?}: {e}"))?;
+    let mult = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86400,
+        _ => return Err(format!("{s:?}: the unit is one of s, m, h, d")),
+    };
+    let secs = n.saturating_mul(mult);
+    if secs == 0 || secs > cfs_net::token::TTL_MAX_SECS {
+        return Err(format!(
+            "{s:?}: between 1 s and {} s",
+            cfs_net::token::TTL_MAX_SECS
+        ));
+    }
+    Ok(secs)
+}
+
+fn admin_cmd(c: AdminCmd) -> anyhow::Result<()> {
+    match c {
+        AdminCmd::Token(TokenCmd::Create {
+            ca_dir,
+            dir,
+            ttl,
+            client,
+            trust_root,
+            map_uid,
+            map_gid,
+        }) => {
+            let ca_dir = match (ca_dir, dir) {
+                (Some(d), None) => d,
+                (None, Some(d)) => d.join("tls"),
+                _ => bail!("give --ca-dir or --dir"),
+            };
+            let ca = cfs_net::ca::Ca::load(&ca_dir)
+                .with_context(|| format!("loading the CA in {}", ca_dir.display()))?;
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)?
+                .as_secs();
+            let policy = cfs_net::ClientPolicy {
+                trust_root,
+                uid_map: map_uid,
+                gid_map: map_gid,
+            };
+            let token = ca.token_key().mint(&client, policy, now, ttl)?;
+            eprintln!("a one-time token for client {client}, valid {ttl} s:");
+            println!("{token}");
+        }
+    }
+    Ok(())
+}
+
 fn parse_id_map(s: &str) -> Result<(u32, u32), String> {
     let (a, b) = s
         .split_once(':')
@@ -321,6 +420,12 @@ struct MountArgs {
     /// The certificate's file name stem in --tls-dir.
     #[arg(long, default_value = "mount")]
     tls_stem: String,
+    /// A one-time token (`cfs admin token create`) to trade at a node for
+    /// this mount's certificate, kept in --tls-dir as STEM.crt and
+    /// STEM.key (later mounts use them without a token). --tls-dir must
+    /// hold the cluster's ca.crt.
+    #[arg(long, requires = "tls_dir")]
+    token: Option<String>,
     /// Connect without TLS (only to a cluster made with
     /// --insecure-plaintext).
     #[arg(long)]
@@ -386,6 +491,29 @@ fn mount_cmd(a: MountArgs) -> anyhow::Result<()> {
     };
     if servers.is_empty() {
         bail!("no metadata servers: give --dir or --servers");
+    }
+    if let (Some(token), Some(tls)) = (&a.token, &a.tls_dir) {
+        let files = cfs_net::TlsFiles::in_dir(tls, &a.tls_stem);
+        if files.cert.exists() {
+            bail!(
+                "{} exists: this mount has its certificate (mount without --token)",
+                files.cert.display()
+            );
+        }
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let got = rt
+            .block_on(cfs_client::enroll::enroll(
+                &servers, &files.ca, token, "mount",
+            ))
+            .context("trading the mount token")?;
+        cfs_net::ca::write_file(&files.key, got.key_pem.as_bytes(), 0o600)?;
+        cfs_net::ca::write_file(&files.cert, got.cert_pem.as_bytes(), 0o644)?;
+        eprintln!(
+            "mount token traded: certificate in {}",
+            files.cert.display()
+        );
     }
     let security = match (&a.tls_dir, &a.dir, a.insecure_plaintext) {
         (Some(t), _, false) => cfs_net::Security::load(&cfs_net::TlsFiles::in_dir(t, &a.tls_stem))
@@ -668,6 +796,7 @@ fn main() -> anyhow::Result<()> {
             }
         }
         Cmd::Ca(c) => ca_cmd(c)?,
+        Cmd::Admin(c) => admin_cmd(c)?,
         Cmd::Mount(a) => mount_cmd(a)?,
         Cmd::Fsbench {
             dir,
