@@ -584,6 +584,7 @@ mod tests {
             parent: 1,
             next_cookie: 0,
             entries: 0,
+            acl: None,
         }
     }
 

@@ -2,6 +2,7 @@
 //! This crate holds the namespace materializer: inodes, directory entries,
 //! symlinks, xattrs, extent maps and locks in RocksDB.
 
+pub mod acl;
 pub mod apply;
 pub mod check;
 pub mod keys;

@@ -7,11 +7,15 @@ pub const R: u32 = 4;
 pub const W: u32 = 2;
 pub const X: u32 = 1;
 
-/// Whether `c` may access `i` for every bit of `mask` (`R|W|X`).
+/// Whether `c` may access `i` for every bit of `mask` (`R|W|X`): by its
+/// access ACL when it has one, else by its mode bits.
 pub fn allowed(i: &Inode, c: &Creds, mask: u32) -> bool {
     if c.uid == 0 {
         // Root may do anything except execute a file nobody may execute.
         return mask & X == 0 || i.is_dir() || i.mode & 0o111 != 0;
+    }
+    if let Some(a) = i.acl.as_ref().filter(|a| !a.access.is_empty()) {
+        return crate::acl::permits(&a.access, i, c, mask);
     }
     let bits = if c.uid == i.uid {
         (i.mode >> 6) & 7

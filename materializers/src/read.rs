@@ -122,19 +122,35 @@ pub trait NsRead {
     }
 
     fn getxattr(&self, ino: Ino, name: &[u8]) -> Rd<Vec<u8>> {
-        self.inode(ino)?;
+        let i = self.inode(ino)?;
+        if let Some(kind) = crate::acl::Kind::of(name) {
+            let a = crate::acl::of(&i, kind);
+            if a.is_empty() {
+                return Err(ReadError::Fs(Errno::ENODATA));
+            }
+            return Ok(crate::acl::format(a));
+        }
         self.raw(&keys::xattr(ino, name))?
             .ok_or(ReadError::Fs(Errno::ENODATA))
     }
 
     fn listxattr(&self, ino: Ino) -> Rd<Vec<Vec<u8>>> {
-        self.inode(ino)?;
+        let i = self.inode(ino)?;
         let p = keys::xattr_prefix(ino);
-        Ok(self
-            .range(&p, &keys::prefix_end(&p), usize::MAX)?
+        let mut names: Vec<Vec<u8>> = [crate::acl::Kind::Access, crate::acl::Kind::Default]
             .into_iter()
-            .filter_map(|(k, _)| keys::xattr_name_of(&k).map(<[u8]>::to_vec))
-            .collect())
+            .filter(|k| !crate::acl::of(&i, *k).is_empty())
+            .map(|k| match k {
+                crate::acl::Kind::Access => crate::acl::ACCESS_XATTR.to_vec(),
+                crate::acl::Kind::Default => crate::acl::DEFAULT_XATTR.to_vec(),
+            })
+            .collect();
+        names.extend(
+            self.range(&p, &keys::prefix_end(&p), usize::MAX)?
+                .into_iter()
+                .filter_map(|(k, _)| keys::xattr_name_of(&k).map(<[u8]>::to_vec)),
+        );
+        Ok(names)
     }
 
     /// Extent references overlapping `[offset, offset + len)`, in order.

@@ -522,6 +522,7 @@ mod tests {
             } else {
                 libc::S_IFREG | 0o644
             },
+            umask: 0,
             rdev: 0,
             target: None,
             excl: true,

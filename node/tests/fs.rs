@@ -1698,3 +1698,102 @@ fn a_mount_token_is_traded_once_for_its_certificate() {
         assert_eq!(n, 0, "a session without a certificate was answered");
     });
 }
+
+/// POSIX ACLs through a real mount with the real `setfacl`/`getfacl`: an
+/// access ACL grants a named user (the kernel and the node both check
+/// it), the mode's group bits are its mask and a chmod changes the mask;
+/// a directory's default ACL is inherited by new files and directories in
+/// place of the umask; without one the node applies the umask; another
+/// mount sees the same ACLs.
+#[test]
+fn posix_acls_are_stored_inherited_and_enforced() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    if Command::new("setfacl").arg("--version").output().is_err() {
+        panic!("setfacl is missing (scripts/setup.sh installs the acl package)");
+    }
+    let c = Cluster::start("fs-acl");
+    let m = Mount::new(&c, "m", &[]);
+    let other = Mount::new(&c, "other", &[]);
+    let sh_as = |uid: u32, script: &str| {
+        Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .current_dir(&m.path)
+            .uid(uid)
+            .gid(uid)
+            .status()
+            .unwrap()
+            .success()
+    };
+    let run = |args: &[&str]| {
+        let o = Command::new(args[0])
+            .args(&args[1..])
+            .current_dir(&m.path)
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+
+    std::fs::write(m.path.join("shared"), b"x\n").unwrap();
+    std::fs::set_permissions(
+        m.path.join("shared"),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .unwrap();
+    assert!(!sh_as(1000, "echo a >> shared"), "root's 0600 file");
+    run(&["setfacl", "-m", "u:1000:rw", "shared"]);
+    let acl = run(&["getfacl", "-cpn", "shared"]);
+    assert!(acl.contains("user:1000:rw-"), "{acl}");
+    assert_eq!(mode(&m.path.join("shared")), 0o660, "group bits = the mask");
+    assert!(sh_as(1000, "echo a >> shared"), "the named user writes");
+    assert!(!sh_as(1001, "echo b >> shared"), "another user does not");
+    // Seen alike through another mount.
+    let acl2 = Command::new("getfacl")
+        .args(["-cpn", "shared"])
+        .current_dir(&other.path)
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&acl2.stdout), acl);
+    // chmod g-rw: the mask is now ---, the named entry is no longer
+    // effective (the kernel's cached ACL is dropped, the node's follows).
+    std::fs::set_permissions(
+        m.path.join("shared"),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .unwrap();
+    let acl = run(&["getfacl", "-cpn", "shared"]);
+    assert!(acl.contains("mask::---"), "{acl}");
+    assert!(!sh_as(1000, "echo c >> shared"), "masked out");
+    run(&["setfacl", "-b", "shared"]);
+    assert!(!run(&["getfacl", "-cpn", "shared"]).contains("user:1000"));
+    assert_eq!(std::fs::read(m.path.join("shared")).unwrap(), b"x\na\n");
+
+    // Default ACL: inherited in place of the umask.
+    std::fs::create_dir(m.path.join("team")).unwrap();
+    run(&["setfacl", "-d", "-m", "g:50:rwx", "team"]);
+    assert!(sh_as(
+        0,
+        "umask 077; echo n > team/new; mkdir team/sub; umask 022; echo p > plain"
+    ));
+    assert_eq!(mode(&m.path.join("team/new")), 0o664, "umask ignored");
+    let acl = run(&["getfacl", "-cpn", "team/new"]);
+    assert!(acl.contains("group:50:rwx\t#effective:rw-"), "{acl}");
+    assert_eq!(mode(&m.path.join("team/sub")), 0o775);
+    let dflt = run(&["getfacl", "-cpnd", "team/sub"]);
+    assert!(
+        dflt.contains("group:50:rwx"),
+        "the subdirectory inherits the default: {dflt}"
+    );
+    assert_eq!(
+        mode(&m.path.join("plain")),
+        0o644,
+        "no default ACL: the umask"
+    );
+}

@@ -36,6 +36,9 @@ pub enum Op {
         parent: Ino,
         name: Vec<u8>,
         mode: u32,
+        /// The caller's umask, applied to `mode` unless the directory has
+        /// a default ACL (which then decides, as POSIX.1e says).
+        umask: u32,
         rdev: u32,
         target: Option<Vec<u8>>,
         excl: bool,

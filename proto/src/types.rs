@@ -123,6 +123,28 @@ pub struct Inode {
     pub parent: Ino,
     pub next_cookie: u64,
     pub entries: u64,
+    /// POSIX ACLs beyond the mode bits (`materializers::acl`); `None` for
+    /// almost every inode.
+    pub acl: Option<Box<Acls>>,
+}
+
+/// One POSIX ACL entry, as the kernel's `system.posix_acl_*` xattrs carry
+/// it: a tag (`ACL_USER_OBJ` …), permission bits (`rwx`), and a uid or
+/// gid for `ACL_USER`/`ACL_GROUP` entries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct AclEntry {
+    pub tag: u16,
+    pub perm: u16,
+    pub id: u32,
+}
+
+/// An inode's POSIX ACLs: the access ACL (empty: the mode bits say it
+/// all) and, for a directory, the default ACL its new children inherit
+/// (empty: none). Entries sorted by tag, then id.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Acls {
+    pub access: Vec<AclEntry>,
+    pub default: Vec<AclEntry>,
 }
 
 impl Inode {

@@ -392,11 +392,11 @@ impl Filesystem for CfsFs {
         parent: u64,
         name: &OsStr,
         mode: u32,
-        _umask: u32,
+        umask: u32,
         rdev: u32,
         reply: ReplyEntry,
     ) {
-        self.create_node(req, parent, name, mode, rdev, None, reply);
+        self.create_node(req, parent, name, (mode, umask), rdev, None, reply);
     }
 
     fn mkdir(
@@ -405,10 +405,10 @@ impl Filesystem for CfsFs {
         parent: u64,
         name: &OsStr,
         mode: u32,
-        _umask: u32,
+        umask: u32,
         reply: ReplyEntry,
     ) {
-        self.do_mkdir(req, parent, name, mode, reply);
+        self.do_mkdir(req, parent, name, (mode, umask), reply);
     }
 
     fn unlink(&mut self, req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEmpty) {
@@ -656,11 +656,11 @@ impl Filesystem for CfsFs {
         parent: u64,
         name: &OsStr,
         mode: u32,
-        _umask: u32,
+        umask: u32,
         flags: i32,
         reply: ReplyCreate,
     ) {
-        self.do_create(req, parent, name, mode, flags, reply);
+        self.do_create(req, parent, name, (mode, umask), flags, reply);
     }
 
     fn getlk(

@@ -75,6 +75,11 @@ impl CfsFs {
             FUSE_READDIRPLUS_AUTO,
             FUSE_CACHE_SYMLINKS,
             FUSE_HANDLE_KILLPRIV,
+            // POSIX ACLs: the kernel checks them (from getxattr, cached)
+            // as the nodes do, and leaves the umask to the node, which
+            // applies it unless the directory has a default ACL.
+            FUSE_POSIX_ACL,
+            FUSE_DONT_MASK,
         ] {
             let _ = config.add_capabilities(flag);
         }

@@ -1,6 +1,7 @@
 //! Attribute changes: setattr (mode, owner, size, times) and extended
 //! attributes (set, remove, and who may touch which namespace).
 
+use crate::acl;
 use crate::keys;
 use crate::ops::Applied;
 use crate::perm::{self, W};
@@ -79,6 +80,10 @@ pub(super) fn setattr(
             m &= !libc::S_ISGID;
         }
         i.mode = (i.mode & libc::S_IFMT) | m;
+        // The access ACL's owner, mask and other entries follow.
+        if let Some(a) = i.acl.as_mut() {
+            acl::chmod(&mut a.access, m);
+        }
         changed = true;
     }
     if set.uid.is_some() || set.gid.is_some() {
@@ -154,6 +159,9 @@ pub(super) fn setxattr(
     flags: i32,
 ) -> R2<Applied> {
     let mut i = inode(t, ino)?;
+    if let Some(kind) = acl::Kind::of(name) {
+        return set_acl(t, c, now, i, kind, Some(value), flags);
+    }
     xattr_ns_check(&i, c, name)?;
     if value.len() > XATTR_SIZE_MAX {
         return Err(Errno::E2BIG.into());
@@ -179,11 +187,74 @@ pub(super) fn removexattr(
     name: &[u8],
 ) -> R2<Applied> {
     let mut i = inode(t, ino)?;
+    if let Some(kind) = acl::Kind::of(name) {
+        return set_acl(t, c, now, i, kind, None, 0);
+    }
     xattr_ns_check(&i, c, name)?;
     if t.get_raw(&keys::xattr(ino, name))?.is_none() {
         return Err(Errno::ENODATA.into());
     }
     t.delete(keys::xattr(ino, name));
+    i.ctime = now;
+    put_inode(t, &i);
+    Ok(Applied::Attr(i))
+}
+
+/// Sets (`value`) or removes (`None`, or an empty list) an ACL, as
+/// `setfacl` does through its xattr: only the owner or root; a default ACL
+/// only on a directory; an access ACL sets the mode's permission bits
+/// (its group bits from the mask) and is kept only if the mode cannot say
+/// it all; set-group-ID goes if the caller is not in the file's group.
+fn set_acl(
+    t: &mut Txn<'_>,
+    c: &Creds,
+    now: Nanos,
+    mut i: Inode,
+    kind: acl::Kind,
+    value: Option<&[u8]>,
+    flags: i32,
+) -> R2<Applied> {
+    if i.is_symlink() {
+        return Err(Errno::EOPNOTSUPP.into());
+    }
+    if !perm::is_owner(&i, c) {
+        return Err(Errno::EPERM.into());
+    }
+    let new = match value {
+        Some(v) => acl::parse(v)?,
+        None => Vec::new(),
+    };
+    let exists = !acl::of(&i, kind).is_empty();
+    if value.is_none() && !exists {
+        return Err(Errno::ENODATA.into());
+    }
+    if flags & libc::XATTR_CREATE != 0 && exists {
+        return Err(Errno::EEXIST.into());
+    }
+    if flags & libc::XATTR_REPLACE != 0 && !exists {
+        return Err(Errno::ENODATA.into());
+    }
+    match kind {
+        acl::Kind::Default if !i.is_dir() => {
+            if !new.is_empty() {
+                return Err(Errno::EACCES.into());
+            }
+        }
+        acl::Kind::Default => acl::set(&mut i, kind, new),
+        acl::Kind::Access if new.is_empty() => acl::set(&mut i, kind, new),
+        acl::Kind::Access => {
+            i.mode = (i.mode & !0o777) | acl::mode_bits(&new);
+            if c.uid != 0 && !c.in_group(i.gid) {
+                i.mode &= !libc::S_ISGID;
+            }
+            let keep = if acl::is_minimal(&new) {
+                Vec::new()
+            } else {
+                new
+            };
+            acl::set(&mut i, kind, keep);
+        }
+    }
     i.ctime = now;
     put_inode(t, &i);
     Ok(Applied::Attr(i))

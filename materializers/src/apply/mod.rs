@@ -286,6 +286,7 @@ pub fn ensure_root(txn: &mut Txn<'_>, shard: ShardId) -> Result<(), DbError> {
         parent: ROOT_INO,
         next_cookie: 3,
         entries: 0,
+        acl: None,
     };
     txn.put(keys::inode(ROOT_INO), &root);
     txn.put(keys::next_ino(shard), &2u64);
@@ -358,6 +359,7 @@ fn apply_inner(
             parent,
             name,
             mode,
+            umask,
             rdev,
             target,
             excl,
@@ -369,7 +371,7 @@ fn apply_inner(
             now,
             *parent,
             name,
-            *mode,
+            (*mode, *umask),
             *rdev,
             target.as_deref(),
             *excl,

@@ -31,7 +31,7 @@ pub(super) fn create(
     now: Nanos,
     parent: Ino,
     name: &[u8],
-    mode: u32,
+    (mode, umask): (u32, u32),
     rdev: u32,
     target: Option<&[u8]>,
     excl: bool,
@@ -98,7 +98,16 @@ pub(super) fn create(
             (make_ino(shard, n), n)
         }
     };
-    let mut perms = mode & 0o7777;
+    // A directory's default ACL decides the new inode's ACL and
+    // permission bits instead of the umask (symlinks take neither).
+    let inherited = match crate::acl::of(&p, crate::acl::Kind::Default) {
+        d if d.is_empty() || kind == libc::S_IFLNK => None,
+        d => Some(d.to_vec()),
+    };
+    let mut perms = match &inherited {
+        Some(d) => crate::acl::inherit(d, mode & 0o7777).1,
+        None => mode & 0o7777 & !(umask & 0o777),
+    };
     let gid = if p.mode & libc::S_ISGID != 0 {
         if kind == libc::S_IFDIR {
             perms |= libc::S_ISGID;
@@ -134,7 +143,18 @@ pub(super) fn create(
         parent,
         next_cookie: 3,
         entries: 0,
+        acl: None,
     };
+    let mut i = i;
+    if let Some(d) = inherited {
+        let (access, _) = crate::acl::inherit(&d, mode & 0o7777);
+        if !crate::acl::is_minimal(&access) {
+            crate::acl::set(&mut i, crate::acl::Kind::Access, access);
+        }
+        if kind == libc::S_IFDIR {
+            crate::acl::set(&mut i, crate::acl::Kind::Default, d);
+        }
+    }
     if let Some(tg) = target {
         t.put_raw(keys::symlink(ino), tg.to_vec());
     }
