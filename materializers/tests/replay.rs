@@ -907,6 +907,25 @@ fn posix_acls_are_checked_and_inherited_at_apply() {
     assert_eq!(i.mode & 0o777, 0o660, "the mask is the group bits");
     assert!(run(&user(1000), truncate(f)).is_ok(), "the named user");
     assert_eq!(run(&user(1001), truncate(f)), Err(Errno::EACCES));
+    // Locks too: some access to the file is needed to lock it.
+    let lock = |client: u64| Op::Lock {
+        ino: f,
+        lock: LockRange {
+            start: 0,
+            end: 10,
+            typ: libc::F_WRLCK,
+            client,
+            owner: 1,
+            pid: 1,
+            flock: false,
+        },
+    };
+    assert_eq!(
+        run(&user(1001), lock(11)),
+        Err(Errno::EACCES),
+        "no access, no lock"
+    );
+    assert!(run(&user(1000), lock(10)).is_ok());
     assert_eq!(
         db.getxattr(f, acl::ACCESS_XATTR).unwrap(),
         acl::format(&parse_back(&entries(1000, 6)))

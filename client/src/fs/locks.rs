@@ -58,6 +58,7 @@ impl CfsFs {
     #[allow(clippy::too_many_arguments)]
     pub(super) fn do_setlk(
         &self,
+        c: Creds,
         ino: u64,
         lock_owner: u64,
         start: u64,
@@ -75,7 +76,7 @@ impl CfsFs {
             loop {
                 match sh
                     .mutate(
-                        Creds::root(),
+                        c.clone(),
                         Op::Lock {
                             ino,
                             lock: lock.clone(),

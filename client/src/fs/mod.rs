@@ -682,7 +682,7 @@ impl Filesystem for CfsFs {
         &mut self,
         _req: &Request<'_>,
         ino: u64,
-        _fh: u64,
+        fh: u64,
         lock_owner: u64,
         start: u64,
         end: u64,
@@ -691,7 +691,9 @@ impl Filesystem for CfsFs {
         sleep: bool,
         reply: ReplyEmpty,
     ) {
-        self.do_setlk(ino, lock_owner, start, end, typ, pid, sleep, reply);
+        // As the descriptor's opener (checked on the node).
+        let c = self.sh.handle_creds(fh);
+        self.do_setlk(c, ino, lock_owner, start, end, typ, pid, sleep, reply);
     }
 
     fn fallocate(

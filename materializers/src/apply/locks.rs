@@ -29,10 +29,30 @@ pub fn find_conflict(t: &Txn<'_>, ino: Ino, l: &LockRange) -> Result<Option<Lock
     Ok(None)
 }
 
-pub(super) fn set_lock(t: &mut Txn<'_>, now: Nanos, ino: Ino, l: &LockRange) -> R2<Applied> {
-    inode(t, ino)?;
+/// Sets (or with `F_UNLCK` releases) `l`. Taking a lock needs some
+/// access to the file: its owner, or a caller the mode (or ACL) lets read
+/// or write. Whether the descriptor was opened for writing (which a
+/// POSIX write lock needs) only the mount's kernel knows and checks; a
+/// flock, which needs no write access, arrives the same way through this
+/// FUSE binding, so no more is asked here. Without this, any user of any
+/// mount could lock up files they cannot even read.
+pub(super) fn set_lock(
+    t: &mut Txn<'_>,
+    c: &Creds,
+    now: Nanos,
+    ino: Ino,
+    l: &LockRange,
+) -> R2<Applied> {
+    let i = inode(t, ino)?;
     if l.start >= l.end {
         return Err(Errno::EINVAL.into());
+    }
+    if l.typ != libc::F_UNLCK
+        && !crate::perm::is_owner(&i, c)
+        && !crate::perm::allowed(&i, c, crate::perm::R)
+        && !crate::perm::allowed(&i, c, crate::perm::W)
+    {
+        return Err(Errno::EACCES.into());
     }
     if l.typ != libc::F_UNLCK {
         if let Some(h) = find_conflict(t, ino, l)? {

@@ -440,7 +440,7 @@ fn apply_inner(
             len,
             mode,
         } => fallocate(t, c, now, *ino, *offset, *len, *mode),
-        Op::Lock { ino, lock } => set_lock(t, now, *ino, lock),
+        Op::Lock { ino, lock } => set_lock(t, c, now, *ino, lock),
         Op::RenewHold { shard } => holds::renew(t, *shard, lop.client, now),
         Op::ExpireHold { shard, client } => holds::expire(t, *shard, *client, now),
         Op::ForgetIdleClients { shard, idle_before } => forget_idle(t, *shard, *idle_before),
