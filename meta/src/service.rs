@@ -218,12 +218,19 @@ impl MetaService {
                 },
             );
             let (db2, w2, ch2, f2) = (db.clone(), waiters.clone(), changes.clone(), failed.clone());
+            let (log2, all) = (log.clone(), cfg.shards.clone());
             tokio::spawn(async move {
                 if let Err(e) = materializer::run_shard(db2, shard, sub, w2, tx, ch2).await {
                     tracing::error!(shard = %shard, "namespace materializer failed: {e}");
-                    f2.lock().expect("failed lock").push(format!(
-                        "namespace materializer of shard {shard} stopped: {e}"
-                    ));
+                    let why = format!("namespace materializer of shard {shard} stopped: {e}");
+                    f2.lock().expect("failed lock").push(why.clone());
+                    // Every shard's state is in the one database: this node
+                    // serves none of them now. Its replicas stop, so that
+                    // leadership, and the mounts that follow it, move to
+                    // nodes that can (docs/security.md, "storage faults").
+                    for s in all {
+                        let _ = log2.fail_shard(s, why.clone());
+                    }
                 }
             });
         }

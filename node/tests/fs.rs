@@ -1797,3 +1797,94 @@ fn posix_acls_are_stored_inherited_and_enforced() {
         "no default ACL: the umask"
     );
 }
+
+/// The namespace database's disk fills on the node leading every shard:
+/// that node's materializer stops, it says so (`/health` 503 naming the
+/// shard and the cause) and stops its replicas, the other two elect a
+/// leader, the mount moves to it, and every file whose fsync returned 0
+/// reads back; new files are written through the new leader.
+#[test]
+fn a_full_namespace_disk_fails_the_node_and_mounts_move() {
+    use std::io::Write;
+    // The highest id wins leader-affinity ties; the others wait long
+    // before their first election: node 3 leads.
+    const SMALL: u64 = 3;
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+    let mounted = std::cell::RefCell::new(None);
+    let c = Cluster::start_with("fs-nsfull", |cfg| {
+        if cfg.node_id == SMALL {
+            let ns = cfg.data_dir.join("namespace");
+            std::fs::create_dir_all(&ns).unwrap();
+            let ok = Command::new("mount")
+                .args(["-t", "tmpfs", "-o", "size=8m", "tmpfs"])
+                .arg(&ns)
+                .status()
+                .is_ok_and(|s| s.success());
+            assert!(ok, "mounting a tmpfs needs root");
+            *mounted.borrow_mut() = Some(Unmount(ns));
+        } else {
+            cfg.election_ticks *= 10;
+        }
+    });
+    let _unmount = mounted.take();
+    assert_eq!(c.wait_leaders_together(), SMALL);
+    let m = Mount::new(&c, "m", &[]);
+    let health = |n: u64| cluster::http_get(c.cfg(n).http, "/health").unwrap();
+    let body = |i: usize| -> Vec<u8> { (0..60 << 10).map(|k| ((k + i * 7) % 251) as u8).collect() };
+    let until = Instant::now() + Duration::from_secs(90);
+    let (mut synced, mut errors) = (Vec::new(), 0);
+    for i in 0.. {
+        let (code, text) = health(SMALL);
+        if code == 503 && text.contains("namespace materializer") {
+            eprintln!("after {} files node {SMALL} says: {text}", synced.len());
+            assert!(text.contains("No space left"), "{text}");
+            assert!(text.contains("failed"), "its shards are failed too: {text}");
+            break;
+        }
+        assert!(
+            Instant::now() < until,
+            "node {SMALL}'s namespace disk never filled"
+        );
+        // Files of inline bytes (below 64 KiB): they fill the database.
+        let r = std::fs::File::create(m.path.join(format!("f{i}"))).and_then(|mut f| {
+            f.write_all(&body(i))?;
+            f.sync_all()
+        });
+        match r {
+            Ok(()) => synced.push(i),
+            Err(_) => errors += 1,
+        }
+    }
+    // The others lead without it, and the mount follows.
+    let until = Instant::now() + Duration::from_secs(60);
+    loop {
+        let r = std::fs::write(m.path.join("after"), b"moved")
+            .and_then(|_| std::fs::File::open(m.path.join("after"))?.sync_all());
+        if r.is_ok() && std::fs::read(m.path.join("after")).is_ok_and(|b| b == b"moved") {
+            break;
+        }
+        assert!(Instant::now() < until, "the mount never moved: {r:?}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    for n in 1..=2 {
+        let (code, text) = health(n);
+        assert!(code == 200 || !text.contains("failed"), "node {n}: {text}");
+    }
+    drop_kernel_caches();
+    for i in &synced {
+        assert_eq!(
+            std::fs::read(m.path.join(format!("f{i}"))).unwrap(),
+            body(*i),
+            "f{i}, synced before the failure"
+        );
+    }
+    eprintln!(
+        "{} files synced, {errors} refused around the failure",
+        synced.len()
+    );
+}

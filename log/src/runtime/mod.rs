@@ -255,6 +255,10 @@ enum Input {
     },
     /// A linearizable read of a caller on this node.
     Read(ReadReply),
+    /// A layer above this node's log failed for this shard (its
+    /// materializer cannot write): stop the replica, so that leadership
+    /// and the mounts move to nodes that can serve it.
+    Fail(String),
     /// A read a follower forwarded to this node.
     ReadForwarded {
         from: NodeId,
@@ -902,6 +906,36 @@ impl LogNode {
         Ok(())
     }
 
+    /// Stops this node's replica of `shard` for `why` (a layer above it
+    /// cannot go on: the namespace materializer's database failed): it is
+    /// reported failed (`/health` 503 naming it), refuses proposals, and
+    /// the other replicas elect a leader without it. Like a WAL error, it
+    /// lasts until the node restarts.
+    pub fn fail_shard(&self, shard: ShardId, why: String) -> Result<(), LogError> {
+        let h = self.shard(shard)?;
+        {
+            let mut f = h.fatal.lock().expect("fatal lock");
+            if f.is_some() {
+                return Ok(());
+            }
+            *f = Some(why.clone());
+        }
+        error!(shard = shard.get(), "shard stopped: {why}");
+        match h.inbox.try_send(Input::Fail(why)) {
+            Ok(()) => Ok(()),
+            // A full queue: delivered from a thread of its own (the shard
+            // thread drains its queue; nothing here may block).
+            Err(std_mpsc::TrySendError::Full(input)) => {
+                let inbox = h.inbox.clone();
+                std::thread::spawn(move || {
+                    let _ = inbox.send(input);
+                });
+                Ok(())
+            }
+            Err(std_mpsc::TrySendError::Disconnected(_)) => Ok(()),
+        }
+    }
+
     /// BROKEN on purpose (Faults::stale_reads): this node's own decided
     /// position instead of a round through the leader.
     fn stale_read_point(&self, shard: ShardId) -> Result<Position, LogError> {
@@ -946,7 +980,16 @@ impl LogNode {
             .inner
             .shards
             .values()
-            .map(|h| h.status.lock().expect("status lock").clone())
+            .map(|h| {
+                let mut s = h.status.lock().expect("status lock").clone();
+                // A stopped replica leads nothing and knows no leader,
+                // whatever it last reported.
+                if h.fatal.lock().expect("fatal lock").is_some() {
+                    s.is_leader = false;
+                    s.leader = None;
+                }
+                s
+            })
             .collect();
         v.sort_by_key(|s| s.shard);
         v

@@ -55,6 +55,9 @@ impl ShardLoop {
                     Input::ProposeMany { proposals, .. } => proposals.len().max(1),
                     _ => 1,
                 };
+                if let Input::Fail(why) = input {
+                    return Err(why);
+                }
                 if !self.apply(input) {
                     return Ok(());
                 }
@@ -160,7 +163,8 @@ impl ShardLoop {
             Input::Reconnected(p) => self.core.reconnected(p),
             Input::PeerFloor(p, f) => self.floors.peer(p, f),
             Input::Campaign => self.core.campaign(),
-            Input::Stop => return false,
+            // Taken by `run` before it gets here.
+            Input::Stop | Input::Fail(_) => return false,
         }
         true
     }
