@@ -1455,6 +1455,36 @@ fn cross_shard_changes_are_answered_once_their_finishes_are_ordered() {
     let _ = fsck_clean(&c);
 }
 
+/// Checks that mount `m` is held to a policy of root squashed and uid
+/// 1000 mapped to 4242, seen through `admin` (trusted with root), which
+/// made `open/` 0777: root plants nothing in `/` and what it makes in
+/// `open/` is 65534's; what uid 1000 makes there is 4242's.
+fn held_to_squash_and_uid_map(admin: &Mount, m: &Mount) {
+    use std::os::unix::fs::MetadataExt;
+    use std::os::unix::process::CommandExt;
+    assert!(std::fs::write(m.path.join("planted"), b"r").is_err());
+    assert!(!admin.path.join("planted").exists());
+    std::fs::write(m.path.join("open/by-root"), b"r").unwrap();
+    let owner = |name: &str| {
+        std::fs::metadata(admin.path.join("open").join(name))
+            .unwrap()
+            .uid()
+    };
+    assert_eq!(owner("by-root"), 65534, "root squashed");
+    let made = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "echo u > '{}'",
+            m.path.join("open/by-1000").display()
+        ))
+        .uid(1000)
+        .gid(1000)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    assert_eq!(owner("by-1000"), 4242, "uid 1000 mapped");
+}
+
 /// `cfs ca`, as an administrator uses it: a second `init` over an existing
 /// CA is refused, `issue` needs one role and well-formed id maps, the key
 /// is private, and a mount started with the issued certificate
@@ -1462,8 +1492,7 @@ fn cross_shard_changes_are_answered_once_their_finishes_are_ordered() {
 /// to 65534 by default, uid 1000 mapped to 4242.
 #[test]
 fn ca_commands_issue_a_certificate_a_mount_is_held_to() {
-    use std::os::unix::fs::{MetadataExt, PermissionsExt};
-    use std::os::unix::process::CommandExt;
+    use std::os::unix::fs::PermissionsExt;
     let c = Cluster::start("fs-ca-cli");
     let ca_dir = cluster::tls_dir(&c.dir);
     let ca_dir = ca_dir.to_str().unwrap();
@@ -1506,30 +1535,7 @@ fn ca_commands_issue_a_certificate_a_mount_is_held_to() {
     )
     .unwrap();
     let m = Mount::new(&c, "m", &["--tls-dir", out_s, "--tls-stem", "client-gpu"]);
-    // Root is squashed: it may not create in `/` (root's 0755) ...
-    assert!(std::fs::write(m.path.join("planted"), b"r").is_err());
-    assert!(!admin.path.join("planted").exists());
-    // ... and what it creates in a 0777 directory is 65534's.
-    std::fs::write(m.path.join("open/by-root"), b"r").unwrap();
-    let owner = |name: &str| {
-        std::fs::metadata(admin.path.join("open").join(name))
-            .unwrap()
-            .uid()
-    };
-    assert_eq!(owner("by-root"), 65534);
-    // Its uid 1000 is the cluster's 4242.
-    let made = Command::new("sh")
-        .arg("-c")
-        .arg(format!(
-            "echo u > '{}'",
-            m.path.join("open/by-1000").display()
-        ))
-        .uid(1000)
-        .gid(1000)
-        .status()
-        .unwrap();
-    assert!(made.success());
-    assert_eq!(owner("by-1000"), 4242);
+    held_to_squash_and_uid_map(&admin, &m);
     assert_eq!(
         std::fs::read(admin.path.join("open/by-1000")).unwrap(),
         b"u\n"
@@ -1544,8 +1550,7 @@ fn ca_commands_issue_a_certificate_a_mount_is_held_to() {
 /// without a certificate gets nothing but the trade.
 #[test]
 fn a_mount_token_is_traded_once_for_its_certificate() {
-    use std::os::unix::fs::{MetadataExt, PermissionsExt};
-    use std::os::unix::process::CommandExt;
+    use std::os::unix::fs::PermissionsExt;
     let c = Cluster::start("fs-token");
     let dir = c.dir.to_str().unwrap();
     let token_for = |ttl: &str| {
@@ -1615,27 +1620,7 @@ fn a_mount_token_is_traded_once_for_its_certificate() {
         0o600,
         "the key is private"
     );
-    // Root is squashed: nothing planted in `/`; 65534 in a 0777 directory.
-    assert!(std::fs::write(m.path.join("planted"), b"r").is_err());
-    std::fs::write(m.path.join("open/by-root"), b"r").unwrap();
-    let owner = |name: &str| {
-        std::fs::metadata(admin.path.join("open").join(name))
-            .unwrap()
-            .uid()
-    };
-    assert_eq!(owner("by-root"), 65534);
-    let made = Command::new("sh")
-        .arg("-c")
-        .arg(format!(
-            "echo u > '{}'",
-            m.path.join("open/by-1000").display()
-        ))
-        .uid(1000)
-        .gid(1000)
-        .status()
-        .unwrap();
-    assert!(made.success());
-    assert_eq!(owner("by-1000"), 4242, "the token's uid map");
+    held_to_squash_and_uid_map(&admin, &m);
     drop(m);
     // The kept certificate mounts again without a token.
     let again = Mount::new(&c, "again", &["--tls-dir", t1.to_str().unwrap()]);
