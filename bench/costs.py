@@ -53,9 +53,9 @@ class Meter:
             "seg": m.get("claudefs_fuse_segment_requests_total", 0),
             # Every node decides every entry of the shards it replicates:
             # the cluster's entries are one node's count (all replicate all).
-            "entries": ns[0].get("cfs_log_decided_entries_total", 0),
-            "syncs": sum(n.get("cfs_log_wal_syncs_total", 0) for n in ns) / len(ns),
-            "early": sum(n.get("cfs_meta_early_answers_total", 0) for n in ns),
+            "entries": ns[0].get("claudefs_log_decided_entries_total", 0),
+            "syncs": sum(n.get("claudefs_log_wal_syncs_total", 0) for n in ns) / len(ns),
+            "early": sum(n.get("claudefs_meta_early_answers_total", 0) for n in ns),
         }
 
 

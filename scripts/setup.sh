@@ -5,8 +5,9 @@ set -euo pipefail
 need=()
 # libclang-dev/clang: RocksDB's bindings; fuse3: fusermount3 for `cfs mount`;
 # bindfs and fio: the FUSE baseline and the throughput tool of the benchmarks;
-# acl: setfacl/getfacl for the POSIX ACL test.
-for p in build-essential pkg-config ca-certificates curl libclang-dev clang fuse3 bindfs fio acl; do
+# acl: setfacl/getfacl for the POSIX ACL test; prometheus (server, promtool)
+# and prometheus-alertmanager (amtool): the monitoring checks and tests.
+for p in build-essential pkg-config ca-certificates curl libclang-dev clang fuse3 bindfs fio acl prometheus prometheus-alertmanager; do
   dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
 done
 if [ ${#need[@]} -gt 0 ]; then

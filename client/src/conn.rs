@@ -689,6 +689,8 @@ impl MetaClient {
                 Ok(c) => {
                     reached = true;
                     let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+                    // The node serving it logs under the same tag.
+                    let tag = cfs_proto::RequestTag::new(self.client_id, id);
                     let (tx, rx) = oneshot::channel();
                     // A mutation's later attempts may be answered with
                     // the outcome recorded for an earlier one.
@@ -722,6 +724,7 @@ impl MetaClient {
                     if count {
                         self.stats.meta_round_trip(fresh);
                     }
+                    tracing::debug!(req = %tag, server = %self.servers[c.server], attempt = attempts, "metadata request sent");
                     if sent.is_ok() && !c.dead.load(Ordering::SeqCst) {
                         // A server that does not answer within an attempt
                         // (paused, or cut off while its connection stays
@@ -743,12 +746,12 @@ impl MetaClient {
                                 // The node could not get it through the
                                 // log (cut off from the majority, or no
                                 // leader yet): retry on the next server.
-                                warn!(server = %self.servers[c.server], "EIO from the node; trying the next");
+                                warn!(req = %tag, server = %self.servers[c.server], "EIO from the node; trying the next");
                                 self.drop_conn(c.server).await;
                             }
                             Ok(Ok(r)) => return r,
                             Ok(Err(_)) => {
-                                warn!(server = %self.servers[c.server], "connection lost");
+                                warn!(req = %tag, server = %self.servers[c.server], "connection lost");
                                 self.drop_conn(c.server).await
                             }
                             Err(_) if matches!(req, Request::Lease) => {
@@ -759,7 +762,7 @@ impl MetaClient {
                             }
                             Err(_) => {
                                 c.pending.lock().expect("pending lock").remove(&id);
-                                warn!(server = %self.servers[c.server], ?attempt, "no answer in time; trying the next");
+                                warn!(req = %tag, server = %self.servers[c.server], ?attempt, "no answer in time; trying the next");
                                 self.drop_conn(c.server).await;
                             }
                         }

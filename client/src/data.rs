@@ -38,10 +38,12 @@ impl StripeCache {
         self.order.push_back(*k);
         Some(v)
     }
-    fn put(&mut self, k: StripeKey, v: Arc<Vec<u8>>) {
+    /// Keeps `v`; returns how many stripes were dropped to make room.
+    fn put(&mut self, k: StripeKey, v: Arc<Vec<u8>>) -> u64 {
         if self.map.contains_key(&k) {
-            return;
+            return 0;
         }
+        let mut evicted = 0;
         self.bytes += v.len();
         self.map.insert(k, v);
         self.order.push_back(k);
@@ -51,8 +53,10 @@ impl StripeCache {
             };
             if let Some(v) = self.map.remove(&old) {
                 self.bytes -= v.len();
+                evicted += 1;
             }
         }
+        evicted
     }
 }
 
@@ -165,6 +169,7 @@ impl DataPath {
         let sw = g.as_mut().expect("writer present");
         let mut out = Vec::new();
         for (off, data) in ranges {
+            self.stats.written_back(data.len() as u64);
             let written = match sw.write(data).await {
                 Ok(mut exts) => sw.flush().await.map(|more| {
                     exts.extend(more);
@@ -224,10 +229,12 @@ impl DataPath {
             .await
             .map_err(|err| io_err("segment read", err))?;
         if !r.bad.is_empty() {
+            self.stats.reconstruction();
             warn!(segment = %e.segment, stripe = e.stripe, bad = r.bad.len(), "stripe read around bad fragments");
         }
         let v = Arc::new(r.data);
-        self.cache.lock().expect("cache lock").put(key, v.clone());
+        let evicted = self.cache.lock().expect("cache lock").put(key, v.clone());
+        self.stats.evicted(Cache::Stripes, evicted);
         self.fetching.lock().await.remove(&key);
         Ok(v)
     }

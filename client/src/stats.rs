@@ -2,7 +2,9 @@
 //! nodes, and what the caches answered, so a benchmark can report requests
 //! per operation. Served as Prometheus text by `metrics_http`.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use cfs_metrics::{self as m, Histogram, IntCounter, IntCounterVec, Registry};
 
 /// FUSE operations counted by name (`claudefs_fuse_requests_total{op}`).
 pub const OPS: &[&str] = &[
@@ -91,162 +93,207 @@ impl Cache {
     }
 }
 
-/// Counters of one mount. Cheap to update from any thread.
+/// The metric families of one mount (docs/metrics.md), in its own
+/// registry. Cheap to update from any thread.
 pub struct MountStats {
-    requests: Vec<AtomicU64>,
-    /// Requests that are not in `OPS` (counted, never dropped).
-    other: AtomicU64,
-    meta_round_trips: AtomicU64,
-    fresh_reads: AtomicU64,
-    segment_round_trips: AtomicU64,
-    hits: [AtomicU64; CACHES],
-    misses: [AtomicU64; CACHES],
-    negative_entries: AtomicU64,
-    invalidations: AtomicU64,
+    registry: Registry,
+    /// Per entry of `OPS`, then one for anything else.
+    requests: Vec<IntCounter>,
+    latency: Vec<Histogram>,
+    errors: IntCounterVec,
+    round_trips: IntCounter,
+    meta_calls: IntCounter,
+    fresh_reads: IntCounter,
+    segment_requests: IntCounter,
+    reconstructions: IntCounter,
+    hits: Vec<IntCounter>,
+    misses: Vec<IntCounter>,
+    evictions: Vec<IntCounter>,
+    writeback_bytes: IntCounter,
+    negative_entries: IntCounter,
+    invalidations: IntCounter,
     /// Background (write-behind) flushes that failed; their bytes were
     /// kept (client/src/fs/io.rs).
-    flush_failures: AtomicU64,
+    flush_failures: IntCounter,
 }
 
 impl Default for MountStats {
     fn default() -> Self {
+        let reg = Registry::new();
+        m::build_info(&reg, "mount", env!("CARGO_PKG_VERSION"));
+        let names = || OPS.iter().copied().chain(std::iter::once("other"));
+        let requests = m::counter_vec(
+            &reg,
+            "claudefs_fuse_requests_total",
+            "FUSE requests the kernel sent to this mount, per operation.",
+            &["op"],
+        );
+        let latency = m::histogram_vec(
+            &reg,
+            "claudefs_fuse_request_duration_seconds",
+            "Time from a FUSE request's arrival to its reply, per operation.",
+            &["op"],
+            m::LATENCY_BUCKETS,
+        );
+        let caches = |name: &str, help: &str| {
+            let v = m::counter_vec(&reg, name, help, &["cache"]);
+            Cache::ALL
+                .iter()
+                .map(|c| v.with_label_values(&[c.name()]))
+                .collect::<Vec<_>>()
+        };
         MountStats {
-            requests: OPS.iter().map(|_| AtomicU64::new(0)).collect(),
-            other: AtomicU64::new(0),
-            meta_round_trips: AtomicU64::new(0),
-            fresh_reads: AtomicU64::new(0),
-            segment_round_trips: AtomicU64::new(0),
-            hits: Default::default(),
-            misses: Default::default(),
-            negative_entries: AtomicU64::new(0),
-            invalidations: AtomicU64::new(0),
-            flush_failures: AtomicU64::new(0),
+            requests: names()
+                .map(|op| requests.with_label_values(&[op]))
+                .collect(),
+            latency: names().map(|op| latency.with_label_values(&[op])).collect(),
+            errors: m::counter_vec(
+                &reg,
+                "claudefs_fuse_errors_total",
+                "Error replies to the kernel, per errno name (other past the known set).",
+                &["errno"],
+            ),
+            round_trips: m::counter(
+                &reg,
+                "claudefs_fuse_round_trips_total",
+                "Requests this mount sent to nodes (metadata calls and fragment requests).",
+            ),
+            meta_calls: m::counter(
+                &reg,
+                "claudefs_fuse_meta_calls_total",
+                "Metadata calls this mount made.",
+            ),
+            fresh_reads: m::counter(
+                &reg,
+                "claudefs_fuse_fresh_reads_total",
+                "Metadata reads that asked for a linearizable read.",
+            ),
+            segment_requests: m::counter(
+                &reg,
+                "claudefs_fuse_segment_requests_total",
+                "Fragment requests this mount sent to segment servers.",
+            ),
+            reconstructions: m::counter(
+                &reg,
+                "claudefs_fuse_reconstructions_total",
+                "Stripes rebuilt from parity because a fragment was missing or bad.",
+            ),
+            hits: caches(
+                "claudefs_fuse_cache_hits_total",
+                "Answers a cache of this mount gave without a round trip.",
+            ),
+            misses: caches(
+                "claudefs_fuse_cache_misses_total",
+                "Lookups in a cache of this mount that needed a round trip.",
+            ),
+            evictions: caches(
+                "claudefs_fuse_cache_evictions_total",
+                "Entries a cache of this mount dropped to make room.",
+            ),
+            writeback_bytes: m::counter(
+                &reg,
+                "claudefs_fuse_writeback_bytes_total",
+                "Bytes flushed from the write-back buffer to segment servers.",
+            ),
+            negative_entries: m::counter(
+                &reg,
+                "claudefs_fuse_negative_entries_total",
+                "Names answered as absent and cached by the kernel.",
+            ),
+            invalidations: m::counter(
+                &reg,
+                "claudefs_fuse_invalidations_total",
+                "Invalidations received from nodes (another mount changed something).",
+            ),
+            flush_failures: m::counter(
+                &reg,
+                "claudefs_fuse_background_flush_failures_total",
+                "Write-behind flushes that failed (their bytes were kept and retried).",
+            ),
+            registry: reg,
         }
     }
 }
 
 impl MountStats {
+    fn op_index(op: &str) -> usize {
+        OPS.iter().position(|o| *o == op).unwrap_or(OPS.len())
+    }
+
     pub fn request(&self, op: &str) {
-        match OPS.iter().position(|o| *o == op) {
-            Some(i) => self.requests[i].fetch_add(1, Ordering::Relaxed),
-            None => self.other.fetch_add(1, Ordering::Relaxed),
-        };
+        self.requests[Self::op_index(op)].inc();
+    }
+
+    /// A request of `op` answered `took` after it arrived.
+    pub fn answered(&self, op: &str, took: Duration) {
+        self.latency[Self::op_index(op)].observe(took.as_secs_f64());
+    }
+
+    /// An error reply with errno `code`.
+    pub fn error(&self, code: i32) {
+        self.errors.with_label_values(&[m::errno_name(code)]).inc();
     }
 
     /// One request/reply exchange with a metadata service; `fresh` if it
     /// asked for a linearizable read.
     pub fn meta_round_trip(&self, fresh: bool) {
-        self.meta_round_trips.fetch_add(1, Ordering::Relaxed);
+        self.meta_calls.inc();
+        self.round_trips.inc();
         if fresh {
-            self.fresh_reads.fetch_add(1, Ordering::Relaxed);
+            self.fresh_reads.inc();
         }
     }
 
     /// `n` fragment requests to segment servers (sent in parallel: one
     /// round trip of latency, `n` requests).
     pub fn segment_requests(&self, n: u64) {
-        self.segment_round_trips.fetch_add(n, Ordering::Relaxed);
+        self.segment_requests.inc_by(n);
+        self.round_trips.inc_by(n);
+    }
+
+    /// A stripe decoded with parity in place of a missing or bad fragment.
+    pub fn reconstruction(&self) {
+        self.reconstructions.inc();
     }
 
     pub fn cache(&self, c: Cache, hit: bool) {
         let i = c as usize;
         if hit {
-            self.hits[i].fetch_add(1, Ordering::Relaxed);
+            self.hits[i].inc();
         } else {
-            self.misses[i].fetch_add(1, Ordering::Relaxed);
+            self.misses[i].inc();
         }
     }
 
+    /// `n` entries of cache `c` dropped to make room.
+    pub fn evicted(&self, c: Cache, n: u64) {
+        self.evictions[c as usize].inc_by(n);
+    }
+
+    /// `n` bytes flushed from the write-back buffer.
+    pub fn written_back(&self, n: u64) {
+        self.writeback_bytes.inc_by(n);
+    }
+
     pub fn negative_entry(&self) {
-        self.negative_entries.fetch_add(1, Ordering::Relaxed);
+        self.negative_entries.inc();
     }
 
     pub fn invalidation(&self) {
-        self.invalidations.fetch_add(1, Ordering::Relaxed);
+        self.invalidations.inc();
     }
 
     pub fn flush_failure(&self) {
-        self.flush_failures.fetch_add(1, Ordering::Relaxed);
+        self.flush_failures.inc();
     }
 
     pub fn round_trips(&self) -> u64 {
-        self.meta_round_trips.load(Ordering::Relaxed)
-            + self.segment_round_trips.load(Ordering::Relaxed)
+        self.round_trips.get()
     }
 
     /// Prometheus text exposition (format 0.0.4).
     pub fn render(&self) -> String {
-        let mut s = String::new();
-        let mut family = |name: &str, help: &str, lines: Vec<(String, u64)>| {
-            s.push_str(&format!("# HELP {name} {help}\n# TYPE {name} counter\n"));
-            for (labels, v) in lines {
-                s.push_str(&format!("{name}{labels} {v}\n"));
-            }
-        };
-        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let mut reqs: Vec<(String, u64)> = OPS
-            .iter()
-            .zip(&self.requests)
-            .map(|(op, n)| (format!("{{op=\"{op}\"}}"), get(n)))
-            .collect();
-        reqs.push(("{op=\"other\"}".into(), get(&self.other)));
-        family(
-            "claudefs_fuse_requests_total",
-            "FUSE requests the kernel sent to this mount, per operation.",
-            reqs,
-        );
-        family(
-            "claudefs_fuse_round_trips_total",
-            "Requests this mount sent to nodes (metadata calls and fragment reads).",
-            vec![(String::new(), self.round_trips())],
-        );
-        family(
-            "claudefs_fuse_meta_calls_total",
-            "Metadata calls this mount made.",
-            vec![(String::new(), get(&self.meta_round_trips))],
-        );
-        family(
-            "claudefs_fuse_fresh_reads_total",
-            "Metadata reads that asked for a linearizable read.",
-            vec![(String::new(), get(&self.fresh_reads))],
-        );
-        family(
-            "claudefs_fuse_segment_requests_total",
-            "Fragment requests this mount sent to segment servers.",
-            vec![(String::new(), get(&self.segment_round_trips))],
-        );
-        let per_cache = |a: &[AtomicU64; CACHES]| {
-            Cache::ALL
-                .iter()
-                .map(|c| (format!("{{cache=\"{}\"}}", c.name()), get(&a[*c as usize])))
-                .collect::<Vec<_>>()
-        };
-        family(
-            "claudefs_fuse_cache_hits_total",
-            "Answers a cache of this mount gave without a round trip.",
-            per_cache(&self.hits),
-        );
-        family(
-            "claudefs_fuse_cache_misses_total",
-            "Lookups in a cache of this mount that needed a round trip.",
-            per_cache(&self.misses),
-        );
-        family(
-            "claudefs_fuse_negative_entries_total",
-            "Names answered as absent and cached by the kernel.",
-            vec![(String::new(), get(&self.negative_entries))],
-        );
-        family(
-            "claudefs_fuse_invalidations_total",
-            "Invalidations received from nodes (another mount changed something).",
-            vec![(String::new(), get(&self.invalidations))],
-        );
-        family(
-            "claudefs_fuse_background_flush_failures_total",
-            "Write-behind flushes that failed (their bytes were kept and retried).",
-            vec![(String::new(), get(&self.flush_failures))],
-        );
-        s
+        m::render(&self.registry)
     }
 }
 
@@ -263,6 +310,8 @@ mod tests {
         s.meta_round_trip(true);
         s.segment_requests(3);
         s.cache(Cache::Stripes, true);
+        s.answered("lookup", Duration::from_micros(300));
+        s.error(libc::ENOENT);
         let t = s.render();
         assert!(t.contains("claudefs_fuse_requests_total{op=\"lookup\"} 2\n"));
         assert!(t.contains("claudefs_fuse_requests_total{op=\"other\"} 1\n"));
@@ -270,5 +319,10 @@ mod tests {
         assert!(t.contains("claudefs_fuse_fresh_reads_total 1\n"));
         assert!(t.contains("claudefs_fuse_cache_hits_total{cache=\"stripes\"} 1\n"));
         assert!(t.contains("claudefs_fuse_cache_misses_total{cache=\"stripes\"} 0\n"));
+        assert!(t.contains(
+            "claudefs_fuse_request_duration_seconds_bucket{op=\"lookup\",le=\"0.0005\"} 1\n"
+        ));
+        assert!(t.contains("claudefs_fuse_errors_total{errno=\"ENOENT\"} 1\n"));
+        assert!(t.contains("claudefs_build_info{daemon=\"mount\""));
     }
 }

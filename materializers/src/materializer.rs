@@ -261,6 +261,7 @@ pub async fn run_shard(
     waiters: Arc<Waiters>,
     applied: watch::Sender<Position>,
     changes_tx: broadcast::Sender<Change>,
+    apply_seconds: cfs_metrics::Histogram,
 ) -> Result<(), MaterializeError> {
     let mut last_sync = Instant::now();
     let mut unsynced = false;
@@ -287,7 +288,10 @@ pub async fn run_shard(
             let (results, chs) = {
                 let _s = tracing::debug_span!("apply_batch", shard = %shard, entries = batch.len())
                     .entered();
-                apply_batch(&db, shard, &batch)?
+                let started = Instant::now();
+                let r = apply_batch(&db, shard, &batch)?;
+                apply_seconds.observe(started.elapsed().as_secs_f64());
+                r
             };
             applied.send_replace(last + 1);
             for (id, r) in results {

@@ -8,6 +8,7 @@
 
 pub mod coordinator;
 pub mod leases;
+pub mod metrics;
 pub mod sequencer;
 pub mod service;
 

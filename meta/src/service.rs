@@ -92,7 +92,7 @@ struct Inner {
     data_dir: PathBuf,
     nodes: u64,
     spread_depth: u32,
-    counters: Counters,
+    counters: crate::metrics::MetaMetrics,
     /// Why a shard's materializer stopped, if one did.
     failed: Arc<std::sync::Mutex<Vec<String>>>,
     shard_list: Vec<ShardId>,
@@ -133,24 +133,6 @@ struct TxRequester {
     /// before they were decided: their invalidations went with the
     /// answer, so their apply sends that client nothing.
     early_steps: Vec<u64>,
-}
-
-#[derive(Default)]
-struct Counters {
-    mutations: AtomicU64,
-    reads: AtomicU64,
-    barriers: AtomicU64,
-    errors: AtomicU64,
-    sessions: AtomicU64,
-    leases_granted: AtomicU64,
-    clean_waits: AtomicU64,
-    sequenced: AtomicU64,
-    early: AtomicU64,
-    mispredicted: AtomicU64,
-    finishes_early: AtomicU64,
-    holds_broken: AtomicU64,
-    clients_forgotten: AtomicU64,
-    lease_refusals: AtomicU64,
 }
 
 /// A running metadata service.
@@ -202,6 +184,7 @@ impl MetaService {
         let mut applied = HashMap::new();
         let mut barriers = HashMap::new();
         let failed: Arc<std::sync::Mutex<Vec<String>>> = Arc::default();
+        let metrics = crate::metrics::MetaMetrics::default();
         for &shard in &cfg.shards {
             materializer::init_shard(&db, shard)?;
             let from = db.applied(shard)?;
@@ -219,8 +202,11 @@ impl MetaService {
             );
             let (db2, w2, ch2, f2) = (db.clone(), waiters.clone(), changes.clone(), failed.clone());
             let (log2, all) = (log.clone(), cfg.shards.clone());
+            let apply_seconds = metrics.apply_seconds.clone();
             tokio::spawn(async move {
-                if let Err(e) = materializer::run_shard(db2, shard, sub, w2, tx, ch2).await {
+                if let Err(e) =
+                    materializer::run_shard(db2, shard, sub, w2, tx, ch2, apply_seconds).await
+                {
                     tracing::error!(shard = %shard, "namespace materializer failed: {e}");
                     let why = format!("namespace materializer of shard {shard} stopped: {e}");
                     f2.lock().expect("failed lock").push(why.clone());
@@ -256,7 +242,7 @@ impl MetaService {
                 data_dir: cfg.data_dir,
                 nodes: cfg.nodes,
                 spread_depth: cfg.spread_depth,
-                counters: Counters::default(),
+                counters: metrics,
                 failed,
                 shard_list: cfg.shards.clone(),
                 coordinator_id: rand::random::<u64>() | 1,
@@ -385,87 +371,26 @@ impl MetaService {
         v
     }
 
+    /// Prometheus text exposition of the service's and the namespace
+    /// materializer's families.
     pub fn metrics_text(&self) -> String {
-        let c = &self.inner.counters;
-        let mut s = String::new();
-        for (name, help, v) in [
-            (
-                "cfs_meta_mutations_total",
-                "Namespace mutations proposed",
-                &c.mutations,
-            ),
-            ("cfs_meta_reads_total", "Namespace reads served", &c.reads),
-            (
-                "cfs_meta_barriers_total",
-                "Read barriers passed for fresh reads",
-                &c.barriers,
-            ),
-            (
-                "cfs_meta_errors_total",
-                "Requests answered with an I/O error",
-                &c.errors,
-            ),
-            (
-                "cfs_meta_sessions_total",
-                "Client sessions accepted",
-                &c.sessions,
-            ),
-            (
-                "cfs_meta_leases_granted_total",
-                "Shard leases granted or renewed to client sessions",
-                &c.leases_granted,
-            ),
-            (
-                "cfs_meta_clean_waits_total",
-                "Mutations that waited for leased sessions to apply invalidations",
-                &c.clean_waits,
-            ),
-            (
-                "cfs_meta_sequenced_total",
-                "Mutations ordered and predicted by this node's sequencer (D30)",
-                &c.sequenced,
-            ),
-            (
-                "cfs_meta_early_answers_total",
-                "Mutations answered before their entry was decided",
-                &c.early,
-            ),
-            (
-                "cfs_meta_tx_finishes_early_total",
-                "Cross-shard finish steps answered once ordered, before they were decided (D37)",
-                &c.finishes_early,
-            ),
-            (
-                "cfs_meta_mispredicted_total",
-                "Sequenced mutations whose decided outcome differed from the prediction",
-                &c.mispredicted,
-            ),
-            (
-                "cfs_meta_lease_refusals_total",
-                "Lease renewals refused because the session's invalidation acknowledgements lagged (D29)",
-                &c.lease_refusals,
-            ),
-            (
-                "cfs_meta_holds_broken_total",
-                "Lapsed mount holds this node broke (locks and orphans of vanished mounts released)",
-                &c.holds_broken,
-            ),
-            (
-                "cfs_meta_idle_clients_forgotten_total",
-                "Entries this node proposed that forgot idle clients' outcome tables",
-                &c.clients_forgotten,
-            ),
-        ] {
-            s += &format!(
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}\n",
-                v.load(Ordering::Relaxed)
-            );
-        }
-        s += "# HELP cfs_meta_applied_position Next log position the namespace materializer applies\n# TYPE cfs_meta_applied_position gauge\n";
-        for (shard, p) in self.applied() {
-            s += &format!("cfs_meta_applied_position{{shard=\"{shard}\"}} {p}\n");
-        }
-        s
+        let decided: std::collections::HashMap<ShardId, Position> = self
+            .inner
+            .log
+            .status()
+            .into_iter()
+            .map(|s| (s.shard, s.decided))
+            .collect();
+        let shards: Vec<(ShardId, Position, Position)> = self
+            .applied()
+            .into_iter()
+            .map(|(s, a)| (s, a, decided.get(&s).copied().unwrap_or(a)))
+            .collect();
+        let failed = !self.problems().is_empty();
+        let ids: Vec<ShardId> = shards.iter().map(|(s, _, _)| *s).collect();
+        let inodes = self.inner.db.files(&ids).unwrap_or(0);
+        self.inner.counters.refresh(&shards, failed, inodes);
+        cfs_metrics::render(&self.inner.counters.registry)
     }
 }
 
@@ -620,7 +545,8 @@ async fn serve_conn(inner: Arc<Inner>, conn: cfs_net::Conn) {
             return;
         }
     };
-    inner.counters.sessions.fetch_add(1, Ordering::Relaxed);
+    inner.counters.sessions.inc();
+    inner.counters.sessions_open.inc();
     info!(
         client = format_args!("{client:016x}"),
         "client session started"
@@ -754,31 +680,49 @@ async fn serve_conn(inner: Arc<Inner>, conn: cfs_net::Conn) {
             break;
         };
         let (inner, tx, session) = (inner.clone(), tx.clone(), session.clone());
-        tokio::spawn(async move {
-            let _permit = permit;
-            let id = f.id;
-            let stamp = session.sent();
-            let mutation = matches!(f.req, Request::Mutate { .. });
-            let result = match f.req {
-                Request::Lease => inner.grant(&session).await,
-                _ => handle(&inner, client, f, &tx, &session).await,
-            };
-            if mutation {
-                // The session's own invalidations go out before the reply,
-                // so its cache never serves what the change replaced.
-                let deadline = Instant::now() + GRANT_WAIT;
-                for (shard, rx) in &inner.applied {
-                    let upto = *rx.borrow();
-                    session.wait_forwarded(*shard, upto, deadline).await;
+        // The request id the mount logs too (`client:id`), so one
+        // request's lines can be followed across the mount and the node.
+        let span = tracing::info_span!("req", req = %cfs_proto::RequestTag::new(client, f.id));
+        tokio::spawn(
+            async move {
+                let _permit = permit;
+                let id = f.id;
+                let stamp = session.sent();
+                let mutation = matches!(f.req, Request::Mutate { .. });
+                let kind = match &f.req {
+                    Request::Mutate { .. } => "mutation",
+                    Request::Lease => "lease",
+                    _ => "read",
+                };
+                let arrived = Instant::now();
+                let result = match f.req {
+                    Request::Lease => inner.grant(&session).await,
+                    _ => handle(&inner, client, f, &tx, &session).await,
+                };
+                if mutation {
+                    // The session's own invalidations go out before the reply,
+                    // so its cache never serves what the change replaced.
+                    let deadline = Instant::now() + GRANT_WAIT;
+                    for (shard, rx) in &inner.applied {
+                        let upto = *rx.borrow();
+                        session.wait_forwarded(*shard, upto, deadline).await;
+                    }
                 }
+                if matches!(result, Err(Errno::EIO)) {
+                    inner.counters.errors.inc();
+                }
+                send(&tx, ServerMsg::Reply { id, result, stamp });
+                inner
+                    .counters
+                    .request_seconds
+                    .with_label_values(&[kind])
+                    .observe(arrived.elapsed().as_secs_f64());
             }
-            if matches!(result, Err(Errno::EIO)) {
-                inner.counters.errors.fetch_add(1, Ordering::Relaxed);
-            }
-            send(&tx, ServerMsg::Reply { id, result, stamp });
-        });
+            .instrument(span),
+        );
     }
     forward.abort();
+    inner.counters.sessions_open.dec();
     inner.leases.close(sid);
     info!(
         client = format_args!("{client:016x}"),
@@ -904,7 +848,7 @@ impl Inner {
                     warn!(shard = %shard, "read barrier: {e}");
                     Errno::EIO
                 })?;
-                self.counters.barriers.fetch_add(1, Ordering::Relaxed);
+                self.counters.barriers.inc();
                 *last = (started, pos);
                 pos
             }
@@ -926,7 +870,7 @@ impl Inner {
         // the session's invalidations lag (those shards are left out).
         let deadline = Instant::now() + GRANT_WAIT;
         if session.congested() {
-            self.counters.lease_refusals.fetch_add(1, Ordering::Relaxed);
+            self.counters.lease_refusals.inc();
         } else {
             for st in self.log.status() {
                 if !st.is_leader || self.fresh(st.shard).await.is_err() {
@@ -950,9 +894,7 @@ impl Inner {
                 }
             }
         }
-        self.counters
-            .leases_granted
-            .fetch_add(shards.len() as u64, Ordering::Relaxed);
+        self.counters.leases_granted.inc_by(shards.len() as u64);
         let leading = self.log.status().iter().filter(|s| s.is_leader).count() as u32;
         Ok(Reply::Lease {
             shards,
@@ -1029,9 +971,7 @@ impl Inner {
             let _alone = self.seq.exclusive().await;
             match coordinator::Cluster::propose(&**self, shard, lop).await {
                 Ok(Ok(_)) => {
-                    self.counters
-                        .clients_forgotten
-                        .fetch_add(1, Ordering::Relaxed);
+                    self.counters.clients_forgotten.inc();
                     info!(shard = %shard, idle_s = idle.as_secs(), "forgot idle clients' outcome tables");
                 }
                 Ok(Err(e)) => tracing::debug!(shard = %shard, "forgetting idle clients: {e}"),
@@ -1073,7 +1013,7 @@ impl Inner {
                 let _alone = self.seq.exclusive().await;
                 match coordinator::Cluster::propose(&**self, shard, lop).await {
                     Ok(Ok(Applied::Changed { inodes, .. })) => {
-                        self.counters.holds_broken.fetch_add(1, Ordering::Relaxed);
+                        self.counters.holds_broken.inc();
                         info!(
                             shard = %shard,
                             client = format_args!("{client:016x}"),
@@ -1139,7 +1079,7 @@ impl Inner {
             }
         }
         if waited {
-            self.counters.clean_waits.fetch_add(1, Ordering::Relaxed);
+            self.counters.clean_waits.inc();
         }
         Ok(())
     }
@@ -1179,7 +1119,7 @@ impl Inner {
             return Err(Errno::EPERM);
         }
         self.check_shard(op.home())?;
-        self.counters.mutations.fetch_add(1, Ordering::Relaxed);
+        self.counters.mutations.inc();
         let (r, answered_early) = match self.sequenced(client, op_id, &creds, &op, early).await {
             Ok(Some(r)) => r,
             Ok(None) => {
@@ -1340,7 +1280,7 @@ impl Inner {
             }
         };
         drop(hold);
-        self.counters.sequenced.fetch_add(1, Ordering::Relaxed);
+        self.counters.sequenced.inc();
         // Not early from a leader that has not heard from a majority within
         // a second (it may be cut off and no longer lead): its answers
         // could not be decided, and the majority's side would not see them.
@@ -1402,7 +1342,7 @@ impl Inner {
         session: &Arc<Session>,
         settling: Vec<Settling>,
     ) {
-        self.counters.early.fetch_add(1, Ordering::Relaxed);
+        self.counters.early.inc();
         for t in settling.iter().map(|s| &s.ticket) {
             let _ = self.log.answered_early(t.shard, t.seq + 1);
             // What the change replaced leaves the session's cache before
@@ -1514,7 +1454,7 @@ impl Inner {
     /// and caches filled from the overlay hold what did not happen, so
     /// every session drops what it changed (as a change nobody made).
     fn mispredicted(&self, mut c: Change) {
-        self.counters.mispredicted.fetch_add(1, Ordering::Relaxed);
+        self.counters.mispredicted.inc();
         c.origin = 0;
         c.upto = self
             .applied
@@ -1688,7 +1628,7 @@ impl coordinator::Cluster for Inner {
                 return Err(e);
             }
         };
-        self.counters.sequenced.fetch_add(1, Ordering::Relaxed);
+        self.counters.sequenced.inc();
         let told = ticket.told.clone();
         if told.is_err() {
             // Not what a decided transaction's finish does: wait for it.
@@ -1698,7 +1638,7 @@ impl coordinator::Cluster for Inner {
                 Some(e) => Err(e),
             };
         }
-        self.counters.finishes_early.fetch_add(1, Ordering::Relaxed);
+        self.counters.finishes_early.inc();
         if lose {
             tokio::spawn(async {
                 tokio::time::sleep(Duration::from_millis(300)).await;
@@ -1828,7 +1768,7 @@ async fn handle(
         | Request::GetLock { ino, .. } => *ino,
     };
     let shard = inner.check_shard(ino)?;
-    inner.counters.reads.fetch_add(1, Ordering::Relaxed);
+    inner.counters.reads.inc();
     if f.fresh {
         inner.fresh(shard).await?;
     }

@@ -1,4 +1,6 @@
-//! `/health` and `/metrics` over HTTP.
+//! `/health` and `/metrics` over HTTP (docs/metrics.md). Nothing else is
+//! served: any other path or method is a 404 or 405, and nothing here
+//! changes state.
 
 use std::net::SocketAddr;
 
@@ -53,15 +55,26 @@ async fn health(State(s): State<Services>) -> impl IntoResponse {
     (code, axum::Json(body))
 }
 
+/// The node's own families: `claudefs_build_info` and its start time.
+fn node_registry() -> &'static cfs_metrics::Registry {
+    static REG: std::sync::OnceLock<cfs_metrics::Registry> = std::sync::OnceLock::new();
+    REG.get_or_init(|| {
+        let r = cfs_metrics::Registry::new();
+        cfs_metrics::build_info(&r, "node", env!("CARGO_PKG_VERSION"));
+        r
+    })
+}
+
 async fn metrics(State(s): State<Services>) -> impl IntoResponse {
-    let mut text = s.log.metrics_text();
+    let mut text = cfs_metrics::render(node_registry());
+    text.push_str(&s.log.metrics_text());
     if let Some(seg) = &s.segments {
         text.push_str(&seg.metrics_text());
     }
     if let Some(m) = &s.meta {
         text.push_str(&m.metrics_text());
     }
-    ([("content-type", "text/plain; version=0.0.4")], text)
+    ([("content-type", cfs_metrics::CONTENT_TYPE)], text)
 }
 
 /// Serves until the process ends.

@@ -10,3 +10,4 @@ pub use cfs_control::{config, local as cluster, mounts};
 pub mod fstest;
 pub mod http;
 pub mod segtools;
+pub mod status;

@@ -173,7 +173,7 @@ async fn bad_input_is_refused_and_changes_nothing() {
         .propose(ShardId(0), b"before".to_vec())
         .await
         .unwrap();
-    let rejected_before = cl.metric(1, "cfs_log_rejected_connections_total");
+    let rejected_before = cl.metric(1, "claudefs_log_rejected_connections_total");
     let admin = cl.admin();
 
     // Garbage bytes, without TLS: refused at the handshake.
@@ -250,8 +250,11 @@ async fn bad_input_is_refused_and_changes_nothing() {
     }
 
     assert!(
-        cl.metric_at_least(1, "cfs_log_rejected_connections_total", rejected_before + 7)
-            >= rejected_before + 7
+        cl.metric_at_least(
+            1,
+            "claudefs_log_rejected_connections_total",
+            rejected_before + 7
+        ) >= rejected_before + 7
     );
     let log = cl.log_of(1);
     assert!(log.contains("closing connection"), "reason logged");
@@ -998,7 +1001,7 @@ async fn idle_mounts_outcome_tables_are_forgotten() {
     .await
     .unwrap();
     drop(meta);
-    let forgotten = |id: u64| cl.metric(id, "cfs_meta_idle_clients_forgotten_total");
+    let forgotten = |id: u64| cl.metric(id, "claudefs_meta_idle_clients_forgotten_total");
     let until = Instant::now() + Duration::from_secs(30);
     while (1..=3).map(forgotten).sum::<u64>() == 0 {
         assert!(Instant::now() < until, "no idle client forgotten");

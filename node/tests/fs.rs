@@ -625,7 +625,9 @@ fn two_mounts_see_each_other() {
 fn entries_applied(c: &Cluster) -> u64 {
     let (_, body) = cluster::http_get(c.cfg(1).http, "/metrics").expect("metrics");
     body.lines()
-        .filter(|l| l.starts_with("cfs_meta_applied_position{"))
+        .filter(|l| {
+            l.starts_with("claudefs_materializer_applied_position{materializer=\"namespace\",")
+        })
         .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
         .sum()
 }
@@ -1328,10 +1330,10 @@ fn cross_shard_operations_never_wait_for_the_asking_mount() {
         std::fs::remove_dir(d.join(format!("d{i}"))).unwrap();
     }
     let refusals: u64 = (1..=3)
-        .map(|n| c.metric(n, "cfs_meta_lease_refusals_total"))
+        .map(|n| c.metric(n, "claudefs_meta_lease_refusals_total"))
         .sum();
     let sequenced: u64 = (1..=3)
-        .map(|n| c.metric(n, "cfs_meta_sequenced_total"))
+        .map(|n| c.metric(n, "claudefs_meta_sequenced_total"))
         .sum();
     assert!(
         sequenced >= 200,
@@ -1366,7 +1368,7 @@ fn cross_shard_changes_are_answered_once_their_finishes_are_ordered() {
         .collect();
     let early_sum = || -> u64 {
         (1..=3)
-            .map(|n| c.metric(n, "cfs_meta_tx_finishes_early_total"))
+            .map(|n| c.metric(n, "claudefs_meta_tx_finishes_early_total"))
             .sum()
     };
     // Set-up, not the test: a new leader answers nothing early for a
@@ -1412,7 +1414,7 @@ fn cross_shard_changes_are_answered_once_their_finishes_are_ordered() {
     }
     let early = early_sum() - warm;
     let mispredicted: u64 = (1..=3)
-        .map(|n| c.metric(n, "cfs_meta_mispredicted_total"))
+        .map(|n| c.metric(n, "claudefs_meta_mispredicted_total"))
         .sum();
     assert!(
         early >= 40,

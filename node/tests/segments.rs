@@ -103,7 +103,7 @@ async fn bit_flip_is_corrected_and_reported() {
     f.write_all_at(&[b[0] ^ 0x08], off).unwrap();
     f.sync_all().unwrap();
     drop(f);
-    let before = cl.metric(1, "cfs_segments_checksum_failures_total");
+    let before = cl.metric(1, "claudefs_segments_checksum_failures_total");
     let reader = StripeReader::new(client.clone());
     let out = reader.read(e).await.unwrap();
     let mut expect = vec![0u8; out.data.len()];
@@ -118,7 +118,7 @@ async fn bit_flip_is_corrected_and_reported() {
         "{:?}",
         out.bad
     );
-    assert!(cl.metric(1, "cfs_segments_checksum_failures_total") > before);
+    assert!(cl.metric(1, "claudefs_segments_checksum_failures_total") > before);
     // The rest reads fine.
     read_data(client, &extents, 9, 4).await.unwrap();
 }
@@ -198,7 +198,7 @@ async fn bad_requests_get_clear_errors() {
         let _ = s.read_to_end(&mut buf);
         assert!(buf.is_empty(), "{buf:?}");
     }
-    assert!(cl.metric_at_least(2, "cfs_segments_rejected_connections_total", 3) >= 3);
+    assert!(cl.metric_at_least(2, "claudefs_segments_rejected_connections_total", 3) >= 3);
     assert!(
         client.list(2).await.unwrap().is_empty(),
         "nothing was created"
@@ -244,12 +244,12 @@ async fn full_disk_fails_cleanly() {
     });
     let (_, body) = cluster::http_get(cl.cfg(1).http, "/metrics").unwrap();
     assert!(
-        body.contains("cfs_segments_io_mode{mode=\"pread/pwrite\"} 1"),
+        body.contains("claudefs_segments_io_mode{mode=\"pread/pwrite\"} 1"),
         "{body}"
     );
     let (_, body) = cluster::http_get(cl.cfg(2).http, "/metrics").unwrap();
     assert!(
-        body.contains("cfs_segments_io_mode{mode=\"io_uring"),
+        body.contains("claudefs_segments_io_mode{mode=\"io_uring"),
         "{body}"
     );
     let client = cl.segment_client();
@@ -289,7 +289,7 @@ async fn full_disk_fails_cleanly() {
         );
     }
     // The store publishes its counters after answering: wait for them.
-    assert!(cl.metric_at_least(1, "cfs_segments_no_space_errors_total", 1) > 0);
+    assert!(cl.metric_at_least(1, "claudefs_segments_no_space_errors_total", 1) > 0);
     let (code, health) = cluster::http_get(cl.cfg(1).http, "/health").unwrap();
     assert_eq!(code, 503, "{health}");
     assert!(health.contains("no space left"), "{health}");

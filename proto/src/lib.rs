@@ -13,3 +13,5 @@ pub mod ops;
 pub mod rpc;
 pub mod tx;
 pub mod types;
+
+pub use rpc::RequestTag;

@@ -178,3 +178,24 @@ mod tests {
         assert!(StatFs::reply(Reply::Entries(vec![])).is_none());
     }
 }
+
+/// How one metadata request is named in the logs of the mount that sent
+/// it and of the node that served it: the mount's client id and the
+/// request's id on its session (`0123456789abcdef:42`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RequestTag {
+    pub client: u64,
+    pub id: u64,
+}
+
+impl RequestTag {
+    pub fn new(client: u64, id: u64) -> Self {
+        RequestTag { client, id }
+    }
+}
+
+impl std::fmt::Display for RequestTag {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:016x}:{}", self.client, self.id)
+    }
+}

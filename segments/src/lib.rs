@@ -20,4 +20,5 @@ pub mod proto;
 pub use serde_bytes::ByteBuf;
 pub mod repair;
 pub mod server;
+pub mod server_metrics;
 pub mod store;

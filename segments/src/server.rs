@@ -19,6 +19,7 @@ use crate::proto::{
     self, Envelope, FrameReader, ReadError, Request, Response, StatInfo, FRAME_BYTES_MAX,
     HELLO_FRAME_BYTES_MAX, PROTOCOL_VERSION,
 };
+use crate::server_metrics::{op_of, SegmentMetrics};
 use crate::store::{AppendReq, FragmentKey, Store, StoreError};
 
 /// Requests queued for the store thread before new ones are refused.
@@ -75,6 +76,7 @@ pub struct SegmentServer {
     checksum_failures: Arc<AtomicU64>,
     stat: Arc<Mutex<StatInfo>>,
     rejected: Arc<AtomicU64>,
+    metrics: Arc<SegmentMetrics>,
 }
 
 impl SegmentServer {
@@ -109,6 +111,7 @@ impl SegmentServer {
             checksum_failures,
             stat,
             rejected: Arc::new(AtomicU64::new(0)),
+            metrics: Arc::new(SegmentMetrics::new(cfg.dir.display().to_string())),
         };
         info!(listen = %cfg.listen, io_mode = %server.stat().io_mode, "segment server started");
         let s = server.clone();
@@ -172,87 +175,14 @@ impl SegmentServer {
         p
     }
 
+    /// Prometheus text exposition of the segment server's families.
     pub fn metrics_text(&self) -> String {
-        let s = self.stat();
-        let st = &s.stats;
-        let mut out = String::new();
-        let mut put = |name: &str, kind: &str, help: &str, v: u64| {
-            out.push_str(&format!(
-                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}\n"
-            ));
-        };
-        put(
-            "cfs_segments_appends_total",
-            "counter",
-            "Fragments appended.",
-            st.appends,
-        );
-        put(
-            "cfs_segments_bytes_written_total",
-            "counter",
-            "Fragment bytes written.",
-            st.bytes_written,
-        );
-        put(
-            "cfs_segments_reads_total",
-            "counter",
-            "Fragments read.",
-            st.reads,
-        );
-        put(
-            "cfs_segments_bytes_read_total",
-            "counter",
-            "Fragment bytes read.",
-            st.bytes_read,
-        );
-        put(
-            "cfs_segments_syncs_total",
-            "counter",
-            "fdatasync calls.",
-            st.syncs,
-        );
-        put(
-            "cfs_segments_checksum_failures_total",
-            "counter",
-            "Fragments whose blake3 did not match on read.",
+        self.metrics.refresh(
+            &self.stat(),
             self.checksum_failures.load(Ordering::Relaxed),
-        );
-        put(
-            "cfs_segments_write_errors_total",
-            "counter",
-            "Failed fragment writes.",
-            st.write_errors,
-        );
-        put(
-            "cfs_segments_no_space_errors_total",
-            "counter",
-            "Writes failed with ENOSPC.",
-            st.no_space_errors,
-        );
-        put(
-            "cfs_segments_free_bytes",
-            "gauge",
-            "Free bytes under the segment directory.",
-            s.free_bytes,
-        );
-        put(
-            "cfs_segments_fragment_files",
-            "gauge",
-            "Fragment files held.",
-            s.fragments,
-        );
-        put(
-            "cfs_segments_rejected_connections_total",
-            "counter",
-            "Connections closed for bad input.",
             self.rejected.load(Ordering::Relaxed),
         );
-        out.push_str("# HELP cfs_segments_io_mode I/O engine in use (1 for the active mode).\n# TYPE cfs_segments_io_mode gauge\n");
-        out.push_str(&format!(
-            "cfs_segments_io_mode{{mode=\"{}\"}} 1\n",
-            s.io_mode
-        ));
-        out
+        cfs_metrics::render(&self.metrics.registry)
     }
 
     async fn serve(
@@ -329,6 +259,7 @@ impl SegmentServer {
             }
             let (otx, orx) = oneshot::channel();
             let id = msg.id;
+            let (op, arrived) = (op_of(&msg.body), Instant::now());
             let read_of = match &msg.body {
                 Request::Read {
                     segment,
@@ -358,6 +289,7 @@ impl SegmentServer {
             }
             let tx = tx.clone();
             let failures = self.checksum_failures.clone();
+            let metrics = self.metrics.clone();
             tokio::spawn(async move {
                 if let Ok(mut body) = orx.await {
                     if let (Some((key, stripe)), Response::Data { data, checksum }) =
@@ -369,6 +301,7 @@ impl SegmentServer {
                         }
                     }
                     let _ = tx.send(Envelope { id, body }).await;
+                    metrics.served(op, arrived.elapsed().as_secs_f64());
                 }
             });
         };

@@ -158,7 +158,7 @@ impl CfsFs {
                 };
                 reply.entry(&ttl, &a, i.generation);
             }
-            Err(e) => reply.error(e.0),
+            Err(e) => reply.error(sh.errno(e.0)),
         }
     }
 
@@ -202,7 +202,7 @@ impl CfsFs {
     pub(super) fn do_lookup(&self, parent: u64, name: &OsStr, reply: ReplyEntry) {
         let (sh, name) = (self.sh.clone(), name_of(name));
         if name.len() > NAME_MAX {
-            reply.error(libc::ENAMETOOLONG);
+            reply.error(sh.errno(libc::ENAMETOOLONG));
             return;
         }
         self.spawn("lookup", async move {
@@ -242,7 +242,7 @@ impl CfsFs {
                     let a = sh.attr_now(&i).await;
                     reply.attr(&sh.kernel_ttl(ino, None), &a)
                 }
-                Err(e) => reply.error(stale_if_gone(e).0),
+                Err(e) => reply.error(sh.errno(stale_if_gone(e).0)),
             }
         });
     }
@@ -274,7 +274,7 @@ impl CfsFs {
             };
             match sh.setattr(c, ino, set).await {
                 Ok(a) => reply.attr(&sh.opts.ttl(), &a),
-                Err(e) => reply.error(stale_if_gone(e).0),
+                Err(e) => reply.error(sh.errno(stale_if_gone(e).0)),
             }
         });
     }

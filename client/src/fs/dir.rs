@@ -135,7 +135,7 @@ pub(super) async fn readdir(
     if off == 1 {
         let parent = match dir_at_start(&sh, ino).await {
             Ok(i) => i.parent,
-            Err(e) => return reply.error(e.0),
+            Err(e) => return reply.error(sh.errno(e.0)),
         };
         if reply.add(parent, 2, FileType::Directory, "..") {
             return reply.ok();
@@ -176,7 +176,7 @@ pub(super) async fn readdir(
                     }
                     s.plain.extend(e);
                 }
-                Err(e) => return reply.error(e.0),
+                Err(e) => return reply.error(sh.errno(e.0)),
             }
             if s.plain.is_empty() {
                 break;
@@ -214,7 +214,7 @@ pub(super) async fn readdirplus(
         // number is needed.
         let dir = match dir_at_start(&sh, ino).await {
             Ok(i) => i,
-            Err(e) => return reply.error(e.0),
+            Err(e) => return reply.error(sh.errno(e.0)),
         };
         let a = attr_of(&dir, None);
         if off == 0 && reply.add(ino, 1, ".", &ttl, &a, dir.generation) {
@@ -266,7 +266,7 @@ pub(super) async fn readdirplus(
                     }
                     s.plus.extend(part.entries);
                 }
-                Err(e) => return reply.error(e.0),
+                Err(e) => return reply.error(sh.errno(e.0)),
             }
             if s.plus.is_empty() {
                 break;

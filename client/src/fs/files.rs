@@ -24,7 +24,7 @@ impl CfsFs {
             let fresh = sh.opts.cache_mode != CacheMode::Session;
             match sh.attrs_leased(ino, fresh).await {
                 Ok((i, _)) if i.is_dir() && flags & libc::O_ACCMODE != libc::O_RDONLY => {
-                    reply.error(libc::EISDIR)
+                    reply.error(sh.errno(libc::EISDIR))
                 }
                 Ok((i, leased)) => {
                     if fresh && !leased {
@@ -56,7 +56,7 @@ impl CfsFs {
                     };
                     reply.opened(fh, keep);
                 }
-                Err(e) => reply.error(stale_if_gone(e).0),
+                Err(e) => reply.error(sh.errno(stale_if_gone(e).0)),
             }
         });
     }
@@ -65,12 +65,12 @@ impl CfsFs {
         let sh = self.sh.clone();
         self.spawn("read", async move {
             if offset < 0 {
-                reply.error(libc::EINVAL);
+                reply.error(sh.errno(libc::EINVAL));
                 return;
             }
             match sh.read(ino, offset as u64, size).await {
                 Ok(d) => reply.data(&d),
-                Err(e) => reply.error(e.0),
+                Err(e) => reply.error(sh.errno(e.0)),
             }
         });
     }
@@ -80,13 +80,13 @@ impl CfsFs {
         let data = data.to_vec();
         self.spawn("write", async move {
             if offset < 0 {
-                reply.error(libc::EINVAL);
+                reply.error(sh.errno(libc::EINVAL));
                 return;
             }
             let c = sh.handle_creds(fh);
             match sh.write(ino, offset as u64, data, c).await {
                 Ok(n) => reply.written(n),
-                Err(e) => reply.error(e.0),
+                Err(e) => reply.error(sh.errno(e.0)),
             }
         });
     }
@@ -113,7 +113,7 @@ impl CfsFs {
                     )
                     .await;
             }
-            reply_empty(r, reply);
+            reply_empty(&sh, r, reply);
         });
     }
 
@@ -150,7 +150,7 @@ impl CfsFs {
                     let _ = sh.mutate(Creds::root(), Op::Reclaim { ino }).await;
                 }
             }
-            reply_empty(r, reply);
+            reply_empty(&sh, r, reply);
         });
     }
 
@@ -161,7 +161,7 @@ impl CfsFs {
                 Ok(()) => sh.durable(ino).await,
                 Err(e) => Err(e),
             };
-            reply_empty(r, reply);
+            reply_empty(&sh, r, reply);
         });
     }
 
@@ -177,7 +177,7 @@ impl CfsFs {
         let sh = self.sh.clone();
         self.spawn("fallocate", async move {
             if offset < 0 || length <= 0 {
-                reply.error(libc::EINVAL);
+                reply.error(sh.errno(libc::EINVAL));
                 return;
             }
             let r = async {
@@ -200,7 +200,7 @@ impl CfsFs {
                 Ok(())
             }
             .await;
-            reply_empty(r, reply);
+            reply_empty(&sh, r, reply);
         });
     }
 
@@ -222,7 +222,7 @@ impl CfsFs {
                 .await
             {
                 Ok(n) => reply.written(n),
-                Err(e) => reply.error(e.0),
+                Err(e) => reply.error(sh.errno(e.0)),
             }
         });
     }

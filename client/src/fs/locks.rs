@@ -50,7 +50,7 @@ impl CfsFs {
             match sh.meta.rpc(GetLock { ino, lock }, true).await {
                 Ok(Some(l)) => reply.locked(l.start, l.end.saturating_sub(1), l.typ, l.pid),
                 Ok(None) => reply.locked(0, 0, libc::F_UNLCK, 0),
-                Err(e) => reply.error(e.0),
+                Err(e) => reply.error(sh.errno(e.0)),
             }
         });
     }
@@ -88,14 +88,14 @@ impl CfsFs {
                         tokio::time::sleep(delay).await;
                         delay = (delay * 2).min(Duration::from_millis(200));
                     }
-                    Ok(Mutated::Conflict(_)) => return reply.error(libc::EAGAIN),
+                    Ok(Mutated::Conflict(_)) => return reply.error(sh.errno(libc::EAGAIN)),
                     Ok(_) => {
                         if typ != libc::F_UNLCK {
                             sh.holds.keep(cfs_proto::types::shard_of(ino));
                         }
                         return reply.ok();
                     }
-                    Err(e) => return reply.error(e.0),
+                    Err(e) => return reply.error(sh.errno(e.0)),
                 }
             }
         });

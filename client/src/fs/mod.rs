@@ -320,16 +320,32 @@ impl CfsFs {
     where
         F: std::future::Future<Output = ()> + Send + 'static,
     {
-        self.sh.meta.stats.request(name);
-        self.rt
-            .spawn(fut.instrument(tracing::debug_span!("fuse", op = name)));
+        let stats = self.sh.meta.stats.clone();
+        stats.request(name);
+        let arrived = std::time::Instant::now();
+        self.rt.spawn(
+            async move {
+                fut.await;
+                stats.answered(name, arrived.elapsed());
+            }
+            .instrument(tracing::debug_span!("fuse", op = name)),
+        );
     }
 }
 
-fn reply_empty(r: Result<(), Errno>, reply: ReplyEmpty) {
+fn reply_empty(sh: &Shared, r: Result<(), Errno>, reply: ReplyEmpty) {
     match r {
         Ok(()) => reply.ok(),
-        Err(e) => reply.error(e.0),
+        Err(e) => reply.error(sh.errno(e.0)),
+    }
+}
+
+impl Shared {
+    /// Counts an error reply by its errno (`claudefs_fuse_errors_total`)
+    /// and returns it for the reply.
+    fn errno(&self, code: libc::c_int) -> libc::c_int {
+        self.meta.stats.error(code);
+        code
     }
 }
 
@@ -381,7 +397,7 @@ impl Filesystem for CfsFs {
         self.spawn("readlink", async move {
             match sh.meta.rpc(ReadLink { ino }, sh.strict()).await {
                 Ok(d) => reply.data(&d),
-                Err(e) => reply.error(stale_if_gone(e).0),
+                Err(e) => reply.error(sh.errno(stale_if_gone(e).0)),
             }
         });
     }
@@ -529,7 +545,7 @@ impl Filesystem for CfsFs {
             // sending them (FUSE_NO_OPENDIR_SUPPORT); listings check
             // freshness themselves (dir.rs).
             self.sh.meta.stats.request("opendir");
-            return reply.error(libc::ENOSYS);
+            return reply.error(self.sh.errno(libc::ENOSYS));
         }
         let sh = self.sh.clone();
         self.spawn("opendir", async move {
@@ -538,9 +554,9 @@ impl Filesystem for CfsFs {
                 .await
                 .map(|(i, _)| i)
             {
-                Ok(i) if !i.is_dir() => reply.error(libc::ENOTDIR),
+                Ok(i) if !i.is_dir() => reply.error(sh.errno(libc::ENOTDIR)),
                 Ok(_) => reply.opened(sh.next_fh.fetch_add(1, Ordering::Relaxed), 0),
-                Err(e) => reply.error(stale_if_gone(e).0),
+                Err(e) => reply.error(sh.errno(stale_if_gone(e).0)),
             }
         });
     }
@@ -592,7 +608,7 @@ impl Filesystem for CfsFs {
         // Changes answered early are durable once settled.
         let sh = self.sh.clone();
         self.spawn("fsyncdir", async move {
-            reply_empty(sh.durable(ino).await, reply);
+            reply_empty(&sh, sh.durable(ino).await, reply);
         });
     }
 

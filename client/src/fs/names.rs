@@ -99,7 +99,7 @@ impl CfsFs {
                 held_open: held_open.clone(),
             };
             let r = sh.mutate_attr(c, op).await;
-            reply_empty(r.as_ref().map(|_| ()).map_err(|e| *e), reply);
+            reply_empty(&sh, r.as_ref().map(|_| ()).map_err(|e| *e), reply);
             if let Ok(i) = r {
                 sh.after_unlink(&i, &held_open).await;
             }
@@ -110,7 +110,7 @@ impl CfsFs {
         let (sh, c, name) = (self.sh.clone(), self.sh.groups.creds(req), name_of(name));
         self.spawn("rmdir", async move {
             let r = sh.mutate(c, Op::Rmdir { parent, name }).await;
-            reply_empty(r.map(|_| ()), reply);
+            reply_empty(&sh, r.map(|_| ()), reply);
         });
     }
 
@@ -158,7 +158,7 @@ impl CfsFs {
                 )
                 .await;
             let ok = r.is_ok();
-            reply_empty(r.map(|_| ()), reply);
+            reply_empty(&sh, r.map(|_| ()), reply);
             if ok && flags & libc::RENAME_EXCHANGE == 0 {
                 if let Some(v) = victim {
                     if let Ok(i) = sh.getattr(v, false).await {
@@ -238,7 +238,7 @@ impl CfsFs {
                     let a = sh.attr_now(&i).await;
                     reply.created(&sh.opts.ttl(), &a, i.generation, fh, 0)
                 }
-                Err(e) => reply.error(e.0),
+                Err(e) => reply.error(sh.errno(e.0)),
             }
         });
     }

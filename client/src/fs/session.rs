@@ -136,7 +136,7 @@ impl CfsFs {
                         bs as u32,
                     )
                 }
-                Err(e) => reply.error(e.0),
+                Err(e) => reply.error(sh.errno(e.0)),
             }
         });
     }

@@ -21,7 +21,7 @@ pub(super) async fn setxattr(
 ) {
     sh.no_caps.forget(ino);
     if let Err(e) = sh.flush_late(ino).await {
-        reply.error(e.0);
+        reply.error(sh.errno(e.0));
         return;
     }
     let r = sh
@@ -35,7 +35,7 @@ pub(super) async fn setxattr(
             },
         )
         .await;
-    reply_empty(r.map(|_| ()), reply);
+    reply_empty(&sh, r.map(|_| ()), reply);
 }
 
 pub(super) async fn getxattr(
@@ -50,7 +50,7 @@ pub(super) async fn getxattr(
         let hit = sh.no_caps.known(ino);
         sh.meta.stats.cache(crate::stats::Cache::NoCaps, hit);
         if hit {
-            reply.error(libc::ENODATA);
+            reply.error(sh.errno(libc::ENODATA));
             return;
         }
     }
@@ -62,7 +62,7 @@ pub(super) async fn getxattr(
         let absent = names.as_ref().is_some_and(|n| !n.contains(&name));
         sh.meta.stats.cache(crate::stats::Cache::XattrNames, absent);
         if absent {
-            reply.error(libc::ENODATA);
+            reply.error(sh.errno(libc::ENODATA));
             return;
         }
     }
@@ -75,12 +75,12 @@ pub(super) async fn getxattr(
             if size == 0 {
                 reply.size(d.len() as u32)
             } else if d.len() > size as usize {
-                reply.error(libc::ERANGE)
+                reply.error(sh.errno(libc::ERANGE))
             } else {
                 reply.data(&d)
             }
         }
-        Err(e) => reply.error(super::stale_if_gone(e).0),
+        Err(e) => reply.error(sh.errno(super::stale_if_gone(e).0)),
     }
 }
 
@@ -107,12 +107,12 @@ pub(super) async fn listxattr(sh: Arc<Shared>, ino: u64, size: u32, reply: Reply
             if size == 0 {
                 reply.size(d.len() as u32)
             } else if d.len() > size as usize {
-                reply.error(libc::ERANGE)
+                reply.error(sh.errno(libc::ERANGE))
             } else {
                 reply.data(&d)
             }
         }
-        Err(e) => reply.error(super::stale_if_gone(e).0),
+        Err(e) => reply.error(sh.errno(super::stale_if_gone(e).0)),
     }
 }
 
@@ -125,9 +125,9 @@ pub(super) async fn removexattr(
 ) {
     sh.no_caps.forget(ino);
     if let Err(e) = sh.flush_late(ino).await {
-        reply.error(e.0);
+        reply.error(sh.errno(e.0));
         return;
     }
     let r = sh.mutate(c, Op::RemoveXattr { ino, name }).await;
-    reply_empty(r.map(|_| ()), reply);
+    reply_empty(&sh, r.map(|_| ()), reply);
 }

@@ -84,9 +84,9 @@ const STALE_LOOKBACK: usize = 64;
 const REPORT_MAX: usize = 20;
 /// Node counters the run samples for this workload (main.rs).
 pub const COUNTERS: [&str; 3] = [
-    "cfs_meta_early_answers_total",
-    "cfs_meta_sequenced_total",
-    "cfs_meta_mispredicted_total",
+    "claudefs_meta_early_answers_total",
+    "claudefs_meta_sequenced_total",
+    "claudefs_meta_mispredicted_total",
 ];
 /// How often the run samples them.
 pub const SAMPLE_EVERY: Duration = Duration::from_secs(1);
@@ -1342,9 +1342,9 @@ pub fn check(events: &[Event], fin: &Value) -> Checked {
         summary: json!({
             "ops": counts,
             "fsync_points": fsync_points,
-            "early_answers": counter("cfs_meta_early_answers_total"),
-            "sequenced": counter("cfs_meta_sequenced_total"),
-            "mispredicted": counter("cfs_meta_mispredicted_total"),
+            "early_answers": counter("claudefs_meta_early_answers_total"),
+            "sequenced": counter("claudefs_meta_sequenced_total"),
+            "mispredicted": counter("claudefs_meta_mispredicted_total"),
             "reads_checked": reads_checked,
             "reclaimed_while_open": reclaimed_while_open,
             "reads_missing_unsettled_changes": reads_unsettled,

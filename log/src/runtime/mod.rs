@@ -51,10 +51,12 @@ use crate::wire::{
 };
 
 mod affinity;
+mod metrics;
 mod read_gate;
 mod shard_loop;
 mod subscribers;
 
+use metrics::{LogMetrics, NodeGauges, ShardCounters, ShardGauges};
 pub use read_gate::{ReadGate, PARKED_READS_MAX};
 use shard_loop::ShardLoop;
 use subscribers::SubscriberTable;
@@ -279,17 +281,6 @@ enum Input {
     Stop,
 }
 
-/// Per-shard counters exported as metrics.
-#[derive(Default, Debug)]
-pub struct ShardCounters {
-    pub proposals: AtomicU64,
-    pub decided_entries: AtomicU64,
-    pub batches: AtomicU64,
-    pub inbox_full: AtomicU64,
-    /// Elections this node started to lead every shard (`affinity`).
-    pub campaigns: AtomicU64,
-}
-
 struct ShardHandle {
     inbox: std_mpsc::SyncSender<Input>,
     wal: SharedWal<FsDisk>,
@@ -331,6 +322,10 @@ struct Inner {
     epoch: Instant,
     /// One node led every shard once since start (see `problems`).
     leaders_settled: AtomicBool,
+    metrics: LogMetrics,
+    /// Free bytes of the WAL's file system at the last check
+    /// (`watch_space`; `u64::MAX` before the first).
+    disk_free: AtomicU64,
 }
 
 /// A node that has not heard from a majority (itself included) for this
@@ -461,6 +456,7 @@ impl LogNode {
                 })?;
         let node_ids: Vec<NodeId> = cfg.nodes.keys().copied().collect();
         let wal = open_node_wal(&cfg)?;
+        let metrics = LogMetrics::new(wal.flush_histogram());
         let mut shards = HashMap::new();
         let mut starters = Vec::new();
         for &shard in &cfg.shards {
@@ -517,7 +513,7 @@ impl LogNode {
                 decided: decided_rx,
                 status: status.clone(),
                 subscribers: Arc::new(Mutex::new(subscribers)),
-                counters: Arc::new(ShardCounters::default()),
+                counters: Arc::new(metrics.shard(shard)),
                 fatal: Arc::new(Mutex::new(None)),
                 watermark: Arc::new(AtomicU64::new(0)),
                 gate: Arc::default(),
@@ -572,6 +568,8 @@ impl LogNode {
                 .collect(),
             epoch: Instant::now(),
             leaders_settled: AtomicBool::new(false),
+            metrics,
+            disk_free: AtomicU64::new(u64::MAX),
             peers: cfs_frame::peers::PeerLimiter::new(cfg.connections_per_peer),
         });
         for (core, rx, decided_tx, status, subs, counters, (fatal, watermark, gate)) in starters {
@@ -659,7 +657,7 @@ impl LogNode {
             for shard in affinity::campaign_for(node.node_id(), &node.status()) {
                 let Ok(h) = node.shard(shard) else { continue };
                 if h.inbox.try_send(Input::Campaign).is_ok() {
-                    h.counters.campaigns.fetch_add(1, Ordering::Relaxed);
+                    h.counters.campaigns.inc();
                     info!(?shard, "taking the lead so one node leads every shard");
                 }
             }
@@ -719,7 +717,7 @@ impl LogNode {
         }
         self.check_space()?;
         let (tx, rx) = oneshot::channel();
-        h.counters.proposals.fetch_add(1, Ordering::Relaxed);
+        h.counters.proposals.inc();
         h.inbox
             .try_send(Input::Propose {
                 entry,
@@ -727,13 +725,20 @@ impl LogNode {
                 redirect,
             })
             .map_err(|_| {
-                h.counters.inbox_full.fetch_add(1, Ordering::Relaxed);
+                h.counters.inbox_full.inc();
                 LogError::NoLeader(shard)
             })?;
         let timeout = self.inner.cfg.propose_timeout;
+        let commit = self.inner.metrics.commit.clone();
+        let proposed = Instant::now();
         Ok(async move {
             match tokio::time::timeout(timeout, rx).await {
-                Ok(Ok(r)) => r,
+                Ok(Ok(r)) => {
+                    if r.is_ok() {
+                        commit.observe(proposed.elapsed().as_secs_f64());
+                    }
+                    r
+                }
                 Ok(Err(_)) => Err(LogError::ShuttingDown),
                 Err(_) => Err(LogError::Timeout),
             }
@@ -770,7 +775,11 @@ impl LogNode {
             }
             let dir = inner.cfg.data_dir.join("wal");
             let headroom = WAL_HEADROOM_SEGMENTS * inner.cfg.wal.segment_bytes;
-            let low = match crate::disk::free_bytes(&dir) {
+            let free = crate::disk::free_bytes(&dir);
+            if let Ok(f) = &free {
+                inner.disk_free.store(*f, Ordering::Relaxed);
+            }
+            let low = match free {
                 Ok(free) if free < headroom => Some(format!(
                     "log disk low: {free} bytes free under {} (headroom of \
                      {WAL_HEADROOM_SEGMENTS} WAL segments); new proposals refused with ENOSPC",
@@ -842,7 +851,7 @@ impl LogNode {
             h.inbox
                 .try_send(Input::Read(ReadReply::Local(tx)))
                 .map_err(|_| {
-                    h.counters.inbox_full.fetch_add(1, Ordering::Relaxed);
+                    h.counters.inbox_full.inc();
                     LogError::NoLeader(shard)
                 })?;
             let left = deadline.saturating_duration_since(Instant::now());
@@ -1035,112 +1044,49 @@ impl LogNode {
 
     /// Prometheus text exposition of this node's log metrics.
     pub fn metrics_text(&self) -> String {
-        let mut s = String::new();
-        let mut shard_ids: Vec<&ShardId> = self.inner.shards.keys().collect();
-        shard_ids.sort();
-        let gauge = |s: &mut String, name: &str, help: &str, kind: &str| {
-            s.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
+        let mut shards: Vec<(ShardId, ShardGauges)> = self
+            .inner
+            .shards
+            .iter()
+            .map(|(id, h)| {
+                let st = h.status.lock().expect("status lock").clone();
+                let trimmed = h.base.get() + h.wal.lock().state().compacted;
+                let failed = h.fatal.lock().expect("fatal lock").is_some();
+                let g = ShardGauges {
+                    decided: st.decided.get(),
+                    trimmed,
+                    is_leader: st.is_leader && !failed,
+                    ballot: st.ballot,
+                    failed,
+                };
+                (*id, g)
+            })
+            .collect();
+        shards.sort_by_key(|(id, _)| *id);
+        let now = self.inner.epoch.elapsed().as_millis() as u64;
+        let window = QUORUM_SILENCE_MAX.as_millis() as u64;
+        let links = &self.inner.links.stats;
+        let free = self.inner.disk_free.load(Ordering::Relaxed);
+        let node = NodeGauges {
+            wal: self.inner.wal.stats(),
+            disk_free: (free != u64::MAX).then_some(free),
+            peers: self.inner.heard.len(),
+            peers_connected: self
+                .inner
+                .heard
+                .values()
+                .filter(|t| {
+                    let t = t.load(Ordering::Relaxed);
+                    t > 0 && now.saturating_sub(t) <= window
+                })
+                .count(),
+            sent: links.sent.load(Ordering::Relaxed),
+            dropped: links.dropped.load(Ordering::Relaxed),
+            reconnects: links.reconnects.load(Ordering::Relaxed),
+            rejected_connections: self.inner.rejected_connections.load(Ordering::Relaxed),
         };
-        type Getter = fn(&ShardHandle) -> u64;
-        let series: [(&str, &str, &str, Getter); 7] = [
-            (
-                "cfs_log_decided_position",
-                "One past the last decided position.",
-                "gauge",
-                |h| h.status.lock().expect("status").decided.get(),
-            ),
-            (
-                "cfs_log_is_leader",
-                "1 if this node leads the shard.",
-                "gauge",
-                |h| h.status.lock().expect("status").is_leader as u64,
-            ),
-            (
-                "cfs_log_proposals_total",
-                "Proposals submitted through this node.",
-                "counter",
-                |h| h.counters.proposals.load(Ordering::Relaxed),
-            ),
-            (
-                "cfs_log_decided_entries_total",
-                "Entries decided since start.",
-                "counter",
-                |h| h.counters.decided_entries.load(Ordering::Relaxed),
-            ),
-            (
-                "cfs_log_batches_total",
-                "Input batches (one fsync at most each).",
-                "counter",
-                |h| h.counters.batches.load(Ordering::Relaxed),
-            ),
-            (
-                "cfs_log_leader_campaigns_total",
-                "Elections this node started so one node leads every shard.",
-                "counter",
-                |h| h.counters.campaigns.load(Ordering::Relaxed),
-            ),
-            (
-                "cfs_log_inbox_full_total",
-                "Inputs refused because the shard inbox was full.",
-                "counter",
-                |h| h.counters.inbox_full.load(Ordering::Relaxed),
-            ),
-        ];
-        for (name, help, kind, get) in series {
-            gauge(&mut s, name, help, kind);
-            for id in &shard_ids {
-                let h = &self.inner.shards[id];
-                s.push_str(&format!("{name}{{shard=\"{id}\"}} {}\n", get(h)));
-            }
-        }
-        let st = &self.inner.links.stats;
-        let wal = self.inner.wal.stats();
-        for (name, help, v) in [
-            (
-                "cfs_log_wal_syncs_total",
-                "fdatasync calls of the node's WAL (one covers every shard's batch).",
-                wal.syncs,
-            ),
-            (
-                "cfs_log_wal_bytes_total",
-                "Bytes written to the node's WAL.",
-                wal.bytes_written,
-            ),
-            (
-                "cfs_log_wal_segments_recycled_total",
-                "WAL segments started in a trimmed segment's file (no zero-fill).",
-                wal.segments_recycled,
-            ),
-            (
-                "cfs_log_wal_segments_zero_filled_total",
-                "WAL segments started in a zero-filled file (no trimmed one to reuse).",
-                wal.segments_zero_filled,
-            ),
-            (
-                "cfs_log_messages_sent_total",
-                "Messages queued to peers.",
-                st.sent.load(Ordering::Relaxed),
-            ),
-            (
-                "cfs_log_messages_dropped_total",
-                "Messages dropped (queue full or too large).",
-                st.dropped.load(Ordering::Relaxed),
-            ),
-            (
-                "cfs_log_peer_reconnects_total",
-                "Peer links re-established.",
-                st.reconnects.load(Ordering::Relaxed),
-            ),
-            (
-                "cfs_log_rejected_connections_total",
-                "Connections closed for bad input.",
-                self.inner.rejected_connections.load(Ordering::Relaxed),
-            ),
-        ] {
-            gauge(&mut s, name, help, "counter");
-            s.push_str(&format!("{name} {v}\n"));
-        }
-        s
+        self.inner.metrics.refresh(&shards, &node);
+        cfs_metrics::render(&self.inner.metrics.registry)
     }
 
     /// Stops the shard threads (after their current batch) and the listener.
@@ -1361,7 +1307,7 @@ impl LogNode {
                     }
                     tracing::trace!(?msg, "recv");
                     if h.inbox.try_send(Input::Paxos(msg)).is_err() {
-                        h.counters.inbox_full.fetch_add(1, Ordering::Relaxed);
+                        h.counters.inbox_full.inc();
                     }
                 }
                 Wire::Forward { shard, entries } => {
@@ -1382,7 +1328,7 @@ impl LogNode {
                             redirect: true,
                         };
                         if h.inbox.try_send(input).is_err() {
-                            h.counters.inbox_full.fetch_add(1, Ordering::Relaxed);
+                            h.counters.inbox_full.inc();
                         }
                     }
                 }
@@ -1483,7 +1429,7 @@ impl LogNode {
                             conn: tx.clone(),
                         };
                         h.inbox.try_send(Input::Read(reply)).map_err(|_| {
-                            h.counters.inbox_full.fetch_add(1, Ordering::Relaxed);
+                            h.counters.inbox_full.inc();
                             LogError::NoLeader(shard)
                         })
                     });
@@ -1569,9 +1515,7 @@ impl LogNode {
         if let Err(e) = self.check_space() {
             return refuse(proposals, e).await;
         }
-        h.counters
-            .proposals
-            .fetch_add(proposals.len() as u64, Ordering::Relaxed);
+        h.counters.proposals.inc_by(proposals.len() as u64);
         let ids: Vec<u64> = proposals.iter().map(|(id, _)| *id).collect();
         let input = Input::ProposeMany {
             proposals: proposals
@@ -1587,7 +1531,7 @@ impl LogNode {
             redirect: true,
         };
         if h.inbox.try_send(input).is_err() {
-            h.counters.inbox_full.fetch_add(1, Ordering::Relaxed);
+            h.counters.inbox_full.inc();
             for id in ids {
                 let result = Err(LogError::NoLeader(shard));
                 let _ = conn.send(Wire::Decided { id, result }).await;

@@ -66,6 +66,9 @@ impl ShardLoop {
                 }
                 next = self.rx.try_recv().ok();
             }
+            if n > 0 {
+                self.counters.batch_entries.observe(n as f64);
+            }
             if Instant::now() >= next_tick {
                 self.core.tick();
                 let due = self.ticks.tick();
@@ -316,11 +319,11 @@ impl ShardLoop {
             });
             self.send_read_done(id, r);
         }
-        self.counters.batches.fetch_add(1, Ordering::Relaxed);
+        self.counters.batches.inc();
         if !ready.decided.is_empty() {
             self.counters
                 .decided_entries
-                .fetch_add(ready.decided.len() as u64, Ordering::Relaxed);
+                .inc_by(ready.decided.len() as u64);
             for (pos, e) in &ready.decided {
                 for w in self.proposals.decided(e.request) {
                     w.send(Ok(*pos));
@@ -337,7 +340,11 @@ impl ShardLoop {
             }
         }
         let mut st = self.status.lock().expect("status lock");
-        st.leader = self.core.leader();
+        let leader = self.core.leader();
+        if leader.is_some() && leader != st.leader {
+            self.counters.leader_changes.inc();
+        }
+        st.leader = leader;
         st.is_leader = self.core.is_leader();
         st.ballot = self.core.ballot();
         st.term_start = self.core.term_start();

@@ -234,6 +234,9 @@ struct Shared<D: Disk + Clone> {
     /// `Queue::pushed` as of the last successful fdatasync.
     synced: AtomicU64,
     stats: Mutex<WalStats>,
+    /// Seconds per flush (writes and the fdatasync), for
+    /// `claudefs_log_wal_fsync_duration_seconds`; registered by the runtime.
+    flush_seconds: cfs_metrics::Histogram,
     /// Recovered streams not opened yet.
     recovered: Mutex<BTreeMap<StreamId, LogState>>,
     /// Tests: stop the next rotation's flush after the closed segment is
@@ -276,7 +279,10 @@ impl<D: Disk + Clone> Shared<D> {
                 .collect();
             (std::mem::take(&mut q.chunks), q.pushed, starts)
         };
-        if let Err(e) = self.write_and_sync(&mut f, chunks) {
+        let started = std::time::Instant::now();
+        let written = self.write_and_sync(&mut f, chunks);
+        self.flush_seconds.observe(started.elapsed().as_secs_f64());
+        if let Err(e) = written {
             // The kernel may have dropped the dirty pages (or a rotation
             // stopped after its end record): only a restart that replays
             // what is on disk may go on.
@@ -645,6 +651,7 @@ impl<D: Disk + Clone> NodeWal<D> {
             flusher: Mutex::new(flusher),
             synced: AtomicU64::new(0),
             stats: Mutex::new(stats),
+            flush_seconds: wal_flush_histogram(),
             recovered: Mutex::new(states),
             #[cfg(test)]
             cut_rotation: std::sync::atomic::AtomicU8::new(0),
@@ -719,6 +726,22 @@ impl<D: Disk + Clone> NodeWal<D> {
     pub fn stats(&self) -> WalStats {
         *lock(&self.shared.stats)
     }
+
+    /// The flush latency histogram, for a registry to export.
+    pub fn flush_histogram(&self) -> cfs_metrics::Histogram {
+        self.shared.flush_seconds.clone()
+    }
+}
+
+fn wal_flush_histogram() -> cfs_metrics::Histogram {
+    cfs_metrics::Histogram::with_opts(
+        cfs_metrics::HistogramOpts::new(
+            "claudefs_log_wal_fsync_duration_seconds",
+            "One flush of the node's WAL: the writes every stream queued and one fdatasync.",
+        )
+        .buckets(cfs_metrics::LATENCY_BUCKETS.to_vec()),
+    )
+    .expect("valid histogram")
 }
 
 /// One stream's log (a shard replica in one epoch) in the node's WAL.

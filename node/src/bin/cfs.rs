@@ -49,7 +49,7 @@ enum Cmd {
     /// The cluster CA: make one, issue certificates under it.
     #[command(subcommand)]
     Ca(CaCmd),
-    /// Administration: mount tokens.
+    /// Administration: cluster status, mount tokens.
     #[command(subcommand)]
     Admin(AdminCmd),
     /// Mount the file system (foreground; SIGTERM or `fusermount3 -u` ends it).
@@ -136,7 +136,7 @@ enum Cmd {
         #[arg(long)]
         kill: bool,
     },
-    /// Print each node's view of each shard.
+    /// Same as `cfs admin status --dir D`.
     Status {
         #[arg(long)]
         dir: PathBuf,
@@ -253,6 +253,19 @@ enum AdminCmd {
     /// One-time mount tokens.
     #[command(subcommand)]
     Token(TokenCmd),
+    /// The cluster as its daemons report it: health, leaders, lag,
+    /// capacity, mounts, and every daemon's metrics URL.
+    Status {
+        /// A local cluster made by `cfs up`.
+        #[arg(long)]
+        dir: PathBuf,
+        /// JSON instead of the table.
+        #[arg(long)]
+        json: bool,
+        /// Refresh every N seconds until interrupted.
+        #[arg(long, value_name = "SECONDS")]
+        watch: Option<u64>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -310,8 +323,36 @@ fn parse_ttl(s: &str) -> Result<u64, String> {
     Ok(secs)
 }
 
+/// Longest refresh interval `cfs admin status --watch` takes.
+const WATCH_MAX_SECS: u64 = 3600;
+
+fn admin_status(dir: &Path, json: bool, watch: Option<u64>) -> anyhow::Result<()> {
+    let show = || -> anyhow::Result<String> {
+        let st = cfs_node::status::gather(dir)?;
+        Ok(if json {
+            serde_json::to_string_pretty(&st)? + "\n"
+        } else {
+            cfs_node::status::render_table(&st)
+        })
+    };
+    let Some(every) = watch else {
+        print!("{}", show()?);
+        return Ok(());
+    };
+    let every = Duration::from_secs(every.clamp(1, WATCH_MAX_SECS));
+    loop {
+        let out = show()?;
+        // Clear the screen and home the cursor, as watch(1) does.
+        print!("\x1b[2J\x1b[H{}", out);
+        use std::io::Write;
+        std::io::stdout().flush()?;
+        std::thread::sleep(every);
+    }
+}
+
 fn admin_cmd(c: AdminCmd) -> anyhow::Result<()> {
     match c {
+        AdminCmd::Status { dir, json, watch } => admin_status(&dir, json, watch)?,
         AdminCmd::Token(TokenCmd::Create {
             ca_dir,
             dir,
@@ -881,14 +922,7 @@ fn main() -> anyhow::Result<()> {
             let sig = if kill { libc::SIGKILL } else { libc::SIGTERM };
             cluster::stop_node(&dir, node, sig, Duration::from_secs(10))?;
         }
-        Cmd::Status { dir } => {
-            for c in cluster::load_configs(&dir)? {
-                match cluster::http_get(c.http, "/health") {
-                    Ok((code, body)) => println!("node {} (HTTP {code}): {body}", c.node_id),
-                    Err(e) => println!("node {}: down ({e})", c.node_id),
-                }
-            }
-        }
+        Cmd::Status { dir } => admin_status(&dir, false, None)?,
         Cmd::Append { dir, shard, value } => {
             let rt = tokio::runtime::Runtime::new()?;
             let client = client_for(&dir)?;

@@ -102,7 +102,7 @@ impl Cluster {
                 };
                 let gauges: Vec<&str> = body
                     .lines()
-                    .filter(|l| l.starts_with("cfs_log_is_leader{"))
+                    .filter(|l| l.starts_with("claudefs_log_is_leader{"))
                     .collect();
                 let leading = gauges.iter().filter(|l| l.ends_with(" 1")).count();
                 led.push((c.node_id, leading, gauges.len()));

@@ -1,0 +1,168 @@
+//! The metadata service's and the namespace materializer's metric families
+//! (docs/metrics.md). Counters and histograms are updated on the request
+//! and apply paths; positions, lag and inode counts are set by
+//! [`MetaMetrics::refresh`] just before a scrape.
+
+use cfs_log::{Position, ShardId};
+use cfs_metrics::{self as m, Histogram, HistogramVec, IntCounter, IntGauge, IntGaugeVec};
+
+/// The materializer label of the namespace materializer.
+pub const NAMESPACE: &str = "namespace";
+
+pub struct MetaMetrics {
+    pub registry: m::Registry,
+    pub mutations: IntCounter,
+    pub reads: IntCounter,
+    pub barriers: IntCounter,
+    pub errors: IntCounter,
+    pub sessions: IntCounter,
+    pub sessions_open: IntGauge,
+    pub leases_granted: IntCounter,
+    pub clean_waits: IntCounter,
+    pub sequenced: IntCounter,
+    pub early: IntCounter,
+    pub mispredicted: IntCounter,
+    pub finishes_early: IntCounter,
+    pub holds_broken: IntCounter,
+    pub clients_forgotten: IntCounter,
+    pub lease_refusals: IntCounter,
+    /// Request received → answer queued, by `kind` (`read`, `mutation`).
+    pub request_seconds: HistogramVec,
+    /// One batch applied by the namespace materializer.
+    pub apply_seconds: Histogram,
+    applied: IntGaugeVec,
+    lag: IntGaugeVec,
+    failed: IntGaugeVec,
+    inodes: IntGauge,
+}
+
+impl Default for MetaMetrics {
+    fn default() -> Self {
+        let me = Self::families();
+        // Every request kind reports from the start, at 0.
+        for kind in ["read", "mutation", "lease"] {
+            me.request_seconds.with_label_values(&[kind]);
+        }
+        me
+    }
+}
+
+impl MetaMetrics {
+    fn families() -> Self {
+        let r = m::Registry::new();
+        let c = |name: &str, help: &str| m::counter(&r, name, help);
+        MetaMetrics {
+            mutations: c("claudefs_meta_mutations_total", "Namespace mutations proposed."),
+            reads: c("claudefs_meta_reads_total", "Namespace reads served."),
+            barriers: c(
+                "claudefs_meta_barriers_total",
+                "Read barriers passed for fresh reads.",
+            ),
+            errors: c(
+                "claudefs_meta_errors_total",
+                "Requests answered with an I/O error.",
+            ),
+            sessions: c("claudefs_meta_sessions_total", "Client sessions accepted."),
+            sessions_open: m::gauge(
+                &r,
+                "claudefs_meta_sessions",
+                "Mount sessions connected now.",
+            ),
+            leases_granted: c(
+                "claudefs_meta_leases_granted_total",
+                "Shard leases granted or renewed to client sessions.",
+            ),
+            clean_waits: c(
+                "claudefs_meta_clean_waits_total",
+                "Mutations that waited for leased sessions to apply invalidations.",
+            ),
+            sequenced: c(
+                "claudefs_meta_sequenced_total",
+                "Mutations ordered and predicted by this node's sequencer (D30).",
+            ),
+            early: c(
+                "claudefs_meta_early_answers_total",
+                "Mutations answered before their entry was decided.",
+            ),
+            mispredicted: c(
+                "claudefs_meta_mispredicted_total",
+                "Sequenced mutations whose decided outcome differed from the prediction.",
+            ),
+            finishes_early: c(
+                "claudefs_meta_tx_finishes_early_total",
+                "Cross-shard finish steps answered once ordered, before they were decided (D37).",
+            ),
+            holds_broken: c(
+                "claudefs_meta_holds_broken_total",
+                "Lapsed mount holds this node broke (locks and orphans of vanished mounts released).",
+            ),
+            clients_forgotten: c(
+                "claudefs_meta_idle_clients_forgotten_total",
+                "Entries this node proposed that forgot idle clients' outcome tables.",
+            ),
+            lease_refusals: c(
+                "claudefs_meta_lease_refusals_total",
+                "Lease renewals refused because the session's invalidation acknowledgements lagged (D29).",
+            ),
+            request_seconds: m::histogram_vec(
+                &r,
+                "claudefs_meta_request_duration_seconds",
+                "Time from a metadata request's arrival to its answer queued, by kind.",
+                &["kind"],
+                m::LATENCY_BUCKETS,
+            ),
+            apply_seconds: m::histogram_vec(
+                &r,
+                "claudefs_materializer_apply_duration_seconds",
+                "Time to apply one batch of decided entries (the RocksDB write included).",
+                &["materializer"],
+                m::LATENCY_BUCKETS,
+            )
+            .with_label_values(&[NAMESPACE]),
+            applied: m::gauge_vec(
+                &r,
+                "claudefs_materializer_applied_position",
+                "One past the last log entry the materializer applied.",
+                &["materializer", "shard"],
+            ),
+            lag: m::gauge_vec(
+                &r,
+                "claudefs_materializer_lag_entries",
+                "Entries decided on this node and not yet applied by the materializer.",
+                &["materializer", "shard"],
+            ),
+            failed: m::gauge_vec(
+                &r,
+                "claudefs_materializer_failed",
+                "1 once the materializer stopped on an error (the node's replicas stop too).",
+                &["materializer"],
+            ),
+            inodes: m::gauge(
+                &r,
+                "claudefs_namespace_inodes",
+                "Inode numbers handed out by this node's namespace replica, every shard (statfs's files).",
+            ),
+            registry: r,
+        }
+    }
+}
+
+impl MetaMetrics {
+    /// Sets the gauges: per shard the applied and decided positions.
+    pub fn refresh(&self, shards: &[(ShardId, Position, Position)], failed: bool, inodes: u64) {
+        for (shard, applied, decided) in shards {
+            let s = shard.to_string();
+            let l = [NAMESPACE, s.as_str()];
+            self.applied
+                .with_label_values(&l)
+                .set(m::to_i64(applied.get()));
+            self.lag
+                .with_label_values(&l)
+                .set(m::to_i64(decided.get().saturating_sub(applied.get())));
+        }
+        self.failed
+            .with_label_values(&[NAMESPACE])
+            .set(failed as i64);
+        self.inodes.set(m::to_i64(inodes));
+    }
+}

@@ -1,0 +1,144 @@
+//! The segment server's metric families (docs/metrics.md). Requests and
+//! their latency are counted on the connection path; the store's own
+//! statistics and the device's space are read at a scrape
+//! ([`SegmentMetrics::refresh`]).
+
+use cfs_metrics::{self as m, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec};
+
+use crate::proto::{Request, StatInfo};
+
+/// The `op` label of a request.
+pub fn op_of(r: &Request) -> &'static str {
+    match r {
+        Request::Append { .. } => "append",
+        Request::Read { .. } => "read",
+        _ => "other",
+    }
+}
+
+pub struct SegmentMetrics {
+    pub registry: m::Registry,
+    /// The device label: the segment directory.
+    device: String,
+    requests: IntCounterVec,
+    seconds: HistogramVec,
+    written: IntCounter,
+    read: IntCounter,
+    syncs: IntCounter,
+    checksum_failures: IntCounter,
+    write_errors: IntCounter,
+    no_space: IntCounter,
+    rejected: IntCounter,
+    capacity: IntGaugeVec,
+    free: IntGaugeVec,
+    used: IntGaugeVec,
+    fragments: IntGauge,
+    io_mode: IntGaugeVec,
+}
+
+impl SegmentMetrics {
+    pub fn new(device: String) -> Self {
+        let r = m::Registry::new();
+        let c = |name: &str, help: &str| m::counter(&r, name, help);
+        let dev = |name: &str, help: &str| m::gauge_vec(&r, name, help, &["device"]);
+        let me = SegmentMetrics {
+            device,
+            requests: m::counter_vec(
+                &r,
+                "claudefs_segments_requests_total",
+                "Segment requests served, by operation.",
+                &["op"],
+            ),
+            seconds: m::histogram_vec(
+                &r,
+                "claudefs_segments_request_duration_seconds",
+                "Time from a segment request's arrival to its answer (fragment I/O and fdatasync included).",
+                &["op"],
+                m::LATENCY_BUCKETS,
+            ),
+            written: c(
+                "claudefs_segments_written_bytes_total",
+                "Fragment bytes written.",
+            ),
+            read: c("claudefs_segments_read_bytes_total", "Fragment bytes read."),
+            syncs: c(
+                "claudefs_segments_syncs_total",
+                "fdatasync calls of fragment files.",
+            ),
+            checksum_failures: c(
+                "claudefs_segments_checksum_failures_total",
+                "Fragments whose blake3 did not match on read.",
+            ),
+            write_errors: c(
+                "claudefs_segments_write_errors_total",
+                "Failed fragment writes.",
+            ),
+            no_space: c(
+                "claudefs_segments_no_space_errors_total",
+                "Fragment writes failed with ENOSPC.",
+            ),
+            rejected: c(
+                "claudefs_segments_rejected_connections_total",
+                "Connections to the segment port closed for bad input or over the per-peer limit.",
+            ),
+            capacity: dev(
+                "claudefs_segments_device_capacity_bytes",
+                "Size of the file system under the segment directory.",
+            ),
+            free: dev(
+                "claudefs_segments_device_free_bytes",
+                "Free bytes under the segment directory.",
+            ),
+            used: dev(
+                "claudefs_segments_device_used_bytes",
+                "Used bytes of the file system under the segment directory (capacity minus free).",
+            ),
+            fragments: m::gauge(
+                &r,
+                "claudefs_segments_fragments",
+                "Fragment files held.",
+            ),
+            io_mode: m::gauge_vec(
+                &r,
+                "claudefs_segments_io_mode",
+                "I/O engine in use (1 for the active mode).",
+                &["mode"],
+            ),
+            registry: r,
+        };
+        // Every operation reports from the start, at 0.
+        for op in ["append", "read", "other"] {
+            me.requests.with_label_values(&[op]);
+            me.seconds.with_label_values(&[op]);
+        }
+        me
+    }
+
+    /// A request of `op` answered after `seconds`.
+    pub fn served(&self, op: &str, seconds: f64) {
+        self.requests.with_label_values(&[op]).inc();
+        self.seconds.with_label_values(&[op]).observe(seconds);
+    }
+
+    /// Sets the families kept by the store from its last stat.
+    pub fn refresh(&self, s: &StatInfo, checksum_failures: u64, rejected: u64) {
+        let st = &s.stats;
+        m::advance(&self.written, st.bytes_written);
+        m::advance(&self.read, st.bytes_read);
+        m::advance(&self.syncs, st.syncs);
+        m::advance(&self.checksum_failures, checksum_failures);
+        m::advance(&self.write_errors, st.write_errors);
+        m::advance(&self.no_space, st.no_space_errors);
+        m::advance(&self.rejected, rejected);
+        let d = [self.device.as_str()];
+        self.capacity
+            .with_label_values(&d)
+            .set(m::to_i64(s.total_bytes));
+        self.free.with_label_values(&d).set(m::to_i64(s.free_bytes));
+        self.used
+            .with_label_values(&d)
+            .set(m::to_i64(s.total_bytes.saturating_sub(s.free_bytes)));
+        self.fragments.set(m::to_i64(s.fragments));
+        self.io_mode.with_label_values(&[&s.io_mode]).set(1);
+    }
+}
