@@ -29,10 +29,12 @@
 //! A new connection is a new session: everything is dropped (`session`).
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use cfs_proto::types::{shard_of, DirEntry, Ino, Inode, ShardId};
+
+use crate::stats::{Cache, MountStats};
 
 /// Inodes cached at most; past this the cache starts over.
 pub const ATTRS_MAX: usize = 1 << 20;
@@ -159,9 +161,18 @@ struct State {
 #[derive(Default)]
 pub struct MetaCache {
     s: Mutex<State>,
+    /// Where entries dropped for room are counted.
+    stats: Arc<MountStats>,
 }
 
 impl MetaCache {
+    pub fn new(stats: Arc<MountStats>) -> Self {
+        MetaCache {
+            s: Mutex::default(),
+            stats,
+        }
+    }
+
     /// A new session: nothing from the last one may be used. Returns its
     /// generation.
     pub fn session(&self) -> u64 {
@@ -253,6 +264,7 @@ impl MetaCache {
             return;
         }
         if s.dentries.len() >= DENTRIES_MAX {
+            self.stats.evicted(Cache::Names, s.dentries.len() as u64);
             s.dentries.clear();
         }
         s.dentries.insert(
@@ -311,6 +323,7 @@ impl MetaCache {
             return;
         }
         if s.listed_entries + entries.len() > LISTED_ENTRIES_MAX {
+            self.stats.evicted(Cache::Listings, s.listings.len() as u64);
             s.listings.clear();
             s.listed_entries = 0;
         }
@@ -336,6 +349,7 @@ impl MetaCache {
             return;
         }
         if s.listed_entries + 1 > LISTED_ENTRIES_MAX {
+            self.stats.evicted(Cache::Listings, s.listings.len() as u64);
             s.listings.clear();
             s.listed_entries = 0;
         }
@@ -379,6 +393,7 @@ impl MetaCache {
             return;
         }
         if s.attrs.len() >= ATTRS_MAX {
+            self.stats.evicted(Cache::Attrs, s.attrs.len() as u64);
             s.attrs.clear();
         }
         s.attrs.insert(
@@ -397,6 +412,8 @@ impl MetaCache {
             return;
         }
         if s.xattr_names.len() >= ATTRS_MAX {
+            self.stats
+                .evicted(Cache::XattrNames, s.xattr_names.len() as u64);
             s.xattr_names.clear();
         }
         s.xattr_names.insert(

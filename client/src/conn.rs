@@ -165,6 +165,7 @@ impl MetaClient {
         timeout: Duration,
     ) -> (Arc<Self>, mpsc::UnboundedReceiver<Invalidation>) {
         let (tx, rx) = mpsc::unbounded_channel();
+        let stats: Arc<crate::stats::MountStats> = Arc::default();
         let c = MetaClient {
             servers,
             cluster_id,
@@ -177,8 +178,8 @@ impl MetaClient {
             timeout,
             invalidations: tx,
             welcome: Mutex::new(None),
-            stats: Arc::default(),
-            cache: Arc::default(),
+            cache: Arc::new(crate::cache::MetaCache::new(stats.clone())),
+            stats,
             follow_leader: std::sync::atomic::AtomicBool::new(false),
             unsettled: Arc::default(),
         };

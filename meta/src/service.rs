@@ -717,6 +717,11 @@ async fn serve_conn(inner: Arc<Inner>, conn: cfs_net::Conn) {
                     .request_seconds
                     .with_label_values(&[kind])
                     .observe(arrived.elapsed().as_secs_f64());
+                tracing::debug!(
+                    kind,
+                    micros = arrived.elapsed().as_micros() as u64,
+                    "request served"
+                );
             }
             .instrument(span),
         );

@@ -79,6 +79,8 @@ async fn metrics(State(s): State<Services>) -> impl IntoResponse {
 
 /// Serves until the process ends.
 pub async fn serve(addr: SocketAddr, services: Services) -> anyhow::Result<()> {
+    // Made now, so the start time it records is the daemon's.
+    node_registry();
     let app = Router::new()
         .route("/health", get(health))
         .route("/metrics", get(metrics))

@@ -362,3 +362,40 @@ fn prometheus_scrapes_the_cluster_and_every_dashboard_query_answers() {
     assert!(firing.is_empty(), "alerts firing: {firing:?}");
     drop(m);
 }
+
+#[test]
+fn a_request_is_logged_under_one_id_by_the_mount_and_the_node() {
+    let c = Cluster::start_env("mon-req", |_| {}, &[("CFS_LOG", "info,cfs_meta=debug")]);
+    let m = Mount::with_env(
+        &c,
+        "mnt",
+        &["--log-format", "json"],
+        &[("CFS_LOG", "info,cfs_client=debug")],
+    );
+    load(&m.path, 3);
+    drop(m);
+    // The mount's JSON lines name each request it sent ...
+    let mount_log = std::fs::read_to_string(c.dir.join("mnt.log")).expect("mount log");
+    let sent: Vec<String> = mount_log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["fields"]["message"] == "metadata request sent")
+        .filter_map(|v| v["fields"]["req"].as_str().map(str::to_string))
+        .collect();
+    assert!(sent.len() >= 10, "requests the mount logged: {sent:?}");
+    // ... and the node that served each one logged it under the same id.
+    let node_logs: String = c.cfgs.iter().map(|n| c.log_of(n.node_id)).collect();
+    assert!(
+        node_logs.contains("request served"),
+        "no debug line from the nodes"
+    );
+    let served = sent
+        .iter()
+        .filter(|tag| node_logs.contains(tag.as_str()))
+        .count();
+    assert!(
+        served * 10 >= sent.len() * 9,
+        "{served} of {} requests found in the nodes' logs under their id",
+        sent.len()
+    );
+}

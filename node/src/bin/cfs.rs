@@ -496,6 +496,10 @@ struct MountArgs {
     /// Write the metrics URL to this file.
     #[arg(long)]
     metrics_url_file: Option<PathBuf>,
+    /// Log lines as `console` text or `json` (one object per line, with
+    /// the span fields: `req` ties a request to the node's lines).
+    #[arg(long, default_value = "console", value_parser = ["console", "json"])]
+    log_format: String,
     /// Make every namespace change wait for its log commit (no early
     /// answers: docs/filesystem.md, "When changes are durable").
     #[arg(long)]
@@ -568,11 +572,15 @@ fn mount_cmd(a: MountArgs) -> anyhow::Result<()> {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("CFS_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+    let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_ansi(false)
-        .init();
+        .with_ansi(false);
+    if a.log_format == "json" {
+        b.json().init();
+    } else {
+        b.init();
+    }
     let opts = cfs_client::MountOptions {
         servers,
         cluster_id,

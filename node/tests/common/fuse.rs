@@ -20,10 +20,16 @@ pub struct Mount {
 
 impl Mount {
     pub fn new(c: &Cluster, name: &str, extra: &[&str]) -> Mount {
+        Self::with_env(c, name, extra, &[])
+    }
+
+    /// [`Mount::new`] with extra environment variables (`CFS_LOG`).
+    pub fn with_env(c: &Cluster, name: &str, extra: &[&str], env: &[(&str, &str)]) -> Mount {
         let path = c.dir.join(name);
         std::fs::create_dir_all(&path).expect("mountpoint");
         let log = std::fs::File::create(c.dir.join(format!("{name}.log"))).expect("log");
         let child = Command::new(cfs())
+            .envs(env.iter().copied())
             .arg("mount")
             .arg(&path)
             .arg("--dir")

@@ -22,6 +22,11 @@ impl Cluster {
 
     /// Starts a 3-node cluster after `tweak` edits each node's config.
     pub fn start_with(name: &str, tweak: impl Fn(&mut NodeConfig)) -> Cluster {
+        Self::start_env(name, tweak, &[])
+    }
+
+    /// [`Cluster::start_with`], the nodes run with `env` (`CFS_LOG`).
+    pub fn start_env(name: &str, tweak: impl Fn(&mut NodeConfig), env: &[(&str, &str)]) -> Cluster {
         let dir = std::env::temp_dir().join(format!("cfs-test-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let mut cfgs =
@@ -35,7 +40,7 @@ impl Cluster {
         // become healthy.
         let cl = Cluster { dir, cfgs };
         for c in &cl.cfgs {
-            cluster::start_node(&cl.dir, c.node_id, &bin()).expect("start");
+            cluster::start_node_env(&cl.dir, c.node_id, &bin(), env).expect("start");
         }
         cluster::wait_healthy(&cl.cfgs, Duration::from_secs(30)).expect("healthy");
         cl
