@@ -169,7 +169,6 @@ impl DataPath {
         let sw = g.as_mut().expect("writer present");
         let mut out = Vec::new();
         for (off, data) in ranges {
-            self.stats.written_back(data.len() as u64);
             let written = match sw.write(data).await {
                 Ok(mut exts) => sw.flush().await.map(|more| {
                     exts.extend(more);
@@ -178,7 +177,10 @@ impl DataPath {
                 Err(e) => Err(e),
             };
             let exts: Vec<Extent> = match written {
-                Ok(x) => x,
+                Ok(x) => {
+                    self.stats.written_back(data.len() as u64);
+                    x
+                }
                 Err(e) => {
                     // The writer may still hold bytes or stripes of this
                     // range: start the next flush with a fresh one.

@@ -156,7 +156,7 @@ impl Default for MountStats {
             round_trips: m::counter(
                 &reg,
                 "claudefs_fuse_round_trips_total",
-                "Requests this mount sent to nodes (metadata calls and fragment requests).",
+                "Requests this mount sent to nodes: metadata calls plus fragment requests (a stripe read in parallel from k servers counts k).",
             ),
             meta_calls: m::counter(
                 &reg,

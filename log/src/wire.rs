@@ -72,6 +72,9 @@ pub struct ShardStatus {
     pub is_leader: bool,
     /// One past the last decided position.
     pub decided: Position,
+    /// First position this replica still holds (below it: trimmed).
+    #[serde(default)]
+    pub trimmed: Position,
     pub config_id: u32,
     /// Round of the ballot this replica promised (a new leadership term
     /// has a higher one).

@@ -4,10 +4,30 @@
 //! [`MetaMetrics::refresh`] just before a scrape.
 
 use cfs_log::{Position, ShardId};
-use cfs_metrics::{self as m, Histogram, HistogramVec, IntCounter, IntGauge, IntGaugeVec};
+use cfs_metrics::{self as m, Histogram, IntCounter, IntGauge, IntGaugeVec};
 
 /// The materializer label of the namespace materializer.
 pub const NAMESPACE: &str = "namespace";
+
+/// The `kind` label of `claudefs_meta_request_duration_seconds`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RequestKind {
+    Read,
+    Mutation,
+    Lease,
+}
+
+impl RequestKind {
+    const ALL: [RequestKind; 3] = [RequestKind::Read, RequestKind::Mutation, RequestKind::Lease];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            RequestKind::Read => "read",
+            RequestKind::Mutation => "mutation",
+            RequestKind::Lease => "lease",
+        }
+    }
+}
 
 pub struct MetaMetrics {
     pub registry: m::Registry,
@@ -26,24 +46,22 @@ pub struct MetaMetrics {
     pub holds_broken: IntCounter,
     pub clients_forgotten: IntCounter,
     pub lease_refusals: IntCounter,
-    /// Request received → answer queued, by `kind` (`read`, `mutation`).
-    pub request_seconds: HistogramVec,
+    /// Request received → answer queued, per [`RequestKind`] (children
+    /// made once: no label lookup per request).
+    request_seconds: Vec<Histogram>,
     /// One batch applied by the namespace materializer.
     pub apply_seconds: Histogram,
     applied: IntGaugeVec,
     lag: IntGaugeVec,
     failed: IntGaugeVec,
     inodes: IntGauge,
+    /// Held from `refresh` through encoding (concurrent scrapes).
+    pub scrape: std::sync::Mutex<()>,
 }
 
 impl Default for MetaMetrics {
     fn default() -> Self {
-        let me = Self::families();
-        // Every request kind reports from the start, at 0.
-        for kind in ["read", "mutation", "lease"] {
-            me.request_seconds.with_label_values(&[kind]);
-        }
-        me
+        Self::families()
     }
 }
 
@@ -104,13 +122,19 @@ impl MetaMetrics {
                 "claudefs_meta_lease_refusals_total",
                 "Lease renewals refused because the session's invalidation acknowledgements lagged (D29).",
             ),
-            request_seconds: m::histogram_vec(
-                &r,
-                "claudefs_meta_request_duration_seconds",
-                "Time from a metadata request's arrival to its answer queued, by kind.",
-                &["kind"],
-                m::LATENCY_BUCKETS,
-            ),
+            request_seconds: {
+                let v = m::histogram_vec(
+                    &r,
+                    "claudefs_meta_request_duration_seconds",
+                    "Time from a metadata request's arrival to its answer queued, by kind.",
+                    &["kind"],
+                    m::LATENCY_BUCKETS,
+                );
+                RequestKind::ALL
+                    .iter()
+                    .map(|k| v.with_label_values(&[k.name()]))
+                    .collect()
+            },
             apply_seconds: m::histogram_vec(
                 &r,
                 "claudefs_materializer_apply_duration_seconds",
@@ -143,13 +167,24 @@ impl MetaMetrics {
                 "Inode numbers handed out by this node's namespace replica, every shard (statfs's files).",
             ),
             registry: r,
+            scrape: std::sync::Mutex::new(()),
         }
     }
 }
 
 impl MetaMetrics {
+    /// A request of `kind` answered `seconds` after it arrived.
+    pub fn served(&self, kind: RequestKind, seconds: f64) {
+        self.request_seconds[kind as usize].observe(seconds);
+    }
+
     /// Sets the gauges: per shard the applied and decided positions.
-    pub fn refresh(&self, shards: &[(ShardId, Position, Position)], failed: bool, inodes: u64) {
+    pub fn refresh(
+        &self,
+        shards: &[(ShardId, Position, Position)],
+        failed: bool,
+        inodes: Option<u64>,
+    ) {
         for (shard, applied, decided) in shards {
             let s = shard.to_string();
             let l = [NAMESPACE, s.as_str()];
@@ -163,6 +198,8 @@ impl MetaMetrics {
         self.failed
             .with_label_values(&[NAMESPACE])
             .set(failed as i64);
-        self.inodes.set(m::to_i64(inodes));
+        if let Some(n) = inodes {
+            self.inodes.set(m::to_i64(n));
+        }
     }
 }

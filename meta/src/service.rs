@@ -27,6 +27,8 @@ use tokio::net::TcpListener;
 use tokio::sync::{broadcast, mpsc, watch};
 use tracing::{info, warn, Instrument};
 
+use crate::metrics::RequestKind;
+
 /// How long a mutation waits for its outcome after being decided.
 const APPLY_WAIT: Duration = Duration::from_secs(30);
 /// Age at which an open transaction is presumed abandoned by its
@@ -388,7 +390,9 @@ impl MetaService {
             .collect();
         let failed = !self.problems().is_empty();
         let ids: Vec<ShardId> = shards.iter().map(|(s, _, _)| *s).collect();
-        let inodes = self.inner.db.files(&ids).unwrap_or(0);
+        // A read error leaves the gauge at its last value.
+        let inodes = self.inner.db.files(&ids).ok();
+        let _one = self.inner.counters.scrape.lock().expect("scrape lock");
         self.inner.counters.refresh(&shards, failed, inodes);
         cfs_metrics::render(&self.inner.counters.registry)
     }
@@ -676,6 +680,8 @@ async fn serve_conn(inner: Arc<Inner>, conn: cfs_net::Conn) {
             }
             _ => {}
         }
+        // Timed from here: a wait for an in-flight slot is part of it.
+        let arrived = Instant::now();
         let Ok(permit) = inflight.clone().acquire_owned().await else {
             break;
         };
@@ -690,11 +696,10 @@ async fn serve_conn(inner: Arc<Inner>, conn: cfs_net::Conn) {
                 let stamp = session.sent();
                 let mutation = matches!(f.req, Request::Mutate { .. });
                 let kind = match &f.req {
-                    Request::Mutate { .. } => "mutation",
-                    Request::Lease => "lease",
-                    _ => "read",
+                    Request::Mutate { .. } => RequestKind::Mutation,
+                    Request::Lease => RequestKind::Lease,
+                    _ => RequestKind::Read,
                 };
-                let arrived = Instant::now();
                 let result = match f.req {
                     Request::Lease => inner.grant(&session).await,
                     _ => handle(&inner, client, f, &tx, &session).await,
@@ -712,13 +717,9 @@ async fn serve_conn(inner: Arc<Inner>, conn: cfs_net::Conn) {
                     inner.counters.errors.inc();
                 }
                 send(&tx, ServerMsg::Reply { id, result, stamp });
-                inner
-                    .counters
-                    .request_seconds
-                    .with_label_values(&[kind])
-                    .observe(arrived.elapsed().as_secs_f64());
+                inner.counters.served(kind, arrived.elapsed().as_secs_f64());
                 tracing::debug!(
-                    kind,
+                    kind = kind.name(),
                     micros = arrived.elapsed().as_micros() as u64,
                     "request served"
                 );

@@ -180,6 +180,11 @@ pub fn errno_name(code: i32) -> &'static str {
         libc::EDQUOT => "EDQUOT",
         libc::ETIMEDOUT => "ETIMEDOUT",
         libc::EINTR => "EINTR",
+        libc::ENOTCONN => "ENOTCONN",
+        libc::ESTALE => "ESTALE",
+        libc::E2BIG => "E2BIG",
+        libc::EDEADLK => "EDEADLK",
+        libc::ENODEV => "ENODEV",
         _ => "other",
     }
 }

@@ -345,6 +345,10 @@ fn prometheus_scrapes_the_cluster_and_every_dashboard_query_answers() {
         .arg("live")
         .arg(format!("http://{}", prom.addr))
         .arg(repo().join("monitoring/grafana/dashboards"))
+        // A projection of when the devices fill exists only while use
+        // grows over the window; this short run may free as much as it
+        // writes.
+        .args(["--allow-empty", "Projected full"])
         .output()
         .expect("python3");
     let said = String::from_utf8_lossy(&out.stdout);
@@ -357,9 +361,10 @@ fn prometheus_scrapes_the_cluster_and_every_dashboard_query_answers() {
         said.lines().filter(|l| l.starts_with("ok")).count() >= 20,
         "{said}"
     );
-    // No alert fires on a healthy cluster under a light load.
-    let firing = prom.query("ALERTS{alertstate=\"firing\"}");
-    assert!(firing.is_empty(), "alerts firing: {firing:?}");
+    // No alert fires, or is pending, on a healthy cluster under a light
+    // load (the run is shorter than the alerts' `for`).
+    let alerts = prom.query("ALERTS");
+    assert!(alerts.is_empty(), "alerts firing or pending: {alerts:?}");
     drop(m);
 }
 
@@ -383,16 +388,25 @@ fn a_request_is_logged_under_one_id_by_the_mount_and_the_node() {
         .filter_map(|v| v["fields"]["req"].as_str().map(str::to_string))
         .collect();
     assert!(sent.len() >= 10, "requests the mount logged: {sent:?}");
-    // ... and the node that served each one logged it under the same id.
-    let node_logs: String = c.cfgs.iter().map(|n| c.log_of(n.node_id)).collect();
-    assert!(
-        node_logs.contains("request served"),
-        "no debug line from the nodes"
-    );
-    let served = sent
+    // ... and the node that served each one logged it under exactly that
+    // id (the JSON value of its `req` span, so `..:4` is not `..:42`).
+    let served_ids: std::collections::HashSet<String> = c
+        .cfgs
         .iter()
-        .filter(|tag| node_logs.contains(tag.as_str()))
-        .count();
+        .flat_map(|n| {
+            c.log_of(n.node_id)
+                .lines()
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                .filter(|v| v["fields"]["message"] == "request served")
+                .filter_map(|v| v["span"]["req"].as_str().map(str::to_string))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    assert!(
+        !served_ids.is_empty(),
+        "no request served line from the nodes"
+    );
+    let served = sent.iter().filter(|tag| served_ids.contains(*tag)).count();
     assert!(
         served * 10 >= sent.len() * 9,
         "{served} of {} requests found in the nodes' logs under their id",

@@ -177,6 +177,7 @@ impl SegmentServer {
 
     /// Prometheus text exposition of the segment server's families.
     pub fn metrics_text(&self) -> String {
+        let _one = self.metrics.scrape.lock().expect("scrape lock");
         self.metrics.refresh(
             &self.stat(),
             self.checksum_failures.load(Ordering::Relaxed),

@@ -3,16 +3,35 @@
 //! statistics and the device's space are read at a scrape
 //! ([`SegmentMetrics::refresh`]).
 
-use cfs_metrics::{self as m, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec};
+use cfs_metrics::{self as m, Histogram, IntCounter, IntGauge, IntGaugeVec};
 
 use crate::proto::{Request, StatInfo};
 
 /// The `op` label of a request.
-pub fn op_of(r: &Request) -> &'static str {
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Op {
+    Append,
+    Read,
+    Other,
+}
+
+impl Op {
+    const ALL: [Op; 3] = [Op::Append, Op::Read, Op::Other];
+
+    fn name(self) -> &'static str {
+        match self {
+            Op::Append => "append",
+            Op::Read => "read",
+            Op::Other => "other",
+        }
+    }
+}
+
+pub fn op_of(r: &Request) -> Op {
     match r {
-        Request::Append { .. } => "append",
-        Request::Read { .. } => "read",
-        _ => "other",
+        Request::Append { .. } => Op::Append,
+        Request::Read { .. } => Op::Read,
+        _ => Op::Other,
     }
 }
 
@@ -20,8 +39,11 @@ pub struct SegmentMetrics {
     pub registry: m::Registry,
     /// The device label: the segment directory.
     device: String,
-    requests: IntCounterVec,
-    seconds: HistogramVec,
+    /// Per [`Op`], made once: no label lookup per request.
+    requests: Vec<IntCounter>,
+    seconds: Vec<Histogram>,
+    /// Held from `refresh` through encoding (concurrent scrapes).
+    pub scrape: std::sync::Mutex<()>,
     written: IntCounter,
     read: IntCounter,
     syncs: IntCounter,
@@ -41,21 +63,34 @@ impl SegmentMetrics {
         let r = m::Registry::new();
         let c = |name: &str, help: &str| m::counter(&r, name, help);
         let dev = |name: &str, help: &str| m::gauge_vec(&r, name, help, &["device"]);
-        let me = SegmentMetrics {
+        SegmentMetrics {
             device,
-            requests: m::counter_vec(
-                &r,
-                "claudefs_segments_requests_total",
-                "Segment requests served, by operation.",
-                &["op"],
-            ),
-            seconds: m::histogram_vec(
-                &r,
-                "claudefs_segments_request_duration_seconds",
-                "Time from a segment request's arrival to its answer (fragment I/O and fdatasync included).",
-                &["op"],
-                m::LATENCY_BUCKETS,
-            ),
+            requests: {
+                let v = m::counter_vec(
+                    &r,
+                    "claudefs_segments_requests_total",
+                    "Segment requests served, by operation.",
+                    &["op"],
+                );
+                Op::ALL
+                    .iter()
+                    .map(|o| v.with_label_values(&[o.name()]))
+                    .collect()
+            },
+            seconds: {
+                let v = m::histogram_vec(
+                    &r,
+                    "claudefs_segments_request_duration_seconds",
+                    "Time from a segment request's arrival to its answer (fragment I/O and fdatasync included).",
+                    &["op"],
+                    m::LATENCY_BUCKETS,
+                );
+                Op::ALL
+                    .iter()
+                    .map(|o| v.with_label_values(&[o.name()]))
+                    .collect()
+            },
+            scrape: std::sync::Mutex::new(()),
             written: c(
                 "claudefs_segments_written_bytes_total",
                 "Fragment bytes written.",
@@ -93,11 +128,7 @@ impl SegmentMetrics {
                 "claudefs_segments_device_used_bytes",
                 "Used bytes of the file system under the segment directory (capacity minus free).",
             ),
-            fragments: m::gauge(
-                &r,
-                "claudefs_segments_fragments",
-                "Fragment files held.",
-            ),
+            fragments: m::gauge(&r, "claudefs_segments_fragments", "Fragment files held."),
             io_mode: m::gauge_vec(
                 &r,
                 "claudefs_segments_io_mode",
@@ -105,19 +136,13 @@ impl SegmentMetrics {
                 &["mode"],
             ),
             registry: r,
-        };
-        // Every operation reports from the start, at 0.
-        for op in ["append", "read", "other"] {
-            me.requests.with_label_values(&[op]);
-            me.seconds.with_label_values(&[op]);
         }
-        me
     }
 
     /// A request of `op` answered after `seconds`.
-    pub fn served(&self, op: &str, seconds: f64) {
-        self.requests.with_label_values(&[op]).inc();
-        self.seconds.with_label_values(&[op]).observe(seconds);
+    pub fn served(&self, op: Op, seconds: f64) {
+        self.requests[op as usize].inc();
+        self.seconds[op as usize].observe(seconds);
     }
 
     /// Sets the families kept by the store from its last stat.

@@ -68,6 +68,7 @@ mod tests {
             leader,
             is_leader: false,
             decided: Position::ZERO,
+            trimmed: Position::ZERO,
             config_id: 1,
             ballot: 1,
             term_start: None,

@@ -33,7 +33,11 @@ pub(super) struct ShardGauges {
 /// What the node reports at a scrape, beside its shards.
 pub(super) struct NodeGauges {
     pub wal: crate::wal::WalStats,
+    /// Free bytes of the WAL's file system, once read (`None` before the
+    /// first reading or while it fails: the family then has no series).
     pub disk_free: Option<u64>,
+    /// The WAL's directory (the `path` label).
+    pub wal_dir: String,
     pub peers: usize,
     pub peers_connected: usize,
     pub sent: u64,
@@ -44,6 +48,9 @@ pub(super) struct NodeGauges {
 
 pub(super) struct LogMetrics {
     pub registry: m::Registry,
+    /// Held from `refresh` through encoding: concurrent scrapes would
+    /// otherwise both `advance` the same counters.
+    pub scrape: std::sync::Mutex<()>,
     proposals: IntCounterVec,
     decided_entries: IntCounterVec,
     batches: IntCounterVec,
@@ -64,7 +71,7 @@ pub(super) struct LogMetrics {
     wal_bytes: IntCounter,
     wal_recycled: IntCounter,
     wal_zero_filled: IntCounter,
-    disk_free: IntGauge,
+    disk_free: IntGaugeVec,
     peers: IntGauge,
     peers_connected: IntGauge,
     sent: IntCounter,
@@ -134,7 +141,7 @@ impl LogMetrics {
             commit: m::histogram(
                 &r,
                 "claudefs_log_commit_duration_seconds",
-                "Time from a proposal accepted by this node to its entry decided.",
+                "Time from a proposal made through this node's API to its answer (decided, refused or timed out).",
                 m::LATENCY_BUCKETS,
             ),
             wal_syncs: m::counter(
@@ -157,10 +164,11 @@ impl LogMetrics {
                 "claudefs_log_wal_segments_zero_filled_total",
                 "WAL segments started in a zero-filled file (no trimmed one to reuse).",
             ),
-            disk_free: m::gauge(
+            disk_free: m::gauge_vec(
                 &r,
                 "claudefs_log_disk_free_bytes",
-                "Free bytes on the file system of the node's WAL.",
+                "Free bytes on the file system of the node's WAL (no series until first read).",
+                &["path"],
             ),
             peers: m::gauge(&r, "claudefs_log_peers", "Other members configured."),
             peers_connected: m::gauge(
@@ -189,6 +197,7 @@ impl LogMetrics {
                 "Connections to the log port closed for bad input or over the per-peer limit.",
             ),
             registry: r,
+            scrape: std::sync::Mutex::new(()),
         };
         me.registry
             .register(Box::new(wal_flush))
@@ -234,7 +243,9 @@ impl LogMetrics {
         m::advance(&self.wal_recycled, node.wal.segments_recycled);
         m::advance(&self.wal_zero_filled, node.wal.segments_zero_filled);
         if let Some(free) = node.disk_free {
-            self.disk_free.set(m::to_i64(free));
+            self.disk_free
+                .with_label_values(&[&node.wal_dir])
+                .set(m::to_i64(free));
         }
         self.peers.set(m::to_i64(node.peers as u64));
         self.peers_connected

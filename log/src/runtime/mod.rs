@@ -501,6 +501,7 @@ impl LogNode {
                 leader: None,
                 is_leader: false,
                 decided,
+                trimmed: epoch.base,
                 config_id: epoch.config_id,
                 ballot: 0,
                 term_start: None,
@@ -599,6 +600,7 @@ impl LogNode {
                         watermark,
                         gate,
                         parked: Vec::new(),
+                        known_leader: None,
                     };
                     // A panic (OmniPaxos stops on a storage error it cannot
                     // handle, e.g. a write to a poisoned WAL) fails the shard
@@ -734,13 +736,15 @@ impl LogNode {
         Ok(async move {
             match tokio::time::timeout(timeout, rx).await {
                 Ok(Ok(r)) => {
-                    if r.is_ok() {
-                        commit.observe(proposed.elapsed().as_secs_f64());
-                    }
+                    commit.observe(proposed.elapsed().as_secs_f64());
                     r
                 }
                 Ok(Err(_)) => Err(LogError::ShuttingDown),
-                Err(_) => Err(LogError::Timeout),
+                Err(_) => {
+                    // A timeout is the slowest commit of all: it counts.
+                    commit.observe(proposed.elapsed().as_secs_f64());
+                    Err(LogError::Timeout)
+                }
             }
         })
     }
@@ -1050,11 +1054,10 @@ impl LogNode {
             .iter()
             .map(|(id, h)| {
                 let st = h.status.lock().expect("status lock").clone();
-                let trimmed = h.base.get() + h.wal.lock().state().compacted;
                 let failed = h.fatal.lock().expect("fatal lock").is_some();
                 let g = ShardGauges {
                     decided: st.decided.get(),
-                    trimmed,
+                    trimmed: st.trimmed.get(),
                     is_leader: st.is_leader && !failed,
                     ballot: st.ballot,
                     failed,
@@ -1070,6 +1073,7 @@ impl LogNode {
         let node = NodeGauges {
             wal: self.inner.wal.stats(),
             disk_free: (free != u64::MAX).then_some(free),
+            wal_dir: self.inner.cfg.data_dir.join("wal").display().to_string(),
             peers: self.inner.heard.len(),
             peers_connected: self
                 .inner
@@ -1085,6 +1089,7 @@ impl LogNode {
             reconnects: links.reconnects.load(Ordering::Relaxed),
             rejected_connections: self.inner.rejected_connections.load(Ordering::Relaxed),
         };
+        let _one = self.inner.metrics.scrape.lock().expect("scrape lock");
         self.inner.metrics.refresh(&shards, &node);
         cfs_metrics::render(&self.inner.metrics.registry)
     }

@@ -29,6 +29,8 @@ pub(super) struct ShardLoop {
     pub(super) gate: Arc<ReadGate>,
     /// Reads waiting for early answers to settle: what they wait for.
     pub(super) parked: Vec<(u64, Parked)>,
+    /// The last leader this replica knew (`claudefs_log_leader_changes_total`).
+    pub(super) known_leader: Option<NodeId>,
 }
 
 /// A follower's read held back by the [`ReadGate`].
@@ -341,10 +343,16 @@ impl ShardLoop {
         }
         let mut st = self.status.lock().expect("status lock");
         let leader = self.core.leader();
-        if leader.is_some() && leader != st.leader {
-            self.counters.leader_changes.inc();
+        // A change of leader: another node than the last one known (the
+        // first election, or the same leader after a gap, is none).
+        if let Some(now) = leader {
+            if self.known_leader.is_some_and(|was| was != now) {
+                self.counters.leader_changes.inc();
+            }
+            self.known_leader = Some(now);
         }
         st.leader = leader;
+        st.trimmed = self.core.epoch().base + self.core.wal().lock().state().compacted;
         st.is_leader = self.core.is_leader();
         st.ballot = self.core.ballot();
         st.term_start = self.core.term_start();
