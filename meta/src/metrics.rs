@@ -29,6 +29,23 @@ impl RequestKind {
     }
 }
 
+/// One unit of a gauge held while it lives (an open session), released
+/// however its holder ends (a cancelled task included).
+pub struct Held(IntGauge);
+
+impl Held {
+    pub fn new(g: &IntGauge) -> Held {
+        g.inc();
+        Held(g.clone())
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 pub struct MetaMetrics {
     pub registry: m::Registry,
     pub mutations: IntCounter,

@@ -550,7 +550,7 @@ async fn serve_conn(inner: Arc<Inner>, conn: cfs_net::Conn) {
         }
     };
     inner.counters.sessions.inc();
-    inner.counters.sessions_open.inc();
+    let _open = crate::metrics::Held::new(&inner.counters.sessions_open);
     info!(
         client = format_args!("{client:016x}"),
         "client session started"
@@ -728,7 +728,6 @@ async fn serve_conn(inner: Arc<Inner>, conn: cfs_net::Conn) {
         );
     }
     forward.abort();
-    inner.counters.sessions_open.dec();
     inner.leases.close(sid);
     info!(
         client = format_args!("{client:016x}"),

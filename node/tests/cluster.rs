@@ -773,6 +773,20 @@ async fn peers_without_the_right_certificate_are_refused() {
     ] {
         assert!(logged.contains(reason), "{reason:?} not logged");
     }
+    // ... and counted where an administrator looks.
+    let (_, metrics) = cluster::http_get(cl.cfg(1).http, "/metrics").unwrap();
+    let denied = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("claudefs_segments_refused_total{reason=\"denied\"} "))
+        .and_then(|v| v.parse::<u64>().ok());
+    assert!(
+        denied >= Some(1),
+        "refusals counted: {:?}",
+        metrics
+            .lines()
+            .filter(|l| l.contains("refused_total"))
+            .collect::<Vec<_>>()
+    );
     // Nothing changed: the next entry follows directly, or after the
     // barriers of new leaders' terms (D41) if leadership moved meanwhile.
     let p1 = log.propose(ShardId(0), b"after".to_vec()).await.unwrap();

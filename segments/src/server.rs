@@ -19,7 +19,7 @@ use crate::proto::{
     self, Envelope, FrameReader, ReadError, Request, Response, StatInfo, FRAME_BYTES_MAX,
     HELLO_FRAME_BYTES_MAX, PROTOCOL_VERSION,
 };
-use crate::server_metrics::{op_of, SegmentMetrics};
+use crate::server_metrics::{op_of, Refusal, SegmentMetrics};
 use crate::store::{AppendReq, FragmentKey, Store, StoreError};
 
 /// Requests queued for the store thread before new ones are refused.
@@ -243,6 +243,7 @@ impl SegmentServer {
             // and administrators (repair, compaction), never mounts.
             if msg.body.is_administrative() && !peer.is_admin() {
                 warn!(%peer, "administrative segment request refused");
+                self.metrics.refused(Refusal::Denied);
                 let denied = Response::Error(StoreError::Denied(format!(
                     "{peer} may not free, mark dead or list fragments"
                 )));
@@ -283,6 +284,7 @@ impl SegmentServer {
                 })
                 .is_err()
             {
+                self.metrics.refused(Refusal::Overloaded);
                 let busy =
                     Response::Error(StoreError::Io("segment store overloaded; retry".into()));
                 let _ = tx.send(Envelope { id, body: busy }).await;

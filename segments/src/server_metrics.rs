@@ -27,6 +27,26 @@ impl Op {
     }
 }
 
+/// Why a request was refused (`claudefs_segments_refused_total{reason}`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// The store's queue was full (`STORE_QUEUE_MAX`): the client retries.
+    Overloaded,
+    /// An administrative request from a peer without an admin identity.
+    Denied,
+}
+
+impl Refusal {
+    const ALL: [Refusal; 2] = [Refusal::Overloaded, Refusal::Denied];
+
+    fn name(self) -> &'static str {
+        match self {
+            Refusal::Overloaded => "overloaded",
+            Refusal::Denied => "denied",
+        }
+    }
+}
+
 pub fn op_of(r: &Request) -> Op {
     match r {
         Request::Append { .. } => Op::Append,
@@ -42,6 +62,8 @@ pub struct SegmentMetrics {
     /// Per [`Op`], made once: no label lookup per request.
     requests: Vec<IntCounter>,
     seconds: Vec<Histogram>,
+    /// Per [`Refusal`].
+    refusals: Vec<IntCounter>,
     /// Held from `refresh` through encoding (concurrent scrapes).
     pub scrape: std::sync::Mutex<()>,
     written: IntCounter,
@@ -88,6 +110,18 @@ impl SegmentMetrics {
                 Op::ALL
                     .iter()
                     .map(|o| v.with_label_values(&[o.name()]))
+                    .collect()
+            },
+            refusals: {
+                let v = m::counter_vec(
+                    &r,
+                    "claudefs_segments_refused_total",
+                    "Segment requests refused: the store's queue was full (overloaded) or an administrative request came without an admin identity (denied).",
+                    &["reason"],
+                );
+                Refusal::ALL
+                    .iter()
+                    .map(|x| v.with_label_values(&[x.name()]))
                     .collect()
             },
             scrape: std::sync::Mutex::new(()),
@@ -143,6 +177,11 @@ impl SegmentMetrics {
     pub fn served(&self, op: Op, seconds: f64) {
         self.requests[op as usize].inc();
         self.seconds[op as usize].observe(seconds);
+    }
+
+    /// A request refused for `why`.
+    pub fn refused(&self, why: Refusal) {
+        self.refusals[why as usize].inc();
     }
 
     /// Sets the families kept by the store from its last stat.
