@@ -239,9 +239,42 @@ fn alive(pid: i32) -> bool {
     }
 }
 
-/// The running pid of node `id`, if any.
+/// The running pid of node `id`, if any: the pid file's process must be
+/// alive *and* be that node (its `--config` is this node's config file), so
+/// a stale pid file whose number the kernel gave to another process (a
+/// restarted node of another cluster, say) is never signalled.
 pub fn running_pid(dir: &Path, id: u64) -> Option<i32> {
-    read_pid(dir, id).filter(|p| alive(*p))
+    read_pid(dir, id).filter(|p| alive(*p) && is_node_process(*p, &node_dir(dir, id)))
+}
+
+/// Whether process `pid` runs with `--config <nd>/config.toml` (compared as
+/// canonical paths, so a cluster directory spelled differently still
+/// matches). Where `/proc` cannot tell (not Linux), trusts the pid file.
+fn is_node_process(pid: i32, nd: &Path) -> bool {
+    let proc_dir = PathBuf::from(format!("/proc/{pid}"));
+    let Ok(cmdline) = std::fs::read(proc_dir.join("cmdline")) else {
+        return !Path::new("/proc/self").exists();
+    };
+    let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+    let Some(config) = args
+        .iter()
+        .position(|a| *a == b"--config")
+        .and_then(|i| args.get(i + 1))
+    else {
+        return false;
+    };
+    let config = Path::new(<std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(config));
+    let config = match std::fs::read_link(proc_dir.join("cwd")) {
+        Ok(cwd) => cwd.join(config),
+        Err(_) => config.to_path_buf(),
+    };
+    match (
+        std::fs::canonicalize(&config),
+        std::fs::canonicalize(nd.join("config.toml")),
+    ) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    }
 }
 
 /// Starts node `id` in the background unless it is running.
@@ -380,4 +413,22 @@ pub fn node_binary() -> anyhow::Result<PathBuf> {
         );
     }
     Ok(p)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pid_file_naming_another_process_is_not_a_running_node() {
+        let dir = std::env::temp_dir().join(format!("cfs-running-pid-{}", std::process::id()));
+        let nd = node_dir(&dir, 1);
+        std::fs::create_dir_all(&nd).unwrap();
+        std::fs::write(nd.join("config.toml"), "").unwrap();
+        // This test process is alive but is not node 1.
+        std::fs::write(nd.join("pid"), std::process::id().to_string()).unwrap();
+        assert_eq!(read_pid(&dir, 1), Some(std::process::id() as i32));
+        assert_eq!(running_pid(&dir, 1), None);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
