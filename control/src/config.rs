@@ -90,6 +90,26 @@ pub struct NodeConfig {
     /// No TLS and no authentication: a development cluster only.
     #[serde(default)]
     pub insecure_plaintext: bool,
+    /// The metadata lakehouse (docs/lakehouse.md): this node writes the
+    /// Parquet index of the namespace here (it needs `meta_listen`); none
+    /// when absent.
+    #[serde(default)]
+    pub lakehouse_dir: Option<PathBuf>,
+    /// How often the lakehouse writes what changed (at least 1000).
+    #[serde(default = "default_lakehouse_flush_ms")]
+    pub lakehouse_flush_ms: u64,
+    /// The admin gateway (HTTP API and web UI over the lakehouse of
+    /// `lakehouse_dir`); none when absent.
+    #[serde(default)]
+    pub admin_listen: Option<SocketAddr>,
+    /// The file holding the gateway's token (required with
+    /// `admin_listen`; `cfs up` writes `DIR/admin-token`).
+    #[serde(default)]
+    pub admin_token_file: Option<PathBuf>,
+    /// Files besides the index the gateway's queries may read (a CSV to
+    /// join with).
+    #[serde(default)]
+    pub admin_allow: Vec<PathBuf>,
     /// Mutual TLS material; required unless `insecure_plaintext`.
     #[serde(default)]
     pub tls: Option<TlsSection>,
@@ -139,6 +159,10 @@ pub struct NodeAddr {
     /// node leading the shards.
     #[serde(default)]
     pub meta: Option<SocketAddr>,
+    /// The node's `/health` and `/metrics` address (the admin gateway's
+    /// overview reads every node's).
+    #[serde(default)]
+    pub http: Option<SocketAddr>,
 }
 
 #[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -147,6 +171,10 @@ pub enum LogFormat {
     #[default]
     Console,
     Json,
+}
+
+fn default_lakehouse_flush_ms() -> u64 {
+    60_000
 }
 
 fn default_true() -> bool {

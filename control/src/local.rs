@@ -126,6 +126,61 @@ fn make_certificates(dir: &Path, cluster_id: &str, nodes: u64) -> anyhow::Result
     Ok(())
 }
 
+/// The lakehouse flush interval of a local cluster: 5 s, so that a
+/// report reflects a change within seconds (production default 60 s).
+pub const LAKEHOUSE_FLUSH_MS: u64 = 5_000;
+
+/// The admin gateway's token of the local cluster in `dir`.
+pub fn admin_token_path(dir: &Path) -> PathBuf {
+    dir.join("admin-token")
+}
+
+/// A new random token, readable by its owner only.
+fn write_admin_token(path: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let token: String = (0..32)
+        .map(|_| format!("{:02x}", rand::random::<u8>()))
+        .collect();
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    f.write_all(token.as_bytes())?;
+    Ok(())
+}
+
+/// The admin gateway of the local cluster in `dir`: its address and token.
+pub fn admin_gateway(dir: &Path) -> anyhow::Result<Option<(SocketAddr, String)>> {
+    let Some(c) = load_configs(dir)?
+        .into_iter()
+        .find(|c| c.admin_listen.is_some())
+    else {
+        return Ok(None);
+    };
+    let (Some(addr), Some(tf)) = (c.admin_listen, c.admin_token_file) else {
+        return Ok(None);
+    };
+    let token = std::fs::read_to_string(&tf)
+        .with_context(|| format!("reading the admin token {}", tf.display()))?;
+    Ok(Some((addr, token.trim().to_string())))
+}
+
+/// The lakehouse directory of the local cluster in `dir`.
+pub fn lakehouse_dir(dir: &Path) -> anyhow::Result<PathBuf> {
+    load_configs(dir)?
+        .into_iter()
+        .find_map(|c| c.lakehouse_dir)
+        .with_context(|| {
+            format!(
+                "no node of the cluster in {} keeps a lakehouse",
+                dir.display()
+            )
+        })
+}
+
 /// Writes the configs of a new cluster, or loads the existing ones.
 pub fn ensure_configs(
     dir: &Path,
@@ -155,6 +210,7 @@ pub fn ensure_configs(
             addr: SocketAddr::from(([127, 0, 0, 1], free_port(&mut taken)?)),
             segments: Some(SocketAddr::from(([127, 0, 0, 1], free_port(&mut taken)?))),
             meta: Some(SocketAddr::from(([127, 0, 0, 1], free_port(&mut taken)?))),
+            http: Some(SocketAddr::from(([127, 0, 0, 1], free_port(&mut taken)?))),
         });
     }
     let cluster_id = format!("cfs-{:08x}", rand::random::<u32>());
@@ -162,6 +218,8 @@ pub fn ensure_configs(
         make_certificates(dir, &cluster_id, nodes)?;
     }
     let td = std::path::absolute(tls_dir(dir))?;
+    let token_file = std::path::absolute(admin_token_path(dir))?;
+    write_admin_token(&token_file)?;
     let mut out = Vec::new();
     for a in &addrs {
         let nd = node_dir(dir, a.id);
@@ -170,7 +228,7 @@ pub fn ensure_configs(
             cluster_id: cluster_id.clone(),
             node_id: a.id,
             listen: a.addr,
-            http: SocketAddr::from(([127, 0, 0, 1], free_port(&mut taken)?)),
+            http: a.http.unwrap_or(SocketAddr::from(([127, 0, 0, 1], 0))),
             data_dir: nd.join("data"),
             shards: (0..shards).map(cfs_log::ShardId).collect(),
             tick_ms: 10,
@@ -194,6 +252,15 @@ pub fn ensure_configs(
                 key: td.join(format!("node-{}.key", a.id)),
                 enroll_ca_dir: Some(td.clone()),
             }),
+            // Node 1 keeps the lakehouse and serves the admin gateway.
+            lakehouse_dir: (a.id == 1).then(|| nd.join("data").join("lakehouse")),
+            lakehouse_flush_ms: LAKEHOUSE_FLUSH_MS,
+            admin_listen: (a.id == 1)
+                .then(|| free_port(&mut taken))
+                .transpose()?
+                .map(|p| SocketAddr::from(([127, 0, 0, 1], p))),
+            admin_token_file: (a.id == 1).then(|| token_file.clone()),
+            admin_allow: Vec::new(),
             nodes: addrs.clone(),
             dial: Vec::new(),
         };

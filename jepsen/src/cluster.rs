@@ -102,6 +102,7 @@ impl TestCluster {
                     addr: link.listen,
                     segments: None,
                     meta: None,
+                    http: None,
                 });
                 links.insert((from, to), link);
             }

@@ -147,6 +147,26 @@ impl NamespaceDb {
         Ok(out)
     }
 
+    /// Calls `f` with every key under `prefix` and its value, in key
+    /// order, from one iterator (one consistent view of the database).
+    pub fn for_each_prefixed(
+        &self,
+        prefix: &[u8],
+        mut f: impl FnMut(&[u8], &[u8]) -> Result<(), DbError>,
+    ) -> Result<(), DbError> {
+        let mut ro = rocksdb::ReadOptions::default();
+        ro.set_iterate_upper_bound(keys::prefix_end(prefix));
+        let it = self.db.iterator_opt(
+            rocksdb::IteratorMode::From(prefix, rocksdb::Direction::Forward),
+            ro,
+        );
+        for kv in it {
+            let (k, v) = kv?;
+            f(&k, &v)?;
+        }
+        Ok(())
+    }
+
     /// Position of the next entry of `shard` to apply.
     pub fn applied(&self, shard: ShardId) -> Result<Position, DbError> {
         Ok(self

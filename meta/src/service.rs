@@ -362,6 +362,17 @@ impl MetaService {
     }
 
     /// Applied position of each shard.
+    /// The namespace database and a subscription to what changes in it
+    /// from now on (the lakehouse follows both).
+    pub fn namespace(&self) -> (Arc<NamespaceDb>, broadcast::Receiver<Change>) {
+        (self.inner.db.clone(), self.inner.changes.subscribe())
+    }
+
+    /// The shards this service materializes.
+    pub fn shards(&self) -> Vec<ShardId> {
+        self.inner.shard_list.clone()
+    }
+
     pub fn applied(&self) -> Vec<(ShardId, Position)> {
         let mut v: Vec<_> = self
             .inner

@@ -9,8 +9,8 @@
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 pub use prometheus::{
-    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry,
+    Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry,
 };
 
 /// The prefix of every family.
@@ -43,6 +43,14 @@ fn register<C: prometheus::core::Collector + Clone + 'static>(reg: &Registry, c:
     reg.register(Box::new(c.clone()))
         .expect("metric families have distinct names");
     c
+}
+
+/// A floating-point gauge (a timestamp in seconds) registered in `reg`.
+pub fn float_gauge(reg: &Registry, name: &str, help: &str) -> Gauge {
+    register(
+        reg,
+        Gauge::with_opts(Opts::new(checked(name), help)).expect("valid gauge"),
+    )
 }
 
 /// A counter registered in `reg`.

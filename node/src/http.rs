@@ -18,6 +18,8 @@ pub struct Services {
     pub log: LogNode,
     pub segments: Option<SegmentServer>,
     pub meta: Option<cfs_meta::MetaService>,
+    pub lakehouse: Option<std::sync::Arc<cfs_lakehouse::Lakehouse>>,
+    pub admin: Option<std::sync::Arc<cfs_admin::http::Gateway>>,
 }
 
 async fn health(State(s): State<Services>) -> impl IntoResponse {
@@ -73,6 +75,12 @@ async fn metrics(State(s): State<Services>) -> impl IntoResponse {
     }
     if let Some(m) = &s.meta {
         text.push_str(&m.metrics_text());
+    }
+    if let Some(l) = &s.lakehouse {
+        text.push_str(&l.metrics_text());
+    }
+    if let Some(a) = &s.admin {
+        text.push_str(&a.metrics_text());
     }
     ([("content-type", cfs_metrics::CONTENT_TYPE)], text)
 }

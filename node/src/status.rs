@@ -158,11 +158,21 @@ pub fn gather(dir: &Path) -> anyhow::Result<ClusterStatus> {
         .first()
         .map(|c| c.cluster_id.clone())
         .unwrap_or_default();
+    let nodes: Vec<(u64, SocketAddr)> = cfgs.iter().map(|c| (c.node_id, c.http)).collect();
+    Ok(gather_nodes(cluster_id, &nodes, local_mount(dir)))
+}
+
+/// Reads the `/health` and `/metrics` of `nodes` (id, HTTP address).
+pub fn gather_nodes(
+    cluster_id: String,
+    cfgs: &[(u64, SocketAddr)],
+    mount: Option<MountStatus>,
+) -> ClusterStatus {
     let mut nodes = Vec::new();
     let mut shards: BTreeMap<String, ShardRow> = BTreeMap::new();
     let mut inodes = None;
-    for c in &cfgs {
-        let health = cluster::http_get(c.http, "/health");
+    for &(node_id, http) in cfgs {
+        let health = cluster::http_get(http, "/health");
         let (health, problems) = match &health {
             Ok((code, body)) => {
                 let v: serde_json::Value = serde_json::from_str(body).unwrap_or_default();
@@ -179,16 +189,12 @@ pub fn gather(dir: &Path) -> anyhow::Result<ClusterStatus> {
             }
             Err(e) => ("down".to_string(), vec![e.to_string()]),
         };
-        let m = if health == "down" {
-            None
-        } else {
-            scrape(c.http)
-        };
+        let m = if health == "down" { None } else { scrape(http) };
         let mut n = NodeStatus {
-            node_id: c.node_id,
+            node_id,
             health,
             problems,
-            metrics_url: metrics_url(c.http),
+            metrics_url: metrics_url(http),
             version: None,
             shards_led: 0,
             shards: 0,
@@ -215,7 +221,7 @@ pub fn gather(dir: &Path) -> anyhow::Result<ClusterStatus> {
                 });
                 if s.value == 1.0 {
                     n.shards_led += 1;
-                    row.leader = Some(c.node_id);
+                    row.leader = Some(node_id);
                 }
             }
             let per_shard = |name: &str| {
@@ -265,9 +271,9 @@ pub fn gather(dir: &Path) -> anyhow::Result<ClusterStatus> {
             r.trimmed = 0;
         }
     }
-    let mounts = local_mount(dir).into_iter().collect::<Vec<_>>();
+    let mounts = mount.into_iter().collect::<Vec<_>>();
     let nodes_up = nodes.iter().filter(|n| n.health != "down").count();
-    Ok(ClusterStatus {
+    ClusterStatus {
         cluster_id,
         healthy: nodes.iter().all(|n| n.health == "ok")
             && shards.values().all(|r| r.leader.is_some()),
@@ -278,7 +284,7 @@ pub fn gather(dir: &Path) -> anyhow::Result<ClusterStatus> {
         nodes,
         shards: shards.into_values().collect(),
         mounts,
-    })
+    }
 }
 
 /// The mount `cfs up --mount` started (`DIR/mount/metrics-url`).

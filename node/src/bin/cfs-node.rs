@@ -97,10 +97,36 @@ async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
         ),
         None => None,
     };
+    let lakehouse = match (&cfg.lakehouse_dir, &meta) {
+        (Some(dir), Some(meta)) => {
+            let (db, changes) = meta.namespace();
+            Some(std::sync::Arc::new(
+                cfs_lakehouse::Lakehouse::start(
+                    cfs_lakehouse::LakehouseConfig {
+                        dir: dir.clone(),
+                        flush_interval: std::time::Duration::from_millis(cfg.lakehouse_flush_ms),
+                        shards: meta.shards(),
+                        threads: 2,
+                    },
+                    db,
+                    changes,
+                )
+                .context("starting the lakehouse")?,
+            ))
+        }
+        (Some(_), None) => anyhow::bail!("lakehouse_dir needs meta_listen (the namespace)"),
+        _ => None,
+    };
+    let admin = match cfg.admin_listen {
+        Some(listen) => Some(cfs_node::gateway::start(&cfg, listen).await?),
+        None => None,
+    };
     let services = cfs_node::http::Services {
         log: node.clone(),
         segments,
         meta,
+        lakehouse,
+        admin,
     };
     let http = tokio::spawn(cfs_node::http::serve(cfg.http, services));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

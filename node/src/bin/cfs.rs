@@ -98,6 +98,22 @@ enum Cmd {
         #[arg(long, default_value_t = 1)]
         runs: u64,
     },
+    /// The metadata lakehouse at scale: ingest, Parquet flush, namespace
+    /// scan and report latency (see bench/lakehouse.sh); JSON on stdout.
+    LakehouseBench {
+        /// Scratch directory (the index and a scratch namespace).
+        #[arg(long)]
+        dir: PathBuf,
+        /// Synthetic namespace changes (two per file: inode and name).
+        #[arg(long, default_value_t = 10_000_000)]
+        entries: u64,
+        /// Changes written into a real namespace RocksDB and scanned back.
+        #[arg(long, default_value_t = 2_000_000)]
+        scan_entries: u64,
+        /// Runs of each report (the median is printed).
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+    },
     /// Time file system workloads in DIR (see bench/fs.sh).
     Fsbench {
         dir: PathBuf,
@@ -250,6 +266,49 @@ enum CaCmd {
 
 #[derive(Subcommand)]
 enum AdminCmd {
+    /// SQL over the metadata lakehouse: the current namespace is the view
+    /// `files`; `'index/**/*.parquet'` reads the files directly.
+    Query {
+        #[command(flatten)]
+        index: cfs_node::admin_cli::IndexArgs,
+        /// One SELECT statement.
+        sql: String,
+    },
+    /// Space by owner.
+    TopUsers {
+        #[command(flatten)]
+        index: cfs_node::admin_cli::IndexArgs,
+    },
+    /// The largest directories N levels below the root.
+    TopDirs {
+        #[command(flatten)]
+        index: cfs_node::admin_cli::IndexArgs,
+        #[arg(long, default_value_t = 2)]
+        depth: usize,
+    },
+    /// Names matching a glob ('*.h5'; with a '/', the whole path).
+    Find {
+        #[command(flatten)]
+        index: cfs_node::admin_cli::IndexArgs,
+        pattern: String,
+    },
+    /// Files neither read nor written for N days.
+    Stale {
+        #[command(flatten)]
+        index: cfs_node::admin_cli::IndexArgs,
+        #[arg(long, default_value_t = 180)]
+        days: u32,
+    },
+    /// Files and bytes by type (extension).
+    Types {
+        #[command(flatten)]
+        index: cfs_node::admin_cli::IndexArgs,
+    },
+    /// Space saved by data reduction, by top-level directory.
+    ReductionReport {
+        #[command(flatten)]
+        index: cfs_node::admin_cli::IndexArgs,
+    },
     /// One-time mount tokens.
     #[command(subcommand)]
     Token(TokenCmd),
@@ -353,6 +412,17 @@ fn admin_status(dir: &Path, json: bool, watch: Option<u64>) -> anyhow::Result<()
 fn admin_cmd(c: AdminCmd) -> anyhow::Result<()> {
     match c {
         AdminCmd::Status { dir, json, watch } => admin_status(&dir, json, watch)?,
+        AdminCmd::Query { index, sql } => {
+            cfs_node::admin_cli::run(&index, cfs_node::admin_cli::Ask::Sql(sql))?
+        }
+        AdminCmd::TopUsers { index } => report(&index, "top-users", None, None, None)?,
+        AdminCmd::TopDirs { index, depth } => report(&index, "top-dirs", Some(depth), None, None)?,
+        AdminCmd::Find { index, pattern } => report(&index, "find", None, Some(&pattern), None)?,
+        AdminCmd::Stale { index, days } => report(&index, "stale", None, None, Some(days))?,
+        AdminCmd::Types { index } => report(&index, "types", None, None, None)?,
+        AdminCmd::ReductionReport { index } => {
+            report(&index, "reduction-report", None, None, None)?
+        }
         AdminCmd::Token(TokenCmd::Create {
             ca_dir,
             dir,
@@ -383,6 +453,17 @@ fn admin_cmd(c: AdminCmd) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+fn report(
+    index: &cfs_node::admin_cli::IndexArgs,
+    name: &str,
+    depth: Option<usize>,
+    pattern: Option<&str>,
+    days: Option<u32>,
+) -> anyhow::Result<()> {
+    let r = cfs_admin::Report::parse(name, index.limit, depth, pattern, days)?;
+    cfs_node::admin_cli::run(index, cfs_node::admin_cli::Ask::Report(r))
 }
 
 fn parse_id_map(s: &str) -> Result<(u32, u32), String> {
@@ -839,6 +920,12 @@ fn main() -> anyhow::Result<()> {
                     c.node_id, c.listen, c.http
                 );
             }
+            if let Some((addr, _)) = cluster::admin_gateway(&dir)? {
+                println!(
+                    "  admin gateway and web UI: http://{addr} (token in {})",
+                    cluster::admin_token_path(&dir).display()
+                );
+            }
             if let Some(mnt) = mount {
                 cfs_node::mounts::start_mount(&dir, &mnt, &mount_opts)?;
                 println!("mounted at {}", mnt.canonicalize()?.display());
@@ -847,6 +934,15 @@ fn main() -> anyhow::Result<()> {
         Cmd::Ca(c) => ca_cmd(c)?,
         Cmd::Admin(c) => admin_cmd(c)?,
         Cmd::Mount(a) => mount_cmd(a)?,
+        Cmd::LakehouseBench {
+            dir,
+            entries,
+            scan_entries,
+            runs,
+        } => {
+            let r = cfs_node::lakebench::run(&dir, entries, scan_entries, runs)?;
+            println!("{}", serde_json::to_string_pretty(&r)?);
+        }
         Cmd::Fsbench {
             dir,
             files,

@@ -1,0 +1,164 @@
+//! The shortcuts (`cfs admin top-users` …): SQL over the `files` view,
+//! the same from the CLI, the HTTP API and the web UI. Sizes count each
+//! inode once (a hard-linked file is one file); only regular files hold
+//! data.
+
+use crate::AdminError;
+
+/// A shortcut and its parameters.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Report {
+    TopUsers { limit: usize },
+    TopDirs { depth: usize, limit: usize },
+    Find { pattern: String, limit: usize },
+    Stale { days: u32, limit: usize },
+    Types { limit: usize },
+    Reduction { limit: usize },
+}
+
+/// Deepest `top-dirs --depth`.
+pub const DEPTH_MAX: usize = 64;
+/// What `reduction-report` says until data reduction exists.
+pub const NO_REDUCTION: &str = "Data reduction (dedupe, compression) is not in ClaudeFS yet: \
+stored_bytes are the bytes written to extents (before erasure coding), so nothing is saved.";
+
+fn quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+/// Regular files, one row per inode (a hard-linked file by its first
+/// path in byte order).
+const FILES_ONCE: &str =
+    "(SELECT DISTINCT ON (inode) * FROM files WHERE kind = 'file' ORDER BY inode, path)";
+
+impl Report {
+    /// A report by its CLI/HTTP name.
+    pub fn parse(
+        name: &str,
+        limit: Option<usize>,
+        depth: Option<usize>,
+        pattern: Option<&str>,
+        days: Option<u32>,
+    ) -> Result<Report, AdminError> {
+        Ok(match name {
+            "top-users" => Report::TopUsers {
+                limit: limit.unwrap_or(20),
+            },
+            "top-dirs" => {
+                let depth = depth.unwrap_or(2);
+                if !(1..=DEPTH_MAX).contains(&depth) {
+                    return Err(AdminError::Refused(format!(
+                        "--depth {depth}: from 1 to {DEPTH_MAX}"
+                    )));
+                }
+                Report::TopDirs {
+                    depth,
+                    limit: limit.unwrap_or(20),
+                }
+            }
+            "find" => Report::Find {
+                pattern: pattern
+                    .filter(|p| !p.is_empty())
+                    .ok_or_else(|| {
+                        AdminError::Refused("find needs a pattern (e.g. '*.h5')".into())
+                    })?
+                    .to_string(),
+                limit: limit.unwrap_or(1000),
+            },
+            "stale" => Report::Stale {
+                days: days.unwrap_or(180),
+                limit: limit.unwrap_or(1000),
+            },
+            "types" => Report::Types {
+                limit: limit.unwrap_or(50),
+            },
+            "reduction-report" => Report::Reduction {
+                limit: limit.unwrap_or(20),
+            },
+            other => {
+                return Err(AdminError::Refused(format!(
+                    "no report {other:?}: top-users, top-dirs, find, stale, types, reduction-report"
+                )))
+            }
+        })
+    }
+
+    pub fn sql(&self) -> String {
+        match self {
+            Report::TopUsers { limit } => format!(
+                "SELECT owner_name, owner_uid, count(*) AS files, sum(size_bytes) AS bytes \
+                 FROM {FILES_ONCE} GROUP BY owner_name, owner_uid \
+                 ORDER BY bytes DESC, owner_name LIMIT {limit}"
+            ),
+            Report::TopDirs { depth, limit } => format!(
+                "SELECT array_to_string(list_slice(string_split(path, '/'), 1, {d}), '/') AS dir, \
+                 count(*) AS files, sum(size_bytes) AS bytes \
+                 FROM {FILES_ONCE} WHERE len(string_split(path, '/')) > {d} \
+                 GROUP BY dir ORDER BY bytes DESC, dir LIMIT {limit}",
+                d = depth + 1
+            ),
+            Report::Find { pattern, limit } => {
+                // A pattern with a '/' matches the whole path, else the
+                // name (as `find -path` and `find -name`).
+                let col = if pattern.contains('/') {
+                    "path"
+                } else {
+                    "filename"
+                };
+                format!(
+                    "SELECT path, size_bytes, owner_name, mtime FROM files \
+                     WHERE {col} GLOB {} ORDER BY path LIMIT {limit}",
+                    quote(pattern)
+                )
+            }
+            Report::Stale { days, limit } => format!(
+                "SELECT path, size_bytes, owner_name, greatest(atime, mtime) AS last_access \
+                 FROM files WHERE kind = 'file' \
+                 AND greatest(atime, mtime) < now() - to_days(CAST({days} AS INTEGER)) \
+                 ORDER BY last_access, path LIMIT {limit}"
+            ),
+            Report::Types { limit } => format!(
+                "SELECT file_type, count(*) AS files, sum(size_bytes) AS bytes \
+                 FROM {FILES_ONCE} GROUP BY file_type ORDER BY bytes DESC, file_type LIMIT {limit}"
+            ),
+            Report::Reduction { limit } => format!(
+                "SELECT array_to_string(list_slice(string_split(path, '/'), 1, 2), '/') AS dir, \
+                 sum(size_bytes) AS bytes, sum(blocks_stored) AS stored_bytes, \
+                 CAST(0 AS UBIGINT) AS saved_bytes \
+                 FROM {FILES_ONCE} WHERE len(string_split(path, '/')) > 2 \
+                 GROUP BY dir ORDER BY bytes DESC, dir LIMIT {limit}"
+            ),
+        }
+    }
+
+    pub fn note(&self) -> Option<String> {
+        match self {
+            Report::Reduction { .. } => Some(NO_REDUCTION.to_string()),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_and_bad_parameters() {
+        assert_eq!(
+            Report::parse("top-dirs", None, Some(3), None, None).unwrap(),
+            Report::TopDirs {
+                depth: 3,
+                limit: 20
+            }
+        );
+        assert!(Report::parse("top-dirs", None, Some(0), None, None).is_err());
+        assert!(Report::parse("find", None, None, None, None).is_err());
+        assert!(Report::parse("drop-table", None, None, None, None).is_err());
+        // A quote in a pattern stays inside the string literal.
+        let sql = Report::parse("find", None, None, Some("a'; DROP TABLE files; --"), None)
+            .unwrap()
+            .sql();
+        assert!(sql.contains("'a''; DROP TABLE files; --'"));
+    }
+}
