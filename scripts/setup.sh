@@ -22,7 +22,7 @@ if ! command -v cargo >/dev/null 2>&1; then
   [ -x "$HOME/.cargo/bin/cargo" ] && export PATH="$HOME/.cargo/bin:$PATH"
 fi
 if ! command -v cargo >/dev/null 2>&1; then
-  echo "setup: no Rust toolchain found; install one with rustup (https://rustup.rs), Rust >= 1.80" >&2
+  echo "setup: no Rust toolchain found; install one with rustup (https://rustup.rs), Rust >= 1.88" >&2
   exit 1
 fi
 rustup component list --installed 2>/dev/null | grep -q clippy || rustup component add clippy rustfmt 2>/dev/null || true

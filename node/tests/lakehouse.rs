@@ -240,7 +240,7 @@ fn make_tree(root: &Path) {
             std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o640)).expect("chmod");
         }
     }
-    std::fs::hard_link(root.join("data/f00.txt"), root.join("proj/hard.txt")).expect("link");
+    std::fs::hard_link(root.join("data/f00.py"), root.join("proj/hard.txt")).expect("link");
     std::os::unix::fs::symlink("data/f01.py", root.join("sym")).expect("symlink");
     let fifo = std::ffi::CString::new(root.join("fifo").as_os_str().as_encoded_bytes()).unwrap();
     // SAFETY: mkfifo with a NUL-terminated path.
@@ -332,7 +332,7 @@ fn the_index_equals_the_mount_through_changes_restarts_and_loss() {
     check_reports(&gw, &m.path);
 
     // Deletes and a directory rename (every path beneath changes).
-    std::fs::remove_file(m.path.join("data/f03.txt")).unwrap();
+    std::fs::remove_file(m.path.join("data/f03.h5")).unwrap();
     std::fs::remove_dir_all(m.path.join("proj/beta/deep")).unwrap();
     std::fs::rename(m.path.join("proj"), m.path.join("projects")).unwrap();
     std::fs::write(m.path.join("projects/alpha/new.h5"), b"fresh").unwrap();
