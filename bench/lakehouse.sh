@@ -52,17 +52,23 @@ PY
 LOAD_PID=$!
 python3 - "$CL" "$MNT" "$RUNS" "$WORK/fresh.json" <<'PY'
 import json, os, re, statistics, sys, time, urllib.parse, urllib.request
+sys.path.insert(0, "admin/tests")
+import cfs_https
 cl, mnt, runs, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 cfg = open(os.path.join(cl, "node-1", "config.toml")).read()
 addr = re.search(r'admin_listen\s*=\s*"([^"]+)"', cfg).group(1)
 flush_ms = int(re.search(r'lakehouse_flush_ms\s*=\s*(\d+)', cfg).group(1))
 token = open(os.path.join(cl, "admin-token")).read().strip()
+# The gateway is HTTPS under node 1's certificate (name node.cfs.internal).
+ip, port = addr.rsplit(":", 1)
+cfs_https.resolve("node.cfs.internal", ip)
+tls = cfs_https.context(os.path.join(cl, "tls", "ca.crt"))
 def find(pattern):
     q = urllib.parse.urlencode({"pattern": pattern})
-    req = urllib.request.Request(f"http://{addr}/api/reports/find?{q}",
+    req = urllib.request.Request(f"https://node.cfs.internal:{port}/api/reports/find?{q}",
                                  headers={"Authorization": f"Bearer {token}"})
     try:
-        with urllib.request.urlopen(req, timeout=30) as r:
+        with urllib.request.urlopen(req, timeout=30, context=tls) as r:
             return json.load(r)
     except urllib.error.HTTPError:
         return None

@@ -1,20 +1,27 @@
 //! The gateway over HTTP (axum): the UI's files and `/health`, `/metrics`
-//! open; everything under `/api` needs the cluster's admin token, as
-//! `Authorization: Bearer T` or the cookie `/login` sets. Read-only: the
-//! engine runs nothing but SELECT.
+//! open; everything under `/api` needs an administrator: a client
+//! certificate of the cluster's CA naming an administrator or a node
+//! (mutual TLS), or the cluster's admin token, as `Authorization: Bearer
+//! T` or the cookie `/login` sets. When the cluster uses TLS the gateway
+//! speaks only HTTPS ([`cfs_net::Security::accept_https`]). Read-only:
+//! the engine runs nothing but SELECT.
 
+use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::body::Body;
-use axum::extract::{Path, Query, State};
+use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Form, Json, Router};
 use cfs_metrics::{self as m, Histogram, IntCounterVec};
+use cfs_net::{Peer, Principal, Security};
 use serde::Deserialize;
-use tracing::{info, info_span, Instrument};
+use tracing::{info, info_span, warn, Instrument};
 
 use crate::answer::{Answer, Format};
 use crate::{AdminError, Engine, Report};
@@ -23,6 +30,33 @@ use crate::{AdminError, Engine, Report};
 pub const COOKIE: &str = "cfs_admin";
 /// Request bodies larger than this are refused.
 const BODY_BYTES_MAX: usize = 256 << 10;
+/// Connections served at once; one more is closed at accept.
+pub const CONNECTIONS_MAX: usize = 256;
+/// How long a client may take to send a request's headers (a slow-loris
+/// connection is closed after this).
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Pause after a failed accept (out of descriptors) before the next.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Who sent a request: the connection's peer, as [`serve`] saw it.
+#[derive(Clone, Debug)]
+pub struct Caller {
+    pub addr: SocketAddr,
+    pub peer: Peer,
+    /// The connection is TLS (the login cookie is then `Secure`).
+    pub tls: bool,
+}
+
+impl Caller {
+    /// Whether the connection itself proves an administrator: a
+    /// certificate of the cluster's CA naming an administrator or a node.
+    fn is_admin(&self) -> bool {
+        matches!(
+            self.peer,
+            Peer::Cert(Principal::Admin(_) | Principal::Node(_))
+        )
+    }
+}
 
 /// Cluster health and capacity for the overview, from the nodes.
 pub type Overview = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
@@ -85,8 +119,13 @@ impl Gateway {
             .inc();
     }
 
-    /// Whether the request carries the token (header or cookie).
-    fn authorized(&self, headers: &HeaderMap) -> bool {
+    /// Whether the request comes from an administrator: by its
+    /// connection's certificate, or by the token (header or cookie).
+    fn authorized(&self, headers: &HeaderMap, caller: Option<&Caller>) -> bool {
+        caller.is_some_and(Caller::is_admin) || self.has_token(headers)
+    }
+
+    fn has_token(&self, headers: &HeaderMap) -> bool {
         let bearer = headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
@@ -119,6 +158,30 @@ fn error(status: StatusCode, msg: impl Into<String>) -> Response {
 fn from_admin(e: &AdminError) -> Response {
     let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     error(status, e.to_string())
+}
+
+/// Whether the request comes from an administrator (`Gateway::authorized`);
+/// a refusal is logged with the peer.
+struct Authed(bool);
+
+#[axum::async_trait]
+impl FromRequestParts<Arc<Gateway>> for Authed {
+    type Rejection = Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, g: &Arc<Gateway>) -> Result<Self, Infallible> {
+        let caller = parts.extensions.get::<Caller>();
+        let ok = g.authorized(&parts.headers, caller);
+        if !ok {
+            match caller {
+                Some(c) => warn!(addr = %c.addr, peer = %c.peer, path = %parts.uri.path(),
+                    "admin gateway: unauthenticated request refused"),
+                None => {
+                    warn!(path = %parts.uri.path(), "admin gateway: unauthenticated request refused")
+                }
+            }
+        }
+        Ok(Authed(ok))
+    }
 }
 
 fn unauthorized() -> Response {
@@ -162,10 +225,56 @@ pub fn router(g: Arc<Gateway>) -> Router {
         .with_state(g)
 }
 
-/// Serves the gateway on `listener` until the process ends.
-pub async fn serve(listener: tokio::net::TcpListener, g: Arc<Gateway>) -> std::io::Result<()> {
-    info!(addr = ?listener.local_addr().ok(), "admin gateway listening");
-    axum::serve(listener, router(g)).await
+/// Serves the gateway on `listener` until the process ends: HTTPS when
+/// `security` is TLS (the cluster's), plain HTTP only on a development
+/// cluster. At most [`CONNECTIONS_MAX`] connections, each with
+/// [`HEADER_READ_TIMEOUT`] per request's headers and the TLS handshake
+/// bounded by `cfs_net`.
+pub async fn serve(listener: tokio::net::TcpListener, g: Arc<Gateway>, security: Security) {
+    let tls = security.is_tls();
+    info!(addr = ?listener.local_addr().ok(), tls, "admin gateway listening");
+    let app = router(g);
+    let slots = Arc::new(tokio::sync::Semaphore::new(CONNECTIONS_MAX));
+    loop {
+        let (sock, addr) = match listener.accept().await {
+            Ok(a) => a,
+            Err(e) => {
+                warn!("admin gateway: accept: {e}");
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+                continue;
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            warn!(%addr, "admin gateway: connection refused, {CONNECTIONS_MAX} already open");
+            continue;
+        };
+        let (app, security) = (app.clone(), security.clone());
+        tokio::spawn(async move {
+            let _slot = slot;
+            let (io, peer) = match security.accept_https(sock).await {
+                Ok(c) => c,
+                Err(e) => {
+                    warn!(%addr, "admin gateway: connection refused: {e}");
+                    return;
+                }
+            };
+            let caller = Caller { addr, peer, tls };
+            let svc =
+                hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let mut req = req.map(Body::new);
+                    req.extensions_mut().insert(caller.clone());
+                    tower::ServiceExt::oneshot(app.clone(), req)
+                });
+            let served = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .serve_connection(hyper_util::rt::TokioIo::new(io), svc)
+                .await;
+            if let Err(e) = served {
+                info!(%addr, "admin gateway: connection ended: {e}");
+            }
+        });
+    }
 }
 
 async fn metrics(State(g): State<Arc<Gateway>>) -> Response {
@@ -181,13 +290,28 @@ struct LoginForm {
     token: String,
 }
 
-async fn login(State(g): State<Arc<Gateway>>, Form(f): Form<LoginForm>) -> Response {
+async fn login(
+    State(g): State<Arc<Gateway>>,
+    caller: Option<axum::Extension<Caller>>,
+    Form(f): Form<LoginForm>,
+) -> Response {
     if !equal(&f.token, &g.token) {
         g.count("login", StatusCode::UNAUTHORIZED);
+        if let Some(axum::Extension(c)) = &caller {
+            warn!(addr = %c.addr, peer = %c.peer, "admin gateway: login with a wrong token");
+        }
         return error(StatusCode::UNAUTHORIZED, "wrong token");
     }
     g.count("login", StatusCode::SEE_OTHER);
-    let cookie = format!("{COOKIE}={}; HttpOnly; SameSite=Strict; Path=/", f.token);
+    let secure = if caller.is_some_and(|c| c.tls) {
+        "; Secure"
+    } else {
+        ""
+    };
+    let cookie = format!(
+        "{COOKIE}={}; HttpOnly; SameSite=Strict; Path=/{secure}",
+        f.token
+    );
     Response::builder()
         .status(StatusCode::SEE_OTHER)
         .header(header::LOCATION, "/")
@@ -217,26 +341,26 @@ struct QueryParams {
 
 async fn query_get(
     State(g): State<Arc<Gateway>>,
-    headers: HeaderMap,
+    auth: Authed,
     Query(q): Query<QueryParams>,
 ) -> Response {
-    run_query(g, headers, q).await
+    run_query(g, auth, q).await
 }
 
 async fn query_post(
     State(g): State<Arc<Gateway>>,
-    headers: HeaderMap,
+    auth: Authed,
     body: axum::body::Bytes,
 ) -> Response {
     let q: QueryParams = match serde_json::from_slice(&body) {
         Ok(q) => q,
         Err(e) => return error(StatusCode::BAD_REQUEST, format!("body: {e}")),
     };
-    run_query(g, headers, q).await
+    run_query(g, auth, q).await
 }
 
-async fn run_query(g: Arc<Gateway>, headers: HeaderMap, q: QueryParams) -> Response {
-    if !g.authorized(&headers) {
+async fn run_query(g: Arc<Gateway>, auth: Authed, q: QueryParams) -> Response {
+    if !auth.0 {
         g.count("query", StatusCode::UNAUTHORIZED);
         return unauthorized();
     }
@@ -337,11 +461,11 @@ struct ReportParams {
 
 async fn report(
     State(g): State<Arc<Gateway>>,
-    headers: HeaderMap,
+    auth: Authed,
     Path(name): Path<String>,
     Query(p): Query<ReportParams>,
 ) -> Response {
-    if !g.authorized(&headers) {
+    if !auth.0 {
         g.count("report", StatusCode::UNAUTHORIZED);
         return unauthorized();
     }
@@ -367,8 +491,8 @@ async fn report(
     respond(&g, "report", a, format)
 }
 
-async fn overview(State(g): State<Arc<Gateway>>, headers: HeaderMap) -> Response {
-    if !g.authorized(&headers) {
+async fn overview(State(g): State<Arc<Gateway>>, auth: Authed) -> Response {
+    if !auth.0 {
         g.count("overview", StatusCode::UNAUTHORIZED);
         return unauthorized();
     }
@@ -384,8 +508,8 @@ async fn overview(State(g): State<Arc<Gateway>>, headers: HeaderMap) -> Response
     Json(serde_json::json!({ "cluster": cluster, "index": index })).into_response()
 }
 
-async fn index(State(g): State<Arc<Gateway>>, headers: HeaderMap) -> Response {
-    if !g.authorized(&headers) {
+async fn index(State(g): State<Arc<Gateway>>, auth: Authed) -> Response {
+    if !auth.0 {
         g.count("index", StatusCode::UNAUTHORIZED);
         return unauthorized();
     }

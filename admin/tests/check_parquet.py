@@ -4,7 +4,11 @@ pyarrow and polars each read the files the manifest names (and the seed's
 glob) and find the expected rows and columns; the gateway's Arrow IPC
 answer decodes in pyarrow.
 
-usage: check_parquet.py LAKEHOUSE_DIR EXPECTED_ROWS GATEWAY_URL TOKEN
+usage: check_parquet.py LAKEHOUSE_DIR EXPECTED_ROWS GATEWAY_URL TOKEN [CA HOST:IP]
+
+With CA (the cluster's ca.crt) the gateway is HTTPS and its certificate is
+checked against it; HOST:IP makes the certificate's name resolve to the
+gateway's address.
 """
 import json
 import os
@@ -18,6 +22,8 @@ import pyarrow as pa
 import pyarrow.ipc
 import pyarrow.parquet as pq
 
+import cfs_https
+
 SEED_COLUMNS = [
     "inode", "path", "filename", "parent_path", "owner_uid", "owner_name",
     "group_gid", "group_name", "size_bytes", "blocks_stored", "mtime", "ctime",
@@ -27,6 +33,10 @@ SEED_COLUMNS = [
 
 def main():
     lake, want, url, token = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    tls = None
+    if len(sys.argv) > 6:
+        cfs_https.resolve(*sys.argv[6].split(":", 1))
+        tls = cfs_https.context(sys.argv[5])
     with open(os.path.join(lake, "index.json")) as f:
         manifest = json.load(f)
     files = [os.path.join(lake, p) for p in manifest["files"]]
@@ -59,7 +69,7 @@ def main():
 
     q = urllib.parse.urlencode({"sql": "SELECT path, size_bytes FROM files ORDER BY path", "format": "arrow"})
     req = urllib.request.Request(f"{url}/api/query?{q}", headers={"Authorization": f"Bearer {token}"})
-    with urllib.request.urlopen(req, timeout=60) as r:
+    with urllib.request.urlopen(req, timeout=60, context=tls) as r:
         assert r.headers["Content-Type"].startswith("application/vnd.apache.arrow.stream")
         assert r.headers["X-Cfs-Index-Timestamp"], "index timestamp header"
         ipc = pa.ipc.open_stream(r.read()).read_all()

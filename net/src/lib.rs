@@ -1,7 +1,8 @@
 //! Connections between ClaudeFS processes.
 //!
 //! Every listener (log, segments, metadata) accepts through
-//! [`Security::accept`] and every client dials through
+//! [`Security::accept`] (the admin gateway's HTTP through
+//! [`Security::accept_https`]) and every client dials through
 //! [`Security::connect`]: mutual TLS 1.3 (rustls) under the cluster CA,
 //! the peer's [`Principal`] read from its certificate. A cluster without
 //! TLS exists only behind an explicit development flag
@@ -34,6 +35,12 @@ pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub type BoxRead = Box<dyn AsyncRead + Send + Unpin>;
 pub type BoxWrite = Box<dyn AsyncWrite + Send + Unpin>;
+/// One stream both ways (HTTP servers want it whole).
+pub type BoxIo = Box<dyn Io>;
+
+/// A byte stream both ways: a TCP socket or a TLS session over one.
+pub trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
@@ -145,6 +152,9 @@ enum Mode {
         acceptor: TlsAcceptor,
         /// Also accepts a client without a certificate (`Peer::Anonymous`).
         enroll_acceptor: TlsAcceptor,
+        /// HTTP over TLS (the admin gateway): a client certificate is
+        /// optional, ALPN `http/1.1`.
+        https_acceptor: TlsAcceptor,
         connector: TlsConnector,
         client: Arc<rustls::ClientConfig>,
         me: Principal,
@@ -323,6 +333,8 @@ impl Security {
         .build()
         .map_err(|e| NetError::Config(e.to_string()))?;
         let enroll_server = server_with(enroll_verifier)?;
+        let mut https_server = enroll_server.clone();
+        https_server.alpn_protocols = vec![b"http/1.1".to_vec()];
         let client = rustls::ClientConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(cfg)?
@@ -332,6 +344,7 @@ impl Security {
         let client = Arc::new(client);
         Ok(Security(Arc::new(Mode::Tls {
             enroll_acceptor: TlsAcceptor::from(Arc::new(enroll_server)),
+            https_acceptor: TlsAcceptor::from(Arc::new(https_server)),
             acceptor: TlsAcceptor::from(Arc::new(server)),
             connector: TlsConnector::from(client.clone()),
             client,
@@ -443,6 +456,35 @@ impl Security {
                     reader: Box::new(r),
                     writer: Box::new(w),
                 })
+            }
+        }
+    }
+
+    /// Completes an accepted HTTP connection (the admin gateway): with
+    /// TLS, the handshake (bounded by [`TLS_HANDSHAKE_TIMEOUT`]) under this
+    /// node's certificate, the client's certificate optional (a browser
+    /// has none: [`Peer::Anonymous`], left to prove itself with a token);
+    /// a certificate presented must be of this cluster's CA. Without TLS
+    /// (the development flag) the stream as it is, [`Peer::Plaintext`].
+    pub async fn accept_https(&self, sock: TcpStream) -> Result<(BoxIo, Peer), NetError> {
+        let _ = sock.set_nodelay(true);
+        match &*self.0 {
+            Mode::Anonymous(_) => Err(NetError::Config(
+                "an anonymous client accepts no connections".into(),
+            )),
+            Mode::Plaintext => Ok((Box::new(sock), Peer::Plaintext)),
+            Mode::Tls { https_acceptor, .. } => {
+                let s = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, https_acceptor.accept(sock))
+                    .await
+                    .map_err(|_| NetError::HandshakeTimeout)?
+                    .map_err(|e| NetError::Handshake(e.to_string()))?;
+                let certs = s.get_ref().1.peer_certificates();
+                let peer = if certs.is_none_or(|c| c.is_empty()) {
+                    Peer::Anonymous
+                } else {
+                    peer_of(certs)?
+                };
+                Ok((Box::new(s), peer))
             }
         }
     }

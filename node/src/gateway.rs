@@ -13,7 +13,13 @@ use crate::config::NodeConfig;
 /// Tokens shorter than this are refused (a guessable gateway).
 const TOKEN_CHARS_MIN: usize = 16;
 
-pub async fn start(cfg: &NodeConfig, listen: SocketAddr) -> anyhow::Result<Arc<Gateway>> {
+/// `security`: the node's own (the gateway serves HTTPS under the node's
+/// certificate when the cluster uses TLS).
+pub async fn start(
+    cfg: &NodeConfig,
+    listen: SocketAddr,
+    security: cfs_net::Security,
+) -> anyhow::Result<Arc<Gateway>> {
     let dir = cfg
         .lakehouse_dir
         .as_ref()
@@ -61,10 +67,6 @@ pub async fn start(cfg: &NodeConfig, listen: SocketAddr) -> anyhow::Result<Arc<G
         .await
         .with_context(|| format!("binding the admin gateway to {listen}"))?;
     let g2 = gateway.clone();
-    tokio::spawn(async move {
-        if let Err(e) = cfs_admin::http::serve(listener, g2).await {
-            tracing::error!("admin gateway stopped: {e}");
-        }
-    });
+    tokio::spawn(cfs_admin::http::serve(listener, g2, security));
     Ok(gateway)
 }

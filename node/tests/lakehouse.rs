@@ -35,9 +35,14 @@ fn python() -> PathBuf {
     p
 }
 
+/// The name the gateway's certificate carries (a node certificate).
+const GATEWAY_NAME: &str = cfs_net::principal::ANY_NODE;
+
 struct Gateway {
     addr: std::net::SocketAddr,
     token: String,
+    /// The cluster's TLS directory (`ca.crt`, `admin.crt`, `mount.crt`).
+    tls: PathBuf,
 }
 
 impl Gateway {
@@ -45,18 +50,46 @@ impl Gateway {
         let (addr, token) = cfs_node::cluster::admin_gateway(&cl.dir)
             .expect("configs")
             .expect("node 1 serves the gateway");
-        Gateway { addr, token }
+        Gateway {
+            addr,
+            token,
+            tls: cfs_node::cluster::tls_dir(&cl.dir),
+        }
     }
 
-    /// `curl` a path: (status, body). `auth`: send the token.
+    /// The gateway's URL under its certificate's name.
+    fn url(&self) -> String {
+        format!("https://{GATEWAY_NAME}:{}", self.addr.port())
+    }
+
+    /// `--resolve` for the certificate's name (curl, the test scripts).
+    fn resolve(&self) -> String {
+        format!("{GATEWAY_NAME}:{}", self.addr.ip())
+    }
+
+    /// `curl` a path over HTTPS, the server checked against the cluster's
+    /// CA: (status, body; status 0 when no HTTP answer came). `auth`: send
+    /// the token.
     fn get(&self, path: &str, auth: bool) -> (u16, Vec<u8>) {
+        self.curl(path, auth, &[])
+    }
+
+    /// [`Gateway::get`] with more curl arguments (a client certificate).
+    fn curl(&self, path: &str, auth: bool, extra: &[&str]) -> (u16, Vec<u8>) {
         let mut c = Command::new("curl");
         c.args(["-s", "-o", "-", "-w", "\n%{http_code}", "--max-time", "60"]);
+        c.arg("--cacert").arg(self.tls.join("ca.crt"));
+        c.arg("--resolve").arg(format!(
+            "{GATEWAY_NAME}:{}:{}",
+            self.addr.port(),
+            self.addr.ip()
+        ));
         if auth {
             c.arg("-H")
                 .arg(format!("Authorization: Bearer {}", self.token));
         }
-        c.arg(format!("http://{}{path}", self.addr));
+        c.args(extra);
+        c.arg(format!("{}{path}", self.url()));
         let out = c.output().expect("curl");
         let text = out.stdout;
         let cut = text.iter().rposition(|b| *b == b'\n').expect("status line");
@@ -365,8 +398,10 @@ fn the_index_equals_the_mount_through_changes_restarts_and_loss() {
         .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../admin/tests/check_parquet.py"))
         .arg(&lake)
         .arg(want.len().to_string())
-        .arg(format!("http://{}", gw.addr))
+        .arg(gw.url())
         .arg(&gw.token)
+        .arg(gw.tls.join("ca.crt"))
+        .arg(gw.resolve())
         .output()
         .expect("python");
     assert!(
@@ -384,7 +419,11 @@ fn the_index_equals_the_mount_through_changes_restarts_and_loss() {
     let out = Command::new(python())
         .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../admin/tests/ui/check_ui.py"))
         .arg("--url")
-        .arg(format!("http://{}", gw.addr))
+        .arg(gw.url())
+        .arg("--ca")
+        .arg(gw.tls.join("ca.crt"))
+        .arg("--resolve")
+        .arg(gw.resolve())
         .arg("--token")
         .arg(&gw.token)
         .arg("--expect")
@@ -426,8 +465,69 @@ fn the_gateway_refuses_what_it_must() {
     let wrong = Gateway {
         addr: gw.addr,
         token: "0".repeat(64),
+        tls: gw.tls.clone(),
     };
     assert_eq!(wrong.get("/api/index", true).0, 401);
+    // Mutual TLS: an administrator's certificate needs no token; a mount's
+    // certificate is not an administrator's; a certificate of another
+    // cluster's CA is refused at the handshake, as is plain HTTP.
+    let cert = |stem: &str, dir: &Path| {
+        [
+            "--cert".to_string(),
+            dir.join(format!("{stem}.crt")).display().to_string(),
+            "--key".to_string(),
+            dir.join(format!("{stem}.key")).display().to_string(),
+        ]
+    };
+    let admin = cert("admin", &gw.tls);
+    let admin: Vec<&str> = admin.iter().map(String::as_str).collect();
+    assert_eq!(gw.curl("/api/index", false, &admin).0, 200);
+    let mount = cert("mount", &gw.tls);
+    let mount: Vec<&str> = mount.iter().map(String::as_str).collect();
+    assert_eq!(gw.curl("/api/index", false, &mount).0, 401);
+    let other = tempfile::tempdir().unwrap();
+    cfs_net::ca::Ca::generate("another-cluster")
+        .unwrap()
+        .issue_files(
+            &cfs_net::Principal::Admin("intruder".into()),
+            1,
+            other.path(),
+            "admin",
+        )
+        .unwrap();
+    let foreign = cert("admin", other.path());
+    let foreign: Vec<&str> = foreign.iter().map(String::as_str).collect();
+    assert_eq!(gw.curl("/api/index", true, &foreign).0, 0, "foreign cert");
+    let plain = Command::new("curl")
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--max-time",
+            "10",
+        ])
+        .arg(format!("http://{}/api/index", gw.addr))
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&plain.stdout), "000", "plain HTTP");
+    assert!(
+        cl.log_of(1).contains("admin gateway: connection refused"),
+        "refused connections are logged with the peer"
+    );
+    // A connection that never finishes its handshake is closed.
+    let mut idle = std::net::TcpStream::connect(gw.addr).unwrap();
+    idle.set_read_timeout(Some(cfs_net::TLS_HANDSHAKE_TIMEOUT * 3))
+        .unwrap();
+    let t = Instant::now();
+    let n = std::io::Read::read(&mut idle, &mut [0u8; 64]).unwrap_or(0);
+    assert_eq!(n, 0, "closed without an answer");
+    assert!(
+        t.elapsed() < cfs_net::TLS_HANDSHAKE_TIMEOUT * 2,
+        "{:?}",
+        t.elapsed()
+    );
     // Writes, attaches, extensions, files outside: refused, 400.
     for sql in [
         "DROP VIEW files",

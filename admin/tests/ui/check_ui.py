@@ -4,6 +4,12 @@ that it shows what the caller expects.
 
 Usage:
   python3 check_ui.py --url http://127.0.0.1:PORT --token TOKEN --expect expect.json [--shots DIR]
+  python3 check_ui.py --url https://node.cfs.internal:PORT --ca DIR/tls/ca.crt \
+      --resolve node.cfs.internal:127.0.0.1 --token TOKEN --expect expect.json
+
+With --ca the gateway's certificate is checked against the cluster's CA
+and Chromium is told to trust exactly that certificate's key
+(--ignore-certificate-errors-spki-list), nothing else.
 
 expect.json (computed by the caller from the mount):
   {"top_users": {"alice": 123, ...},        owner_name -> bytes
@@ -35,6 +41,9 @@ from selenium.webdriver.chrome.options import Options
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import Select, WebDriverWait
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import cfs_https  # noqa: E402
 
 READ_TABLE_JS = """
 const t = document.getElementById(arguments[0]);
@@ -110,6 +119,11 @@ class UI:
         for a in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
                   "--window-size=1400,1000", "--lang=en-US"):
             opts.add_argument(a)
+        if args.resolve:
+            host, ip = args.resolve.split(":", 1)
+            opts.add_argument(f"--host-resolver-rules=MAP {host} {ip}")
+        if args.ca:
+            opts.add_argument(f"--ignore-certificate-errors-spki-list={args.pin}")
         opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
         self.d = webdriver.Chrome(service=Service(executable_path=args.chromedriver), options=opts)
         self.d.set_script_timeout(args.timeout)
@@ -386,6 +400,8 @@ def main():
     ap.add_argument("--expect", required=True, help="JSON file of what the page must show")
     ap.add_argument("--shots", help="directory for one screenshot per view")
     ap.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for a view (30)")
+    ap.add_argument("--ca", help="the cluster's CA certificate (the gateway is HTTPS)")
+    ap.add_argument("--resolve", help="HOST:IP, the gateway certificate's name and its address")
     ap.add_argument("--chromium", default="/usr/bin/chromium")
     ap.add_argument("--chromedriver", default="/usr/bin/chromedriver")
     args = ap.parse_args()
@@ -396,6 +412,15 @@ def main():
             sys.exit(f"check_ui: {args.expect} has no {k!r}")
 
     c = Checks()
+    if args.resolve:
+        cfs_https.resolve(*args.resolve.split(":", 1))
+    if args.ca:
+        try:
+            args.pin = cfs_https.spki_pin(args.url, args.ca)
+        except OSError as e:
+            print(f"FAIL the gateway's certificate checked against {args.ca}: {e}", flush=True)
+            return 1
+        c.check("the gateway's certificate is of the cluster's CA", True, args.pin)
     try:
         ui = UI(args)
     except WebDriverException as e:

@@ -118,7 +118,7 @@ async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
         _ => None,
     };
     let admin = match cfg.admin_listen {
-        Some(listen) => Some(cfs_node::gateway::start(&cfg, listen).await?),
+        Some(listen) => Some(cfs_node::gateway::start(&cfg, listen, security.clone()).await?),
         None => None,
     };
     let services = cfs_node::http::Services {

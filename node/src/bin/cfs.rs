@@ -921,10 +921,21 @@ fn main() -> anyhow::Result<()> {
                 );
             }
             if let Some((addr, _)) = cluster::admin_gateway(&dir)? {
-                println!(
-                    "  admin gateway and web UI: http://{addr} (token in {})",
-                    cluster::admin_token_path(&dir).display()
-                );
+                let token = cluster::admin_token_path(&dir);
+                if cfgs.iter().any(|c| c.insecure_plaintext) {
+                    println!(
+                        "  admin gateway and web UI: http://{addr} (token in {})",
+                        token.display()
+                    );
+                } else {
+                    println!(
+                        "  admin gateway and web UI: https://{addr} (token in {}; \
+                         its certificate names {} under the CA {})",
+                        token.display(),
+                        cfs_net::principal::ANY_NODE,
+                        cluster::tls_dir(&dir).join("ca.crt").display()
+                    );
+                }
             }
             if let Some(mnt) = mount {
                 cfs_node::mounts::start_mount(&dir, &mnt, &mount_opts)?;
