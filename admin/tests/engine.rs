@@ -35,7 +35,13 @@ fn write_index(dir: &Path) {
         (1, meta(DIR, 0, 0, now)),
         (2, meta(DIR, 0, 0, now)),
         (3, meta(DIR, 0, 0, now)),
-        (10, meta(FILE, 0, 100, now)),
+        (
+            10,
+            Meta {
+                nlink: 2,
+                ..meta(FILE, 0, 100, now)
+            },
+        ),
         (11, meta(FILE, 1, 50, now)),
         (12, meta(FILE, 1, 7, now - 3650 * 86_400)),
     ];
@@ -56,6 +62,12 @@ fn write_index(dir: &Path) {
             child: Some(c),
         });
     }
+    save(dir, &ns);
+}
+
+/// Writes `ns` as the index's generation 1.
+fn save(dir: &Path, ns: &Namespace) {
+    let now = now_ns() / 1_000_000_000;
     let rows = ns.rows();
     let w = cfs_lakehouse::parquet_out::write_generation(dir, 1, now, &rows, 2).unwrap();
     Manifest {
@@ -280,4 +292,72 @@ fn a_query_over_the_time_limit_is_cancelled() {
     assert!(started.elapsed() < Duration::from_secs(10));
     // The engine still answers.
     assert_eq!(rows(&e, "SELECT count(*) AS n FROM files")[0]["n"], 7);
+}
+
+/// `top-dirs` at each depth equals the directories' totals taken path by
+/// path (a file counts under its ancestors of that depth, files too
+/// shallow for it not at all).
+#[test]
+fn top_dirs_at_every_depth() {
+    let d = tempfile::tempdir().unwrap();
+    let now = now_ns() / 1_000_000_000;
+    let mut ns = Namespace::default();
+    for i in [1, 2, 3, 4, 5, 6] {
+        ns.apply(Delta::Inode(i, Some(meta(DIR, 0, 0, now))));
+    }
+    for (i, size) in [(10, 10), (11, 5), (12, 7), (13, 1)] {
+        ns.apply(Delta::Inode(i, Some(meta(FILE, 0, size, now))));
+    }
+    // /a/b/c/f1 (10 B), /a/b/g (5 B), /a/x/y/f2 (7 B), /h (1 B)
+    for (p, n, c) in [
+        (1, "a", 2),
+        (2, "b", 3),
+        (3, "c", 4),
+        (4, "f1", 10),
+        (3, "g", 11),
+        (2, "x", 5),
+        (5, "y", 6),
+        (6, "f2", 12),
+        (1, "h", 13),
+    ] {
+        ns.apply(Delta::Link {
+            parent: p,
+            name: n.as_bytes().into(),
+            child: Some(c),
+        });
+    }
+    save(d.path(), &ns);
+    let e = engine(d.path());
+    let dirs = |depth: usize| -> Vec<(String, u64)> {
+        let a = e
+            .report(&Report::parse("top-dirs", None, Some(depth), None, None).unwrap())
+            .unwrap()
+            .json_rows()
+            .unwrap();
+        a.as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                (
+                    r["dir"].as_str().unwrap().to_string(),
+                    r["bytes"].as_u64().unwrap(),
+                )
+            })
+            .collect()
+    };
+    let s = |v: &[(&str, u64)]| -> Vec<(String, u64)> {
+        v.iter().map(|(d, b)| (d.to_string(), *b)).collect()
+    };
+    assert_eq!(dirs(1), s(&[("/a", 22)]));
+    assert_eq!(dirs(2), s(&[("/a/b", 15), ("/a/x", 7)]));
+    assert_eq!(dirs(3), s(&[("/a/b/c", 10), ("/a/x/y", 7)]));
+    assert_eq!(dirs(4), s(&[]));
+    let red = e
+        .report(&Report::parse("reduction-report", None, None, None, None).unwrap())
+        .unwrap()
+        .json_rows()
+        .unwrap();
+    assert_eq!(red[0]["dir"], "/a");
+    assert_eq!(red[0]["bytes"], 22);
+    assert_eq!(red.as_array().unwrap().len(), 1);
 }
