@@ -16,6 +16,8 @@ use tracing::{debug, warn};
 
 /// Concurrent flushes (one stripe writer each).
 const WRITERS: usize = 4;
+/// A stripe writer idle this long seals its open segment.
+pub const SEAL_IDLE_AFTER: std::time::Duration = std::time::Duration::from_secs(10);
 /// Data bytes per fragment of a full stripe.
 pub const FRAGMENT_BYTES: usize = 256 << 10;
 
@@ -202,6 +204,25 @@ impl DataPath {
             }
         }
         Ok(out)
+    }
+
+    /// Seals the open segments of writers idle for `idle` (and drops
+    /// those writers: the next flush starts a new segment), so that what
+    /// an idle mount wrote can be freed once nothing references it. A
+    /// writer in use is left alone.
+    pub async fn seal_idle(&self, idle: std::time::Duration) {
+        for w in &self.writers {
+            let Ok(mut g) = w.try_lock() else {
+                continue;
+            };
+            if g.as_ref().is_some_and(|sw| sw.idle_for() >= idle) {
+                if let Some(sw) = g.take() {
+                    if let Err(e) = sw.finish().await {
+                        debug!("sealing an idle writer's segment: {e}");
+                    }
+                }
+            }
+        }
     }
 
     /// The decoded bytes of one stripe, from the cache or the servers.

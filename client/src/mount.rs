@@ -70,6 +70,18 @@ pub fn mount(mountpoint: &Path, opts: MountOptions) -> Result<(), MountError> {
         )
         .map_err(MountError::Segments)?,
     );
+    {
+        // A writer idle this long seals its segment (see
+        // `DataPath::seal_idle`).
+        let data = data.clone();
+        rt.spawn(async move {
+            let mut tick = tokio::time::interval(crate::data::SEAL_IDLE_AFTER / 2);
+            loop {
+                tick.tick().await;
+                data.seal_idle(crate::data::SEAL_IDLE_AFTER).await;
+            }
+        });
+    }
     if opts.cache_mode != crate::options::CacheMode::Strict {
         let _g = rt.enter();
         meta.keep_leases();

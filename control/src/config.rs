@@ -110,6 +110,16 @@ pub struct NodeConfig {
     /// join with).
     #[serde(default)]
     pub admin_allow: Vec<PathBuf>,
+    /// How often this node's garbage collector looks for sealed segments
+    /// no extent references, fences them on the shards it leads and frees
+    /// the fenced ones (docs/decisions.md D48); 0 turns it off.
+    #[serde(default = "default_gc_interval_ms")]
+    pub gc_interval_ms: u64,
+    /// A segment is a candidate only once it has been seen sealed for
+    /// this long (a writer commits its stripes after sealing; a commit
+    /// later than this is refused and written again, never lost).
+    #[serde(default = "default_gc_grace_ms")]
+    pub gc_grace_ms: u64,
     /// Mutual TLS material; required unless `insecure_plaintext`.
     #[serde(default)]
     pub tls: Option<TlsSection>,
@@ -173,6 +183,12 @@ pub enum LogFormat {
     Json,
 }
 
+fn default_gc_interval_ms() -> u64 {
+    30_000
+}
+fn default_gc_grace_ms() -> u64 {
+    60_000
+}
 fn default_lakehouse_flush_ms() -> u64 {
     60_000
 }

@@ -261,6 +261,8 @@ pub fn ensure_configs(
                 .map(|p| SocketAddr::from(([127, 0, 0, 1], p))),
             admin_token_file: (a.id == 1).then(|| token_file.clone()),
             admin_allow: Vec::new(),
+            gc_interval_ms: 10_000,
+            gc_grace_ms: 30_000,
             nodes: addrs.clone(),
             dial: Vec::new(),
         };

@@ -19,13 +19,16 @@ pub struct Report {
     /// Cross-shard transactions still open (intents, locks, decisions):
     /// normal while operations run, a problem once the cluster is idle.
     pub open_transactions: usize,
+    /// (shard, segment) pairs the extents reference.
+    pub segments_used: usize,
 }
 
 /// Checks that every entry names an existing inode of its kind; that link
 /// counts equal the entries naming a file (directories: 2 + their
 /// subdirectories); that each directory's entry count, cookies and parent
 /// agree with its entries; and that every directory reaches the root (no
-/// cycles, nothing detached).
+/// cycles, nothing detached); and that each shard's segment counts equal
+/// a recount from its extents (D48).
 pub fn check(db: &NamespaceDb) -> Result<Report, DbError> {
     let mut r = Report::default();
     let mut inodes: BTreeMap<Ino, Inode> = BTreeMap::new();
@@ -144,6 +147,38 @@ pub fn check(db: &NamespaceDb) -> Result<Report, DbError> {
     }
     if !inodes.contains_key(&ROOT_INO) {
         r.problems.push("no root directory".into());
+    }
+    // The segment counts (D48) equal a recount from the extent keys, and
+    // nothing fenced for freeing is referenced.
+    let kept = crate::segment_use::kept(db)?;
+    let recounted = crate::segment_use::recount(db)?;
+    r.segments_used = recounted.len();
+    for (at, want) in &recounted {
+        if kept.get(at) != Some(want) {
+            r.problems.push(format!(
+                "segment {} on shard {}: counted {:?}, extents say {want:?}",
+                at.1,
+                at.0,
+                kept.get(at)
+            ));
+        }
+    }
+    for (at, got) in &kept {
+        if !recounted.contains_key(at) {
+            r.problems.push(format!(
+                "segment {} on shard {}: counted {got:?}, no extent names it",
+                at.1, at.0
+            ));
+        }
+    }
+    for (segment, shards) in crate::segment_use::fences(db)? {
+        for shard in shards {
+            if recounted.contains_key(&(shard, segment)) {
+                r.problems.push(format!(
+                    "segment {segment} is fenced for freeing on shard {shard} but referenced there"
+                ));
+            }
+        }
     }
     for tag in [b't', b'p'] {
         r.open_transactions += db.scan(&[tag], &[tag + 1], usize::MAX)?.len();

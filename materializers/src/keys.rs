@@ -23,6 +23,8 @@
 //! | `q` shard tx                          | decision (kept a while after finish) |
 //! | `Q` shard finished_at tx              | decisions by age (for their GC) |
 //! | `T` shard                             | intents open (count)  |
+//! | `u` shard segment:u128                | [`SegmentUse`]: what the shard's extents reference of it |
+//! | `f` shard segment:u128                | fence of a segment being freed (Nanos) |
 //! | `V`                                   | layout format u32 (no shard) |
 //!
 //! Every key belongs to one shard ([`owner`]): a shard's entries
@@ -31,9 +33,11 @@
 //! [`Inode`]: crate::types::Inode
 //! [`ExtentRef`]: crate::types::ExtentRef
 //! [`LockRange`]: crate::types::LockRange
+//! [`SegmentUse`]: crate::segment_use::SegmentUse
 
 use crate::types::{Ino, ShardId};
 use cfs_proto::tx::TxId;
+use cfs_proto::types::SegmentId;
 
 fn with(tag: u8, parts: &[&[u8]]) -> Vec<u8> {
     let mut k = Vec::with_capacity(1 + parts.iter().map(|p| p.len()).sum::<usize>());
@@ -266,6 +270,27 @@ pub fn open_intents(shard: ShardId) -> Vec<u8> {
     with(b'T', &[&shard.to_be_bytes()])
 }
 
+/// What `shard`'s extents reference of `segment` (D48).
+pub fn segment_use(shard: ShardId, segment: SegmentId) -> Vec<u8> {
+    with(b'u', &[&shard.to_be_bytes(), &segment.0.to_be_bytes()])
+}
+pub fn segment_use_prefix(shard: ShardId) -> Vec<u8> {
+    with(b'u', &[&shard.to_be_bytes()])
+}
+/// `segment`'s fence on `shard` (D48).
+pub fn segment_fence(shard: ShardId, segment: SegmentId) -> Vec<u8> {
+    with(b'f', &[&shard.to_be_bytes(), &segment.0.to_be_bytes()])
+}
+pub fn segment_fence_prefix(shard: ShardId) -> Vec<u8> {
+    with(b'f', &[&shard.to_be_bytes()])
+}
+/// The segment a `u` or `f` key names.
+pub fn segment_of(key: &[u8]) -> Option<SegmentId> {
+    Some(SegmentId(u128::from_be_bytes(
+        key.get(5..21)?.try_into().ok()?,
+    )))
+}
+
 /// Whether `key` is namespace data (inodes, entries, attributes, locks)
 /// rather than bookkeeping: only data keys may be in a transaction.
 pub fn is_data(key: &[u8]) -> bool {
@@ -282,7 +307,7 @@ pub fn owner(key: &[u8]) -> Option<ShardId> {
             be64_at(key, 1).map(crate::types::shard_of)
         }
         b'n' | b'N' | b'a' | b'p' | b'q' | b'Q' | b'T' | b'r' | b'R' | b'h' | b'O' | b'S'
-        | b'G' | b'U' => be32_at(key, 1).map(ShardId),
+        | b'G' | b'U' | b'u' | b'f' => be32_at(key, 1).map(ShardId),
         b't' => owner(&key[1..]),
         _ => None,
     }

@@ -10,6 +10,7 @@ pub mod materializer;
 pub mod ops;
 pub mod perm;
 pub mod read;
+pub mod segment_use;
 pub mod store;
 pub mod tx;
 pub use cfs_proto::types;

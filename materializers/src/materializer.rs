@@ -163,7 +163,8 @@ pub fn changes(op: &LoggedOp, r: &Applied) -> Change {
         | Op::Reclaim { .. }
         | Op::RenewHold { .. }
         | Op::ForgetIdleClients { .. }
-        | Op::ConsumeToken { .. } => {}
+        | Op::ConsumeToken { .. }
+        | Op::FenceSegments { .. } => {}
         Op::ExpireHold { .. }
         | Op::TxPrepare { .. }
         | Op::TxDecide { .. }

@@ -44,8 +44,9 @@ pub enum DbError {
 pub use cfs_proto::tx::KeyValue;
 
 /// The layout this build reads and writes (`keys::FORMAT`): 2 since extent
-/// references may hold inline bytes (docs/decisions.md D20).
-pub const FORMAT: u32 = 2;
+/// references may hold inline bytes (docs/decisions.md D20), 3 since each
+/// shard counts what its extents reference of each segment (D48).
+pub const FORMAT: u32 = 3;
 
 /// Values larger than this in the namespace are corruption.
 const VALUE_BYTES_MAX: usize = 16 << 20;
@@ -405,13 +406,57 @@ impl<'a> Txn<'a> {
         self.foreign = None;
     }
 
-    /// The entry succeeded: keep its changes.
+    /// The entry succeeded: keep its changes, and with them the segment
+    /// counts its extent changes move (`crate::segment_use`).
     pub fn keep(&mut self) {
         let e = std::mem::take(&mut self.entry);
+        self.count_segment_use(&e);
         self.kept_inodes
             .extend(e.keys().filter_map(|k| keys::inode_of(k)));
         self.batch.extend(e);
         self.clear_entry();
+    }
+
+    /// Moves the `u` counts by what `changes` (an entry's, not yet in
+    /// `batch`) do to extent keys. Bookkeeping: never in a footprint.
+    fn count_segment_use(&mut self, changes: &BTreeMap<Vec<u8>, Option<Vec<u8>>>) {
+        let mut deltas = BTreeMap::new();
+        for (k, new) in changes.range(b"e".to_vec()..b"f".to_vec()) {
+            let old = match self.base(k) {
+                Ok(v) => v,
+                Err(e) => {
+                    tracing::error!("reading extent {k:02x?} to count its segment: {e}");
+                    None
+                }
+            };
+            crate::segment_use::account(&mut deltas, k, old.as_deref(), new.as_deref());
+        }
+        for ((shard, segment), d) in deltas {
+            if d == crate::segment_use::UseDelta::default() {
+                continue;
+            }
+            let key = keys::segment_use(shard, segment);
+            let cur: crate::segment_use::SegmentUse = match self.base(&key) {
+                Ok(Some(v)) => decode(&key, &v).unwrap_or_default(),
+                Ok(None) => Default::default(),
+                Err(e) => {
+                    tracing::error!("reading {segment}'s use on shard {shard}: {e}");
+                    Default::default()
+                }
+            };
+            let next = cur.moved(d).unwrap_or_else(|| {
+                tracing::error!(
+                    "{segment}'s use on shard {shard} would go below zero ({cur:?} {d:?}): \
+                     the counts disagree with the extents (run the fsck)"
+                );
+                Default::default()
+            });
+            if next.extents == 0 {
+                self.batch.insert(key, None);
+            } else {
+                self.batch.insert(key, Some(encode(&next)));
+            }
+        }
     }
 
     /// The inodes written by the entries kept since the last call.

@@ -90,6 +90,10 @@ struct Inner {
     barriers: HashMap<ShardId, Barrier>,
     changes: broadcast::Sender<Change>,
     segment_servers: Vec<(u64, String)>,
+    /// The segment store's (total, free) bytes of file data, as the
+    /// garbage collector last measured them (`set_store_space`); statfs
+    /// answers from the node's own disk until then.
+    store_space: std::sync::Mutex<Option<(u64, u64)>>,
     meta_servers: Vec<(u64, String)>,
     data_dir: PathBuf,
     nodes: u64,
@@ -240,6 +244,7 @@ impl MetaService {
                 barriers,
                 changes,
                 segment_servers: cfg.segment_servers,
+                store_space: std::sync::Mutex::new(None),
                 meta_servers: cfg.meta_servers,
                 data_dir: cfg.data_dir,
                 nodes: cfg.nodes,
@@ -366,6 +371,59 @@ impl MetaService {
     /// from now on (the lakehouse follows both).
     pub fn namespace(&self) -> (Arc<NamespaceDb>, broadcast::Receiver<Change>) {
         (self.inner.db.clone(), self.inner.changes.subscribe())
+    }
+
+    /// Fences `segments` for freeing (or lifts their fences) on each of
+    /// `shards` this node leads (D48): one entry per shard, proposed with
+    /// the sequencer held alone so that no write answered early can be
+    /// decided after the fence and fail. A segment a shard's extents still
+    /// reference stays unfenced there (read the fences back from the
+    /// namespace). The shards proposed to, each with its result.
+    pub async fn fence_segments(
+        &self,
+        shards: &[ShardId],
+        segments: &[SegmentId],
+        fence: bool,
+    ) -> Vec<(ShardId, Result<(), Errno>)> {
+        let inner = &self.inner;
+        let mut out = Vec::new();
+        for &shard in shards {
+            if !inner.leads(shard) {
+                continue;
+            }
+            for part in segments.chunks(cfs_proto::ops::FENCE_SEGMENTS_MAX) {
+                let (coordinator, op_id) = coordinator::Cluster::next_id(&**inner);
+                let lop = LoggedOp {
+                    client: coordinator,
+                    op_id,
+                    creds: Creds::root(),
+                    now: now_ns(),
+                    op: Op::FenceSegments {
+                        shard,
+                        segments: part.to_vec(),
+                        fence,
+                    },
+                };
+                let _alone = inner.seq.exclusive().await;
+                let r = match coordinator::Cluster::propose(&**inner, shard, lop).await {
+                    Ok(Ok(_)) => Ok(()),
+                    Ok(Err(e)) | Err(e) => Err(e),
+                };
+                out.push((shard, r));
+            }
+        }
+        out
+    }
+
+    /// What statfs answers from now on: the segment store's capacity and
+    /// free space in bytes of file data (after erasure coding's share).
+    pub fn set_store_space(&self, total: u64, free: u64) {
+        *self.inner.store_space.lock().expect("space lock") = Some((total, free.min(total)));
+    }
+
+    /// Whether this node leads `shard` now.
+    pub fn leads(&self, shard: ShardId) -> bool {
+        self.inner.leads(shard)
     }
 
     /// The shards this service materializes.
@@ -1507,14 +1565,22 @@ impl Inner {
         if unsafe { libc::statvfs(path.as_ptr(), &mut st) } != 0 {
             return Err(Errno::EIO);
         }
-        // Every node contributes its disk; 2 of every 3 bytes hold data
-        // with the default 2+1 layout.
-        let per = |blocks: u64| blocks * st.f_frsize * self.nodes * 2 / 3;
         let shards: Vec<ShardId> = self.applied.keys().copied().collect();
+        let files = self.db.files(&shards).map_err(read_err)?;
+        if let Some((total_bytes, free_bytes)) = *self.store_space.lock().expect("space lock") {
+            return Ok(FsStats {
+                total_bytes,
+                free_bytes,
+                files,
+            });
+        }
+        // Until the store was measured: every node contributes its disk;
+        // 2 of every 3 bytes hold data with the default 2+1 layout.
+        let per = |blocks: u64| blocks * st.f_frsize * self.nodes * 2 / 3;
         Ok(FsStats {
             total_bytes: per(st.f_blocks),
             free_bytes: per(st.f_bavail),
-            files: self.db.files(&shards).map_err(read_err)?,
+            files,
         })
     }
 }

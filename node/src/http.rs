@@ -20,6 +20,7 @@ pub struct Services {
     pub meta: Option<cfs_meta::MetaService>,
     pub lakehouse: Option<std::sync::Arc<cfs_lakehouse::Lakehouse>>,
     pub admin: Option<std::sync::Arc<cfs_admin::http::Gateway>>,
+    pub gc: Option<std::sync::Arc<crate::gc::Gc>>,
 }
 
 async fn health(State(s): State<Services>) -> impl IntoResponse {
@@ -81,6 +82,9 @@ async fn metrics(State(s): State<Services>) -> impl IntoResponse {
     }
     if let Some(a) = &s.admin {
         text.push_str(&a.metrics_text());
+    }
+    if let Some(g) = &s.gc {
+        text.push_str(&g.metrics_text());
     }
     ([("content-type", cfs_metrics::CONTENT_TYPE)], text)
 }

@@ -10,6 +10,7 @@ pub use cfs_control::{config, local as cluster, mounts};
 pub mod admin_cli;
 pub mod fstest;
 pub mod gateway;
+pub mod gc;
 pub mod http;
 pub mod lakebench;
 pub mod segtools;

@@ -181,7 +181,24 @@ pub enum Op {
         id: u128,
         expires: Nanos,
     },
+    /// Fences `segments` on `shard` so that they can be freed (D48), or
+    /// (`fence == false`) lifts their fences. A segment the shard's extents
+    /// still reference is left unfenced (the entry succeeds for the
+    /// others; the fences it set are in the namespace). Once fenced, a
+    /// [`Op::Write`] naming the segment fails with
+    /// [`crate::types::Errno::FREED_DATA`] (the writer writes its bytes
+    /// again), so no reference to it can appear on this shard any more.
+    /// At most [`FENCE_SEGMENTS_MAX`] segments. Only metadata services
+    /// propose these, each on the shards it leads.
+    FenceSegments {
+        shard: ShardId,
+        segments: Vec<crate::types::SegmentId>,
+        fence: bool,
+    },
 }
+
+/// Segments one [`Op::FenceSegments`] entry may name.
+pub const FENCE_SEGMENTS_MAX: usize = 1024;
 
 /// Expired token records dropped per [`Op::ConsumeToken`] entry.
 pub const TOKENS_FORGOTTEN_MAX: usize = 64;
@@ -213,7 +230,8 @@ impl Op {
             | Op::RenewHold { shard }
             | Op::ExpireHold { shard, .. }
             | Op::ForgetIdleClients { shard, .. }
-            | Op::ConsumeToken { shard, .. } => make_ino(*shard, 1),
+            | Op::ConsumeToken { shard, .. }
+            | Op::FenceSegments { shard, .. } => make_ino(*shard, 1),
         }
     }
 
@@ -256,7 +274,10 @@ impl Op {
         self.is_tx_step()
             || matches!(
                 self,
-                Op::ExpireHold { .. } | Op::ForgetIdleClients { .. } | Op::ConsumeToken { .. }
+                Op::ExpireHold { .. }
+                    | Op::ForgetIdleClients { .. }
+                    | Op::ConsumeToken { .. }
+                    | Op::FenceSegments { .. }
             )
     }
 }

@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use cfs_stripe::Extent;
+pub use cfs_stripe::{Extent, SegmentId};
 
 /// An inode number. The high 16 bits name the shard that owns the inode
 /// (its attributes, and for a directory its entries); the low 48 bits are
@@ -62,6 +62,11 @@ impl Errno {
     pub const EOPNOTSUPP: Errno = Errno(libc::EOPNOTSUPP);
     pub const ENOTCONN: Errno = Errno(libc::ENOTCONN);
     pub const ESTALE: Errno = Errno(libc::ESTALE);
+    /// A write named a segment that is being freed (its fence,
+    /// `Op::FenceSegment`): the writer writes its bytes again elsewhere.
+    /// Never returned to applications.
+    pub const FREED_DATA: Errno = Errno(libc::EREMCHG);
+    pub const EBUSY: Errno = Errno(libc::EBUSY);
     pub const E2BIG: Errno = Errno(libc::E2BIG);
     pub const EBADF: Errno = Errno(libc::EBADF);
     pub const EDEADLK: Errno = Errno(libc::EDEADLK);

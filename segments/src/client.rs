@@ -454,8 +454,11 @@ pub struct StripeWriter {
     next_stripe: u32,
     buf: Vec<u8>,
     in_flight: VecDeque<tokio::task::JoinHandle<Result<Extent, ClientError>>>,
-    /// Segments this writer filled, to seal when done.
+    /// Segments this writer filled, sealed at the next flush (once their
+    /// stripes are all written).
     finished_segments: Vec<SegmentId>,
+    /// When a stripe was last launched.
+    last_write: std::time::Instant,
 }
 
 impl StripeWriter {
@@ -496,6 +499,7 @@ impl StripeWriter {
             buf: Vec::new(),
             in_flight: VecDeque::new(),
             finished_segments: Vec::new(),
+            last_write: std::time::Instant::now(),
         })
     }
 
@@ -519,7 +523,33 @@ impl StripeWriter {
             self.min_durable,
         ));
         self.next_stripe += 1;
+        self.last_write = std::time::Instant::now();
         self.in_flight.push_back(h);
+    }
+
+    /// How long since this writer last launched a stripe.
+    pub fn idle_for(&self) -> Duration {
+        self.last_write.elapsed()
+    }
+
+    /// Seals `segment`'s fragment on every node (best effort: a down
+    /// node's fragment stays open, and the segment is not freed, until
+    /// repaired).
+    async fn seal(&self, segment: SegmentId) {
+        let calls = self.nodes.iter().enumerate().map(|(i, n)| {
+            self.client.call(
+                *n,
+                Request::Seal {
+                    segment,
+                    fragment: i as u8,
+                },
+            )
+        });
+        for (i, r) in join_all(calls).await.into_iter().enumerate() {
+            if let Err(e) = r {
+                tracing::debug!(%segment, fragment = i, "seal: {e}");
+            }
+        }
     }
 
     async fn reap_one(&mut self) -> Result<Extent, ClientError> {
@@ -555,6 +585,11 @@ impl StripeWriter {
         while !self.in_flight.is_empty() {
             done.push(self.reap_one().await?);
         }
+        // Every stripe of the filled segments is written: seal them, so
+        // that the garbage collector may free them once unreferenced.
+        for s in std::mem::take(&mut self.finished_segments) {
+            self.seal(s).await;
+        }
         Ok(done)
     }
 
@@ -562,23 +597,8 @@ impl StripeWriter {
     /// (best effort: a down node's fragment stays open until repaired).
     pub async fn finish(mut self) -> Result<Vec<Extent>, ClientError> {
         let done = self.flush().await?;
-        let mut segs = std::mem::take(&mut self.finished_segments);
         if self.next_stripe > 0 {
-            segs.push(self.segment);
-        }
-        for s in segs {
-            for (i, n) in self.nodes.iter().enumerate() {
-                let _ = self
-                    .client
-                    .call(
-                        *n,
-                        Request::Seal {
-                            segment: s,
-                            fragment: i as u8,
-                        },
-                    )
-                    .await;
-            }
+            self.seal(self.segment).await;
         }
         Ok(done)
     }

@@ -111,6 +111,10 @@ impl ExtWindows {
     }
 }
 
+/// Times a flush writes its bytes again when a segment it wrote to is
+/// freed before its commit (each time into a new stripe).
+pub const REWRITES_MAX: u32 = 3;
+
 fn inline_extent(offset: u64, data: &[u8]) -> ExtentRef {
     ExtentRef {
         offset,
@@ -125,7 +129,39 @@ impl Shared {
     /// (a deferred setattr) in the last commit. A deferred setattr the
     /// server refuses is dropped after the bytes are committed alone: the
     /// error is the flush's.
+    ///
+    /// A commit refused because a segment it names is being freed (the
+    /// stripes landed in a segment sealed and found unreferenced before
+    /// this commit, D48) writes the bytes again, into new stripes, up to
+    /// [`REWRITES_MAX`] times.
     pub(super) async fn commit_ranges(
+        &self,
+        ino: Ino,
+        writer: &Creds,
+        ranges: &[(u64, Vec<u8>)],
+        late: Option<LateAttrs>,
+    ) -> Result<Option<Inode>, Errno> {
+        let mut tries = 0;
+        loop {
+            match self
+                .commit_ranges_once(ino, writer, ranges, late.clone())
+                .await
+            {
+                Err(e) if e == Errno::FREED_DATA && tries < REWRITES_MAX => {
+                    tries += 1;
+                    tracing::info!(
+                        ino,
+                        tries,
+                        "a segment of this flush is being freed: writing it again"
+                    );
+                }
+                Err(e) if e == Errno::FREED_DATA => return Err(Errno::EIO),
+                r => return r,
+            }
+        }
+    }
+
+    async fn commit_ranges_once(
         &self,
         ino: Ino,
         writer: &Creds,
@@ -690,7 +726,17 @@ impl Shared {
                     then: None,
                 },
             )
-            .await?;
+            .await
+            .map_err(|e| {
+                // The source's stripes were freed since they were read
+                // (the source changed): the kernel copies the bytes
+                // instead (EOPNOTSUPP makes it fall back to splice).
+                if e == Errno::FREED_DATA {
+                    Errno::EOPNOTSUPP
+                } else {
+                    e
+                }
+            })?;
         }
         self.mutate(
             c.clone(),

@@ -60,6 +60,7 @@ pub(super) fn write(
         return Err(Errno::EINVAL.into());
     }
     may_write(&i, c)?;
+    refuse_fenced(t, shard_of(ino), extents)?;
     for e in extents {
         punch(t, &mut i, e.offset, e.len)?;
         t.put(keys::extent(ino, e.offset), e);
@@ -71,6 +72,48 @@ pub(super) fn write(
     i.ctime = now;
     put_inode(t, &i);
     Ok(Applied::Attr(i))
+}
+
+/// FREED_DATA if an extent names a segment fenced on `shard` (being
+/// freed, D48): the writer writes those bytes again.
+fn refuse_fenced(t: &Txn<'_>, shard: ShardId, extents: &[ExtentRef]) -> R2<()> {
+    let mut seen: Vec<SegmentId> = Vec::new();
+    for e in extents {
+        let Backing::Stripe(s) = &e.backing else {
+            continue;
+        };
+        if seen.contains(&s.segment) {
+            continue;
+        }
+        seen.push(s.segment);
+        if t.peek(&keys::segment_fence(shard, s.segment))?.is_some() {
+            return Err(Errno::FREED_DATA.into());
+        }
+    }
+    Ok(())
+}
+
+/// Fences the `segments` no extent of `shard` references, or lifts their
+/// fences (D48).
+pub(super) fn fence_segments(
+    t: &mut Txn<'_>,
+    now: Nanos,
+    shard: ShardId,
+    segments: &[SegmentId],
+    fence: bool,
+) -> R2<Applied> {
+    if segments.len() > cfs_proto::ops::FENCE_SEGMENTS_MAX {
+        return Err(Errno::EINVAL.into());
+    }
+    for &segment in segments {
+        let key = keys::segment_fence(shard, segment);
+        if !fence {
+            t.delete(key);
+        } else if t.peek(&keys::segment_use(shard, segment))?.is_none() {
+            t.put(key, &now);
+        }
+    }
+    Ok(Applied::None)
 }
 
 /// Whether `c` may change `i`'s bytes. The kernel checked the file's mode

@@ -445,6 +445,11 @@ fn apply_inner(
         Op::ExpireHold { shard, client } => holds::expire(t, *shard, *client, now),
         Op::ForgetIdleClients { shard, idle_before } => forget_idle(t, *shard, *idle_before),
         Op::ConsumeToken { shard, id, expires } => consume_token(t, *shard, now, *id, *expires),
+        Op::FenceSegments {
+            shard,
+            segments,
+            fence,
+        } => data::fence_segments(t, now, *shard, segments, *fence),
         Op::ReleaseLocks {
             ino,
             client,

@@ -117,6 +117,30 @@ async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
         (Some(_), None) => anyhow::bail!("lakehouse_dir needs meta_listen (the namespace)"),
         _ => None,
     };
+    let gc = match &meta {
+        Some(m) if cfg.gc_interval_ms > 0 => {
+            let servers: cfs_segments::proto::ServerMap = cfg
+                .nodes
+                .iter()
+                .filter_map(|n| Some((n.id, n.segments?)))
+                .collect();
+            (!servers.is_empty()).then(|| {
+                cfs_node::gc::Gc::start(
+                    m.clone(),
+                    cfs_segments::client::SegmentClient::new(
+                        &cfg.cluster_id,
+                        servers,
+                        security.clone(),
+                    ),
+                    cfs_node::gc::GcConfig {
+                        interval: std::time::Duration::from_millis(cfg.gc_interval_ms),
+                        grace: std::time::Duration::from_millis(cfg.gc_grace_ms),
+                    },
+                )
+            })
+        }
+        _ => None,
+    };
     let admin = match cfg.admin_listen {
         Some(listen) => Some(cfs_node::gateway::start(&cfg, listen, security.clone()).await?),
         None => None,
@@ -127,6 +151,7 @@ async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
         meta,
         lakehouse,
         admin,
+        gc,
     };
     let http = tokio::spawn(cfs_node::http::serve(cfg.http, services));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

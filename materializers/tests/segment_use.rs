@@ -1,0 +1,297 @@
+//! Segment counts (D48): every shard counts what its extents reference of
+//! each segment, in the same batch as the extents change; a fence is
+//! refused while a count is not zero and, once set, refuses writes naming
+//! the segment. Counts equal a recount from the extents after any mix of
+//! writes, overwrites, truncates, punches, links and unlinks, and replaying
+//! the same entries in other batchings gives the same database.
+
+use cfs_log::{Entry, RequestId};
+use cfs_materializers::check::check;
+use cfs_materializers::materializer::{apply_batch, entry, init_shard};
+use cfs_materializers::ops::{Applied, ApplyResult, LoggedOp, Op};
+use cfs_materializers::read::NsRead;
+use cfs_materializers::segment_use::{kept, SegmentUse};
+use cfs_materializers::types::*;
+use cfs_materializers::NamespaceDb;
+use cfs_segments::client::Extent;
+
+fn rng(seed: &mut u64) -> u64 {
+    *seed = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    *seed >> 33
+}
+
+fn lop(op: Op) -> LoggedOp {
+    LoggedOp {
+        client: 1,
+        op_id: 0,
+        creds: Creds::root(),
+        now: 1,
+        op,
+    }
+}
+
+/// Applies `ops` one entry each from position `*pos`; the results.
+fn apply(db: &NamespaceDb, pos: &mut u64, log: &mut Vec<Entry>, op: Op) -> ApplyResult {
+    *pos += 1;
+    let e = entry(
+        RequestId {
+            client: 1,
+            seq: *pos,
+        },
+        &lop(op),
+    );
+    log.push(e.clone());
+    let (r, _) = apply_batch(db, ShardId(0), &[(Position(*pos), e)]).expect("apply");
+    r[0].1.clone()
+}
+
+fn stripe(segment: u128, stripe: u32, data_len: u32) -> Extent {
+    Extent {
+        segment: SegmentId(segment),
+        layout: cfs_segments::layout::Layout::for_cluster(3),
+        nodes: vec![1, 2, 3],
+        stripe,
+        data_len,
+        fragment_len: 4096,
+        checksums: vec![],
+        missing: vec![],
+    }
+}
+
+fn write(ino: Ino, offset: u64, len: u64, segment: u128, n: u32) -> Op {
+    Op::Write {
+        ino,
+        extents: vec![ExtentRef {
+            offset,
+            len,
+            skip: 0,
+            backing: Backing::Stripe(stripe(segment, n, len as u32)),
+        }],
+        then: None,
+    }
+}
+
+fn create(name: &str) -> Op {
+    Op::Create {
+        parent: ROOT_INO,
+        name: name.as_bytes().to_vec(),
+        mode: libc::S_IFREG | 0o644,
+        umask: 0,
+        rdev: 0,
+        target: None,
+        excl: true,
+        ino: None,
+    }
+}
+
+fn ino_of(r: ApplyResult) -> Ino {
+    match r {
+        Ok(Applied::Attr(i)) => i.ino,
+        other => panic!("expected an inode, got {other:?}"),
+    }
+}
+
+fn fence(segment: u128, fence: bool) -> Op {
+    Op::FenceSegments {
+        shard: ShardId(0),
+        segments: vec![SegmentId(segment)],
+        fence,
+    }
+}
+
+fn fenced(db: &NamespaceDb, segment: u128) -> bool {
+    cfs_materializers::segment_use::fences(db)
+        .unwrap()
+        .contains_key(&SegmentId(segment))
+}
+
+fn use_of(db: &NamespaceDb, segment: u128) -> Option<SegmentUse> {
+    kept(db)
+        .unwrap()
+        .get(&(ShardId(0), SegmentId(segment)))
+        .copied()
+}
+
+fn assert_clean(db: &NamespaceDb, when: &str) {
+    let r = check(db).unwrap();
+    assert!(r.problems.is_empty(), "{when}: {:?}", r.problems);
+}
+
+#[test]
+fn counts_follow_the_extents_through_every_kind_of_change() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = NamespaceDb::open(&dir.path().join("a")).unwrap();
+    init_shard(&db, ShardId(0)).unwrap();
+    let (mut pos, mut log) = (0u64, Vec::new());
+    let files: Vec<Ino> = ["f0", "f1", "f2"]
+        .iter()
+        .map(|n| ino_of(apply(&db, &mut pos, &mut log, create(n))))
+        .collect();
+    let mut seed = 11u64;
+    for step in 0..600u32 {
+        let ino = files[(rng(&mut seed) % 3) as usize];
+        let off = rng(&mut seed) % (1 << 20);
+        let len = 1 + rng(&mut seed) % 200_000;
+        let op = match rng(&mut seed) % 6 {
+            0..=2 => write(ino, off, len, 1 + (rng(&mut seed) % 4) as u128, step),
+            3 => Op::SetAttr {
+                ino,
+                set: SetAttr {
+                    size: Some(off),
+                    ..SetAttr::default()
+                },
+            },
+            4 => Op::Fallocate {
+                ino,
+                offset: off,
+                len,
+                mode: libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            },
+            _ => Op::Fallocate {
+                ino,
+                offset: off,
+                len,
+                mode: 0,
+            },
+        };
+        let r = apply(&db, &mut pos, &mut log, op);
+        assert!(r.is_ok(), "step {step}: {r:?}");
+        if step % 50 == 0 {
+            assert_clean(&db, &format!("after step {step}"));
+        }
+    }
+    assert_clean(&db, "after the writes");
+    let r = check(&db).unwrap();
+    assert!(r.segments_used > 0, "the writes should reference segments");
+    // A second name keeps the file's references; removing both drops them.
+    let r = apply(
+        &db,
+        &mut pos,
+        &mut log,
+        Op::Link {
+            ino: files[0],
+            parent: ROOT_INO,
+            name: b"g0".to_vec(),
+        },
+    );
+    assert!(r.is_ok(), "{r:?}");
+    for name in ["f0", "g0", "f1", "f2"] {
+        let before = kept(&db).unwrap();
+        let r = apply(
+            &db,
+            &mut pos,
+            &mut log,
+            Op::Unlink {
+                parent: ROOT_INO,
+                name: name.as_bytes().to_vec(),
+                held_open: vec![],
+            },
+        );
+        assert!(r.is_ok(), "unlink {name}: {r:?}");
+        assert_clean(&db, &format!("after unlinking {name}"));
+        if name == "f0" {
+            assert_eq!(before, kept(&db).unwrap(), "a link still names f0");
+        }
+    }
+    assert!(
+        kept(&db).unwrap().is_empty(),
+        "nothing is referenced any more"
+    );
+
+    // The same entries in one batch, and in batches of 7 with a reopen in
+    // between, give byte-identical databases.
+    for (name, batch) in [("b", log.len()), ("c", 7)] {
+        let path = dir.path().join(name);
+        let half = log.len() / 2;
+        {
+            let other = NamespaceDb::open(&path).unwrap();
+            init_shard(&other, ShardId(0)).unwrap();
+            apply_range(&other, &log, 0, half, batch);
+        }
+        let other = NamespaceDb::open(&path).unwrap();
+        apply_range(&other, &log, half, log.len(), batch);
+        assert_eq!(
+            db.dump().unwrap(),
+            other.dump().unwrap(),
+            "batches of {batch}"
+        );
+    }
+}
+
+fn apply_range(db: &NamespaceDb, log: &[Entry], from: usize, to: usize, batch: usize) {
+    let mut at = from;
+    while at < to {
+        let end = (at + batch).min(to);
+        let b: Vec<(Position, Entry)> = (at..end)
+            .map(|p| (Position(p as u64 + 1), log[p].clone()))
+            .collect();
+        apply_batch(db, ShardId(0), &b).expect("apply");
+        at = end;
+    }
+}
+
+#[test]
+fn a_fence_is_refused_while_referenced_and_then_refuses_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = NamespaceDb::open(dir.path()).unwrap();
+    init_shard(&db, ShardId(0)).unwrap();
+    let (mut pos, mut log) = (0u64, Vec::new());
+    let f = ino_of(apply(&db, &mut pos, &mut log, create("f")));
+    assert!(apply(&db, &mut pos, &mut log, write(f, 0, 8192, 7, 0)).is_ok());
+    assert_eq!(
+        use_of(&db, 7),
+        Some(SegmentUse {
+            extents: 1,
+            bytes: 8192
+        })
+    );
+    // Referenced: the fence is not set and nothing changes.
+    let before = db.dump().unwrap();
+    assert!(apply(&db, &mut pos, &mut log, fence(7, true)).is_ok());
+    assert!(!fenced(&db, 7));
+    let mut after = db.dump().unwrap();
+    after.retain(|(k, _)| k[0] != b'a' && k[0] != b'r');
+    let mut want = before;
+    want.retain(|(k, _)| k[0] != b'a' && k[0] != b'r');
+    assert_eq!(want, after, "a refused fence changes nothing");
+    // Overwritten: unreferenced, the fence holds, and a late write naming
+    // the segment is refused without changing the file.
+    assert!(apply(&db, &mut pos, &mut log, write(f, 0, 8192, 8, 1)).is_ok());
+    assert_eq!(use_of(&db, 7), None);
+    assert!(apply(&db, &mut pos, &mut log, fence(7, true)).is_ok());
+    assert!(fenced(&db, 7));
+    let late = apply(&db, &mut pos, &mut log, write(f, 100_000, 4096, 7, 2));
+    assert_eq!(late, Err(Errno::FREED_DATA));
+    assert_eq!(use_of(&db, 7), None, "the refused write references nothing");
+    assert_eq!(db.inode(f).unwrap().size, 8192);
+    assert_clean(&db, "with a fence");
+    // Other segments are not affected; lifting the fence lets writes in.
+    assert!(apply(&db, &mut pos, &mut log, write(f, 8192, 4096, 8, 3)).is_ok());
+    assert!(apply(&db, &mut pos, &mut log, fence(7, false)).is_ok());
+    assert!(!fenced(&db, 7));
+    assert!(apply(&db, &mut pos, &mut log, write(f, 100_000, 4096, 7, 2)).is_ok());
+    assert_eq!(use_of(&db, 7).map(|u| u.extents), Some(1));
+    assert_clean(&db, "after the fence was lifted");
+}
+
+#[test]
+fn a_mount_cannot_propose_a_fence_and_an_entry_names_a_bounded_number() {
+    assert!(fence(1, true).is_service_only());
+    let dir = tempfile::tempdir().unwrap();
+    let db = NamespaceDb::open(dir.path()).unwrap();
+    init_shard(&db, ShardId(0)).unwrap();
+    let (mut pos, mut log) = (0u64, Vec::new());
+    let too_many = Op::FenceSegments {
+        shard: ShardId(0),
+        segments: (0..=cfs_proto::ops::FENCE_SEGMENTS_MAX as u128)
+            .map(SegmentId)
+            .collect(),
+        fence: true,
+    };
+    assert_eq!(apply(&db, &mut pos, &mut log, too_many), Err(Errno::EINVAL));
+    assert!(cfs_materializers::segment_use::fences(&db)
+        .unwrap()
+        .is_empty());
+}
