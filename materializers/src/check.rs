@@ -171,6 +171,17 @@ pub fn check(db: &NamespaceDb) -> Result<Report, DbError> {
             ));
         }
     }
+    let want = crate::segment_use::rederive_index(db)?;
+    let held = crate::segment_use::index(db)?;
+    for k in want.difference(&held).take(20) {
+        r.problems.push(format!(
+            "segment index: missing {k:02x?} (an extent names the segment)"
+        ));
+    }
+    for k in held.difference(&want).take(20) {
+        r.problems
+            .push(format!("segment index: {k:02x?} names no extent"));
+    }
     for (segment, shards) in crate::segment_use::fences(db)? {
         for shard in shards {
             if recounted.contains_key(&(shard, segment)) {

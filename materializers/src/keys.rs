@@ -25,6 +25,7 @@
 //! | `T` shard                             | intents open (count)  |
 //! | `u` shard segment:u128                | [`SegmentUse`]: what the shard's extents reference of it |
 //! | `f` shard segment:u128                | fence of a segment being freed (Nanos) |
+//! | `w` shard segment:u128 ino offset     | (an extent naming the segment: `e` ino offset) |
 //! | `V`                                   | layout format u32 (no shard) |
 //!
 //! Every key belongs to one shard ([`owner`]): a shard's entries
@@ -284,7 +285,28 @@ pub fn segment_fence(shard: ShardId, segment: SegmentId) -> Vec<u8> {
 pub fn segment_fence_prefix(shard: ShardId) -> Vec<u8> {
     with(b'f', &[&shard.to_be_bytes()])
 }
-/// The segment a `u` or `f` key names.
+/// Where `segment` is referenced on `shard`: one key per extent key
+/// (`extent_key`, an `e` key) naming one of its stripes.
+pub fn segment_where(shard: ShardId, segment: SegmentId, extent_key: &[u8]) -> Vec<u8> {
+    with(
+        b'w',
+        &[
+            &shard.to_be_bytes(),
+            &segment.0.to_be_bytes(),
+            extent_key.get(1..).unwrap_or_default(),
+        ],
+    )
+}
+pub fn segment_where_prefix(shard: ShardId, segment: SegmentId) -> Vec<u8> {
+    with(b'w', &[&shard.to_be_bytes(), &segment.0.to_be_bytes()])
+}
+/// The extent key a `w` key points at.
+pub fn extent_key_of_where(key: &[u8]) -> Option<Vec<u8>> {
+    let rest = key.get(21..)?;
+    (rest.len() == 16).then(|| with(b'e', &[rest]))
+}
+
+/// The segment a `u`, `f` or `w` key names.
 pub fn segment_of(key: &[u8]) -> Option<SegmentId> {
     Some(SegmentId(u128::from_be_bytes(
         key.get(5..21)?.try_into().ok()?,
@@ -307,7 +329,7 @@ pub fn owner(key: &[u8]) -> Option<ShardId> {
             be64_at(key, 1).map(crate::types::shard_of)
         }
         b'n' | b'N' | b'a' | b'p' | b'q' | b'Q' | b'T' | b'r' | b'R' | b'h' | b'O' | b'S'
-        | b'G' | b'U' | b'u' | b'f' => be32_at(key, 1).map(ShardId),
+        | b'G' | b'U' | b'u' | b'f' | b'w' => be32_at(key, 1).map(ShardId),
         b't' => owner(&key[1..]),
         _ => None,
     }

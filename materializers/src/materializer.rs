@@ -166,6 +166,7 @@ pub fn changes(op: &LoggedOp, r: &Applied) -> Change {
         | Op::ConsumeToken { .. }
         | Op::FenceSegments { .. } => {}
         Op::ExpireHold { .. }
+        | Op::RelocateExtents { .. }
         | Op::TxPrepare { .. }
         | Op::TxDecide { .. }
         | Op::TxFinish { .. } => {

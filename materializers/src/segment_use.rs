@@ -56,9 +56,10 @@ pub fn stripe_of(key: &[u8], value: &[u8]) -> Option<(SegmentId, u64)> {
 }
 
 /// Adds to `deltas` what replacing `old` by `new` at extent key `key`
-/// changes.
+/// changes, and to `index` the `w` keys to delete (`None`) and put.
 pub fn account(
     deltas: &mut BTreeMap<(ShardId, SegmentId), UseDelta>,
+    index: &mut BTreeMap<Vec<u8>, Option<Vec<u8>>>,
     key: &[u8],
     old: Option<&[u8]>,
     new: Option<&[u8]>,
@@ -71,8 +72,32 @@ pub fn account(
             let d = deltas.entry((shard, segment)).or_default();
             d.extents += sign;
             d.bytes += sign * len as i64;
+            let w = keys::segment_where(shard, segment, key);
+            index.insert(w, (sign > 0).then(Vec::new));
         }
     }
+}
+
+/// Every `w` key the extent keys imply.
+pub fn rederive_index(db: &NamespaceDb) -> Result<std::collections::BTreeSet<Vec<u8>>, DbError> {
+    let mut out = std::collections::BTreeSet::new();
+    db.for_each_prefixed(b"e", |k, v| {
+        if let (Some(shard), Some((segment, _))) = (keys::owner(k), stripe_of(k, v)) {
+            out.insert(keys::segment_where(shard, segment, k));
+        }
+        Ok(())
+    })?;
+    Ok(out)
+}
+
+/// Every `w` key held.
+pub fn index(db: &NamespaceDb) -> Result<std::collections::BTreeSet<Vec<u8>>, DbError> {
+    let mut out = std::collections::BTreeSet::new();
+    db.for_each_prefixed(b"w", |k, _| {
+        out.insert(k.to_vec());
+        Ok(())
+    })?;
+    Ok(out)
 }
 
 /// Every shard's counts, derived from the extent keys alone.

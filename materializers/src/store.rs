@@ -417,10 +417,12 @@ impl<'a> Txn<'a> {
         self.clear_entry();
     }
 
-    /// Moves the `u` counts by what `changes` (an entry's, not yet in
-    /// `batch`) do to extent keys. Bookkeeping: never in a footprint.
+    /// Moves the `u` counts, and the `w` index of which extents name each
+    /// segment, by what `changes` (an entry's, not yet in `batch`) do to
+    /// extent keys. Bookkeeping: never in a footprint.
     fn count_segment_use(&mut self, changes: &BTreeMap<Vec<u8>, Option<Vec<u8>>>) {
         let mut deltas = BTreeMap::new();
+        let mut index = BTreeMap::new();
         for (k, new) in changes.range(b"e".to_vec()..b"f".to_vec()) {
             let old = match self.base(k) {
                 Ok(v) => v,
@@ -429,8 +431,9 @@ impl<'a> Txn<'a> {
                     None
                 }
             };
-            crate::segment_use::account(&mut deltas, k, old.as_deref(), new.as_deref());
+            crate::segment_use::account(&mut deltas, &mut index, k, old.as_deref(), new.as_deref());
         }
+        self.batch.extend(index);
         for ((shard, segment), d) in deltas {
             if d == crate::segment_use::UseDelta::default() {
                 continue;

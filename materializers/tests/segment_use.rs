@@ -295,3 +295,86 @@ fn a_mount_cannot_propose_a_fence_and_an_entry_names_a_bounded_number() {
         .unwrap()
         .is_empty());
 }
+
+fn piece(offset: u64, len: u64, segment: u128, n: u32) -> ExtentRef {
+    ExtentRef {
+        offset,
+        len,
+        skip: 0,
+        backing: Backing::Stripe(stripe(segment, n, len as u32)),
+    }
+}
+
+#[test]
+fn relocations_move_only_what_the_file_still_maps() {
+    use cfs_proto::ops::Relocation;
+    let dir = tempfile::tempdir().unwrap();
+    let db = NamespaceDb::open(dir.path()).unwrap();
+    init_shard(&db, ShardId(0)).unwrap();
+    let (mut pos, mut log) = (0u64, Vec::new());
+    let f = ino_of(apply(&db, &mut pos, &mut log, create("f")));
+    let g = ino_of(apply(&db, &mut pos, &mut log, create("g")));
+    assert!(apply(&db, &mut pos, &mut log, write(f, 0, 8192, 1, 0)).is_ok());
+    assert!(apply(&db, &mut pos, &mut log, write(g, 0, 8192, 1, 1)).is_ok());
+    let old_f = db.extents(f, 0, 8192).unwrap().remove(0);
+    let old_g = db.extents(g, 0, 8192).unwrap().remove(0);
+    // g changes after the copy: its relocation is skipped.
+    assert!(apply(&db, &mut pos, &mut log, write(g, 0, 8192, 3, 2)).is_ok());
+    let moves = vec![
+        Relocation {
+            ino: f,
+            old: old_f.clone(),
+            new: vec![piece(0, 4096, 2, 0), piece(4096, 4096, 2, 1)],
+        },
+        Relocation {
+            ino: g,
+            old: old_g,
+            new: vec![piece(0, 8192, 2, 2)],
+        },
+    ];
+    let size_before = db.inode(f).unwrap();
+    let r = apply(
+        &db,
+        &mut pos,
+        &mut log,
+        Op::RelocateExtents {
+            shard: ShardId(0),
+            moves,
+        },
+    );
+    assert_eq!(
+        r,
+        Ok(Applied::Changed {
+            inodes: vec![f],
+            entries: vec![]
+        })
+    );
+    let now: Vec<ExtentRef> = db.extents(f, 0, 8192).unwrap();
+    assert_eq!(now, vec![piece(0, 4096, 2, 0), piece(4096, 4096, 2, 1)]);
+    let after = db.inode(f).unwrap();
+    assert_eq!(
+        (after.size, after.allocated, after.mtime),
+        (size_before.size, size_before.allocated, size_before.mtime),
+        "a relocation changes neither size nor times"
+    );
+    assert_eq!(use_of(&db, 1), None, "nothing names the old segment");
+    assert_eq!(use_of(&db, 2).map(|u| u.extents), Some(2));
+    assert_eq!(db.extents(g, 0, 8192).unwrap(), vec![piece(0, 8192, 3, 2)]);
+    assert_clean(&db, "after the relocation");
+    // Pieces that do not tile the old extent are refused whole.
+    let bad = Op::RelocateExtents {
+        shard: ShardId(0),
+        moves: vec![Relocation {
+            ino: f,
+            old: piece(0, 4096, 2, 0),
+            new: vec![piece(0, 4000, 4, 0)],
+        }],
+    };
+    assert_eq!(apply(&db, &mut pos, &mut log, bad), Err(Errno::EINVAL));
+    assert_eq!(use_of(&db, 4), None);
+    assert!(Op::RelocateExtents {
+        shard: ShardId(0),
+        moves: vec![]
+    }
+    .is_service_only());
+}

@@ -421,6 +421,35 @@ impl MetaService {
         *self.inner.store_space.lock().expect("space lock") = Some((total, free.min(total)));
     }
 
+    /// Proposes compaction's relocations on `shard` (D48), with the
+    /// sequencer held alone when this node leads it. The inodes whose
+    /// extents moved (the others changed since the copy).
+    pub async fn relocate_extents(
+        &self,
+        shard: ShardId,
+        moves: Vec<cfs_proto::ops::Relocation>,
+    ) -> Result<usize, Errno> {
+        let inner = &self.inner;
+        let (coordinator, op_id) = coordinator::Cluster::next_id(&**inner);
+        let lop = LoggedOp {
+            client: coordinator,
+            op_id,
+            creds: Creds::root(),
+            now: now_ns(),
+            op: Op::RelocateExtents { shard, moves },
+        };
+        let _alone = if inner.leads(shard) {
+            Some(inner.seq.exclusive().await)
+        } else {
+            None
+        };
+        match coordinator::Cluster::propose(&**inner, shard, lop).await? {
+            Ok(Applied::Changed { inodes, .. }) => Ok(inodes.len()),
+            Ok(_) => Ok(0),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Whether this node leads `shard` now.
     pub fn leads(&self, shard: ShardId) -> bool {
         self.inner.leads(shard)

@@ -37,6 +37,9 @@ use tracing::{debug, info, warn, Instrument};
 /// Segments fenced per pass (one entry per shard carries up to
 /// `cfs_proto::ops::FENCE_SEGMENTS_MAX` of them).
 pub const FENCES_PER_PASS: usize = 1024;
+/// A referenced sealed segment whose live bytes are below this share of
+/// its data is compacted (its live extents copied to new stripes).
+pub const COMPACT_LIVE_BELOW: f64 = 0.5;
 /// Segments freed per pass.
 pub const FREES_PER_PASS: usize = 1024;
 /// Sealed segments whose first sighting is remembered (for the grace
@@ -64,6 +67,12 @@ pub struct PassReport {
     pub freed: usize,
     pub freed_bytes: u64,
     pub unfenced: usize,
+    /// Mostly-dead segments whose live extents this pass copied away, and
+    /// the file bytes copied.
+    pub compacted: usize,
+    pub compacted_bytes: u64,
+    /// Fragments sealed by the collector (their writer sealed the others).
+    pub sealed_here: usize,
     /// Segment servers that did not answer the listing.
     pub unreachable: usize,
 }
@@ -82,6 +91,8 @@ struct Metrics {
     freed: cfs_metrics::IntCounter,
     freed_bytes: cfs_metrics::IntCounter,
     fenced: cfs_metrics::IntCounter,
+    compacted: cfs_metrics::IntCounter,
+    compacted_bytes: cfs_metrics::IntCounter,
     unfenced: cfs_metrics::IntCounter,
     fragment_bytes: cfs_metrics::IntGauge,
     live_bytes: cfs_metrics::IntGauge,
@@ -114,6 +125,16 @@ impl Metrics {
                 &reg,
                 "claudefs_gc_segments_fenced_total",
                 "Segment fences set on the shards this node leads.",
+            ),
+            compacted: cfs_metrics::counter(
+                &reg,
+                "claudefs_gc_segments_compacted_total",
+                "Mostly-dead sealed segments whose live extents this node copied to new stripes.",
+            ),
+            compacted_bytes: cfs_metrics::counter(
+                &reg,
+                "claudefs_gc_compacted_bytes_total",
+                "File bytes compaction copied.",
             ),
             unfenced: cfs_metrics::counter(
                 &reg,
@@ -170,9 +191,10 @@ impl Gc {
                 match g.pass().instrument(tracing::info_span!("gc")).await {
                     Ok(r) => {
                         g.metrics.passes.with_label_values(&["ok"]).inc();
-                        if r.fenced + r.freed + r.unfenced > 0 {
+                        if r.fenced + r.freed + r.unfenced + r.compacted > 0 {
                             info!(
                                 fenced = r.fenced,
+                                compacted = r.compacted,
                                 freed = r.freed,
                                 freed_bytes = r.freed_bytes,
                                 unfenced = r.unfenced,
@@ -209,19 +231,31 @@ impl Gc {
         })
         .await??;
         let mut referenced: BTreeSet<SegmentId> = BTreeSet::new();
+        let mut live: HashMap<SegmentId, u64> = HashMap::new();
         for ((_, segment), u) in &uses {
             referenced.insert(*segment);
             r.live_bytes += u.bytes;
+            *live.entry(*segment).or_default() += u.bytes;
         }
+        let layout = cfs_segments::layout::Layout::for_cluster(self.segments.nodes().len());
+        let data_share = |b: u64| b * layout.k as u64 / layout.width().max(1) as u64;
+        let mut to_compact: Vec<(f64, SegmentId)> = Vec::new();
         let now = Instant::now();
         let mut sightings = self.sightings.lock().await;
         sightings.retain(|s, _| listed.get(s).is_some_and(|l| l.sealed));
         let (mut to_fence, mut to_free, mut to_unfence) = (Vec::new(), Vec::new(), Vec::new());
         let mut open = 0usize;
+        let mut to_seal = Vec::new();
         for (segment, l) in &listed {
             r.fragment_bytes += l.bytes;
             if !l.sealed {
                 open += 1;
+                // A writer seals its segment's fragments only when done
+                // with it; one it could not reach then (down, restarting)
+                // is sealed here.
+                if l.sealed_any && to_seal.len() < FREES_PER_PASS {
+                    to_seal.push(*segment);
+                }
                 continue;
             }
             r.sealed += 1;
@@ -230,6 +264,12 @@ impl Gc {
                 r.referenced += 1;
                 if !fenced_on.is_empty() {
                     to_unfence.push(*segment);
+                } else {
+                    let data = data_share(l.bytes).max(1);
+                    let share = live.get(segment).copied().unwrap_or(0) as f64 / data as f64;
+                    if share < COMPACT_LIVE_BELOW {
+                        to_compact.push((share, *segment));
+                    }
                 }
                 continue;
             }
@@ -247,6 +287,21 @@ impl Gc {
             }
         }
         drop(sightings);
+        for segment in to_seal {
+            for &(node, fragment) in &listed[&segment].open {
+                match self
+                    .segments
+                    .call(node, Request::Seal { segment, fragment })
+                    .await
+                {
+                    Ok(_) => {
+                        r.sealed_here += 1;
+                        debug!(%segment, node, fragment, "sealed a fragment its writer left open");
+                    }
+                    Err(e) => debug!(%segment, node, fragment, "sealing: {e}"),
+                }
+            }
+        }
         self.metrics.fragment_bytes.set(gauge(r.fragment_bytes));
         self.metrics.live_bytes.set(gauge(r.live_bytes));
         for (state, n) in [
@@ -312,6 +367,29 @@ impl Gc {
                 }
             }
         }
+        if shards.first().is_some_and(|s| self.meta.leads(*s)) && !to_compact.is_empty() {
+            to_compact.sort_by(|a, b| a.0.total_cmp(&b.0));
+            let mut budget = crate::compact::COMPACT_BYTES_PER_PASS;
+            for (_, segment) in to_compact {
+                let need = live.get(&segment).copied().unwrap_or(0);
+                if need > budget {
+                    break;
+                }
+                budget -= need;
+                match crate::compact::compact(&self.meta, &self.segments, &shards, segment).await {
+                    Ok(c) => {
+                        r.compacted += 1;
+                        r.compacted_bytes += c.bytes;
+                        self.metrics.compacted.inc();
+                        self.metrics.compacted_bytes.inc_by(c.bytes);
+                        // Readers that looked up the old extents before
+                        // the move get the grace period to finish.
+                        self.sightings.lock().await.insert(segment, Instant::now());
+                    }
+                    Err(e) => warn!(%segment, "compacting: {e:#}"),
+                }
+            }
+        }
         debug!(?r, "gc pass");
         Ok(r)
     }
@@ -351,10 +429,16 @@ impl Gc {
                     for f in frags {
                         let l = out.entry(f.key.segment).or_insert(Listed {
                             sealed: true,
+                            sealed_any: false,
+                            open: Vec::new(),
                             bytes: 0,
                             holders: Vec::new(),
                         });
                         l.sealed &= f.sealed;
+                        l.sealed_any |= f.sealed;
+                        if !f.sealed {
+                            l.open.push((node, f.key.fragment));
+                        }
                         l.bytes += f.bytes;
                         if !l.holders.contains(&node) {
                             l.holders.push(node);
@@ -389,6 +473,10 @@ impl Gc {
 struct Listed {
     /// Every listed fragment is sealed.
     sealed: bool,
+    /// Some fragment is sealed: its writer is done with the segment.
+    sealed_any: bool,
+    /// Fragments still open: (node, fragment index).
+    open: Vec<(u64, u8)>,
     bytes: u64,
     holders: Vec<u64>,
 }

@@ -8,6 +8,7 @@
 pub use cfs_control::{config, local as cluster, mounts};
 
 pub mod admin_cli;
+pub mod compact;
 pub mod fstest;
 pub mod gateway;
 pub mod gc;

@@ -239,3 +239,47 @@ fn killing_the_freeing_node_frees_nothing_referenced_and_leaks_nothing() {
     check_tree(&m.path.join("keep"), 8, MIB, 500);
     fsck_clean(&c);
 }
+
+#[test]
+fn mostly_dead_segments_are_compacted_and_freed() {
+    use std::io::{Seek, SeekFrom, Write};
+    let c = Cluster::start_with("gc-compact", |cfg| {
+        cfg.gc_interval_ms = 300;
+        cfg.gc_grace_ms = 1000;
+    });
+    let m = Mount::new(&c, "mnt", &[]);
+    let empty = stored(&c);
+    let f = m.path.join("f");
+    let mut want = content(7, 16 * MIB);
+    std::fs::write(&f, &want).unwrap();
+    // Idle: the segments holding f are sealed.
+    std::thread::sleep(Duration::from_secs(12));
+    // Three quarters of f rewritten in place: its first segments keep a
+    // quarter of live data, below the compaction threshold.
+    let fresh = content(8, 12 * MIB);
+    let mut h = std::fs::OpenOptions::new().write(true).open(&f).unwrap();
+    h.seek(SeekFrom::Start(0)).unwrap();
+    h.write_all(&fresh).unwrap();
+    h.sync_all().unwrap();
+    drop(h);
+    want[..12 * MIB].copy_from_slice(&fresh);
+    let live = (16 * MIB) as u64;
+    let goal = empty + live * 3 / 2 * 11 / 10 + (8 * MIB) as u64;
+    let after = wait_stored(&c, 90, |s| s <= goal);
+    let compacted: u64 = (1..=3)
+        .map(|id| c.metric(id, "claudefs_gc_segments_compacted_total"))
+        .sum();
+    eprintln!(
+        "stored after the rewrite: {} MiB, goal {} MiB, compacted {compacted}",
+        after >> 20,
+        goal >> 20
+    );
+    assert!(compacted > 0, "no segment was compacted");
+    assert!(after <= goal, "{after} bytes still stored, goal {goal}");
+    common::fuse::drop_kernel_caches();
+    assert!(std::fs::read(&f).unwrap() == want, "f does not read back");
+    // A second mount (no cache) reads the relocated extents too.
+    let m2 = Mount::new(&c, "mnt2", &[]);
+    assert!(std::fs::read(m2.path.join("f")).unwrap() == want);
+    fsck_clean(&c);
+}

@@ -195,10 +195,46 @@ pub enum Op {
         segments: Vec<crate::types::SegmentId>,
         fence: bool,
     },
+    /// Compaction (D48): replaces each relocation's `old` extent by its
+    /// `new` pieces where the file still maps exactly `old` there; skips
+    /// the others (the file changed since the copy). Times and sizes are
+    /// unchanged. At most [`RELOCATIONS_MAX`], every inode on `shard`.
+    /// Only metadata services propose these.
+    RelocateExtents {
+        shard: ShardId,
+        moves: Vec<Relocation>,
+    },
 }
 
 /// Segments one [`Op::FenceSegments`] entry may name.
 pub const FENCE_SEGMENTS_MAX: usize = 1024;
+
+/// Relocations one [`Op::RelocateExtents`] entry may carry.
+pub const RELOCATIONS_MAX: usize = 256;
+
+/// One extent copied to new stripes by compaction (D48): `new` tiles
+/// exactly the file range of `old`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Relocation {
+    pub ino: Ino,
+    pub old: ExtentRef,
+    pub new: Vec<ExtentRef>,
+}
+
+impl Relocation {
+    /// Whether `new` covers `[old.offset, old.offset + old.len)` exactly,
+    /// in order, with no inline bytes.
+    pub fn tiles(&self) -> bool {
+        let mut at = self.old.offset;
+        for e in &self.new {
+            if e.offset != at || e.len == 0 || !matches!(e.backing, Backing::Stripe(_)) {
+                return false;
+            }
+            at += e.len;
+        }
+        !self.new.is_empty() && at == self.old.offset + self.old.len
+    }
+}
 
 /// Expired token records dropped per [`Op::ConsumeToken`] entry.
 pub const TOKENS_FORGOTTEN_MAX: usize = 64;
@@ -231,7 +267,8 @@ impl Op {
             | Op::ExpireHold { shard, .. }
             | Op::ForgetIdleClients { shard, .. }
             | Op::ConsumeToken { shard, .. }
-            | Op::FenceSegments { shard, .. } => make_ino(*shard, 1),
+            | Op::FenceSegments { shard, .. }
+            | Op::RelocateExtents { shard, .. } => make_ino(*shard, 1),
         }
     }
 
@@ -278,6 +315,7 @@ impl Op {
                     | Op::ForgetIdleClients { .. }
                     | Op::ConsumeToken { .. }
                     | Op::FenceSegments { .. }
+                    | Op::RelocateExtents { .. }
             )
     }
 }

@@ -5,6 +5,7 @@ use crate::keys;
 use crate::ops::Applied;
 use crate::store::Txn;
 use crate::types::*;
+use cfs_proto::ops::Relocation;
 
 use super::entries::{inode, put_inode};
 use super::{Fail, EXTENT_LEN_MAX, R2};
@@ -114,6 +115,41 @@ pub(super) fn fence_segments(
         }
     }
     Ok(Applied::None)
+}
+
+/// Compaction's relocations (D48): each applied only where the file still
+/// maps exactly the extent copied. Returns the inodes changed.
+pub(super) fn relocate(t: &mut Txn<'_>, shard: ShardId, moves: &[Relocation]) -> R2<Applied> {
+    if moves.len() > cfs_proto::ops::RELOCATIONS_MAX {
+        return Err(Errno::EINVAL.into());
+    }
+    for m in moves {
+        if shard_of(m.ino) != shard || !m.tiles() || !m.new.iter().all(|e| e.valid(EXTENT_LEN_MAX))
+        {
+            return Err(Errno::EINVAL.into());
+        }
+    }
+    let mut inodes = Vec::new();
+    for m in moves {
+        let key = keys::extent(m.ino, m.old.offset);
+        if t.get::<ExtentRef>(&key)?.as_ref() != Some(&m.old) {
+            continue;
+        }
+        if refuse_fenced(t, shard, &m.new).is_err() {
+            continue;
+        }
+        t.delete(key);
+        for e in &m.new {
+            t.put(keys::extent(m.ino, e.offset), e);
+        }
+        if !inodes.contains(&m.ino) {
+            inodes.push(m.ino);
+        }
+    }
+    Ok(Applied::Changed {
+        inodes,
+        entries: Vec::new(),
+    })
 }
 
 /// Whether `c` may change `i`'s bytes. The kernel checked the file's mode

@@ -450,6 +450,7 @@ fn apply_inner(
             segments,
             fence,
         } => data::fence_segments(t, now, *shard, segments, *fence),
+        Op::RelocateExtents { shard, moves } => data::relocate(t, *shard, moves),
         Op::ReleaseLocks {
             ino,
             client,
