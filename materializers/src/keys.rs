@@ -79,6 +79,13 @@ pub fn inode_of(key: &[u8]) -> Option<Ino> {
         _ => None,
     }
 }
+/// The inode an `e` (extent) key belongs to.
+pub fn extent_ino(key: &[u8]) -> Option<Ino> {
+    match key {
+        [b'e', rest @ ..] => Some(Ino::from_be_bytes(rest.get(..8)?.try_into().ok()?)),
+        _ => None,
+    }
+}
 pub fn dentry(parent: Ino, name: &[u8]) -> Vec<u8> {
     with(b'd', &[&parent.to_be_bytes(), name])
 }

@@ -59,7 +59,7 @@ pub async fn compact(
                 let Some(ekey) = keys::extent_key_of_where(k) else {
                     return Ok(());
                 };
-                if let (Some(ino), Some(raw)) = (keys::inode_of(&ekey), db2.get_raw(&ekey)?) {
+                if let (Some(ino), Some(raw)) = (keys::extent_ino(&ekey), db2.get_raw(&ekey)?) {
                     v.push((ino, decode::<ExtentRef>(&ekey, &raw)?));
                 }
                 Ok(())
@@ -92,10 +92,13 @@ pub async fn compact(
             let Some(bytes) = data.get(from..to) else {
                 anyhow::bail!("{segment} stripe {}: extent past its data", x.stripe);
             };
-            writer.write(bytes).await?;
+            // Flushed after each extent: the stripes returned are this
+            // extent's, in order.
+            let mut written = writer.write(bytes).await?;
+            written.extend(writer.flush().await?);
             let mut at = old.offset;
             let mut new = Vec::new();
-            for e in writer.flush().await? {
+            for e in written {
                 let len = e.data_len as u64;
                 new.push(ExtentRef {
                     offset: at,
@@ -115,6 +118,10 @@ pub async fn compact(
                 Err(e) => debug!(%segment, shard = %shard, "relocating: {e}"),
             }
         }
+    }
+    if out.extents == 0 {
+        debug!(%segment, "nothing to compact");
+        return Ok(out);
     }
     info!(
         %segment,

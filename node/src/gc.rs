@@ -377,6 +377,7 @@ impl Gc {
                 }
                 budget -= need;
                 match crate::compact::compact(&self.meta, &self.segments, &shards, segment).await {
+                    Ok(c) if c.extents == 0 => {}
                     Ok(c) => {
                         r.compacted += 1;
                         r.compacted_bytes += c.bytes;
