@@ -34,7 +34,7 @@ trap cleanup EXIT
 MNT="$CL/mnt"
 until mountpoint -q "$MNT"; do sleep 0.2; done
 
-stored() { du -sb "$CL"/node-*/data/segments | awk '{s += $1} END {print s}'; }
+stored() { du -sb "$CL"/node-*/data/segments | awk '{s += $1} END {printf "%d\n", s}'; }
 mib() { echo $(( $1 / 1048576 )); }
 # Waits until the stored bytes are at most $1 or WAIT_S passed; prints
 # the seconds it took.
@@ -56,12 +56,18 @@ GOAL=$((EMPTY + LIVE * 3 / 2 * 11 / 10))
 echo "stored after the live data: $(mib "$(stored)") MiB (1.5 x live = $(mib $((LIVE * 3 / 2))) MiB)" >&2
 
 echo "== fsx for $FSX_SECONDS s" >&2
+# The peak while fsx runs (sampled every 5 s).
+( peak=0; while :; do s=$(stored); [ "$s" -gt "$peak" ] && peak=$s && echo "$peak" >"$WORK/peak"; sleep 5; done ) &
+SAMPLER=$!
 "$CFS" fsx "$MNT/fsx.bin" --seconds "$FSX_SECONDS" --ops 20000 --max-size 8000000 --max-op 1000000 >"$WORK/fsx.log" 2>&1 || {
   tail -5 "$WORK/fsx.log" >&2
   exit 1
 }
+kill "$SAMPLER" 2>/dev/null || true
 tail -1 "$WORK/fsx.log" >&2
 AFTER_FSX=$(stored)
+PEAK=$(cat "$WORK/peak")
+echo "fsx: peak stored while it ran $(mib "$PEAK") MiB" >&2
 rm -f "$MNT/fsx.bin"
 FSX_WAIT=$(wait_down_to "$GOAL")
 AFTER_FSX_RM=$(stored)
@@ -87,6 +93,7 @@ rows = [("after the live data", None, None),
         ("fsx ${FSX_SECONDS} s", $AFTER_FSX, $AFTER_FSX_RM),
         ("churn ${CHURN_MIB} MiB", $AFTER_CHURN, $AFTER_CHURN_RM)]
 want = live * 1.5
+print(f"live data {live / 2**20:,.0f} MiB; stored while fsx ran: at most {($PEAK - empty) / 2**20:,.0f} MiB")
 print(f"| step | stored before rm | stored after rm and GC | after / (1.5 x live) | GC time |")
 print("|---|---|---|---|---|")
 for (name, before, after), t in zip(rows[1:], ["$FSX_WAIT", "$CHURN_WAIT"]):

@@ -40,6 +40,12 @@ pub const FENCES_PER_PASS: usize = 1024;
 /// A referenced sealed segment whose live bytes are below this share of
 /// its data is compacted (its live extents copied to new stripes).
 pub const COMPACT_LIVE_BELOW: f64 = 0.5;
+/// While the store's dead data is more than [`DEAD_SHARE_MAX`] of its
+/// live data, segments up to this live share are compacted too (least
+/// live first), so that space comes back to within that share of what
+/// is live (each byte reclaimed then costs up to 9 copied).
+pub const COMPACT_LIVE_BELOW_WHEN_WASTEFUL: f64 = 0.9;
+pub const DEAD_SHARE_MAX: f64 = 0.1;
 /// Segments freed per pass.
 pub const FREES_PER_PASS: usize = 1024;
 /// Sealed segments whose first sighting is remembered (for the grace
@@ -240,6 +246,14 @@ impl Gc {
         let layout = cfs_segments::layout::Layout::for_cluster(self.segments.nodes().len());
         let data_share = |b: u64| b * layout.k as u64 / layout.width().max(1) as u64;
         let mut to_compact: Vec<(f64, SegmentId)> = Vec::new();
+        let stored_data: u64 = listed.values().map(|l| data_share(l.bytes)).sum();
+        let wasteful =
+            stored_data.saturating_sub(r.live_bytes) as f64 > DEAD_SHARE_MAX * r.live_bytes as f64;
+        let compact_below = if wasteful {
+            COMPACT_LIVE_BELOW_WHEN_WASTEFUL
+        } else {
+            COMPACT_LIVE_BELOW
+        };
         let now = Instant::now();
         let mut sightings = self.sightings.lock().await;
         sightings.retain(|s, _| listed.get(s).is_some_and(|l| l.sealed));
@@ -267,7 +281,7 @@ impl Gc {
                 } else {
                     let data = data_share(l.bytes).max(1);
                     let share = live.get(segment).copied().unwrap_or(0) as f64 / data as f64;
-                    if share < COMPACT_LIVE_BELOW {
+                    if share < compact_below {
                         to_compact.push((share, *segment));
                     }
                 }
