@@ -392,20 +392,12 @@ impl MetaService {
                 continue;
             }
             for part in segments.chunks(cfs_proto::ops::FENCE_SEGMENTS_MAX) {
-                let (coordinator, op_id) = coordinator::Cluster::next_id(&**inner);
-                let lop = LoggedOp {
-                    client: coordinator,
-                    op_id,
-                    creds: Creds::root(),
-                    now: now_ns(),
-                    op: Op::FenceSegments {
-                        shard,
-                        segments: part.to_vec(),
-                        fence,
-                    },
+                let op = Op::FenceSegments {
+                    shard,
+                    segments: part.to_vec(),
+                    fence,
                 };
-                let _alone = inner.seq.exclusive().await;
-                let r = match coordinator::Cluster::propose(&**inner, shard, lop).await {
+                let r = match inner.propose_service_op(shard, op).await {
                     Ok(Ok(_)) => Ok(()),
                     Ok(Err(e)) | Err(e) => Err(e),
                 };
@@ -429,21 +421,8 @@ impl MetaService {
         shard: ShardId,
         moves: Vec<cfs_proto::ops::Relocation>,
     ) -> Result<usize, Errno> {
-        let inner = &self.inner;
-        let (coordinator, op_id) = coordinator::Cluster::next_id(&**inner);
-        let lop = LoggedOp {
-            client: coordinator,
-            op_id,
-            creds: Creds::root(),
-            now: now_ns(),
-            op: Op::RelocateExtents { shard, moves },
-        };
-        let _alone = if inner.leads(shard) {
-            Some(inner.seq.exclusive().await)
-        } else {
-            None
-        };
-        match coordinator::Cluster::propose(&**inner, shard, lop).await? {
+        let op = Op::RelocateExtents { shard, moves };
+        match self.inner.propose_service_op(shard, op).await? {
             Ok(Applied::Changed { inodes, .. }) => Ok(inodes.len()),
             Ok(_) => Ok(0),
             Err(e) => Err(e),
@@ -1046,6 +1025,27 @@ impl Inner {
             .is_some_and(|a| *a.borrow() > start)
     }
 
+    /// Proposes `op` (a service-only step) on `shard` as this node's
+    /// coordinator, with root credentials; when this node leads `shard`,
+    /// with the sequencer held alone, so that nothing it answered early
+    /// is ordered after it (D30).
+    async fn propose_service_op(&self, shard: ShardId, op: Op) -> Result<ApplyResult, Errno> {
+        let (coordinator, op_id) = coordinator::Cluster::next_id(self);
+        let lop = LoggedOp {
+            client: coordinator,
+            op_id,
+            creds: Creds::root(),
+            now: now_ns(),
+            op,
+        };
+        let _alone = if self.leads(shard) {
+            Some(self.seq.exclusive().await)
+        } else {
+            None
+        };
+        coordinator::Cluster::propose(self, shard, lop).await
+    }
+
     /// Forgets the outcome tables of clients idle for `idle` on the shards
     /// this node leads (one entry per shard and check, each bounded).
     async fn forget_idle_clients(self: &Arc<Self>, idle: Duration) {
@@ -1063,16 +1063,10 @@ impl Inner {
                     continue;
                 }
             }
-            let (coordinator, op_id) = coordinator::Cluster::next_id(&**self);
-            let lop = LoggedOp {
-                client: coordinator,
-                op_id,
-                creds: Creds::root(),
-                now: now_ns(),
-                op: Op::ForgetIdleClients { shard, idle_before },
-            };
-            let _alone = self.seq.exclusive().await;
-            match coordinator::Cluster::propose(&**self, shard, lop).await {
+            match self
+                .propose_service_op(shard, Op::ForgetIdleClients { shard, idle_before })
+                .await
+            {
                 Ok(Ok(_)) => {
                     self.counters.clients_forgotten.inc();
                     info!(shard = %shard, idle_s = idle.as_secs(), "forgot idle clients' outcome tables");
@@ -1104,17 +1098,11 @@ impl Inner {
                 }
             };
             for client in clients {
-                let (coordinator, op_id) = coordinator::Cluster::next_id(&**self);
-                let lop = LoggedOp {
-                    client: coordinator,
-                    op_id,
-                    creds: Creds::root(),
-                    now: now_ns(),
-                    op: Op::ExpireHold { shard, client },
-                };
                 // Not past changes this node answered early (D30).
-                let _alone = self.seq.exclusive().await;
-                match coordinator::Cluster::propose(&**self, shard, lop).await {
+                match self
+                    .propose_service_op(shard, Op::ExpireHold { shard, client })
+                    .await
+                {
                     Ok(Ok(Applied::Changed { inodes, .. })) => {
                         self.counters.holds_broken.inc();
                         info!(

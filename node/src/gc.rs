@@ -28,7 +28,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cfs_materializers::segment_use;
-use cfs_materializers::types::{SegmentId, ShardId};
+use cfs_materializers::types::SegmentId;
 use cfs_meta::MetaService;
 use cfs_segments::client::SegmentClient;
 use cfs_segments::proto::{Request, Response};
@@ -330,16 +330,16 @@ impl Gc {
                 .set(gauge(n as u64));
         }
         if !to_unfence.is_empty() {
-            let shards_led: Vec<ShardId> = shards.clone();
-            for (shard, res) in self
-                .meta
-                .fence_segments(&shards_led, &to_unfence, false)
-                .await
-            {
+            for (shard, res) in self.meta.fence_segments(&shards, &to_unfence, false).await {
                 match res {
+                    // Counted once per segment and shard whose fence went.
                     Ok(()) => {
-                        r.unfenced += to_unfence.len();
-                        self.metrics.unfenced.inc_by(to_unfence.len() as u64);
+                        let n = to_unfence
+                            .iter()
+                            .filter(|s| fences.get(s).is_some_and(|on| on.contains(&shard)))
+                            .count();
+                        r.unfenced += n;
+                        self.metrics.unfenced.inc_by(n as u64);
                     }
                     Err(e) => warn!(shard = %shard, "lifting segment fences: {e}"),
                 }

@@ -163,7 +163,7 @@ fn posix_suite_integrity_and_replay() {
         d1.lines().count() > 100,
         "namespace too small to be meaningful"
     );
-    let _ = fsck_clean(&c);
+    let _ = c.fsck_clean();
     same_namespace(&c, 1, 3);
 
     // Rebuilt from scratch by replaying the log, it is the same again.
@@ -192,27 +192,6 @@ fn same_namespace(c: &Cluster, x: u64, y: u64) -> String {
     let (a, b) = last.expect("compared");
     assert_eq!(a, b, "node {y}'s namespace differs from node {x}'s");
     a
-}
-
-/// `cfs fsck` passes on every node, with no transaction left open;
-/// returns each node's report.
-fn fsck_clean(c: &Cluster) -> Vec<String> {
-    let mut reports = Vec::new();
-    for n in 1..=3u64 {
-        let out = run_cfs(&[
-            "fsck",
-            "--dir",
-            c.dir.to_str().unwrap(),
-            "--node",
-            &n.to_string(),
-        ]);
-        assert!(
-            out.contains(" 0 open transaction records, 0 problems"),
-            "node {n}: {out}"
-        );
-        reports.push(out);
-    }
-    reports
 }
 
 /// A name that places a new directory in the root on `shard`.
@@ -438,7 +417,7 @@ fn coordinator_crash_between_phases() {
         std::thread::sleep(Duration::from_millis(200));
         wait_applied_equal(&c);
     }
-    let _ = fsck_clean(&c);
+    let _ = c.fsck_clean();
 }
 
 /// Writes `n` files with fsync under `dir`, recording the ones whose fsync
@@ -1319,7 +1298,7 @@ fn a_killed_mount_loses_only_unsynced_changes_and_its_holds_lapse() {
     drop(lb);
     drop(b);
     wait_applied_equal(&c);
-    for out in fsck_clean(&c) {
+    for out in c.fsck_clean() {
         assert!(out.contains(" 0 orphans,"), "{out}");
     }
 }
@@ -1473,7 +1452,7 @@ fn cross_shard_changes_are_answered_once_their_finishes_are_ordered() {
         assert!(d.join("sub").is_dir());
     }
     drop((a, b));
-    let _ = fsck_clean(&c);
+    let _ = c.fsck_clean();
 }
 
 /// Checks that mount `m` is held to a policy of root squashed and uid

@@ -15,32 +15,6 @@ use cfs_node::cluster;
 use common::fuse::Mount;
 use common::Cluster;
 
-fn run_cfs(args: &[&str]) -> String {
-    let out = Command::new(common::fuse::cfs())
-        .args(args)
-        .output()
-        .expect("run cfs");
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-/// `cfs fsck` is clean on every node (the segment counts included).
-fn fsck_clean(c: &Cluster) {
-    for n in 1..=3u64 {
-        let out = run_cfs(&[
-            "fsck",
-            "--dir",
-            c.dir.to_str().unwrap(),
-            "--node",
-            &n.to_string(),
-        ]);
-        assert!(out.contains(" 0 problems"), "node {n}: {out}");
-    }
-}
-
 fn segments_dir(c: &Cluster, id: u64) -> PathBuf {
     let cfg = c.cfg(id);
     cfg.segments_dir
@@ -184,7 +158,7 @@ fn what_nothing_references_is_freed_and_the_rest_reads_back() {
         st.abs_diff(want) <= want / 100,
         "statfs total {st}, the store's {want}"
     );
-    fsck_clean(&c);
+    c.fsck_clean();
 }
 
 /// Total bytes statfs reports for `p`.
@@ -237,7 +211,7 @@ fn killing_the_freeing_node_frees_nothing_referenced_and_leaks_nothing() {
     );
     common::fuse::drop_kernel_caches();
     check_tree(&m.path.join("keep"), 8, MIB, 500);
-    fsck_clean(&c);
+    c.fsck_clean();
 }
 
 #[test]
@@ -292,5 +266,5 @@ fn mostly_dead_segments_are_compacted_and_freed() {
     // A second mount (no cache) reads the relocated extents too.
     let m2 = Mount::new(&c, "mnt2", &[]);
     assert!(std::fs::read(m2.path.join("f")).unwrap() == want);
-    fsck_clean(&c);
+    c.fsck_clean();
 }

@@ -75,6 +75,28 @@ impl Cluster {
         )
     }
 
+    /// `cfs fsck` passes on every node (links, tree, segment counts),
+    /// with no transaction left open; each node's report.
+    pub fn fsck_clean(&self) -> Vec<String> {
+        let mut reports = Vec::new();
+        for c in &self.cfgs {
+            let out = std::process::Command::new(fuse::cfs())
+                .args(["fsck", "--dir", self.dir.to_str().expect("utf-8 dir")])
+                .args(["--node", &c.node_id.to_string()])
+                .output()
+                .expect("run cfs fsck");
+            let text = String::from_utf8_lossy(&out.stdout).to_string()
+                + &String::from_utf8_lossy(&out.stderr);
+            assert!(
+                out.status.success() && text.contains(" 0 open transaction records, 0 problems"),
+                "node {}: {text}",
+                c.node_id
+            );
+            reports.push(text);
+        }
+        reports
+    }
+
     pub fn cfg(&self, id: u64) -> &NodeConfig {
         &self.cfgs[(id - 1) as usize]
     }
