@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::stats::{Cache, MountStats};
-use cfs_proto::types::{Backing, Errno, ExtentRef};
+use cfs_proto::types::{Backing, Compression, Errno, ExtentRef};
 use cfs_segments::client::{ClientError, Extent, SegmentClient, StripeReader, StripeWriter};
 use cfs_segments::format::SegmentId;
 use cfs_segments::layout::Layout;
@@ -73,6 +73,8 @@ pub struct DataPath {
     /// Stripes being fetched, so concurrent readers share one fetch.
     fetching: AsyncMutex<HashMap<StripeKey, Arc<AsyncMutex<()>>>>,
     stats: Arc<MountStats>,
+    /// How new stripes are stored.
+    compression: Compression,
 }
 
 fn io_err(what: &str, e: impl std::fmt::Display) -> Errno {
@@ -97,6 +99,7 @@ impl DataPath {
         security: cfs_net::Security,
         servers: &[(u64, String)],
         cache_bytes: usize,
+        compression: Compression,
         stats: Arc<MountStats>,
     ) -> Result<Self, String> {
         let mut map = cfs_segments::proto::ServerMap::new();
@@ -130,6 +133,7 @@ impl DataPath {
             }),
             fetching: AsyncMutex::new(HashMap::new()),
             stats,
+            compression,
         })
     }
 
@@ -159,13 +163,14 @@ impl DataPath {
             None => (self.writers[start % WRITERS].lock().await, start % WRITERS),
         };
         if g.is_none() {
-            let sw = StripeWriter::new(
+            let mut sw = StripeWriter::new(
                 self.client.clone(),
                 self.layout,
                 self.placement(w),
                 FRAGMENT_BYTES,
             )
             .map_err(|e| io_err("stripe writer", e))?;
+            sw.set_compression(self.compression);
             *g = Some(sw);
         }
         let sw = g.as_mut().expect("writer present");
@@ -193,6 +198,7 @@ impl DataPath {
             let mut at = *off;
             for e in exts {
                 self.stats.segment_requests(e.layout.width() as u64);
+                self.stats.stripe_written(&e);
                 let len = e.data_len as u64;
                 out.push(ExtentRef {
                     offset: at,
@@ -279,6 +285,8 @@ impl DataPath {
                 self.stats.cache(Cache::Stripes, true);
                 v
             }
+            // A compressed stripe has no part readable alone.
+            None if e.is_packed() => self.stripe(e).await?,
             None => {
                 self.stats.segment_requests(1);
                 match self.reader.read_range(e, offset as u32, len as u32).await {

@@ -64,6 +64,9 @@ pub struct MountOptions {
     /// Let device files on this mount be opened (`--dev`; default off:
     /// the mount is `nodev`).
     pub allow_dev: bool,
+    /// How the stripes this mount writes are stored (`--compress`,
+    /// default zstd level 1, docs/decisions.md D49).
+    pub compression: cfs_proto::types::Compression,
 }
 
 impl MountOptions {

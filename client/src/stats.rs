@@ -106,6 +106,11 @@ pub struct MountStats {
     fresh_reads: IntCounter,
     segment_requests: IntCounter,
     reconstructions: IntCounter,
+    /// Stripes written, by how they were stored (plain, zstd).
+    stripes_written: Vec<IntCounter>,
+    /// File bytes written into stripes, and the bytes stored for them.
+    stripe_data_bytes: IntCounter,
+    stripe_stored_bytes: IntCounter,
     hits: Vec<IntCounter>,
     misses: Vec<IntCounter>,
     evictions: Vec<IntCounter>,
@@ -178,6 +183,28 @@ impl Default for MountStats {
                 "claudefs_fuse_reconstructions_total",
                 "Stripes rebuilt from parity because a fragment was missing or bad.",
             ),
+            stripes_written: {
+                let v = m::counter_vec(
+                    &reg,
+                    "claudefs_fuse_stripes_written_total",
+                    "Stripes this mount wrote, by how their bytes were stored.",
+                    &["packing"],
+                );
+                ["plain", "zstd"]
+                    .iter()
+                    .map(|p| v.with_label_values(&[p]))
+                    .collect()
+            },
+            stripe_data_bytes: m::counter(
+                &reg,
+                "claudefs_fuse_stripe_data_bytes_total",
+                "File bytes this mount wrote into stripes (before compression).",
+            ),
+            stripe_stored_bytes: m::counter(
+                &reg,
+                "claudefs_fuse_stripe_stored_bytes_total",
+                "Bytes stored for them (after compression, before erasure coding).",
+            ),
             hits: caches(
                 "claudefs_fuse_cache_hits_total",
                 "Answers a cache of this mount gave without a round trip.",
@@ -249,6 +276,14 @@ impl MountStats {
     pub fn segment_requests(&self, n: u64) {
         self.segment_requests.inc_by(n);
         self.round_trips.inc_by(n);
+    }
+
+    /// A stripe written: its file bytes and how they were stored.
+    pub fn stripe_written(&self, e: &cfs_proto::types::Extent) {
+        let i = usize::from(e.is_packed());
+        self.stripes_written[i].inc();
+        self.stripe_data_bytes.inc_by(u64::from(e.data_len));
+        self.stripe_stored_bytes.inc_by(u64::from(e.stored_len()));
     }
 
     /// A stripe decoded with parity in place of a missing or bad fragment.

@@ -22,8 +22,10 @@ use crate::types::*;
 pub struct SegmentUse {
     /// Extent keys naming one of its stripes.
     pub extents: u64,
-    /// File bytes those extents map (a stripe shared by several extents,
-    /// e.g. after `copy_file_range`, counts once per extent).
+    /// Stored bytes those extents keep: each extent's share of its
+    /// stripe's stored (possibly compressed) bytes, `Extent::stored_share`
+    /// (a stripe shared by several extents, e.g. after `copy_file_range`,
+    /// counts once per extent).
     pub bytes: u64,
 }
 
@@ -45,12 +47,13 @@ impl SegmentUse {
     }
 }
 
-/// The segment and mapped length an extent value names; `None` for inline
-/// bytes (and for values that do not decode, which the read path reports).
+/// The segment an extent value names and the stored bytes it keeps there;
+/// `None` for inline bytes (and for values that do not decode, which the
+/// read path reports).
 pub fn stripe_of(key: &[u8], value: &[u8]) -> Option<(SegmentId, u64)> {
     let e: ExtentRef = decode(key, value).ok()?;
     match e.backing {
-        Backing::Stripe(s) => Some((s.segment, e.len)),
+        Backing::Stripe(s) => Some((s.segment, s.stored_share(e.len))),
         Backing::Inline(_) => None,
     }
 }

@@ -45,8 +45,10 @@ pub use cfs_proto::tx::KeyValue;
 
 /// The layout this build reads and writes (`keys::FORMAT`): 2 since extent
 /// references may hold inline bytes (docs/decisions.md D20), 3 since each
-/// shard counts what its extents reference of each segment (D48).
-pub const FORMAT: u32 = 3;
+/// shard counts what its extents reference of each segment (D48), 4
+/// since stripes may be stored compressed and the counts are of stored
+/// bytes (D49).
+pub const FORMAT: u32 = 4;
 
 /// Values larger than this in the namespace are corruption.
 const VALUE_BYTES_MAX: usize = 16 << 20;

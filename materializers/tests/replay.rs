@@ -566,6 +566,7 @@ fn pieces_follow_writes_truncates_and_punches() {
                     nodes: vec![1, 2, 3],
                     stripe: step,
                     data_len: (skip + len) as u32,
+                    packing: cfs_proto::types::Packing::Plain,
                     fragment_len: 4096,
                     checksums: vec![],
                     missing: vec![],

@@ -54,6 +54,15 @@ fn stripe(segment: u128, stripe: u32, data_len: u32) -> Extent {
         nodes: vec![1, 2, 3],
         stripe,
         data_len,
+        // Odd segments hold compressed stripes: their counts are shares
+        // of the stored bytes.
+        packing: if segment % 2 == 1 {
+            Packing::Zstd {
+                stored_len: data_len / 3 + 1,
+            }
+        } else {
+            Packing::Plain
+        },
         fragment_len: 4096,
         checksums: vec![],
         missing: vec![],
@@ -244,7 +253,9 @@ fn a_fence_is_refused_while_referenced_and_then_refuses_writes() {
         use_of(&db, 7),
         Some(SegmentUse {
             extents: 1,
-            bytes: 8192
+            // Segment 7 holds compressed stripes: the count is of the
+            // stored bytes (a third, rounded up, of 8192).
+            bytes: 8192 / 3 + 1
         })
     );
     // Referenced: the fence is not set and nothing changes.

@@ -51,6 +51,7 @@ pub struct MetaMetrics {
     pub mutations: IntCounter,
     pub reads: IntCounter,
     pub barriers: IntCounter,
+    pub reads_held: IntCounter,
     pub errors: IntCounter,
     pub sessions: IntCounter,
     pub sessions_open: IntGauge,
@@ -92,6 +93,10 @@ impl MetaMetrics {
             barriers: c(
                 "claudefs_meta_barriers_total",
                 "Read barriers passed for fresh reads.",
+            ),
+            reads_held: c(
+                "claudefs_meta_reads_held_total",
+                "Reads on a leader held until other clients' early-answered changes were decided.",
             ),
             errors: c(
                 "claudefs_meta_errors_total",

@@ -19,10 +19,12 @@
 //!   order after a leader change) is reported to the caller as a failure
 //!   of that change (`ServerMsg::Settled`), never passed over.
 //!
-//! Readers see what was answered: reads here go through the overlay
-//! ([`Sequencer::read`]), and a read barrier (here, or forwarded by a
-//! follower) waits for the early answers given before it
-//! (`LogNode::answered_early`).
+//! Readers see what was answered, and nobody sees an undecided change of
+//! another client: a client's reads here go through the overlay while
+//! every undecided change in it is its own, and otherwise wait for the
+//! others' to settle and read the database ([`Sequencer::read_as`]); a
+//! read barrier forwarded by a follower waits for the early answers given
+//! before it (`LogNode::answered_early`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
@@ -249,6 +251,43 @@ impl Sequencer {
         f(&Overlaid {
             db,
             overlay: &st.overlay,
+        })
+    }
+
+    /// Runs `f` over what `client` may see: the database under the
+    /// overlay when every undecided change in it is `client`'s own (its
+    /// mount replays them to the next leader before anything else, so it
+    /// never sees them undone). Otherwise `Err(upto)`: another client's
+    /// changes numbered below `upto` are undecided, and `client` must not
+    /// see them yet: if this node fails before they are decided, the next
+    /// leader does not hold them until their owner replays them, and a
+    /// reader that saw them would see them undone (the fs-ops Jepsen
+    /// smoke's `inconsistent-read` in `c2`). The caller waits for them to
+    /// settle ([`Sequencer::wait_settled`]) and reads the database alone
+    /// ([`Sequencer::read_decided`]).
+    pub fn read_as<T>(
+        &self,
+        client: u64,
+        db: &NamespaceDb,
+        f: impl FnOnce(&Overlaid<'_>) -> T,
+    ) -> Result<T, u64> {
+        let st = self.state.lock().expect("sequencer lock");
+        if st.pending.values().any(|p| p.lop.client != client) {
+            return Err(st.next);
+        }
+        Ok(f(&Overlaid {
+            db,
+            overlay: &st.overlay,
+        }))
+    }
+
+    /// Runs `f` over the database alone: what the log decided and this
+    /// node applied.
+    pub fn read_decided<T>(&self, db: &NamespaceDb, f: impl FnOnce(&Overlaid<'_>) -> T) -> T {
+        let empty = Overlay::new();
+        f(&Overlaid {
+            db,
+            overlay: &empty,
         })
     }
 
@@ -599,6 +638,42 @@ mod tests {
         assert!(all.await.is_err(), "drain() waits for every change");
         settle(2);
         assert_eq!(seq.pending(), 0);
+    }
+
+    /// A client sees its own undecided changes; another client does not
+    /// see them before they are decided (the fs-ops Jepsen smoke's
+    /// change seen, then undone by a leader change), and is told what to
+    /// wait for; once they settle, both read the decided state.
+    #[test]
+    fn undecided_changes_are_shown_to_their_own_client_only() {
+        let (_dir, db, _) = fresh();
+        let seq = Sequencer::new(&[SHARD]);
+        {
+            let mut st = seq.state.lock().expect("lock");
+            let lop = op(1, 1, create(ROOT_INO, "mine", false));
+            let (told, keys) = st.fold(&db, 1, SHARD, &lop).expect("fold");
+            assert!(told.is_ok(), "{told:?}");
+            st.pending.insert(
+                1,
+                Pending {
+                    shard: SHARD,
+                    lop,
+                    keys,
+                },
+            );
+            st.next = 2;
+        }
+        let sees = |r: &Overlaid<'_>| r.lookup(ROOT_INO, b"mine").is_ok();
+        assert_eq!(seq.read_as(1, &db, sees), Ok(true), "its own change");
+        assert_eq!(seq.read_as(2, &db, sees), Err(2), "another's change");
+        assert!(!seq.read_decided(&db, sees));
+        // Decided and applied: the database holds it, the overlay drains.
+        let mut at = 1;
+        let lop = seq.state.lock().expect("lock").pending[&1].lop.clone();
+        decide(&db, &mut at, &[lop]);
+        seq.state.lock().expect("lock").settled(1);
+        assert_eq!(seq.read_as(2, &db, sees), Ok(true));
+        assert!(seq.read_decided(&db, sees));
     }
 
     #[test]

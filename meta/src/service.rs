@@ -943,6 +943,31 @@ impl Inner {
         Ok(())
     }
 
+    /// Runs the read `f` for `client`: over what this node answered,
+    /// decided or not, when the undecided part is `client`'s own; else
+    /// once the other clients' undecided changes ordered before it are
+    /// settled, over the database (`Sequencer::read_as`).
+    async fn read_as<T>(
+        &self,
+        client: u64,
+        f: impl Fn(&cfs_materializers::read::Overlaid<'_>) -> T,
+    ) -> Result<T, Errno> {
+        match self.seq.read_as(client, &self.db, &f) {
+            Ok(r) => Ok(r),
+            Err(upto) => {
+                self.counters.reads_held.inc();
+                if !self
+                    .seq
+                    .wait_settled(upto, Instant::now() + APPLY_WAIT)
+                    .await
+                {
+                    return Err(Errno::EIO);
+                }
+                Ok(self.seq.read_decided(&self.db, f))
+            }
+        }
+    }
+
     /// Renews the session's leases on the shards this node leads: after a
     /// read barrier (the grant is no older than the request) and once the
     /// invalidations of everything applied so far are queued to it.
@@ -1878,15 +1903,14 @@ async fn handle(
             .map(Reply::Lock)
             .map_err(read_err);
     }
-    // What this node answered, decided or not (the sequencer's overlay).
-    let r = inner.seq.read(&inner.db, |db| read(db, &f.req));
+    let r = inner.read_as(client, |db| read(db, &f.req)).await?;
     match (&f.req, r) {
         // The inode may live on another shard: fresh there too.
         (Request::Lookup { .. }, Ok(Reply::Attr(i))) if f.fresh && shard_of(i.ino) != shard => {
             inner.fresh(inner.check_shard(i.ino)?).await?;
             inner
-                .seq
-                .read(&inner.db, |db| db.inode(i.ino).map(Reply::Attr))
+                .read_as(client, |db| db.inode(i.ino).map(Reply::Attr))
+                .await?
                 .map_err(read_err)
         }
         (_, r) => r.map_err(read_err),

@@ -71,6 +71,8 @@ pub async fn compact(
             continue;
         }
         let mut writer = StripeWriter::new(client.clone(), layout, place.clone(), FRAGMENT_BYTES)?;
+        // Live bytes are copied as a mount writes them by default.
+        writer.set_compression(cfs_segments::client::Compression::default());
         let mut moves = Vec::new();
         for (ino, old) in extents {
             let Backing::Stripe(x) = &old.backing else {

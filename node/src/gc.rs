@@ -155,7 +155,7 @@ impl Metrics {
             live_bytes: cfs_metrics::gauge(
                 &reg,
                 "claudefs_store_live_bytes",
-                "File bytes the namespace's extents map into segments at the last pass (before erasure coding).",
+                "Stored bytes (compressed where the stripe is, before erasure coding) the namespace's extents keep in segments at the last pass.",
             ),
             capacity: cfs_metrics::gauge(
                 &reg,

@@ -28,6 +28,7 @@ use crate::proto::{
     HELLO_FRAME_BYTES_MAX,
 };
 use crate::store::{FragmentInfo, StoreError};
+pub use cfs_stripe::Compression;
 
 /// How long one request may take before the server is treated as down.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
@@ -354,6 +355,14 @@ pub fn default_min_durable(layout: Layout) -> usize {
     }
 }
 
+/// How a writer stores each stripe.
+#[derive(Clone, Copy, Debug)]
+struct WritePolicy {
+    /// Fragments that must be durable before the stripe is acknowledged.
+    min_durable: usize,
+    compression: Compression,
+}
+
 async fn write_stripe(
     client: Arc<SegmentClient>,
     codec: Arc<Codec>,
@@ -361,11 +370,17 @@ async fn write_stripe(
     nodes: Vec<u64>,
     stripe: u32,
     data: Vec<u8>,
-    min_durable: usize,
+    policy: WritePolicy,
 ) -> Result<Extent, ClientError> {
+    let WritePolicy {
+        min_durable,
+        compression,
+    } = policy;
     let layout = codec.layout();
+    let data_len = data.len() as u32;
+    let (stored, packing) = crate::pack::pack(data, compression);
     let frags = codec
-        .encode(&data)
+        .encode(&stored)
         .map_err(|e| ClientError::Placement(e.to_string()))?;
     let fragment_len = frags[0].len() as u32;
     let checksums: Vec<[u8; 32]> = frags.iter().map(|f| format::checksum(f)).collect();
@@ -435,7 +450,8 @@ async fn write_stripe(
         layout,
         nodes,
         stripe,
-        data_len: data.len() as u32,
+        data_len,
+        packing,
         fragment_len,
         checksums,
         missing,
@@ -449,7 +465,7 @@ pub struct StripeWriter {
     codec: Arc<Codec>,
     nodes: Vec<u64>,
     stripe_bytes: usize,
-    min_durable: usize,
+    policy: WritePolicy,
     segment: SegmentId,
     next_stripe: u32,
     buf: Vec<u8>,
@@ -493,7 +509,10 @@ impl StripeWriter {
             codec,
             nodes,
             stripe_bytes: fragment_bytes * layout.k as usize,
-            min_durable: default_min_durable(layout),
+            policy: WritePolicy {
+                min_durable: default_min_durable(layout),
+                compression: Compression::Off,
+            },
             segment: SegmentId::random(),
             next_stripe: 0,
             buf: Vec::new(),
@@ -504,7 +523,14 @@ impl StripeWriter {
     }
 
     pub fn set_min_durable(&mut self, n: usize) {
-        self.min_durable = n.clamp(self.codec.layout().k as usize, self.codec.layout().width());
+        self.policy.min_durable =
+            n.clamp(self.codec.layout().k as usize, self.codec.layout().width());
+    }
+
+    /// How stripes launched from now on are stored (default: plain; the
+    /// mount and compaction set their own).
+    pub fn set_compression(&mut self, c: Compression) {
+        self.policy.compression = c;
     }
 
     fn launch(&mut self, data: Vec<u8>) {
@@ -520,7 +546,7 @@ impl StripeWriter {
             self.nodes.clone(),
             self.next_stripe,
             data,
-            self.min_durable,
+            self.policy,
         ));
         self.next_stripe += 1;
         self.last_write = std::time::Instant::now();
@@ -727,6 +753,9 @@ impl StripeReader {
             stripe: e.stripe,
             reason,
         };
+        if e.is_packed() {
+            return Err(unreadable("a compressed stripe is read whole".into()));
+        }
         if n == 0 || flen == 0 || off + n > e.data_len as u64 {
             return Err(unreadable(format!("range {off}+{n} outside the stripe")));
         }
@@ -810,14 +839,16 @@ impl StripeReader {
                 ),
             });
         }
-        let data =
-            codec
-                .decode(frags, e.data_len as usize)
-                .map_err(|err| ClientError::Unreadable {
-                    segment: e.segment,
-                    stripe: e.stripe,
-                    reason: err.to_string(),
-                })?;
+        let unreadable = |reason: String| ClientError::Unreadable {
+            segment: e.segment,
+            stripe: e.stripe,
+            reason,
+        };
+        let stored = codec
+            .decode(frags, e.stored_len() as usize)
+            .map_err(|err| unreadable(err.to_string()))?;
+        let data = crate::pack::unpack(stored, e.packing, e.data_len as usize)
+            .map_err(|err| unreadable(err.to_string()))?;
         Ok(ReadOutcome { data, bad })
     }
 }

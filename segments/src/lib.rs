@@ -14,6 +14,7 @@ pub mod client;
 pub mod ec;
 pub mod format;
 pub mod io;
+pub mod pack;
 pub mod proof;
 pub use cfs_stripe::layout;
 pub mod proto;

@@ -903,7 +903,8 @@ impl LogNode {
     /// `upto` before their entries were decided: reads of `shard` that
     /// followers forward from now on (while this node leads) wait until
     /// [`LogNode::settled_early`] reaches `upto` (`read_gate`). Reads of
-    /// callers on this node are not held: they read through that layer.
+    /// callers on this node are not held here: that layer holds them
+    /// itself.
     pub fn answered_early(&self, shard: ShardId, upto: u64) -> Result<(), LogError> {
         self.shard(shard)?.gate.answered(upto);
         Ok(())

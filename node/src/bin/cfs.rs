@@ -592,6 +592,10 @@ struct MountArgs {
     /// Allow opening device files on this mount (default: nodev).
     #[arg(long)]
     dev: bool,
+    /// How the stripes this mount writes are stored: `zstd:N` (1..=19,
+    /// each stripe compressed when that saves 1/16 or more) or `off`.
+    #[arg(long, default_value = "zstd:1")]
+    compress: cfs_proto::types::Compression,
 }
 
 fn mount_cmd(a: MountArgs) -> anyhow::Result<()> {
@@ -677,6 +681,7 @@ fn mount_cmd(a: MountArgs) -> anyhow::Result<()> {
         sync_namespace: a.sync_namespace,
         allow_suid: a.suid,
         allow_dev: a.dev,
+        compression: a.compress,
     };
     cfs_client::mount(&a.mountpoint, opts)?;
     Ok(())

@@ -1,0 +1,275 @@
+//! Compression of stripes on a real 3-node cluster with FUSE mounts
+//! (docs/decisions.md D49): a mount compresses by default, stores
+//! compressible files in a fraction of their size and incompressible
+//! ones as they are, and every byte reads back exactly, whole or in
+//! parts, from the writing mount and from another one, after in-place
+//! rewrites, a copy by reference and compaction; `--compress off`
+//! stores bytes as they are; a bad `--compress` is refused.
+
+mod common;
+
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::fuse::{self, Mount};
+use common::Cluster;
+
+const MIB: usize = 1 << 20;
+
+/// Bytes of fragment files on the three segment servers.
+fn stored(c: &Cluster) -> u64 {
+    (1..=3)
+        .map(|id| {
+            let cfg = c.cfg(id);
+            let dir = cfg
+                .segments_dir
+                .clone()
+                .unwrap_or_else(|| cfg.data_dir.join("segments"));
+            std::fs::read_dir(dir)
+                .map(|d| {
+                    d.filter_map(|e| e.ok())
+                        .filter_map(|e| e.metadata().ok())
+                        .filter(|m| m.is_file())
+                        .map(|m| m.len())
+                        .sum::<u64>()
+                })
+                .unwrap_or(0)
+        })
+        .sum()
+}
+
+/// Source-like text: lines of words from a small vocabulary, varied by
+/// `seed` (compresses several times, as source code does, not to nothing).
+fn text(seed: u64, len: usize) -> Vec<u8> {
+    const WORDS: [&str; 16] = [
+        "fn ",
+        "let ",
+        "mut ",
+        "self",
+        ".stripe",
+        "(segment)",
+        " => ",
+        "{\n",
+        "}\n",
+        "return ",
+        "match ",
+        "Ok(",
+        "Err(e)",
+        "    ",
+        ";\n",
+        "extent_",
+    ];
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let mut out = Vec::with_capacity(len + 16);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(WORDS[(x % 16) as usize].as_bytes());
+        if x.is_multiple_of(11) {
+            out.extend_from_slice(format!("{}", x % 1000).as_bytes());
+        }
+    }
+    out.truncate(len);
+    out
+}
+
+/// Incompressible bytes.
+fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x2545_f491_4f6c_dd1d) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+fn url_file(c: &Cluster, name: &str) -> PathBuf {
+    c.dir.join(format!("{name}.url"))
+}
+
+fn mount(c: &Cluster, name: &str, extra: &[&str]) -> Mount {
+    let url = url_file(c, name);
+    let url_s = url.to_string_lossy().into_owned();
+    let mut args = vec![
+        "--metrics-listen",
+        "127.0.0.1:0",
+        "--metrics-url-file",
+        url_s.as_str(),
+    ];
+    args.extend_from_slice(extra);
+    Mount::new(c, name, &args)
+}
+
+/// Reads `want` back from `p` whole and in odd-sized parts at odd
+/// offsets (each part served from the stripe it falls in).
+fn reads_back(p: &Path, want: &[u8]) {
+    let got = std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    assert!(got == want, "{} does not read back byte-exact", p.display());
+    let f = std::fs::File::open(p).unwrap();
+    let mut at = 7usize;
+    while at < want.len() {
+        let n = (4093 + at % 70_000).min(want.len() - at);
+        let mut b = vec![0u8; n];
+        f.read_exact_at(&mut b, at as u64).unwrap();
+        assert!(
+            b == want[at..at + n],
+            "{}: {n} bytes at {at} differ",
+            p.display()
+        );
+        at += n * 37 + 1;
+    }
+}
+
+fn wait_until(secs: u64, mut ok: impl FnMut() -> bool) -> bool {
+    let until = Instant::now() + Duration::from_secs(secs);
+    while Instant::now() < until {
+        if ok() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    ok()
+}
+
+#[test]
+fn compressible_data_is_stored_compressed_and_reads_back_exactly() {
+    let c = Cluster::start_with("reduction", |cfg| {
+        cfg.gc_interval_ms = 300;
+        cfg.gc_grace_ms = 1000;
+    });
+    let m = mount(&c, "mnt", &[]);
+    let base = stored(&c);
+
+    // 24 MiB of source-like text: stored compressed.
+    let t = text(1, 24 * MIB);
+    std::fs::write(m.path.join("text"), &t).unwrap();
+    let after_text = stored(&c);
+    let text_stored = after_text - base;
+    eprintln!(
+        "text: {} MiB written, {} KiB of fragments (plain 2+1 would be {} KiB)",
+        t.len() >> 20,
+        text_stored >> 10,
+        (t.len() * 3 / 2) >> 10
+    );
+    assert!(
+        text_stored * 2 < t.len() as u64,
+        "24 MiB of text stored in {text_stored} bytes of fragments: not compressed"
+    );
+
+    // 16 MiB of noise: stored as it is (1.5 bytes per byte with 2+1).
+    let n = noise(2, 16 * MIB);
+    std::fs::write(m.path.join("noise"), &n).unwrap();
+    let noise_stored = stored(&c) - after_text;
+    assert!(
+        noise_stored >= (n.len() as u64) * 3 / 2,
+        "16 MiB of noise stored in {noise_stored} bytes"
+    );
+    let url = url_file(&c, "mnt");
+    let data = fuse::mount_counter(&url, "claudefs_fuse_stripe_data_bytes_total");
+    let kept = fuse::mount_counter(&url, "claudefs_fuse_stripe_stored_bytes_total");
+    eprintln!("mount counters: {data} bytes into stripes, {kept} stored");
+    assert!(data >= (t.len() + n.len()) as u64);
+    assert!(kept < data - (t.len() as u64) / 2, "{kept} of {data}");
+
+    // In-place rewrites of parts of the compressed file, then reads from
+    // this mount and from a fresh one (no cache shared).
+    let mut t2 = t.clone();
+    {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(m.path.join("text"))
+            .unwrap();
+        for (i, at) in [5usize, 3 * MIB + 17, 11 * MIB - 100, 24 * MIB - 4000]
+            .into_iter()
+            .enumerate()
+        {
+            let piece = text(100 + i as u64, 9000.min(t2.len() - at));
+            f.write_all_at(&piece, at as u64).unwrap();
+            t2[at..at + piece.len()].copy_from_slice(&piece);
+        }
+        f.sync_all().unwrap();
+    }
+    reads_back(&m.path.join("text"), &t2);
+    reads_back(&m.path.join("noise"), &n);
+    // A copy by reference shares the compressed stripes.
+    let out = Command::new("cp")
+        .arg(m.path.join("text"))
+        .arg(m.path.join("text-copy"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    fuse::drop_kernel_caches();
+    let other = mount(&c, "other", &[]);
+    reads_back(&other.path.join("text"), &t2);
+    reads_back(&other.path.join("text-copy"), &t2);
+    reads_back(&other.path.join("noise"), &n);
+
+    // Compaction of compressed segments: most of the text rewritten, so
+    // its first segments are mostly dead; the collector copies what
+    // lives (decompressed, compressed again) and frees them.
+    {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(m.path.join("text"))
+            .unwrap();
+        let piece = text(7, 20 * MIB);
+        f.write_all_at(&piece, MIB as u64).unwrap();
+        t2[MIB..21 * MIB].copy_from_slice(&piece);
+        f.sync_all().unwrap();
+    }
+    std::fs::remove_file(m.path.join("text-copy")).unwrap();
+    let compacted = wait_until(90, || {
+        (1..=3)
+            .map(|id| c.metric(id, "claudefs_gc_segments_freed_total"))
+            .sum::<u64>()
+            > 0
+    });
+    assert!(compacted, "nothing freed after the rewrite");
+    fuse::drop_kernel_caches();
+    reads_back(&other.path.join("text"), &t2);
+    reads_back(&m.path.join("text"), &t2);
+    reads_back(&other.path.join("noise"), &n);
+    drop(other);
+
+    // `--compress off`: the same text stored as it is.
+    let plain = mount(&c, "plain", &["--compress", "off"]);
+    let before = stored(&c);
+    std::fs::write(plain.path.join("text-plain"), &t).unwrap();
+    let plain_stored = stored(&c) - before;
+    assert!(
+        plain_stored >= (t.len() as u64) * 3 / 2,
+        "with --compress off, 24 MiB stored in {plain_stored} bytes"
+    );
+    let url = url_file(&c, "plain");
+    assert_eq!(
+        fuse::mount_counter(&url, "claudefs_fuse_stripe_data_bytes_total"),
+        fuse::mount_counter(&url, "claudefs_fuse_stripe_stored_bytes_total")
+    );
+    reads_back(&m.path.join("text-plain"), &t);
+    drop(plain);
+    drop(m);
+    c.fsck_clean();
+}
+
+#[test]
+fn a_bad_compress_option_is_refused_before_mounting() {
+    for bad in ["zstd:0", "zstd:20", "lz4", "zstd:x"] {
+        let out = Command::new(fuse::cfs())
+            .args(["mount", "/nonexistent-mountpoint", "--dir", "/nonexistent"])
+            .args(["--compress", bad])
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{bad} accepted");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("compression") && err.contains("zstd:N"),
+            "{bad}: unclear error: {err}"
+        );
+    }
+}
