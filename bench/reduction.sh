@@ -19,7 +19,7 @@
 #     incompressible data.
 #
 # Usage: bench/reduction.sh   (env: RUNS, SIZE_MIB, COMPRESS_PCT, PROJECT,
-# RELEASES)
+# RELEASES, CACHE: where the sdists are kept between runs)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${RUNS:-3}
@@ -47,16 +47,16 @@ trap cleanup EXIT
 DATA="$WORK/data"
 mkdir -p "$DATA/src" "$DATA/random"
 echo "== fetching $PROJECT $RELEASES (PyPI sdists)" >&2
+CACHE=${CACHE:-/var/tmp/cfs-bench-cache/reduction}
 for r in $RELEASES; do
-  python3 - "$PROJECT" "$r" "$WORK/$r.tar.gz" <<'EOF'
-import json, sys, urllib.request
-name, ver, out = sys.argv[1:]
-meta = json.load(urllib.request.urlopen(f"https://pypi.org/pypi/{name}/{ver}/json", timeout=60))
-url = next(u["url"] for u in meta["urls"] if u["packagetype"] == "sdist")
-urllib.request.urlretrieve(url, out)
-EOF
+  mkdir -p "$CACHE/$r"
+  sdist=$(ls "$CACHE/$r"/*.tar.gz 2>/dev/null | head -1 || true)
+  if [ -z "$sdist" ]; then
+    pip download -q --no-binary :all: --no-deps "$PROJECT==$r" -d "$CACHE/$r" >&2
+    sdist=$(ls "$CACHE/$r"/*.tar.gz | head -1)
+  fi
   mkdir -p "$DATA/src/$r"
-  tar -xzf "$WORK/$r.tar.gz" -C "$DATA/src/$r"
+  tar -xzf "$sdist" -C "$DATA/src/$r"
 done
 first=${RELEASES%% *}
 cp -a "$DATA/src/$first" "$DATA/src/$first-copy"
@@ -89,7 +89,21 @@ for set in src random; do
   files=$(du -sb --apparent-size "$DATA/$set" | cut -f1)
   per_file=$(find "$DATA/$set" -type f -print0 | xargs -0 -n 200 sh -c 'for f; do zstd -3 -q -c "$f" | wc -c; done' _ | awk '{s += $1} END {print s}')
   tarred=$(tar -C "$DATA/$set" -cf - . | zstd -3 -q -c | wc -c)
-  unique=$(find "$DATA/$set" -type f -print0 | xargs -0 sha256sum | sort -k1,1 -u | awk '{print $2}' | tr '\n' '\0' | xargs -0 stat -c %s | awk '{s += $1} END {print s}')
+  unique=$(python3 - "$DATA/$set" <<'EOF'
+import hashlib, os, sys
+seen, total = set(), 0
+for root, _, files in os.walk(sys.argv[1]):
+    for f in files:
+        p = os.path.join(root, f)
+        if os.path.islink(p) or not os.path.isfile(p):
+            continue
+        h = hashlib.sha256(open(p, "rb").read()).digest()
+        if h not in seen:
+            seen.add(h)
+            total += os.path.getsize(p)
+print(total)
+EOF
+)
   for m in on off; do
     dir=$ON
     [ $m = off ] && dir=$OFF

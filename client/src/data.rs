@@ -73,8 +73,6 @@ pub struct DataPath {
     /// Stripes being fetched, so concurrent readers share one fetch.
     fetching: AsyncMutex<HashMap<StripeKey, Arc<AsyncMutex<()>>>>,
     stats: Arc<MountStats>,
-    /// How new stripes are stored.
-    compression: Compression,
 }
 
 fn io_err(what: &str, e: impl std::fmt::Display) -> Errno {
@@ -99,7 +97,6 @@ impl DataPath {
         security: cfs_net::Security,
         servers: &[(u64, String)],
         cache_bytes: usize,
-        compression: Compression,
         stats: Arc<MountStats>,
     ) -> Result<Self, String> {
         let mut map = cfs_segments::proto::ServerMap::new();
@@ -133,7 +130,6 @@ impl DataPath {
             }),
             fetching: AsyncMutex::new(HashMap::new()),
             stats,
-            compression,
         })
     }
 
@@ -147,8 +143,13 @@ impl DataPath {
     }
 
     /// Writes `ranges` (file offset, bytes) durably; returns the extent
-    /// references to commit, in file order.
-    pub async fn write_ranges(&self, ranges: &[(u64, &[u8])]) -> Result<Vec<ExtentRef>, Errno> {
+    /// references to commit, in file order; the stripes stored as
+    /// `packing` says.
+    pub async fn write_ranges(
+        &self,
+        ranges: &[(u64, &[u8])],
+        packing: Compression,
+    ) -> Result<Vec<ExtentRef>, Errno> {
         let start = self.next_writer.fetch_add(1, Ordering::Relaxed);
         // Take a free writer if there is one, else wait for ours.
         let mut guard = None;
@@ -163,17 +164,18 @@ impl DataPath {
             None => (self.writers[start % WRITERS].lock().await, start % WRITERS),
         };
         if g.is_none() {
-            let mut sw = StripeWriter::new(
+            let sw = StripeWriter::new(
                 self.client.clone(),
                 self.layout,
                 self.placement(w),
                 FRAGMENT_BYTES,
             )
             .map_err(|e| io_err("stripe writer", e))?;
-            sw.set_compression(self.compression);
             *g = Some(sw);
         }
         let sw = g.as_mut().expect("writer present");
+        // The writer holds nothing between calls (each range is flushed).
+        sw.set_compression(packing);
         let mut out = Vec::new();
         for (off, data) in ranges {
             let written = match sw.write(data).await {

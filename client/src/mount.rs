@@ -66,7 +66,6 @@ pub fn mount(mountpoint: &Path, opts: MountOptions) -> Result<(), MountError> {
             opts.security.clone(),
             &welcome.segment_servers,
             opts.cache_bytes,
-            opts.compression,
             meta.stats.clone(),
         )
         .map_err(MountError::Segments)?,

@@ -235,6 +235,7 @@ mod tests {
             next_cookie: 0,
             entries: 0,
             acl: None,
+            compression: None,
         }
     }
 

@@ -162,6 +162,7 @@ fn scan_bench(path: &Path, files: u64) -> anyhow::Result<(u64, f64)> {
                 next_cookie: 0,
                 entries: 0,
                 acl: None,
+                compression: None,
             };
             kvs.push((keys::inode(ino), cfs_materializers::store::encode(&i)));
         }

@@ -14,5 +14,6 @@ pub mod gateway;
 pub mod gc;
 pub mod http;
 pub mod lakebench;
+pub mod policy;
 pub mod segtools;
 pub mod status;

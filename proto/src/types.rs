@@ -131,7 +131,17 @@ pub struct Inode {
     /// POSIX ACLs beyond the mode bits (`materializers::acl`); `None` for
     /// almost every inode.
     pub acl: Option<Box<Acls>>,
+    /// How this file's stripes are stored, when a policy says so (set on a
+    /// directory through [`COMPRESS_XATTR`], inherited by what is created
+    /// in it); `None`: as the writing mount's `--compress` says.
+    pub compression: Option<Compression>,
 }
+
+/// The extended attribute that holds a subtree's compression policy
+/// (`zstd:N` or `off`; root only, as every `trusted.` attribute): set on a
+/// directory, it is copied to everything created in it from then on
+/// (`cfs admin policy set PATH --compress zstd:N`).
+pub const COMPRESS_XATTR: &[u8] = b"trusted.claudefs.compress";
 
 /// One POSIX ACL entry, as the kernel's `system.posix_acl_*` xattrs carry
 /// it: a tag (`ACL_USER_OBJ` …), permission bits (`rwx`), and a uid or

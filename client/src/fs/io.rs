@@ -133,18 +133,20 @@ impl Shared {
     /// A commit refused because a segment it names is being freed (the
     /// stripes landed in a segment sealed and found unreferenced before
     /// this commit, D48) writes the bytes again, into new stripes, up to
-    /// [`REWRITES_MAX`] times.
+    /// [`REWRITES_MAX`] times. Stripes are stored as `packing` says (the
+    /// file's policy, else the mount's `--compress`).
     pub(super) async fn commit_ranges(
         &self,
         ino: Ino,
         writer: &Creds,
         ranges: &[(u64, Vec<u8>)],
         late: Option<LateAttrs>,
+        packing: Compression,
     ) -> Result<Option<Inode>, Errno> {
         let mut tries = 0;
         loop {
             match self
-                .commit_ranges_once(ino, writer, ranges, late.clone())
+                .commit_ranges_once(ino, writer, ranges, late.clone(), packing)
                 .await
             {
                 Err(e) if e == Errno::FREED_DATA && tries < REWRITES_MAX => {
@@ -167,6 +169,7 @@ impl Shared {
         writer: &Creds,
         ranges: &[(u64, Vec<u8>)],
         late: Option<LateAttrs>,
+        packing: Compression,
     ) -> Result<Option<Inode>, Errno> {
         let span = tracing::debug_span!("flush", ino, ranges = ranges.len());
         // Bytes below INLINE_BYTES_MAX ride in the commit itself; the rest
@@ -181,7 +184,12 @@ impl Shared {
             .collect();
         if !large.is_empty() {
             let large: Vec<(u64, &[u8])> = large.iter().map(|(o, d)| (*o, d.as_slice())).collect();
-            refs.extend(self.data.write_ranges(&large).instrument(span).await?);
+            refs.extend(
+                self.data
+                    .write_ranges(&large, packing)
+                    .instrument(span)
+                    .await?,
+            );
         }
         let chunks: Vec<&[ExtentRef]> = refs.chunks(1024).collect();
         let Some((last, first)) = chunks.split_last() else {
@@ -280,9 +288,13 @@ impl Shared {
             Arc::new(std::mem::take(&mut f.dirty).into_iter().collect());
         f.dirty_bytes = 0;
         let writer = f.writer.clone().unwrap_or_else(Creds::root);
+        let packing = f.compression.unwrap_or(self.opts.compression);
         let (sh, r2) = (self.clone(), ranges.clone());
         let h = tokio::spawn(async move {
-            let r = sh.commit_ranges(ino, &writer, &r2, None).await.map(|_| ());
+            let r = sh
+                .commit_ranges(ino, &writer, &r2, None, packing)
+                .await
+                .map(|_| ());
             if r.is_err() {
                 sh.meta.stats.flush_failure();
             }
@@ -304,8 +316,9 @@ impl Shared {
         f.dirty_bytes = 0;
         let late = f.late.take();
         let writer = f.writer.clone().unwrap_or_else(Creds::root);
+        let packing = f.compression.unwrap_or(self.opts.compression);
         let committed = self
-            .commit_ranges(ino, &writer, &ranges, late.clone())
+            .commit_ranges(ino, &writer, &ranges, late.clone(), packing)
             .await;
         if let Err(e) = committed {
             if e == Errno::EPERM || e == Errno::EACCES {
@@ -694,7 +707,11 @@ impl Shared {
                 let Backing::Inline(b) = p.backing else {
                     unreachable!("matched inline")
                 };
-                out.extend(self.data.write_ranges(&[(p.offset, &b)]).await?);
+                out.extend(
+                    self.data
+                        .write_ranges(&[(p.offset, &b)], self.opts.compression)
+                        .await?,
+                );
                 continue;
             }
             out.push(p);

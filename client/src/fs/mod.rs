@@ -75,6 +75,9 @@ struct FileInner {
     /// retried) and its error is reported by the next fsync and by the
     /// next close, even if the retry succeeds.
     bg_error: Option<BgError>,
+    /// The file's compression policy as last seen (its inode's, from a
+    /// subtree policy); `None`: the mount's `--compress`.
+    compression: Option<cfs_proto::types::Compression>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -108,6 +111,7 @@ impl FileInner {
     /// setattr of this mount are still pending, `i` serves the first read,
     /// write and deferred setattr for `ttl`.
     fn opened_as(&mut self, i: &Inode, ttl: Duration) {
+        self.compression = i.compression;
         if self.dirty.is_empty() && self.inflight.is_none() && self.late.is_none() {
             self.size = Some(i.size);
             self.opened = Some((i.clone(), Instant::now() + ttl));

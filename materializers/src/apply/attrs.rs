@@ -173,6 +173,21 @@ pub(super) fn setxattr(
     if flags & libc::XATTR_REPLACE != 0 && !exists {
         return Err(Errno::ENODATA.into());
     }
+    if name == COMPRESS_XATTR {
+        // A policy that does not parse is refused whole (nothing changes).
+        let policy = std::str::from_utf8(value)
+            .ok()
+            .and_then(|v| v.trim().parse::<Compression>().ok())
+            .ok_or(Errno::EINVAL)?;
+        if i.is_symlink() {
+            return Err(Errno::EPERM.into());
+        }
+        i.compression = Some(policy);
+        t.put_raw(keys::xattr(ino, name), policy.to_string().into_bytes());
+        i.ctime = now;
+        put_inode(t, &i);
+        return Ok(Applied::Attr(i));
+    }
     t.put_raw(keys::xattr(ino, name), value.to_vec());
     i.ctime = now;
     put_inode(t, &i);
@@ -195,6 +210,9 @@ pub(super) fn removexattr(
         return Err(Errno::ENODATA.into());
     }
     t.delete(keys::xattr(ino, name));
+    if name == COMPRESS_XATTR {
+        i.compression = None;
+    }
     i.ctime = now;
     put_inode(t, &i);
     Ok(Applied::Attr(i))

@@ -287,6 +287,7 @@ pub fn ensure_root(txn: &mut Txn<'_>, shard: ShardId) -> Result<(), DbError> {
         next_cookie: 3,
         entries: 0,
         acl: None,
+        compression: None,
     };
     txn.put(keys::inode(ROOT_INO), &root);
     txn.put(keys::next_ino(shard), &2u64);

@@ -144,6 +144,8 @@ pub(super) fn create(
         next_cookie: 3,
         entries: 0,
         acl: None,
+        // A subtree's compression policy goes to what is made in it.
+        compression: p.compression,
     };
     let mut i = i;
     if let Some(d) = inherited {
@@ -154,6 +156,11 @@ pub(super) fn create(
         if kind == libc::S_IFDIR {
             crate::acl::set(&mut i, crate::acl::Kind::Default, d);
         }
+    }
+    if let Some(c) = i.compression.filter(|_| kind != libc::S_IFLNK) {
+        t.put_raw(keys::xattr(ino, COMPRESS_XATTR), c.to_string().into_bytes());
+    } else {
+        i.compression = None;
     }
     if let Some(tg) = target {
         t.put_raw(keys::symlink(ino), tg.to_vec());

@@ -312,6 +312,10 @@ enum AdminCmd {
     /// One-time mount tokens.
     #[command(subcommand)]
     Token(TokenCmd),
+    /// A subtree's data policy (a directory on a mount; inherited by
+    /// what is created in it from then on).
+    #[command(subcommand)]
+    Policy(PolicyCmd),
     /// The cluster as its daemons report it: health, leaders, lag,
     /// capacity, mounts, and every daemon's metrics URL.
     Status {
@@ -325,6 +329,21 @@ enum AdminCmd {
         #[arg(long, value_name = "SECONDS")]
         watch: Option<u64>,
     },
+}
+
+#[derive(Subcommand)]
+enum PolicyCmd {
+    /// Set PATH's policy (root, on a mount).
+    Set {
+        path: PathBuf,
+        /// How new files' stripes are stored: `zstd:N` (1..=19) or `off`.
+        #[arg(long)]
+        compress: cfs_proto::types::Compression,
+    },
+    /// Print PATH's policy (`mount default`: none set).
+    Get { path: PathBuf },
+    /// Remove PATH's policy (new files take the mount's `--compress`).
+    Clear { path: PathBuf },
 }
 
 #[derive(Subcommand)]
@@ -420,6 +439,18 @@ fn admin_cmd(c: AdminCmd) -> anyhow::Result<()> {
         AdminCmd::Find { index, pattern } => report(&index, "find", None, Some(&pattern), None)?,
         AdminCmd::Stale { index, days } => report(&index, "stale", None, None, Some(days))?,
         AdminCmd::Types { index } => report(&index, "types", None, None, None)?,
+        AdminCmd::Policy(PolicyCmd::Set { path, compress }) => {
+            cfs_node::policy::set(&path, compress)?;
+            println!("{}: compress {compress}", path.display());
+        }
+        AdminCmd::Policy(PolicyCmd::Get { path }) => match cfs_node::policy::get(&path)? {
+            Some(c) => println!("{}: compress {c}", path.display()),
+            None => println!("{}: compress (mount default)", path.display()),
+        },
+        AdminCmd::Policy(PolicyCmd::Clear { path }) => {
+            cfs_node::policy::clear(&path)?;
+            println!("{}: compress (mount default)", path.display());
+        }
         AdminCmd::ReductionReport { index } => {
             report(&index, "reduction-report", None, None, None)?
         }
