@@ -18,9 +18,10 @@ pub enum Report {
 
 /// Deepest `top-dirs --depth`.
 pub const DEPTH_MAX: usize = 64;
-/// What `reduction-report` says until data reduction exists.
-pub const NO_REDUCTION: &str = "Data reduction (dedupe, compression) is not in ClaudeFS yet: \
-stored_bytes are the bytes written to extents (before erasure coding), so nothing is saved.";
+/// What `reduction-report` says beside its rows.
+pub const REDUCTION_NOTE: &str = "mapped_bytes: file data mapped to extents; stored_bytes: what \
+it takes after compression (before erasure coding); saved_bytes: the difference. Dedupe is not \
+in ClaudeFS yet: nothing is saved by it.";
 
 fn quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
@@ -144,9 +145,11 @@ impl Report {
                  FROM {FILES_ONCE} GROUP BY file_type ORDER BY bytes DESC, file_type LIMIT {limit}"
             ),
             Report::Reduction { limit } => format!(
-                "SELECT {dir} AS dir, sum(bytes) AS bytes, sum(stored) AS stored_bytes, \
-                 CAST(0 AS UBIGINT) AS saved_bytes FROM \
-                 (SELECT parent_path, sum(size_bytes) AS bytes, sum(blocks_stored) AS stored \
+                "SELECT {dir} AS dir, sum(bytes) AS bytes, sum(mapped) AS mapped_bytes, \
+                 sum(stored) AS stored_bytes, \
+                 CAST(greatest(sum(mapped) - sum(stored), 0) AS UBIGINT) AS saved_bytes FROM \
+                 (SELECT parent_path, sum(size_bytes) AS bytes, sum(bytes_mapped) AS mapped, \
+                 sum(blocks_stored) AS stored \
                  FROM {FILES_ONCE} GROUP BY parent_path) \
                  WHERE {under} GROUP BY dir ORDER BY bytes DESC, dir LIMIT {limit}",
                 dir = dir_at(1),
@@ -157,7 +160,7 @@ impl Report {
 
     pub fn note(&self) -> Option<String> {
         match self {
-            Report::Reduction { .. } => Some(NO_REDUCTION.to_string()),
+            Report::Reduction { .. } => Some(REDUCTION_NOTE.to_string()),
             _ => None,
         }
     }

@@ -19,6 +19,7 @@ fn meta(mode: u32, uid: u32, size: u64, mtime_s: i64) -> Meta {
         gid: uid,
         size,
         allocated: size,
+        stored: size,
         nlink: 1,
         atime: mtime_s * 1_000_000_000,
         mtime: mtime_s * 1_000_000_000,
@@ -42,7 +43,14 @@ fn write_index(dir: &Path) {
                 ..meta(FILE, 0, 100, now)
             },
         ),
-        (11, meta(FILE, 1, 50, now)),
+        // Compressed: 50 bytes mapped, 20 stored.
+        (
+            11,
+            Meta {
+                stored: 20,
+                ..meta(FILE, 1, 50, now)
+            },
+        ),
         (12, meta(FILE, 1, 7, now - 3650 * 86_400)),
     ];
     for (i, m) in inodes {
@@ -174,7 +182,26 @@ fn reports_and_the_seeds_glob_answer_from_the_index() {
     let red = e
         .report(&Report::parse("reduction-report", None, None, None, None).unwrap())
         .unwrap();
-    assert!(red.note.as_deref().unwrap().contains("not in ClaudeFS yet"));
+    assert!(red.note.as_deref().unwrap().contains("Dedupe is not"));
+    let red = red.json_rows().unwrap();
+    let proj = red
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["dir"] == "/proj")
+        .expect("/proj row")
+        .clone();
+    assert_eq!(
+        (
+            &proj["bytes"],
+            &proj["mapped_bytes"],
+            &proj["stored_bytes"],
+            &proj["saved_bytes"]
+        ),
+        // a.h5 counts once, by its first path (/link, at the top).
+        (&50.into(), &50.into(), &20.into(), &30.into()),
+        "{red}"
+    );
     // The seed's glob, relative to the lakehouse directory.
     let n = rows(&e, "SELECT count(*) AS n FROM 'index/**/*.parquet'");
     assert_eq!(n[0]["n"], 7);

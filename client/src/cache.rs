@@ -598,6 +598,7 @@ mod tests {
             rdev: 0,
             generation: 1,
             allocated: 0,
+            stored: 0,
             parent: 1,
             next_cookie: 0,
             entries: 0,

@@ -54,6 +54,7 @@ pub fn schema() -> SchemaRef {
         Field::new("mode", DataType::UInt32, false),
         Field::new("nlink", DataType::UInt32, false),
         Field::new("parent_inode", DataType::UInt64, false),
+        Field::new("bytes_mapped", DataType::UInt64, false),
     ]))
 }
 
@@ -122,6 +123,7 @@ fn batch(rows: &[Named<'_>], names: &mut Names) -> Result<RecordBatch, Lakehouse
     let mut mode = UInt32Builder::with_capacity(n);
     let mut nlink = UInt32Builder::with_capacity(n);
     let mut parent = UInt64Builder::with_capacity(n);
+    let mut mapped = UInt64Builder::with_capacity(n);
     for r in rows {
         let m = r.meta;
         let name = &r.path[r.name_at..];
@@ -136,7 +138,8 @@ fn batch(rows: &[Named<'_>], names: &mut Names) -> Result<RecordBatch, Lakehouse
         gid.append_value(m.gid);
         group.append_value(names.group(m.gid));
         size.append_value(m.size);
-        stored.append_value(m.allocated);
+        stored.append_value(m.stored);
+        mapped.append_value(m.allocated);
         mtime.append_value(micros(m.mtime));
         ctime.append_value(micros(m.ctime));
         ftype.append_value(file_type(m.mode, name));
@@ -168,6 +171,7 @@ fn batch(rows: &[Named<'_>], names: &mut Names) -> Result<RecordBatch, Lakehouse
         Arc::new(mode.finish()),
         Arc::new(nlink.finish()),
         Arc::new(parent.finish()),
+        Arc::new(mapped.finish()),
     ];
     Ok(RecordBatch::try_new(schema(), cols)?)
 }

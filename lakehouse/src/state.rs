@@ -17,6 +17,9 @@ pub struct Meta {
     pub size: u64,
     /// Bytes of file data mapped to extents (before erasure coding).
     pub allocated: u64,
+    /// Bytes those extents keep stored (after compression, before
+    /// erasure coding).
+    pub stored: u64,
     pub nlink: u32,
     pub atime: Nanos,
     pub mtime: Nanos,
@@ -31,6 +34,7 @@ impl From<&Inode> for Meta {
             gid: i.gid,
             size: i.size,
             allocated: i.allocated,
+            stored: i.stored,
             nlink: i.nlink,
             atime: i.atime,
             mtime: i.mtime,
@@ -223,6 +227,7 @@ mod tests {
             gid: 1000,
             size: 10,
             allocated: 10,
+            stored: 10,
             nlink: 1,
             atime: 0,
             mtime: 0,

@@ -566,7 +566,15 @@ fn pieces_follow_writes_truncates_and_punches() {
                     nodes: vec![1, 2, 3],
                     stripe: step,
                     data_len: (skip + len) as u32,
-                    packing: cfs_proto::types::Packing::Plain,
+                    // Every other stripe compressed: the inode's stored
+                    // bytes are then shares of the stored lengths.
+                    packing: if step % 2 == 0 {
+                        cfs_proto::types::Packing::Zstd {
+                            stored_len: ((skip + len) / 3 + 1) as u32,
+                        }
+                    } else {
+                        cfs_proto::types::Packing::Plain
+                    },
                     fragment_len: 4096,
                     checksums: vec![],
                     missing: vec![],
@@ -617,8 +625,9 @@ fn pieces_follow_writes_truncates_and_punches() {
         let i = db.inode(ino).unwrap();
         assert_eq!(i.size, model.len() as u64, "size after step {step}");
         let mut got = vec![0u64; model.len()];
-        let mut mapped = 0;
+        let (mut mapped, mut stored) = (0, 0);
         for e in db.extents(ino, 0, SPAN * 2).unwrap() {
+            stored += e.stored_bytes();
             if let Backing::Inline(b) = &e.backing {
                 assert!(e.offset + e.len <= INLINE_BYTES_MAX);
                 assert!(e.skip + e.len <= b.len() as u64);
@@ -630,6 +639,7 @@ fn pieces_follow_writes_truncates_and_punches() {
         }
         assert_eq!(got, model, "bytes after step {step}");
         assert_eq!(i.allocated, mapped, "allocated after step {step}");
+        assert_eq!(i.stored, stored, "stored after step {step}");
     }
 }
 

@@ -273,6 +273,11 @@ fn make_tree(root: &Path) {
             std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o640)).expect("chmod");
         }
     }
+    // A compressible file past the inline bytes: stored compressed.
+    let log: String = (0..40_000)
+        .map(|i| format!("{i:08} INFO stripe written segment={} ok\n", i % 97))
+        .collect();
+    std::fs::write(root.join("data/app.log"), log).expect("write");
     std::fs::hard_link(root.join("data/f00.py"), root.join("proj/hard.txt")).expect("link");
     std::os::unix::fs::symlink("data/f01.py", root.join("sym")).expect("symlink");
     let fifo = std::ffi::CString::new(root.join("fifo").as_os_str().as_encoded_bytes()).unwrap();
@@ -363,6 +368,29 @@ fn the_index_equals_the_mount_through_changes_restarts_and_loss() {
     let took = wait_equal(&gw, &m.path, Instant::now(), "after the tree");
     eprintln!("index equal to the mount {took:?} after the last change");
     check_reports(&gw, &m.path);
+    // What compression saved, from the namespace's stored bytes.
+    let a = gw
+        .query("SELECT size_bytes, bytes_mapped, blocks_stored FROM files WHERE path = '/data/app.log'")
+        .unwrap();
+    let r = &a["rows"][0];
+    let (size, mapped, stored) = (
+        r["size_bytes"].as_u64().unwrap(),
+        r["bytes_mapped"].as_u64().unwrap(),
+        r["blocks_stored"].as_u64().unwrap(),
+    );
+    assert_eq!(size, mapped, "{a}");
+    assert!(stored * 2 < mapped, "{stored} of {mapped} stored: {a}");
+    let red = gw.report("reduction-report", "limit=100");
+    let data = red["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["dir"] == "/data")
+        .expect("/data in the reduction report");
+    assert!(
+        data["saved_bytes"].as_u64().unwrap() >= mapped - stored,
+        "{red}"
+    );
 
     // Deletes and a directory rename (every path beneath changes).
     std::fs::remove_file(m.path.join("data/f03.h5")).unwrap();

@@ -123,6 +123,10 @@ pub struct Inode {
     pub generation: u64,
     /// Bytes of file data actually mapped to extents (for `st_blocks`).
     pub allocated: u64,
+    /// Bytes those extents keep stored: inline bytes, and each stripe
+    /// extent's share of its stripe's stored (compressed) bytes, before
+    /// erasure coding ([`ExtentRef::stored_bytes`]).
+    pub stored: u64,
     /// For directories: the parent (for `..` and rename loops); next
     /// readdir cookie; number of entries.
     pub parent: Ino,
@@ -244,6 +248,14 @@ impl Backing {
 }
 
 impl ExtentRef {
+    /// The bytes this piece keeps stored (see [`Inode::stored`]).
+    pub fn stored_bytes(&self) -> u64 {
+        match &self.backing {
+            Backing::Stripe(e) => e.stored_share(self.len),
+            Backing::Inline(_) => self.len,
+        }
+    }
+
     /// The part of this piece at file offsets `[from, to)` (clamped to the
     /// piece). An inline piece keeps only those bytes.
     pub fn part(&self, from: u64, to: u64) -> ExtentRef {

@@ -29,14 +29,17 @@ pub(super) fn punch(t: &mut Txn<'_>, i: &mut Inode, off: u64, len: u64) -> R2<()
         }
         t.delete(k);
         i.allocated = i.allocated.saturating_sub(e.len);
+        i.stored = i.stored.saturating_sub(e.stored_bytes());
         if e.offset < off {
             let head = e.part(e.offset, off);
             i.allocated += head.len;
+            i.stored += head.stored_bytes();
             t.put(keys::extent(i.ino, head.offset), &head);
         }
         if e_end > end {
             let tail = e.part(end, e_end);
             i.allocated += tail.len;
+            i.stored += tail.stored_bytes();
             t.put(keys::extent(i.ino, tail.offset), &tail);
         }
     }
@@ -66,6 +69,7 @@ pub(super) fn write(
         punch(t, &mut i, e.offset, e.len)?;
         t.put(keys::extent(ino, e.offset), e);
         i.allocated += e.len;
+        i.stored += e.stored_bytes();
         i.size = i.size.max(e.offset + e.len);
     }
     drop_privileges(&mut i, c);
@@ -142,6 +146,12 @@ pub(super) fn relocate(t: &mut Txn<'_>, shard: ShardId, moves: &[Relocation]) ->
         for e in &m.new {
             t.put(keys::extent(m.ino, e.offset), e);
         }
+        // Sizes and times stay; what the bytes take may not (the copy may
+        // be compressed differently).
+        let mut i = inode(t, m.ino)?;
+        i.stored = i.stored.saturating_sub(m.old.stored_bytes())
+            + m.new.iter().map(ExtentRef::stored_bytes).sum::<u64>();
+        put_inode(t, &i);
         if !inodes.contains(&m.ino) {
             inodes.push(m.ino);
         }

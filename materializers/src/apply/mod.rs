@@ -283,6 +283,7 @@ pub fn ensure_root(txn: &mut Txn<'_>, shard: ShardId) -> Result<(), DbError> {
         rdev: 0,
         generation: 1,
         allocated: 0,
+        stored: 0,
         parent: ROOT_INO,
         next_cookie: 3,
         entries: 0,

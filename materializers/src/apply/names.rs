@@ -140,6 +140,7 @@ pub(super) fn create(
         },
         generation: n,
         allocated: 0,
+        stored: 0,
         parent,
         next_cookie: 3,
         entries: 0,
