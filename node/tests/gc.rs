@@ -52,19 +52,34 @@ fn content(seed: u64, len: usize) -> Vec<u8> {
         .collect()
 }
 
+/// Half log-like text (compressed by the mount, D49), half
+/// incompressible bytes.
+fn mixed(seed: u64, len: usize) -> Vec<u8> {
+    let mut out: Vec<u8> = (0..)
+        .flat_map(|i: u64| format!("{seed} {i:08} segment={} ok\n", i % 31).into_bytes())
+        .take(len / 2)
+        .collect();
+    out.extend(content(seed, len - len / 2));
+    out
+}
+
 fn write_tree(dir: &Path, files: u64, len: usize, seed: u64) {
+    write_tree_of(dir, files, len, seed, content)
+}
+
+fn write_tree_of(dir: &Path, files: u64, len: usize, seed: u64, make: fn(u64, usize) -> Vec<u8>) {
     std::fs::create_dir_all(dir).unwrap();
     for i in 0..files {
-        std::fs::write(dir.join(format!("f{i}")), content(seed + i, len)).unwrap();
+        std::fs::write(dir.join(format!("f{i}")), make(seed + i, len)).unwrap();
     }
 }
 
-fn check_tree(dir: &Path, files: u64, len: usize, seed: u64) {
+fn check_tree_of(dir: &Path, files: u64, len: usize, seed: u64, make: fn(u64, usize) -> Vec<u8>) {
     for i in 0..files {
         let p = dir.join(format!("f{i}"));
         let got = std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
         assert!(
-            got == content(seed + i, len),
+            got == make(seed + i, len),
             "{} does not read back byte-exact",
             p.display()
         );
@@ -178,12 +193,14 @@ fn killing_the_freeing_node_frees_nothing_referenced_and_leaks_nothing() {
     });
     let m = Mount::new(&c, "mnt", &[]);
     let empty = stored(&c);
-    write_tree(&m.path.join("keep"), 8, MIB, 500);
+    // Half of every file compresses: compressed and plain stripes are
+    // counted, compacted and freed alike.
+    write_tree_of(&m.path.join("keep"), 8, MIB, 500, mixed);
     // Idle: the writers seal the segments holding keep/ alone.
     std::thread::sleep(Duration::from_secs(11));
     for round in 0..3u64 {
         let dir = m.path.join(format!("churn{round}"));
-        write_tree(&dir, 16, 2 * MIB, 1000 * (round + 1));
+        write_tree_of(&dir, 16, 2 * MIB, 1000 * (round + 1), mixed);
         // Idle: the writers seal their segments.
         std::thread::sleep(Duration::from_secs(11));
         std::fs::remove_dir_all(&dir).unwrap();
@@ -195,7 +212,7 @@ fn killing_the_freeing_node_frees_nothing_referenced_and_leaks_nothing() {
         cluster::stop_node(&c.dir, freer, libc::SIGKILL, Duration::from_secs(5)).unwrap();
         cluster::start_node(&c.dir, freer, &common::bin()).unwrap();
         cluster::wait_healthy(&c.cfgs, Duration::from_secs(30)).unwrap();
-        check_tree(&m.path.join("keep"), 8, MIB, 500);
+        check_tree_of(&m.path.join("keep"), 8, MIB, 500, mixed);
     }
     let live = (8 * MIB) as u64;
     let goal = empty + live * 3 / 2 * 11 / 10 + (8 * MIB) as u64;
@@ -210,7 +227,7 @@ fn killing_the_freeing_node_frees_nothing_referenced_and_leaks_nothing() {
         "{after} bytes still stored (leaked), goal {goal}"
     );
     common::fuse::drop_kernel_caches();
-    check_tree(&m.path.join("keep"), 8, MIB, 500);
+    check_tree_of(&m.path.join("keep"), 8, MIB, 500, mixed);
     c.fsck_clean();
 }
 
