@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# 4 KiB random reads with and without compression (docs/benchmarks.md,
+# "What compression costs random reads"): one fresh 3-node cluster
+# (`cfs up`, release build), two mounts of it (`--compress off` and the
+# default zstd:1); on each in turn, ROUNDS times: fio writes a SIZE_MIB
+# file sequentially (1 MiB blocks, end_fsync), caches are dropped, and
+# fio reads 4 KiB at random for SECONDS. Prints the IOPS of each run.
+#
+# Usage: bench/randread_ab.sh   (env: ROUNDS 2, SIZE_MIB 1024, SECONDS 10)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROUNDS=${ROUNDS:-2} SIZE_MIB=${SIZE_MIB:-1024} SECS=${SECONDS_RUN:-10}
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/tmp/cfs-target}
+command -v fio >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -q fio >/dev/null
+cargo build --release -q -p cfs-node
+CFS="$CARGO_TARGET_DIR/release/cfs"
+W=$(mktemp -d /var/tmp/cfs-bench-randread.XXXXXX)
+CL=$W/cluster
+cleanup() {
+  for m in "$W/on" "$W/off"; do umount -l "$m" 2>/dev/null || true; done
+  "$CFS" down --dir "$CL" >/dev/null 2>&1 || true
+  rm -rf "$W"
+}
+trap cleanup EXIT
+"$CFS" up --nodes 3 --dir "$CL" >/dev/null
+for m in on off; do
+  mkdir -p "$W/$m"
+  opt=()
+  [ $m = off ] && opt=(--compress off)
+  "$CFS" mount "$W/$m" --dir "$CL" "${opt[@]}" >"$W/$m.log" 2>&1 &
+  until mountpoint -q "$W/$m"; do sleep 0.2; done
+done
+for r in $(seq 1 "$ROUNDS"); do
+  for m in off on; do
+    d=$W/$m/fio
+    mkdir -p "$d"
+    rm -f "$d/fio.bin"
+    c=(--directory="$d" --filename=fio.bin --size="${SIZE_MIB}M" --ioengine=psync
+      --output-format=json --group_reporting)
+    fio --name=seqw --rw=write --bs=1M --end_fsync=1 "${c[@]}" >/dev/null
+    sync
+    echo 3 >/proc/sys/vm/drop_caches
+    iops=$(fio --name=randr --rw=randread --bs=4k --time_based --runtime="$SECS" "${c[@]}" |
+      python3 -c "import json,sys; print(round(json.load(sys.stdin)['jobs'][0]['read']['iops']))")
+    echo "round $r compress $m: randread $iops IOPS"
+    rm -f "$d/fio.bin"
+  done
+done
