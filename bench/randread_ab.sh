@@ -6,7 +6,7 @@
 # file sequentially (1 MiB blocks, end_fsync), caches are dropped, and
 # fio reads 4 KiB at random for SECONDS. Prints the IOPS of each run.
 #
-# Usage: bench/randread_ab.sh   (env: ROUNDS 2, SIZE_MIB 1024, SECONDS 10)
+# Usage: bench/randread_ab.sh   (env: ROUNDS 2, SIZE_MIB 1024, SECONDS_RUN 10)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${ROUNDS:-2} SIZE_MIB=${SIZE_MIB:-1024} SECS=${SECONDS_RUN:-10}
