@@ -59,7 +59,7 @@ fn full_devices_give_enospc() {
     use std::io::Write;
     // Incompressible bytes: the mount compresses what it can (D49), and
     // these must take their full size on the devices.
-    let big = noise(7, 1 << 20);
+    let big = common::noise(7, 1 << 20);
     let r = (|| -> std::io::Result<()> {
         let mut f = std::fs::File::create(m.path.join("big"))?;
         for _ in 0..64 {
@@ -106,7 +106,7 @@ fn full_devices_give_enospc() {
     let failed_before = mount_counter(&url_file, FAILURES);
     let kept = m.path.join("kept");
     let mut f = std::fs::File::create(&kept).unwrap();
-    let pattern = noise(251, 9 << 20);
+    let pattern = common::noise(251, 9 << 20);
     for chunk in pattern.chunks(1 << 20) {
         // The 8th MiB fills the write buffer: it is flushed behind, and
         // fails (the devices are full).
@@ -176,17 +176,4 @@ fn full_devices_give_enospc() {
         std::fs::read(&kept).unwrap() == pattern,
         "no byte was dropped"
     );
-}
-
-/// Deterministic bytes zstd cannot shrink.
-fn noise(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
 }

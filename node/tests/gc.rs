@@ -7,49 +7,18 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use cfs_node::cluster;
 use common::fuse::Mount;
+use common::noise as content;
 use common::Cluster;
-
-fn segments_dir(c: &Cluster, id: u64) -> PathBuf {
-    let cfg = c.cfg(id);
-    cfg.segments_dir
-        .clone()
-        .unwrap_or_else(|| cfg.data_dir.join("segments"))
-}
 
 /// Bytes of fragment files on the three segment servers.
 fn stored(c: &Cluster) -> u64 {
-    (1..=3)
-        .map(|id| {
-            std::fs::read_dir(segments_dir(c, id))
-                .map(|d| {
-                    d.filter_map(|e| e.ok())
-                        .filter_map(|e| e.metadata().ok())
-                        .filter(|m| m.is_file())
-                        .map(|m| m.len())
-                        .sum::<u64>()
-                })
-                .unwrap_or(0)
-        })
-        .sum()
-}
-
-/// Deterministic, incompressible-looking bytes.
-fn content(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+    c.fragment_bytes()
 }
 
 /// Half log-like text (compressed by the mount, D49), half

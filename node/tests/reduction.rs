@@ -14,30 +14,13 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::fuse::{self, Mount};
-use common::Cluster;
+use common::{noise, Cluster};
 
 const MIB: usize = 1 << 20;
 
 /// Bytes of fragment files on the three segment servers.
 fn stored(c: &Cluster) -> u64 {
-    (1..=3)
-        .map(|id| {
-            let cfg = c.cfg(id);
-            let dir = cfg
-                .segments_dir
-                .clone()
-                .unwrap_or_else(|| cfg.data_dir.join("segments"));
-            std::fs::read_dir(dir)
-                .map(|d| {
-                    d.filter_map(|e| e.ok())
-                        .filter_map(|e| e.metadata().ok())
-                        .filter(|m| m.is_file())
-                        .map(|m| m.len())
-                        .sum::<u64>()
-                })
-                .unwrap_or(0)
-        })
-        .sum()
+    c.fragment_bytes()
 }
 
 /// Source-like text: lines of words from a small vocabulary, varied by
@@ -74,19 +57,6 @@ fn text(seed: u64, len: usize) -> Vec<u8> {
     }
     out.truncate(len);
     out
-}
-
-/// Incompressible bytes.
-fn noise(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x2545_f491_4f6c_dd1d) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
 }
 
 fn url_file(c: &Cluster, name: &str) -> PathBuf {

@@ -184,3 +184,45 @@ impl Drop for Cluster {
 pub fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_cfs-node"))
 }
+
+impl Cluster {
+    /// Where node `id` keeps its segment fragments.
+    pub fn segments_dir(&self, id: u64) -> PathBuf {
+        let cfg = self.cfg(id);
+        cfg.segments_dir
+            .clone()
+            .unwrap_or_else(|| cfg.data_dir.join("segments"))
+    }
+
+    /// Bytes of fragment files on every node's segment server.
+    pub fn fragment_bytes(&self) -> u64 {
+        self.cfgs
+            .iter()
+            .map(|c| {
+                std::fs::read_dir(self.segments_dir(c.node_id))
+                    .map(|d| {
+                        d.filter_map(|e| e.ok())
+                            .filter_map(|e| e.metadata().ok())
+                            .filter(|m| m.is_file())
+                            .map(|m| m.len())
+                            .sum::<u64>()
+                    })
+                    .unwrap_or(0)
+            })
+            .sum()
+    }
+}
+
+/// Deterministic bytes zstd cannot shrink (xorshift): what a test that
+/// must fill devices, or must not be compressed, writes.
+pub fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
