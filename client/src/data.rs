@@ -6,8 +6,9 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
+use crate::dedupe::ChunkKey;
 use crate::stats::{Cache, MountStats};
-use cfs_proto::types::{Backing, Compression, Errno, ExtentRef};
+use cfs_proto::types::{Backing, ChunkId, Compression, Errno, ExtentRef};
 use cfs_segments::client::{ClientError, Extent, SegmentClient, StripeReader, StripeWriter};
 use cfs_segments::format::SegmentId;
 use cfs_segments::layout::Layout;
@@ -73,7 +74,20 @@ pub struct DataPath {
     /// Stripes being fetched, so concurrent readers share one fetch.
     fetching: AsyncMutex<HashMap<StripeKey, Arc<AsyncMutex<()>>>>,
     stats: Arc<MountStats>,
+    chunk_key: ChunkKey,
 }
+
+/// One content-defined chunk of a flush (D50).
+#[derive(Clone, Debug)]
+pub struct PlannedChunk {
+    /// Index of the range it is cut from.
+    pub range: usize,
+    /// Its bytes within that range.
+    pub bytes: std::ops::Range<usize>,
+    pub id: ChunkId,
+}
+
+type WriterGuard<'a> = tokio::sync::MutexGuard<'a, Option<StripeWriter>>;
 
 fn io_err(what: &str, e: impl std::fmt::Display) -> Errno {
     warn!("{what}: {e}");
@@ -130,6 +144,7 @@ impl DataPath {
             }),
             fetching: AsyncMutex::new(HashMap::new()),
             stats,
+            chunk_key: ChunkKey::for_cluster(cluster_id),
         })
     }
 
@@ -142,16 +157,10 @@ impl DataPath {
             .collect()
     }
 
-    /// Writes `ranges` (file offset, bytes) durably; returns the extent
-    /// references to commit, in file order; the stripes stored as
-    /// `packing` says.
-    pub async fn write_ranges(
-        &self,
-        ranges: &[(u64, &[u8])],
-        packing: Compression,
-    ) -> Result<Vec<ExtentRef>, Errno> {
+    /// A free stripe writer if there is one, else the next one in turn
+    /// once free; made on first use.
+    async fn writer(&self) -> Result<(WriterGuard<'_>, usize), Errno> {
         let start = self.next_writer.fetch_add(1, Ordering::Relaxed);
-        // Take a free writer if there is one, else wait for ours.
         let mut guard = None;
         for i in 0..WRITERS {
             if let Ok(g) = self.writers[(start + i) % WRITERS].try_lock() {
@@ -173,7 +182,19 @@ impl DataPath {
             .map_err(|e| io_err("stripe writer", e))?;
             *g = Some(sw);
         }
-        let sw = g.as_mut().expect("writer present");
+        Ok((g, w))
+    }
+
+    /// Writes `ranges` (file offset, bytes) durably; returns the extent
+    /// references to commit, in file order; the stripes stored as
+    /// `packing` says.
+    pub async fn write_ranges(
+        &self,
+        ranges: &[(u64, &[u8])],
+        packing: Compression,
+    ) -> Result<Vec<ExtentRef>, Errno> {
+        let (mut g, _) = self.writer().await?;
+        let sw = g.as_mut().ok_or(Errno::EIO)?;
         // The writer holds nothing between calls (each range is flushed).
         sw.set_compression(packing);
         let mut out = Vec::new();
@@ -212,6 +233,104 @@ impl DataPath {
             }
         }
         Ok(out)
+    }
+
+    /// The content-defined chunks of `ranges`, each at most one stripe,
+    /// with their ids (D50).
+    pub fn plan_chunks(&self, ranges: &[(u64, &[u8])]) -> Vec<PlannedChunk> {
+        let max = FRAGMENT_BYTES * self.layout.k as usize;
+        let mut out = Vec::new();
+        for (i, (_, data)) in ranges.iter().enumerate() {
+            for r in crate::dedupe::cut(data, max) {
+                out.push(PlannedChunk {
+                    range: i,
+                    id: self.chunk_key.id(&data[r.clone()]),
+                    bytes: r,
+                });
+            }
+        }
+        out
+    }
+
+    /// Writes the chunks of `plan` not `found` stored (one stripe each,
+    /// named by its chunk id) and references those found; returns the
+    /// extent references to commit, in file order. A `found` stripe that
+    /// is not exactly the chunk asked for is ignored (the chunk is
+    /// written).
+    pub async fn write_chunks(
+        &self,
+        ranges: &[(u64, &[u8])],
+        plan: &[PlannedChunk],
+        found: &[Option<Extent>],
+        packing: Compression,
+    ) -> Result<Vec<ExtentRef>, Errno> {
+        let (mut g, _) = self.writer().await?;
+        let sw = g.as_mut().ok_or(Errno::EIO)?;
+        sw.set_compression(packing);
+        let mut out: Vec<Option<ExtentRef>> = vec![None; plan.len()];
+        // Chunks written, in order, waiting for their extents.
+        let mut waiting: VecDeque<usize> = VecDeque::new();
+        let mut written: Vec<Extent> = Vec::new();
+        for (i, c) in plan.iter().enumerate() {
+            let (off, data) = ranges[c.range];
+            let bytes = &data[c.bytes.clone()];
+            let offset = off + c.bytes.start as u64;
+            let len = bytes.len() as u64;
+            let same = found
+                .get(i)
+                .and_then(Option::as_ref)
+                .filter(|x| x.chunk == Some(c.id) && u64::from(x.data_len) == len);
+            if let Some(x) = same {
+                self.stats.chunk_flushed(true, len);
+                out[i] = Some(ExtentRef {
+                    offset,
+                    len,
+                    skip: 0,
+                    backing: Backing::Stripe(x.clone()),
+                });
+                continue;
+            }
+            self.stats.chunk_flushed(false, len);
+            waiting.push_back(i);
+            match sw.write_stripe(bytes).await {
+                Ok(done) => written.extend(done),
+                Err(e) => {
+                    *g = None;
+                    return Err(write_err(e));
+                }
+            }
+        }
+        match sw.flush().await {
+            Ok(done) => written.extend(done),
+            Err(e) => {
+                *g = None;
+                return Err(write_err(e));
+            }
+        }
+        if written.len() != waiting.len() {
+            *g = None;
+            warn!(
+                written = written.len(),
+                chunks = waiting.len(),
+                "stripes and chunks disagree"
+            );
+            return Err(Errno::EIO);
+        }
+        for (mut e, i) in written.into_iter().zip(waiting) {
+            let c = &plan[i];
+            let (off, _) = ranges[c.range];
+            self.stats.written_back(u64::from(e.data_len));
+            self.stats.segment_requests(e.layout.width() as u64);
+            self.stats.stripe_written(&e);
+            e.chunk = Some(c.id);
+            out[i] = Some(ExtentRef {
+                offset: off + c.bytes.start as u64,
+                len: u64::from(e.data_len),
+                skip: 0,
+                backing: Backing::Stripe(e),
+            });
+        }
+        out.into_iter().map(|r| r.ok_or(Errno::EIO)).collect()
     }
 
     /// Seals the open segments of writers idle for `idle` (and drops
@@ -259,6 +378,18 @@ impl DataPath {
             .read(e)
             .await
             .map_err(|err| io_err("segment read", err))?;
+        if let Some(id) = e.chunk {
+            // A stripe written as a chunk is served only if its bytes are
+            // the chunk (a writer that named the wrong id must not feed
+            // other files the bytes it stored).
+            if self.chunk_key.id(&r.data) != id {
+                self.stats.chunk_mismatch();
+                warn!(segment = %e.segment, stripe = e.stripe, chunk = %id,
+                    "stripe bytes do not match the chunk id they were stored as: refused");
+                self.fetching.lock().await.remove(&key);
+                return Err(Errno::EIO);
+            }
+        }
         if !r.bad.is_empty() {
             self.stats.reconstruction();
             warn!(segment = %e.segment, stripe = e.stripe, bad = r.bad.len(), "stripe read around bad fragments");

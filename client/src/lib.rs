@@ -4,6 +4,7 @@
 pub mod cache;
 pub mod conn;
 pub mod data;
+pub mod dedupe;
 pub mod enroll;
 pub mod fs;
 pub mod metrics_http;

@@ -67,6 +67,9 @@ pub struct MountOptions {
     /// How the stripes this mount writes are stored (`--compress`,
     /// default zstd level 1, docs/decisions.md D49).
     pub compression: cfs_proto::types::Compression,
+    /// Inline dedupe of the stripes this mount writes (`--dedupe`,
+    /// default on, docs/decisions.md D50).
+    pub dedupe: bool,
 }
 
 impl MountOptions {

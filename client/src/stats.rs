@@ -111,6 +111,13 @@ pub struct MountStats {
     /// File bytes written into stripes, and the bytes stored for them.
     stripe_data_bytes: IntCounter,
     stripe_stored_bytes: IntCounter,
+    /// Chunks of flushes looked up for dedupe, and their file bytes, by
+    /// outcome: `[new, found]` (D50).
+    dedupe_chunks: Vec<IntCounter>,
+    dedupe_bytes: Vec<IntCounter>,
+    /// Stripes whose bytes did not match the chunk id they were written
+    /// as (refused, never served).
+    chunk_mismatches: IntCounter,
     hits: Vec<IntCounter>,
     misses: Vec<IntCounter>,
     evictions: Vec<IntCounter>,
@@ -205,6 +212,35 @@ impl Default for MountStats {
                 "claudefs_fuse_stripe_stored_bytes_total",
                 "Bytes stored for them (after compression, before erasure coding).",
             ),
+            dedupe_chunks: {
+                let v = m::counter_vec(
+                    &reg,
+                    "claudefs_fuse_dedupe_chunks_total",
+                    "Chunks this mount flushed, by whether the cluster already stored them (found) or they were written (new).",
+                    &["result"],
+                );
+                ["new", "found"]
+                    .iter()
+                    .map(|p| v.with_label_values(&[p]))
+                    .collect()
+            },
+            dedupe_bytes: {
+                let v = m::counter_vec(
+                    &reg,
+                    "claudefs_fuse_dedupe_bytes_total",
+                    "File bytes of those chunks: `found` bytes were referenced, not written again.",
+                    &["result"],
+                );
+                ["new", "found"]
+                    .iter()
+                    .map(|p| v.with_label_values(&[p]))
+                    .collect()
+            },
+            chunk_mismatches: m::counter(
+                &reg,
+                "claudefs_fuse_chunk_mismatches_total",
+                "Stripes read whose bytes did not match their chunk id: refused with EIO.",
+            ),
             hits: caches(
                 "claudefs_fuse_cache_hits_total",
                 "Answers a cache of this mount gave without a round trip.",
@@ -284,6 +320,17 @@ impl MountStats {
         self.stripes_written[i].inc();
         self.stripe_data_bytes.inc_by(u64::from(e.data_len));
         self.stripe_stored_bytes.inc_by(u64::from(e.stored_len()));
+    }
+
+    /// A flushed chunk of `len` bytes, `found` stored already or new.
+    pub fn chunk_flushed(&self, found: bool, len: u64) {
+        let i = usize::from(found);
+        self.dedupe_chunks[i].inc();
+        self.dedupe_bytes[i].inc_by(len);
+    }
+
+    pub fn chunk_mismatch(&self) {
+        self.chunk_mismatches.inc();
     }
 
     /// A stripe decoded with parity in place of a missing or bad fragment.

@@ -175,12 +175,12 @@ pub fn check(db: &NamespaceDb) -> Result<Report, DbError> {
     let held = crate::segment_use::index(db)?;
     for k in want.difference(&held).take(20) {
         r.problems.push(format!(
-            "segment index: missing {k:02x?} (an extent names the segment)"
+            "segment/chunk index: missing {k:02x?} (an extent names the segment or chunk)"
         ));
     }
     for k in held.difference(&want).take(20) {
         r.problems
-            .push(format!("segment index: {k:02x?} names no extent"));
+            .push(format!("segment/chunk index: {k:02x?} names no extent"));
     }
     for (segment, shards) in crate::segment_use::fences(db)? {
         for shard in shards {

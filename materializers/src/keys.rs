@@ -26,6 +26,7 @@
 //! | `u` shard segment:u128                | [`SegmentUse`]: what the shard's extents reference of it |
 //! | `f` shard segment:u128                | fence of a segment being freed (Nanos) |
 //! | `w` shard segment:u128 ino offset     | (an extent naming the segment: `e` ino offset) |
+//! | `H` shard chunk:[u8;32] ino offset    | (an extent naming a stripe that holds the chunk, D50) |
 //! | `V`                                   | layout format u32 (no shard) |
 //!
 //! Every key belongs to one shard ([`owner`]): a shard's entries
@@ -38,7 +39,7 @@
 
 use crate::types::{Ino, ShardId};
 use cfs_proto::tx::TxId;
-use cfs_proto::types::SegmentId;
+use cfs_proto::types::{ChunkId, SegmentId};
 
 fn with(tag: u8, parts: &[&[u8]]) -> Vec<u8> {
     let mut k = Vec::with_capacity(1 + parts.iter().map(|p| p.len()).sum::<usize>());
@@ -313,6 +314,28 @@ pub fn extent_key_of_where(key: &[u8]) -> Option<Vec<u8>> {
     (rest.len() == 16).then(|| with(b'e', &[rest]))
 }
 
+/// Where chunk `id` is stored, as `shard` knows it: one key per extent key
+/// (`extent_key`) naming a stripe written as that chunk (D50). Their
+/// number over all shards is the chunk's reference count.
+pub fn chunk_where(shard: ShardId, id: &ChunkId, extent_key: &[u8]) -> Vec<u8> {
+    with(
+        b'H',
+        &[
+            &shard.to_be_bytes(),
+            &id.0,
+            extent_key.get(1..).unwrap_or_default(),
+        ],
+    )
+}
+pub fn chunk_where_prefix(shard: ShardId, id: &ChunkId) -> Vec<u8> {
+    with(b'H', &[&shard.to_be_bytes(), &id.0])
+}
+/// The extent key an `H` key points at.
+pub fn extent_key_of_chunk_where(key: &[u8]) -> Option<Vec<u8>> {
+    let rest = key.get(37..)?;
+    (rest.len() == 16).then(|| with(b'e', &[rest]))
+}
+
 /// The segment a `u`, `f` or `w` key names.
 pub fn segment_of(key: &[u8]) -> Option<SegmentId> {
     Some(SegmentId(u128::from_be_bytes(
@@ -336,7 +359,7 @@ pub fn owner(key: &[u8]) -> Option<ShardId> {
             be64_at(key, 1).map(crate::types::shard_of)
         }
         b'n' | b'N' | b'a' | b'p' | b'q' | b'Q' | b'T' | b'r' | b'R' | b'h' | b'O' | b'S'
-        | b'G' | b'U' | b'u' | b'f' | b'w' => be32_at(key, 1).map(ShardId),
+        | b'G' | b'U' | b'u' | b'f' | b'w' | b'H' => be32_at(key, 1).map(ShardId),
         b't' => owner(&key[1..]),
         _ => None,
     }

@@ -5,6 +5,7 @@
 pub mod acl;
 pub mod apply;
 pub mod check;
+pub mod chunks;
 pub mod keys;
 pub mod materializer;
 pub mod ops;

@@ -58,8 +58,19 @@ pub fn stripe_of(key: &[u8], value: &[u8]) -> Option<(SegmentId, u64)> {
     }
 }
 
+/// The chunk an extent value's stripe holds, if it was written as one
+/// (D50).
+pub fn chunk_of(key: &[u8], value: &[u8]) -> Option<ChunkId> {
+    let e: ExtentRef = decode(key, value).ok()?;
+    match e.backing {
+        Backing::Stripe(s) => s.chunk,
+        Backing::Inline(_) => None,
+    }
+}
+
 /// Adds to `deltas` what replacing `old` by `new` at extent key `key`
-/// changes, and to `index` the `w` keys to delete (`None`) and put.
+/// changes, and to `index` the `w` and `H` keys to delete (`None`) and
+/// put.
 pub fn account(
     deltas: &mut BTreeMap<(ShardId, SegmentId), UseDelta>,
     index: &mut BTreeMap<Vec<u8>, Option<Vec<u8>>>,
@@ -78,28 +89,42 @@ pub fn account(
             let w = keys::segment_where(shard, segment, key);
             index.insert(w, (sign > 0).then(Vec::new));
         }
+        if let Some(id) = v.and_then(|v| chunk_of(key, v)) {
+            index.insert(
+                keys::chunk_where(shard, &id, key),
+                (sign > 0).then(Vec::new),
+            );
+        }
     }
 }
 
-/// Every `w` key the extent keys imply.
+/// Every `w` and `H` key the extent keys imply.
 pub fn rederive_index(db: &NamespaceDb) -> Result<std::collections::BTreeSet<Vec<u8>>, DbError> {
     let mut out = std::collections::BTreeSet::new();
     db.for_each_prefixed(b"e", |k, v| {
-        if let (Some(shard), Some((segment, _))) = (keys::owner(k), stripe_of(k, v)) {
+        let Some(shard) = keys::owner(k) else {
+            return Ok(());
+        };
+        if let Some((segment, _)) = stripe_of(k, v) {
             out.insert(keys::segment_where(shard, segment, k));
+        }
+        if let Some(id) = chunk_of(k, v) {
+            out.insert(keys::chunk_where(shard, &id, k));
         }
         Ok(())
     })?;
     Ok(out)
 }
 
-/// Every `w` key held.
+/// Every `w` and `H` key held.
 pub fn index(db: &NamespaceDb) -> Result<std::collections::BTreeSet<Vec<u8>>, DbError> {
     let mut out = std::collections::BTreeSet::new();
-    db.for_each_prefixed(b"w", |k, _| {
-        out.insert(k.to_vec());
-        Ok(())
-    })?;
+    for tag in [b"w", b"H"] {
+        db.for_each_prefixed(tag, |k, _| {
+            out.insert(k.to_vec());
+            Ok(())
+        })?;
+    }
     Ok(out)
 }
 

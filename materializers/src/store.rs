@@ -47,8 +47,9 @@ pub use cfs_proto::tx::KeyValue;
 /// references may hold inline bytes (docs/decisions.md D20), 3 since each
 /// shard counts what its extents reference of each segment (D48), 4
 /// since stripes may be stored compressed and the counts are of stored
-/// bytes (D49).
-pub const FORMAT: u32 = 4;
+/// bytes (D49), 5 since an extent may name the chunk its stripe holds
+/// and each shard indexes chunks (D50).
+pub const FORMAT: u32 = 5;
 
 /// Values larger than this in the namespace are corruption.
 const VALUE_BYTES_MAX: usize = 16 << 20;

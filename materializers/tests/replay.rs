@@ -578,6 +578,10 @@ fn pieces_follow_writes_truncates_and_punches() {
                     fragment_len: 4096,
                     checksums: vec![],
                     missing: vec![],
+                    // Every third stripe is a deduplicated chunk (one id
+                    // for several stripes: they are indexed per extent).
+                    chunk: (step % 3 == 0)
+                        .then_some(cfs_proto::types::ChunkId([(step % 7) as u8; 32])),
                 };
                 let piece = ExtentRef {
                     offset: off,

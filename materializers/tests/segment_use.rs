@@ -66,6 +66,15 @@ fn stripe(segment: u128, stripe: u32, data_len: u32) -> Extent {
         fragment_len: 4096,
         checksums: vec![],
         missing: vec![],
+        // Stripes 0 and 1 of every segment hold chunks: the same id for
+        // the same (segment mod 4, stripe), so some chunks are named from
+        // several segments and files.
+        chunk: (stripe < 2).then(|| {
+            let mut id = [0u8; 32];
+            id[0] = (segment % 4) as u8;
+            id[1] = stripe as u8;
+            cfs_proto::types::ChunkId(id)
+        }),
     }
 }
 
@@ -388,4 +397,92 @@ fn relocations_move_only_what_the_file_still_maps() {
         moves: vec![]
     }
     .is_service_only());
+}
+
+/// The chunk index (D50): each extent key naming a stripe written as a
+/// chunk is one reference; a lookup finds a stripe while any file names
+/// it; removing the last reference removes the chunk; an index entry
+/// that names no such extent is reported by the fsck and never answered.
+#[test]
+fn the_chunk_index_follows_the_extents_that_name_a_chunk() {
+    use cfs_materializers::chunks;
+    let dir = tempfile::tempdir().unwrap();
+    let db = NamespaceDb::open(&dir.path().join("a")).unwrap();
+    init_shard(&db, ShardId(0)).unwrap();
+    let (mut pos, mut log) = (0u64, Vec::new());
+    let shards = [ShardId(0)];
+    let a = ino_of(apply(&db, &mut pos, &mut log, create("a")));
+    let b = ino_of(apply(&db, &mut pos, &mut log, create("b")));
+    // Segment 6 stripe 0 holds chunk (6 % 4, 0) = (2, 0); segment 2
+    // stripe 0 the same id, written by another file.
+    let x = stripe(6, 0, 100_000);
+    let id = x.chunk.expect("stripe 0 is a chunk");
+    assert_eq!(chunks::find(&db, &shards, &id).unwrap(), None);
+    for (ino, segment) in [(a, 6), (b, 2)] {
+        let r = apply(&db, &mut pos, &mut log, write(ino, 0, 100_000, segment, 0));
+        assert!(r.is_ok(), "{r:?}");
+    }
+    assert_eq!(chunks::references(&db, &shards, &id).unwrap(), 2);
+    let found = chunks::find(&db, &shards, &id).unwrap().expect("stored");
+    assert_eq!(found.chunk, Some(id));
+    // A third reference (a dedupe hit: the same stripe in another file).
+    let c = ino_of(apply(&db, &mut pos, &mut log, create("c")));
+    let hit = Op::Write {
+        ino: c,
+        extents: vec![ExtentRef {
+            offset: 0,
+            len: 100_000,
+            skip: 0,
+            backing: Backing::Stripe(found.clone()),
+        }],
+        then: None,
+    };
+    assert!(apply(&db, &mut pos, &mut log, hit).is_ok());
+    assert_eq!(chunks::references(&db, &shards, &id).unwrap(), 3);
+    assert_eq!(chunks::totals(&db, &shards).unwrap(), (1, 3));
+    assert_clean(&db, "three references");
+    // A part of the chunk overwritten: the piece left still names the
+    // stripe (its bytes are still the chunk's), so it still counts.
+    assert!(apply(&db, &mut pos, &mut log, write(a, 0, 70_000, 8, 9)).is_ok());
+    assert_eq!(chunks::references(&db, &shards, &id).unwrap(), 3);
+    for name in ["a", "b", "c"] {
+        let r = apply(
+            &db,
+            &mut pos,
+            &mut log,
+            Op::Unlink {
+                parent: ROOT_INO,
+                name: name.as_bytes().to_vec(),
+                held_open: vec![],
+            },
+        );
+        assert!(r.is_ok(), "{r:?}");
+        assert_clean(&db, &format!("after unlinking {name}"));
+    }
+    assert_eq!(chunks::references(&db, &shards, &id).unwrap(), 0);
+    assert_eq!(chunks::find(&db, &shards, &id).unwrap(), None);
+    // A corrupt index entry: names an extent key that does not exist.
+    let d = ino_of(apply(&db, &mut pos, &mut log, create("d")));
+    assert!(apply(&db, &mut pos, &mut log, write(d, 0, 100_000, 6, 0)).is_ok());
+    let bogus = cfs_materializers::keys::chunk_where(
+        ShardId(0),
+        &id,
+        &cfs_materializers::keys::extent(d, 4096),
+    );
+    let applied = db.applied(ShardId(0)).unwrap();
+    let mut t = cfs_materializers::store::Txn::new(&db);
+    t.put_raw(bogus, Vec::new());
+    t.keep();
+    db.commit(t, ShardId(0), applied).unwrap();
+    let r = check(&db).unwrap();
+    assert!(
+        r.problems.iter().any(|p| p.contains("names no extent")),
+        "{:?}",
+        r.problems
+    );
+    // The lookup skips it and still answers from the good entry.
+    assert_eq!(
+        chunks::find(&db, &shards, &id).unwrap().map(|e| e.chunk),
+        Some(Some(id))
+    );
 }

@@ -64,6 +64,9 @@ pub struct MetaMetrics {
     pub holds_broken: IntCounter,
     pub clients_forgotten: IntCounter,
     pub lease_refusals: IntCounter,
+    /// Chunk ids mounts asked for (inline dedupe) and those found stored.
+    pub chunks_asked: IntCounter,
+    pub chunks_found: IntCounter,
     /// Request received → answer queued, per [`RequestKind`] (children
     /// made once: no label lookup per request).
     request_seconds: Vec<Histogram>,
@@ -93,6 +96,14 @@ impl MetaMetrics {
             barriers: c(
                 "claudefs_meta_barriers_total",
                 "Read barriers passed for fresh reads.",
+            ),
+            chunks_asked: c(
+                "claudefs_meta_chunks_asked_total",
+                "Chunk ids mounts looked up before writing (inline dedupe).",
+            ),
+            chunks_found: c(
+                "claudefs_meta_chunks_found_total",
+                "Chunk ids looked up that the cluster already stored (dedupe hits).",
             ),
             reads_held: c(
                 "claudefs_meta_reads_held_total",

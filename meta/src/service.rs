@@ -1598,6 +1598,34 @@ impl Inner {
             .map(|(_, a)| a.clone())
     }
 
+    /// A stored stripe for each chunk id, from the decided state of every
+    /// shard this node holds (D50). A stale answer is safe: a stripe freed
+    /// since makes the writer's commit fail with FREED_DATA, and it
+    /// writes the bytes instead.
+    async fn find_chunks(&self, ids: &[ChunkId]) -> Result<Vec<Option<Extent>>, Errno> {
+        if ids.len() > cfs_proto::ops::FIND_CHUNKS_MAX {
+            return Err(Errno::EINVAL);
+        }
+        let shards: Vec<ShardId> = self.applied.keys().copied().collect();
+        let (db, ids) = (self.db.clone(), ids.to_vec());
+        let found = tokio::task::spawn_blocking(move || {
+            ids.iter()
+                .map(|id| cfs_materializers::chunks::find(&db, &shards, id))
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .await
+        .map_err(|_| Errno::EIO)?
+        .map_err(|e| {
+            tracing::error!("chunk lookup: {e}");
+            Errno::EIO
+        })?;
+        self.counters.chunks_asked.inc_by(found.len() as u64);
+        self.counters
+            .chunks_found
+            .inc_by(found.iter().filter(|f| f.is_some()).count() as u64);
+        Ok(found)
+    }
+
     fn statfs(&self) -> Result<FsStats, Errno> {
         let path = std::ffi::CString::new(self.data_dir.as_os_str().as_encoded_bytes())
             .map_err(|_| Errno::EIO)?;
@@ -1877,6 +1905,7 @@ async fn handle(
                 .await
         }
         Request::StatFs => return inner.statfs().map(Reply::Stats),
+        Request::FindChunks { ids } => return inner.find_chunks(ids).await.map(Reply::Chunks),
         Request::Lease
         | Request::InvalAck { .. }
         | Request::ReleaseLeases
@@ -1936,6 +1965,7 @@ fn read(db: &impl NsRead, req: &Request) -> Result<Reply, ReadError> {
         | Request::Hello { .. }
         | Request::Mutate { .. }
         | Request::StatFs
+        | Request::FindChunks { .. }
         | Request::Lease
         | Request::InvalAck { .. }
         | Request::ReleaseLeases

@@ -51,6 +51,9 @@ pub async fn compact(
     let place: Vec<u64> = nodes.iter().copied().take(layout.width()).collect();
     let reader = StripeReader::new(client.clone());
     let mut stripes: HashMap<u32, Arc<Vec<u8>>> = HashMap::new();
+    // Whole stripes already copied (a deduplicated chunk named by several
+    // files, D50): the later references take the same copy.
+    let mut whole_copies: HashMap<u32, Extent> = HashMap::new();
     for &shard in shards {
         let db2 = db.clone();
         let extents: Vec<(Ino, ExtentRef)> = tokio::task::spawn_blocking(move || {
@@ -82,6 +85,18 @@ pub async fn compact(
                 continue;
             }
             out.extents += 1;
+            let whole = old.skip == 0 && old.len == u64::from(x.data_len);
+            if let Some(copy) = whole_copies.get(&x.stripe).filter(|_| whole) {
+                let new = vec![ExtentRef {
+                    offset: old.offset,
+                    len: old.len,
+                    skip: 0,
+                    backing: Backing::Stripe(copy.clone()),
+                }];
+                out.bytes += old.len;
+                moves.push(Relocation { ino, old, new });
+                continue;
+            }
             let data = match stripes.get(&x.stripe) {
                 Some(d) => d.clone(),
                 None => {
@@ -98,6 +113,12 @@ pub async fn compact(
             // extent's, in order.
             let mut written = writer.write(bytes).await?;
             written.extend(writer.flush().await?);
+            // A whole chunk copied stays that chunk (D50): its copy is
+            // found by later writers of the same bytes.
+            if let ([e], true) = (written.as_mut_slice(), whole) {
+                e.chunk = x.chunk;
+                whole_copies.insert(x.stripe, e.clone());
+            }
             let mut at = old.offset;
             let mut new = Vec::new();
             for e in written {

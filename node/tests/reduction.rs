@@ -5,6 +5,11 @@
 //! parts, from the writing mount and from another one, after in-place
 //! rewrites, a copy by reference and compaction; `--compress off`
 //! stores bytes as they are; a bad `--compress` is refused.
+//!
+//! Inline dedupe (D50): bytes the cluster already stores are referenced,
+//! not written again, from any mount, also when shifted inside a file;
+//! they stay readable after the copy first written is removed;
+//! `--dedupe off` writes them again.
 
 mod common;
 
@@ -210,7 +215,9 @@ fn compressible_data_is_stored_compressed_and_reads_back_exactly() {
     // `--compress off`: the same text stored as it is.
     // (Counted by the mount: the collector is still freeing what the
     // rewrite left, so the disks' growth says nothing here.)
-    let plain = mount(&c, "plain", &["--compress", "off"]);
+    // (Dedupe off too: the text's untouched chunks are still stored, and
+    // would be referenced rather than written.)
+    let plain = mount(&c, "plain", &["--compress", "off", "--dedupe", "off"]);
     std::fs::write(plain.path.join("text-plain"), &t).unwrap();
     let url = url_file(&c, "plain");
     let plain_data = fuse::mount_counter(&url, "claudefs_fuse_stripe_data_bytes_total");
@@ -273,7 +280,9 @@ fn stored_for(c: &Cluster, path: &Path, data: &[u8]) -> u64 {
 #[test]
 fn a_subtree_policy_is_inherited_by_what_is_created_in_it() {
     let c = Cluster::start("policy");
-    let m = mount(&c, "mnt", &["--compress", "off"]);
+    // Dedupe off: the test writes the same text in and out of the
+    // subtree to compare how each is stored.
+    let m = mount(&c, "mnt", &["--compress", "off", "--dedupe", "off"]);
     let t = text(3, 4 * MIB);
     let plain_min = (t.len() as u64) * 3 / 2;
     let dir = m.path.join("projects");
@@ -339,4 +348,102 @@ fn a_subtree_policy_is_inherited_by_what_is_created_in_it() {
     drop(other);
     drop(m);
     c.fsck_clean();
+}
+
+#[test]
+fn identical_bytes_are_stored_once_and_outlive_the_first_copy() {
+    let c = Cluster::start_with("dedupe", |cfg| {
+        cfg.gc_interval_ms = 300;
+        cfg.gc_grace_ms = 1000;
+    });
+    let m = mount(&c, "mnt", &[]);
+    let url = url_file(&c, "mnt");
+    let found =
+        |url: &Path| fuse::mount_counter(url, "claudefs_fuse_dedupe_bytes_total{result=\"found\"}");
+    let n = noise(5, 24 * MIB);
+    let base = stored(&c);
+    std::fs::write(m.path.join("a"), &n).unwrap();
+    let after_a = stored(&c);
+    assert!(
+        after_a - base >= (n.len() as u64) * 3 / 2,
+        "{}",
+        after_a - base
+    );
+    assert_eq!(found(&url), 0, "nothing was stored before a");
+
+    // The same bytes again, written (not copied by reference): only
+    // references are committed.
+    std::fs::write(m.path.join("b"), &n).unwrap();
+    let after_b = stored(&c);
+    eprintln!(
+        "a: {} KiB of fragments, b: {} KiB more, found {} KiB",
+        (after_a - base) >> 10,
+        (after_b - after_a) >> 10,
+        found(&url) >> 10
+    );
+    assert!(
+        after_b - after_a < 2 * MIB as u64,
+        "a second copy of 24 MiB took {} bytes of fragments",
+        after_b - after_a
+    );
+    assert!(found(&url) >= (n.len() - MIB) as u64, "{}", found(&url));
+
+    // From another mount, shifted by a prefix: content-defined chunks
+    // find most of the bytes again.
+    let other = mount(&c, "other", &[]);
+    let mut shifted = noise(6, MIB + 4321);
+    shifted.extend_from_slice(&n);
+    std::fs::write(other.path.join("c"), &shifted).unwrap();
+    let other_found = found(&url_file(&c, "other"));
+    eprintln!(
+        "c (shifted): found {} KiB of {} KiB",
+        other_found >> 10,
+        shifted.len() >> 10
+    );
+    assert!(other_found >= 16 * MIB as u64, "{other_found}");
+    let nodes_found: u64 = (1..=3)
+        .map(|id| c.metric(id, "claudefs_meta_chunks_found_total"))
+        .sum();
+    assert!(nodes_found > 0);
+
+    fuse::drop_kernel_caches();
+    reads_back(&other.path.join("b"), &n);
+    reads_back(&m.path.join("c"), &shifted);
+
+    // The first copy removed: what b and c reference stays; the collector
+    // runs meanwhile (nothing of a is unreferenced, so nothing is freed).
+    std::fs::remove_file(m.path.join("a")).unwrap();
+    std::thread::sleep(Duration::from_secs(4));
+    fuse::drop_kernel_caches();
+    let fresh = mount(&c, "fresh", &[]);
+    reads_back(&fresh.path.join("b"), &n);
+    reads_back(&fresh.path.join("c"), &shifted);
+    std::fs::remove_file(fresh.path.join("b")).unwrap();
+    fuse::drop_kernel_caches();
+    reads_back(&fresh.path.join("c"), &shifted);
+
+    // `--dedupe off`: the same bytes are written again.
+    let off = mount(&c, "off", &["--dedupe", "off"]);
+    std::fs::write(off.path.join("d"), &n).unwrap();
+    let off_url = url_file(&c, "off");
+    assert_eq!(found(&off_url), 0);
+    assert!(
+        fuse::mount_counter(&off_url, "claudefs_fuse_stripe_data_bytes_total")
+            >= (n.len() - MIB) as u64
+    );
+    reads_back(&m.path.join("d"), &n);
+    drop((off, fresh, other, m));
+    c.fsck_clean();
+}
+
+#[test]
+fn a_bad_dedupe_option_is_refused_before_mounting() {
+    let out = Command::new(fuse::cfs())
+        .args(["mount", "/nonexistent-mountpoint", "--dir", "/nonexistent"])
+        .args(["--dedupe", "maybe"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("expected `on` or `off`"), "{err}");
 }

@@ -407,6 +407,12 @@ pub enum Request {
         lock: LockRange,
     },
     StatFs,
+    /// Stored stripes holding these chunks, if the cluster has them
+    /// (inline dedupe, docs/decisions.md D50): at most
+    /// [`FIND_CHUNKS_MAX`] ids; answered from the node's decided state.
+    FindChunks {
+        ids: Vec<ChunkId>,
+    },
     /// Asks for (or renews) leases on this session's cached metadata of
     /// the shards this node leads (`crate::lease`).
     Lease,
@@ -470,6 +476,8 @@ pub enum Reply {
     Names(Vec<Vec<u8>>),
     Extents(Vec<ExtentRef>),
     Stats(FsStats),
+    /// For each id asked, a stripe holding that chunk.
+    Chunks(Vec<Option<Extent>>),
     Lock(Option<LockRange>),
     /// Leases granted on these shards for `millis` from when the request
     /// was sent; usable once the client has applied invalidation
@@ -521,6 +529,10 @@ pub enum ServerMsg {
     /// as of invalidation `stamp`: cached by the same rule as a reply's.
     Current { inodes: Vec<Inode>, stamp: u64 },
 }
+
+/// Chunk ids one [`Request::FindChunks`] may carry (a 4 MiB flush cut
+/// into chunks of at least 64 KiB is at most 64).
+pub const FIND_CHUNKS_MAX: usize = 1024;
 
 /// Largest metadata message (a 4 MiB log entry bounds mutations anyway).
 pub const MESSAGE_BYTES_MAX: usize = 8 << 20;

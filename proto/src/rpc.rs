@@ -53,6 +53,8 @@ call!(/// The names of an inode's extended attributes.
     ListXattr { ino: Ino } => ListXattr -> Vec<Vec<u8>> = Reply::Names(n) => n);
 call!(/// The extent map of `[offset, offset + len)`.
     Extents { ino: Ino, offset: u64, len: u64 } => Extents -> Vec<ExtentRef> = Reply::Extents(e) => e);
+call!(/// Stored stripes holding these chunks (inline dedupe).
+    FindChunks { ids: Vec<ChunkId> } => FindChunks -> Vec<Option<Extent>> = Reply::Chunks(c) => c);
 call!(/// A lock that would conflict with `lock`, if any.
     GetLock { ino: Ino, lock: LockRange } => GetLock -> Option<LockRange> = Reply::Lock(l) => l);
 

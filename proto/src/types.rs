@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-pub use cfs_stripe::{Compression, Extent, Packing, SegmentId};
+pub use cfs_stripe::{ChunkId, Compression, Extent, Packing, SegmentId};
 
 /// An inode number. The high 16 bits name the shard that owns the inode
 /// (its attributes, and for a directory its entries); the low 48 bits are

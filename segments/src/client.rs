@@ -455,6 +455,7 @@ async fn write_stripe(
         fragment_len,
         checksums,
         missing,
+        chunk: None,
     })
 }
 
@@ -599,6 +600,36 @@ impl StripeWriter {
             self.launch(stripe);
         }
         Ok(done)
+    }
+
+    /// Launches `data` as one stripe of its own (after the partial stripe
+    /// buffered, if any, as another), without waiting for the stripes in
+    /// flight beyond the window. Returns the extents that completed (in
+    /// order). `data` longer than a stripe is an error.
+    pub async fn write_stripe(&mut self, data: &[u8]) -> Result<Vec<Extent>, ClientError> {
+        if data.len() > self.stripe_bytes {
+            return Err(ClientError::Placement(format!(
+                "{} bytes do not fit a stripe of {}",
+                data.len(),
+                self.stripe_bytes
+            )));
+        }
+        let mut done = Vec::new();
+        for stripe in [std::mem::take(&mut self.buf), data.to_vec()] {
+            if stripe.is_empty() {
+                continue;
+            }
+            while self.in_flight.len() >= WRITE_WINDOW_STRIPES {
+                done.push(self.reap_one().await?);
+            }
+            self.launch(stripe);
+        }
+        Ok(done)
+    }
+
+    /// File bytes in a full stripe.
+    pub fn stripe_bytes(&self) -> usize {
+        self.stripe_bytes
     }
 
     /// Writes the partial stripe and waits for every stripe in flight.

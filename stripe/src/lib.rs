@@ -47,6 +47,32 @@ pub struct Extent {
     pub checksums: Vec<[u8; 32]>,
     /// Fragment indices that were not durable when acknowledged.
     pub missing: Vec<u8>,
+    /// The content address of the stripe's file bytes when the stripe was
+    /// written as one deduplicated chunk (docs/decisions.md D50): a
+    /// later writer of the same bytes may name this stripe instead of
+    /// storing them again.
+    pub chunk: Option<ChunkId>,
+}
+
+/// A chunk's content address: blake3 of its file bytes, keyed by the
+/// dedupe domain's key, so that the same bytes have unrelated ids in two
+/// domains (docs/decisions.md D50).
+#[derive(Copy, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct ChunkId(pub [u8; 32]);
+
+impl std::fmt::Display for ChunkId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for b in &self.0[..8] {
+            write!(f, "{b:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::fmt::Debug for ChunkId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ChunkId({self})")
+    }
 }
 
 /// How a stripe's file bytes are stored: as they are, or compressed as
@@ -170,6 +196,7 @@ mod tests {
             fragment_len: 4096,
             checksums: vec![],
             missing: vec![],
+            chunk: None,
         };
         assert_eq!(e.stored_share(1000), 250);
         assert_eq!(e.stored_share(10), 2);

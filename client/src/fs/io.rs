@@ -7,8 +7,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use cfs_proto::ops::{LateAttrs, Op};
-use cfs_proto::rpc::{Extents, Mutated};
+use cfs_proto::ops::{LateAttrs, Op, FIND_CHUNKS_MAX};
+use cfs_proto::rpc::{Extents, FindChunks, Mutated};
 use cfs_proto::types::*;
 use tracing::{debug, Instrument};
 
@@ -145,8 +145,11 @@ impl Shared {
     ) -> Result<Option<Inode>, Errno> {
         let mut tries = 0;
         loop {
+            // A rewrite stores the bytes anew: a chunk found stored may be
+            // what is being freed.
+            let dedupe = self.opts.dedupe && tries == 0;
             match self
-                .commit_ranges_once(ino, writer, ranges, late.clone(), packing)
+                .commit_ranges_once(ino, writer, ranges, late.clone(), packing, dedupe)
                 .await
             {
                 Err(e) if e == Errno::FREED_DATA && tries < REWRITES_MAX => {
@@ -170,6 +173,7 @@ impl Shared {
         ranges: &[(u64, Vec<u8>)],
         late: Option<LateAttrs>,
         packing: Compression,
+        dedupe: bool,
     ) -> Result<Option<Inode>, Errno> {
         let span = tracing::debug_span!("flush", ino, ranges = ranges.len());
         // Bytes below INLINE_BYTES_MAX ride in the commit itself; the rest
@@ -184,12 +188,17 @@ impl Shared {
             .collect();
         if !large.is_empty() {
             let large: Vec<(u64, &[u8])> = large.iter().map(|(o, d)| (*o, d.as_slice())).collect();
-            refs.extend(
+            let written = if dedupe {
+                self.write_deduplicated(&large, packing)
+                    .instrument(span)
+                    .await?
+            } else {
                 self.data
                     .write_ranges(&large, packing)
                     .instrument(span)
-                    .await?,
-            );
+                    .await?
+            };
+            refs.extend(written);
         }
         let chunks: Vec<&[ExtentRef]> = refs.chunks(1024).collect();
         let Some((last, first)) = chunks.split_last() else {
@@ -226,6 +235,29 @@ impl Shared {
             Ok(Mutated::Attr(i)) => Ok(Some(i)),
             r => r.map(|_| None),
         }
+    }
+
+    /// Writes `ranges` as content-defined chunks, referencing those the
+    /// cluster already stores instead of writing them (D50). A failed
+    /// lookup only costs the dedupe: every chunk is written.
+    async fn write_deduplicated(
+        &self,
+        ranges: &[(u64, &[u8])],
+        packing: Compression,
+    ) -> Result<Vec<ExtentRef>, Errno> {
+        let plan = self.data.plan_chunks(ranges);
+        let mut found = Vec::with_capacity(plan.len());
+        for part in plan.chunks(FIND_CHUNKS_MAX) {
+            let ids = part.iter().map(|c| c.id).collect();
+            match self.meta.rpc(FindChunks { ids }, false).await {
+                Ok(f) if f.len() == part.len() => found.extend(f),
+                Ok(_) | Err(_) => {
+                    tracing::debug!("chunk lookup failed: writing every chunk");
+                    found.extend(std::iter::repeat_n(None, part.len()));
+                }
+            }
+        }
+        self.data.write_chunks(ranges, &plan, &found, packing).await
     }
 
     /// Waits for the background flush of this inode, if any.

@@ -627,6 +627,19 @@ struct MountArgs {
     /// each stripe compressed when that saves 1/16 or more) or `off`.
     #[arg(long, default_value = "zstd:1")]
     compress: cfs_proto::types::Compression,
+    /// Inline dedupe of the stripes this mount writes: `on` (chunks the
+    /// cluster already stores are referenced, not written again) or
+    /// `off`.
+    #[arg(long, default_value = "on", value_parser = on_off, action = clap::ArgAction::Set)]
+    dedupe: bool,
+}
+
+fn on_off(s: &str) -> Result<bool, String> {
+    match s {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        _ => Err(format!("{s:?}: expected `on` or `off`")),
+    }
 }
 
 fn mount_cmd(a: MountArgs) -> anyhow::Result<()> {
@@ -713,6 +726,7 @@ fn mount_cmd(a: MountArgs) -> anyhow::Result<()> {
         allow_suid: a.suid,
         allow_dev: a.dev,
         compression: a.compress,
+        dedupe: a.dedupe,
     };
     cfs_client::mount(&a.mountpoint, opts)?;
     Ok(())

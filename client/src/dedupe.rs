@@ -1,0 +1,111 @@
+//! Inline dedupe on the write path (docs/decisions.md D50): a flush's
+//! bytes are cut into content-defined chunks (FastCDC), each named by a
+//! keyed blake3 of its bytes; chunks the cluster already stores are
+//! referenced, not written again.
+
+use std::ops::Range;
+
+use cfs_proto::types::ChunkId;
+
+/// Smallest chunk cut (a range shorter than this is one chunk).
+pub const CHUNK_MIN: u32 = 64 << 10;
+/// The chunk size FastCDC aims for.
+pub const CHUNK_AVG: u32 = 256 << 10;
+/// Largest chunk: a chunk is one stripe, so at most a stripe's data.
+pub const CHUNK_MAX: u32 = 512 << 10;
+
+/// The key chunk ids are made with: one per dedupe domain (today the
+/// cluster), so the same bytes get unrelated ids in two domains and one
+/// domain's index can never answer another's (D50).
+#[derive(Clone)]
+pub struct ChunkKey([u8; 32]);
+
+impl ChunkKey {
+    /// The key of the cluster's one dedupe domain.
+    pub fn for_cluster(cluster_id: &str) -> Self {
+        ChunkKey(blake3::derive_key(
+            "ClaudeFS 2026-12-04 chunk content address",
+            cluster_id.as_bytes(),
+        ))
+    }
+
+    /// The content address of `data`.
+    pub fn id(&self, data: &[u8]) -> ChunkId {
+        ChunkId(*blake3::keyed_hash(&self.0, data).as_bytes())
+    }
+}
+
+/// The chunks of `data`, content-defined: the same bytes cut the same way
+/// wherever they start, up to `max` bytes each (at most [`CHUNK_MAX`]).
+pub fn cut(data: &[u8], max: usize) -> Vec<Range<usize>> {
+    let max = (max.min(CHUNK_MAX as usize) as u32).max(CHUNK_MIN);
+    if data.len() <= CHUNK_MIN as usize {
+        return std::iter::once(0..data.len()).collect();
+    }
+    let avg = CHUNK_AVG.min(max / 2).max(CHUNK_MIN);
+    fastcdc::v2020::FastCDC::new(data, CHUNK_MIN, avg, max)
+        .map(|c| c.offset..c.offset + c.length)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn noise(n: usize, mut seed: u64) -> Vec<u8> {
+        (0..n)
+            .map(|_| {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                seed as u8
+            })
+            .collect()
+    }
+
+    #[test]
+    fn chunks_cover_the_bytes_within_bounds() {
+        for n in [0, 1, 65_535, 65_536, 65_537, 1 << 20, (4 << 20) + 17] {
+            let d = noise(n, 7);
+            let c = cut(&d, 512 << 10);
+            assert_eq!(c.first().map(|r| r.start), Some(0));
+            assert_eq!(c.last().map(|r| r.end), Some(n));
+            for w in c.windows(2) {
+                assert_eq!(w[0].end, w[1].start);
+            }
+            for (i, r) in c.iter().enumerate() {
+                assert!(r.len() <= 512 << 10);
+                assert!(i + 1 == c.len() || r.len() >= CHUNK_MIN as usize, "{r:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn shifted_bytes_cut_the_same_chunks_after_the_shift() {
+        let d = noise(4 << 20, 11);
+        let mut shifted = b"a few inserted bytes".to_vec();
+        shifted.extend_from_slice(&d);
+        let key = ChunkKey::for_cluster("c");
+        let ids = |b: &[u8]| -> Vec<ChunkId> {
+            cut(b, 512 << 10)
+                .into_iter()
+                .map(|r| key.id(&b[r]))
+                .collect()
+        };
+        let (a, b) = (ids(&d), ids(&shifted));
+        let shared = a.iter().filter(|x| b.contains(x)).count();
+        assert!(
+            shared + 2 >= a.len(),
+            "{shared} of {} chunks found again",
+            a.len()
+        );
+    }
+
+    #[test]
+    fn ids_depend_on_the_domain_key() {
+        let (a, b) = (ChunkKey::for_cluster("one"), ChunkKey::for_cluster("two"));
+        assert_eq!(a.id(b"x"), a.id(b"x"));
+        assert_ne!(a.id(b"x"), b.id(b"x"));
+        assert_ne!(a.id(b"x"), a.id(b"y"));
+    }
+}
