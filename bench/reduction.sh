@@ -1,22 +1,29 @@
 #!/usr/bin/env bash
 # Data reduction (issue 18, docs/benchmarks.md "Data reduction"): on a
-# fresh 3-node cluster (`cfs up`, release build), two mounts of the same
-# cluster, one compressing as mounts do by default (zstd:1) and one with
-# `--compress off`:
+# fresh 3-node cluster (`cfs up`, release build), three mounts of the same
+# cluster: `on` reducing as mounts do by default (inline dedupe and
+# zstd:1), `zstd` compressing only (`--dedupe off`) and `off`
+# (`--compress off --dedupe off`):
 #  1. space: real data written through each: the source trees of three
 #     releases of one project (PyPI sdists, unpacked), the first of them
 #     copied twice, and incompressible random bytes. Reported per data
 #     set: the file bytes, what the mount stored for its stripes
 #     (`claudefs_fuse_stripe_{data,stored}_bytes_total`), the fragment
-#     bytes on the segment servers' disks, next to `zstd -3` of the same
+#     bytes on the segment servers' disks, the bytes dedupe found already
+#     stored (`claudefs_fuse_dedupe_bytes_total{result="found"}`), next to
+#     `zstd -3` of the same
 #     files (each file alone, and the tree as one tar stream) and a
 #     file-level dedupe (each distinct content once).
 #  2. throughput: fio sequential write then read (1 MiB blocks, caches
 #     dropped between) of SIZE_MIB per run, incompressible and
 #     compressible (fio --buffer_compress_percentage=COMPRESS_PCT) data,
 #     medians of RUNS runs, through each mount in alternation; ratios on
-#     the run's own compression-off figures. Goal: >= 0.70 of off for
+#     the run's own `off` figures. Goal: >= 0.70 of off for
 #     incompressible data.
+#  3. duplicated data: SIZE_MIB of random bytes from a local file copied
+#     (dd, 1 MiB blocks, fsync) into each mount once, then again into a
+#     second file: the second copy's MB/s, medians of RUNS, ratios on
+#     `off`. Goal: faster than off.
 #
 # Usage: bench/reduction.sh   (env: RUNS, SIZE_MIB, COMPRESS_PCT, PROJECT,
 # RELEASES, CACHE: where the sdists are kept between runs)
@@ -37,7 +44,7 @@ WORK=$(mktemp -d /var/tmp/cfs-bench-reduction.XXXXXX)
 CL="$WORK/cluster"
 ON="$WORK/on" OFF="$WORK/off"
 cleanup() {
-  for m in "$ON" "$OFF"; do fusermount3 -u "$m" 2>/dev/null || umount -l "$m" 2>/dev/null || true; done
+  for m in "$ON" "$WORK/zstd" "$OFF"; do fusermount3 -u "$m" 2>/dev/null || umount -l "$m" 2>/dev/null || true; done
   "$CFS" down --dir "$CL" >/dev/null 2>&1 || true
   rm -rf "$WORK"
 }
@@ -72,8 +79,10 @@ mount_one() { # DIR NAME [OPTS]
     --metrics-url-file "$WORK/$name.url" "$@" >"$WORK/$name.log" 2>&1 &
   until mountpoint -q "$dir" && [ -s "$WORK/$name.url" ]; do sleep 0.2; done
 }
+ZS="$WORK/zstd"
 mount_one "$ON" on
-mount_one "$OFF" off --compress off
+mount_one "$ZS" zstd --dedupe off
+mount_one "$OFF" off --compress off --dedupe off
 counter() { # NAME METRIC
   curl -s "$(cat "$WORK/$1.url")" | awk -v m="$2" '$1 ~ "^"m"({|$)" {s += $2} END {printf "%d\n", s}'
 }
@@ -83,8 +92,8 @@ ratio() { awk -v a="$1" -v b="$2" 'BEGIN {if (b > 0) printf "%.2f", a / b; else 
 drop() { sync; echo 3 >/proc/sys/vm/drop_caches; }
 
 # --- 1. space -----------------------------------------------------------------
-echo "| data set | file bytes MiB | mount | stripe data MiB | stripe stored MiB | stripe ratio | fragments on disk MiB | zstd -3 per file MiB | zstd -3 tar MiB | file-level dedupe MiB |"
-echo "|---|---|---|---|---|---|---|---|---|---|"
+echo "| data set | file bytes MiB | mount | stripe data MiB | dedupe found MiB | stripe stored MiB | stripe ratio | fragments on disk MiB | zstd -3 per file MiB | zstd -3 tar MiB | file-level dedupe MiB |"
+echo "|---|---|---|---|---|---|---|---|---|---|---|"
 for set in src random; do
   files=$(du -sb --apparent-size "$DATA/$set" | cut -f1)
   per_file=$(find "$DATA/$set" -type f -print0 | xargs -0 -n 200 sh -c 'for f; do zstd -3 -q -c "$f" | wc -c; done' _ | awk '{s += $1} END {print s}')
@@ -104,18 +113,19 @@ for root, _, files in os.walk(sys.argv[1]):
 print(total)
 EOF
 )
-  for m in on off; do
-    dir=$ON
-    [ $m = off ] && dir=$OFF
+  for m in on zstd off; do
+    dir=$WORK/$m
     d0=$(counter $m claudefs_fuse_stripe_data_bytes_total)
+    h0=$(counter $m claudefs_fuse_dedupe_bytes_total'{result="found"}')
     s0=$(counter $m claudefs_fuse_stripe_stored_bytes_total)
     f0=$(stored)
     cp -a "$DATA/$set" "$dir/$set-$m"
     sync
     d1=$(counter $m claudefs_fuse_stripe_data_bytes_total)
+    h1=$(counter $m claudefs_fuse_dedupe_bytes_total'{result="found"}')
     s1=$(counter $m claudefs_fuse_stripe_stored_bytes_total)
     f1=$(stored)
-    echo "| $set | $(mib "$files") | $m | $(mib $((d1 - d0))) | $(mib $((s1 - s0))) | $(ratio $((d1 - d0)) $((s1 - s0))) | $(mib $((f1 - f0))) | $(mib "$per_file") | $(mib "$tarred") | $(mib "$unique") |"
+    echo "| $set | $(mib "$files") | $m | $(mib $((d1 - d0 + h1 - h0))) | $(mib $((h1 - h0))) | $(mib $((s1 - s0))) | $(ratio $((d1 - d0 + h1 - h0)) $((s1 - s0))) | $(mib $((f1 - f0))) | $(mib "$per_file") | $(mib "$tarred") | $(mib "$unique") |"
     diff -r "$DATA/$set" "$dir/$set-$m" >/dev/null || { echo "$set through $m does not read back equal" >&2; exit 1; }
   done
 done
@@ -140,8 +150,7 @@ for kind in incompressible compressible; do
   W=() R=()
   for i in $(seq 1 "$RUNS"); do
     for m in off on; do
-      dir=$ON
-      [ $m = off ] && dir=$OFF
+      dir=$WORK/$m
       rm -f "$dir/seq.bin"
       drop
       W[$m]+="$(fio_mbs "$dir" write "${extra[@]}") "
@@ -159,3 +168,34 @@ for kind in incompressible compressible; do
   done
   echo "$kind runs: write off [${W[off]}] on [${W[on]}]; read off [${R[off]}] on [${R[on]}]" >&2
 done
+
+# --- 3. duplicated data ---------------------------------------------------------
+head -c $((SIZE_MIB << 20)) /dev/urandom >"$WORK/dup.bin"
+dd_mbs() { # SRC DST -> MB/s
+  local t0 t1
+  t0=$(date +%s.%N)
+  dd if="$1" of="$2" bs=1M conv=fsync status=none
+  t1=$(date +%s.%N)
+  awk -v b=$((SIZE_MIB << 20)) -v a="$t0" -v z="$t1" 'BEGIN {printf "%.1f", b / (z - a) / 1e6}'
+}
+echo
+echo "| data | mount | second copy MB/s (median of $RUNS) | vs off |"
+echo "|---|---|---|---|"
+declare -A D
+D=()
+for i in $(seq 1 "$RUNS"); do
+  for m in off on; do
+    dir=$WORK/$m
+    rm -f "$dir"/dup-*.bin
+    dd_mbs "$WORK/dup.bin" "$dir/dup-a.bin" >/dev/null
+    D[$m]+="$(dd_mbs "$WORK/dup.bin" "$dir/dup-b.bin") "
+    cmp "$WORK/dup.bin" "$dir/dup-b.bin" || { echo "dup-b through $m differs" >&2; exit 1; }
+    rm -f "$dir"/dup-*.bin
+  done
+done
+doff=$(echo ${D[off]} | tr ' ' '\n' | median)
+for m in off on; do
+  d=$(echo ${D[$m]} | tr ' ' '\n' | median)
+  echo "| duplicated (${SIZE_MIB} MiB random, written twice) | $m | $d | $(ratio "$d" "$doff") |"
+done
+echo "duplicated runs: off [${D[off]}] on [${D[on]}]" >&2

@@ -604,6 +604,7 @@ mod tests {
             entries: 0,
             acl: None,
             compression: None,
+            dedupe: None,
         }
     }
 

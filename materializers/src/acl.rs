@@ -237,6 +237,7 @@ mod tests {
             entries: 0,
             acl: None,
             compression: None,
+            dedupe: None,
         }
     }
 

@@ -166,6 +166,7 @@ fn scan_bench(path: &Path, files: u64) -> anyhow::Result<(u64, f64)> {
                 entries: 0,
                 acl: None,
                 compression: None,
+                dedupe: None,
             };
             kvs.push((keys::inode(ino), cfs_materializers::store::encode(&i)));
         }

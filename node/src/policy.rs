@@ -1,59 +1,109 @@
 //! `cfs admin policy`: a subtree's data policy, set on a directory of a
 //! mount and inherited by what is created in it from then on (as Lustre's
-//! `lfs setstripe` sets a directory's layout). Today the policy is how
-//! stripes are compressed (docs/decisions.md D49), kept in the
-//! `trusted.claudefs.compress` extended attribute, which the namespace
-//! validates (a value that does not parse is refused with EINVAL and
-//! changes nothing) and copies to new children.
+//! `lfs setstripe` sets a directory's layout): how stripes are compressed
+//! (docs/decisions.md D49, the `trusted.claudefs.compress` extended
+//! attribute) and whether they are deduplicated (D50,
+//! `trusted.claudefs.dedupe`). The namespace validates both (a value that
+//! does not parse is refused with EINVAL and changes nothing) and copies
+//! them to new children.
 
 use std::path::Path;
 
 use anyhow::{bail, Context};
-use cfs_proto::types::{Compression, COMPRESS_XATTR};
+use cfs_proto::types::{on_off, parse_on_off, Compression, COMPRESS_XATTR, DEDUPE_XATTR};
 
-fn name() -> &'static std::ffi::OsStr {
+fn os(name: &[u8]) -> &std::ffi::OsStr {
     use std::os::unix::ffi::OsStrExt;
-    std::ffi::OsStr::from_bytes(COMPRESS_XATTR)
+    std::ffi::OsStr::from_bytes(name)
 }
 
-/// Sets `path`'s compression policy (root only: a `trusted.` attribute).
-pub fn set(path: &Path, c: Compression) -> anyhow::Result<()> {
+/// A subtree's policy; `None` fields: the writing mount's setting.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Policy {
+    pub compress: Option<Compression>,
+    pub dedupe: Option<bool>,
+}
+
+impl std::fmt::Display for Policy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.compress {
+            Some(c) => write!(f, "compress {c}")?,
+            None => f.write_str("compress (mount default)")?,
+        }
+        match self.dedupe {
+            Some(d) => write!(f, ", dedupe {}", on_off(d)),
+            None => f.write_str(", dedupe (mount default)"),
+        }
+    }
+}
+
+/// Sets the parts of `path`'s policy that `p` names (root only: `trusted.`
+/// attributes); the others stay as they are.
+pub fn set(path: &Path, p: Policy) -> anyhow::Result<()> {
     if !path.is_dir() {
         bail!(
             "{}: not a directory (a policy is set on a directory and inherited by what is created in it)",
             path.display()
         );
     }
-    xattr::set(path, name(), c.to_string().as_bytes()).with_context(|| {
+    if p == Policy::default() {
+        bail!("nothing to set: give --compress and/or --dedupe");
+    }
+    let what = |w: &str| {
         format!(
-            "setting the compression policy of {} (needs root, on a cfs mount)",
+            "setting the {w} policy of {} (needs root, on a cfs mount)",
             path.display()
         )
-    })
+    };
+    if let Some(c) = p.compress {
+        xattr::set(path, os(COMPRESS_XATTR), c.to_string().as_bytes())
+            .with_context(|| what("compression"))?;
+    }
+    if let Some(d) = p.dedupe {
+        xattr::set(path, os(DEDUPE_XATTR), on_off(d).as_bytes()).with_context(|| what("dedupe"))?;
+    }
+    Ok(())
 }
 
-/// `path`'s compression policy; `None`: the writing mount's `--compress`.
-pub fn get(path: &Path) -> anyhow::Result<Option<Compression>> {
-    let v = xattr::get(path, name())
-        .with_context(|| format!("reading the policy of {}", path.display()))?;
-    match v {
-        None => Ok(None),
-        Some(b) => {
-            let s = String::from_utf8_lossy(&b);
-            s.trim()
+/// `path`'s policy.
+pub fn get(path: &Path) -> anyhow::Result<Policy> {
+    let read = |name: &[u8]| {
+        xattr::get(path, os(name))
+            .with_context(|| format!("reading the policy of {}", path.display()))
+    };
+    let compress = match read(COMPRESS_XATTR)? {
+        None => None,
+        Some(b) => Some(
+            String::from_utf8_lossy(&b)
+                .trim()
                 .parse()
-                .map(Some)
-                .map_err(|e: String| anyhow::anyhow!("{}: {e}", path.display()))
-        }
-    }
+                .map_err(|e: String| anyhow::anyhow!("{}: {e}", path.display()))?,
+        ),
+    };
+    let dedupe = match read(DEDUPE_XATTR)? {
+        None => None,
+        Some(b) => Some(parse_on_off(&b).ok_or_else(|| {
+            anyhow::anyhow!(
+                "{}: dedupe policy {:?} is not on/off",
+                path.display(),
+                String::from_utf8_lossy(&b)
+            )
+        })?),
+    };
+    Ok(Policy { compress, dedupe })
 }
 
 /// Removes `path`'s policy: files created in it from then on take the
-/// writing mount's `--compress`.
+/// writing mount's `--compress` and `--dedupe`.
 pub fn clear(path: &Path) -> anyhow::Result<()> {
-    match xattr::remove(path, name()) {
-        Ok(()) => Ok(()),
-        Err(e) if e.raw_os_error() == Some(libc::ENODATA) => Ok(()),
-        Err(e) => Err(e).with_context(|| format!("clearing the policy of {}", path.display())),
+    for name in [COMPRESS_XATTR, DEDUPE_XATTR] {
+        match xattr::remove(path, os(name)) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENODATA) => {}
+            Err(e) => {
+                return Err(e).with_context(|| format!("clearing the policy of {}", path.display()))
+            }
+        }
     }
+    Ok(())
 }

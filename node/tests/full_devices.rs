@@ -57,13 +57,14 @@ fn full_devices_give_enospc() {
     );
     std::fs::write(m.path.join("small"), b"fits").unwrap();
     use std::io::Write;
-    // Incompressible bytes: the mount compresses what it can (D49), and
-    // these must take their full size on the devices.
-    let big = common::noise(7, 1 << 20);
+    // Incompressible and distinct bytes: the mount compresses what it can
+    // (D49) and stores repeated chunks once (D50), and these must take
+    // their full size on the devices.
+    let big = common::noise(7, 64 << 20);
     let r = (|| -> std::io::Result<()> {
         let mut f = std::fs::File::create(m.path.join("big"))?;
-        for _ in 0..64 {
-            f.write_all(&big)?;
+        for part in big.chunks(1 << 20) {
+            f.write_all(part)?;
         }
         f.sync_all()
     })();

@@ -447,3 +447,54 @@ fn a_bad_dedupe_option_is_refused_before_mounting() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("expected `on` or `off`"), "{err}");
 }
+
+/// A subtree's dedupe policy (`cfs admin policy set DIR --dedupe off`)
+/// wins over the mount's `--dedupe on` for what is created in it; a bad
+/// value is refused and changes nothing; `get` shows both parts.
+#[test]
+fn a_subtree_dedupe_policy_wins_over_the_mount() {
+    let c = Cluster::start("dedupe-policy");
+    let m = mount(&c, "mnt", &[]);
+    let url = url_file(&c, "mnt");
+    let found = || fuse::mount_counter(&url, "claudefs_fuse_dedupe_bytes_total{result=\"found\"}");
+    let n = noise(9, 8 * MIB);
+    std::fs::write(m.path.join("first"), &n).unwrap();
+    let dir = m.path.join("scratch");
+    std::fs::create_dir(&dir).unwrap();
+    let d = dir.to_str().unwrap();
+    let out = admin_policy(&["set", d, "--dedupe", "off"]);
+    assert!(out.status.success(), "{out:?}");
+    let out = admin_policy(&["get", d]);
+    let shown = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        shown.contains("dedupe off") && shown.contains("compress (mount default)"),
+        "{shown}"
+    );
+    // In the subtree: written again, though the mount dedupes.
+    let before = found();
+    let inside = stored_for(&c, &dir.join("copy"), &n);
+    assert_eq!(found(), before, "deduplicated under --dedupe off");
+    assert!(inside >= (n.len() as u64) * 3 / 2, "stored {inside}");
+    // Outside: the mount's default finds the bytes.
+    std::fs::write(m.path.join("second"), &n).unwrap();
+    assert!(found() >= before + (n.len() - MIB) as u64);
+    // A bad value: EINVAL, the policy unchanged; the CLI refuses it too.
+    let bad = xattr::set(&dir, "trusted.claudefs.dedupe", b"sometimes");
+    assert_eq!(bad.unwrap_err().raw_os_error(), Some(libc::EINVAL));
+    let out = admin_policy(&["set", d, "--dedupe", "maybe"]);
+    assert!(!out.status.success());
+    let out = admin_policy(&["set", d]);
+    assert!(
+        !out.status.success(),
+        "a policy with nothing to set accepted"
+    );
+    let out = admin_policy(&["get", d]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("dedupe off"));
+    reads_back(&dir.join("copy"), &n);
+    let out = admin_policy(&["clear", d]);
+    assert!(out.status.success(), "{out:?}");
+    let out = admin_policy(&["get", d]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("dedupe (mount default)"));
+    drop(m);
+    c.fsck_clean();
+}

@@ -139,6 +139,10 @@ pub struct Inode {
     /// directory through [`COMPRESS_XATTR`], inherited by what is created
     /// in it); `None`: as the writing mount's `--compress` says.
     pub compression: Option<Compression>,
+    /// Whether this file's stripes are deduplicated, when a policy says
+    /// so (set on a directory through [`DEDUPE_XATTR`], inherited like
+    /// `compression`); `None`: as the writing mount's `--dedupe` says.
+    pub dedupe: Option<bool>,
 }
 
 /// The extended attribute that holds a subtree's compression policy
@@ -146,6 +150,29 @@ pub struct Inode {
 /// directory, it is copied to everything created in it from then on
 /// (`cfs admin policy set PATH --compress zstd:N`).
 pub const COMPRESS_XATTR: &[u8] = b"trusted.claudefs.compress";
+
+/// The extended attribute that holds a subtree's dedupe policy (`on` or
+/// `off`), kept and inherited as [`COMPRESS_XATTR`] is
+/// (`cfs admin policy set PATH --dedupe on|off`).
+pub const DEDUPE_XATTR: &[u8] = b"trusted.claudefs.dedupe";
+
+/// An `on`/`off` policy value (surrounding white space ignored).
+pub fn parse_on_off(v: &[u8]) -> Option<bool> {
+    match std::str::from_utf8(v).ok()?.trim() {
+        "on" => Some(true),
+        "off" => Some(false),
+        _ => None,
+    }
+}
+
+/// How an `on`/`off` policy value is stored.
+pub fn on_off(v: bool) -> &'static str {
+    if v {
+        "on"
+    } else {
+        "off"
+    }
+}
 
 /// One POSIX ACL entry, as the kernel's `system.posix_acl_*` xattrs carry
 /// it: a tag (`ACL_USER_OBJ` …), permission bits (`rwx`), and a uid or

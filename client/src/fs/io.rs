@@ -134,7 +134,8 @@ impl Shared {
     /// stripes landed in a segment sealed and found unreferenced before
     /// this commit, D48) writes the bytes again, into new stripes, up to
     /// [`REWRITES_MAX`] times. Stripes are stored as `packing` says (the
-    /// file's policy, else the mount's `--compress`).
+    /// file's policy, else the mount's `--compress`), deduplicated if
+    /// `dedupe` (likewise, `--dedupe`).
     pub(super) async fn commit_ranges(
         &self,
         ino: Ino,
@@ -142,12 +143,13 @@ impl Shared {
         ranges: &[(u64, Vec<u8>)],
         late: Option<LateAttrs>,
         packing: Compression,
+        dedupe: bool,
     ) -> Result<Option<Inode>, Errno> {
         let mut tries = 0;
         loop {
             // A rewrite stores the bytes anew: a chunk found stored may be
             // what is being freed.
-            let dedupe = self.opts.dedupe && tries == 0;
+            let dedupe = dedupe && tries == 0;
             match self
                 .commit_ranges_once(ino, writer, ranges, late.clone(), packing, dedupe)
                 .await
@@ -321,10 +323,11 @@ impl Shared {
         f.dirty_bytes = 0;
         let writer = f.writer.clone().unwrap_or_else(Creds::root);
         let packing = f.compression.unwrap_or(self.opts.compression);
+        let dedupe = f.dedupe.unwrap_or(self.opts.dedupe);
         let (sh, r2) = (self.clone(), ranges.clone());
         let h = tokio::spawn(async move {
             let r = sh
-                .commit_ranges(ino, &writer, &r2, None, packing)
+                .commit_ranges(ino, &writer, &r2, None, packing, dedupe)
                 .await
                 .map(|_| ());
             if r.is_err() {
@@ -349,8 +352,9 @@ impl Shared {
         let late = f.late.take();
         let writer = f.writer.clone().unwrap_or_else(Creds::root);
         let packing = f.compression.unwrap_or(self.opts.compression);
+        let dedupe = f.dedupe.unwrap_or(self.opts.dedupe);
         let committed = self
-            .commit_ranges(ino, &writer, &ranges, late.clone(), packing)
+            .commit_ranges(ino, &writer, &ranges, late.clone(), packing, dedupe)
             .await;
         if let Err(e) = committed {
             if e == Errno::EPERM || e == Errno::EACCES {

@@ -78,6 +78,8 @@ struct FileInner {
     /// The file's compression policy as last seen (its inode's, from a
     /// subtree policy); `None`: the mount's `--compress`.
     compression: Option<cfs_proto::types::Compression>,
+    /// The file's dedupe policy as last seen (likewise).
+    dedupe: Option<bool>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -112,6 +114,7 @@ impl FileInner {
     /// write and deferred setattr for `ttl`.
     fn opened_as(&mut self, i: &Inode, ttl: Duration) {
         self.compression = i.compression;
+        self.dedupe = i.dedupe;
         if self.dirty.is_empty() && self.inflight.is_none() && self.late.is_none() {
             self.size = Some(i.size);
             self.opened = Some((i.clone(), Instant::now() + ttl));

@@ -188,6 +188,17 @@ pub(super) fn setxattr(
         put_inode(t, &i);
         return Ok(Applied::Attr(i));
     }
+    if name == DEDUPE_XATTR {
+        let policy = parse_on_off(value).ok_or(Errno::EINVAL)?;
+        if i.is_symlink() {
+            return Err(Errno::EPERM.into());
+        }
+        i.dedupe = Some(policy);
+        t.put_raw(keys::xattr(ino, name), on_off(policy).as_bytes().to_vec());
+        i.ctime = now;
+        put_inode(t, &i);
+        return Ok(Applied::Attr(i));
+    }
     t.put_raw(keys::xattr(ino, name), value.to_vec());
     i.ctime = now;
     put_inode(t, &i);
@@ -212,6 +223,9 @@ pub(super) fn removexattr(
     t.delete(keys::xattr(ino, name));
     if name == COMPRESS_XATTR {
         i.compression = None;
+    }
+    if name == DEDUPE_XATTR {
+        i.dedupe = None;
     }
     i.ctime = now;
     put_inode(t, &i);

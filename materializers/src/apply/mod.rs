@@ -289,6 +289,7 @@ pub fn ensure_root(txn: &mut Txn<'_>, shard: ShardId) -> Result<(), DbError> {
         entries: 0,
         acl: None,
         compression: None,
+        dedupe: None,
     };
     txn.put(keys::inode(ROOT_INO), &root);
     txn.put(keys::next_ino(shard), &2u64);

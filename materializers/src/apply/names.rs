@@ -147,6 +147,7 @@ pub(super) fn create(
         acl: None,
         // A subtree's compression policy goes to what is made in it.
         compression: p.compression,
+        dedupe: p.dedupe,
     };
     let mut i = i;
     if let Some(d) = inherited {
@@ -162,6 +163,14 @@ pub(super) fn create(
         t.put_raw(keys::xattr(ino, COMPRESS_XATTR), c.to_string().into_bytes());
     } else {
         i.compression = None;
+    }
+    if let Some(d) = i.dedupe.filter(|_| kind != libc::S_IFLNK) {
+        t.put_raw(
+            keys::xattr(ino, DEDUPE_XATTR),
+            on_off(d).as_bytes().to_vec(),
+        );
+    } else {
+        i.dedupe = None;
     }
     if let Some(tg) = target {
         t.put_raw(keys::symlink(ino), tg.to_vec());

@@ -338,11 +338,15 @@ enum PolicyCmd {
         path: PathBuf,
         /// How new files' stripes are stored: `zstd:N` (1..=19) or `off`.
         #[arg(long)]
-        compress: cfs_proto::types::Compression,
+        compress: Option<cfs_proto::types::Compression>,
+        /// Whether new files' stripes are deduplicated: `on` or `off`.
+        #[arg(long, value_parser = on_off, action = clap::ArgAction::Set)]
+        dedupe: Option<bool>,
     },
     /// Print PATH's policy (`mount default`: none set).
     Get { path: PathBuf },
-    /// Remove PATH's policy (new files take the mount's `--compress`).
+    /// Remove PATH's policy (new files take the mount's `--compress` and
+    /// `--dedupe`).
     Clear { path: PathBuf },
 }
 
@@ -439,17 +443,20 @@ fn admin_cmd(c: AdminCmd) -> anyhow::Result<()> {
         AdminCmd::Find { index, pattern } => report(&index, "find", None, Some(&pattern), None)?,
         AdminCmd::Stale { index, days } => report(&index, "stale", None, None, Some(days))?,
         AdminCmd::Types { index } => report(&index, "types", None, None, None)?,
-        AdminCmd::Policy(PolicyCmd::Set { path, compress }) => {
-            cfs_node::policy::set(&path, compress)?;
-            println!("{}: compress {compress}", path.display());
+        AdminCmd::Policy(PolicyCmd::Set {
+            path,
+            compress,
+            dedupe,
+        }) => {
+            cfs_node::policy::set(&path, cfs_node::policy::Policy { compress, dedupe })?;
+            println!("{}: {}", path.display(), cfs_node::policy::get(&path)?);
         }
-        AdminCmd::Policy(PolicyCmd::Get { path }) => match cfs_node::policy::get(&path)? {
-            Some(c) => println!("{}: compress {c}", path.display()),
-            None => println!("{}: compress (mount default)", path.display()),
-        },
+        AdminCmd::Policy(PolicyCmd::Get { path }) => {
+            println!("{}: {}", path.display(), cfs_node::policy::get(&path)?)
+        }
         AdminCmd::Policy(PolicyCmd::Clear { path }) => {
             cfs_node::policy::clear(&path)?;
-            println!("{}: compress (mount default)", path.display());
+            println!("{}: {}", path.display(), cfs_node::policy::get(&path)?);
         }
         AdminCmd::ReductionReport { index } => {
             report(&index, "reduction-report", None, None, None)?
