@@ -20,8 +20,9 @@ pub enum Report {
 pub const DEPTH_MAX: usize = 64;
 /// What `reduction-report` says beside its rows.
 pub const REDUCTION_NOTE: &str = "mapped_bytes: file data mapped to extents; stored_bytes: what \
-it takes after compression (before erasure coding); saved_bytes: the difference. Dedupe is not \
-in ClaudeFS yet: nothing is saved by it.";
+it takes after compression (before erasure coding); saved_bytes: the difference. Both count \
+per file: a chunk shared by dedupe counts in every file naming it, so what dedupe saved is not \
+in saved_bytes (the mounts count it: claudefs_fuse_dedupe_bytes_total{result=\"found\"}).";
 
 fn quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))

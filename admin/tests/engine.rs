@@ -182,7 +182,11 @@ fn reports_and_the_seeds_glob_answer_from_the_index() {
     let red = e
         .report(&Report::parse("reduction-report", None, None, None, None).unwrap())
         .unwrap();
-    assert!(red.note.as_deref().unwrap().contains("Dedupe is not"));
+    assert!(red
+        .note
+        .as_deref()
+        .unwrap()
+        .contains("claudefs_fuse_dedupe_bytes_total"));
     let red = red.json_rows().unwrap();
     let proj = red
         .as_array()

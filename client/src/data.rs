@@ -418,14 +418,21 @@ impl DataPath {
                 self.stats.cache(Cache::Stripes, true);
                 v
             }
-            // A compressed stripe has no part readable alone.
-            None if e.is_packed() => self.stripe(e).await?,
+            // A stripe of one zstd frame has no part readable alone.
+            None if !e.reads_in_parts() => {
+                self.stats.stripe_read(false);
+                self.stripe(e).await?
+            }
             None => {
                 self.stats.segment_requests(1);
                 match self.reader.read_range(e, offset as u32, len as u32).await {
-                    Ok(d) => return Ok(d),
+                    Ok(d) => {
+                        self.stats.stripe_read(true);
+                        return Ok(d);
+                    }
                     Err(err) => {
                         debug!(segment = %e.segment, stripe = e.stripe, "partial read, reading the stripe: {err}");
+                        self.stats.stripe_read(false);
                         self.stripe(e).await?
                     }
                 }

@@ -118,6 +118,8 @@ pub struct MountStats {
     /// Stripes whose bytes did not match the chunk id they were written
     /// as (refused, never served).
     chunk_mismatches: IntCounter,
+    /// Stripe reads that missed the stripe cache: `[part, whole]`.
+    stripe_reads: Vec<IntCounter>,
     hits: Vec<IntCounter>,
     misses: Vec<IntCounter>,
     evictions: Vec<IntCounter>,
@@ -236,6 +238,18 @@ impl Default for MountStats {
                     .map(|p| v.with_label_values(&[p]))
                     .collect()
             },
+            stripe_reads: {
+                let v = m::counter_vec(
+                    &reg,
+                    "claudefs_fuse_stripe_reads_total",
+                    "Small random reads that missed the stripe cache, by whether only the part asked was fetched (part: a plain stripe's groups or a compressed stripe's frames) or the whole stripe was read and decoded (whole).",
+                    &["how"],
+                );
+                ["part", "whole"]
+                    .iter()
+                    .map(|p| v.with_label_values(&[p]))
+                    .collect()
+            },
             chunk_mismatches: m::counter(
                 &reg,
                 "claudefs_fuse_chunk_mismatches_total",
@@ -327,6 +341,12 @@ impl MountStats {
         let i = usize::from(found);
         self.dedupe_chunks[i].inc();
         self.dedupe_bytes[i].inc_by(len);
+    }
+
+    /// A read that missed the stripe cache, served from only the part
+    /// asked (`part`) or by reading the whole stripe.
+    pub fn stripe_read(&self, part: bool) {
+        self.stripe_reads[usize::from(!part)].inc();
     }
 
     pub fn chunk_mismatch(&self) {

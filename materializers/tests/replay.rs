@@ -566,14 +566,17 @@ fn pieces_follow_writes_truncates_and_punches() {
                     nodes: vec![1, 2, 3],
                     stripe: step,
                     data_len: (skip + len) as u32,
-                    // Every other stripe compressed: the inode's stored
-                    // bytes are then shares of the stored lengths.
-                    packing: if step % 2 == 0 {
-                        cfs_proto::types::Packing::Zstd {
+                    // Every other stripe compressed (one frame, or
+                    // frames): the inode's stored bytes are then shares
+                    // of the stored lengths.
+                    packing: match step % 4 {
+                        0 => cfs_proto::types::Packing::Zstd {
                             stored_len: ((skip + len) / 3 + 1) as u32,
-                        }
-                    } else {
-                        cfs_proto::types::Packing::Plain
+                        },
+                        2 => cfs_proto::types::Packing::Frames {
+                            ends: vec![((skip + len) / 5 + 1) as u32],
+                        },
+                        _ => cfs_proto::types::Packing::Plain,
                     },
                     fragment_len: 4096,
                     checksums: vec![],

@@ -2,7 +2,8 @@
 //! (docs/decisions.md D49): a mount compresses by default, stores
 //! compressible files in a fraction of their size and incompressible
 //! ones as they are, and every byte reads back exactly, whole or in
-//! parts, from the writing mount and from another one, after in-place
+//! parts (a small read decompressing only the frames covering it), from
+//! the writing mount and from another one, after in-place
 //! rewrites, a copy by reference and compaction; `--compress off`
 //! stores bytes as they are; a bad `--compress` is refused.
 //!
@@ -181,6 +182,27 @@ fn compressible_data_is_stored_compressed_and_reads_back_exactly() {
     assert!(out.status.success(), "{out:?}");
     fuse::drop_kernel_caches();
     let other = mount(&c, "other", &[]);
+    // Small reads at random places of the compressed text, from a mount
+    // with nothing cached: each fetches and decompresses only the 64 KiB
+    // frames covering it (D49), not the whole stripe.
+    {
+        let f = std::fs::File::open(other.path.join("text")).unwrap();
+        let asked = 24;
+        for i in (0..asked).rev() {
+            let at = i * MIB + 12_345 + i * 7_777;
+            let mut b = vec![0u8; 4096];
+            f.read_exact_at(&mut b, at as u64).unwrap();
+            assert!(b == t2[at..at + 4096], "4 KiB at {at} differ");
+        }
+        let url = url_file(&c, "other");
+        let part = fuse::mount_counter(&url, "claudefs_fuse_stripe_reads_total{how=\"part\"}");
+        let whole = fuse::mount_counter(&url, "claudefs_fuse_stripe_reads_total{how=\"whole\"}");
+        eprintln!("{asked} random 4 KiB reads: {part} served from frames, {whole} read whole");
+        assert!(
+            part >= asked as u64 && whole == 0,
+            "{part} part, {whole} whole reads"
+        );
+    }
     reads_back(&other.path.join("text"), &t2);
     reads_back(&other.path.join("text-copy"), &t2);
     reads_back(&other.path.join("noise"), &n);

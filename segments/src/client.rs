@@ -29,6 +29,7 @@ use crate::proto::{
 };
 use crate::store::{FragmentInfo, StoreError};
 pub use cfs_stripe::Compression;
+use cfs_stripe::Packing;
 
 /// How long one request may take before the server is treated as down.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
@@ -765,13 +766,49 @@ impl StripeReader {
         Err(first_err.expect("at least one candidate"))
     }
 
-    /// Reads `len` bytes at `offset` of one extent's data from the one
-    /// data fragment holding them, fetching only the 16 KiB groups that
-    /// cover them and verifying them against the extent's checksum
-    /// (`proof`). Errors (a range across fragments, a missing or bad
-    /// fragment, a node down) are for the caller to fall back to
-    /// [`StripeReader::read`], which reconstructs.
+    /// `len` file bytes at `offset` of a stripe without reading the whole:
+    /// for plain bytes, the verified groups of the data fragments
+    /// holding them; for framed compressed bytes (D49), those of the
+    /// frames covering them, decompressed. An error when that is not
+    /// possible (a data fragment missing or bad, a single zstd frame): the
+    /// caller reads the whole stripe.
     pub async fn read_range(
+        &self,
+        e: &Extent,
+        offset: u32,
+        len: u32,
+    ) -> Result<Vec<u8>, ClientError> {
+        let unreadable = |reason: String| ClientError::Unreadable {
+            segment: e.segment,
+            stripe: e.stripe,
+            reason,
+        };
+        if !e.reads_in_parts() {
+            return Err(unreadable(
+                "a stripe of one zstd frame is read whole".into(),
+            ));
+        }
+        let Packing::Frames { ends } = &e.packing else {
+            return self.read_stored_range(e, offset, len).await;
+        };
+        let span = e.frame_span(offset, len).ok_or_else(|| {
+            unreadable(format!("range {offset}+{len} outside the stripe's frames"))
+        })?;
+        let stored = self
+            .read_stored_range(e, span.stored.start, span.stored.end - span.stored.start)
+            .await?;
+        let data = crate::pack::unpack_frames(&stored, ends, span.frames, e.data_len as usize)
+            .map_err(|err| unreadable(err.to_string()))?;
+        let from = (offset - span.file_start) as usize;
+        data.get(from..from + len as usize)
+            .map(<[u8]>::to_vec)
+            .ok_or_else(|| unreadable("frames shorter than the range".into()))
+    }
+
+    /// `len` stored bytes at `offset` of a stripe's stored form, from the
+    /// verified groups of the data fragments holding them (fetched in
+    /// parallel when the range crosses from one into the next).
+    async fn read_stored_range(
         &self,
         e: &Extent,
         offset: u32,
@@ -784,16 +821,48 @@ impl StripeReader {
             stripe: e.stripe,
             reason,
         };
-        if e.is_packed() {
-            return Err(unreadable("a compressed stripe is read whole".into()));
-        }
-        if n == 0 || flen == 0 || off + n > e.data_len as u64 {
+        if n == 0 || flen == 0 || off + n > e.stored_len() as u64 {
             return Err(unreadable(format!("range {off}+{n} outside the stripe")));
         }
-        let i = (off / flen) as usize;
-        let at = off - i as u64 * flen;
+        let first = off / flen;
+        let last = (off + n - 1) / flen;
+        if last >= e.layout.k as u64 {
+            return Err(unreadable("range past the data fragments".into()));
+        }
+        // Each fragment's part of the range: (fragment, offset in it, len).
+        let parts = (first..=last).map(|i| {
+            let from = off.max(i * flen);
+            let to = (off + n).min((i + 1) * flen);
+            (i as usize, (from - i * flen) as u32, (to - from) as u32)
+        });
+        let got = join_all(parts.map(|(i, at, len)| self.read_fragment_part(e, i, at, len))).await;
+        let mut out = Vec::with_capacity(n as usize);
+        for part in got {
+            out.extend_from_slice(&part?);
+        }
+        Ok(out)
+    }
+
+    /// `len` bytes at `at` of data fragment `i` of a stripe, from its
+    /// verified groups.
+    async fn read_fragment_part(
+        &self,
+        e: &Extent,
+        i: usize,
+        at: u32,
+        len: u32,
+    ) -> Result<Vec<u8>, ClientError> {
+        let flen = e.fragment_len as u64;
+        let (at, n) = (at as u64, len as u64);
+        let unreadable = |reason: String| ClientError::Unreadable {
+            segment: e.segment,
+            stripe: e.stripe,
+            reason,
+        };
         if at + n > flen || i >= e.layout.k as usize || e.missing.contains(&(i as u8)) {
-            return Err(unreadable("range not in one durable data fragment".into()));
+            return Err(unreadable(format!(
+                "fragment {i} is not a durable data fragment"
+            )));
         }
         let node = *e.nodes.get(i).ok_or_else(|| unreadable("no node".into()))?;
         let sum = e
@@ -878,7 +947,7 @@ impl StripeReader {
         let stored = codec
             .decode(frags, e.stored_len() as usize)
             .map_err(|err| unreadable(err.to_string()))?;
-        let data = crate::pack::unpack(stored, e.packing, e.data_len as usize)
+        let data = crate::pack::unpack(stored, &e.packing, e.data_len as usize)
             .map_err(|err| unreadable(err.to_string()))?;
         Ok(ReadOutcome { data, bad })
     }

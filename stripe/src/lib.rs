@@ -75,31 +75,78 @@ impl std::fmt::Debug for ChunkId {
     }
 }
 
-/// How a stripe's file bytes are stored: as they are, or compressed as
-/// one zstd frame (docs/decisions.md D49). The fragments' checksums cover
-/// the stored bytes.
-#[derive(Copy, Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// How a stripe's file bytes are stored: as they are, or compressed
+/// (docs/decisions.md D49). The fragments' checksums cover the stored
+/// bytes.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Packing {
     #[default]
     Plain,
     /// One zstd frame of `stored_len` bytes that decompresses to exactly
-    /// the extent's `data_len`.
+    /// the extent's `data_len` (read whole only).
     Zstd { stored_len: u32 },
+    /// Independent zstd frames of [`FRAME_BYTES`] file bytes each (the
+    /// last may be shorter), stored one after another; frame `i`'s stored
+    /// bytes end at `ends[i]` (the last end is the stored length). A part
+    /// of the stripe is read by fetching and decompressing only the
+    /// frames that cover it.
+    Frames { ends: Vec<u32> },
+}
+
+/// File bytes per frame of [`Packing::Frames`].
+pub const FRAME_BYTES: u32 = 64 << 10;
+
+/// The frames of a [`Packing::Frames`] stripe covering a part of its file
+/// bytes: the stored bytes to fetch, the frames they hold and the file
+/// offset the first of them starts at.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FrameSpan {
+    pub stored: std::ops::Range<u32>,
+    pub frames: std::ops::Range<usize>,
+    pub file_start: u32,
 }
 
 impl Extent {
     /// Bytes erasure-coded into the fragments: the stored form.
     pub fn stored_len(&self) -> u32 {
-        match self.packing {
+        match &self.packing {
             Packing::Plain => self.data_len,
-            Packing::Zstd { stored_len } => stored_len,
+            Packing::Zstd { stored_len } => *stored_len,
+            Packing::Frames { ends } => ends.last().copied().unwrap_or(0),
         }
     }
 
-    /// Whether the stored bytes are not the file bytes themselves (a part
-    /// of the stripe cannot be read alone).
+    /// Whether the stored bytes are not the file bytes themselves.
     pub fn is_packed(&self) -> bool {
         self.packing != Packing::Plain
+    }
+
+    /// Whether a part of the stripe can be read without the whole (plain
+    /// bytes, or independent frames).
+    pub fn reads_in_parts(&self) -> bool {
+        !matches!(self.packing, Packing::Zstd { .. })
+    }
+
+    /// The frames covering file bytes `[offset, offset + len)` of a
+    /// framed stripe; `None` for other packings, an empty or out-of-range
+    /// part, or frame ends that do not fit the stripe.
+    pub fn frame_span(&self, offset: u32, len: u32) -> Option<FrameSpan> {
+        let Packing::Frames { ends } = &self.packing else {
+            return None;
+        };
+        let end = offset.checked_add(len)?;
+        if len == 0 || end > self.data_len {
+            return None;
+        }
+        let first = (offset / FRAME_BYTES) as usize;
+        let last = ((end - 1) / FRAME_BYTES) as usize;
+        let start = if first == 0 { 0 } else { *ends.get(first - 1)? };
+        let stop = *ends.get(last)?;
+        (start <= stop).then_some(FrameSpan {
+            stored: start..stop,
+            frames: first..last + 1,
+            file_start: first as u32 * FRAME_BYTES,
+        })
     }
 
     /// The stored bytes that `len` of the stripe's file bytes account for
@@ -108,9 +155,9 @@ impl Extent {
     pub fn stored_share(&self, len: u64) -> u64 {
         match self.packing {
             Packing::Plain => len,
-            Packing::Zstd { stored_len } => {
+            _ => {
                 let d = u128::from(self.data_len.max(1));
-                (u128::from(len) * u128::from(stored_len) / d) as u64
+                (u128::from(len) * u128::from(self.stored_len()) / d) as u64
             }
         }
     }
@@ -182,6 +229,67 @@ mod tests {
         for bad in ["", "zstd:0", "zstd:20", "zstd:-1", "lz4", "zstd:x", "zstd:"] {
             assert!(bad.parse::<Compression>().is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn frame_spans_cover_the_asked_bytes() {
+        let f = FRAME_BYTES;
+        let e = Extent {
+            segment: SegmentId(1),
+            layout: Layout { k: 2, m: 1 },
+            nodes: vec![1, 2, 3],
+            stripe: 0,
+            data_len: 3 * f + 100,
+            packing: Packing::Frames {
+                ends: vec![1000, 1500, 4000, 4010],
+            },
+            fragment_len: 4096,
+            checksums: vec![],
+            missing: vec![],
+            chunk: None,
+        };
+        assert_eq!(e.stored_len(), 4010);
+        assert!(e.reads_in_parts());
+        let span = |o, l| e.frame_span(o, l);
+        assert_eq!(
+            span(0, 10),
+            Some(FrameSpan {
+                stored: 0..1000,
+                frames: 0..1,
+                file_start: 0
+            })
+        );
+        assert_eq!(
+            span(f - 1, 2),
+            Some(FrameSpan {
+                stored: 0..1500,
+                frames: 0..2,
+                file_start: 0
+            })
+        );
+        assert_eq!(
+            span(3 * f, 100),
+            Some(FrameSpan {
+                stored: 4000..4010,
+                frames: 3..4,
+                file_start: 3 * f
+            })
+        );
+        assert_eq!(span(3 * f, 101), None, "past the stripe");
+        assert_eq!(span(5, 0), None);
+        assert_eq!(span(u32::MAX, 2), None);
+        // Ends that name fewer frames than the stripe holds.
+        let short = Extent {
+            packing: Packing::Frames { ends: vec![10] },
+            ..e.clone()
+        };
+        assert_eq!(short.frame_span(2 * f, 1), None);
+        let one = Extent {
+            packing: Packing::Zstd { stored_len: 7 },
+            ..e
+        };
+        assert!(!one.reads_in_parts());
+        assert_eq!(one.frame_span(0, 1), None);
     }
 
     #[test]
