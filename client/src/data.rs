@@ -6,7 +6,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use crate::dedupe::ChunkKey;
+use crate::dedupe::{ChunkKey, RecentChunks};
 use crate::stats::{Cache, MountStats};
 use cfs_proto::types::{Backing, ChunkId, Compression, Errno, ExtentRef};
 use cfs_segments::client::{ClientError, Extent, SegmentClient, StripeReader, StripeWriter};
@@ -75,6 +75,7 @@ pub struct DataPath {
     fetching: AsyncMutex<HashMap<StripeKey, Arc<AsyncMutex<()>>>>,
     stats: Arc<MountStats>,
     chunk_key: ChunkKey,
+    recent: Mutex<RecentChunks>,
 }
 
 /// One content-defined chunk of a flush (D50).
@@ -145,6 +146,7 @@ impl DataPath {
             fetching: AsyncMutex::new(HashMap::new()),
             stats,
             chunk_key: ChunkKey::for_cluster(cluster_id),
+            recent: Mutex::new(RecentChunks::default()),
         })
     }
 
@@ -237,6 +239,15 @@ impl DataPath {
 
     /// The content-defined chunks of `ranges`, each at most one stripe,
     /// with their ids (D50).
+    /// The stripe this mount lately wrote or referenced for chunk `id`.
+    pub fn recent_chunk(&self, id: &ChunkId) -> Option<Extent> {
+        self.recent
+            .lock()
+            .expect("recent chunks lock")
+            .get(id)
+            .cloned()
+    }
+
     pub fn plan_chunks(&self, ranges: &[(u64, &[u8])]) -> Vec<PlannedChunk> {
         let max = FRAGMENT_BYTES * self.layout.k as usize;
         let mut out = Vec::new();
@@ -330,6 +341,13 @@ impl DataPath {
                 backing: Backing::Stripe(e),
             });
         }
+        let mut recent = self.recent.lock().expect("recent chunks lock");
+        for r in out.iter().flatten() {
+            if let Backing::Stripe(e) = &r.backing {
+                recent.remember(e);
+            }
+        }
+        drop(recent);
         out.into_iter().map(|r| r.ok_or(Errno::EIO)).collect()
     }
 

@@ -48,6 +48,50 @@ pub fn cut(data: &[u8], max: usize) -> Vec<Range<usize>> {
         .collect()
 }
 
+/// Chunks this mount wrote or referenced lately, at most.
+pub const RECENT_CHUNKS_MAX: usize = 8192;
+
+/// The stripes of the chunks this mount wrote or referenced lately, so
+/// that writing them again does not depend on the cluster's index having
+/// applied them yet (a change may be answered before it is decided, D30,
+/// and the index is read from decided entries). Oldest out first. A
+/// stripe remembered here may have been freed since: the commit then
+/// fails with `FREED_DATA` and the bytes are written again, as for any
+/// chunk found.
+#[derive(Default)]
+pub struct RecentChunks {
+    map: std::collections::HashMap<ChunkId, cfs_proto::types::Extent>,
+    order: std::collections::VecDeque<ChunkId>,
+}
+
+impl RecentChunks {
+    pub fn get(&self, id: &ChunkId) -> Option<&cfs_proto::types::Extent> {
+        self.map.get(id)
+    }
+
+    /// Remembers `e` as the stripe of its chunk (stripes without one are
+    /// ignored).
+    pub fn remember(&mut self, e: &cfs_proto::types::Extent) {
+        let Some(id) = e.chunk else { return };
+        if self.map.insert(id, e.clone()).is_none() {
+            self.order.push_back(id);
+        }
+        while self.order.len() > RECENT_CHUNKS_MAX {
+            if let Some(old) = self.order.pop_front() {
+                self.map.remove(&old);
+            }
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -61,6 +105,36 @@ mod tests {
                 seed as u8
             })
             .collect()
+    }
+
+    #[test]
+    fn recent_chunks_keep_the_newest_and_only_named_stripes() {
+        let stripe = |n: u64, chunk: Option<ChunkId>| cfs_proto::types::Extent {
+            segment: cfs_proto::types::SegmentId(u128::from(n)),
+            layout: cfs_segments::layout::Layout { k: 2, m: 1 },
+            nodes: vec![1, 2, 3],
+            stripe: 0,
+            data_len: 100,
+            packing: cfs_proto::types::Packing::Plain,
+            fragment_len: 50,
+            checksums: vec![],
+            missing: vec![],
+            chunk,
+        };
+        let id = |n: u64| ChunkId(*blake3::hash(&n.to_le_bytes()).as_bytes());
+        let mut r = RecentChunks::default();
+        r.remember(&stripe(0, None));
+        assert!(r.is_empty(), "a stripe without a chunk remembered");
+        for n in 0..(RECENT_CHUNKS_MAX as u64 + 10) {
+            r.remember(&stripe(n, Some(id(n))));
+        }
+        // Remembered again: not counted twice, the newer stripe kept.
+        r.remember(&stripe(999_999, Some(id(RECENT_CHUNKS_MAX as u64 + 9))));
+        assert_eq!(r.len(), RECENT_CHUNKS_MAX);
+        assert!(r.get(&id(9)).is_none(), "the oldest outlived the bound");
+        assert_eq!(r.get(&id(10)).unwrap().segment.0, 10);
+        let last = r.get(&id(RECENT_CHUNKS_MAX as u64 + 9)).unwrap();
+        assert_eq!(last.segment.0, 999_999);
     }
 
     #[test]

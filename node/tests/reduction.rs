@@ -499,7 +499,13 @@ fn a_subtree_dedupe_policy_wins_over_the_mount() {
     assert!(inside >= (n.len() as u64) * 3 / 2, "stored {inside}");
     // Outside: the mount's default finds the bytes.
     std::fs::write(m.path.join("second"), &n).unwrap();
-    assert!(found() >= before + (n.len() - MIB) as u64);
+    assert!(
+        found() >= before + (n.len() - MIB) as u64,
+        "found {} bytes of {} (before {before}); mount log: {}",
+        found(),
+        n.len(),
+        std::fs::read_to_string(c.dir.join("mnt.log")).unwrap_or_default()
+    );
     // A bad value: EINVAL, the policy unchanged; the CLI refuses it too.
     let bad = xattr::set(&dir, "trusted.claudefs.dedupe", b"sometimes");
     assert_eq!(bad.unwrap_err().raw_os_error(), Some(libc::EINVAL));

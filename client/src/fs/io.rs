@@ -240,22 +240,38 @@ impl Shared {
     }
 
     /// Writes `ranges` as content-defined chunks, referencing those the
-    /// cluster already stores instead of writing them (D50). A failed
-    /// lookup only costs the dedupe: every chunk is written.
+    /// cluster already stores instead of writing them (D50): those this
+    /// mount wrote or referenced lately (`RecentChunks`), then those the
+    /// cluster's index knows. A failed lookup only costs the dedupe: the
+    /// chunks asked are written.
     async fn write_deduplicated(
         &self,
         ranges: &[(u64, &[u8])],
         packing: Compression,
     ) -> Result<Vec<ExtentRef>, Errno> {
         let plan = self.data.plan_chunks(ranges);
-        let mut found = Vec::with_capacity(plan.len());
-        for part in plan.chunks(FIND_CHUNKS_MAX) {
-            let ids = part.iter().map(|c| c.id).collect();
+        // What this mount wrote lately first (the cluster's index may not
+        // have applied it yet), then the cluster for the rest.
+        let mut found: Vec<Option<_>> =
+            plan.iter().map(|c| self.data.recent_chunk(&c.id)).collect();
+        let ask: Vec<usize> = (0..plan.len()).filter(|i| found[*i].is_none()).collect();
+        for part in ask.chunks(FIND_CHUNKS_MAX) {
+            let ids = part.iter().map(|i| plan[*i].id).collect();
             match self.meta.rpc(FindChunks { ids }, false).await {
-                Ok(f) if f.len() == part.len() => found.extend(f),
-                Ok(_) | Err(_) => {
-                    tracing::debug!("chunk lookup failed: writing every chunk");
-                    found.extend(std::iter::repeat_n(None, part.len()));
+                Ok(f) if f.len() == part.len() => {
+                    for (i, x) in part.iter().zip(f) {
+                        found[*i] = x;
+                    }
+                }
+                Ok(f) => {
+                    tracing::warn!(
+                        asked = part.len(),
+                        answered = f.len(),
+                        "chunk lookup answered wrongly: writing those chunks"
+                    );
+                }
+                Err(errno) => {
+                    tracing::warn!(%errno, "chunk lookup failed: writing those chunks");
                 }
             }
         }
