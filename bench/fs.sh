@@ -85,8 +85,10 @@ fio_run() {
   j() { python3 -c "import json,sys; d=json.load(sys.stdin)['jobs'][0]; print($1)"; }
   # Fresh bytes for every block (--refill_buffers): fio otherwise writes
   # one buffer over and over, which a deduplicating store (cfs, D50)
-  # keeps once, measuring dedupe rather than the data path.
-  out=$(fio --name=seqw --rw=write --bs=1M --end_fsync=1 --refill_buffers "${common[@]}")
+  # keeps once, measuring dedupe rather than the data path), different in
+  # every run (--randrepeat=0: fio's fixed seed writes the same bytes
+  # each time, found again by dedupe).
+  out=$(fio --name=seqw --rw=write --bs=1M --end_fsync=1 --refill_buffers --randrepeat=0 "${common[@]}")
   echo "fio_seq_write $(echo "$out" | j "round(d['write']['bw_bytes']/1e6,1)") MB/s"
   sync; echo 3 > /proc/sys/vm/drop_caches
   out=$(fio --name=seqr --rw=read --bs=1M "${common[@]}")

@@ -28,9 +28,14 @@ for m in on off; do
   mkdir -p "$W/$m"
   opt=()
   [ $m = off ] && opt=(--compress off)
-  "$CFS" mount "$W/$m" --dir "$CL" "${opt[@]}" >"$W/$m.log" 2>&1 &
-  until mountpoint -q "$W/$m"; do sleep 0.2; done
+  "$CFS" mount "$W/$m" --dir "$CL" "${opt[@]}" --metrics-listen 127.0.0.1:0 \
+    --metrics-url-file "$W/$m.url" >"$W/$m.log" 2>&1 &
+  until mountpoint -q "$W/$m" && [ -s "$W/$m.url" ]; do sleep 0.2; done
 done
+# A mount's counter (sum over its label sets).
+counter() { # MOUNT NAME
+  curl -s "$(cat "$W/$1.url")" | awk -v n="$2" '$1 == n || index($1, n "{") == 1 { s += $2 } END { printf "%d", s }'
+}
 for r in $(seq 1 "$ROUNDS"); do
   for m in off on; do
     d=$W/$m/fio
@@ -40,8 +45,10 @@ for r in $(seq 1 "$ROUNDS"); do
       --output-format=json --group_reporting)
     # Fresh bytes per block (one buffer repeated would be stored once by
     # dedupe, D50, and read from a handful of cached stripes), 75 %
-    # compressible so that the `on` mount stores them compressed.
-    fio --name=seqw --rw=write --bs=1M --end_fsync=1 --refill_buffers \
+    # compressible so that the `on` mount stores them compressed, new in
+    # every round (--randrepeat=0: fio's fixed seed would write the same
+    # bytes again, found by dedupe).
+    fio --name=seqw --rw=write --bs=1M --end_fsync=1 --refill_buffers --randrepeat=0 \
       --buffer_compress_percentage=75 --buffer_compress_chunk=4096 "${c[@]}" >/dev/null
     sync
     echo 3 >/proc/sys/vm/drop_caches
@@ -50,4 +57,13 @@ for r in $(seq 1 "$ROUNDS"); do
     echo "round $r compress $m: randread $iops IOPS"
     rm -f "$d/fio.bin"
   done
+done
+# What each mount stored (so that `on` is seen to have compressed) and
+# how its small reads were served (D49: frames read in part).
+for m in off on; do
+  data=$(counter $m claudefs_fuse_stripe_data_bytes_total)
+  stored=$(counter $m claudefs_fuse_stripe_stored_bytes_total)
+  part=$(counter $m 'claudefs_fuse_stripe_reads_total{how="part"}')
+  whole=$(counter $m 'claudefs_fuse_stripe_reads_total{how="whole"}')
+  echo "compress $m: $((data >> 20)) MiB into stripes, $((stored >> 20)) MiB stored; small reads: $part in part, $whole whole"
 done

@@ -131,11 +131,14 @@ EOF
 done
 
 # --- 2. throughput ------------------------------------------------------------
+# Fresh bytes per block (--refill_buffers) and per run (--randrepeat=0):
+# fio's fixed seed would write the same bytes in every run, which the
+# `on` mount would find already stored (dedupe) instead of writing.
 fio_mbs() { # DIR RW EXTRA... -> MB/s
   local dir=$1 rw=$2
   shift 2
   fio --name=seq --directory="$dir" --filename=seq.bin --rw="$rw" --bs=1M \
-    --size="${SIZE_MIB}M" --ioengine=psync --end_fsync=1 --refill_buffers \
+    --size="${SIZE_MIB}M" --ioengine=psync --end_fsync=1 --refill_buffers --randrepeat=0 \
     --output-format=json "$@" 2>/dev/null |
     python3 -c 'import json,sys; j=json.load(sys.stdin)["jobs"][0]; r=j["write"] if j["write"]["io_bytes"] else j["read"]; print("%.1f" % (r["bw"] / 1024))'
 }
