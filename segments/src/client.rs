@@ -778,11 +778,7 @@ impl StripeReader {
         offset: u32,
         len: u32,
     ) -> Result<Vec<u8>, ClientError> {
-        let unreadable = |reason: String| ClientError::Unreadable {
-            segment: e.segment,
-            stripe: e.stripe,
-            reason,
-        };
+        let unreadable = |reason: String| unreadable(e, reason);
         if !e.reads_in_parts() {
             return Err(unreadable(
                 "a stripe of one zstd frame is read whole".into(),
@@ -816,11 +812,7 @@ impl StripeReader {
     ) -> Result<Vec<u8>, ClientError> {
         let flen = e.fragment_len as u64;
         let (off, n) = (offset as u64, len as u64);
-        let unreadable = |reason: String| ClientError::Unreadable {
-            segment: e.segment,
-            stripe: e.stripe,
-            reason,
-        };
+        let unreadable = |reason: String| unreadable(e, reason);
         if n == 0 || flen == 0 || off + n > e.stored_len() as u64 {
             return Err(unreadable(format!("range {off}+{n} outside the stripe")));
         }
@@ -854,11 +846,7 @@ impl StripeReader {
     ) -> Result<Vec<u8>, ClientError> {
         let flen = e.fragment_len as u64;
         let (at, n) = (at as u64, len as u64);
-        let unreadable = |reason: String| ClientError::Unreadable {
-            segment: e.segment,
-            stripe: e.stripe,
-            reason,
-        };
+        let unreadable = |reason: String| unreadable(e, reason);
         if at + n > flen || i >= e.layout.k as usize || e.missing.contains(&(i as u8)) {
             return Err(unreadable(format!(
                 "fragment {i} is not a durable data fragment"
@@ -939,11 +927,7 @@ impl StripeReader {
                 ),
             });
         }
-        let unreadable = |reason: String| ClientError::Unreadable {
-            segment: e.segment,
-            stripe: e.stripe,
-            reason,
-        };
+        let unreadable = |reason: String| unreadable(e, reason);
         let stored = codec
             .decode(frags, e.stored_len() as usize)
             .map_err(|err| unreadable(err.to_string()))?;
@@ -966,6 +950,15 @@ async fn futures_join(
             .map(|i| async move { (i, reader.fetch(e, i, search).await) }),
     )
     .await
+}
+
+/// Extent `e` cannot be read (as asked) for `reason`.
+fn unreadable(e: &Extent, reason: String) -> ClientError {
+    ClientError::Unreadable {
+        segment: e.segment,
+        stripe: e.stripe,
+        reason,
+    }
 }
 
 /// Runs futures concurrently on the current task.
