@@ -605,6 +605,7 @@ mod tests {
             acl: None,
             compression: None,
             dedupe: None,
+            tenant: None,
         }
     }
 

@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::dedupe::{ChunkKey, RecentChunks};
 use crate::stats::{Cache, MountStats};
+use crate::tenants::{TenantSeal, Tenants};
 use cfs_proto::types::{Backing, ChunkId, Compression, Errno, ExtentRef};
 use cfs_segments::client::{ClientError, Extent, SegmentClient, StripeReader, StripeWriter};
 use cfs_segments::format::SegmentId;
@@ -76,6 +77,17 @@ pub struct DataPath {
     stats: Arc<MountStats>,
     chunk_key: ChunkKey,
     recent: Mutex<RecentChunks>,
+    tenants: Arc<Tenants>,
+}
+
+/// How a flush stores its bytes (the file's policy, else the mount's):
+/// compressed or not, deduplicated or not, sealed with its tenant's key
+/// or not (D49, D50, D51).
+#[derive(Clone)]
+pub struct Storing {
+    pub packing: Compression,
+    pub dedupe: bool,
+    pub seal: Option<Arc<TenantSeal>>,
 }
 
 /// One content-defined chunk of a flush (D50).
@@ -93,6 +105,22 @@ type WriterGuard<'a> = tokio::sync::MutexGuard<'a, Option<StripeWriter>>;
 fn io_err(what: &str, e: impl std::fmt::Display) -> Errno {
     warn!("{what}: {e}");
     Errno::EIO
+}
+
+/// A failed stripe read: ENOKEY when this mount lacks the key of a sealed
+/// stripe (D51), else EIO (a stripe that does not open with its key is
+/// never served).
+fn read_err(e: ClientError) -> Errno {
+    match e {
+        ClientError::Sealed {
+            error: cfs_segments::seal::SealError::NoKey(_),
+            ..
+        } => {
+            debug!("segment read: {e}");
+            Errno::ENOKEY
+        }
+        e => io_err("segment read", e),
+    }
 }
 
 /// A failed stripe write: ENOSPC when full devices caused it, else EIO.
@@ -113,6 +141,7 @@ impl DataPath {
         servers: &[(u64, String)],
         cache_bytes: usize,
         stats: Arc<MountStats>,
+        tenants: Arc<Tenants>,
     ) -> Result<Self, String> {
         let mut map = cfs_segments::proto::ServerMap::new();
         for (id, addr) in servers {
@@ -131,7 +160,7 @@ impl DataPath {
         let nodes: Vec<u64> = map.keys().copied().collect();
         let client = SegmentClient::new(cluster_id, map, security);
         Ok(DataPath {
-            reader: StripeReader::new(client.clone()),
+            reader: StripeReader::with_keys(client.clone(), tenants.ring()),
             client,
             layout,
             nodes,
@@ -147,6 +176,7 @@ impl DataPath {
             stats,
             chunk_key: ChunkKey::for_cluster(cluster_id),
             recent: Mutex::new(RecentChunks::default()),
+            tenants,
         })
     }
 
@@ -188,17 +218,18 @@ impl DataPath {
     }
 
     /// Writes `ranges` (file offset, bytes) durably; returns the extent
-    /// references to commit, in file order; the stripes stored as
-    /// `packing` says.
+    /// references to commit, in file order; the stripes stored as `how`
+    /// says (its dedupe aside).
     pub async fn write_ranges(
         &self,
         ranges: &[(u64, &[u8])],
-        packing: Compression,
+        how: &Storing,
     ) -> Result<Vec<ExtentRef>, Errno> {
         let (mut g, _) = self.writer().await?;
         let sw = g.as_mut().ok_or(Errno::EIO)?;
         // The writer holds nothing between calls (each range is flushed).
-        sw.set_compression(packing);
+        sw.set_compression(how.packing);
+        sw.set_seal(how.seal.as_ref().map(|s| s.key.clone()));
         let mut out = Vec::new();
         for (off, data) in ranges {
             let written = match sw.write(data).await {
@@ -248,14 +279,17 @@ impl DataPath {
             .cloned()
     }
 
-    pub fn plan_chunks(&self, ranges: &[(u64, &[u8])]) -> Vec<PlannedChunk> {
+    /// Chunk ids are made with the tenant's chunk key when `how` seals
+    /// (its dedupe domain, D51), else the cluster's.
+    pub fn plan_chunks(&self, ranges: &[(u64, &[u8])], how: &Storing) -> Vec<PlannedChunk> {
         let max = FRAGMENT_BYTES * self.layout.k as usize;
+        let key = how.seal.as_ref().map_or(&self.chunk_key, |s| &s.chunk_key);
         let mut out = Vec::new();
         for (i, (_, data)) in ranges.iter().enumerate() {
             for r in crate::dedupe::cut(data, max) {
                 out.push(PlannedChunk {
                     range: i,
-                    id: self.chunk_key.id(&data[r.clone()]),
+                    id: key.id(&data[r.clone()]),
                     bytes: r,
                 });
             }
@@ -273,11 +307,12 @@ impl DataPath {
         ranges: &[(u64, &[u8])],
         plan: &[PlannedChunk],
         found: &[Option<Extent>],
-        packing: Compression,
+        how: &Storing,
     ) -> Result<Vec<ExtentRef>, Errno> {
         let (mut g, _) = self.writer().await?;
         let sw = g.as_mut().ok_or(Errno::EIO)?;
-        sw.set_compression(packing);
+        sw.set_compression(how.packing);
+        sw.set_seal(how.seal.as_ref().map(|s| s.key.clone()));
         let mut out: Vec<Option<ExtentRef>> = vec![None; plan.len()];
         // Chunks written, in order, waiting for their extents.
         let mut waiting: VecDeque<usize> = VecDeque::new();
@@ -290,7 +325,11 @@ impl DataPath {
             let same = found
                 .get(i)
                 .and_then(Option::as_ref)
-                .filter(|x| x.chunk == Some(c.id) && u64::from(x.data_len) == len);
+                .filter(|x| {
+                    x.chunk == Some(c.id)
+                        && u64::from(x.data_len) == len
+                        && x.seal.is_some() == how.seal.is_some()
+                });
             if let Some(x) = same {
                 self.stats.chunk_flushed(true, len);
                 out[i] = Some(ExtentRef {
@@ -391,16 +430,24 @@ impl DataPath {
         }
         self.stats.cache(Cache::Stripes, false);
         self.stats.segment_requests(e.layout.k as u64);
-        let r = self
-            .reader
-            .read(e)
-            .await
-            .map_err(|err| io_err("segment read", err))?;
-        if let Some(id) = e.chunk {
+        let r = match self.reader.read(e).await {
+            Ok(r) => r,
+            Err(err) => {
+                self.fetching.lock().await.remove(&key);
+                return Err(read_err(err));
+            }
+        };
+        // A sealed chunk's id is made with its tenant's key (D51); the
+        // seal itself already proved the bytes are what was written.
+        let chunk_key = match &e.seal {
+            Some(s) => self.tenants.chunk_key_of(s.key),
+            None => Some(self.chunk_key.clone()),
+        };
+        if let (Some(id), Some(chunk_key)) = (e.chunk, chunk_key) {
             // A stripe written as a chunk is served only if its bytes are
             // the chunk (a writer that named the wrong id must not feed
             // other files the bytes it stored).
-            if self.chunk_key.id(&r.data) != id {
+            if chunk_key.id(&r.data) != id {
                 self.stats.chunk_mismatch();
                 warn!(segment = %e.segment, stripe = e.stripe, chunk = %id,
                     "stripe bytes do not match the chunk id they were stored as: refused");
@@ -448,6 +495,12 @@ impl DataPath {
                         self.stats.stripe_read(true);
                         return Ok(d);
                     }
+                    Err(
+                        err @ ClientError::Sealed {
+                            error: cfs_segments::seal::SealError::NoKey(_),
+                            ..
+                        },
+                    ) => return Err(read_err(err)),
                     Err(err) => {
                         debug!(segment = %e.segment, stripe = e.stripe, "partial read, reading the stripe: {err}");
                         self.stats.stripe_read(false);

@@ -29,6 +29,12 @@ impl ChunkKey {
         ))
     }
 
+    /// A tenant's dedupe domain key (D51), as its metadata service
+    /// derived it.
+    pub fn from_bytes(key: [u8; 32]) -> Self {
+        ChunkKey(key)
+    }
+
     /// The content address of `data`.
     pub fn id(&self, data: &[u8]) -> ChunkId {
         ChunkId(*blake3::keyed_hash(&self.0, data).as_bytes())
@@ -120,6 +126,7 @@ mod tests {
             checksums: vec![],
             missing: vec![],
             chunk,
+            seal: None,
         };
         let id = |n: u64| ChunkId(*blake3::hash(&n.to_le_bytes()).as_bytes());
         let mut r = RecentChunks::default();

@@ -11,6 +11,7 @@ pub mod metrics_http;
 pub mod mount;
 pub mod options;
 pub mod stats;
+pub mod tenants;
 pub mod unsettled;
 
 pub use mount::{mount, unmount, MountError};

@@ -60,6 +60,7 @@ pub fn mount(mountpoint: &Path, opts: MountOptions) -> Result<(), MountError> {
             Err(e) => Err(MountError::NoServer(e.to_string())),
         }
     })?;
+    let tenants = Arc::new(crate::tenants::Tenants::default());
     let data = Arc::new(
         DataPath::new(
             &opts.cluster_id,
@@ -67,6 +68,7 @@ pub fn mount(mountpoint: &Path, opts: MountOptions) -> Result<(), MountError> {
             &welcome.segment_servers,
             opts.cache_bytes,
             meta.stats.clone(),
+            tenants.clone(),
         )
         .map_err(MountError::Segments)?,
     );
@@ -86,7 +88,7 @@ pub fn mount(mountpoint: &Path, opts: MountOptions) -> Result<(), MountError> {
         let _g = rt.enter();
         meta.keep_leases();
     }
-    let fs = CfsFs::new(rt.handle().clone(), meta.clone(), data, opts.clone());
+    let fs = CfsFs::new(rt.handle().clone(), meta.clone(), data, tenants, opts.clone());
     let known = fs.known();
     let forget = fs.forget_cached();
     let kernel = fs.kernel_slot();

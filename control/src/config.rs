@@ -120,6 +120,12 @@ pub struct NodeConfig {
     /// later than this is refused and written again, never lost).
     #[serde(default = "default_gc_grace_ms")]
     pub gc_grace_ms: u64,
+    /// The cluster's master key (64 hex digits; the same on every node):
+    /// it seals tenants' data keys in the log (docs/decisions.md D51).
+    /// Absent: `CFS_MASTER_KEY` from the environment, else none (this
+    /// node then neither makes nor hands out tenant keys).
+    #[serde(default)]
+    pub master_key_file: Option<PathBuf>,
     /// Mutual TLS material; required unless `insecure_plaintext`.
     #[serde(default)]
     pub tls: Option<TlsSection>,

@@ -135,8 +135,15 @@ pub fn admin_token_path(dir: &Path) -> PathBuf {
     dir.join("admin-token")
 }
 
-/// A new random token, readable by its owner only.
-fn write_admin_token(path: &Path) -> anyhow::Result<()> {
+/// The master key of the local cluster in `dir` (D51): seals its
+/// tenants' keys in the log. Every node reads it (`master_key_file`).
+pub fn master_key_path(dir: &Path) -> PathBuf {
+    dir.join("master.key")
+}
+
+/// 32 new random bytes as 64 hex digits (an admin token, a master key),
+/// readable by their owner only.
+fn write_secret(path: &Path) -> anyhow::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
     let token: String = (0..32)
         .map(|_| format!("{:02x}", rand::random::<u8>()))
@@ -219,7 +226,9 @@ pub fn ensure_configs(
     }
     let td = std::path::absolute(tls_dir(dir))?;
     let token_file = std::path::absolute(admin_token_path(dir))?;
-    write_admin_token(&token_file)?;
+    write_secret(&token_file)?;
+    let master_key = std::path::absolute(master_key_path(dir))?;
+    write_secret(&master_key)?;
     let mut out = Vec::new();
     for a in &addrs {
         let nd = node_dir(dir, a.id);
@@ -263,6 +272,7 @@ pub fn ensure_configs(
             admin_allow: Vec::new(),
             gc_interval_ms: 10_000,
             gc_grace_ms: 30_000,
+            master_key_file: Some(master_key.clone()),
             nodes: addrs.clone(),
             dial: Vec::new(),
         };

@@ -238,6 +238,7 @@ mod tests {
             acl: None,
             compression: None,
             dedupe: None,
+            tenant: None,
         }
     }
 

@@ -27,6 +27,9 @@
 //! | `f` shard segment:u128                | fence of a segment being freed (Nanos) |
 //! | `w` shard segment:u128 ino offset     | (an extent naming the segment: `e` ino offset) |
 //! | `H` shard chunk:[u8;32] ino offset    | (an extent naming a stripe that holds the chunk, D50) |
+//! | `K` shard tenant_len:u8 tenant generation:u32 | [`TenantKeyRecord`]: a tenant's key, sealed under the master key (D51) |
+//! | `Y` shard                             | next key id u64       |
+//! | `E` shard tenant                      | [`Reencryption`]: how far re-encrypting the tenant has gone |
 //! | `V`                                   | layout format u32 (no shard) |
 //!
 //! Every key belongs to one shard ([`owner`]): a shard's entries
@@ -36,6 +39,8 @@
 //! [`ExtentRef`]: crate::types::ExtentRef
 //! [`LockRange`]: crate::types::LockRange
 //! [`SegmentUse`]: crate::segment_use::SegmentUse
+//! [`TenantKeyRecord`]: cfs_proto::tenant::TenantKeyRecord
+//! [`Reencryption`]: cfs_proto::tenant::Reencryption
 
 use crate::types::{Ino, ShardId};
 use cfs_proto::tx::TxId;
@@ -336,6 +341,33 @@ pub fn extent_key_of_chunk_where(key: &[u8]) -> Option<Vec<u8>> {
     (rest.len() == 16).then(|| with(b'e', &[rest]))
 }
 
+/// Generation `generation` of `tenant`'s key (D51).
+pub fn tenant_key(shard: ShardId, tenant: &str, generation: u32) -> Vec<u8> {
+    let mut k = tenant_keys_prefix(shard, tenant);
+    k.extend_from_slice(&generation.to_be_bytes());
+    k
+}
+/// Every generation of `tenant`'s key, oldest first.
+pub fn tenant_keys_prefix(shard: ShardId, tenant: &str) -> Vec<u8> {
+    // Tenant names are at most 63 bytes (`cfs_proto::tenant`).
+    let len = [tenant.len().min(255) as u8];
+    with(b'K', &[&shard.to_be_bytes(), &len, tenant.as_bytes()])
+}
+/// Every tenant's keys on `shard`.
+pub fn all_tenant_keys(shard: ShardId) -> Vec<u8> {
+    with(b'K', &[&shard.to_be_bytes()])
+}
+pub fn next_key_id(shard: ShardId) -> Vec<u8> {
+    with(b'Y', &[&shard.to_be_bytes()])
+}
+/// How far re-encrypting `tenant` has gone.
+pub fn reencryption(shard: ShardId, tenant: &str) -> Vec<u8> {
+    with(b'E', &[&shard.to_be_bytes(), tenant.as_bytes()])
+}
+pub fn all_reencryption(shard: ShardId) -> Vec<u8> {
+    with(b'E', &[&shard.to_be_bytes()])
+}
+
 /// The segment a `u`, `f` or `w` key names.
 pub fn segment_of(key: &[u8]) -> Option<SegmentId> {
     Some(SegmentId(u128::from_be_bytes(
@@ -359,7 +391,9 @@ pub fn owner(key: &[u8]) -> Option<ShardId> {
             be64_at(key, 1).map(crate::types::shard_of)
         }
         b'n' | b'N' | b'a' | b'p' | b'q' | b'Q' | b'T' | b'r' | b'R' | b'h' | b'O' | b'S'
-        | b'G' | b'U' | b'u' | b'f' | b'w' | b'H' => be32_at(key, 1).map(ShardId),
+        | b'G' | b'U' | b'u' | b'f' | b'w' | b'H' | b'K' | b'Y' | b'E' => {
+            be32_at(key, 1).map(ShardId)
+        }
         b't' => owner(&key[1..]),
         _ => None,
     }

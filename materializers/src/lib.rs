@@ -13,6 +13,7 @@ pub mod perm;
 pub mod read;
 pub mod segment_use;
 pub mod store;
+pub mod tenant_keys;
 pub mod tx;
 pub use cfs_proto::types;
 

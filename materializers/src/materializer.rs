@@ -164,7 +164,9 @@ pub fn changes(op: &LoggedOp, r: &Applied) -> Change {
         | Op::RenewHold { .. }
         | Op::ForgetIdleClients { .. }
         | Op::ConsumeToken { .. }
-        | Op::FenceSegments { .. } => {}
+        | Op::FenceSegments { .. }
+        | Op::AddTenantKey { .. }
+        | Op::ReencryptProgress { .. } => {}
         Op::ExpireHold { .. }
         | Op::RelocateExtents { .. }
         | Op::TxPrepare { .. }

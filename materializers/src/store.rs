@@ -48,8 +48,9 @@ pub use cfs_proto::tx::KeyValue;
 /// shard counts what its extents reference of each segment (D48), 4
 /// since stripes may be stored compressed and the counts are of stored
 /// bytes (D49), 5 since an extent may name the chunk its stripe holds
-/// and each shard indexes chunks (D50).
-pub const FORMAT: u32 = 5;
+/// and each shard indexes chunks (D50), 6 since extents may be sealed and
+/// inodes name a tenant, whose keys the first shard keeps (D51).
+pub const FORMAT: u32 = 6;
 
 /// Values larger than this in the namespace are corruption.
 const VALUE_BYTES_MAX: usize = 16 << 20;

@@ -585,6 +585,11 @@ fn pieces_follow_writes_truncates_and_punches() {
                     // for several stripes: they are indexed per extent).
                     chunk: (step % 3 == 0)
                         .then_some(cfs_proto::types::ChunkId([(step % 7) as u8; 32])),
+                    // Every fifth sealed (D51): replicas keep the seal as is.
+                    seal: (step % 5 == 0).then_some(cfs_proto::types::Seal {
+                        key: cfs_proto::tenant::KeyId(u64::from(step % 3)),
+                        nonce: [step as u8; 24],
+                    }),
                 };
                 let piece = ExtentRef {
                     offset: off,

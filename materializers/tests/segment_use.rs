@@ -75,6 +75,7 @@ fn stripe(segment: u128, stripe: u32, data_len: u32) -> Extent {
             id[1] = stripe as u8;
             cfs_proto::types::ChunkId(id)
         }),
+        seal: None,
     }
 }
 

@@ -11,5 +11,6 @@ pub mod leases;
 pub mod metrics;
 pub mod sequencer;
 pub mod service;
+pub mod tenant_keys;
 
 pub use service::{MetaConfig, MetaService};

@@ -83,6 +83,8 @@ struct Inner {
     node_id: u64,
     /// Trades mount tokens for certificates (`MetaConfig::enroll`).
     enroll: Option<Enroller>,
+    /// Seals and opens tenants' keys (`MetaConfig::master_key`, D51).
+    master_key: Option<Arc<crate::tenant_keys::MasterKey>>,
     log: LogNode,
     db: Arc<NamespaceDb>,
     waiters: Arc<Waiters>,
@@ -171,6 +173,9 @@ pub struct MetaConfig {
     /// The cluster CA, on a node that trades one-time mount tokens for
     /// client certificates (`cfs mount --token`); `None`: it does not.
     pub enroll: Option<Arc<cfs_net::ca::Ca>>,
+    /// The cluster's master key (D51): without it this node neither makes
+    /// nor hands out tenants' keys.
+    pub master_key: Option<Arc<crate::tenant_keys::MasterKey>>,
 }
 
 /// What a node that enrolls mounts holds.
@@ -237,6 +242,7 @@ impl MetaService {
                     key: ca.token_key(),
                     ca,
                 }),
+                master_key: cfg.master_key,
                 log,
                 db,
                 waiters,
@@ -429,6 +435,46 @@ impl MetaService {
         }
     }
 
+    /// Every tenant's keys in the clear, opened with this node's master
+    /// key (D51): for the collector, which re-encrypts and compacts sealed
+    /// stripes. Empty when there are none; EKEYREJECTED without a master
+    /// key (or the wrong one) while there are some.
+    pub async fn all_tenant_keys(&self) -> Result<Vec<cfs_proto::tenant::TenantKeys>, Errno> {
+        let inner = &self.inner;
+        let shard = inner.keys_shard()?;
+        let records = cfs_materializers::tenant_keys::all(&inner.db, shard)
+            .map_err(|e| read_err(ReadError::Db(e)))?;
+        if records.is_empty() {
+            return Ok(Vec::new());
+        }
+        let master = inner.master()?;
+        let mut by_tenant: std::collections::BTreeMap<String, Vec<_>> = Default::default();
+        for r in records {
+            by_tenant.entry(r.tenant.clone()).or_default().push(r);
+        }
+        by_tenant
+            .iter()
+            .map(|(t, rs)| crate::tenant_keys::open_all(master, &inner.cluster_id, t, rs))
+            .collect()
+    }
+
+    /// Every tenant's re-encryption progress as last logged.
+    pub fn reencryption(&self) -> Result<Vec<cfs_proto::tenant::Reencryption>, Errno> {
+        let shard = self.inner.keys_shard()?;
+        cfs_materializers::tenant_keys::reencryption(&self.inner.db, shard)
+            .map_err(|e| read_err(ReadError::Db(e)))
+    }
+
+    /// Logs how far re-encrypting a tenant has gone (D51).
+    pub async fn log_reencryption(
+        &self,
+        progress: cfs_proto::tenant::Reencryption,
+    ) -> Result<(), Errno> {
+        let shard = self.inner.keys_shard()?;
+        let op = Op::ReencryptProgress { shard, progress };
+        self.inner.propose_service_op(shard, op).await?.map(|_| ())
+    }
+
     /// Whether this node leads `shard` now.
     pub fn leads(&self, shard: ShardId) -> bool {
         self.inner.leads(shard)
@@ -503,6 +549,16 @@ fn send(out: &Outbox, m: ServerMsg) -> bool {
 
 /// The cluster's identity for a mount's caller: mapped, then root
 /// squashed unless the mount is trusted with root.
+/// Whether `peer` may manage keys: a node, an administrator, or anyone in
+/// a development cluster without TLS.
+fn admin_peer(peer: &cfs_net::Peer) -> bool {
+    matches!(
+        peer,
+        cfs_net::Peer::Plaintext
+            | cfs_net::Peer::Cert(cfs_net::Principal::Node(_) | cfs_net::Principal::Admin(_))
+    )
+}
+
 fn map_creds(policy: &cfs_net::ClientPolicy, c: &mut Creds) {
     c.uid = policy.uid(c.uid);
     c.gid = policy.gid(c.gid);
@@ -516,6 +572,7 @@ async fn serve_conn(inner: Arc<Inner>, conn: cfs_net::Conn) {
     // Every uid and gid the mount sends goes through its policy (root
     // squash unless its certificate trusts root; per-mount maps).
     let policy = conn.peer.client_policy();
+    let peer = conn.peer.clone();
     let mut reader = cfs_frame::BodyReader::new(r, MESSAGE_BYTES_MAX);
     let (sender, rx) = mpsc::channel::<ServerMsg>(SESSION_OUTBOX_MAX);
     let tx = Outbox {
@@ -762,7 +819,7 @@ async fn serve_conn(inner: Arc<Inner>, conn: cfs_net::Conn) {
         let Ok(permit) = inflight.clone().acquire_owned().await else {
             break;
         };
-        let (inner, tx, session) = (inner.clone(), tx.clone(), session.clone());
+        let (inner, tx, session, peer) = (inner.clone(), tx.clone(), session.clone(), peer.clone());
         // The request id the mount logs too (`client:id`), so one
         // request's lines can be followed across the mount and the node.
         let span = tracing::info_span!("req", req = %cfs_proto::RequestTag::new(client, f.id));
@@ -779,6 +836,11 @@ async fn serve_conn(inner: Arc<Inner>, conn: cfs_net::Conn) {
                 };
                 let result = match f.req {
                     Request::Lease => inner.grant(&session).await,
+                    Request::TenantKeys { tenant } => inner.tenant_keys(&peer, &tenant).await,
+                    Request::MakeTenantKey { tenant, rotate } => {
+                        inner.make_tenant_key(&peer, &tenant, rotate).await
+                    }
+                    Request::ListTenantKeys => inner.key_report(&peer).await,
                     _ => handle(&inner, client, f, &tx, &session).await,
                 };
                 if mutation {
@@ -1626,6 +1688,97 @@ impl Inner {
         Ok(found)
     }
 
+    /// The shard that keeps tenants' keys (D51).
+    fn keys_shard(&self) -> Result<ShardId, Errno> {
+        self.shard_list.iter().min().copied().ok_or(Errno::EIO)
+    }
+
+    fn master(&self) -> Result<&crate::tenant_keys::MasterKey, Errno> {
+        self.master_key.as_deref().ok_or_else(|| {
+            warn!("a tenant key was asked of a node without a master key (master_key_file, CFS_MASTER_KEY)");
+            Errno::EKEYREJECTED
+        })
+    }
+
+    /// `tenant`'s keys in the clear, for a peer allowed them (D51).
+    async fn tenant_keys(&self, peer: &cfs_net::Peer, tenant: &str) -> Result<Reply, Errno> {
+        if !cfs_proto::tenant::valid_tenant(tenant) {
+            return Err(Errno::EINVAL);
+        }
+        let allowed = match peer {
+            cfs_net::Peer::Cert(cfs_net::Principal::Client { policy, .. }) => {
+                policy.may_use_tenant(tenant)
+            }
+            cfs_net::Peer::Anonymous => false,
+            _ => true,
+        };
+        if !allowed {
+            warn!(%peer, tenant, "a mount asked for the keys of a tenant its certificate does not name: refused");
+            return Err(Errno::EACCES);
+        }
+        let master = self.master()?;
+        let shard = self.keys_shard()?;
+        self.fresh(shard).await?;
+        let records = cfs_materializers::tenant_keys::of_tenant(&self.db, shard, tenant)
+            .map_err(|e| read_err(ReadError::Db(e)))?;
+        crate::tenant_keys::open_all(master, &self.cluster_id, tenant, &records)
+            .map(Reply::TenantKeys)
+    }
+
+    /// Makes `tenant`'s first key, or its next generation (`rotate`):
+    /// administrators and nodes only.
+    async fn make_tenant_key(
+        &self,
+        peer: &cfs_net::Peer,
+        tenant: &str,
+        rotate: bool,
+    ) -> Result<Reply, Errno> {
+        if !admin_peer(peer) {
+            warn!(%peer, tenant, "only administrators make tenant keys: refused");
+            return Err(Errno::EACCES);
+        }
+        if !cfs_proto::tenant::valid_tenant(tenant) {
+            return Err(Errno::EINVAL);
+        }
+        let key: [u8; 32] = rand::random();
+        let wrapped = self.master()?.wrap(&self.cluster_id, tenant, &key);
+        let shard = self.keys_shard()?;
+        let op = Op::AddTenantKey {
+            shard,
+            tenant: tenant.to_string(),
+            rotate,
+            wrapped,
+        };
+        self.propose_service_op(shard, op).await??;
+        info!(tenant, rotate, "tenant key made");
+        self.key_report(peer).await
+    }
+
+    /// Every tenant's keys (no key bytes) and re-encryption progress.
+    async fn key_report(&self, peer: &cfs_net::Peer) -> Result<Reply, Errno> {
+        if !admin_peer(peer) {
+            return Err(Errno::EACCES);
+        }
+        let shard = self.keys_shard()?;
+        self.fresh(shard).await?;
+        let db_err = |e| read_err(ReadError::Db(e));
+        let keys = cfs_materializers::tenant_keys::all(&self.db, shard).map_err(db_err)?;
+        let reencryption =
+            cfs_materializers::tenant_keys::reencryption(&self.db, shard).map_err(db_err)?;
+        Ok(Reply::Keys(cfs_proto::tenant::KeyReport {
+            keys: keys
+                .into_iter()
+                .map(|r| cfs_proto::tenant::KeyInfo {
+                    tenant: r.tenant,
+                    id: r.id,
+                    generation: r.generation,
+                    made: r.made,
+                })
+                .collect(),
+            reencryption,
+        }))
+    }
+
     fn statfs(&self) -> Result<FsStats, Errno> {
         let path = std::ffi::CString::new(self.data_dir.as_os_str().as_encoded_bytes())
             .map_err(|_| Errno::EIO)?;
@@ -1909,7 +2062,10 @@ async fn handle(
         Request::Lease
         | Request::InvalAck { .. }
         | Request::ReleaseLeases
-        | Request::Enroll { .. } => return Err(Errno::EINVAL),
+        | Request::Enroll { .. }
+        | Request::TenantKeys { .. }
+        | Request::MakeTenantKey { .. }
+        | Request::ListTenantKeys => return Err(Errno::EINVAL),
         Request::Lookup { parent, .. } => *parent,
         Request::GetAttr { ino }
         | Request::ReadDir { ino, .. }
@@ -1969,6 +2125,9 @@ fn read(db: &impl NsRead, req: &Request) -> Result<Reply, ReadError> {
         | Request::Lease
         | Request::InvalAck { .. }
         | Request::ReleaseLeases
-        | Request::Enroll { .. } => Err(ReadError::Fs(Errno::EINVAL)),
+        | Request::Enroll { .. }
+        | Request::TenantKeys { .. }
+        | Request::MakeTenantKey { .. }
+        | Request::ListTenantKeys => Err(ReadError::Fs(Errno::EINVAL)),
     }
 }

@@ -13,6 +13,8 @@
 //! | `trust-root.policy.cfs.internal` | the mount's uid 0 stays root (else squashed) |
 //! | `uid-<from>-<to>.map.cfs.internal` | the mount's uid `from` is the cluster's `to` |
 //! | `gid-<from>-<to>.map.cfs.internal` | the same for a gid |
+//! | `tenant-<name>.key.cfs.internal` | the mount may have tenant `name`'s data keys (D51) |
+//! | `any-tenant.key.cfs.internal` | the mount may have every tenant's data keys |
 //!
 //! The policy lives in the signed certificate, like an SSH certificate's
 //! options: changing it means issuing a new certificate.
@@ -36,6 +38,11 @@ pub struct ClientPolicy {
     /// The mount's uid → the cluster's uid.
     pub uid_map: Vec<(u32, u32)>,
     pub gid_map: Vec<(u32, u32)>,
+    /// Tenants whose data keys the mount may have (docs/decisions.md
+    /// D51): it reads and writes their encrypted files, no others.
+    pub tenants: Vec<String>,
+    /// Every tenant's keys (the mount of a local cluster, trusted peers).
+    pub any_tenant: bool,
 }
 
 impl ClientPolicy {
@@ -44,8 +51,14 @@ impl ClientPolicy {
     pub fn trusted() -> Self {
         ClientPolicy {
             trust_root: true,
+            any_tenant: true,
             ..Default::default()
         }
+    }
+
+    /// Whether the mount may have `tenant`'s data keys.
+    pub fn may_use_tenant(&self, tenant: &str) -> bool {
+        self.any_tenant || self.tenants.iter().any(|t| t == tenant)
     }
 
     /// The cluster's uid for the mount's `uid`: mapped first, then root
@@ -78,6 +91,12 @@ impl ClientPolicy {
         }
         for (a, b) in &self.gid_map {
             n.push(format!("gid-{a}-{b}.map.{DOMAIN}"));
+        }
+        if self.any_tenant {
+            n.push(format!("any-tenant.key.{DOMAIN}"));
+        }
+        for t in &self.tenants {
+            n.push(format!("tenant-{t}.key.{DOMAIN}"));
         }
         n
     }
@@ -145,6 +164,9 @@ impl Principal {
             }
             Principal::Client { name, policy } => {
                 check_label(name)?;
+                for t in &policy.tenants {
+                    check_label(t)?;
+                }
                 let mut v = vec![format!("client-{name}.{DOMAIN}")];
                 v.extend(policy.names());
                 v
@@ -192,6 +214,11 @@ impl Principal {
                 )?;
             } else if head == "trust-root.policy" {
                 policy.trust_root = true;
+            } else if head == "any-tenant.key" {
+                policy.any_tenant = true;
+            } else if let Some(t) = head.strip_prefix("tenant-").and_then(|h| h.strip_suffix(".key")) {
+                check_label(t)?;
+                policy.tenants.push(t.to_string());
             } else if let Some(m) = head.strip_suffix(".map") {
                 let (kind, pair) = m.split_once('-').ok_or_else(bad)?;
                 let (a, b) = pair.split_once('-').ok_or_else(bad)?;
@@ -228,6 +255,8 @@ mod tests {
                     trust_root: true,
                     uid_map: vec![(1000, 2000)],
                     gid_map: vec![(100, 200), (0, 300)],
+                    tenants: vec!["genomics".into(), "lab-2".into()],
+                    any_tenant: false,
                 },
             },
         ] {
@@ -262,6 +291,7 @@ mod tests {
             trust_root: false,
             uid_map: vec![(1000, 0), (5, 6)],
             gid_map: vec![],
+            ..Default::default()
         };
         assert_eq!(p.uid(0), NOBODY);
         assert_eq!(p.uid(1000), NOBODY);
@@ -269,5 +299,17 @@ mod tests {
         assert_eq!(p.uid(7), 7);
         assert_eq!(p.gid(0), NOBODY);
         assert_eq!(ClientPolicy::trusted().uid(0), 0);
+    }
+
+    #[test]
+    fn tenants_are_granted_by_name() {
+        let p = ClientPolicy {
+            tenants: vec!["a".into()],
+            ..Default::default()
+        };
+        assert!(p.may_use_tenant("a"));
+        assert!(!p.may_use_tenant("b"));
+        assert!(ClientPolicy::trusted().may_use_tenant("b"));
+        assert!(Principal::from_names(["client-x.cfs.internal", "tenant-a.b.key.cfs.internal"]).is_err());
     }
 }

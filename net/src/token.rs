@@ -151,6 +151,7 @@ mod tests {
             trust_root: false,
             uid_map: vec![(1000, 4242)],
             gid_map: vec![],
+            ..Default::default()
         }
     }
 

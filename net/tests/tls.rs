@@ -69,6 +69,7 @@ async fn peers_learn_each_others_principal() {
         trust_root: false,
         uid_map: vec![(1000, 4000)],
         gid_map: vec![],
+        ..Default::default()
     };
     let mount = security(
         &ca,

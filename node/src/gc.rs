@@ -77,6 +77,8 @@ pub struct PassReport {
     /// the file bytes copied.
     pub compacted: usize,
     pub compacted_bytes: u64,
+    /// File bytes moved from older keys to their tenant's newest (D51).
+    pub reencrypted_bytes: u64,
     /// Fragments sealed by the collector (their writer sealed the others).
     pub sealed_here: usize,
     /// Segment servers that did not answer the listing.
@@ -99,6 +101,8 @@ struct Metrics {
     fenced: cfs_metrics::IntCounter,
     compacted: cfs_metrics::IntCounter,
     compacted_bytes: cfs_metrics::IntCounter,
+    reencrypted_bytes: cfs_metrics::IntCounter,
+    reencrypt_left: cfs_metrics::IntGaugeVec,
     unfenced: cfs_metrics::IntCounter,
     fragment_bytes: cfs_metrics::IntGauge,
     live_bytes: cfs_metrics::IntGauge,
@@ -141,6 +145,17 @@ impl Metrics {
                 &reg,
                 "claudefs_gc_compacted_bytes_total",
                 "File bytes compaction copied.",
+            ),
+            reencrypted_bytes: cfs_metrics::counter(
+                &reg,
+                "claudefs_gc_reencrypted_bytes_total",
+                "File bytes re-encryption moved from older keys to their tenant's newest (D51).",
+            ),
+            reencrypt_left: cfs_metrics::gauge_vec(
+                &reg,
+                "claudefs_gc_reencrypt_left_bytes",
+                "File bytes of a rotated tenant still sealed with older keys, at this node's last pass.",
+                &["tenant"],
             ),
             unfenced: cfs_metrics::counter(
                 &reg,
@@ -381,7 +396,20 @@ impl Gc {
                 }
             }
         }
-        if shards.first().is_some_and(|s| self.meta.leads(*s)) && !to_compact.is_empty() {
+        let leads_first = shards.first().is_some_and(|s| self.meta.leads(*s));
+        // The tenants' keys, for sealed stripes compaction copies and for
+        // re-encryption (D51). Without them only unsealed stripes move.
+        let keys = if leads_first {
+            crate::compact::NodeKeys::load(&self.meta)
+                .await
+                .unwrap_or_else(|e| {
+                    warn!("{e:#}: sealed stripes are neither compacted nor re-encrypted");
+                    crate::compact::NodeKeys::default()
+                })
+        } else {
+            crate::compact::NodeKeys::default()
+        };
+        if leads_first && !to_compact.is_empty() {
             to_compact.sort_by(|a, b| a.0.total_cmp(&b.0));
             let mut budget = crate::compact::COMPACT_BYTES_PER_PASS;
             for (_, segment) in to_compact {
@@ -390,7 +418,9 @@ impl Gc {
                     break;
                 }
                 budget -= need;
-                match crate::compact::compact(&self.meta, &self.segments, &shards, segment).await {
+                match crate::compact::compact(&self.meta, &self.segments, &keys, &shards, segment)
+                    .await
+                {
                     Ok(c) if c.extents == 0 => {}
                     Ok(c) => {
                         r.compacted += 1;
@@ -403,6 +433,21 @@ impl Gc {
                     }
                     Err(e) => warn!(%segment, "compacting: {e:#}"),
                 }
+            }
+        }
+        if leads_first {
+            match crate::reencrypt::pass(&self.meta, &self.segments, &keys).await {
+                Ok(d) => {
+                    r.reencrypted_bytes = d.moved_bytes;
+                    self.metrics.reencrypted_bytes.inc_by(d.moved_bytes);
+                    for (tenant, left) in &d.left {
+                        self.metrics
+                            .reencrypt_left
+                            .with_label_values(&[tenant])
+                            .set(gauge(*left));
+                    }
+                }
+                Err(e) => warn!("re-encrypting: {e:#}"),
             }
         }
         debug!(?r, "gc pass");

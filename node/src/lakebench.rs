@@ -167,6 +167,7 @@ fn scan_bench(path: &Path, files: u64) -> anyhow::Result<(u64, f64)> {
                 acl: None,
                 compression: None,
                 dedupe: None,
+                tenant: None,
             };
             kvs.push((keys::inode(ino), cfs_materializers::store::encode(&i)));
         }

@@ -10,6 +10,7 @@
 use std::path::Path;
 
 use anyhow::{bail, Context};
+use cfs_proto::tenant::{valid_tenant, TENANT_XATTR};
 use cfs_proto::types::{on_off, parse_on_off, Compression, COMPRESS_XATTR, DEDUPE_XATTR};
 
 fn os(name: &[u8]) -> &std::ffi::OsStr {
@@ -18,10 +19,13 @@ fn os(name: &[u8]) -> &std::ffi::OsStr {
 }
 
 /// A subtree's policy; `None` fields: the writing mount's setting.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Policy {
     pub compress: Option<Compression>,
     pub dedupe: Option<bool>,
+    /// The tenant whose key seals new files' stripes (D51); `None`: not
+    /// sealed.
+    pub tenant: Option<String>,
 }
 
 impl std::fmt::Display for Policy {
@@ -31,8 +35,12 @@ impl std::fmt::Display for Policy {
             None => f.write_str("compress (mount default)")?,
         }
         match self.dedupe {
-            Some(d) => write!(f, ", dedupe {}", on_off(d)),
-            None => f.write_str(", dedupe (mount default)"),
+            Some(d) => write!(f, ", dedupe {}", on_off(d))?,
+            None => f.write_str(", dedupe (mount default)")?,
+        }
+        match &self.tenant {
+            Some(t) => write!(f, ", encrypt {t}"),
+            None => f.write_str(", encrypt off"),
         }
     }
 }
@@ -47,7 +55,10 @@ pub fn set(path: &Path, p: Policy) -> anyhow::Result<()> {
         );
     }
     if p == Policy::default() {
-        bail!("nothing to set: give --compress and/or --dedupe");
+        bail!("nothing to set: give --compress, --dedupe and/or --encrypt");
+    }
+    if let Some(t) = p.tenant.as_deref().filter(|t| !valid_tenant(t)) {
+        bail!("{t:?} is not a tenant name: letters, digits and '-', 1 to 63 characters");
     }
     let what = |w: &str| {
         format!(
@@ -61,6 +72,20 @@ pub fn set(path: &Path, p: Policy) -> anyhow::Result<()> {
     }
     if let Some(d) = p.dedupe {
         xattr::set(path, os(DEDUPE_XATTR), on_off(d).as_bytes()).with_context(|| what("dedupe"))?;
+    }
+    if let Some(t) = &p.tenant {
+        xattr::set(path, os(TENANT_XATTR), t.as_bytes()).map_err(|e| {
+            let why = match e.raw_os_error() {
+                Some(libc::ENOKEY) => format!(
+                    "tenant {t} has no key (cfs admin keys create {t} --dir DIR)"
+                ),
+                Some(libc::EACCES) => {
+                    format!("this mount's certificate does not name tenant {t}")
+                }
+                _ => e.to_string(),
+            };
+            anyhow::anyhow!("{}: {why}", what("encryption"))
+        })?;
     }
     Ok(())
 }
@@ -90,13 +115,18 @@ pub fn get(path: &Path) -> anyhow::Result<Policy> {
             )
         })?),
     };
-    Ok(Policy { compress, dedupe })
+    let tenant = read(TENANT_XATTR)?.map(|b| String::from_utf8_lossy(&b).trim().to_string());
+    Ok(Policy {
+        compress,
+        dedupe,
+        tenant,
+    })
 }
 
 /// Removes `path`'s policy: files created in it from then on take the
 /// writing mount's `--compress` and `--dedupe`.
 pub fn clear(path: &Path) -> anyhow::Result<()> {
-    for name in [COMPRESS_XATTR, DEDUPE_XATTR] {
+    for name in [COMPRESS_XATTR, DEDUPE_XATTR, TENANT_XATTR] {
         match xattr::remove(path, os(name)) {
             Ok(()) => {}
             Err(e) if e.raw_os_error() == Some(libc::ENODATA) => {}

@@ -137,6 +137,9 @@ pub struct ClusterStatus {
     pub nodes: Vec<NodeStatus>,
     pub shards: Vec<ShardRow>,
     pub mounts: Vec<MountStatus>,
+    /// Tenants' key generations and re-encryption progress as logged
+    /// (D51); `None` when the metadata service did not answer.
+    pub keys: Option<cfs_proto::tenant::KeyReport>,
 }
 
 fn metrics_url(addr: SocketAddr) -> String {
@@ -159,7 +162,24 @@ pub fn gather(dir: &Path) -> anyhow::Result<ClusterStatus> {
         .map(|c| c.cluster_id.clone())
         .unwrap_or_default();
     let nodes: Vec<(u64, SocketAddr)> = cfgs.iter().map(|c| (c.node_id, c.http)).collect();
-    Ok(gather_nodes(cluster_id, &nodes, local_mount(dir)))
+    let mut st = gather_nodes(cluster_id, &nodes, local_mount(dir));
+    st.keys = key_report(dir);
+    Ok(st)
+}
+
+/// How long `cfs admin status` waits for the keys report.
+const KEYS_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// The tenants' keys and re-encryption progress, if a metadata service
+/// answers within [`KEYS_WAIT`].
+fn key_report(dir: &Path) -> Option<cfs_proto::tenant::KeyReport> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .ok()?;
+    rt.block_on(async { tokio::time::timeout(KEYS_WAIT, crate::keys::report(dir)).await })
+        .ok()?
+        .ok()
 }
 
 /// Reads the `/health` and `/metrics` of `nodes` (id, HTTP address).
@@ -284,6 +304,7 @@ pub fn gather_nodes(
         nodes,
         shards: shards.into_values().collect(),
         mounts,
+        keys: None,
     }
 }
 
@@ -416,6 +437,28 @@ pub fn render_table(s: &ClusterStatus) -> String {
             );
         }
     }
+    if let Some(k) = s.keys.as_ref().filter(|k| !k.keys.is_empty()) {
+        let _ = writeln!(o);
+        let mut tenants: BTreeMap<&str, u32> = BTreeMap::new();
+        for key in &k.keys {
+            let g = tenants.entry(key.tenant.as_str()).or_default();
+            *g = (*g).max(key.generation);
+        }
+        for (t, g) in tenants {
+            let _ = writeln!(o, "tenant {t}: key generation {g}");
+        }
+        for p in &k.reencryption {
+            let _ = writeln!(
+                o,
+                "re-encryption {}: to key {}, moved {}, left {}{}",
+                p.tenant,
+                p.to.0,
+                bytes(Some(p.moved_bytes)),
+                bytes(Some(p.left_bytes)),
+                if p.left_bytes == 0 { " (done)" } else { "" }
+            );
+        }
+    }
     o
 }
 
@@ -469,8 +512,25 @@ mod tests {
                 lag_max: 3,
             }],
             mounts: vec![],
+            keys: Some(cfs_proto::tenant::KeyReport {
+                keys: vec![cfs_proto::tenant::KeyInfo {
+                    tenant: "lab".into(),
+                    id: cfs_proto::tenant::KeyId(3),
+                    generation: 2,
+                    made: 0,
+                }],
+                reencryption: vec![cfs_proto::tenant::Reencryption {
+                    tenant: "lab".into(),
+                    to: cfs_proto::tenant::KeyId(3),
+                    moved_bytes: 1 << 20,
+                    left_bytes: 0,
+                    at: 0,
+                }],
+            }),
         };
         let t = render_table(&st);
+        assert!(t.contains("tenant lab: key generation 2"), "{t}");
+        assert!(t.contains("re-encryption lab: to key 3, moved 1.0 MiB, left 0 B (done)"), "{t}");
         assert!(t.contains("DEGRADED"));
         assert!(t.contains("! shard 0 failed: disk"));
         assert!(t.contains("5.0 GiB"));

@@ -818,6 +818,7 @@ async fn a_mounts_root_is_squashed_unless_its_certificate_trusts_root() {
                 trust_root: false,
                 uid_map: vec![(1000, 4242)],
                 gid_map: vec![],
+                ..Default::default()
             },
         },
         "client-sq",

@@ -11,6 +11,7 @@ pub mod hold;
 pub mod lease;
 pub mod ops;
 pub mod rpc;
+pub mod tenant;
 pub mod tx;
 pub mod types;
 

@@ -204,6 +204,27 @@ pub enum Op {
         shard: ShardId,
         moves: Vec<Relocation>,
     },
+    /// A new generation of `tenant`'s data key (D51), sealed under the
+    /// master key: numbered with the shard's next key id; new stripes of
+    /// the tenant use it. At most [`TENANT_GENERATIONS_MAX`] per tenant.
+    /// Only metadata services propose these, on the first shard.
+    ///
+    /// [`TENANT_GENERATIONS_MAX`]: crate::tenant::TENANT_GENERATIONS_MAX
+    AddTenantKey {
+        shard: ShardId,
+        tenant: String,
+        /// A new generation of an existing key (else the first; EEXIST
+        /// if there is one, ENOKEY for a rotation of none).
+        rotate: bool,
+        wrapped: crate::tenant::WrappedKey,
+    },
+    /// How far re-encryption of a tenant's stripes has gone (D51), as the
+    /// collector measured it; kept per tenant, shown by `cfs admin keys`
+    /// and `cfs admin status`. Only metadata services propose these.
+    ReencryptProgress {
+        shard: ShardId,
+        progress: crate::tenant::Reencryption,
+    },
 }
 
 /// Segments one [`Op::FenceSegments`] entry may name.
@@ -268,7 +289,9 @@ impl Op {
             | Op::ForgetIdleClients { shard, .. }
             | Op::ConsumeToken { shard, .. }
             | Op::FenceSegments { shard, .. }
-            | Op::RelocateExtents { shard, .. } => make_ino(*shard, 1),
+            | Op::RelocateExtents { shard, .. }
+            | Op::AddTenantKey { shard, .. }
+            | Op::ReencryptProgress { shard, .. } => make_ino(*shard, 1),
         }
     }
 
@@ -316,6 +339,8 @@ impl Op {
                     | Op::ConsumeToken { .. }
                     | Op::FenceSegments { .. }
                     | Op::RelocateExtents { .. }
+                    | Op::AddTenantKey { .. }
+                    | Op::ReencryptProgress { .. }
             )
     }
 }
@@ -431,6 +456,24 @@ pub enum Request {
         token: String,
         csr_der: Vec<u8>,
     },
+    /// A tenant's data keys in the clear (D51): for a mount whose
+    /// certificate names the tenant (EACCES otherwise), a node or an
+    /// administrator. ENOKEY: the tenant has no key; EKEYREJECTED: this
+    /// node's master key does not open them.
+    TenantKeys {
+        tenant: String,
+    },
+    /// Makes a tenant's first key or (`rotate`) a new generation of it
+    /// (administrators and nodes only): `Reply::Keys` after it applied.
+    /// A first key for a tenant that has one is EEXIST; a rotation of a
+    /// tenant without one is ENOKEY.
+    MakeTenantKey {
+        tenant: String,
+        rotate: bool,
+    },
+    /// Every tenant's keys (no key bytes) and the re-encryption progress
+    /// (administrators and nodes only).
+    ListTenantKeys,
 }
 
 impl Request {
@@ -442,6 +485,7 @@ impl Request {
                 | Request::InvalAck { .. }
                 | Request::ReleaseLeases
                 | Request::Enroll { .. }
+                | Request::MakeTenantKey { .. }
         )
     }
 }
@@ -494,6 +538,8 @@ pub enum Reply {
     Enrolled {
         cert_pem: String,
     },
+    TenantKeys(crate::tenant::TenantKeys),
+    Keys(crate::tenant::KeyReport),
 }
 
 /// Messages from a node to a client.

@@ -55,8 +55,32 @@ call!(/// The extent map of `[offset, offset + len)`.
     Extents { ino: Ino, offset: u64, len: u64 } => Extents -> Vec<ExtentRef> = Reply::Extents(e) => e);
 call!(/// Stored stripes holding these chunks (inline dedupe).
     FindChunks { ids: Vec<ChunkId> } => FindChunks -> Vec<Option<Extent>> = Reply::Chunks(c) => c);
+call!(/// A tenant's data keys in the clear (D51).
+    TenantKeys { tenant: String } => TenantKeys -> crate::tenant::TenantKeys = Reply::TenantKeys(k) => k);
+call!(/// Makes a tenant's first key, or (`rotate`) its next generation.
+    MakeTenantKey { tenant: String, rotate: bool } => MakeTenantKey -> crate::tenant::KeyReport = Reply::Keys(k) => k);
 call!(/// A lock that would conflict with `lock`, if any.
     GetLock { ino: Ino, lock: LockRange } => GetLock -> Option<LockRange> = Reply::Lock(l) => l);
+
+/// Every tenant's keys (no key bytes) and re-encryption progress (D51).
+#[derive(Clone, Copy, Debug)]
+pub struct ListTenantKeys;
+
+impl From<ListTenantKeys> for Request {
+    fn from(_: ListTenantKeys) -> Request {
+        Request::ListTenantKeys
+    }
+}
+
+impl Call for ListTenantKeys {
+    type Reply = crate::tenant::KeyReport;
+    fn reply(r: Reply) -> Option<crate::tenant::KeyReport> {
+        match r {
+            Reply::Keys(k) => Some(k),
+            _ => None,
+        }
+    }
+}
 
 /// Capacity and use.
 #[derive(Clone, Copy, Debug)]

@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-pub use cfs_stripe::{ChunkId, Compression, Extent, Packing, SegmentId};
+pub use cfs_stripe::{ChunkId, Compression, Extent, Packing, Seal, SegmentId};
 
 /// An inode number. The high 16 bits name the shard that owns the inode
 /// (its attributes, and for a directory its entries); the low 48 bits are
@@ -67,6 +67,10 @@ impl Errno {
     /// Never returned to applications.
     pub const FREED_DATA: Errno = Errno(libc::EREMCHG);
     pub const EBUSY: Errno = Errno(libc::EBUSY);
+    /// A tenant has no key, or this mount was not given it (D51).
+    pub const ENOKEY: Errno = Errno(libc::ENOKEY);
+    /// The node's master key does not open a tenant's key (D51).
+    pub const EKEYREJECTED: Errno = Errno(libc::EKEYREJECTED);
     pub const E2BIG: Errno = Errno(libc::E2BIG);
     pub const EBADF: Errno = Errno(libc::EBADF);
     pub const EDEADLK: Errno = Errno(libc::EDEADLK);
@@ -143,6 +147,10 @@ pub struct Inode {
     /// so (set on a directory through [`DEDUPE_XATTR`], inherited like
     /// `compression`); `None`: as the writing mount's `--dedupe` says.
     pub dedupe: Option<bool>,
+    /// The tenant whose key seals this file's stripes (D51), from a
+    /// subtree's [`crate::tenant::TENANT_XATTR`], inherited like
+    /// `compression`; `None`: stored unsealed.
+    pub tenant: Option<String>,
 }
 
 /// The extended attribute that holds a subtree's compression policy

@@ -31,6 +31,8 @@ use crate::store::{FragmentInfo, StoreError};
 pub use cfs_stripe::Compression;
 use cfs_stripe::Packing;
 
+use crate::seal::{DataKey, KeyRing, SealError};
+
 /// How long one request may take before the server is treated as down.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Stripes a writer keeps in flight.
@@ -65,6 +67,12 @@ pub enum ClientError {
     },
     #[error("bad layout or placement: {0}")]
     Placement(String),
+    #[error("cannot open extent (segment {segment} stripe {stripe}): {error}")]
+    Sealed {
+        segment: SegmentId,
+        stripe: u32,
+        error: SealError,
+    },
 }
 
 type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Response>>>>;
@@ -357,11 +365,13 @@ pub fn default_min_durable(layout: Layout) -> usize {
 }
 
 /// How a writer stores each stripe.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 struct WritePolicy {
     /// Fragments that must be durable before the stripe is acknowledged.
     min_durable: usize,
     compression: Compression,
+    /// The data key stripes are sealed with (D51), if any.
+    seal: Option<Arc<DataKey>>,
 }
 
 async fn write_stripe(
@@ -376,10 +386,19 @@ async fn write_stripe(
     let WritePolicy {
         min_durable,
         compression,
+        seal: key,
     } = policy;
     let layout = codec.layout();
     let data_len = data.len() as u32;
     let (stored, packing) = crate::pack::pack(data, compression);
+    let (stored, packing, seal) = match &key {
+        None => (stored, packing, None),
+        Some(key) => {
+            let (stored, packing, seal) = crate::seal::seal(stored, packing, data_len, key)
+                .map_err(|e| ClientError::Placement(format!("sealing a stripe: {e}")))?;
+            (stored, packing, Some(seal))
+        }
+    };
     let frags = codec
         .encode(&stored)
         .map_err(|e| ClientError::Placement(e.to_string()))?;
@@ -457,6 +476,7 @@ async fn write_stripe(
         checksums,
         missing,
         chunk: None,
+        seal,
     })
 }
 
@@ -514,6 +534,7 @@ impl StripeWriter {
             policy: WritePolicy {
                 min_durable: default_min_durable(layout),
                 compression: Compression::Off,
+                seal: None,
             },
             segment: SegmentId::random(),
             next_stripe: 0,
@@ -535,6 +556,12 @@ impl StripeWriter {
         self.policy.compression = c;
     }
 
+    /// The key stripes launched from now on are sealed with (D51); `None`:
+    /// stored unsealed.
+    pub fn set_seal(&mut self, key: Option<Arc<DataKey>>) {
+        self.policy.seal = key;
+    }
+
     fn launch(&mut self, data: Vec<u8>) {
         if self.next_stripe >= SEGMENT_STRIPES_MAX {
             self.finished_segments.push(self.segment);
@@ -548,7 +575,7 @@ impl StripeWriter {
             self.nodes.clone(),
             self.next_stripe,
             data,
-            self.policy,
+            self.policy.clone(),
         ));
         self.next_stripe += 1;
         self.last_write = std::time::Instant::now();
@@ -687,13 +714,56 @@ pub struct ReadOutcome {
 pub struct StripeReader {
     client: Arc<SegmentClient>,
     codecs: Mutex<BTreeMap<(u8, u8), Arc<Codec>>>,
+    /// The keys sealed stripes are opened with (D51).
+    keys: Arc<KeyRing>,
 }
 
 impl StripeReader {
+    /// A reader without keys: sealed stripes are refused.
     pub fn new(client: Arc<SegmentClient>) -> Self {
+        Self::with_keys(client, Arc::default())
+    }
+
+    /// A reader opening sealed stripes with the keys of `keys`.
+    pub fn with_keys(client: Arc<SegmentClient>, keys: Arc<KeyRing>) -> Self {
         StripeReader {
             client,
             codecs: Mutex::new(BTreeMap::new()),
+            keys,
+        }
+    }
+
+    /// The frames `frames` of sealed stripe `e`, opened from their stored
+    /// bytes, then (if compressed) decompressed: their file bytes.
+    fn open(
+        &self,
+        e: &Extent,
+        seal: &cfs_stripe::Seal,
+        stored: &[u8],
+        frames: std::ops::Range<usize>,
+    ) -> Result<Vec<u8>, ClientError> {
+        let sealed = |error| ClientError::Sealed {
+            segment: e.segment,
+            stripe: e.stripe,
+            error,
+        };
+        let key = self.keys.get(seal.key).ok_or(sealed(SealError::NoKey(seal.key)))?;
+        let ends = e
+            .frame_ends()
+            .ok_or(sealed(SealError::Unsupported))?
+            .into_owned();
+        let opened =
+            crate::seal::open_frames(stored, &ends, frames.clone(), e.data_len, seal, &key)
+                .map_err(sealed)?;
+        match &e.packing {
+            Packing::Frames { .. } => crate::pack::unpack_frames(
+                &opened,
+                &crate::seal::unsealed_ends(&ends),
+                frames,
+                e.data_len as usize,
+            )
+            .map_err(|err| unreadable(e, err.to_string())),
+            _ => Ok(opened),
         }
     }
 
@@ -784,17 +854,23 @@ impl StripeReader {
                 "a stripe of one zstd frame is read whole".into(),
             ));
         }
-        let Packing::Frames { ends } = &e.packing else {
+        if e.frame_ends().is_none() {
             return self.read_stored_range(e, offset, len).await;
-        };
+        }
         let span = e.frame_span(offset, len).ok_or_else(|| {
             unreadable(format!("range {offset}+{len} outside the stripe's frames"))
         })?;
         let stored = self
             .read_stored_range(e, span.stored.start, span.stored.end - span.stored.start)
             .await?;
-        let data = crate::pack::unpack_frames(&stored, ends, span.frames, e.data_len as usize)
-            .map_err(|err| unreadable(err.to_string()))?;
+        let data = match (&e.seal, &e.packing) {
+            (Some(seal), _) => self.open(e, seal, &stored, span.frames)?,
+            (None, Packing::Frames { ends }) => {
+                crate::pack::unpack_frames(&stored, ends, span.frames, e.data_len as usize)
+                    .map_err(|err| unreadable(err.to_string()))?
+            }
+            (None, _) => return Err(unreadable("frames of a plain stripe".into())),
+        };
         let from = (offset - span.file_start) as usize;
         data.get(from..from + len as usize)
             .map(<[u8]>::to_vec)
@@ -931,8 +1007,18 @@ impl StripeReader {
         let stored = codec
             .decode(frags, e.stored_len() as usize)
             .map_err(|err| unreadable(err.to_string()))?;
-        let data = crate::pack::unpack(stored, &e.packing, e.data_len as usize)
-            .map_err(|err| unreadable(err.to_string()))?;
+        let data = match &e.seal {
+            Some(seal) => {
+                let frames = e.frame_ends().map_or(0, |x| x.len());
+                let data = self.open(e, seal, &stored, 0..frames)?;
+                if data.len() != e.data_len as usize {
+                    return Err(unreadable("sealed frames open to the wrong length".into()));
+                }
+                data
+            }
+            None => crate::pack::unpack(stored, &e.packing, e.data_len as usize)
+                .map_err(|err| unreadable(err.to_string()))?,
+        };
         Ok(ReadOutcome { data, bad })
     }
 }

@@ -20,6 +20,7 @@ pub use cfs_stripe::layout;
 pub mod proto;
 pub use serde_bytes::ByteBuf;
 pub mod repair;
+pub mod seal;
 pub mod server;
 pub mod server_metrics;
 pub mod store;

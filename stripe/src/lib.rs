@@ -52,7 +52,37 @@ pub struct Extent {
     /// later writer of the same bytes may name this stripe instead of
     /// storing them again.
     pub chunk: Option<ChunkId>,
+    /// The key the stored bytes are sealed with, when the file's tenant
+    /// has one (docs/decisions.md D51): every frame of [`FRAME_BYTES`]
+    /// file bytes (compressed or not) is sealed on its own with
+    /// XChaCha20-Poly1305, its 16-byte tag after it.
+    pub seal: Option<Seal>,
 }
+
+/// A tenant's data key, one generation of it: numbered by the namespace
+/// when the key is made (docs/decisions.md D51). Never reused.
+#[derive(
+    Copy, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, Default,
+)]
+pub struct KeyId(pub u64);
+
+impl std::fmt::Display for KeyId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "key {}", self.0)
+    }
+}
+
+/// How a stripe's stored bytes are sealed: under which key, and the
+/// stripe's random nonce (each frame's is derived from it and the
+/// frame's index).
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Seal {
+    pub key: KeyId,
+    pub nonce: [u8; 24],
+}
+
+/// Bytes the seal adds to each frame (the Poly1305 tag).
+pub const SEAL_TAG_BYTES: u32 = 16;
 
 /// A chunk's content address: blake3 of its file bytes, keyed by the
 /// dedupe domain's key, so that the same bytes have unrelated ids in two
@@ -110,6 +140,9 @@ impl Extent {
     /// Bytes erasure-coded into the fragments: the stored form.
     pub fn stored_len(&self) -> u32 {
         match &self.packing {
+            Packing::Plain if self.seal.is_some() => self
+                .data_len
+                .saturating_add(self.data_len.div_ceil(FRAME_BYTES) * SEAL_TAG_BYTES),
             Packing::Plain => self.data_len,
             Packing::Zstd { stored_len } => *stored_len,
             Packing::Frames { ends } => ends.last().copied().unwrap_or(0),
@@ -118,7 +151,28 @@ impl Extent {
 
     /// Whether the stored bytes are not the file bytes themselves.
     pub fn is_packed(&self) -> bool {
-        self.packing != Packing::Plain
+        self.packing != Packing::Plain || self.seal.is_some()
+    }
+
+    /// Where each frame's stored bytes end, when the stripe is stored as
+    /// frames: compressed ones, or sealed plain ones (each frame's file
+    /// bytes and its tag). `None` for unsealed plain bytes and a single
+    /// zstd frame.
+    pub fn frame_ends(&self) -> Option<std::borrow::Cow<'_, [u32]>> {
+        match &self.packing {
+            Packing::Frames { ends } => Some(std::borrow::Cow::Borrowed(ends)),
+            Packing::Plain if self.seal.is_some() => {
+                let frames = self.data_len.div_ceil(FRAME_BYTES);
+                Some(std::borrow::Cow::Owned(
+                    (1..=frames)
+                        .map(|i| {
+                            (i * FRAME_BYTES).min(self.data_len) + i * SEAL_TAG_BYTES
+                        })
+                        .collect(),
+                ))
+            }
+            _ => None,
+        }
     }
 
     /// Whether a part of the stripe can be read without the whole (plain
@@ -131,9 +185,7 @@ impl Extent {
     /// framed stripe; `None` for other packings, an empty or out-of-range
     /// part, or frame ends that do not fit the stripe.
     pub fn frame_span(&self, offset: u32, len: u32) -> Option<FrameSpan> {
-        let Packing::Frames { ends } = &self.packing else {
-            return None;
-        };
+        let ends = self.frame_ends()?;
         let end = offset.checked_add(len)?;
         if len == 0 || end > self.data_len {
             return None;
@@ -154,7 +206,7 @@ impl Extent {
     /// disk, counted per segment by the garbage collector.
     pub fn stored_share(&self, len: u64) -> u64 {
         match self.packing {
-            Packing::Plain => len,
+            Packing::Plain if self.seal.is_none() => len,
             _ => {
                 let d = u128::from(self.data_len.max(1));
                 (u128::from(len) * u128::from(self.stored_len()) / d) as u64
@@ -247,6 +299,7 @@ mod tests {
             checksums: vec![],
             missing: vec![],
             chunk: None,
+            seal: None,
         };
         assert_eq!(e.stored_len(), 4010);
         assert!(e.reads_in_parts());
@@ -305,6 +358,7 @@ mod tests {
             checksums: vec![],
             missing: vec![],
             chunk: None,
+            seal: None,
         };
         assert_eq!(e.stored_share(1000), 250);
         assert_eq!(e.stored_share(10), 2);

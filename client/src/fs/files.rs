@@ -39,6 +39,15 @@ impl CfsFs {
                             let _ = k.inval_inode(ino, -1, 0);
                         }
                     }
+                    // A tenant's file opens only with its keys (D51):
+                    // EACCES if this mount may not have them, ENOKEY if
+                    // the tenant has none.
+                    if let Some(t) = i.tenant.as_deref().filter(|_| i.is_reg()) {
+                        if let Err(e) = sh.tenant_seal(t).await {
+                            reply.error(sh.errno(e.0));
+                            return;
+                        }
+                    }
                     let st = sh.file(ino);
                     st.opens.fetch_add(1, Ordering::SeqCst);
                     {

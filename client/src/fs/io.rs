@@ -8,11 +8,13 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use cfs_proto::ops::{LateAttrs, Op, FIND_CHUNKS_MAX};
-use cfs_proto::rpc::{Extents, FindChunks, Mutated};
+use cfs_proto::rpc::{Extents, FindChunks, Mutated, TenantKeys};
 use cfs_proto::types::*;
 use tracing::{debug, Instrument};
 
 use super::{FileInner, FlushFor, Shared};
+use crate::data::Storing;
+use crate::tenants::TenantSeal;
 
 /// Reads at most this long that do not follow the previous read fetch
 /// only what they cover.
@@ -133,25 +135,27 @@ impl Shared {
     /// A commit refused because a segment it names is being freed (the
     /// stripes landed in a segment sealed and found unreferenced before
     /// this commit, D48) writes the bytes again, into new stripes, up to
-    /// [`REWRITES_MAX`] times. Stripes are stored as `packing` says (the
-    /// file's policy, else the mount's `--compress`), deduplicated if
-    /// `dedupe` (likewise, `--dedupe`).
+    /// [`REWRITES_MAX`] times. Stripes are stored as `how` says (the
+    /// file's policy, else the mount's `--compress` and `--dedupe`;
+    /// sealed with the file's tenant's key).
     pub(super) async fn commit_ranges(
         &self,
         ino: Ino,
         writer: &Creds,
         ranges: &[(u64, Vec<u8>)],
         late: Option<LateAttrs>,
-        packing: Compression,
-        dedupe: bool,
+        how: &Storing,
     ) -> Result<Option<Inode>, Errno> {
         let mut tries = 0;
         loop {
             // A rewrite stores the bytes anew: a chunk found stored may be
             // what is being freed.
-            let dedupe = dedupe && tries == 0;
+            let how = Storing {
+                dedupe: how.dedupe && tries == 0,
+                ..how.clone()
+            };
             match self
-                .commit_ranges_once(ino, writer, ranges, late.clone(), packing, dedupe)
+                .commit_ranges_once(ino, writer, ranges, late.clone(), &how)
                 .await
             {
                 Err(e) if e == Errno::FREED_DATA && tries < REWRITES_MAX => {
@@ -174,29 +178,29 @@ impl Shared {
         writer: &Creds,
         ranges: &[(u64, Vec<u8>)],
         late: Option<LateAttrs>,
-        packing: Compression,
-        dedupe: bool,
+        how: &Storing,
     ) -> Result<Option<Inode>, Errno> {
         let span = tracing::debug_span!("flush", ino, ranges = ranges.len());
         // Bytes below INLINE_BYTES_MAX ride in the commit itself; the rest
-        // goes to stripes.
+        // goes to stripes. A tenant's bytes always go to sealed stripes:
+        // the log and the namespace never hold them in the clear (D51).
         let (small, large): (Vec<_>, Vec<_>) = ranges
             .iter()
             .filter(|(_, d)| !d.is_empty())
-            .partition(|(o, d)| o + d.len() as u64 <= INLINE_BYTES_MAX);
+            .partition(|(o, d)| how.seal.is_none() && o + d.len() as u64 <= INLINE_BYTES_MAX);
         let mut refs: Vec<ExtentRef> = small
             .into_iter()
             .map(|(o, d)| inline_extent(*o, d))
             .collect();
         if !large.is_empty() {
             let large: Vec<(u64, &[u8])> = large.iter().map(|(o, d)| (*o, d.as_slice())).collect();
-            let written = if dedupe {
-                self.write_deduplicated(&large, packing)
+            let written = if how.dedupe {
+                self.write_deduplicated(&large, how)
                     .instrument(span)
                     .await?
             } else {
                 self.data
-                    .write_ranges(&large, packing)
+                    .write_ranges(&large, how)
                     .instrument(span)
                     .await?
             };
@@ -247,9 +251,9 @@ impl Shared {
     async fn write_deduplicated(
         &self,
         ranges: &[(u64, &[u8])],
-        packing: Compression,
+        how: &Storing,
     ) -> Result<Vec<ExtentRef>, Errno> {
-        let plan = self.data.plan_chunks(ranges);
+        let plan = self.data.plan_chunks(ranges, how);
         // What this mount wrote lately first (the cluster's index may not
         // have applied it yet), then the cluster for the rest.
         let mut found: Vec<Option<_>> =
@@ -275,7 +279,7 @@ impl Shared {
                 }
             }
         }
-        self.data.write_chunks(ranges, &plan, &found, packing).await
+        self.data.write_chunks(ranges, &plan, &found, how).await
     }
 
     /// Waits for the background flush of this inode, if any.
@@ -334,16 +338,16 @@ impl Shared {
         f: &mut FileInner,
     ) -> Result<(), Errno> {
         self.join_inflight(f).await?;
+        // Keys first: without them nothing is taken from the buffer.
+        let how = self.storing(f).await?;
         let ranges: Arc<Vec<(u64, Vec<u8>)>> =
             Arc::new(std::mem::take(&mut f.dirty).into_iter().collect());
         f.dirty_bytes = 0;
         let writer = f.writer.clone().unwrap_or_else(Creds::root);
-        let packing = f.compression.unwrap_or(self.opts.compression);
-        let dedupe = f.dedupe.unwrap_or(self.opts.dedupe);
         let (sh, r2) = (self.clone(), ranges.clone());
         let h = tokio::spawn(async move {
             let r = sh
-                .commit_ranges(ino, &writer, &r2, None, packing, dedupe)
+                .commit_ranges(ino, &writer, &r2, None, &how)
                 .await
                 .map(|_| ());
             if r.is_err() {
@@ -367,11 +371,13 @@ impl Shared {
         f.dirty_bytes = 0;
         let late = f.late.take();
         let writer = f.writer.clone().unwrap_or_else(Creds::root);
-        let packing = f.compression.unwrap_or(self.opts.compression);
-        let dedupe = f.dedupe.unwrap_or(self.opts.dedupe);
-        let committed = self
-            .commit_ranges(ino, &writer, &ranges, late.clone(), packing, dedupe)
-            .await;
+        let committed = match self.storing(f).await {
+            Ok(how) => {
+                self.commit_ranges(ino, &writer, &ranges, late.clone(), &how)
+                    .await
+            }
+            Err(e) => Err(e),
+        };
         if let Err(e) = committed {
             if e == Errno::EPERM || e == Errno::EACCES {
                 // The bytes were committed; the deferred setattr was
@@ -500,6 +506,11 @@ impl Shared {
         let len = (size as u64).min(fsize - off);
         let mut buf = vec![0u8; len as usize];
         let refs = self.extents(ino, &mut f, off, len).await?;
+        let tenant = f
+            .tenant
+            .clone()
+            .or_else(|| server.as_ref().and_then(|i| i.tenant.clone()));
+        self.keys_for(tenant.as_deref(), &refs).await?;
         let inflight = f.inflight.as_ref().map(|(r, _)| r.clone());
         // A small read that does not continue the last one fetches only
         // the verified groups it covers, not the whole stripe (`proof` in
@@ -707,6 +718,81 @@ impl Shared {
         }
     }
 
+    /// How `f`'s bytes are stored: its policy, else the mount's; sealed
+    /// with its tenant's newest key (fetched if this mount has none fresh:
+    /// ENOKEY if the tenant has none, EACCES if this mount may not have
+    /// it, D51).
+    pub(super) async fn storing(&self, f: &FileInner) -> Result<Storing, Errno> {
+        let seal = match &f.tenant {
+            Some(t) => Some(self.tenant_seal(t).await?),
+            None => None,
+        };
+        Ok(Storing {
+            packing: f.compression.unwrap_or(self.opts.compression),
+            dedupe: f.dedupe.unwrap_or(self.opts.dedupe),
+            seal,
+        })
+    }
+
+    /// `tenant`'s keys: this mount's if fresh, else asked of the cluster.
+    pub(super) async fn tenant_seal(&self, tenant: &str) -> Result<Arc<TenantSeal>, Errno> {
+        if let Some(s) = self.tenants.fresh(tenant) {
+            return Ok(s);
+        }
+        let keys = self
+            .meta
+            .rpc(
+                TenantKeys {
+                    tenant: tenant.to_string(),
+                },
+                false,
+            )
+            .await
+            .inspect_err(|errno| tracing::warn!(tenant, %errno, "tenant keys refused"))?;
+        self.tenants.learn(keys).ok_or(Errno::ENOKEY)
+    }
+
+    /// Makes sure this mount holds the key of every sealed stripe in
+    /// `refs` (a rotation since it last asked adds one): ENOKEY if the
+    /// file's tenant does not give it.
+    pub(super) async fn keys_for(
+        &self,
+        tenant: Option<&str>,
+        refs: &[ExtentRef],
+    ) -> Result<(), Errno> {
+        let missing = refs.iter().find_map(|r| match &r.backing {
+            Backing::Stripe(x) => x.seal.filter(|s| !self.tenants.has_key(s.key)),
+            Backing::Inline(_) => None,
+        });
+        let Some(seal) = missing else {
+            return Ok(());
+        };
+        let Some(tenant) = tenant else {
+            tracing::warn!(key = %seal.key, "a sealed stripe in a file of no tenant");
+            return Err(Errno::ENOKEY);
+        };
+        self.tenant_seal(tenant).await?;
+        if self.tenants.has_key(seal.key) {
+            return Ok(());
+        }
+        // Fetched moments ago but older than the key: ask again.
+        let keys = self
+            .meta
+            .rpc(
+                TenantKeys {
+                    tenant: tenant.to_string(),
+                },
+                true,
+            )
+            .await?;
+        self.tenants.learn(keys);
+        if self.tenants.has_key(seal.key) {
+            Ok(())
+        } else {
+            Err(Errno::ENOKEY)
+        }
+    }
+
     /// copy_file_range by reference: the destination maps the source's
     /// stripes; no data moves.
     pub(super) async fn copy_range(
@@ -728,6 +814,13 @@ impl Shared {
         let src = self.getattr(ino_in, true).await?;
         if !src.is_reg() {
             return Err(Errno::EINVAL);
+        }
+        // A file's stripes are sealed with its tenant's keys: another
+        // tenant's (or no tenant's) file does not map them (the caller
+        // copies the bytes instead, D51).
+        let dst = self.getattr(ino_out, true).await?;
+        if src.tenant != dst.tenant {
+            return Err(Errno::EXDEV);
         }
         if off_in >= src.size {
             return Ok(0);
@@ -759,11 +852,12 @@ impl Shared {
                 let Backing::Inline(b) = p.backing else {
                     unreachable!("matched inline")
                 };
-                out.extend(
-                    self.data
-                        .write_ranges(&[(p.offset, &b)], self.opts.compression)
-                        .await?,
-                );
+                let how = Storing {
+                    packing: self.opts.compression,
+                    dedupe: false,
+                    seal: None,
+                };
+                out.extend(self.data.write_ranges(&[(p.offset, &b)], &how).await?);
                 continue;
             }
             out.push(p);

@@ -80,6 +80,9 @@ struct FileInner {
     compression: Option<cfs_proto::types::Compression>,
     /// The file's dedupe policy as last seen (likewise).
     dedupe: Option<bool>,
+    /// The file's tenant (D51): its stripes are sealed with the tenant's
+    /// key. Never changes once the file exists.
+    tenant: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -115,6 +118,7 @@ impl FileInner {
     fn opened_as(&mut self, i: &Inode, ttl: Duration) {
         self.compression = i.compression;
         self.dedupe = i.dedupe;
+        self.tenant = i.tenant.clone();
         if self.dirty.is_empty() && self.inflight.is_none() && self.late.is_none() {
             self.size = Some(i.size);
             self.opened = Some((i.clone(), Instant::now() + ttl));
@@ -155,6 +159,9 @@ impl FileState {
 struct Shared {
     meta: Arc<MetaClient>,
     data: Arc<DataPath>,
+    /// The tenants' keys this mount holds (D51; its readers share the
+    /// ring).
+    tenants: Arc<crate::tenants::Tenants>,
     opts: MountOptions,
     files: Mutex<HashMap<Ino, Arc<FileState>>>,
     /// Unlinked inodes whose last close must reclaim them.
@@ -299,6 +306,7 @@ impl CfsFs {
         rt: tokio::runtime::Handle,
         meta: Arc<MetaClient>,
         data: Arc<DataPath>,
+        tenants: Arc<crate::tenants::Tenants>,
         opts: MountOptions,
     ) -> Self {
         let sh = Arc::new(Shared {
@@ -317,6 +325,7 @@ impl CfsFs {
             next_fh: AtomicU64::new(1),
             handles: Mutex::default(),
             kept_bytes: Arc::default(),
+            tenants,
             kernel: Arc::default(),
         });
         rt.spawn(holds::renew_forever(Arc::downgrade(&sh)));

@@ -208,6 +208,14 @@ impl CfsFs {
     ) {
         let (sh, c, name) = (self.sh.clone(), self.sh.groups.creds(req), name_of(name));
         self.spawn("create", async move {
+            // A tenant's directory (as cached): nothing is made in it
+            // without the tenant's keys (D51).
+            if let Some(t) = sh.meta.cache.get(parent).and_then(|p| p.tenant) {
+                if let Err(e) = sh.tenant_seal(&t).await {
+                    reply.error(sh.errno(e.0));
+                    return;
+                }
+            }
             let r = sh
                 .mutate_attr(
                     c.clone(),
@@ -230,6 +238,12 @@ impl CfsFs {
                         // New (not an existing file O_CREAT opened): no
                         // attributes yet.
                         sh.no_caps.record(i.ino, sh.opts.ttl());
+                    }
+                    if let Some(t) = i.tenant.as_deref() {
+                        if let Err(e) = sh.tenant_seal(t).await {
+                            reply.error(sh.errno(e.0));
+                            return;
+                        }
                     }
                     let st = sh.file(i.ino);
                     st.opens.fetch_add(1, Ordering::SeqCst);

@@ -24,6 +24,17 @@ pub(super) async fn setxattr(
         reply.error(sh.errno(e.0));
         return;
     }
+    if name == cfs_proto::tenant::TENANT_XATTR {
+        // A subtree is given only a tenant with a key this mount may use
+        // (D51): its files could not be written otherwise.
+        let tenant = String::from_utf8_lossy(&value).trim().to_string();
+        if cfs_proto::tenant::valid_tenant(&tenant) {
+            if let Err(e) = sh.tenant_seal(&tenant).await {
+                reply.error(sh.errno(e.0));
+                return;
+            }
+        }
+    }
     let r = sh
         .mutate(
             c,

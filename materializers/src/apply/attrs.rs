@@ -2,6 +2,7 @@
 //! attributes (set, remove, and who may touch which namespace).
 
 use crate::acl;
+use cfs_proto::tenant::{valid_tenant, TENANT_XATTR};
 use crate::keys;
 use crate::ops::Applied;
 use crate::perm::{self, W};
@@ -199,6 +200,25 @@ pub(super) fn setxattr(
         put_inode(t, &i);
         return Ok(Applied::Attr(i));
     }
+    if name == TENANT_XATTR {
+        // A tenant is a certificate label; whether it has a key is the
+        // first shard's to say (the mount asks before setting it).
+        let tenant = std::str::from_utf8(value)
+            .ok()
+            .map(str::trim)
+            .filter(|v| valid_tenant(v))
+            .ok_or(Errno::EINVAL)?;
+        // A file's tenant never changes: its sealed stripes name its
+        // tenant's keys (D51). Only directories take a new one.
+        if !i.is_dir() {
+            return Err(Errno::EPERM.into());
+        }
+        i.tenant = Some(tenant.to_string());
+        t.put_raw(keys::xattr(ino, name), tenant.as_bytes().to_vec());
+        i.ctime = now;
+        put_inode(t, &i);
+        return Ok(Applied::Attr(i));
+    }
     t.put_raw(keys::xattr(ino, name), value.to_vec());
     i.ctime = now;
     put_inode(t, &i);
@@ -226,6 +246,12 @@ pub(super) fn removexattr(
     }
     if name == DEDUPE_XATTR {
         i.dedupe = None;
+    }
+    if name == TENANT_XATTR {
+        if !i.is_dir() {
+            return Err(Errno::EPERM.into());
+        }
+        i.tenant = None;
     }
     i.ctime = now;
     put_inode(t, &i);

@@ -290,6 +290,7 @@ pub fn ensure_root(txn: &mut Txn<'_>, shard: ShardId) -> Result<(), DbError> {
         acl: None,
         compression: None,
         dedupe: None,
+        tenant: None,
     };
     txn.put(keys::inode(ROOT_INO), &root);
     txn.put(keys::next_ino(shard), &2u64);
@@ -454,6 +455,15 @@ fn apply_inner(
             fence,
         } => data::fence_segments(t, now, *shard, segments, *fence),
         Op::RelocateExtents { shard, moves } => data::relocate(t, *shard, moves),
+        Op::AddTenantKey {
+            shard,
+            tenant,
+            rotate,
+            wrapped,
+        } => crate::tenant_keys::add(t, *shard, now, tenant, *rotate, wrapped),
+        Op::ReencryptProgress { shard, progress } => {
+            crate::tenant_keys::progress(t, *shard, progress)
+        }
         Op::ReleaseLocks {
             ino,
             client,

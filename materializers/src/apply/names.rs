@@ -2,6 +2,7 @@
 //! devices), link, unlink, rmdir and rename.
 
 use crate::keys;
+use cfs_proto::tenant::TENANT_XATTR;
 use crate::ops::Applied;
 use crate::perm::{self, W, X};
 use crate::store::Txn;
@@ -148,6 +149,7 @@ pub(super) fn create(
         // A subtree's compression policy goes to what is made in it.
         compression: p.compression,
         dedupe: p.dedupe,
+        tenant: p.tenant.clone(),
     };
     let mut i = i;
     if let Some(d) = inherited {
@@ -171,6 +173,10 @@ pub(super) fn create(
         );
     } else {
         i.dedupe = None;
+    }
+    match i.tenant.clone().filter(|_| kind != libc::S_IFLNK) {
+        Some(tn) => t.put_raw(keys::xattr(ino, TENANT_XATTR), tn.into_bytes()),
+        None => i.tenant = None,
     }
     if let Some(tg) = target {
         t.put_raw(keys::symlink(ino), tg.to_vec());

@@ -89,6 +89,7 @@ async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
                         )),
                         None => None,
                     },
+                    master_key: master_key(&cfg)?.map(std::sync::Arc::new),
                 },
                 node.clone(),
             )
@@ -193,6 +194,24 @@ fn main() -> std::process::ExitCode {
             error!("{e:#}");
             eprintln!("cfs-node: {e:#}");
             std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// The master key from `master_key_file`, else `CFS_MASTER_KEY`, else
+/// none (D51).
+fn master_key(cfg: &NodeConfig) -> anyhow::Result<Option<cfs_meta::tenant_keys::MasterKey>> {
+    use cfs_meta::tenant_keys::{MasterKey, MASTER_KEY_ENV};
+    if let Some(path) = &cfg.master_key_file {
+        return Ok(Some(MasterKey::load(path)?));
+    }
+    match std::env::var(MASTER_KEY_ENV) {
+        Ok(hex) => Ok(Some(
+            MasterKey::from_hex(&hex).with_context(|| format!("reading {MASTER_KEY_ENV}"))?,
+        )),
+        Err(_) => {
+            tracing::info!("no master key (master_key_file, {MASTER_KEY_ENV}): tenants' keys are neither made nor handed out by this node");
+            Ok(None)
         }
     }
 }

@@ -259,6 +259,9 @@ enum CaCmd {
         /// Map the mount's gid FROM to the cluster's gid TO (FROM:TO; repeat).
         #[arg(long, requires = "client", value_parser = parse_id_map)]
         map_gid: Vec<(u32, u32)>,
+        /// The mount may have this tenant's data keys (repeat; D51).
+        #[arg(long, requires = "client")]
+        tenant: Vec<String>,
         #[arg(long, default_value_t = cfs_net::ca::CERT_VALID_DAYS)]
         days: i64,
     },
@@ -316,6 +319,9 @@ enum AdminCmd {
     /// what is created in it from then on).
     #[command(subcommand)]
     Policy(PolicyCmd),
+    /// Tenants' data keys (encryption at rest, D51).
+    #[command(subcommand)]
+    Keys(KeysCmd),
     /// The cluster as its daemons report it: health, leaders, lag,
     /// capacity, mounts, and every daemon's metrics URL.
     Status {
@@ -332,6 +338,34 @@ enum AdminCmd {
 }
 
 #[derive(Subcommand)]
+enum KeysCmd {
+    /// Make TENANT's first key (sealed under the master key, in the log).
+    Create {
+        tenant: String,
+        /// A local cluster made by `cfs up`.
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Make a new generation of TENANT's key: new stripes use it within
+    /// seconds; the collector re-encrypts the older stripes in the
+    /// background (progress: `cfs admin keys list`, `cfs admin status`).
+    Rotate {
+        tenant: String,
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Every tenant's key generations (never key bytes) and how far
+    /// re-encryption has gone.
+    List {
+        #[arg(long)]
+        dir: PathBuf,
+        /// JSON instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
 enum PolicyCmd {
     /// Set PATH's policy (root, on a mount).
     Set {
@@ -342,6 +376,11 @@ enum PolicyCmd {
         /// Whether new files' stripes are deduplicated: `on` or `off`.
         #[arg(long, value_parser = on_off, action = clap::ArgAction::Set)]
         dedupe: Option<bool>,
+        /// Seal new files' stripes with this tenant's key (it must have
+        /// one: `cfs admin keys create TENANT`); its dedupe domain is its
+        /// own.
+        #[arg(long, value_name = "TENANT")]
+        encrypt: Option<String>,
     },
     /// Print PATH's policy (`mount default`: none set).
     Get { path: PathBuf },
@@ -379,6 +418,9 @@ enum TokenCmd {
         /// Map the mount's gid FROM to the cluster's gid TO (FROM:TO; repeat).
         #[arg(long, value_parser = parse_id_map)]
         map_gid: Vec<(u32, u32)>,
+        /// The mount may have this tenant's data keys (repeat; D51).
+        #[arg(long)]
+        tenant: Vec<String>,
     },
 }
 
@@ -447,10 +489,19 @@ fn admin_cmd(c: AdminCmd) -> anyhow::Result<()> {
             path,
             compress,
             dedupe,
+            encrypt,
         }) => {
-            cfs_node::policy::set(&path, cfs_node::policy::Policy { compress, dedupe })?;
+            cfs_node::policy::set(
+                &path,
+                cfs_node::policy::Policy {
+                    compress,
+                    dedupe,
+                    tenant: encrypt,
+                },
+            )?;
             println!("{}: {}", path.display(), cfs_node::policy::get(&path)?);
         }
+        AdminCmd::Keys(cmd) => keys(cmd)?,
         AdminCmd::Policy(PolicyCmd::Get { path }) => {
             println!("{}: {}", path.display(), cfs_node::policy::get(&path)?)
         }
@@ -469,6 +520,7 @@ fn admin_cmd(c: AdminCmd) -> anyhow::Result<()> {
             trust_root,
             map_uid,
             map_gid,
+            tenant,
         }) => {
             let ca_dir = match (ca_dir, dir) {
                 (Some(d), None) => d,
@@ -484,6 +536,8 @@ fn admin_cmd(c: AdminCmd) -> anyhow::Result<()> {
                 trust_root,
                 uid_map: map_uid,
                 gid_map: map_gid,
+                tenants: tenant,
+                any_tenant: false,
             };
             let token = ca.token_key().mint(&client, policy, now, ttl)?;
             eprintln!("a one-time token for client {client}, valid {ttl} s:");
@@ -533,6 +587,7 @@ fn ca_cmd(c: CaCmd) -> anyhow::Result<()> {
             trust_root,
             map_uid,
             map_gid,
+            tenant,
             days,
         } => {
             let (who, default_stem) = match (node, admin, client) {
@@ -545,6 +600,8 @@ fn ca_cmd(c: CaCmd) -> anyhow::Result<()> {
                             trust_root,
                             uid_map: map_uid,
                             gid_map: map_gid,
+                            tenants: tenant,
+                            any_tenant: false,
                         },
                     },
                     format!("client-{name}"),
@@ -1134,6 +1191,31 @@ fn main() -> anyhow::Result<()> {
             rt.block_on(cfs_node::segtools::repair(&dir, node))?;
         }
         Cmd::WalBench { dir, size, entries } => wal_bench(&dir, size, entries)?,
+    }
+    Ok(())
+}
+
+fn keys(cmd: KeysCmd) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    match cmd {
+        KeysCmd::Create { tenant, dir } => {
+            let r = rt.block_on(cfs_node::keys::make(&dir, &tenant, false))?;
+            print!("{}", cfs_node::keys::render(&r));
+        }
+        KeysCmd::Rotate { tenant, dir } => {
+            let r = rt.block_on(cfs_node::keys::make(&dir, &tenant, true))?;
+            print!("{}", cfs_node::keys::render(&r));
+        }
+        KeysCmd::List { dir, json } => {
+            let r = rt.block_on(cfs_node::keys::report(&dir))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                print!("{}", cfs_node::keys::render(&r));
+            }
+        }
     }
     Ok(())
 }
