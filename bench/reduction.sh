@@ -20,6 +20,9 @@
 #     medians of RUNS runs, through each mount in alternation; ratios on
 #     the run's own `off` figures. Goal: >= 0.70 of off for
 #     incompressible data.
+#     A fourth target, `enc`, is a directory of the `on` mount whose
+#     files are also sealed with a tenant's key (`cfs admin policy set
+#     DIR --encrypt bench`, D51): what encryption at rest costs on top.
 #  3. duplicated data: SIZE_MIB of random bytes from a local file copied
 #     (dd, 1 MiB blocks, fsync) into each mount once, then again into a
 #     second file: the second copy's MB/s, medians of RUNS, ratios on
@@ -83,6 +86,11 @@ ZS="$WORK/zstd"
 mount_one "$ON" on
 mount_one "$ZS" zstd --dedupe off
 mount_one "$OFF" off --compress off --dedupe off
+# The `enc` target: a tenant's directory on the `on` mount.
+"$CFS" admin keys create bench --dir "$CL" >/dev/null
+mkdir "$ON/enc"
+"$CFS" admin policy set "$ON/enc" --encrypt bench >/dev/null
+ln -s "$ON/enc" "$WORK/enc"
 counter() { # NAME METRIC
   curl -s "$(cat "$WORK/$1.url")" | awk -v m="$2" '$1 ~ "^"m"({|$)" {s += $2} END {printf "%d\n", s}'
 }
@@ -152,7 +160,7 @@ for kind in incompressible compressible; do
   declare -A W R
   W=() R=()
   for i in $(seq 1 "$RUNS"); do
-    for m in off on; do
+    for m in off on enc; do
       dir=$WORK/$m
       rm -f "$dir/seq.bin"
       drop
@@ -164,12 +172,12 @@ for kind in incompressible compressible; do
   done
   woff=$(echo ${W[off]} | tr ' ' '\n' | median)
   roff=$(echo ${R[off]} | tr ' ' '\n' | median)
-  for m in off on; do
+  for m in off on enc; do
     w=$(echo ${W[$m]} | tr ' ' '\n' | median)
     r=$(echo ${R[$m]} | tr ' ' '\n' | median)
     echo "| $kind | $m | $w | $r | $(ratio "$w" "$woff") | $(ratio "$r" "$roff") |"
   done
-  echo "$kind runs: write off [${W[off]}] on [${W[on]}]; read off [${R[off]}] on [${R[on]}]" >&2
+  echo "$kind runs: write off [${W[off]}] on [${W[on]}] enc [${W[enc]}]; read off [${R[off]}] on [${R[on]}] enc [${R[enc]}]" >&2
 done
 
 # --- 3. duplicated data ---------------------------------------------------------
@@ -187,7 +195,7 @@ echo "|---|---|---|---|"
 declare -A D
 D=()
 for i in $(seq 1 "$RUNS"); do
-  for m in off on; do
+  for m in off on enc; do
     dir=$WORK/$m
     rm -f "$dir"/dup-*.bin
     dd_mbs "$WORK/dup.bin" "$dir/dup-a.bin" >/dev/null
@@ -197,8 +205,8 @@ for i in $(seq 1 "$RUNS"); do
   done
 done
 doff=$(echo ${D[off]} | tr ' ' '\n' | median)
-for m in off on; do
+for m in off on enc; do
   d=$(echo ${D[$m]} | tr ' ' '\n' | median)
   echo "| duplicated (${SIZE_MIB} MiB random, written twice) | $m | $d | $(ratio "$d" "$doff") |"
 done
-echo "duplicated runs: off [${D[off]}] on [${D[on]}]" >&2
+echo "duplicated runs: off [${D[off]}] on [${D[on]}] enc [${D[enc]}]" >&2

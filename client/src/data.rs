@@ -322,14 +322,11 @@ impl DataPath {
             let bytes = &data[c.bytes.clone()];
             let offset = off + c.bytes.start as u64;
             let len = bytes.len() as u64;
-            let same = found
-                .get(i)
-                .and_then(Option::as_ref)
-                .filter(|x| {
-                    x.chunk == Some(c.id)
-                        && u64::from(x.data_len) == len
-                        && x.seal.is_some() == how.seal.is_some()
-                });
+            let same = found.get(i).and_then(Option::as_ref).filter(|x| {
+                x.chunk == Some(c.id)
+                    && u64::from(x.data_len) == len
+                    && x.seal.is_some() == how.seal.is_some()
+            });
             if let Some(x) = same {
                 self.stats.chunk_flushed(true, len);
                 out[i] = Some(ExtentRef {

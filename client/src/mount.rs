@@ -88,7 +88,13 @@ pub fn mount(mountpoint: &Path, opts: MountOptions) -> Result<(), MountError> {
         let _g = rt.enter();
         meta.keep_leases();
     }
-    let fs = CfsFs::new(rt.handle().clone(), meta.clone(), data, tenants, opts.clone());
+    let fs = CfsFs::new(
+        rt.handle().clone(),
+        meta.clone(),
+        data,
+        tenants,
+        opts.clone(),
+    );
     let known = fs.known();
     let forget = fs.forget_cached();
     let kernel = fs.kernel_slot();

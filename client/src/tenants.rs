@@ -128,7 +128,10 @@ mod tests {
         assert!(t.fresh("b").is_none());
         // Another tenant's chunk ids are made with its own key.
         t.learn(keys("bb", &[2]));
-        let (a, b) = (t.chunk_key_of(KeyId(1)).unwrap(), t.chunk_key_of(KeyId(2)).unwrap());
+        let (a, b) = (
+            t.chunk_key_of(KeyId(1)).unwrap(),
+            t.chunk_key_of(KeyId(2)).unwrap(),
+        );
         assert_ne!(a.id(b"same bytes"), b.id(b"same bytes"));
         assert!(t.learn(keys("c", &[])).is_none());
     }

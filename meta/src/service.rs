@@ -471,7 +471,10 @@ impl MetaService {
         progress: cfs_proto::tenant::Reencryption,
     ) -> Result<(), Errno> {
         let shard = self.inner.keys_shard()?;
-        let op = Op::ReencryptProgress { shard, progress };
+        let op = Op::ReencryptProgress {
+            shard,
+            progress: Box::new(progress),
+        };
         self.inner.propose_service_op(shard, op).await?.map(|_| ())
     }
 
@@ -1747,7 +1750,7 @@ impl Inner {
             shard,
             tenant: tenant.to_string(),
             rotate,
-            wrapped,
+            wrapped: Box::new(wrapped),
         };
         self.propose_service_op(shard, op).await??;
         info!(tenant, rotate, "tenant key made");

@@ -11,10 +11,10 @@
 
 use std::path::Path;
 
-use chacha20poly1305::aead::{Aead, KeyInit, Payload};
-use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 use cfs_proto::tenant::{ChunkKeyBytes, ClearKey, TenantKeyRecord, TenantKeys, WrappedKey};
 use cfs_proto::types::Errno;
+use chacha20poly1305::aead::{Aead, KeyInit, Payload};
+use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 
 /// The environment variable a master key may come from (64 hex digits),
 /// when no file is configured.
@@ -192,9 +192,18 @@ mod tests {
     #[test]
     fn master_keys_are_64_hex_digits() {
         assert!(MasterKey::from_hex(&format!("{}\n", "ab".repeat(32))).is_ok());
-        for bad in ["", "ab", &"zz".repeat(32), &"ab".repeat(33), "é".repeat(32).as_str()] {
+        for bad in [
+            "",
+            "ab",
+            &"zz".repeat(32),
+            &"ab".repeat(33),
+            "é".repeat(32).as_str(),
+        ] {
             assert!(MasterKey::from_hex(bad).is_err(), "{bad:?}");
         }
-        assert_eq!(format!("{:?}", MasterKey::from_hex(&"ab".repeat(32)).unwrap()), "MasterKey(..)");
+        assert_eq!(
+            format!("{:?}", MasterKey::from_hex(&"ab".repeat(32)).unwrap()),
+            "MasterKey(..)"
+        );
     }
 }

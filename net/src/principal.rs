@@ -216,7 +216,10 @@ impl Principal {
                 policy.trust_root = true;
             } else if head == "any-tenant.key" {
                 policy.any_tenant = true;
-            } else if let Some(t) = head.strip_prefix("tenant-").and_then(|h| h.strip_suffix(".key")) {
+            } else if let Some(t) = head
+                .strip_prefix("tenant-")
+                .and_then(|h| h.strip_suffix(".key"))
+            {
                 check_label(t)?;
                 policy.tenants.push(t.to_string());
             } else if let Some(m) = head.strip_suffix(".map") {
@@ -310,6 +313,9 @@ mod tests {
         assert!(p.may_use_tenant("a"));
         assert!(!p.may_use_tenant("b"));
         assert!(ClientPolicy::trusted().may_use_tenant("b"));
-        assert!(Principal::from_names(["client-x.cfs.internal", "tenant-a.b.key.cfs.internal"]).is_err());
+        assert!(
+            Principal::from_names(["client-x.cfs.internal", "tenant-a.b.key.cfs.internal"])
+                .is_err()
+        );
     }
 }

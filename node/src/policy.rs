@@ -76,9 +76,9 @@ pub fn set(path: &Path, p: Policy) -> anyhow::Result<()> {
     if let Some(t) = &p.tenant {
         xattr::set(path, os(TENANT_XATTR), t.as_bytes()).map_err(|e| {
             let why = match e.raw_os_error() {
-                Some(libc::ENOKEY) => format!(
-                    "tenant {t} has no key (cfs admin keys create {t} --dir DIR)"
-                ),
+                Some(libc::ENOKEY) => {
+                    format!("tenant {t} has no key (cfs admin keys create {t} --dir DIR)")
+                }
                 Some(libc::EACCES) => {
                     format!("this mount's certificate does not name tenant {t}")
                 }

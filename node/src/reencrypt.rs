@@ -90,9 +90,9 @@ pub async fn pass(
             !logged.get(&t.tenant).is_some_and(|p| {
                 Some(p.to) == newest
                     && p.left_bytes == 0
-                    && records
-                        .get(&p.to)
-                        .is_some_and(|made| now_ns().saturating_sub(*made) > DONE_AFTER.as_nanos() as i64)
+                    && records.get(&p.to).is_some_and(|made| {
+                        now_ns().saturating_sub(*made) > DONE_AFTER.as_nanos() as i64
+                    })
             })
         })
         .map(|t| t.tenant.clone())

@@ -530,7 +530,10 @@ mod tests {
         };
         let t = render_table(&st);
         assert!(t.contains("tenant lab: key generation 2"), "{t}");
-        assert!(t.contains("re-encryption lab: to key 3, moved 1.0 MiB, left 0 B (done)"), "{t}");
+        assert!(
+            t.contains("re-encryption lab: to key 3, moved 1.0 MiB, left 0 B (done)"),
+            "{t}"
+        );
         assert!(t.contains("DEGRADED"));
         assert!(t.contains("! shard 0 failed: disk"));
         assert!(t.contains("5.0 GiB"));

@@ -16,9 +16,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use cfs_node::cluster;
 use common::fuse::{self, Mount};
 use common::Cluster;
-use cfs_node::cluster;
 
 const MIB: usize = 1 << 20;
 /// Bytes that must never appear in the clear where a tenant's data lives.
@@ -82,7 +82,11 @@ fn reads_back(p: &Path, want: &[u8]) {
         let n = (4093 + at % 70_000).min(want.len() - at);
         let mut b = vec![0u8; n];
         f.read_exact_at(&mut b, at as u64).unwrap();
-        assert!(b == want[at..at + n], "{}: {n} bytes at {at} differ", p.display());
+        assert!(
+            b == want[at..at + n],
+            "{}: {n} bytes at {at} differ",
+            p.display()
+        );
         at += n * 29 + 1;
     }
 }
@@ -90,7 +94,12 @@ fn reads_back(p: &Path, want: &[u8]) {
 fn metrics_mount(c: &Cluster, name: &str, extra: &[&str]) -> (Mount, PathBuf) {
     let url = c.dir.join(format!("{name}.url"));
     let url_s = url.to_string_lossy().into_owned();
-    let mut args = vec!["--metrics-listen", "127.0.0.1:0", "--metrics-url-file", url_s.as_str()];
+    let mut args = vec![
+        "--metrics-listen",
+        "127.0.0.1:0",
+        "--metrics-url-file",
+        url_s.as_str(),
+    ];
     args.extend_from_slice(extra);
     (Mount::new(c, name, &args), url)
 }
@@ -146,7 +155,16 @@ fn a_tenants_files_are_sealed_readable_by_its_mounts_only_and_deduplicated_apart
     let mp = |p: &Path| p.to_string_lossy().into_owned();
     // Uncompressed on both sides, so that a byte in the clear would be
     // found as it is.
-    let (ok, out) = cfs(&["admin", "policy", "set", &mp(&g), "--compress", "off", "--encrypt", "genomics"]);
+    let (ok, out) = cfs(&[
+        "admin",
+        "policy",
+        "set",
+        &mp(&g),
+        "--compress",
+        "off",
+        "--encrypt",
+        "genomics",
+    ]);
     assert!(ok, "{out}");
     assert!(out.contains("encrypt genomics"), "{out}");
     let (ok, out) = cfs(&["admin", "policy", "set", &mp(&plain), "--compress", "off"]);
@@ -175,8 +193,13 @@ fn a_tenants_files_are_sealed_readable_by_its_mounts_only_and_deduplicated_apart
     let f = std::fs::File::open(g.join("big")).unwrap();
     f.sync_all().unwrap();
     drop(f);
-    let seg_hits: Vec<PathBuf> = (1..=3).flat_map(|id| marker_under(&c.segments_dir(id))).collect();
-    assert!(!seg_hits.is_empty(), "the unencrypted copy must be found in the clear");
+    let seg_hits: Vec<PathBuf> = (1..=3)
+        .flat_map(|id| marker_under(&c.segments_dir(id)))
+        .collect();
+    assert!(
+        !seg_hits.is_empty(),
+        "the unencrypted copy must be found in the clear"
+    );
     // Every fragment holding the tenant's files: nothing in the clear.
     // The plain file is written with another seed: its fragments hold the
     // marker, so look for the tenant's own lines instead.
@@ -248,7 +271,10 @@ fn a_tenants_files_are_sealed_readable_by_its_mounts_only_and_deduplicated_apart
     assert_eq!(e.raw_os_error(), Some(libc::EACCES), "{e}");
     let e = std::fs::write(mb.path.join("g/new"), b"x").expect_err("wrote into another tenant");
     assert_eq!(e.raw_os_error(), Some(libc::EACCES), "{e}");
-    assert_eq!(std::fs::read(mb.path.join("plain/big")).unwrap(), secret_text(9, MIB));
+    assert_eq!(
+        std::fs::read(mb.path.join("plain/big")).unwrap(),
+        secret_text(9, MIB)
+    );
     drop(mb);
 
     // Dedupe stays inside the tenant: a second copy in the tenant is
@@ -258,7 +284,10 @@ fn a_tenants_files_are_sealed_readable_by_its_mounts_only_and_deduplicated_apart
     let before = found_bytes(&url);
     std::fs::write(g.join("dup2"), &dup).unwrap();
     let within = found_bytes(&url) - before;
-    assert!(within >= MIB as u64, "a tenant's second copy found only {within} bytes");
+    assert!(
+        within >= MIB as u64,
+        "a tenant's second copy found only {within} bytes"
+    );
     let before = found_bytes(&url);
     std::fs::write(plain.join("dup"), &dup).unwrap();
     let across = found_bytes(&url) - before;
@@ -293,7 +322,10 @@ fn restart_dead(c: &Cluster) -> usize {
 }
 
 fn rotation_case(name: &str, failpoint: Option<&str>) {
-    let env: Vec<(&str, &str)> = failpoint.map(|f| ("CFS_FAILPOINT", f)).into_iter().collect();
+    let env: Vec<(&str, &str)> = failpoint
+        .map(|f| ("CFS_FAILPOINT", f))
+        .into_iter()
+        .collect();
     let c = Cluster::start_env(
         name,
         |cfg| {
@@ -310,7 +342,14 @@ fn rotation_case(name: &str, failpoint: Option<&str>) {
     assert!(!ok && out.contains("has no key yet"), "{out}");
     let g = m.path.join("lab");
     std::fs::create_dir(&g).unwrap();
-    let (ok, out) = cfs(&["admin", "policy", "set", &g.to_string_lossy(), "--encrypt", "lab"]);
+    let (ok, out) = cfs(&[
+        "admin",
+        "policy",
+        "set",
+        &g.to_string_lossy(),
+        "--encrypt",
+        "lab",
+    ]);
     assert!(ok, "{out}");
     let files: Vec<(PathBuf, Vec<u8>)> = (0..24u64)
         .map(|i| {
@@ -345,7 +384,9 @@ fn rotation_case(name: &str, failpoint: Option<&str>) {
     } else {
         // Killed once it has moved some: mid-pass or just after one.
         assert!(
-            wait_until(60, || c.metric(mover, "claudefs_gc_reencrypted_bytes_total") > 0),
+            wait_until(60, || c
+                .metric(mover, "claudefs_gc_reencrypted_bytes_total")
+                > 0),
             "nothing re-encrypted"
         );
         cluster::stop_node(&c.dir, mover, libc::SIGKILL, Duration::from_secs(5)).unwrap();
@@ -381,8 +422,13 @@ fn rotation_case(name: &str, failpoint: Option<&str>) {
     assert!(ok, "{out}");
     assert!(out.contains("re-encryption lab: to key"), "{out}");
     assert!(out.contains("(done)"), "{out}");
-    // Every file reads back exactly, from a new mount (nothing cached).
+    // Every file reads back exactly: from the mount that wrote them
+    // (whose keys predate the rotation: it fetches the new one), and from
+    // a new mount (nothing cached).
     fuse::drop_kernel_caches();
+    for (p, data) in files.iter().take(4) {
+        reads_back(p, data);
+    }
     let m2 = Mount::new(&c, "mnt2", &[]);
     for (p, data) in &files {
         reads_back(&m2.path.join(p.strip_prefix(&m.path).unwrap()), data);

@@ -216,14 +216,14 @@ pub enum Op {
         /// A new generation of an existing key (else the first; EEXIST
         /// if there is one, ENOKEY for a rotation of none).
         rotate: bool,
-        wrapped: crate::tenant::WrappedKey,
+        wrapped: Box<crate::tenant::WrappedKey>,
     },
     /// How far re-encryption of a tenant's stripes has gone (D51), as the
     /// collector measured it; kept per tenant, shown by `cfs admin keys`
     /// and `cfs admin status`. Only metadata services propose these.
     ReencryptProgress {
         shard: ShardId,
-        progress: crate::tenant::Reencryption,
+        progress: Box<crate::tenant::Reencryption>,
     },
 }
 
@@ -377,6 +377,10 @@ pub enum Applied {
 pub type ApplyResult = Result<Applied, Errno>;
 
 /// A client request to a node's metadata service.
+// Most requests are mutations, which carry an `Op` (224 bytes): boxing it
+// would add an allocation to every mutation to save space only on the
+// small requests, which are never held in bulk.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum Request {
     /// First message on a connection.

@@ -747,7 +747,10 @@ impl StripeReader {
             stripe: e.stripe,
             error,
         };
-        let key = self.keys.get(seal.key).ok_or(sealed(SealError::NoKey(seal.key)))?;
+        let key = self
+            .keys
+            .get(seal.key)
+            .ok_or(sealed(SealError::NoKey(seal.key)))?;
         let ends = e
             .frame_ends()
             .ok_or(sealed(SealError::Unsupported))?

@@ -16,9 +16,9 @@ use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::{Arc, RwLock};
 
+use cfs_stripe::{KeyId, Packing, Seal, FRAME_BYTES, SEAL_TAG_BYTES};
 use chacha20poly1305::aead::{AeadInPlace, KeyInit};
 use chacha20poly1305::{Tag, XChaCha20Poly1305, XNonce};
-use cfs_stripe::{KeyId, Packing, Seal, FRAME_BYTES, SEAL_TAG_BYTES};
 
 /// Keys a ring holds at most (a tenant's generations, every tenant a
 /// mount reads).
@@ -125,7 +125,9 @@ pub fn seal(
         Packing::Zstd { .. } => return Err(SealError::Unsupported),
     };
     if bounds.last().copied().unwrap_or(0) != stored.len() {
-        return Err(SealError::Shape("frames do not cover the stored bytes".into()));
+        return Err(SealError::Shape(
+            "frames do not cover the stored bytes".into(),
+        ));
     }
     let nonce: [u8; 24] = rand::random();
     let frames = bounds.len();
@@ -156,14 +158,7 @@ pub fn seal(
         Packing::Frames { .. } => Packing::Frames { ends },
         other => other,
     };
-    Ok((
-        out,
-        packing,
-        Seal {
-            key: key.id,
-            nonce,
-        },
-    ))
+    Ok((out, packing, Seal { key: key.id, nonce }))
 }
 
 /// The ends frames had before they were sealed (each sealed frame is its
@@ -299,7 +294,13 @@ mod tests {
 
     #[test]
     fn sealed_stripes_open_whole_and_in_parts() {
-        for n in [1, 4096, FRAME_BYTES as usize, FRAME_BYTES as usize + 1, 1 << 20] {
+        for n in [
+            1,
+            4096,
+            FRAME_BYTES as usize,
+            FRAME_BYTES as usize + 1,
+            1 << 20,
+        ] {
             round_trip(text(n), Compression::Zstd { level: 1 });
             round_trip(text(n), Compression::Off);
         }
@@ -312,7 +313,10 @@ mod tests {
         let key = DataKey::new(KeyId(1), &[1; 32]);
         let data = text(200_000);
         let (sealed, packing, s) = seal(data.clone(), Packing::Plain, 200_000, &key).unwrap();
-        let ends = extent(200_000, packing, s).frame_ends().unwrap().into_owned();
+        let ends = extent(200_000, packing, s)
+            .frame_ends()
+            .unwrap()
+            .into_owned();
         let all = 0..ends.len();
         // Another key under the same id: the tag refuses it.
         let wrong = DataKey::new(KeyId(1), &[2; 32]);

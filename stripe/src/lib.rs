@@ -149,9 +149,9 @@ impl Extent {
         }
     }
 
-    /// Whether the stored bytes are not the file bytes themselves.
+    /// Whether the stored bytes are compressed (sealed or not).
     pub fn is_packed(&self) -> bool {
-        self.packing != Packing::Plain || self.seal.is_some()
+        self.packing != Packing::Plain
     }
 
     /// Where each frame's stored bytes end, when the stripe is stored as
@@ -165,9 +165,7 @@ impl Extent {
                 let frames = self.data_len.div_ceil(FRAME_BYTES);
                 Some(std::borrow::Cow::Owned(
                     (1..=frames)
-                        .map(|i| {
-                            (i * FRAME_BYTES).min(self.data_len) + i * SEAL_TAG_BYTES
-                        })
+                        .map(|i| (i * FRAME_BYTES).min(self.data_len) + i * SEAL_TAG_BYTES)
                         .collect(),
                 ))
             }
@@ -343,6 +341,47 @@ mod tests {
         };
         assert!(!one.reads_in_parts());
         assert_eq!(one.frame_span(0, 1), None);
+    }
+
+    #[test]
+    fn sealed_plain_stripes_are_frames_of_bytes_and_tags() {
+        let f = FRAME_BYTES;
+        let e = Extent {
+            segment: SegmentId(1),
+            layout: Layout { k: 2, m: 1 },
+            nodes: vec![1, 2, 3],
+            stripe: 0,
+            data_len: 2 * f + 10,
+            packing: Packing::Plain,
+            fragment_len: 4096,
+            checksums: vec![],
+            missing: vec![],
+            chunk: None,
+            seal: Some(Seal {
+                key: KeyId(1),
+                nonce: [0; 24],
+            }),
+        };
+        let t = SEAL_TAG_BYTES;
+        assert_eq!(e.stored_len(), 2 * f + 10 + 3 * t);
+        assert_eq!(
+            e.frame_ends().unwrap().into_owned(),
+            vec![f + t, 2 * f + 2 * t, 2 * f + 10 + 3 * t]
+        );
+        assert!(e.reads_in_parts() && !e.is_packed());
+        assert_eq!(
+            e.frame_span(f + 5, 10),
+            Some(FrameSpan {
+                stored: f + t..2 * f + 2 * t,
+                frames: 1..2,
+                file_start: f
+            })
+        );
+        // The tags count in what a reference keeps on disk.
+        assert_eq!(e.stored_share(u64::from(e.data_len)), u64::from(e.stored_len()));
+        let unsealed = Extent { seal: None, ..e };
+        assert_eq!(unsealed.frame_ends(), None);
+        assert_eq!(unsealed.stored_len(), 2 * f + 10);
     }
 
     #[test]

@@ -199,10 +199,7 @@ impl Shared {
                     .instrument(span)
                     .await?
             } else {
-                self.data
-                    .write_ranges(&large, how)
-                    .instrument(span)
-                    .await?
+                self.data.write_ranges(&large, how).instrument(span).await?
             };
             refs.extend(written);
         }

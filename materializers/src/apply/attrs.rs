@@ -2,12 +2,12 @@
 //! attributes (set, remove, and who may touch which namespace).
 
 use crate::acl;
-use cfs_proto::tenant::{valid_tenant, TENANT_XATTR};
 use crate::keys;
 use crate::ops::Applied;
 use crate::perm::{self, W};
 use crate::store::Txn;
 use crate::types::*;
+use cfs_proto::tenant::{valid_tenant, TENANT_XATTR};
 
 use super::data::punch;
 use super::entries::{inode, put_inode};

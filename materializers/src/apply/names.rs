@@ -2,11 +2,11 @@
 //! devices), link, unlink, rmdir and rename.
 
 use crate::keys;
-use cfs_proto::tenant::TENANT_XATTR;
 use crate::ops::Applied;
 use crate::perm::{self, W, X};
 use crate::store::Txn;
 use crate::types::*;
+use cfs_proto::tenant::TENANT_XATTR;
 
 use super::entries::{
     add_dentry, dir, drop_link, get_dentry, get_inode, inode, put_inode, remove_dentry, touch_dir,
