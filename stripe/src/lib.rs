@@ -378,7 +378,10 @@ mod tests {
             })
         );
         // The tags count in what a reference keeps on disk.
-        assert_eq!(e.stored_share(u64::from(e.data_len)), u64::from(e.stored_len()));
+        assert_eq!(
+            e.stored_share(u64::from(e.data_len)),
+            u64::from(e.stored_len())
+        );
         let unsealed = Extent { seal: None, ..e };
         assert_eq!(unsealed.frame_ends(), None);
         assert_eq!(unsealed.stored_len(), 2 * f + 10);
