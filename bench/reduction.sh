@@ -29,7 +29,8 @@
 #     `off`. Goal: faster than off.
 #
 # Usage: bench/reduction.sh   (env: RUNS, SIZE_MIB, COMPRESS_PCT, PROJECT,
-# RELEASES, CACHE: where the sdists are kept between runs)
+# RELEASES, CACHE: where the sdists are kept between runs, PARTS: which of
+# `space throughput dup` to run, all by default)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${RUNS:-3}
@@ -37,6 +38,8 @@ SIZE_MIB=${SIZE_MIB:-1024}
 COMPRESS_PCT=${COMPRESS_PCT:-75}
 PROJECT=${PROJECT:-Django}
 RELEASES=${RELEASES:-"4.2.16 5.0.9 5.1.3"}
+PARTS=${PARTS:-"space throughput dup"}
+part() { case " $PARTS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 for t in fio zstd curl; do
   command -v $t >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -q $t >/dev/null
 done
@@ -90,7 +93,9 @@ mount_one "$OFF" off --compress off --dedupe off
 "$CFS" admin keys create bench --dir "$CL" >/dev/null
 mkdir "$ON/enc"
 "$CFS" admin policy set "$ON/enc" --encrypt bench >/dev/null
-ln -s "$ON/enc" "$WORK/enc"
+target_dir() { # off | on | enc -> the directory written through
+  if [ "$1" = enc ]; then echo "$ON/enc"; else echo "$WORK/$1"; fi
+}
 counter() { # NAME METRIC
   curl -s "$(cat "$WORK/$1.url")" | awk -v m="$2" '$1 ~ "^"m"({|$)" {s += $2} END {printf "%d\n", s}'
 }
@@ -100,6 +105,7 @@ ratio() { awk -v a="$1" -v b="$2" 'BEGIN {if (b > 0) printf "%.2f", a / b; else 
 drop() { sync; echo 3 >/proc/sys/vm/drop_caches; }
 
 # --- 1. space -----------------------------------------------------------------
+if part space; then
 echo "| data set | file bytes MiB | mount | stripe data MiB | dedupe found MiB | stripe stored MiB | stripe ratio | fragments on disk MiB | zstd -3 per file MiB | zstd -3 tar MiB | file-level dedupe MiB |"
 echo "|---|---|---|---|---|---|---|---|---|---|---|"
 for set in src random; do
@@ -138,6 +144,8 @@ EOF
   done
 done
 
+fi
+
 # --- 2. throughput ------------------------------------------------------------
 # Fresh bytes per block (--refill_buffers) and per run (--randrepeat=0):
 # fio's fixed seed would write the same bytes in every run, which the
@@ -151,6 +159,7 @@ fio_mbs() { # DIR RW EXTRA... -> MB/s
     python3 -c 'import json,sys; j=json.load(sys.stdin)["jobs"][0]; r=j["write"] if j["write"]["io_bytes"] else j["read"]; print("%.1f" % (r["bw"] / 1024))'
 }
 median() { sort -n | awk '{a[NR] = $1} END {print a[int((NR + 1) / 2)]}'; }
+if part throughput; then
 echo
 echo "| data | mount | write MB/s (median of $RUNS) | read MB/s | write vs off | read vs off |"
 echo "|---|---|---|---|---|---|"
@@ -161,7 +170,7 @@ for kind in incompressible compressible; do
   W=() R=()
   for i in $(seq 1 "$RUNS"); do
     for m in off on enc; do
-      dir=$WORK/$m
+      dir=$(target_dir $m)
       rm -f "$dir/seq.bin"
       drop
       W[$m]+="$(fio_mbs "$dir" write "${extra[@]}") "
@@ -180,7 +189,10 @@ for kind in incompressible compressible; do
   echo "$kind runs: write off [${W[off]}] on [${W[on]}] enc [${W[enc]}]; read off [${R[off]}] on [${R[on]}] enc [${R[enc]}]" >&2
 done
 
+fi
+
 # --- 3. duplicated data ---------------------------------------------------------
+if part dup; then
 head -c $((SIZE_MIB << 20)) /dev/urandom >"$WORK/dup.bin"
 dd_mbs() { # SRC DST -> MB/s
   local t0 t1
@@ -196,7 +208,7 @@ declare -A D
 D=()
 for i in $(seq 1 "$RUNS"); do
   for m in off on enc; do
-    dir=$WORK/$m
+    dir=$(target_dir $m)
     rm -f "$dir"/dup-*.bin
     dd_mbs "$WORK/dup.bin" "$dir/dup-a.bin" >/dev/null
     D[$m]+="$(dd_mbs "$WORK/dup.bin" "$dir/dup-b.bin") "
@@ -210,3 +222,4 @@ for m in off on enc; do
   echo "| duplicated (${SIZE_MIB} MiB random, written twice) | $m | $d | $(ratio "$d" "$doff") |"
 done
 echo "duplicated runs: off [${D[off]}] on [${D[on]}] enc [${D[enc]}]" >&2
+fi
