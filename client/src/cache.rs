@@ -286,7 +286,11 @@ impl MetaCache {
             Some(d) if d.fetched >= l.start => Some(d.ino),
             _ => {
                 let listing = s.listings.get(&parent)?;
-                if listing.fetched < l.start || listing.touched.contains(name) {
+                // Listings leave `.snapshots` out (D52): ask the node.
+                if listing.fetched < l.start
+                    || listing.touched.contains(name)
+                    || name == cfs_proto::types::SNAPSHOTS_DIR
+                {
                     return None;
                 }
                 listing
@@ -606,6 +610,7 @@ mod tests {
             compression: None,
             dedupe: None,
             tenant: None,
+            snapshot: false,
         }
     }
 

@@ -239,6 +239,7 @@ mod tests {
             compression: None,
             dedupe: None,
             tenant: None,
+            snapshot: false,
         }
     }
 

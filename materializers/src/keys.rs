@@ -65,6 +65,13 @@ pub fn applied(shard: ShardId) -> Vec<u8> {
 pub fn next_ino(shard: ShardId) -> Vec<u8> {
     with(b'n', &[&shard.to_be_bytes()])
 }
+/// The counter of `shard`'s snapshot inodes (D52): numbered from
+/// [`crate::apply::SNAPSHOT_INO_BASE`] up, apart from the counter that
+/// creates use, so a snapshot promises none of the numbers a leader
+/// answers creates with ahead of the log (D41).
+pub fn next_snapshot_ino(shard: ShardId) -> Vec<u8> {
+    with(b'n', &[&shard.to_be_bytes(), b"s"])
+}
 /// Inode numbers the counter skipped at leadership terms (D41), so that
 /// the count of inodes allocated leaves them out.
 pub fn ino_skipped(shard: ShardId) -> Vec<u8> {

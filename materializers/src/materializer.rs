@@ -153,8 +153,15 @@ pub fn changes(op: &LoggedOp, r: &Applied) -> Change {
             ch.entries.push((*parent, name.clone()));
             ch.entries.push((*newparent, newname.clone()));
         }
+        // A snapshot's entries (D52) are those of `DIR/.snapshots`.
+        Op::SetXattr { ino, .. } => {
+            ch.inodes.push(*ino);
+            if let Applied::Changed { inodes, entries } = r {
+                ch.inodes.extend(inodes);
+                ch.entries.extend(entries.iter().cloned());
+            }
+        }
         Op::SetAttr { ino, .. }
-        | Op::SetXattr { ino, .. }
         | Op::RemoveXattr { ino, .. }
         | Op::Write { ino, .. }
         | Op::Fallocate { ino, .. } => ch.inodes.push(*ino),

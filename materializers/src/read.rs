@@ -76,6 +76,12 @@ pub trait NsRead {
                 key: k.clone(),
                 reason: "malformed cookie key".into(),
             })?;
+            // A directory's snapshots are reached by name only (D52), as
+            // ZFS's `.zfs` and NetApp's `.snapshot`: `find`, `du`, `cp -a`
+            // and `rsync` of the directory do not walk into them.
+            if name == SNAPSHOTS_DIR {
+                continue;
+            }
             if let Some((ino, kind, _)) =
                 self.value::<(Ino, u32, u64)>(&keys::dentry(ino, &name))?
             {

@@ -49,8 +49,9 @@ pub use cfs_proto::tx::KeyValue;
 /// since stripes may be stored compressed and the counts are of stored
 /// bytes (D49), 5 since an extent may name the chunk its stripe holds
 /// and each shard indexes chunks (D50), 6 since extents may be sealed and
-/// inodes name a tenant, whose keys the first shard keeps (D51).
-pub const FORMAT: u32 = 6;
+/// inodes name a tenant, whose keys the first shard keeps (D51), 7 since
+/// inodes say whether they belong to a snapshot (D52).
+pub const FORMAT: u32 = 7;
 
 /// Values larger than this in the namespace are corruption.
 const VALUE_BYTES_MAX: usize = 16 << 20;

@@ -487,3 +487,205 @@ fn the_chunk_index_follows_the_extents_that_name_a_chunk() {
         Some(Some(id))
     );
 }
+
+fn in_dir(parent: Ino, name: &str, mode: u32) -> Op {
+    Op::Create {
+        parent,
+        name: name.as_bytes().to_vec(),
+        mode,
+        umask: 0,
+        rdev: 0,
+        target: None,
+        excl: true,
+        ino: None,
+    }
+}
+
+fn snapshot(dir: Ino, create: bool, name: &str) -> Op {
+    Op::SetXattr {
+        ino: dir,
+        name: if create {
+            SNAPSHOT_CREATE_XATTR
+        } else {
+            SNAPSHOT_DELETE_XATTR
+        }
+        .to_vec(),
+        value: name.as_bytes().to_vec(),
+        flags: 0,
+    }
+}
+
+/// A snapshot (D52) copies a subtree's metadata in one entry, counts its
+/// extents like any others (so its segments are pinned after the live
+/// files go), refuses every change, and releases its segments when
+/// deleted; replay in other batchings gives the same database.
+#[test]
+fn a_snapshot_pins_its_segments_refuses_changes_and_releases_them_when_deleted() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = NamespaceDb::open(&dir.path().join("a")).unwrap();
+    init_shard(&db, ShardId(0)).unwrap();
+    let (mut pos, mut log) = (0u64, Vec::new());
+    let d = ino_of(apply(
+        &db,
+        &mut pos,
+        &mut log,
+        in_dir(ROOT_INO, "d", libc::S_IFDIR | 0o755),
+    ));
+    let sub = ino_of(apply(
+        &db,
+        &mut pos,
+        &mut log,
+        in_dir(d, "sub", libc::S_IFDIR | 0o700),
+    ));
+    let f = ino_of(apply(
+        &db,
+        &mut pos,
+        &mut log,
+        in_dir(sub, "f", libc::S_IFREG | 0o644),
+    ));
+    assert!(apply(&db, &mut pos, &mut log, write(f, 0, 8192, 10, 0)).is_ok());
+    let link = Op::Link {
+        ino: f,
+        parent: d,
+        name: b"f-link".to_vec(),
+    };
+    assert!(apply(&db, &mut pos, &mut log, link).is_ok());
+    let before = use_of(&db, 10);
+    assert_eq!(before.map(|u| u.extents), Some(1));
+
+    // Not root: refused, nothing changes.
+    let mut user = lop(snapshot(d, true, "s"));
+    user.creds = Creds {
+        uid: 1000,
+        gid: 1000,
+        groups: vec![],
+    };
+    pos += 1;
+    let e = entry(
+        RequestId {
+            client: 1,
+            seq: pos,
+        },
+        &user,
+    );
+    log.push(e.clone());
+    let (r, _) = apply_batch(&db, ShardId(0), &[(Position(pos), e)]).expect("apply");
+    assert_eq!(r[0].1, Err(Errno::EPERM));
+
+    assert!(apply(&db, &mut pos, &mut log, snapshot(d, true, "s")).is_ok());
+    assert_eq!(
+        apply(&db, &mut pos, &mut log, snapshot(d, true, "s")),
+        Err(Errno::EEXIST)
+    );
+    assert_clean(&db, "after the snapshot");
+    // One more extent names the segment: the copy's.
+    assert_eq!(use_of(&db, 10).map(|u| u.extents), Some(2));
+    let cont = db.lookup(d, SNAPSHOTS_DIR).unwrap().ino;
+    let root = db.lookup(cont, b"s").unwrap().ino;
+    let ssub = db.lookup(root, b"sub").unwrap().ino;
+    let attr = db.lookup(ssub, b"f").unwrap();
+    let sf = attr.ino;
+    assert!(
+        attr.snapshot && attr.nlink == 2 && attr.size == 8192,
+        "{attr:?}"
+    );
+    assert_eq!(
+        db.lookup(root, b"f-link").unwrap().ino,
+        sf,
+        "hard links stay links"
+    );
+    assert!(sf >= make_ino(ShardId(0), cfs_materializers::apply::SNAPSHOT_INO_BASE));
+    // The directory lists without its snapshots.
+    let names: Vec<Vec<u8>> = db
+        .readdir(d, 0, 100)
+        .unwrap()
+        .into_iter()
+        .map(|e| e.name)
+        .collect();
+    assert_eq!(names, vec![b"sub".to_vec(), b"f-link".to_vec()]);
+
+    // Every change to the snapshot is refused.
+    for op in [
+        write(sf, 0, 4096, 11, 1),
+        in_dir(ssub, "new", libc::S_IFREG | 0o644),
+        Op::Unlink {
+            parent: ssub,
+            name: b"f".to_vec(),
+            held_open: vec![],
+        },
+        Op::SetAttr {
+            ino: sf,
+            set: SetAttr {
+                mode: Some(0o777),
+                ..Default::default()
+            },
+        },
+        Op::Rename {
+            parent: ssub,
+            name: b"f".to_vec(),
+            newparent: d,
+            newname: b"g".to_vec(),
+            flags: 0,
+            held_open: vec![],
+        },
+    ] {
+        assert_eq!(
+            apply(&db, &mut pos, &mut log, op.clone()),
+            Err(Errno::EROFS),
+            "{op:?}"
+        );
+    }
+    let reserved = in_dir(sub, ".snapshots", libc::S_IFDIR | 0o755);
+    assert_eq!(apply(&db, &mut pos, &mut log, reserved), Err(Errno::EPERM));
+
+    // The live files go: the snapshot's extent keeps the segment, and a
+    // fence is refused.
+    for (parent, name) in [(sub, "f"), (d, "f-link")] {
+        let r = apply(
+            &db,
+            &mut pos,
+            &mut log,
+            Op::Unlink {
+                parent,
+                name: name.as_bytes().to_vec(),
+                held_open: vec![],
+            },
+        );
+        assert!(r.is_ok(), "{r:?}");
+    }
+    assert_eq!(use_of(&db, 10), before);
+    assert!(apply(&db, &mut pos, &mut log, fence(10, true)).is_ok());
+    assert!(!fenced(&db, 10));
+    // A directory holding snapshots is not empty.
+    let r = apply(
+        &db,
+        &mut pos,
+        &mut log,
+        Op::Rmdir {
+            parent: ROOT_INO,
+            name: b"d".to_vec(),
+        },
+    );
+    assert_eq!(r, Err(Errno::ENOTEMPTY));
+
+    // Deleted: nothing names the segment, the container is gone.
+    assert!(apply(&db, &mut pos, &mut log, snapshot(d, false, "s")).is_ok());
+    assert_eq!(use_of(&db, 10), None);
+    assert!(db.lookup(d, SNAPSHOTS_DIR).is_err());
+    assert_eq!(
+        apply(&db, &mut pos, &mut log, snapshot(d, false, "s")),
+        Err(Errno::ENOENT)
+    );
+    assert_clean(&db, "after the snapshot was deleted");
+
+    for (name, batch) in [("b", log.len()), ("c", 3)] {
+        let other = NamespaceDb::open(&dir.path().join(name)).unwrap();
+        init_shard(&other, ShardId(0)).unwrap();
+        apply_range(&other, &log, 0, log.len(), batch);
+        assert_eq!(
+            db.dump().unwrap(),
+            other.dump().unwrap(),
+            "batches of {batch}"
+        );
+    }
+}

@@ -168,6 +168,7 @@ fn scan_bench(path: &Path, files: u64) -> anyhow::Result<(u64, f64)> {
                 compression: None,
                 dedupe: None,
                 tenant: None,
+                snapshot: false,
             };
             kvs.push((keys::inode(ino), cfs_materializers::store::encode(&i)));
         }

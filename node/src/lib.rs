@@ -18,4 +18,5 @@ pub mod lakebench;
 pub mod policy;
 pub mod reencrypt;
 pub mod segtools;
+pub mod snapshot;
 pub mod status;

@@ -67,6 +67,8 @@ impl Errno {
     /// Never returned to applications.
     pub const FREED_DATA: Errno = Errno(libc::EREMCHG);
     pub const EBUSY: Errno = Errno(libc::EBUSY);
+    /// A change to a snapshot (D52).
+    pub const EROFS: Errno = Errno(libc::EROFS);
     /// A tenant has no key, or this mount was not given it (D51).
     pub const ENOKEY: Errno = Errno(libc::ENOKEY);
     /// The node's master key does not open a tenant's key (D51).
@@ -151,6 +153,9 @@ pub struct Inode {
     /// subtree's [`crate::tenant::TENANT_XATTR`], inherited like
     /// `compression`; `None`: stored unsealed.
     pub tenant: Option<String>,
+    /// Part of a snapshot (D52): read-only, made and removed only with its
+    /// snapshot.
+    pub snapshot: bool,
 }
 
 /// The extended attribute that holds a subtree's compression policy
@@ -163,6 +168,24 @@ pub const COMPRESS_XATTR: &[u8] = b"trusted.claudefs.compress";
 /// `off`), kept and inherited as [`COMPRESS_XATTR`] is
 /// (`cfs admin policy set PATH --dedupe on|off`).
 pub const DEDUPE_XATTR: &[u8] = b"trusted.claudefs.dedupe";
+
+/// The reserved name, in a directory that has snapshots, of the
+/// read-only directory that holds them (`DIR/.snapshots/NAME`, D52);
+/// readdir does not list it.
+pub const SNAPSHOTS_DIR: &[u8] = b".snapshots";
+
+/// Setting this extended attribute on a directory (root only) to `NAME`
+/// snapshots the directory's subtree as `DIR/.snapshots/NAME`
+/// (`cfs admin snapshot create`).
+pub const SNAPSHOT_CREATE_XATTR: &[u8] = b"trusted.claudefs.snapshot.create";
+
+/// Setting this extended attribute on a directory (root only) to `NAME`
+/// deletes `DIR/.snapshots/NAME` (`cfs admin snapshot delete`).
+pub const SNAPSHOT_DELETE_XATTR: &[u8] = b"trusted.claudefs.snapshot.delete";
+
+/// The most inodes one snapshot copies: one log entry applies it, in one
+/// RocksDB batch.
+pub const SNAPSHOT_INODES_MAX: usize = 100_000;
 
 /// An `on`/`off` policy value (surrounding white space ignored).
 pub fn parse_on_off(v: &[u8]) -> Option<bool> {

@@ -26,6 +26,14 @@ impl CfsFs {
                 Ok((i, _)) if i.is_dir() && flags & libc::O_ACCMODE != libc::O_RDONLY => {
                     reply.error(sh.errno(libc::EISDIR))
                 }
+                // A snapshot is read-only (D52).
+                Ok((i, _))
+                    if i.snapshot
+                        && (flags & libc::O_ACCMODE != libc::O_RDONLY
+                            || flags & libc::O_TRUNC != 0) =>
+                {
+                    reply.error(sh.errno(libc::EROFS))
+                }
                 Ok((i, leased)) => {
                     if fresh && !leased {
                         // The kernel's attributes came from a lookup that

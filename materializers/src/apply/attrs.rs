@@ -167,6 +167,14 @@ pub(super) fn setxattr(
     if value.len() > XATTR_SIZE_MAX {
         return Err(Errno::E2BIG.into());
     }
+    // Snapshot requests (D52): names of snapshots, never kept as
+    // attributes.
+    if name == SNAPSHOT_CREATE_XATTR {
+        return super::snapshot::create(t, shard_of(ino), c, now, ino, value);
+    }
+    if name == SNAPSHOT_DELETE_XATTR {
+        return super::snapshot::delete(t, c, now, ino, value);
+    }
     let exists = t.get_raw(&keys::xattr(ino, name))?.is_some();
     if flags & libc::XATTR_CREATE != 0 && exists {
         return Err(Errno::EEXIST.into());

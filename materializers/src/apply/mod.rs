@@ -8,6 +8,7 @@ mod entries;
 mod holds;
 mod locks;
 mod names;
+mod snapshot;
 
 pub use holds::lapsed as lapsed_holds;
 pub use locks::find_conflict;
@@ -291,12 +292,17 @@ pub fn ensure_root(txn: &mut Txn<'_>, shard: ShardId) -> Result<(), DbError> {
         compression: None,
         dedupe: None,
         tenant: None,
+        snapshot: false,
     };
     txn.put(keys::inode(ROOT_INO), &root);
     txn.put(keys::next_ino(shard), &2u64);
     txn.keep();
     Ok(())
 }
+
+/// Where a shard's snapshot inodes are numbered from (D52): the upper
+/// half of its counter space.
+pub const SNAPSHOT_INO_BASE: u64 = 1 << 47;
 
 /// Inode numbers a shard's counter skips when a new leadership term
 /// begins: more than any leader may have promised beyond what was decided
@@ -358,6 +364,7 @@ fn apply_inner(
     if lop.op.shard() != shard {
         return Err(Errno::EXDEV.into());
     }
+    snapshot::refuse_read_only(t, &lop.op)?;
     match &lop.op {
         Op::Create {
             parent,

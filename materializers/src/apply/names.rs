@@ -150,6 +150,7 @@ pub(super) fn create(
         compression: p.compression,
         dedupe: p.dedupe,
         tenant: p.tenant.clone(),
+        snapshot: false,
     };
     let mut i = i;
     if let Some(d) = inherited {

@@ -322,6 +322,10 @@ enum AdminCmd {
     /// Tenants' data keys (encryption at rest, D51).
     #[command(subcommand)]
     Keys(KeysCmd),
+    /// Copy-on-write snapshots of a directory on a mount (D52), browsed
+    /// read-only at DIR/.snapshots/NAME.
+    #[command(subcommand)]
+    Snapshot(SnapshotCmd),
     /// The cluster as its daemons report it: health, leaders, lag,
     /// capacity, mounts, and every daemon's metrics URL.
     Status {
@@ -362,6 +366,36 @@ enum KeysCmd {
         /// JSON instead of the table.
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum SnapshotCmd {
+    /// Snapshot DIR (root, on a mount) as DIR/.snapshots/NAME: one log
+    /// entry; the data stays shared and pinned until the snapshot is
+    /// deleted.
+    Create {
+        dir: PathBuf,
+        #[arg(long)]
+        name: String,
+    },
+    /// DIR's snapshots, oldest first.
+    List {
+        dir: PathBuf,
+        /// JSON instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete snapshot NAME of DIR (its data is freed by the collector
+    /// unless something else names it).
+    Delete { dir: PathBuf, name: String },
+    /// Copy snapshot NAME of DIR to NEWPATH (must not exist): contents,
+    /// modes, owners, times, extended attributes, links; on the same
+    /// mount the file data is shared, not copied.
+    Restore {
+        dir: PathBuf,
+        name: String,
+        newpath: PathBuf,
     },
 }
 
@@ -502,6 +536,7 @@ fn admin_cmd(c: AdminCmd) -> anyhow::Result<()> {
             println!("{}: {}", path.display(), cfs_node::policy::get(&path)?);
         }
         AdminCmd::Keys(cmd) => keys(cmd)?,
+        AdminCmd::Snapshot(cmd) => snapshot(cmd)?,
         AdminCmd::Policy(PolicyCmd::Get { path }) => {
             println!("{}: {}", path.display(), cfs_node::policy::get(&path)?)
         }
@@ -1193,6 +1228,73 @@ fn main() -> anyhow::Result<()> {
         Cmd::WalBench { dir, size, entries } => wal_bench(&dir, size, entries)?,
     }
     Ok(())
+}
+
+fn snapshot(cmd: SnapshotCmd) -> anyhow::Result<()> {
+    use cfs_node::snapshot;
+    match cmd {
+        SnapshotCmd::Create { dir, name } => {
+            let s = snapshot::create(&dir, &name)?;
+            println!(
+                "snapshot {} of {}: {}",
+                s.name,
+                dir.display(),
+                s.path.display()
+            );
+        }
+        SnapshotCmd::List { dir, json } => {
+            let all = snapshot::list(&dir)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&all)?);
+            } else if all.is_empty() {
+                println!("{}: no snapshots", dir.display());
+            } else {
+                println!("{:<32} {:<20} PATH", "NAME", "TAKEN (UTC)");
+                for s in all {
+                    println!("{:<32} {:<20} {}", s.name, utc(s.taken), s.path.display());
+                }
+            }
+        }
+        SnapshotCmd::Delete { dir, name } => {
+            snapshot::delete(&dir, &name)?;
+            println!("deleted snapshot {name} of {}", dir.display());
+        }
+        SnapshotCmd::Restore { dir, name, newpath } => {
+            let r = snapshot::restore(&dir, &name, &newpath)?;
+            println!(
+                "restored snapshot {name} of {} to {}: {} directories, {} files, {} hard links, {} bytes",
+                dir.display(),
+                newpath.display(),
+                r.dirs,
+                r.files,
+                r.links,
+                r.bytes
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `secs` since the epoch as `YYYY-MM-DD HH:MM:SS` (UTC).
+fn utc(secs: i64) -> String {
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    // Civil from days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
 }
 
 fn keys(cmd: KeysCmd) -> anyhow::Result<()> {
