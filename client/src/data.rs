@@ -78,6 +78,10 @@ pub struct DataPath {
     chunk_key: ChunkKey,
     recent: Mutex<RecentChunks>,
     tenants: Arc<Tenants>,
+    /// Failpoint `chunk-wrong-id` (`CFS_FAILPOINT`, tests only): this
+    /// mount names every chunk it writes with a wrong id, as a faulty or
+    /// hostile writer would, so that readers' refusal can be tested.
+    lie_about_chunks: bool,
 }
 
 /// How a flush stores its bytes (the file's policy, else the mount's):
@@ -177,6 +181,7 @@ impl DataPath {
             chunk_key: ChunkKey::for_cluster(cluster_id),
             recent: Mutex::new(RecentChunks::default()),
             tenants,
+            lie_about_chunks: std::env::var("CFS_FAILPOINT").is_ok_and(|f| f == "chunk-wrong-id"),
         })
     }
 
@@ -287,9 +292,13 @@ impl DataPath {
         let mut out = Vec::new();
         for (i, (_, data)) in ranges.iter().enumerate() {
             for r in crate::dedupe::cut(data, max) {
+                let mut id = key.id(&data[r.clone()]);
+                if self.lie_about_chunks {
+                    id.0[0] ^= 1;
+                }
                 out.push(PlannedChunk {
                     range: i,
-                    id: key.id(&data[r.clone()]),
+                    id,
                     bytes: r,
                 });
             }

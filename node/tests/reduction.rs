@@ -526,3 +526,43 @@ fn a_subtree_dedupe_policy_wins_over_the_mount() {
     drop(m);
     c.fsck_clean();
 }
+
+/// A stripe stored under a chunk id its bytes do not hash to (a faulty
+/// or hostile writer: failpoint `chunk-wrong-id`) is never served: every
+/// mount's read of it fails with EIO and is counted, the liar's own
+/// included; an honest copy of the same bytes is not deduplicated
+/// against it and reads back exactly.
+#[test]
+fn a_stripe_whose_bytes_do_not_match_its_chunk_id_is_refused() {
+    let c = Cluster::start("chunklie");
+    let liar = {
+        let url = url_file(&c, "liar");
+        let url_s = url.to_string_lossy().into_owned();
+        common::fuse::Mount::with_env(
+            &c,
+            "liar",
+            &[
+                "--metrics-listen",
+                "127.0.0.1:0",
+                "--metrics-url-file",
+                &url_s,
+            ],
+            &[("CFS_FAILPOINT", "chunk-wrong-id")],
+        )
+    };
+    let honest = mount(&c, "honest", &[]);
+    let data = text(77, 3 << 20);
+    std::fs::write(liar.path.join("lied"), &data).unwrap();
+    std::fs::write(honest.path.join("true"), &data).unwrap();
+    common::fuse::drop_kernel_caches();
+    let eio = |p: &Path| std::fs::read(p).err().and_then(|e| e.raw_os_error());
+    assert_eq!(eio(&honest.path.join("lied")), Some(libc::EIO));
+    assert_eq!(eio(&liar.path.join("lied")), Some(libc::EIO));
+    for m in ["honest", "liar"] {
+        let n =
+            common::fuse::mount_counter(&url_file(&c, m), "claudefs_fuse_chunk_mismatches_total");
+        assert!(n >= 1, "{m}: {n} mismatches counted");
+    }
+    reads_back(&honest.path.join("true"), &data);
+    c.fsck_clean();
+}
