@@ -11,14 +11,14 @@
 
 mod common;
 
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use cfs_node::cluster;
-use common::fuse::{self, Mount};
+use common::fuse::{self, cfs_run as cfs, Mount};
 use common::Cluster;
+use common::{reads_back, wait_until};
 
 const MIB: usize = 1 << 20;
 /// Bytes that must never appear in the clear where a tenant's data lives.
@@ -38,17 +38,6 @@ fn secret_text(seed: u64, len: usize) -> Vec<u8> {
     }
     out.truncate(len);
     out
-}
-
-fn cfs(args: &[&str]) -> (bool, String) {
-    let out = Command::new(fuse::cfs())
-        .args(args)
-        .output()
-        .expect("run cfs");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr),
-    )
 }
 
 /// Whether any file under `dir` holds [`MARKER`].
@@ -71,24 +60,6 @@ fn marker_under(dir: &Path) -> Vec<PathBuf> {
         }
     }
     hits
-}
-
-fn reads_back(p: &Path, want: &[u8]) {
-    let got = std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
-    assert!(got == want, "{} does not read back byte-exact", p.display());
-    let f = std::fs::File::open(p).unwrap();
-    let mut at = 11usize;
-    while at < want.len() {
-        let n = (4093 + at % 70_000).min(want.len() - at);
-        let mut b = vec![0u8; n];
-        f.read_exact_at(&mut b, at as u64).unwrap();
-        assert!(
-            b == want[at..at + n],
-            "{}: {n} bytes at {at} differ",
-            p.display()
-        );
-        at += n * 29 + 1;
-    }
 }
 
 fn metrics_mount(c: &Cluster, name: &str, extra: &[&str]) -> (Mount, PathBuf) {
@@ -117,17 +88,6 @@ fn key_report(c: &Cluster) -> serde_json::Value {
     let (ok, out) = cfs(&["admin", "keys", "list", "--dir", &dir_s(c), "--json"]);
     assert!(ok, "keys list: {out}");
     serde_json::from_str(&out).unwrap_or_else(|e| panic!("keys list JSON: {e}: {out}"))
-}
-
-fn wait_until(secs: u64, mut ok: impl FnMut() -> bool) -> bool {
-    let until = Instant::now() + Duration::from_secs(secs);
-    while Instant::now() < until {
-        if ok() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(300));
-    }
-    ok()
 }
 
 #[test]

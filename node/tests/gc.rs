@@ -55,18 +55,6 @@ fn check_tree_of(dir: &Path, files: u64, len: usize, seed: u64, make: fn(u64, us
     }
 }
 
-/// Waits (up to `secs`) until `ok` holds of the bytes stored.
-fn wait_stored(c: &Cluster, secs: u64, ok: impl Fn(u64) -> bool) -> u64 {
-    let until = Instant::now() + Duration::from_secs(secs);
-    loop {
-        let s = stored(c);
-        if ok(s) || Instant::now() > until {
-            return s;
-        }
-        std::thread::sleep(Duration::from_millis(250));
-    }
-}
-
 fn freed_total(c: &Cluster) -> u64 {
     (1..=3)
         .map(|id| c.metric(id, "claudefs_gc_segments_freed_total"))
@@ -109,7 +97,7 @@ fn what_nothing_references_is_freed_and_the_rest_reads_back() {
     // 2+1 erasure coding stores 1.5 bytes per byte; within 10 % of that
     // plus what the servers keep per fragment (headers, proofs).
     let goal = empty + live * 3 / 2 * 11 / 10 + (8 * MIB) as u64;
-    let after = wait_stored(&c, 90, |s| s <= goal);
+    let after = c.wait_stored(90, |s| s <= goal);
     eprintln!(
         "stored after rm: {after} bytes ({} MiB), goal {} MiB, live {} MiB",
         after >> 20,
@@ -185,7 +173,7 @@ fn killing_the_freeing_node_frees_nothing_referenced_and_leaks_nothing() {
     }
     let live = (8 * MIB) as u64;
     let goal = empty + live * 3 / 2 * 11 / 10 + (8 * MIB) as u64;
-    let after = wait_stored(&c, 90, |s| s <= goal);
+    let after = c.wait_stored(90, |s| s <= goal);
     eprintln!(
         "stored after the churn: {} MiB, goal {} MiB",
         after >> 20,
@@ -239,7 +227,7 @@ fn mostly_dead_segments_are_compacted_and_freed() {
     // What is left: the live data, erasure coded, within 10 %, and the
     // servers' per-fragment overhead.
     let goal = empty + live * 3 / 2 * 11 / 10 + (2 * MIB) as u64;
-    let after = wait_stored(&c, 90, |s| s <= goal);
+    let after = c.wait_stored(90, |s| s <= goal);
     eprintln!(
         "stored after the rewrite: {} MiB, goal {} MiB, compacted {compacted}",
         after >> 20,

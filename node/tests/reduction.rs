@@ -17,10 +17,10 @@ mod common;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::fuse::{self, Mount};
-use common::{noise, Cluster};
+use common::{noise, reads_back, wait_until, Cluster};
 
 const MIB: usize = 1 << 20;
 
@@ -80,37 +80,6 @@ fn mount(c: &Cluster, name: &str, extra: &[&str]) -> Mount {
     ];
     args.extend_from_slice(extra);
     Mount::new(c, name, &args)
-}
-
-/// Reads `want` back from `p` whole and in odd-sized parts at odd
-/// offsets (each part served from the stripe it falls in).
-fn reads_back(p: &Path, want: &[u8]) {
-    let got = std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
-    assert!(got == want, "{} does not read back byte-exact", p.display());
-    let f = std::fs::File::open(p).unwrap();
-    let mut at = 7usize;
-    while at < want.len() {
-        let n = (4093 + at % 70_000).min(want.len() - at);
-        let mut b = vec![0u8; n];
-        f.read_exact_at(&mut b, at as u64).unwrap();
-        assert!(
-            b == want[at..at + n],
-            "{}: {n} bytes at {at} differ",
-            p.display()
-        );
-        at += n * 37 + 1;
-    }
-}
-
-fn wait_until(secs: u64, mut ok: impl FnMut() -> bool) -> bool {
-    let until = Instant::now() + Duration::from_secs(secs);
-    while Instant::now() < until {
-        if ok() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(250));
-    }
-    ok()
 }
 
 #[test]

@@ -12,26 +12,14 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::fuse::{self, Mount};
+use common::fuse::{self, cfs_run as cfs, Mount};
 use common::{noise, Cluster};
 
 const MIB: usize = 1 << 20;
-
-fn cfs(args: &[&str]) -> (bool, String) {
-    let out = Command::new(fuse::cfs())
-        .args(args)
-        .output()
-        .expect("run cfs");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr),
-    )
-}
 
 fn s(p: &Path) -> String {
     p.to_string_lossy().into_owned()
@@ -102,18 +90,6 @@ fn tree(root: &Path) -> Tree {
 
 fn errno_of(r: std::io::Result<impl Sized>) -> Option<i32> {
     r.err().and_then(|e| e.raw_os_error())
-}
-
-/// Waits (up to `secs`) until `ok` holds of the bytes stored.
-fn wait_stored(c: &Cluster, secs: u64, ok: impl Fn(u64) -> bool) -> u64 {
-    let until = Instant::now() + Duration::from_secs(secs);
-    loop {
-        let s = c.fragment_bytes();
-        if ok(s) || Instant::now() > until {
-            return s;
-        }
-        std::thread::sleep(Duration::from_millis(250));
-    }
 }
 
 #[test]
@@ -230,7 +206,7 @@ fn snapshots_are_read_only_pin_their_data_restore_equal_and_free_when_deleted() 
     // 2+1 erasure coding stores 1.5 bytes per byte; 10 % and 8 MiB of
     // slack for fragment headers and open segments.
     let goal = empty + kept * 3 / 2 * 11 / 10 + (8 * MIB) as u64;
-    let pinned = wait_stored(&c, 120, |s| s <= goal);
+    let pinned = c.wait_stored(120, |s| s <= goal);
     eprintln!(
         "stored: empty {} MiB, with scratch {} MiB, after rm and GC {} MiB (goal {} MiB)",
         empty >> 20,
@@ -275,7 +251,7 @@ fn snapshots_are_read_only_pin_their_data_restore_equal_and_free_when_deleted() 
     assert!(!ok && out.contains("no snapshot named s1"), "{out}");
     std::fs::remove_dir(&a).expect("empty once its snapshots are deleted");
     let goal = empty + (8 * MIB) as u64;
-    let after = wait_stored(&c, 90, |s| s <= goal);
+    let after = c.wait_stored(90, |s| s <= goal);
     assert!(
         after <= goal,
         "{after} bytes stored after delete, {empty} when empty"

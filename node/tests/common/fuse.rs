@@ -12,6 +12,15 @@ pub fn cfs() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_cfs"))
 }
 
+/// Runs `cfs ARGS`: whether it succeeded, and its stdout then stderr.
+pub fn cfs_run(args: &[&str]) -> (bool, String) {
+    let out = Command::new(cfs()).args(args).output().expect("run cfs");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
 /// A `cfs mount` process serving `path`; unmounted on drop.
 pub struct Mount {
     pub path: PathBuf,

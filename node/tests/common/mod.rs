@@ -213,6 +213,54 @@ impl Cluster {
     }
 }
 
+/// Reads `want` back from `p` whole and in odd-sized parts at odd
+/// offsets (each part served from the stripe it falls in).
+pub fn reads_back(p: &std::path::Path, want: &[u8]) {
+    use std::os::unix::fs::FileExt;
+    let got = std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    assert!(got == want, "{} does not read back byte-exact", p.display());
+    let f = std::fs::File::open(p).expect("open");
+    let mut at = 7usize;
+    while at < want.len() {
+        let n = (4093 + at % 70_000).min(want.len() - at);
+        let mut b = vec![0u8; n];
+        f.read_exact_at(&mut b, at as u64).expect("read");
+        assert!(
+            b == want[at..at + n],
+            "{}: {n} bytes at {at} differ",
+            p.display()
+        );
+        at += n * 37 + 1;
+    }
+}
+
+/// Whether `ok` holds within `secs` (asked every 250 ms).
+pub fn wait_until(secs: u64, mut ok: impl FnMut() -> bool) -> bool {
+    let until = Instant::now() + Duration::from_secs(secs);
+    while Instant::now() < until {
+        if ok() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    ok()
+}
+
+impl Cluster {
+    /// Waits (up to `secs`) until `ok` holds of the fragment bytes
+    /// stored; those bytes.
+    pub fn wait_stored(&self, secs: u64, ok: impl Fn(u64) -> bool) -> u64 {
+        let until = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let s = self.fragment_bytes();
+            if ok(s) || Instant::now() > until {
+                return s;
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+}
+
 /// Deterministic bytes zstd cannot shrink (xorshift): what a test that
 /// must fill devices, or must not be compressed, writes.
 pub fn noise(seed: u64, len: usize) -> Vec<u8> {
