@@ -243,12 +243,9 @@ fn changes_answered_early_are_replayed_once_after_the_leader_dies() {
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     // The root is on shard 0: the mount talks to its leader first, once
     // it has led for a lease's hold (no early answers before: D30).
-    let leader = rt.block_on(c.leader(ShardId(0)));
-    std::thread::sleep(cfs_proto::lease::server_hold() + Duration::from_millis(500));
-    assert_eq!(
-        rt.block_on(c.leader(ShardId(0))),
-        leader,
-        "leadership moved"
+    let leader = common::stable_leader(
+        cfs_proto::lease::server_hold() + Duration::from_millis(500),
+        || rt.block_on(c.leader(ShardId(0))),
     );
     let m = mount_on_first(&c, leader, "m");
     // The create and the extent commit of `f` are answered by the leader,
@@ -283,10 +280,11 @@ fn changes_answered_early_are_replayed_once_after_the_leader_dies() {
 fn early_finishes_lost_with_their_leader_are_completed_by_recovery() {
     let c = Cluster::start("fs-finish-lost");
     restart_all_with_failpoint(&c, "tx-finish-lost");
-    let leader = c.wait_leaders_together();
     // Past the new leader's fence (no early answers before it: D30).
-    std::thread::sleep(cfs_proto::lease::server_hold() + Duration::from_millis(500));
-    assert_eq!(c.wait_leaders_together(), leader, "leadership moved");
+    let leader = common::stable_leader(
+        cfs_proto::lease::server_hold() + Duration::from_millis(500),
+        || c.wait_leaders_together(),
+    );
     let m = mount_on_first(&c, leader, "m");
     let remote = dir_name_on(1, "lost");
     std::fs::create_dir(m.path.join(&remote)).expect("mkdir across shards");
@@ -827,19 +825,10 @@ fn a_log_disk_low_on_space_refuses_changes_with_enospc() {
 #[test]
 fn a_mount_moves_to_the_node_leading_the_shards() {
     let c = Cluster::start("fs-leader");
-    let rt = tokio::runtime::Runtime::new().expect("runtime");
-    // Leader affinity gathers the shards on one node: wait for that, so
-    // the leader the mount should find does not change under the test.
-    let until = Instant::now() + Duration::from_secs(30);
-    let leader = loop {
-        let (a, b) =
-            rt.block_on(async { (c.leader(ShardId(0)).await, c.leader(ShardId(1)).await) });
-        if a == b {
-            break a;
-        }
-        assert!(Instant::now() < until, "shards led by {a} and {b}");
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    // Leader affinity gathers the shards on one node: wait for that, and
+    // for it to stay a while, so the leader the mount should find does
+    // not change under the test.
+    let leader = common::stable_leader(Duration::from_secs(2), || c.wait_leaders_together());
     let other = (1..=3).find(|n| *n != leader).expect("a follower");
     let meta = |n: u64| c.cfg(n).meta_listen.expect("meta").to_string();
     let servers = format!("{},{}", meta(other), meta(leader));
@@ -850,20 +839,23 @@ fn a_mount_moves_to_the_node_leading_the_shards() {
     // the leader) or in the background (lease renewals find the node
     // leads no shard, while leadership was still settling): either way
     // the mount's last session must be with the leader.
-    let on_leader = |log: &str| {
+    // A busy machine can still move leadership later: the mount must
+    // follow it, so its session is compared with the leader of the moment.
+    let on_leader = |log: &str, leader: u64| {
         log.lines()
             .rfind(|l| l.contains("connected to metadata service"))
             .is_some_and(|l| l.contains(&format!("node_id={leader}")))
     };
     let until = Instant::now() + Duration::from_secs(30);
-    let log = loop {
+    let (log, now_leading) = loop {
+        let now_leading = c.wait_leaders_together();
         let log = std::fs::read_to_string(c.dir.join("m.log")).expect("mount log");
-        if on_leader(&log) || Instant::now() > until {
-            break log;
+        if on_leader(&log, now_leading) || Instant::now() > until {
+            break (log, now_leading);
         }
         std::thread::sleep(Duration::from_millis(100));
     };
-    assert!(on_leader(&log), "{log}");
+    assert!(on_leader(&log, now_leading), "{log}");
     assert!(
         log.contains("moved to the node leading the shards")
             || log.contains("looking for the leader"),

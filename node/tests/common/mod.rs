@@ -10,6 +10,27 @@ use cfs_log::client::LogClient;
 use cfs_node::cluster;
 use cfs_node::config::NodeConfig;
 
+/// How many times [`stable_leader`] looks again when leadership moved
+/// while it waited.
+pub const LEADER_SETTLE_ATTEMPTS: usize = 5;
+
+/// The node `leader` names once it has named the same node across `hold`
+/// (a busy machine can move leadership right after restarts; a test that
+/// needs a leader past its fence waits for one that stayed).
+pub fn stable_leader(hold: Duration, mut leader: impl FnMut() -> u64) -> u64 {
+    let mut seen = Vec::new();
+    for _ in 0..LEADER_SETTLE_ATTEMPTS {
+        let first = leader();
+        std::thread::sleep(hold);
+        let then = leader();
+        if then == first {
+            return first;
+        }
+        seen.push((first, then));
+    }
+    panic!("leadership kept moving: {seen:?}");
+}
+
 pub struct Cluster {
     pub dir: PathBuf,
     pub cfgs: Vec<NodeConfig>,
