@@ -273,8 +273,6 @@ impl DataPath {
         Ok(out)
     }
 
-    /// The content-defined chunks of `ranges`, each at most one stripe,
-    /// with their ids (D50).
     /// The stripe this mount lately wrote or referenced for chunk `id`.
     pub fn recent_chunk(&self, id: &ChunkId) -> Option<Extent> {
         self.recent
@@ -284,10 +282,26 @@ impl DataPath {
             .cloned()
     }
 
-    /// Chunk ids are made with the tenant's chunk key when `how` seals
-    /// (its dedupe domain, D51), else the cluster's.
+    /// Largest chunk: one stripe's data.
+    fn chunk_max(&self) -> usize {
+        FRAGMENT_BYTES * self.layout.k as usize
+    }
+
+    /// Takes the last chunk of `dirty`'s last range, as
+    /// [`DataPath::plan_chunks`] would cut it, out of `dirty`
+    /// ([`crate::dedupe::take_last_chunk`]).
+    pub fn take_last_chunk(
+        &self,
+        dirty: &mut std::collections::BTreeMap<u64, Vec<u8>>,
+    ) -> Option<(u64, Vec<u8>)> {
+        crate::dedupe::take_last_chunk(dirty, self.chunk_max())
+    }
+
+    /// The content-defined chunks of `ranges`, each at most one stripe,
+    /// with their ids (D50). Chunk ids are made with the tenant's chunk
+    /// key when `how` seals (its dedupe domain, D51), else the cluster's.
     pub fn plan_chunks(&self, ranges: &[(u64, &[u8])], how: &Storing) -> Vec<PlannedChunk> {
-        let max = FRAGMENT_BYTES * self.layout.k as usize;
+        let max = self.chunk_max();
         let key = how.seal.as_ref().map_or(&self.chunk_key, |s| &s.chunk_key);
         let mut out = Vec::new();
         for (i, (_, data)) in ranges.iter().enumerate() {

@@ -54,6 +54,25 @@ pub fn cut(data: &[u8], max: usize) -> Vec<Range<usize>> {
         .collect()
 }
 
+/// Takes the last chunk of the last range of `dirty` (file offset →
+/// bytes) out of it, cut as [`cut`] with `max` cuts: its bytes end where
+/// the buffer filled, not where the content cuts, so a background flush
+/// leaves them for the next one, which then starts at a content-defined
+/// cut. The same bytes are then chunked the same way however the kernel
+/// batched their writes. Nothing is taken from a range of one chunk.
+pub fn take_last_chunk(
+    dirty: &mut std::collections::BTreeMap<u64, Vec<u8>>,
+    max: usize,
+) -> Option<(u64, Vec<u8>)> {
+    let mut last = dirty.last_entry()?;
+    let at = cut(last.get(), max).last().map_or(0, |r| r.start);
+    if at == 0 {
+        return None;
+    }
+    let tail = last.get_mut().split_off(at);
+    Some((*last.key() + at as u64, tail))
+}
+
 /// Chunks this mount wrote or referenced lately, at most.
 pub const RECENT_CHUNKS_MAX: usize = 8192;
 
@@ -180,6 +199,49 @@ mod tests {
             "{shared} of {} chunks found again",
             a.len()
         );
+    }
+
+    #[test]
+    fn flushes_that_keep_their_last_chunk_cut_as_the_whole_file() {
+        use std::collections::BTreeMap;
+        let d = noise(12 << 20, 3);
+        let whole = cut(&d, CHUNK_MAX as usize);
+        let cut_all = |dirty: BTreeMap<u64, Vec<u8>>, out: &mut Vec<Range<usize>>| {
+            for (o, b) in dirty {
+                let o = o as usize;
+                out.extend(
+                    cut(&b, CHUNK_MAX as usize)
+                        .into_iter()
+                        .map(|r| r.start + o..r.end + o),
+                );
+            }
+        };
+        // Writes of varying sizes, flushed whenever `buffer` bytes are
+        // buffered, as the kernel's batching would make them.
+        for (seed, buffer) in [(1u64, 2usize << 20), (2, 3 << 20), (3, 1 << 20)] {
+            let mut sizes = noise(1 << 16, seed)
+                .into_iter()
+                .map(|b| (b as usize + 1) << 10);
+            let (mut dirty, mut flushed) = (BTreeMap::<u64, Vec<u8>>::new(), Vec::new());
+            let mut at = 0;
+            while at < d.len() {
+                let n = sizes.next().unwrap().min(d.len() - at);
+                match dirty.last_entry() {
+                    Some(mut e) => e.get_mut().extend_from_slice(&d[at..at + n]),
+                    None => {
+                        dirty.insert(at as u64, d[at..at + n].to_vec());
+                    }
+                }
+                at += n;
+                if dirty.values().map(Vec::len).sum::<usize>() >= buffer {
+                    let kept = take_last_chunk(&mut dirty, CHUNK_MAX as usize);
+                    cut_all(std::mem::take(&mut dirty), &mut flushed);
+                    dirty.extend(kept);
+                }
+            }
+            cut_all(dirty, &mut flushed);
+            assert_eq!(flushed, whole, "buffer {buffer}");
+        }
     }
 
     #[test]

@@ -372,12 +372,14 @@ fn identical_bytes_are_stored_once_and_outlive_the_first_copy() {
         (after_b - after_a) >> 10,
         found(&url) >> 10
     );
+    // Cut the same way however the writes were batched into flushes
+    // (D50): every chunk is found, nothing is written again.
+    assert_eq!(found(&url), n.len() as u64);
     assert!(
-        after_b - after_a < 2 * MIB as u64,
+        after_b - after_a < MIB as u64 / 4,
         "a second copy of 24 MiB took {} bytes of fragments",
         after_b - after_a
     );
-    assert!(found(&url) >= (n.len() - MIB) as u64, "{}", found(&url));
 
     // From another mount, shifted by a prefix: content-defined chunks
     // find most of the bytes again.

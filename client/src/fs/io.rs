@@ -328,7 +328,11 @@ impl Shared {
     }
 
     /// Starts writing the full buffer in the background (after the
-    /// previous background flush finished).
+    /// previous background flush finished). With dedupe, the last chunk
+    /// of the last range stays buffered: it ends where the buffer filled,
+    /// which depends on how the kernel batched the writes, so the next
+    /// flush starts at a content-defined cut instead and the same bytes
+    /// are chunked the same way every time (D50).
     pub(super) async fn flush_behind(
         self: &Arc<Self>,
         ino: Ino,
@@ -337,9 +341,15 @@ impl Shared {
         self.join_inflight(f).await?;
         // Keys first: without them nothing is taken from the buffer.
         let how = self.storing(f).await?;
-        let ranges: Arc<Vec<(u64, Vec<u8>)>> =
-            Arc::new(std::mem::take(&mut f.dirty).into_iter().collect());
+        let mut dirty = std::mem::take(&mut f.dirty);
         f.dirty_bytes = 0;
+        if how.dedupe {
+            if let Some((at, tail)) = self.data.take_last_chunk(&mut dirty) {
+                f.dirty_bytes = tail.len();
+                f.dirty.insert(at, tail);
+            }
+        }
+        let ranges: Arc<Vec<(u64, Vec<u8>)>> = Arc::new(dirty.into_iter().collect());
         let writer = f.writer.clone().unwrap_or_else(Creds::root);
         let (sh, r2) = (self.clone(), ranges.clone());
         let h = tokio::spawn(async move {
