@@ -6,7 +6,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use crate::dedupe::{ChunkKey, RecentChunks};
+use crate::dedupe::{ChunkKey, KnownCuts, RecentChunks};
 use crate::stats::{Cache, MountStats};
 use crate::tenants::{TenantSeal, Tenants};
 use cfs_proto::types::{Backing, ChunkId, Compression, Errno, ExtentRef};
@@ -287,25 +287,40 @@ impl DataPath {
         FRAGMENT_BYTES * self.layout.k as usize
     }
 
-    /// Takes the last chunk of `dirty`'s last range, as
-    /// [`DataPath::plan_chunks`] would cut it, out of `dirty`
-    /// ([`crate::dedupe::take_last_chunk`]).
-    pub fn take_last_chunk(
+    /// Takes out of `dirty` what a background flush should keep buffered
+    /// ([`crate::dedupe::hold_back`], chunks cut as
+    /// [`DataPath::plan_chunks`] cuts them).
+    pub fn hold_back(
         &self,
         dirty: &mut std::collections::BTreeMap<u64, Vec<u8>>,
-    ) -> Option<(u64, Vec<u8>)> {
-        crate::dedupe::take_last_chunk(dirty, self.chunk_max())
+        hold_max: usize,
+    ) -> crate::dedupe::Held {
+        crate::dedupe::hold_back(dirty, self.chunk_max(), hold_max)
     }
 
     /// The content-defined chunks of `ranges`, each at most one stripe,
-    /// with their ids (D50). Chunk ids are made with the tenant's chunk
-    /// key when `how` seals (its dedupe domain, D51), else the cluster's.
-    pub fn plan_chunks(&self, ranges: &[(u64, &[u8])], how: &Storing) -> Vec<PlannedChunk> {
+    /// with their ids (D50); a range `known` cuts (sorted by offset) is
+    /// not cut again. Chunk ids are made with the tenant's chunk key when
+    /// `how` seals (its dedupe domain, D51), else the cluster's.
+    pub fn plan_chunks(
+        &self,
+        ranges: &[(u64, &[u8])],
+        known: &[KnownCuts],
+        how: &Storing,
+    ) -> Vec<PlannedChunk> {
         let max = self.chunk_max();
         let key = how.seal.as_ref().map_or(&self.chunk_key, |s| &s.chunk_key);
         let mut out = Vec::new();
-        for (i, (_, data)) in ranges.iter().enumerate() {
-            for r in crate::dedupe::cut(data, max) {
+        for (i, (off, data)) in ranges.iter().enumerate() {
+            let known = known
+                .binary_search_by_key(off, |k| k.offset)
+                .ok()
+                .and_then(|at| known[at].of(*off, data));
+            let cuts = match known {
+                Some(c) => c.to_vec(),
+                None => crate::dedupe::cut(data, max),
+            };
+            for r in cuts {
                 let mut id = key.id(&data[r.clone()]);
                 if self.lie_about_chunks {
                     id.0[0] ^= 1;

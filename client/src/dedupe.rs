@@ -54,23 +54,85 @@ pub fn cut(data: &[u8], max: usize) -> Vec<Range<usize>> {
         .collect()
 }
 
-/// Takes the last chunk of the last range of `dirty` (file offset →
-/// bytes) out of it, cut as [`cut`] with `max` cuts: its bytes end where
-/// the buffer filled, not where the content cuts, so a background flush
-/// leaves them for the next one, which then starts at a content-defined
-/// cut. The same bytes are then chunked the same way however the kernel
-/// batched their writes. Nothing is taken from a range of one chunk.
-pub fn take_last_chunk(
+/// The chunks one range of a flush was already cut into, so that the
+/// flush does not cut its bytes twice (`DataPath::plan_chunks`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KnownCuts {
+    /// The range's file offset.
+    pub offset: u64,
+    /// Its chunks, as [`cut`] gives them.
+    pub chunks: Vec<Range<usize>>,
+}
+
+impl KnownCuts {
+    /// The chunks of `data`, the range at `offset`, if these are its cuts.
+    pub fn of(&self, offset: u64, data: &[u8]) -> Option<&[Range<usize>]> {
+        let ends = self.chunks.last().map(|r| r.end) == Some(data.len());
+        (self.offset == offset && ends).then_some(self.chunks.as_slice())
+    }
+}
+
+/// What a background flush leaves buffered (file offset → bytes) and the
+/// cuts of what it flushes (`hold_back`).
+pub type Held = (Vec<(u64, Vec<u8>)>, Vec<KnownCuts>);
+
+/// Leaves in `dirty` (file offset → bytes) only what a background flush
+/// should write now, cut as [`cut`] with `max` cuts, and returns what it
+/// keeps buffered, with the cuts of each range it leaves whole or cut:
+/// - the last chunk of each range of several chunks: its bytes end where
+///   the buffer filled, not where the content cuts, so the next flush
+///   starts at a content-defined cut instead;
+/// - every range after the first shorter than [`CHUNK_MAX`]: a write that
+///   reached the mount before the one in front of it (requests are
+///   served concurrently), whose start is no cut either.
+///
+/// So the same bytes are chunked the same way however the kernel batched
+/// and ordered their writes. If that would keep more than `hold_max`
+/// bytes (scattered writes, not a stream), nothing is kept.
+pub fn hold_back(
     dirty: &mut std::collections::BTreeMap<u64, Vec<u8>>,
     max: usize,
-) -> Option<(u64, Vec<u8>)> {
-    let mut last = dirty.last_entry()?;
-    let at = cut(last.get(), max).last().map_or(0, |r| r.start);
-    if at == 0 {
-        return None;
+    hold_max: usize,
+) -> Held {
+    let first = dirty.keys().next().copied();
+    // Per range: its cuts (none for an island kept whole).
+    let plan: Vec<(u64, Option<Vec<Range<usize>>>)> = dirty
+        .iter()
+        .map(|(o, b)| {
+            let island = Some(*o) != first && b.len() < CHUNK_MAX as usize;
+            (*o, (!island).then(|| cut(b, max)))
+        })
+        .collect();
+    let kept = |o: &u64, cuts: &Option<Vec<Range<usize>>>| -> usize {
+        match cuts {
+            None => dirty.get(o).map_or(0, Vec::len),
+            Some(c) if c.len() >= 2 => c.last().map_or(0, |r| r.len()),
+            Some(_) => 0,
+        }
+    };
+    let total: usize = plan.iter().map(|(o, c)| kept(o, c)).sum();
+    let mut held = Vec::new();
+    let mut known = Vec::new();
+    for (o, cuts) in plan {
+        if total > hold_max {
+            // Everything goes: the cuts of all but the islands are known.
+            known.extend(cuts.map(|chunks| KnownCuts { offset: o, chunks }));
+            continue;
+        }
+        match cuts {
+            None => held.extend(dirty.remove_entry(&o)),
+            Some(mut chunks) => {
+                if chunks.len() >= 2 {
+                    let at = chunks.pop().map_or(0, |r| r.start);
+                    if let Some(b) = dirty.get_mut(&o) {
+                        held.push((o + at as u64, b.split_off(at)));
+                    }
+                }
+                known.push(KnownCuts { offset: o, chunks });
+            }
+        }
     }
-    let tail = last.get_mut().split_off(at);
-    Some((*last.key() + at as u64, tail))
+    (held, known)
 }
 
 /// Chunks this mount wrote or referenced lately, at most.
@@ -202,46 +264,82 @@ mod tests {
     }
 
     #[test]
-    fn flushes_that_keep_their_last_chunk_cut_as_the_whole_file() {
+    fn flushes_that_hold_back_cut_as_the_whole_file() {
         use std::collections::BTreeMap;
         let d = noise(12 << 20, 3);
         let whole = cut(&d, CHUNK_MAX as usize);
-        let cut_all = |dirty: BTreeMap<u64, Vec<u8>>, out: &mut Vec<Range<usize>>| {
-            for (o, b) in dirty {
-                let o = o as usize;
-                out.extend(
-                    cut(&b, CHUNK_MAX as usize)
-                        .into_iter()
-                        .map(|r| r.start + o..r.end + o),
-                );
-            }
-        };
-        // Writes of varying sizes, flushed whenever `buffer` bytes are
-        // buffered, as the kernel's batching would make them.
+        let cut_all =
+            |dirty: BTreeMap<u64, Vec<u8>>, known: &[KnownCuts], out: &mut Vec<Range<usize>>| {
+                for (o, b) in dirty {
+                    let cuts = match known.iter().find_map(|k| k.of(o, &b)) {
+                        Some(c) => c.to_vec(),
+                        None => cut(&b, CHUNK_MAX as usize),
+                    };
+                    assert_eq!(cuts, cut(&b, CHUNK_MAX as usize), "known cuts are the cuts");
+                    let o = o as usize;
+                    out.extend(cuts.into_iter().map(|r| r.start + o..r.end + o));
+                }
+            };
+        // Writes of varying sizes, every other pair of them (every pair in
+        // the last round) served in reverse order, flushed whenever
+        // `buffer` bytes are buffered, as the kernel's batching and the
+        // mount's concurrency would make them.
         for (seed, buffer) in [(1u64, 2usize << 20), (2, 3 << 20), (3, 1 << 20)] {
             let mut sizes = noise(1 << 16, seed)
                 .into_iter()
                 .map(|b| (b as usize + 1) << 10);
-            let (mut dirty, mut flushed) = (BTreeMap::<u64, Vec<u8>>::new(), Vec::new());
+            let mut writes = Vec::new();
             let mut at = 0;
             while at < d.len() {
                 let n = sizes.next().unwrap().min(d.len() - at);
-                match dirty.last_entry() {
-                    Some(mut e) => e.get_mut().extend_from_slice(&d[at..at + n]),
-                    None => {
-                        dirty.insert(at as u64, d[at..at + n].to_vec());
-                    }
-                }
+                writes.push(at..at + n);
                 at += n;
-                if dirty.values().map(Vec::len).sum::<usize>() >= buffer {
-                    let kept = take_last_chunk(&mut dirty, CHUNK_MAX as usize);
-                    cut_all(std::mem::take(&mut dirty), &mut flushed);
-                    dirty.extend(kept);
+            }
+            for (i, pair) in writes.chunks_mut(2).enumerate() {
+                if i % 2 == 0 || seed == 3 {
+                    pair.reverse();
                 }
             }
-            cut_all(dirty, &mut flushed);
+            let (mut dirty, mut flushed) = (BTreeMap::<u64, Vec<u8>>::new(), Vec::new());
+            for w in writes {
+                // Appended to the range it continues, or a range of its own.
+                let joined = dirty
+                    .iter_mut()
+                    .find(|(o, b)| **o as usize + b.len() == w.start);
+                match joined {
+                    Some((_, b)) => b.extend_from_slice(&d[w.clone()]),
+                    None => {
+                        dirty.insert(w.start as u64, d[w.clone()].to_vec());
+                    }
+                }
+                // And the range after it joined on.
+                let end = dirty
+                    .iter()
+                    .find(|(o, b)| **o as usize + b.len() == w.end)
+                    .map(|(o, _)| *o);
+                if let (Some(o), Some(next)) = (end, dirty.remove(&(w.end as u64))) {
+                    dirty.get_mut(&o).unwrap().extend_from_slice(&next);
+                }
+                if dirty.values().map(Vec::len).sum::<usize>() >= buffer {
+                    let (held, known) = hold_back(&mut dirty, CHUNK_MAX as usize, buffer / 2);
+                    cut_all(std::mem::take(&mut dirty), &known, &mut flushed);
+                    dirty.extend(held);
+                }
+            }
+            cut_all(dirty, &[], &mut flushed);
+            flushed.sort_by_key(|r| r.start);
             assert_eq!(flushed, whole, "buffer {buffer}");
         }
+    }
+
+    #[test]
+    fn scattered_writes_are_not_held_back() {
+        let mut dirty: std::collections::BTreeMap<u64, Vec<u8>> =
+            (0..64u64).map(|i| (i << 20, noise(100 << 10, i))).collect();
+        let (held, known) = hold_back(&mut dirty, CHUNK_MAX as usize, 4 << 20);
+        assert!(held.is_empty());
+        assert_eq!(dirty.len(), 64);
+        assert_eq!(known.len(), 1, "islands are not cut here");
     }
 
     #[test]

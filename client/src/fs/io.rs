@@ -14,6 +14,7 @@ use tracing::{debug, Instrument};
 
 use super::{FileInner, FlushFor, Shared};
 use crate::data::Storing;
+use crate::dedupe::KnownCuts;
 use crate::tenants::TenantSeal;
 
 /// Reads at most this long that do not follow the previous read fetch
@@ -137,12 +138,14 @@ impl Shared {
     /// this commit, D48) writes the bytes again, into new stripes, up to
     /// [`REWRITES_MAX`] times. Stripes are stored as `how` says (the
     /// file's policy, else the mount's `--compress` and `--dedupe`;
-    /// sealed with the file's tenant's key).
+    /// sealed with the file's tenant's key). A range `known` already cut
+    /// into chunks is not cut again.
     pub(super) async fn commit_ranges(
         &self,
         ino: Ino,
         writer: &Creds,
         ranges: &[(u64, Vec<u8>)],
+        known: &[KnownCuts],
         late: Option<LateAttrs>,
         how: &Storing,
     ) -> Result<Option<Inode>, Errno> {
@@ -155,7 +158,7 @@ impl Shared {
                 ..how.clone()
             };
             match self
-                .commit_ranges_once(ino, writer, ranges, late.clone(), &how)
+                .commit_ranges_once(ino, writer, ranges, known, late.clone(), &how)
                 .await
             {
                 Err(e) if e == Errno::FREED_DATA && tries < REWRITES_MAX => {
@@ -177,6 +180,7 @@ impl Shared {
         ino: Ino,
         writer: &Creds,
         ranges: &[(u64, Vec<u8>)],
+        known: &[KnownCuts],
         late: Option<LateAttrs>,
         how: &Storing,
     ) -> Result<Option<Inode>, Errno> {
@@ -195,7 +199,7 @@ impl Shared {
         if !large.is_empty() {
             let large: Vec<(u64, &[u8])> = large.iter().map(|(o, d)| (*o, d.as_slice())).collect();
             let written = if how.dedupe {
-                self.write_deduplicated(&large, how)
+                self.write_deduplicated(&large, known, how)
                     .instrument(span)
                     .await?
             } else {
@@ -248,9 +252,10 @@ impl Shared {
     async fn write_deduplicated(
         &self,
         ranges: &[(u64, &[u8])],
+        known: &[KnownCuts],
         how: &Storing,
     ) -> Result<Vec<ExtentRef>, Errno> {
-        let plan = self.data.plan_chunks(ranges, how);
+        let plan = self.data.plan_chunks(ranges, known, how);
         // What this mount wrote lately first (the cluster's index may not
         // have applied it yet), then the cluster for the rest.
         let mut found: Vec<Option<_>> =
@@ -343,18 +348,21 @@ impl Shared {
         let how = self.storing(f).await?;
         let mut dirty = std::mem::take(&mut f.dirty);
         f.dirty_bytes = 0;
+        let mut known = Vec::new();
         if how.dedupe {
-            if let Some((at, tail)) = self.data.take_last_chunk(&mut dirty) {
-                f.dirty_bytes = tail.len();
-                f.dirty.insert(at, tail);
+            let (held, cuts) = self.data.hold_back(&mut dirty, self.opts.write_buffer / 2);
+            for (at, bytes) in held {
+                f.dirty_bytes += bytes.len();
+                f.dirty.insert(at, bytes);
             }
+            known = cuts;
         }
         let ranges: Arc<Vec<(u64, Vec<u8>)>> = Arc::new(dirty.into_iter().collect());
         let writer = f.writer.clone().unwrap_or_else(Creds::root);
         let (sh, r2) = (self.clone(), ranges.clone());
         let h = tokio::spawn(async move {
             let r = sh
-                .commit_ranges(ino, &writer, &r2, None, &how)
+                .commit_ranges(ino, &writer, &r2, &known, None, &how)
                 .await
                 .map(|_| ());
             if r.is_err() {
@@ -380,7 +388,7 @@ impl Shared {
         let writer = f.writer.clone().unwrap_or_else(Creds::root);
         let committed = match self.storing(f).await {
             Ok(how) => {
-                self.commit_ranges(ino, &writer, &ranges, late.clone(), &how)
+                self.commit_ranges(ino, &writer, &ranges, &[], late.clone(), &how)
                     .await
             }
             Err(e) => Err(e),

@@ -265,27 +265,31 @@ fn consume_token(
     Ok(Applied::None)
 }
 
-/// Creates the root directory if the shard owning it has none yet.
-pub fn ensure_root(txn: &mut Txn<'_>, shard: ShardId) -> Result<(), DbError> {
-    if shard != shard_of(ROOT_INO) || txn.get_raw(&keys::inode(ROOT_INO))?.is_some() {
-        return Ok(());
-    }
-    let root = Inode {
-        ino: ROOT_INO,
-        mode: libc::S_IFDIR | 0o755,
+/// A new empty directory owned by root with permissions `perms`, made
+/// at `now`: the file system's root, or a snapshot container (D52).
+pub(crate) fn root_owned_dir(
+    ino: Ino,
+    perms: u32,
+    parent: Ino,
+    now: Nanos,
+    generation: u64,
+) -> Inode {
+    Inode {
+        ino,
+        mode: libc::S_IFDIR | perms,
         uid: 0,
         gid: 0,
         size: 0,
         nlink: 2,
-        atime: 0,
-        mtime: 0,
-        ctime: 0,
-        crtime: 0,
+        atime: now,
+        mtime: now,
+        ctime: now,
+        crtime: now,
         rdev: 0,
-        generation: 1,
+        generation,
         allocated: 0,
         stored: 0,
-        parent: ROOT_INO,
+        parent,
         next_cookie: 3,
         entries: 0,
         acl: None,
@@ -293,7 +297,15 @@ pub fn ensure_root(txn: &mut Txn<'_>, shard: ShardId) -> Result<(), DbError> {
         dedupe: None,
         tenant: None,
         snapshot: false,
-    };
+    }
+}
+
+/// Creates the root directory if the shard owning it has none yet.
+pub fn ensure_root(txn: &mut Txn<'_>, shard: ShardId) -> Result<(), DbError> {
+    if shard != shard_of(ROOT_INO) || txn.get_raw(&keys::inode(ROOT_INO))?.is_some() {
+        return Ok(());
+    }
+    let root = root_owned_dir(ROOT_INO, 0o755, ROOT_INO, 0, 1);
     txn.put(keys::inode(ROOT_INO), &root);
     txn.put(keys::next_ino(shard), &2u64);
     txn.keep();

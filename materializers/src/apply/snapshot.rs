@@ -141,28 +141,8 @@ pub(super) fn create(
         None => {
             let c_ino = new_ino(t, shard)?;
             let cont = Inode {
-                ino: c_ino,
-                mode: libc::S_IFDIR | 0o555,
-                uid: 0,
-                gid: 0,
-                size: 0,
-                nlink: 2,
-                atime: now,
-                mtime: now,
-                ctime: now,
-                crtime: now,
-                rdev: 0,
-                generation: c_ino,
-                allocated: 0,
-                stored: 0,
-                parent: ino,
-                next_cookie: 3,
-                entries: 0,
-                acl: None,
-                compression: None,
-                dedupe: None,
-                tenant: None,
                 snapshot: true,
+                ..super::root_owned_dir(c_ino, 0o555, ino, now, c_ino)
             };
             add_dentry(t, &mut d, SNAPSHOTS_DIR, c_ino, libc::S_IFDIR);
             d.nlink += 1;
