@@ -287,15 +287,11 @@ impl DataPath {
         FRAGMENT_BYTES * self.layout.k as usize
     }
 
-    /// Takes out of `dirty` what a background flush should keep buffered
-    /// ([`crate::dedupe::hold_back`], chunks cut as
+    /// What a background flush of `ranges` writes now and what it keeps
+    /// buffered ([`crate::dedupe::hold_back`], chunks cut as
     /// [`DataPath::plan_chunks`] cuts them).
-    pub fn hold_back(
-        &self,
-        dirty: &mut std::collections::BTreeMap<u64, Vec<u8>>,
-        hold_max: usize,
-    ) -> crate::dedupe::Held {
-        crate::dedupe::hold_back(dirty, self.chunk_max(), hold_max)
+    pub fn hold_back(&self, ranges: &[(u64, &[u8])], hold_max: usize) -> crate::dedupe::Held {
+        crate::dedupe::hold_back(ranges, self.chunk_max(), hold_max)
     }
 
     /// The content-defined chunks of `ranges`, each at most one stripe,

@@ -72,13 +72,14 @@ impl KnownCuts {
     }
 }
 
-/// What a background flush leaves buffered (file offset → bytes) and the
-/// cuts of what it flushes (`hold_back`).
-pub type Held = (Vec<(u64, Vec<u8>)>, Vec<KnownCuts>);
+/// What a background flush writes now of each of its ranges (`hold_back`):
+/// per range, where the bytes it keeps buffered start (the range's length:
+/// none), and the cuts of what it writes.
+pub type Held = (Vec<usize>, Vec<KnownCuts>);
 
-/// Leaves in `dirty` (file offset → bytes) only what a background flush
-/// should write now, cut as [`cut`] with `max` cuts, and returns what it
-/// keeps buffered, with the cuts of each range it leaves whole or cut:
+/// Decides what a background flush of `ranges` (file offset → bytes, in
+/// order) writes now and what it keeps buffered, chunks cut as [`cut`]
+/// with `max` cuts. It keeps:
 /// - the last chunk of each range of several chunks: its bytes end where
 ///   the buffer filled, not where the content cuts, so the next flush
 ///   starts at a content-defined cut instead;
@@ -89,50 +90,46 @@ pub type Held = (Vec<(u64, Vec<u8>)>, Vec<KnownCuts>);
 /// So the same bytes are chunked the same way however the kernel batched
 /// and ordered their writes. If that would keep more than `hold_max`
 /// bytes (scattered writes, not a stream), nothing is kept.
-pub fn hold_back(
-    dirty: &mut std::collections::BTreeMap<u64, Vec<u8>>,
-    max: usize,
-    hold_max: usize,
-) -> Held {
-    let first = dirty.keys().next().copied();
+pub fn hold_back(ranges: &[(u64, &[u8])], max: usize, hold_max: usize) -> Held {
     // Per range: its cuts (none for an island kept whole).
-    let plan: Vec<(u64, Option<Vec<Range<usize>>>)> = dirty
+    let plan: Vec<Option<Vec<Range<usize>>>> = ranges
         .iter()
-        .map(|(o, b)| {
-            let island = Some(*o) != first && b.len() < CHUNK_MAX as usize;
-            (*o, (!island).then(|| cut(b, max)))
-        })
+        .enumerate()
+        .map(|(i, (_, b))| (i == 0 || b.len() >= CHUNK_MAX as usize).then(|| cut(b, max)))
         .collect();
-    let kept = |o: &u64, cuts: &Option<Vec<Range<usize>>>| -> usize {
+    let held_from = |i: usize, cuts: &Option<Vec<Range<usize>>>| -> usize {
         match cuts {
-            None => dirty.get(o).map_or(0, Vec::len),
-            Some(c) if c.len() >= 2 => c.last().map_or(0, |r| r.len()),
-            Some(_) => 0,
+            None => 0,
+            Some(c) if c.len() >= 2 => c.last().map_or(0, |r| r.start),
+            Some(_) => ranges[i].1.len(),
         }
     };
-    let total: usize = plan.iter().map(|(o, c)| kept(o, c)).sum();
-    let mut held = Vec::new();
+    let kept: usize = plan
+        .iter()
+        .enumerate()
+        .map(|(i, c)| ranges[i].1.len() - held_from(i, c))
+        .sum();
+    let hold = kept <= hold_max;
+    let mut from = Vec::with_capacity(ranges.len());
     let mut known = Vec::new();
-    for (o, cuts) in plan {
-        if total > hold_max {
-            // Everything goes: the cuts of all but the islands are known.
-            known.extend(cuts.map(|chunks| KnownCuts { offset: o, chunks }));
-            continue;
-        }
-        match cuts {
-            None => held.extend(dirty.remove_entry(&o)),
-            Some(mut chunks) => {
-                if chunks.len() >= 2 {
-                    let at = chunks.pop().map_or(0, |r| r.start);
-                    if let Some(b) = dirty.get_mut(&o) {
-                        held.push((o + at as u64, b.split_off(at)));
-                    }
-                }
-                known.push(KnownCuts { offset: o, chunks });
+    for (i, cuts) in plan.into_iter().enumerate() {
+        let at = if hold {
+            held_from(i, &cuts)
+        } else {
+            ranges[i].1.len()
+        };
+        from.push(at);
+        if let Some(mut chunks) = cuts {
+            if at < ranges[i].1.len() {
+                chunks.pop();
             }
+            known.push(KnownCuts {
+                offset: ranges[i].0,
+                chunks,
+            });
         }
     }
-    (held, known)
+    (from, known)
 }
 
 /// Chunks this mount wrote or referenced lately, at most.
@@ -268,18 +265,17 @@ mod tests {
         use std::collections::BTreeMap;
         let d = noise(12 << 20, 3);
         let whole = cut(&d, CHUNK_MAX as usize);
-        let cut_all =
-            |dirty: BTreeMap<u64, Vec<u8>>, known: &[KnownCuts], out: &mut Vec<Range<usize>>| {
-                for (o, b) in dirty {
-                    let cuts = match known.iter().find_map(|k| k.of(o, &b)) {
-                        Some(c) => c.to_vec(),
-                        None => cut(&b, CHUNK_MAX as usize),
-                    };
-                    assert_eq!(cuts, cut(&b, CHUNK_MAX as usize), "known cuts are the cuts");
-                    let o = o as usize;
-                    out.extend(cuts.into_iter().map(|r| r.start + o..r.end + o));
-                }
-            };
+        let cut_all = |dirty: &[(u64, &[u8])], known: &[KnownCuts], out: &mut Vec<Range<usize>>| {
+            for (o, b) in dirty {
+                let cuts = match known.iter().find_map(|k| k.of(*o, b)) {
+                    Some(c) => c.to_vec(),
+                    None => cut(b, CHUNK_MAX as usize),
+                };
+                assert_eq!(cuts, cut(b, CHUNK_MAX as usize), "known cuts are the cuts");
+                let o = *o as usize;
+                out.extend(cuts.into_iter().map(|r| r.start + o..r.end + o));
+            }
+        };
         // Writes of varying sizes, every other pair of them (every pair in
         // the last round) served in reverse order, flushed whenever
         // `buffer` bytes are buffered, as the kernel's batching and the
@@ -321,12 +317,27 @@ mod tests {
                     dirty.get_mut(&o).unwrap().extend_from_slice(&next);
                 }
                 if dirty.values().map(Vec::len).sum::<usize>() >= buffer {
-                    let (held, known) = hold_back(&mut dirty, CHUNK_MAX as usize, buffer / 2);
-                    cut_all(std::mem::take(&mut dirty), &known, &mut flushed);
-                    dirty.extend(held);
+                    let ranges: Vec<(u64, &[u8])> =
+                        dirty.iter().map(|(o, b)| (*o, b.as_slice())).collect();
+                    let (from, known) = hold_back(&ranges, CHUNK_MAX as usize, buffer / 2);
+                    let now: Vec<(u64, &[u8])> = ranges
+                        .iter()
+                        .zip(&from)
+                        .filter(|(_, at)| **at > 0)
+                        .map(|((o, b), at)| (*o, &b[..*at]))
+                        .collect();
+                    cut_all(&now, &known, &mut flushed);
+                    let held: BTreeMap<u64, Vec<u8>> = ranges
+                        .iter()
+                        .zip(&from)
+                        .filter(|((_, b), at)| **at < b.len())
+                        .map(|((o, b), at)| (o + *at as u64, b[*at..].to_vec()))
+                        .collect();
+                    dirty = held;
                 }
             }
-            cut_all(dirty, &[], &mut flushed);
+            let rest: Vec<(u64, &[u8])> = dirty.iter().map(|(o, b)| (*o, b.as_slice())).collect();
+            cut_all(&rest, &[], &mut flushed);
             flushed.sort_by_key(|r| r.start);
             assert_eq!(flushed, whole, "buffer {buffer}");
         }
@@ -334,11 +345,14 @@ mod tests {
 
     #[test]
     fn scattered_writes_are_not_held_back() {
-        let mut dirty: std::collections::BTreeMap<u64, Vec<u8>> =
-            (0..64u64).map(|i| (i << 20, noise(100 << 10, i))).collect();
-        let (held, known) = hold_back(&mut dirty, CHUNK_MAX as usize, 4 << 20);
-        assert!(held.is_empty());
-        assert_eq!(dirty.len(), 64);
+        let bytes: Vec<Vec<u8>> = (0..64u64).map(|i| noise(100 << 10, i)).collect();
+        let ranges: Vec<(u64, &[u8])> = bytes
+            .iter()
+            .enumerate()
+            .map(|(i, b)| ((i as u64) << 20, b.as_slice()))
+            .collect();
+        let (from, known) = hold_back(&ranges, CHUNK_MAX as usize, 4 << 20);
+        assert!(from.iter().all(|at| *at == 100 << 10), "{from:?}");
         assert_eq!(known.len(), 1, "islands are not cut here");
     }
 

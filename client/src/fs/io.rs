@@ -144,7 +144,7 @@ impl Shared {
         &self,
         ino: Ino,
         writer: &Creds,
-        ranges: &[(u64, Vec<u8>)],
+        ranges: &[(u64, &[u8])],
         known: &[KnownCuts],
         late: Option<LateAttrs>,
         how: &Storing,
@@ -179,7 +179,7 @@ impl Shared {
         &self,
         ino: Ino,
         writer: &Creds,
-        ranges: &[(u64, Vec<u8>)],
+        ranges: &[(u64, &[u8])],
         known: &[KnownCuts],
         late: Option<LateAttrs>,
         how: &Storing,
@@ -188,16 +188,16 @@ impl Shared {
         // Bytes below INLINE_BYTES_MAX ride in the commit itself; the rest
         // goes to stripes. A tenant's bytes always go to sealed stripes:
         // the log and the namespace never hold them in the clear (D51).
-        let (small, large): (Vec<_>, Vec<_>) = ranges
+        let (small, large): (Vec<(u64, &[u8])>, Vec<_>) = ranges
             .iter()
+            .copied()
             .filter(|(_, d)| !d.is_empty())
             .partition(|(o, d)| how.seal.is_none() && o + d.len() as u64 <= INLINE_BYTES_MAX);
         let mut refs: Vec<ExtentRef> = small
             .into_iter()
-            .map(|(o, d)| inline_extent(*o, d))
+            .map(|(o, d)| inline_extent(o, d))
             .collect();
         if !large.is_empty() {
-            let large: Vec<(u64, &[u8])> = large.iter().map(|(o, d)| (*o, d.as_slice())).collect();
             let written = if how.dedupe {
                 self.write_deduplicated(&large, known, how)
                     .instrument(span)
@@ -286,13 +286,26 @@ impl Shared {
 
     /// Waits for the background flush of this inode, if any.
     ///
-    /// A failed one keeps its bytes: they go back into the dirty map under
-    /// any written since (to be retried by the next flush), and the error
-    /// is kept for the next fsync and close (`FileInner::bg_error`).
+    /// What it kept buffered (`dedupe::hold_back`) goes back into the
+    /// dirty map under any bytes written since. A failed one keeps all its
+    /// bytes so (to be retried by the next flush), and the error is kept
+    /// for the next fsync and close (`FileInner::bg_error`).
     pub(super) async fn join_inflight(&self, f: &mut FileInner) -> Result<(), Errno> {
         if let Some((ranges, h)) = f.inflight.take() {
             f.ext.clear();
             let r = h.await.unwrap_or(Err(Errno::EIO));
+            if let Ok(held) = &r {
+                if !held.is_empty() {
+                    let newer = std::mem::take(&mut f.dirty);
+                    f.dirty_bytes = 0;
+                    for (o, d) in held {
+                        insert_dirty(f, *o, d.clone());
+                    }
+                    for (o, d) in newer {
+                        insert_dirty(f, o, d);
+                    }
+                }
+            }
             if let Err(errno) = r {
                 tracing::warn!(%errno, bytes = ranges.iter().map(|(_, d)| d.len()).sum::<usize>(),
                     "a background flush failed: its bytes are kept and retried");
@@ -333,11 +346,11 @@ impl Shared {
     }
 
     /// Starts writing the full buffer in the background (after the
-    /// previous background flush finished). With dedupe, the last chunk
-    /// of the last range stays buffered: it ends where the buffer filled,
-    /// which depends on how the kernel batched the writes, so the next
-    /// flush starts at a content-defined cut instead and the same bytes
-    /// are chunked the same way every time (D50).
+    /// previous background flush finished). With dedupe, the flush keeps
+    /// buffered what does not end or start at a content-defined cut
+    /// (`dedupe::hold_back`): its bytes are the next flush's, so the same
+    /// bytes are chunked the same way however the kernel batched and
+    /// ordered their writes (D50).
     pub(super) async fn flush_behind(
         self: &Arc<Self>,
         ino: Ino,
@@ -346,25 +359,34 @@ impl Shared {
         self.join_inflight(f).await?;
         // Keys first: without them nothing is taken from the buffer.
         let how = self.storing(f).await?;
-        let mut dirty = std::mem::take(&mut f.dirty);
+        let ranges: Arc<Vec<(u64, Vec<u8>)>> =
+            Arc::new(std::mem::take(&mut f.dirty).into_iter().collect());
         f.dirty_bytes = 0;
-        let mut known = Vec::new();
-        if how.dedupe {
-            let (held, cuts) = self.data.hold_back(&mut dirty, self.opts.write_buffer / 2);
-            for (at, bytes) in held {
-                f.dirty_bytes += bytes.len();
-                f.dirty.insert(at, bytes);
-            }
-            known = cuts;
-        }
-        let ranges: Arc<Vec<(u64, Vec<u8>)>> = Arc::new(dirty.into_iter().collect());
         let writer = f.writer.clone().unwrap_or_else(Creds::root);
+        let hold_max = self.opts.write_buffer / 2;
         let (sh, r2) = (self.clone(), ranges.clone());
         let h = tokio::spawn(async move {
+            let all: Vec<(u64, &[u8])> = r2.iter().map(|(o, d)| (*o, d.as_slice())).collect();
+            let (from, known) = if how.dedupe {
+                sh.data.hold_back(&all, hold_max)
+            } else {
+                (all.iter().map(|(_, d)| d.len()).collect(), Vec::new())
+            };
+            let now: Vec<(u64, &[u8])> = all
+                .iter()
+                .zip(&from)
+                .map(|((o, d), at)| (*o, &d[..*at]))
+                .collect();
+            let held: Vec<(u64, Vec<u8>)> = all
+                .iter()
+                .zip(&from)
+                .filter(|((_, d), at)| **at < d.len())
+                .map(|((o, d), at)| (o + *at as u64, d[*at..].to_vec()))
+                .collect();
             let r = sh
-                .commit_ranges(ino, &writer, &r2, &known, None, &how)
+                .commit_ranges(ino, &writer, &now, &known, None, &how)
                 .await
-                .map(|_| ());
+                .map(|_| held);
             if r.is_err() {
                 sh.meta.stats.flush_failure();
             }
@@ -388,7 +410,9 @@ impl Shared {
         let writer = f.writer.clone().unwrap_or_else(Creds::root);
         let committed = match self.storing(f).await {
             Ok(how) => {
-                self.commit_ranges(ino, &writer, &ranges, &[], late.clone(), &how)
+                let all: Vec<(u64, &[u8])> =
+                    ranges.iter().map(|(o, d)| (*o, d.as_slice())).collect();
+                self.commit_ranges(ino, &writer, &all, &[], late.clone(), &how)
                     .await
             }
             Err(e) => Err(e),

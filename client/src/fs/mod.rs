@@ -41,6 +41,8 @@ use attrs::{attr_of, file_type, now_ns};
 
 /// Buffered file ranges (offset, bytes) handed to a background flush.
 type Ranges = Arc<Vec<(u64, Vec<u8>)>>;
+/// A background flush: what it kept buffered, or why it failed.
+type Flushing = tokio::task::JoinHandle<Result<Vec<(u64, Vec<u8>)>, Errno>>;
 
 /// Per-inode client state: write-back buffer and read state.
 #[derive(Default)]
@@ -68,9 +70,10 @@ struct FileInner {
     writer: Option<Creds>,
     /// A full buffer being written in the background (at most one per
     /// inode, so commits stay in write order): its bytes, still visible to
-    /// reads, and the task. Joined (and its error reported) by the next
+    /// reads, and the task, which answers with the bytes it kept buffered
+    /// (`dedupe::hold_back`). Joined (and its error reported) by the next
     /// flush, fsync or close.
-    inflight: Option<(Ranges, tokio::task::JoinHandle<Result<(), Errno>>)>,
+    inflight: Option<(Ranges, Flushing)>,
     /// A background flush failed: its bytes went back into `dirty` (to be
     /// retried) and its error is reported by the next fsync and by the
     /// next close, even if the retry succeeds.
