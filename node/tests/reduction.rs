@@ -69,6 +69,28 @@ fn url_file(c: &Cluster, name: &str) -> PathBuf {
     c.dir.join(format!("{name}.url"))
 }
 
+/// Writes `data` to `path` from a child process (`dd`, 1 MiB writes).
+/// The tests of a binary run in threads of one process, and a child any
+/// of them starts inherits this process's open files until its exec
+/// closes them: that close is a FUSE flush, which commits the buffer at
+/// whatever point the write has reached, so chunks are cut there (D50).
+/// A file written by its own process is closed only by it.
+fn write_alone(c: &Cluster, path: &Path, data: &[u8]) {
+    let src = c.dir.join(format!(
+        "src-{}",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("f")
+    ));
+    std::fs::write(&src, data).unwrap();
+    let ok = Command::new("dd")
+        .arg(format!("if={}", src.display()))
+        .arg(format!("of={}", path.display()))
+        .args(["bs=1M", "status=none"])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "dd to {}", path.display());
+    std::fs::remove_file(&src).unwrap();
+}
+
 fn mount(c: &Cluster, name: &str, extra: &[&str]) -> Mount {
     let url = url_file(c, name);
     let url_s = url.to_string_lossy().into_owned();
@@ -353,7 +375,7 @@ fn identical_bytes_are_stored_once_and_outlive_the_first_copy() {
         |url: &Path| fuse::mount_counter(url, "claudefs_fuse_dedupe_bytes_total{result=\"found\"}");
     let n = noise(5, 24 * MIB);
     let base = stored(&c);
-    std::fs::write(m.path.join("a"), &n).unwrap();
+    write_alone(&c, &m.path.join("a"), &n);
     let after_a = stored(&c);
     assert!(
         after_a - base >= (n.len() as u64) * 3 / 2,
@@ -364,7 +386,7 @@ fn identical_bytes_are_stored_once_and_outlive_the_first_copy() {
 
     // The same bytes again, written (not copied by reference): only
     // references are committed.
-    std::fs::write(m.path.join("b"), &n).unwrap();
+    write_alone(&c, &m.path.join("b"), &n);
     let after_b = stored(&c);
     eprintln!(
         "a: {} KiB of fragments, b: {} KiB more, found {} KiB",
@@ -451,7 +473,7 @@ fn a_subtree_dedupe_policy_wins_over_the_mount() {
     let url = url_file(&c, "mnt");
     let found = || fuse::mount_counter(&url, "claudefs_fuse_dedupe_bytes_total{result=\"found\"}");
     let n = noise(9, 8 * MIB);
-    std::fs::write(m.path.join("first"), &n).unwrap();
+    write_alone(&c, &m.path.join("first"), &n);
     let dir = m.path.join("scratch");
     std::fs::create_dir(&dir).unwrap();
     let d = dir.to_str().unwrap();
@@ -469,7 +491,7 @@ fn a_subtree_dedupe_policy_wins_over_the_mount() {
     assert_eq!(found(), before, "deduplicated under --dedupe off");
     assert!(inside >= (n.len() as u64) * 3 / 2, "stored {inside}");
     // Outside: the mount's default finds the bytes.
-    std::fs::write(m.path.join("second"), &n).unwrap();
+    write_alone(&c, &m.path.join("second"), &n);
     assert!(
         found() >= before + (n.len() - MIB) as u64,
         "found {} bytes of {} (before {before}); mount log: {}",
